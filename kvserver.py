@@ -1,0 +1,1557 @@
+"""kvserver: a key-value server over HTTP and XML-RPC, and the storage library behind it.
+
+Usage:
+  kvserver [options]
+  kvserver -h | --help
+  kvserver --version
+
+Options:
+  -p --port=<int>        TCP port; 0 picks a free one and prints it [default: 4000].
+  -b --bind=<addr>       Address to listen on, IPv4 or IPv6 [default: 127.0.0.1].
+  -s --storage=<kind>    Where values live: files or memory [default: files].
+  -d --data-dir=<path>   Folder of the files storage [default: ./data].
+  --max-value=<size>     Largest value accepted, in bytes or with a K, M or G
+                         suffix (powers of 1024) [default: 1G].
+  --no-fsync             Do not fsync writes: faster, but the last writes may be
+                         lost on power loss.
+  -q --quiet             No access log.
+  -h --help              Show this text.
+  --version              Show the version.
+"""
+
+from __future__ import annotations
+
+import base64
+import bisect
+import codecs
+import contextlib
+import errno
+import fcntl
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import socketserver
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import urllib.parse
+import xmlrpc.client
+import xmlrpc.server
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import IO, Any, BinaryIO, NamedTuple, NoReturn, cast
+
+__version__ = "0.1.0"
+__all__ = [
+    "DataDirLocked",
+    "FileStorage",
+    "MemoryStorage",
+    "PreconditionFailed",
+    "Stat",
+    "Storage",
+    "check_key",
+    "main",
+    "open_storage",
+]
+
+# Constants and errors
+
+MAX_KEY_BYTES = 1024
+SMALL_VALUE = 64 * 1024  # held in memory by FileStorage, inlined in the / dump
+CHUNK = 64 * 1024  # unit of every streamed read and write
+DEFAULT_CONTENT_TYPE = "application/octet-stream"
+TEXT_CONTENT_TYPE = "text/plain; charset=utf-8"
+IDLE_TIMEOUT = 15.0  # seconds a keep-alive connection may wait for its next request
+BODY_TIMEOUT = 30.0  # seconds a request body may go without a byte
+
+
+class PreconditionFailed(Exception):
+    """A conditional write or delete found the value not as the caller expected."""
+
+
+class DataDirLocked(RuntimeError):
+    """Another FileStorage (often another kvserver process) holds the data dir."""
+
+
+# Keys and values
+
+_CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f]")
+
+
+def check_key(key: object) -> str:
+    """Return `key` if it is a valid key, else raise ValueError saying which rule it breaks.
+
+    A key is 1 to 1024 bytes of UTF-8 without control characters (U+0000-U+001F, U+007F).
+    """
+    if not isinstance(key, str):
+        raise ValueError(f"a key is a str, not {type(key).__name__}")
+    try:
+        size = len(key.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ValueError(f"key {key!r} is not valid UTF-8 (it holds a lone surrogate)") from None
+    if not 1 <= size <= MAX_KEY_BYTES:
+        raise ValueError(f"a key is 1 to {MAX_KEY_BYTES} bytes of UTF-8, not {size}")
+    if _CONTROL_CHARACTER.search(key):
+        raise ValueError(f"key {key!r} holds a control character (U+0000-U+001F or U+007F)")
+    return key
+
+
+def sniff_content_type(data: bytes) -> str:
+    """The media type of a value that came without one: text if it is UTF-8, else bytes."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return DEFAULT_CONTENT_TYPE
+    return TEXT_CONTENT_TYPE
+
+
+def _is_text(content_type: str) -> bool:
+    """Whether values of this media type are UTF-8 text (text/*, charset=utf-8 or none)."""
+    kind, _, params = content_type.partition(";")
+    charset = re.search(r"charset\s*=\s*\"?([\w-]+)", params, re.IGNORECASE)
+    return kind.strip().lower().startswith("text/") and (
+        charset is None or charset.group(1).lower() in ("utf-8", "utf8", "us-ascii")
+    )
+
+
+def _is_json(content_type: str) -> bool:
+    """Whether the media type is application/json, whatever its parameters."""
+    return content_type.partition(";")[0].strip().lower() == "application/json"
+
+
+@dataclass(frozen=True, slots=True)
+class Stat:
+    """What is known about a stored value besides its bytes."""
+
+    size: int
+    content_type: str
+    etag: str  # unquoted; changes with every write, survives restarts
+    expires_at: float | None  # Unix time, or None for no TTL
+
+
+def _etag(size: int, stamp: int) -> str:
+    """The ETag of a value of `size` bytes written at `stamp` (a unique nanosecond time)."""
+    return f"{size:x}-{stamp:x}"
+
+
+_stamp_lock = threading.Lock()
+_last_stamp = 0
+
+
+def _new_stamp() -> int:
+    """A nanosecond timestamp later than every earlier one in this process.
+
+    Stamps are the second half of ETags: unique stamps make every write's ETag new.
+    """
+    global _last_stamp
+    with _stamp_lock:
+        _last_stamp = max(time.time_ns(), _last_stamp + 1)
+        return _last_stamp
+
+
+def _expiry(ttl: int | None) -> float | None:
+    """The Unix time a value written now with `ttl` seconds to live expires."""
+    if ttl is None:
+        return None
+    if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl <= 0:
+        raise ValueError(f"a TTL is a positive whole number of seconds, not {ttl!r}")
+    return time.time() + ttl
+
+
+def _expired(stat: Stat, now: float) -> bool:
+    return stat.expires_at is not None and stat.expires_at <= now
+
+
+def parse_size(text: str) -> int:
+    """Bytes in '512', '64K', '10M' or '1G' (powers of 1024); ValueError otherwise."""
+    match = re.fullmatch(r"(\d+)([KMG]?)", text.strip(), re.IGNORECASE)
+    if not match:
+        raise ValueError(f"a size is a whole number of bytes with an optional K, M or G suffix, not {text!r}")
+    return int(match.group(1)) << 10 * " KMG".index(match.group(2).upper() or " ")
+
+
+# Storage
+
+Source = bytes | Iterable[bytes] | IO[bytes] | str | os.PathLike[str]
+
+
+def _chunks(source: Source) -> Iterable[bytes]:
+    """The bytes of a value as chunks, from bytes, an iterable of bytes, a file object or a path."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return (bytes(source),)
+    if isinstance(source, (str, os.PathLike)):
+        return _file_chunks(source)
+    if hasattr(source, "read"):
+        return iter(lambda: source.read(CHUNK), b"")
+    return source
+
+
+def _file_chunks(path: str | os.PathLike[str]) -> Iterator[bytes]:
+    with open(path, "rb") as file:
+        yield from iter(lambda: file.read(CHUNK), b"")
+
+
+class _Precondition(NamedTuple):
+    """What a conditional write or delete expects of the current value."""
+
+    if_match: str | None  # an ETag, or "*" for any value
+    if_none_match: bool  # True: there must be no value
+
+    def check(self, key: str, current: Stat | None) -> None:
+        if self.if_none_match and current is not None:
+            raise PreconditionFailed(f"key {key!r} exists, and the write asked for none (If-None-Match)")
+        if self.if_match is not None:
+            if current is None:
+                raise PreconditionFailed(f"key {key!r} does not exist, and the write asked for a value (If-Match)")
+            if self.if_match not in ("*", current.etag):
+                raise PreconditionFailed(
+                    f"key {key!r} has ETag {current.etag!r}, not {self.if_match!r}: someone changed it; read it again"
+                )
+
+
+class Storage:
+    """The interface every backend offers; the HTTP and XML-RPC layers use only this.
+
+    Method names and semantics follow simplekv's KeyValueStore. Public methods check
+    their arguments once, then call the hooks a backend implements:
+
+    required: `_fetch`, `_write`, `_delete`, `_keys`;
+    optional (defaults built from the required ones): `_stat`, `__len__`, `close`.
+    """
+
+    kind = "abstract"
+
+    # The simplekv interface
+
+    def get(self, key: str) -> bytes:
+        """The value of `key`; KeyError if absent."""
+        _, body = self.fetch(key)
+        if isinstance(body, bytes):
+            return body
+        with body:
+            return body.read()
+
+    def put(
+        self,
+        key: str,
+        data: bytes,
+        *,
+        content_type: str = DEFAULT_CONTENT_TYPE,
+        ttl: int | None = None,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+    ) -> str:
+        """Store `data` under `key` and return the key.
+
+        `ttl` is in seconds; `if_match` (an ETag, or "*") and `if_none_match` make it a
+        compare-and-set that raises PreconditionFailed and changes nothing when it fails.
+        """
+        if not isinstance(data, bytes):
+            raise ValueError(f"a value is bytes, not {type(data).__name__}")
+        self.write(key, data, content_type=content_type, ttl=ttl, if_match=if_match, if_none_match=if_none_match)
+        return key
+
+    def put_file(
+        self,
+        key: str,
+        file: IO[bytes] | str | os.PathLike[str],
+        *,
+        content_type: str = DEFAULT_CONTENT_TYPE,
+        ttl: int | None = None,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+    ) -> str:
+        """Store the contents of a file (a path or a binary file object) under `key`, streamed."""
+        self.write(key, file, content_type=content_type, ttl=ttl, if_match=if_match, if_none_match=if_none_match)
+        return key
+
+    def get_file(self, key: str, file: IO[bytes] | str | os.PathLike[str]) -> str:
+        """Write the value of `key` into a file (a path or a binary file object), streamed."""
+        with self.open(key) as source:
+            if isinstance(file, (str, os.PathLike)):
+                with open(file, "wb") as target:
+                    shutil.copyfileobj(source, target, CHUNK)
+            else:
+                shutil.copyfileobj(source, file, CHUNK)
+        return key
+
+    def open(self, key: str) -> BinaryIO:
+        """The value of `key` as a binary file object to read; KeyError if absent."""
+        _, body = self.fetch(key)
+        return io.BytesIO(body) if isinstance(body, bytes) else body
+
+    def delete(self, key: str, *, if_match: str | None = None, if_none_match: bool = False) -> None:
+        """Remove `key`; no error if it is absent (unless a precondition says otherwise)."""
+        self.remove(key, if_match=if_match, if_none_match=if_none_match)
+
+    def keys(self, prefix: str = "") -> list[str]:
+        """The live keys that start with `prefix`, in code-point order."""
+        if not isinstance(prefix, str):
+            raise ValueError(f"a prefix is a str, not {type(prefix).__name__}")
+        return self._keys(prefix)
+
+    def iter_keys(self, prefix: str = "") -> Iterator[str]:
+        """An iterator over `keys(prefix)`."""
+        return iter(self.keys(prefix))
+
+    def __iter__(self) -> Iterator[str]:
+        return self.iter_keys()
+
+    def __contains__(self, key: object) -> bool:
+        try:
+            self.stat(key)  # type: ignore[arg-type]
+        except (KeyError, ValueError):
+            return False
+        return True
+
+    def __len__(self) -> int:
+        return len(self._keys(""))
+
+    def close(self) -> None:
+        """Release what the storage holds (FileStorage: the data-dir lock)."""
+
+    def __enter__(self) -> Storage:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # The extras: metadata, streaming and compare-and-set
+
+    def stat(self, key: str) -> Stat:
+        """Size, media type, ETag and expiry of the value of `key`; KeyError if absent."""
+        return self._stat(check_key(key))
+
+    def fetch(self, key: str) -> tuple[Stat, bytes | BinaryIO]:
+        """The value of `key` with its Stat, both of one version; KeyError if absent.
+
+        Small values come as bytes, large ones as an open file the caller must close.
+        """
+        return self._fetch(check_key(key))
+
+    def write(
+        self,
+        key: str,
+        source: Source,
+        *,
+        content_type: str = DEFAULT_CONTENT_TYPE,
+        ttl: int | None = None,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+    ) -> tuple[Stat, bool]:
+        """Store a value from bytes, chunks, a file object or a path; return its Stat and
+        whether the key is new.
+
+        An exception from `source` (an upload cut off half way) stores nothing.
+        """
+        check_key(key)
+        if not isinstance(content_type, str) or _CONTROL_CHARACTER.search(content_type):
+            raise ValueError(f"a media type is a str without control characters, not {content_type!r}")
+        return self._write(key, _chunks(source), content_type, _expiry(ttl), _Precondition(if_match, if_none_match))
+
+    def remove(self, key: str, *, if_match: str | None = None, if_none_match: bool = False) -> bool:
+        """Like `delete`, and return whether there was a value to remove."""
+        return self._delete(check_key(key), _Precondition(if_match, if_none_match))
+
+    # Hooks for backends
+
+    def _fetch(self, key: str) -> tuple[Stat, bytes | BinaryIO]:
+        raise NotImplementedError(f"{type(self).__name__}._fetch")
+
+    def _write(
+        self,
+        key: str,
+        chunks: Iterable[bytes],
+        content_type: str,
+        expires_at: float | None,
+        precondition: _Precondition,
+    ) -> tuple[Stat, bool]:
+        raise NotImplementedError(f"{type(self).__name__}._write")
+
+    def _delete(self, key: str, precondition: _Precondition) -> bool:
+        raise NotImplementedError(f"{type(self).__name__}._delete")
+
+    def _keys(self, prefix: str) -> list[str]:
+        raise NotImplementedError(f"{type(self).__name__}._keys")
+
+    def _stat(self, key: str) -> Stat:
+        stat, body = self._fetch(key)
+        if not isinstance(body, bytes):
+            body.close()
+        return stat
+
+
+class _Entry(NamedTuple):
+    """An index entry: a value's Stat, and its bytes when they are held in memory."""
+
+    stat: Stat
+    data: bytes | None
+
+
+class _Staged(NamedTuple):
+    """A value received in full but not yet visible: its bytes or its temporary file."""
+
+    size: int
+    etag: str
+    data: bytes | None  # all of it, unless it is larger than SMALL_VALUE
+    path: str | None  # FileStorage's temporary file
+
+
+class MemoryStorage(Storage):
+    """Values in a dict, lost at exit; also the in-memory index FileStorage builds on.
+
+    Reads take no lock (entries are immutable and replaced whole); writes and deletes
+    of one key are serialised by one of a fixed set of locks, which makes
+    compare-and-set atomic.
+    """
+
+    kind = "memory"
+    _LOCK_STRIPES = 64
+
+    def __init__(self) -> None:
+        self._index: dict[str, _Entry] = {}
+        self._locks = [threading.Lock() for _ in range(self._LOCK_STRIPES)]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+    def _lock_for(self, key: str) -> threading.Lock:
+        return self._locks[hash(key) % self._LOCK_STRIPES]
+
+    def _live(self, key: str) -> _Entry | None:
+        entry = self._index.get(key)
+        if entry is None or _expired(entry.stat, time.time()):
+            return None
+        return entry
+
+    def _stat(self, key: str) -> Stat:
+        entry = self._live(key)
+        if entry is None:
+            raise KeyError(key)
+        return entry.stat
+
+    def _fetch(self, key: str) -> tuple[Stat, bytes | BinaryIO]:
+        entry = self._live(key)
+        if entry is None:
+            raise KeyError(key)
+        assert entry.data is not None
+        return entry.stat, entry.data
+
+    def _keys(self, prefix: str) -> list[str]:
+        now = time.time()
+        expired = []
+        keys = []
+        for key, entry in list(self._index.items()):
+            if _expired(entry.stat, now):
+                expired.append(key)
+            elif key.startswith(prefix):
+                keys.append(key)
+        for key in expired:
+            self._delete(key, _Precondition(None, False))
+        keys.sort()
+        return keys
+
+    def __len__(self) -> int:
+        now = time.time()
+        return sum(1 for entry in list(self._index.values()) if not _expired(entry.stat, now))
+
+    def _write(
+        self,
+        key: str,
+        chunks: Iterable[bytes],
+        content_type: str,
+        expires_at: float | None,
+        precondition: _Precondition,
+    ) -> tuple[Stat, bool]:
+        staged = self._stage(chunks)
+        try:
+            with self._lock_for(key):
+                current = self._live(key)
+                precondition.check(key, current and current.stat)
+                stat = Stat(staged.size, sys.intern(content_type), staged.etag, expires_at)
+                self._commit(key, staged, stat, current)
+                self._index[key] = _Entry(stat, staged.data)
+        except BaseException:
+            self._discard(staged)
+            raise
+        return stat, current is None
+
+    def _delete(self, key: str, precondition: _Precondition) -> bool:
+        with self._lock_for(key):
+            current = self._live(key)
+            precondition.check(key, current and current.stat)
+            entry = self._index.pop(key, None)
+            if entry is not None:
+                self._erase(key, entry)
+        return current is not None
+
+    # What FileStorage changes
+
+    def _stage(self, chunks: Iterable[bytes]) -> _Staged:
+        """Receive a value in full, before any lock is taken."""
+        data = b"".join(chunks)
+        return _Staged(len(data), _etag(len(data), _new_stamp()), data, None)
+
+    def _commit(self, key: str, staged: _Staged, stat: Stat, current: _Entry | None) -> None:
+        """Make a staged value the value of `key` (called under the key's lock)."""
+
+    def _discard(self, staged: _Staged) -> None:
+        """Drop a staged value that was not committed."""
+
+    def _erase(self, key: str, entry: _Entry) -> None:
+        """Remove what backs a value that left the index (called under the key's lock)."""
+
+
+# File names: a plain key is its own name, others are percent-escaped, long ones hashed.
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+_HASHED_PREFIX = "%+"  # never made by escaping: '%' is always followed by two hex digits there
+_NAME_MAX = 255
+
+
+def _file_name(key: str) -> str:
+    """The name of the file that holds `key`: never a path outside its folder, at most 255 bytes."""
+    if len(key) <= _NAME_MAX and _PLAIN_NAME.fullmatch(key):
+        return key
+    escaped = urllib.parse.quote(key, safe="").replace("~", "%7E")
+    if escaped.startswith("."):
+        escaped = "%2E" + escaped[1:]
+    if len(escaped) <= _NAME_MAX:
+        return escaped
+    return _HASHED_PREFIX + hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def _key_from_name(name: str) -> str | None:
+    """The key whose file is called `name`, or None if no key is (the name is hashed or foreign)."""
+    try:
+        key = check_key(urllib.parse.unquote(name, errors="strict"))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return key if _file_name(key) == name else None
+
+
+def _sniff_file(path: str) -> str:
+    """Like sniff_content_type, for a file too large to read into memory at once."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with open(path, "rb") as file:
+            for chunk in iter(lambda: file.read(CHUNK), b""):
+                decoder.decode(chunk)
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return DEFAULT_CONTENT_TYPE
+    return TEXT_CONTENT_TYPE
+
+
+class FileStorage(MemoryStorage):
+    """One file per key under a data dir, with the index and small values held in memory.
+
+    Layout of the data dir:
+      <name>                   a value's bytes, exactly (`cat data/greeting` works)
+      .kvserver/lock           held with flock while a FileStorage is open
+      .kvserver/tmp/           values and metadata being written; emptied at start
+      .kvserver/meta/<name>    metadata that cannot be derived from the value file
+
+    A value file's fingerprint, its size and modification time (which kvserver sets to a
+    unique stamp), is its ETag. A value whose media type is the one its bytes suggest, with
+    no TTL and a name that decodes to its key, needs no metadata file: a plain `/set` costs
+    one file write, two fsyncs and a rename. Otherwise the metadata file maps fingerprints
+    to metadata, and holds both the old and the new value's entries while a write is under
+    way, so after a crash at any instant whichever value file is in place finds its own.
+    Files with no matching entry (put there by hand) load with derived metadata.
+    """
+
+    kind = "files"
+
+    def __init__(self, path: str | os.PathLike[str] = "./data", *, fsync: bool = True) -> None:
+        super().__init__()
+        self.path = os.path.abspath(path)
+        self.fsync = fsync
+        self._tmp = os.path.join(self.path, ".kvserver", "tmp")
+        self._meta = os.path.join(self.path, ".kvserver", "meta")
+        os.makedirs(self._tmp, exist_ok=True)
+        os.makedirs(self._meta, exist_ok=True)
+        # Held open, and so locked, until close().
+        self._lock_file: IO[bytes] | None = open(os.path.join(self.path, ".kvserver", "lock"), "wb")  # noqa: SIM115
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            raise DataDirLocked(
+                f"data dir {self.path} is in use by another kvserver; stop it or pick another"
+            ) from None
+        try:
+            self._load()
+        except BaseException:
+            self.close()
+            raise
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.path!r}, fsync={self.fsync!r})"
+
+    def close(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.close()  # releases the flock
+            self._lock_file = None
+
+    # Start-up
+
+    def _load(self) -> None:
+        """Build the index from the data dir; remove temporary files, expired values and
+        metadata no value file matches."""
+        for name in os.listdir(self._tmp):
+            os.unlink(os.path.join(self._tmp, name))
+        unused_metadata = set(os.listdir(self._meta))
+        now = time.time()
+        for dir_entry in os.scandir(self.path):
+            name = dir_entry.name
+            if name.startswith("."):
+                continue  # .kvserver, and hidden files such as .gitkeep
+            if not dir_entry.is_file(follow_symlinks=False):
+                print(f"kvserver: skipping {dir_entry.path}: not a regular file", file=sys.stderr)
+                continue
+            file_stat = dir_entry.stat(follow_symlinks=False)
+            etag = _etag(file_stat.st_size, file_stat.st_mtime_ns)
+            record = self._read_metadata(name).get(etag) if name in unused_metadata else None
+            if record is not None:
+                unused_metadata.discard(name)
+                key, content_type, expires_at = record["key"], record["content_type"], record["expires_at"]
+            else:
+                key, content_type, expires_at = _key_from_name(name), None, None
+                if key is None:
+                    print(f"kvserver: skipping {dir_entry.path}: its name is not a key", file=sys.stderr)
+                    continue
+            if expires_at is not None and expires_at <= now:
+                os.unlink(dir_entry.path)
+                continue
+            data = None
+            if file_stat.st_size <= SMALL_VALUE:
+                with open(dir_entry.path, "rb") as file:
+                    data = file.read()
+            if content_type is None:
+                content_type = sniff_content_type(data) if data is not None else _sniff_file(dir_entry.path)
+            stat = Stat(file_stat.st_size, sys.intern(content_type), etag, expires_at)
+            self._index[key] = _Entry(stat, data)
+        for name in unused_metadata:
+            os.unlink(os.path.join(self._meta, name))
+
+    def _read_metadata(self, name: str) -> dict[str, dict[str, Any]]:
+        with open(os.path.join(self._meta, name), "rb") as file:
+            records: dict[str, dict[str, Any]] = json.load(file)
+        return records
+
+    # Reads
+
+    def _fetch(self, key: str) -> tuple[Stat, bytes | BinaryIO]:
+        entry = self._live(key)
+        if entry is not None and entry.data is not None:
+            return entry.stat, entry.data
+        with self._lock_for(key):  # so the file opened is the one the entry describes
+            entry = self._live(key)
+            if entry is None:
+                raise KeyError(key)
+            if entry.data is not None:
+                return entry.stat, entry.data
+            try:
+                return entry.stat, open(os.path.join(self.path, _file_name(key)), "rb")
+            except FileNotFoundError:
+                raise KeyError(key) from None  # removed by hand
+
+    # Writes: what a crash between any two steps leaves is said beside them
+
+    def _stage(self, chunks: Iterable[bytes]) -> _Staged:
+        fd, path = tempfile.mkstemp(dir=self._tmp)
+        try:
+            with open(fd, "wb") as file:
+                size = 0
+                head = []
+                for chunk in chunks:
+                    file.write(chunk)
+                    size += len(chunk)
+                    if size <= SMALL_VALUE:
+                        head.append(chunk)
+                file.flush()
+                stamp = _new_stamp()
+                os.utime(fd, ns=(stamp, stamp))
+                if self.fsync:
+                    os.fsync(fd)
+                file_stat = os.fstat(fd)
+        except BaseException:
+            os.unlink(path)  # a crash before this leaves a temporary file, removed at start
+            raise
+        data = b"".join(head) if size <= SMALL_VALUE else None
+        return _Staged(size, _etag(file_stat.st_size, file_stat.st_mtime_ns), data, path)
+
+    def _commit(self, key: str, staged: _Staged, stat: Stat, current: _Entry | None) -> None:
+        assert staged.path is not None
+        name = _file_name(key)
+        if self._needs_metadata(key, name, stat, staged.data):
+            records = {stat.etag: self._record(key, stat)}
+            if current is not None:
+                records[current.stat.etag] = self._record(key, current.stat)
+            # Crash before the next line: the old value and its metadata, as before.
+            self._write_durably(os.path.join(self._meta, name), json.dumps(records).encode())
+            # Crash here: the metadata knows both versions; the old value file is in place.
+            os.replace(staged.path, os.path.join(self.path, name))
+        else:
+            os.replace(staged.path, os.path.join(self.path, name))
+            # Crash here: a stale metadata file matches no value file; removed at start.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self._meta, name))
+        self._sync_folder(self.path)
+
+    def _discard(self, staged: _Staged) -> None:
+        if staged.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(staged.path)
+
+    def _erase(self, key: str, entry: _Entry) -> None:
+        name = _file_name(key)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.path, name))
+        # Crash here: the metadata file matches no value file; removed at start.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self._meta, name))
+        self._sync_folder(self.path)
+
+    @staticmethod
+    def _needs_metadata(key: str, name: str, stat: Stat, data: bytes | None) -> bool:
+        """Whether loading the value file alone would give back other metadata."""
+        return (
+            stat.expires_at is not None
+            or data is None  # large: the media type is not sniffed at start
+            or stat.content_type != sniff_content_type(data)
+            or _key_from_name(name) != key
+        )
+
+    @staticmethod
+    def _record(key: str, stat: Stat) -> dict[str, Any]:
+        return {"key": key, "content_type": stat.content_type, "expires_at": stat.expires_at}
+
+    def _write_durably(self, path: str, data: bytes) -> None:
+        """Replace the file at `path` with `data` in one step that survives a crash."""
+        fd, tmp_path = tempfile.mkstemp(dir=self._tmp)
+        try:
+            with open(fd, "wb") as file:
+                file.write(data)
+                file.flush()
+                if self.fsync:
+                    os.fsync(fd)
+            os.replace(tmp_path, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_path)
+            raise
+        self._sync_folder(os.path.dirname(path))
+
+    def _sync_folder(self, path: str) -> None:
+        """Make the renames and removals in a folder durable."""
+        if self.fsync:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def open_storage(spec: str, *, fsync: bool = True) -> Storage:
+    """A storage from a short description: 'memory', 'files' (./data) or 'files:<path>'."""
+    kind, _, argument = spec.partition(":")
+    if kind == "memory" and not argument:
+        return MemoryStorage()
+    if kind == "files":
+        return FileStorage(argument or "./data", fsync=fsync)
+    raise ValueError(f"unknown storage {spec!r}: use 'memory', 'files' or 'files:<path>'")
+
+
+# HTTP
+
+
+class HTTPError(Exception):
+    """An error answered to the client as problem+json (RFC 9457)."""
+
+    def __init__(self, status: HTTPStatus, detail: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.headers = headers or {}
+
+
+class _IncompleteBody(Exception):
+    """The client closed the connection or broke the framing before the body ended."""
+
+
+def _decode_query(query: str) -> list[tuple[bytes, bytes | None]]:
+    """The name/value pairs of a query string, percent-decoded, '+' as space, as bytes.
+
+    A value is None for a pair without '='. The request line reached us as Latin-1 text,
+    so encoding it back gives the bytes the client sent.
+    """
+    pairs: list[tuple[bytes, bytes | None]] = []
+    for field in query.split("&"):
+        if field:
+            name, equals, value = field.replace("+", " ").partition("=")
+            raw_value = urllib.parse.unquote_to_bytes(value.encode("latin-1")) if equals else None
+            pairs.append((urllib.parse.unquote_to_bytes(name.encode("latin-1")), raw_value))
+    return pairs
+
+
+def _text(raw: bytes, what: str) -> str:
+    """Decode a query or path field that must be UTF-8 text."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise HTTPError(HTTPStatus.BAD_REQUEST, f"the {what} is not valid UTF-8 once percent-decoded") from None
+
+
+def _key(raw: bytes) -> str:
+    """A key from the request, or a 400 saying what rule it breaks."""
+    try:
+        return check_key(_text(raw, "key"))
+    except ValueError as error:
+        raise HTTPError(HTTPStatus.BAD_REQUEST, f"invalid key: {error}") from None
+
+
+def _ttl(raw: bytes | None) -> int | None:
+    if raw is None:
+        return None
+    if not re.fullmatch(rb"[1-9][0-9]{0,11}", raw):
+        raise HTTPError(HTTPStatus.BAD_REQUEST, f"ttl is a positive whole number of seconds, not {raw!r}")
+    return int(raw)
+
+
+def _fields(query: str, allowed: tuple[str, ...], usage: str) -> dict[str, bytes]:
+    """The query's fields, each named in `allowed` and given once with a value, else a 400."""
+    fields: dict[str, bytes] = {}
+    for name, value in _decode_query(query):
+        text_name = name.decode("utf-8", "replace")
+        if text_name not in allowed or text_name in fields or value is None:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, f"unexpected query field {text_name!r}; use {usage}")
+        fields[text_name] = value
+    return fields
+
+
+def _etags(header: str) -> list[str]:
+    """The entity tags of an If-Match or If-None-Match header, unquoted; weak ones keep 'W/'."""
+    return [weak + tag for weak, tag in re.findall(r'(W/)?"([^"]*)"', header)]
+
+
+class _ChunkedWriter:
+    """Writes a response body of unknown length: chunked for HTTP/1.1, raw (closing after) for 1.0."""
+
+    def __init__(self, wfile: io.BufferedIOBase, chunked: bool) -> None:
+        self._wfile = wfile
+        self._chunked = chunked
+        self._buffer: list[bytes] = []
+        self._buffered = 0
+
+    def write(self, data: bytes) -> None:
+        self._buffer.append(data)
+        self._buffered += len(data)
+        if self._buffered >= CHUNK:
+            self._flush()
+
+    def _flush(self) -> None:
+        data = b"".join(self._buffer)
+        self._buffer.clear()
+        self._buffered = 0
+        if data:
+            self._wfile.write(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
+
+    def close(self) -> None:
+        self._flush()
+        if self._chunked:
+            self._wfile.write(b"0\r\n\r\n")
+
+
+def _dump_value(key: str, stat: Stat, body: bytes | BinaryIO) -> object:
+    """How a value appears in the / dump (SPEC section 3)."""
+    if not isinstance(body, bytes) or stat.size > SMALL_VALUE:
+        if not isinstance(body, bytes):
+            body.close()
+        return {"size": stat.size, "href": "/kv/" + urllib.parse.quote(key, safe="")}
+    if _is_json(stat.content_type):
+        with contextlib.suppress(ValueError):
+            return json.loads(body)
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError:
+        return {"base64": base64.b64encode(body).decode("ascii")}
+
+
+_REDACTED_VALUE = re.compile(r"=[^&\s]*")
+_LOG_ESCAPES = str.maketrans({c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)]})
+
+
+def _redact(request_line: str) -> str:
+    """The request line with every query value replaced by '…', for the access log."""
+    head, question, rest = request_line.partition("?")
+    if not question:
+        return request_line
+    query, space, version = rest.rpartition(" ") if " " in rest else (rest, "", "")
+    return head + "?" + _REDACTED_VALUE.sub("=…", query) + space + version
+
+
+class KVRequestHandler(BaseHTTPRequestHandler):
+    """Serves one connection: the seed routes, REST, XML-RPC and health.
+
+    Routes are looked up in ROUTES by path (every /kv/<key> shares one entry) and then
+    by method. Handlers answer through `_send` (and `_send_json`, `_send_problem`);
+    anything they raise is turned into a problem+json answer by `_dispatch`.
+    """
+
+    server: KVServer
+    protocol_version = "HTTP/1.1"
+    server_version = f"kvserver/{__version__}"
+    disable_nagle_algorithm = True
+    timeout = IDLE_TIMEOUT
+    wbufsize = CHUNK  # headers and a small body leave in one send, at the flush after each request
+
+    # Per request: what the access log says
+    _status: int | None = None
+    _sent: int = 0
+    _body_unread: bool = False
+
+    @property
+    def storage(self) -> Storage:
+        return self.server.storage
+
+    def version_string(self) -> str:
+        return self.server_version
+
+    # Hooks of BaseHTTPRequestHandler
+
+    def handle_one_request(self) -> None:
+        if not self.server.await_request(self.connection):
+            self.close_connection = True
+            return
+        self._status, self._sent = None, 0
+        super().handle_one_request()
+        if self._status is not None and not self.server.quiet:
+            self._log_access()
+        if self._body_unread:
+            self.close_connection = True
+            self._drain()
+
+    def parse_request(self) -> bool:
+        self.server.request_started(self.connection)
+        return super().parse_request()
+
+    def handle_expect_100(self) -> bool:
+        return True  # 100 Continue is sent when the body is read, after its length is checked
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Errors found by http.server itself (bad request line, headers, unknown method)."""
+        self.close_connection = True
+        detail = {
+            HTTPStatus.REQUEST_URI_TOO_LONG: "the request line is over 64 KiB; send big values with PUT /kv/<key>",
+            HTTPStatus.NOT_IMPLEMENTED: f"method {self.command!r} is not known to this server",
+        }.get(HTTPStatus(code), message or HTTPStatus(code).phrase)
+        self._send_problem(HTTPStatus(code), detail)
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        self._status = int(code) if isinstance(code, (int, HTTPStatus)) else None
+
+    def log_message(self, format: str, *args: Any) -> None:
+        if not self.server.quiet:
+            sys.stderr.write(f"{self.address_string()} - - [{self.log_date_time_string()}] {format % args}\n")
+
+    def _log_access(self) -> None:
+        line = _redact(self.requestline).translate(_LOG_ESCAPES)
+        self.log_message('"%s" %s %s', line, self._status, self._sent or "-")
+
+    # Routing
+
+    def _dispatch(self) -> None:
+        # Until a route reads it, a body left on the connection means it cannot be reused.
+        self._body_unread = "Transfer-Encoding" in self.headers or self.headers.get("Content-Length", "0") != "0"
+        path, _, query = self.path.partition("?")
+        if path.startswith(("http://", "https://")):  # absolute form (RFC 9112 section 3.2.2)
+            path = "/" + path.split("/", 3)[3] if path.count("/") >= 3 else "/"
+        route = "/kv/" if path.startswith("/kv/") else path
+        methods = ROUTES.get(route)
+        try:
+            if methods is None:
+                raise HTTPError(HTTPStatus.NOT_FOUND, f"no route {path!r}; see the README for the routes")
+            handler = methods.get(self.command)
+            if handler is None:
+                allowed = ", ".join(methods)
+                raise HTTPError(
+                    HTTPStatus.METHOD_NOT_ALLOWED, f"{path} takes {allowed}, not {self.command}", {"Allow": allowed}
+                )
+            handler(self, path, query)
+        except HTTPError as error:
+            self._send_problem(error.status, error.detail, error.headers)
+        except PreconditionFailed as error:
+            self._send_problem(HTTPStatus.PRECONDITION_FAILED, str(error))
+        except (_IncompleteBody, BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the client broke off; nothing was stored and no one to answer
+        except OSError as error:
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            self._send_problem(HTTPStatus.INSUFFICIENT_STORAGE, "the disk is full; nothing was stored; free space")
+        except Exception:
+            traceback.print_exc(file=sys.stderr)
+            self.close_connection = True
+            self._send_problem(HTTPStatus.INTERNAL_SERVER_ERROR, "an unexpected error; the server log has details")
+
+    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = _dispatch
+
+    # Answers
+
+    def _send(
+        self,
+        status: HTTPStatus,
+        body: bytes = b"",
+        content_type: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        """Answer with a body known in full."""
+        if self._status is not None:
+            return  # already answered (a failure after the headers went out): nothing more to say
+        self.send_response(status)
+        if content_type is not None:
+            self.send_header("Content-Type", content_type)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if status not in (HTTPStatus.NO_CONTENT, HTTPStatus.NOT_MODIFIED):
+            self.send_header("Content-Length", str(len(body)))
+        self._end_headers()
+        if self.command != "HEAD" and status not in (HTTPStatus.NO_CONTENT, HTTPStatus.NOT_MODIFIED):
+            self.wfile.write(body)
+            self._sent = len(body)
+
+    def _end_headers(self) -> None:
+        if self._body_unread or self.server.stopping:
+            self.close_connection = True
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        elif self.request_version == "HTTP/1.0":
+            self.send_header("Connection", "keep-alive")
+        self.end_headers()
+
+    def _send_json(self, status: HTTPStatus, document: object, headers: dict[str, str] | None = None) -> None:
+        self._send(status, json.dumps(document).encode(), "application/json", headers)
+
+    def _send_problem(self, status: HTTPStatus, detail: str, headers: dict[str, str] | None = None) -> None:
+        problem = {"type": "about:blank", "title": status.phrase, "status": status.value, "detail": detail}
+        self._send(status, json.dumps(problem).encode(), "application/problem+json", headers)
+
+    def _send_value(self, stat: Stat, body: bytes | BinaryIO) -> None:
+        """Answer with a stored value: 200 with its bytes, or 304 if the client has it."""
+        headers = {
+            "ETag": f'"{stat.etag}"',
+            "Cache-Control": "no-cache",
+            "X-Content-Type-Options": "nosniff",
+            "Content-Security-Policy": "sandbox",
+        }
+        if_none_match = self.headers.get("If-None-Match")
+        if if_none_match is not None and (
+            if_none_match.strip() == "*" or stat.etag in (tag.removeprefix("W/") for tag in _etags(if_none_match))
+        ):
+            status = HTTPStatus.NOT_MODIFIED
+        else:
+            status = HTTPStatus.OK
+        if isinstance(body, bytes):
+            self._send(status, body, stat.content_type, headers)
+            return
+        with body:
+            self.send_response(status)
+            self.send_header("Content-Type", stat.content_type)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            if status == HTTPStatus.OK:
+                self.send_header("Content-Length", str(stat.size))
+            self._end_headers()
+            if self.command != "HEAD" and status == HTTPStatus.OK:
+                self.wfile.flush()
+                self._sent = self.connection.sendfile(body)
+
+    def _drain(self) -> None:
+        """Read and drop what the client still sends, briefly, so closing does not reset the
+        connection before it has read our answer (RFC 9112 section 9.6)."""
+        try:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+            self.connection.settimeout(1.0)
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline and self.connection.recv(CHUNK):
+                pass
+        except OSError:
+            pass
+
+    # Request bodies
+
+    def _request_body(self, limit: int) -> Iterator[bytes]:
+        """The request body as chunks; 400, 411 and 413 are raised before anything is read,
+        and only then is 100 Continue sent to a client that asked for it."""
+        transfer_encoding = self.headers.get("Transfer-Encoding")
+        length_header = self.headers.get_all("Content-Length") or []
+        if transfer_encoding is not None:
+            if transfer_encoding.strip().lower() != "chunked" or length_header:
+                raise HTTPError(
+                    HTTPStatus.NOT_IMPLEMENTED if not length_header else HTTPStatus.BAD_REQUEST,
+                    "send the body with Content-Length or Transfer-Encoding: chunked (not both)",
+                )
+            chunks = self._chunked_body(limit)
+        elif not length_header:
+            raise HTTPError(HTTPStatus.LENGTH_REQUIRED, "send a Content-Length header, or the body chunked")
+        elif len(set(length_header)) != 1 or not re.fullmatch(r"[0-9]{1,19}", length_header[0].strip()):
+            raise HTTPError(HTTPStatus.BAD_REQUEST, f"Content-Length is not a byte count: {length_header!r}")
+        else:
+            length = int(length_header[0])
+            if length > limit:
+                self._body_unread = True
+                raise HTTPError(
+                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                    f"the value is {length} bytes; this server takes at most {limit} (--max-value)",
+                )
+            chunks = self._sized_body(length)
+        self._body_unread = True
+        if self.headers.get("Expect", "").lower() == "100-continue" and self.request_version != "HTTP/1.0":
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.wfile.flush()
+        return chunks
+
+    def _sized_body(self, length: int) -> Iterator[bytes]:
+        self.connection.settimeout(BODY_TIMEOUT)
+        while length:
+            chunk = self.rfile.read(min(length, CHUNK))
+            if not chunk:
+                raise _IncompleteBody
+            length -= len(chunk)
+            yield chunk
+        self._body_done()
+
+    def _chunked_body(self, limit: int) -> Iterator[bytes]:
+        self.connection.settimeout(BODY_TIMEOUT)
+        total = 0
+        while True:
+            line = self.rfile.readline(1024)
+            if not line.endswith(b"\n"):
+                raise _IncompleteBody
+            size_field = line.split(b";", 1)[0].strip()
+            if not re.fullmatch(rb"[0-9A-Fa-f]{1,15}", size_field):
+                raise HTTPError(HTTPStatus.BAD_REQUEST, f"bad chunk size line {line[:40]!r}")
+            size = int(size_field, 16)
+            if size == 0:
+                break
+            total += size
+            if total > limit:
+                raise HTTPError(
+                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                    f"the value is over {limit} bytes, the most this server takes (--max-value)",
+                )
+            while size:
+                chunk = self.rfile.read(min(size, CHUNK))
+                if not chunk:
+                    raise _IncompleteBody
+                size -= len(chunk)
+                yield chunk
+            if self.rfile.readline(3) not in (b"\r\n", b"\n"):
+                raise HTTPError(HTTPStatus.BAD_REQUEST, "a chunk is longer than its size line says")
+        for _ in range(100):  # trailer fields, ignored
+            if self.rfile.readline(CHUNK) in (b"\r\n", b"\n", b""):
+                break
+        self._body_done()
+
+    def _body_done(self) -> None:
+        self._body_unread = False
+        self.connection.settimeout(self.timeout)
+
+    def _read_body(self, limit: int) -> bytes:
+        return b"".join(self._request_body(limit))
+
+    # Seed routes
+
+    def _route_set(self, path: str, query: str) -> None:
+        pairs = _decode_query(query)
+        fields = {name: value for name, value in pairs if value is not None}
+        if len(fields) == len(pairs) and sorted(fields) in ([b"key", b"value"], [b"key", b"ttl", b"value"]):
+            key, value, ttl = _key(fields[b"key"]), fields[b"value"], _ttl(fields.get(b"ttl"))
+        elif len(fields) == len(pairs) == 1:
+            [(name, value)] = fields.items()
+            key, ttl = _key(name), None
+        else:
+            raise HTTPError(
+                HTTPStatus.BAD_REQUEST,
+                "use /set?<key>=<value> (one pair, with '=') or /set?key=<key>&value=<value>[&ttl=<seconds>]",
+            )
+        if len(value) > self.server.max_value:
+            raise HTTPError(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                f"the value is {len(value)} bytes; this server takes at most {self.server.max_value} (--max-value)",
+            )
+        stat, created = self.storage.write(key, value, content_type=sniff_content_type(value), ttl=ttl)
+        status = HTTPStatus.CREATED if created else HTTPStatus.OK
+        self._send_json(status, {"key": key, "created": created}, {"ETag": f'"{stat.etag}"'})
+
+    def _fetch(self, key: str) -> tuple[Stat, bytes | BinaryIO]:
+        try:
+            return self.storage.fetch(key)
+        except KeyError:
+            raise HTTPError(HTTPStatus.NOT_FOUND, f"no key {key!r}") from None
+
+    def _route_get(self, path: str, query: str) -> None:
+        key = _key(_fields(query, ("key",), "/get?key=<key>").get("key", b""))
+        self._send_value(*self._fetch(key))
+
+    def _route_delete(self, path: str, query: str) -> None:
+        key = _key(_fields(query, ("key",), "/delete?key=<key>").get("key", b""))
+        if not self.storage.remove(key):
+            raise HTTPError(HTTPStatus.NOT_FOUND, f"no key {key!r}")
+        self._send_json(HTTPStatus.OK, {"key": key, "deleted": True})
+
+    def _route_keys(self, path: str, query: str) -> None:
+        usage = "/keys?prefix=<p>&limit=<1-10000>&after=<key>"
+        fields = _fields(query, ("prefix", "limit", "after"), usage)
+        limit_field = fields.get("limit", b"1000")
+        if not re.fullmatch(rb"[0-9]{1,5}", limit_field) or not 1 <= int(limit_field) <= 10000:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, f"limit is a whole number from 1 to 10000, not {limit_field!r}")
+        limit = int(limit_field)
+        keys = self.storage.keys(_text(fields.get("prefix", b""), "prefix"))
+        start = bisect.bisect_right(keys, _text(fields["after"], "after")) if "after" in fields else 0
+        page = keys[start : start + limit]
+        more = start + limit < len(keys)
+        self._send_json(HTTPStatus.OK, {"keys": page, "next": page[-1] if more else None})
+
+    def _route_dump(self, path: str, query: str) -> None:
+        """Every live key and its value as one JSON object, written as it is read."""
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", "application/json")
+        chunked = self.request_version != "HTTP/1.0"
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.close_connection = True  # the body ends where the connection does
+        self._end_headers()
+        if self.command == "HEAD":
+            return
+        writer = _ChunkedWriter(self.wfile, chunked)
+        separator = b"{"
+        for key in self.storage.keys():
+            try:
+                stat, body = self.storage.fetch(key)
+            except KeyError:
+                continue  # deleted or expired since the listing
+            writer.write(
+                separator + json.dumps(key).encode() + b": " + json.dumps(_dump_value(key, stat, body)).encode()
+            )
+            separator = b", "
+        writer.write(b"}" if separator == b", " else b"{}")
+        writer.close()
+
+    def _route_health(self, path: str, query: str) -> None:
+        self._send_json(HTTPStatus.OK, {"status": "ok", "storage": self.storage.kind, "keys": len(self.storage)})
+
+    # REST routes
+
+    def _path_key(self, path: str) -> str:
+        raw = urllib.parse.unquote_to_bytes(path.removeprefix("/kv/").encode("latin-1"))
+        if not raw:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "name the key: /kv/<key>")
+        return _key(raw)
+
+    def _precondition(self) -> tuple[str | None, bool]:
+        """If-Match and If-None-Match of a PUT or DELETE, as storage arguments."""
+        if_match = self.headers.get("If-Match")
+        if_none_match = self.headers.get("If-None-Match")
+        if if_none_match is not None and if_none_match.strip() != "*":
+            raise HTTPError(HTTPStatus.BAD_REQUEST, 'on PUT and DELETE, If-None-Match takes only "*" (create only)')
+        if if_match is None or if_match.strip() == "*":
+            return (if_match and "*"), if_none_match is not None
+        tags = _etags(if_match)
+        if len(tags) != 1 or tags[0].startswith("W/"):
+            raise HTTPError(HTTPStatus.BAD_REQUEST, 'If-Match takes one strong ETag, as "<etag>", or *')
+        return tags[0], if_none_match is not None
+
+    def _route_kv_get(self, path: str, query: str) -> None:
+        self._send_value(*self._fetch(self._path_key(path)))
+
+    def _route_kv_put(self, path: str, query: str) -> None:
+        key = self._path_key(path)
+        ttl = _ttl(_fields(query, ("ttl",), "/kv/<key>?ttl=<seconds>").get("ttl"))
+        if_match, if_none_match = self._precondition()
+        try:  # fail before the body is sent; the storage checks again, atomically, when it commits
+            current: Stat | None = self.storage.stat(key)
+        except KeyError:
+            current = None
+        _Precondition(if_match, if_none_match).check(key, current)
+        body = self._request_body(self.server.max_value)
+        content_type = self.headers.get("Content-Type", DEFAULT_CONTENT_TYPE)
+        stat, created = self.storage.write(
+            key, body, content_type=content_type, ttl=ttl, if_match=if_match, if_none_match=if_none_match
+        )
+        status = HTTPStatus.CREATED if created else HTTPStatus.OK
+        self._send_json(status, {"key": key, "created": created, "etag": stat.etag}, {"ETag": f'"{stat.etag}"'})
+
+    def _route_kv_delete(self, path: str, query: str) -> None:
+        key = self._path_key(path)
+        if_match, if_none_match = self._precondition()
+        if not self.storage.remove(key, if_match=if_match, if_none_match=if_none_match):
+            raise HTTPError(HTTPStatus.NOT_FOUND, f"no key {key!r}")
+        self._send(HTTPStatus.NO_CONTENT)
+
+    # XML-RPC
+
+    def _route_rpc(self, path: str, query: str) -> None:
+        request = self._read_body(self.server.max_value * 2 + CHUNK)  # base64 and XML around a value
+        self._send(HTTPStatus.OK, self.server.rpc.dispatch(request), "text/xml")
+
+
+Route = Callable[[KVRequestHandler, str, str], None]
+ROUTES: dict[str, dict[str, Route]] = {
+    "/": {"GET": KVRequestHandler._route_dump, "HEAD": KVRequestHandler._route_dump},
+    "/set": {"GET": KVRequestHandler._route_set},
+    "/get": {"GET": KVRequestHandler._route_get, "HEAD": KVRequestHandler._route_get},
+    "/delete": {"GET": KVRequestHandler._route_delete},
+    "/keys": {"GET": KVRequestHandler._route_keys, "HEAD": KVRequestHandler._route_keys},
+    "/health": {"GET": KVRequestHandler._route_health, "HEAD": KVRequestHandler._route_health},
+    "/kv/": {
+        "GET": KVRequestHandler._route_kv_get,
+        "HEAD": KVRequestHandler._route_kv_get,
+        "PUT": KVRequestHandler._route_kv_put,
+        "DELETE": KVRequestHandler._route_kv_delete,
+    },
+    "/RPC2": {"POST": KVRequestHandler._route_rpc},
+}
+
+
+class _XMLRPC:
+    """The XML-RPC methods; values keep their type through the media type they are stored with."""
+
+    _INT32 = range(-(2**31), 2**31)
+
+    def __init__(self, storage: Storage, max_value: int) -> None:
+        self._storage = storage
+        self._max_value = max_value
+        self._dispatcher = xmlrpc.server.SimpleXMLRPCDispatcher(allow_none=True, encoding="utf-8")
+        self._dispatcher.register_introspection_functions()
+        methods: list[Callable[..., Any]] = [self.save, self.load, self.delete, self.keys]
+        for method in methods:
+            self._dispatcher.register_function(method)
+
+    def dispatch(self, request: bytes) -> bytes:
+        """The XML-RPC response to a request: a result, or a Fault saying what was wrong."""
+        response = self._dispatcher._marshaled_dispatch(request, self._call)
+        return cast(bytes, response)  # typeshed says str; CPython returns the encoded bytes
+
+    def _call(self, method: str, params: tuple[Any, ...]) -> Any:
+        if method not in self._dispatcher.funcs:
+            raise xmlrpc.client.Fault(404, f"no method {method!r}; system.listMethods() lists them")
+        try:
+            return self._dispatcher._dispatch(method, params)
+        except xmlrpc.client.Fault:
+            raise
+        except (ValueError, TypeError) as error:
+            raise xmlrpc.client.Fault(400, f"{method}: {error}") from None
+        except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise xmlrpc.client.Fault(507, "the disk is full; nothing was stored") from None
+            traceback.print_exc(file=sys.stderr)
+            raise xmlrpc.client.Fault(500, "an unexpected error; the server log has details") from None
+        except Exception:
+            traceback.print_exc(file=sys.stderr)
+            raise xmlrpc.client.Fault(500, "an unexpected error; the server log has details") from None
+
+    def save(self, key: str, value: Any, ttl: int | None = None) -> None:
+        """save(key, value[, ttl]): store value under key (str as text, Binary as bytes,
+        anything else as JSON), for ttl seconds if given."""
+        if isinstance(value, str):
+            data, content_type = value.encode("utf-8"), TEXT_CONTENT_TYPE
+        elif isinstance(value, xmlrpc.client.Binary):
+            data, content_type = value.data, DEFAULT_CONTENT_TYPE
+        else:
+            try:
+                data, content_type = json.dumps(value).encode(), "application/json"
+            except TypeError:
+                raise xmlrpc.client.Fault(
+                    400,
+                    "save stores str, Binary, int, float, bool, None, list and struct values; not dateTime "
+                    "(send it as an ISO 8601 string), nor Binary inside a list or struct",
+                ) from None
+        if len(data) > self._max_value:
+            raise xmlrpc.client.Fault(413, f"the value is {len(data)} bytes; at most {self._max_value} (--max-value)")
+        self._storage.write(key, data, content_type=content_type, ttl=ttl)
+
+    def load(self, key: str) -> Any:
+        """load(key): the value saved under key, or None if there is none."""
+        try:
+            stat, body = self._storage.fetch(key)
+        except KeyError:
+            return None
+        data = body if isinstance(body, bytes) else body.read()
+        if not isinstance(body, bytes):
+            body.close()
+        if _is_json(stat.content_type):
+            with contextlib.suppress(ValueError):
+                return self._check_ints(key, json.loads(data))
+        if _is_text(stat.content_type):
+            with contextlib.suppress(UnicodeDecodeError):
+                return data.decode("utf-8")
+        return xmlrpc.client.Binary(data)
+
+    def delete(self, key: str) -> None:
+        """delete(key): remove key; no error if it is absent."""
+        self._storage.delete(key)
+
+    def keys(self, prefix: str = "") -> list[str]:
+        """keys([prefix]): the keys that start with prefix, in code-point order."""
+        return self._storage.keys(prefix)
+
+    def _check_ints(self, key: str, value: Any) -> Any:
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else [value]
+        for item in items:
+            if isinstance(item, (dict, list)):
+                self._check_ints(key, item)
+            elif isinstance(item, int) and not isinstance(item, bool) and item not in self._INT32:
+                raise xmlrpc.client.Fault(
+                    400, f"key {key!r} holds {item}, too large for XML-RPC's 32-bit ints; read it with GET /kv/<key>"
+                )
+        return value
+
+
+# Server
+
+
+class KVServer(ThreadingHTTPServer):
+    """A thread per connection; knows which connections are idle so that it can stop
+    without cutting off a request in flight."""
+
+    request_queue_size = 128
+    daemon_threads = False
+    block_on_close = True
+
+    def __init__(
+        self, address: tuple[str, int], storage: Storage, *, max_value: int = 1024**3, quiet: bool = False
+    ) -> None:
+        self.address_family = socket.getaddrinfo(address[0], address[1], type=socket.SOCK_STREAM)[0][0]
+        self.storage = storage
+        self.max_value = max_value
+        self.quiet = quiet
+        self.rpc = _XMLRPC(storage, max_value)
+        self.stopping = False
+        self._idle: set[socket.socket] = set()
+        self._state_lock = threading.Lock()
+        super().__init__(address, KVRequestHandler)
+
+    def server_bind(self) -> None:
+        """Bind without HTTPServer's reverse DNS lookup of the address, which can stall start-up."""
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = str(host), int(port)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        name = host.decode() if isinstance(host, bytes) else host
+        return f"http://[{name}]:{port}/" if ":" in name else f"http://{name}:{port}/"
+
+    def await_request(self, connection: socket.socket) -> bool:
+        """Mark a connection idle before it waits for a request; False once stopping."""
+        with self._state_lock:
+            if self.stopping:
+                return False
+            self._idle.add(connection)
+            return True
+
+    def request_started(self, connection: socket.socket) -> None:
+        with self._state_lock:
+            self._idle.discard(connection)
+
+    def shutdown_request(self, request: socket.socket) -> None:  # type: ignore[override]
+        self.request_started(request)
+        super().shutdown_request(request)
+
+    def stop(self) -> None:
+        """Stop accepting, close idle connections, wait for requests in flight."""
+        with self._state_lock:
+            self.stopping = True
+            idle = list(self._idle)
+        for connection in idle:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+        self.server_close()
+
+
+def _interrupt(signum: int, frame: object) -> NoReturn:
+    raise KeyboardInterrupt
+
+
+# main()
+
+
+def _fail(message: str, status: int) -> NoReturn:
+    print(f"kvserver: {message}", file=sys.stderr)
+    sys.exit(status)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the server from the command line: exit 0 when stopped, 1 if it cannot start, 2 on a bad command line."""
+    try:
+        from docopt import DocoptExit, docopt
+    except ImportError:
+        _fail("needs the docopt-ng package: pip install docopt-ng", 1)
+    try:
+        args = docopt(__doc__, argv, version=f"kvserver {__version__}")
+    except DocoptExit as error:
+        given = sys.argv[1:] if argv is None else argv
+        known = set(re.findall(r"(?<![\w-])(--?[\w-]+)", __doc__ or ""))
+        unknown = [arg for arg in given if arg.startswith("-") and arg.split("=")[0] not in known]
+        problem = f"unknown option {unknown[0]}" if unknown else str(error).splitlines()[0]
+        _fail(f"{problem}; see kvserver --help", 2)
+    try:
+        port = int(args["--port"])
+        if not 0 <= port <= 65535:
+            raise ValueError
+    except ValueError:
+        _fail(f"--port takes a whole number from 0 to 65535, not {args['--port']!r}", 2)
+    try:
+        max_value = parse_size(args["--max-value"])
+    except ValueError as error:
+        _fail(f"--max-value: {error}", 2)
+    if args["--storage"] not in ("files", "memory"):
+        _fail(f"--storage takes files or memory, not {args['--storage']!r}", 2)
+
+    started = time.perf_counter()
+    try:
+        if args["--storage"] == "memory":
+            storage: Storage = MemoryStorage()
+        else:
+            storage = FileStorage(args["--data-dir"], fsync=not args["--no-fsync"])
+    except DataDirLocked as error:
+        _fail(str(error), 1)
+    except OSError as error:
+        _fail(f"cannot use data dir {args['--data-dir']}: {error.strerror or error}", 1)
+    loaded = time.perf_counter() - started
+    try:
+        server = KVServer((args["--bind"], port), storage, max_value=max_value, quiet=args["--quiet"])
+    except OSError as error:
+        storage.close()
+        _fail(f"cannot listen on {args['--bind']} port {port}: {error.strerror or error}", 1)
+
+    where = f"in {storage.path}" if isinstance(storage, FileStorage) else "in memory"
+    print(
+        f"kvserver {__version__} serving {server.url} with {storage.kind} storage {where}: "
+        f"{len(storage)} keys loaded in {loaded:.3f} s",
+        flush=True,
+    )
+    signal.signal(signal.SIGTERM, _interrupt)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.serve_forever()
+    with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C stops the wait for requests in flight
+        server.stop()
+    storage.close()
+    print("kvserver stopped", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""Shared fixtures: kvserver run as a real subprocess on a free port, and small HTTP clients."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+KVSERVER = Path(__file__).resolve().parent.parent / "kvserver.py"
+START_TIMEOUT = 15.0
+STOP_TIMEOUT = 15.0
+
+
+def require_service(reason: str) -> None:
+    """Skip a test whose service is missing, or fail it when CI demands every service."""
+    if os.environ.get("KV_REQUIRE_SERVICES") == "1":
+        pytest.fail(f"required service missing: {reason}")
+    pytest.skip(reason)
+
+
+def wait_for(condition, timeout: float = 10.0, interval: float = 0.01, what: str = "condition"):
+    """Poll `condition` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+@dataclass
+class Response:
+    status: int
+    headers: http.client.HTTPMessage
+    body: bytes
+
+    def json(self):
+        return json.loads(self.body)
+
+    def problem(self) -> dict:
+        """The problem+json body of an error, checked for the shape SPEC section 6 gives."""
+        assert self.headers["Content-Type"] == "application/problem+json", self.headers["Content-Type"]
+        document = json.loads(self.body)
+        assert document["type"] == "about:blank"
+        assert document["status"] == self.status
+        assert isinstance(document["title"], str) and document["title"]
+        assert isinstance(document["detail"], str) and document["detail"]
+        return document
+
+
+@dataclass
+class Server:
+    """A kvserver subprocess; `url`, `port` and `data_dir` tell where it is."""
+
+    args: list[str]
+    data_dir: Path
+    log_path: Path
+    process: subprocess.Popen | None = None
+    url: str = ""
+    port: int = 0
+    start_line: str = ""
+    _connections: list[http.client.HTTPConnection] = field(default_factory=list)
+
+    def start(self) -> Server:
+        self.log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, str(KVSERVER), "--port", "0", *self.args],
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            cwd=self.data_dir.parent,
+        )
+        self.start_line = read_line(self.process, START_TIMEOUT)
+        match = re.search(r"http://(\[[^\]]+\]|[^/:]+):(\d+)/", self.start_line)
+        assert match, f"no URL in the start line {self.start_line!r}; log: {self.stderr()}"
+        self.host, self.port = match.group(1).strip("[]"), int(match.group(2))
+        self.url = f"http://{match.group(1)}:{self.port}"
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        """Stop the server with `sig` and return its exit status."""
+        for connection in self._connections:
+            connection.close()
+        self._connections.clear()
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            status = self.process.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(STOP_TIMEOUT)
+            raise AssertionError(f"server did not stop within {STOP_TIMEOUT} s of signal {sig}") from None
+        self.stdout_rest = self.process.stdout.read().decode() if self.process.stdout else ""
+        if self.process.stdout:
+            self.process.stdout.close()
+        self.log.close()
+        return status
+
+    def restart(self) -> Server:
+        assert self.stop() == 0
+        return self.start()
+
+    def stderr(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def connect(self, timeout: float = 30.0) -> http.client.HTTPConnection:
+        connection = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        self._connections.append(connection)
+        return connection
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        connection: http.client.HTTPConnection | None = None,
+    ) -> Response:
+        """One request, on `connection` if given (keep-alive), else on a fresh one."""
+        connection = connection or self.connect()
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return Response(response.status, response.headers, response.read())
+
+    def get(self, path: str, **kwargs) -> Response:
+        return self.request("GET", path, **kwargs)
+
+    def raw(self, data: bytes, timeout: float = 10.0, half_close: bool = False) -> bytes:
+        """Send raw bytes on a new connection and return all bytes the server sends back until
+        it closes the connection or goes quiet for `timeout` seconds."""
+        with socket.create_connection((self.host, self.port), timeout=timeout) as sock:
+            sock.sendall(data)
+            if half_close:
+                sock.shutdown(socket.SHUT_WR)
+            received = b""
+            try:
+                while chunk := sock.recv(65536):
+                    received += chunk
+            except (TimeoutError, ConnectionResetError):
+                pass
+            return received
+
+
+def read_line(process: subprocess.Popen, timeout: float) -> str:
+    """The first line a process prints, read with a deadline."""
+    assert process.stdout is not None
+    ready, _, _ = select.select([process.stdout], [], [], timeout)
+    if not ready:
+        process.kill()
+        raise AssertionError(f"the server printed nothing within {timeout} s")
+    line = process.stdout.readline().decode()
+    if not line:
+        raise AssertionError(f"the server exited with {process.wait(5)} before printing its start line")
+    return line
+
+
+@pytest.fixture
+def make_server(tmp_path: Path) -> Iterator:
+    """A factory: make_server(*args, data_dir=None) starts a kvserver; all are stopped at the end."""
+    servers: list[Server] = []
+
+    def make(*args: str, data_dir: Path | None = None, start: bool = True) -> Server:
+        data_dir = data_dir or tmp_path / "data"
+        if "--storage" not in args or "files" in args:
+            args = ("--data-dir", str(data_dir), *args)
+        server = Server(list(args), data_dir, tmp_path / f"server-{len(servers)}.log")
+        servers.append(server)
+        return server.start() if start else server
+
+    yield make
+    for server in servers:
+        if server.process is not None and server.process.poll() is None:
+            server.process.kill()
+            server.process.wait(STOP_TIMEOUT)
+
+
+@pytest.fixture
+def server(make_server) -> Server:
+    """A quiet kvserver with files storage in a fresh data dir."""
+    return make_server("--quiet")

@@ -448,17 +448,21 @@ class MemoryStorage(Storage):
 
     def _keys(self, prefix: str) -> list[str]:
         now = time.time()
-        expired = []
         keys = []
         for key, entry in list(self._index.items()):
             if _expired(entry.stat, now):
-                expired.append(key)
+                self._purge(key, entry)
             elif key.startswith(prefix):
                 keys.append(key)
-        for key in expired:
-            self._delete(key, _Precondition(None, False))
         keys.sort()
         return keys
+
+    def _purge(self, key: str, entry: _Entry) -> None:
+        """Remove an expired entry, unless a write replaced it since it was seen."""
+        with self._lock_for(key):
+            if self._index.get(key) is entry:
+                del self._index[key]
+                self._erase(key, entry)
 
     def __len__(self) -> int:
         now = time.time()

@@ -10,10 +10,16 @@ Options:
   -b --bind=<addr>       Address to listen on, IPv4 or IPv6 [default: 127.0.0.1].
   -s --storage=<kind>    Where values live: files or memory [default: files].
   -d --data-dir=<path>   Folder of the files storage [default: ./data].
+  --token=<secret>       Require this secret on every request but /health, as
+                         "Authorization: Bearer <secret>" or as the Basic auth
+                         password (default: the KV_TOKEN environment variable).
   --max-value=<size>     Largest value accepted, in bytes or with a K, M or G
                          suffix (powers of 1024) [default: 1G].
+  --max-connections=<n>  Connections served at once; more get 503 [default: 256].
   --no-fsync             Do not fsync writes: faster, but the last writes may be
                          lost on power loss.
+  --certfile=<pem>       Serve HTTPS with this certificate (chain), in PEM.
+  --keyfile=<pem>        The private key of --certfile, in PEM.
   -q --quiet             No access log.
   -h --help              Show this text.
   --version              Show the version.
@@ -28,7 +34,9 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import hmac
 import io
+import ipaddress
 import json
 import os
 import re
@@ -36,6 +44,7 @@ import shutil
 import signal
 import socket
 import socketserver
+import ssl
 import sys
 import tempfile
 import threading
@@ -71,7 +80,9 @@ CHUNK = 64 * 1024  # unit of every streamed read and write
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 TEXT_CONTENT_TYPE = "text/plain; charset=utf-8"
 IDLE_TIMEOUT = 15.0  # seconds a keep-alive connection may wait for its next request
+HEAD_TIMEOUT = 10.0  # seconds from a request's first byte to the end of its headers
 BODY_TIMEOUT = 30.0  # seconds a request body may go without a byte
+MAX_HEADER_BYTES = 64 * 1024
 
 
 class PreconditionFailed(Exception):
@@ -891,6 +902,21 @@ def _dump_value(key: str, stat: Stat, body: bytes | BinaryIO) -> object:
         return {"base64": base64.b64encode(body).decode("ascii")}
 
 
+def _is_loopback_host(host: str) -> bool:
+    """Whether a Host header names this machine: localhost, *.localhost, 127.0.0.0/8 or ::1."""
+    name = host.strip().lower()
+    if name.startswith("["):
+        name = name[1 : name.find("]")]
+    elif name.count(":") == 1:
+        name = name.partition(":")[0]
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 _REDACTED_VALUE = re.compile(r"=[^&\s]*")
 _LOG_ESCAPES = str.maketrans({c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)]})
 
@@ -934,20 +960,38 @@ class KVRequestHandler(BaseHTTPRequestHandler):
     # Hooks of BaseHTTPRequestHandler
 
     def handle_one_request(self) -> None:
+        self.close_connection = True
         if not self.server.await_request(self.connection):
-            self.close_connection = True
             return
-        self._status, self._sent = None, 0
-        super().handle_one_request()
+        try:
+            if not cast(io.BufferedReader, self.rfile).peek(1):
+                return  # the client closed the connection
+            self.server.request_started(self.connection)
+            self._status, self._sent = None, 0
+            super().handle_one_request()
+        except (ConnectionError, TimeoutError, ssl.SSLError):
+            self.close_connection = True  # idle too long, cut off by the head deadline, gone, or no TLS
+            return
         if self._status is not None and not self.server.quiet:
             self._log_access()
         if self._body_unread:
             self.close_connection = True
             self._drain()
 
+    def finish(self) -> None:
+        with contextlib.suppress(OSError):  # flushing onto a connection the client (or a deadline) closed
+            super().finish()
+
     def parse_request(self) -> bool:
-        self.server.request_started(self.connection)
-        return super().parse_request()
+        try:
+            if not super().parse_request():
+                return False
+        finally:
+            self.server.head_received(self.connection)
+        if sum(len(name) + len(value) for name, value in self.headers.items()) > MAX_HEADER_BYTES:
+            self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
+            return False
+        return True
 
     def handle_expect_100(self) -> bool:
         return True  # 100 Continue is sent when the body is read, after its length is checked
@@ -957,6 +1001,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         self.close_connection = True
         detail = {
             HTTPStatus.REQUEST_URI_TOO_LONG: "the request line is over 64 KiB; send big values with PUT /kv/<key>",
+            HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE: "send at most 100 header fields and 64 KiB of them",
             HTTPStatus.NOT_IMPLEMENTED: f"method {self.command!r} is not known to this server",
         }.get(HTTPStatus(code), message or HTTPStatus(code).phrase)
         self._send_problem(HTTPStatus(code), detail)
@@ -983,6 +1028,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         route = "/kv/" if path.startswith("/kv/") else path
         methods = ROUTES.get(route)
         try:
+            self._check_access(route)
             if methods is None:
                 raise HTTPError(HTTPStatus.NOT_FOUND, f"no route {path!r}; see the README for the routes")
             handler = methods.get(self.command)
@@ -996,18 +1042,54 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             self._send_problem(error.status, error.detail, error.headers)
         except PreconditionFailed as error:
             self._send_problem(HTTPStatus.PRECONDITION_FAILED, str(error))
-        except (_IncompleteBody, BrokenPipeError, ConnectionResetError):
-            self.close_connection = True  # the client broke off; nothing was stored and no one to answer
-        except OSError as error:
-            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            self._send_problem(HTTPStatus.INSUFFICIENT_STORAGE, "the disk is full; nothing was stored; free space")
-        except Exception:
+        except (_IncompleteBody, ConnectionError, TimeoutError):
+            self.close_connection = True  # the client broke off or stalled; nothing was stored
+        except Exception as error:
+            if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+                self._send_problem(HTTPStatus.INSUFFICIENT_STORAGE, "the disk is full; nothing was stored; free space")
+                return
             traceback.print_exc(file=sys.stderr)
             self.close_connection = True
             self._send_problem(HTTPStatus.INTERNAL_SERVER_ERROR, "an unexpected error; the server log has details")
 
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = _dispatch
+
+    def _check_access(self, route: str) -> None:
+        """Refuse what a web page could make a browser send here (SPEC section 8), then
+        requests without the token."""
+        if self.headers.get("Sec-Fetch-Site", "").strip().lower() == "cross-site":
+            raise HTTPError(HTTPStatus.FORBIDDEN, "cross-site requests are refused: a web page may not use this server")
+        host = self.headers.get("Host")
+        origin = self.headers.get("Origin")
+        if origin is not None and (host is None or origin.strip().lower() != f"{self.server.scheme}://{host}".lower()):
+            raise HTTPError(
+                HTTPStatus.FORBIDDEN, f"requests from origin {origin!r} are refused: it is not this server's"
+            )
+        if self.server.loopback and host is not None and not _is_loopback_host(host):
+            raise HTTPError(
+                HTTPStatus.FORBIDDEN,
+                f"Host {host!r} is not a loopback name; this server answers only to localhost (DNS rebinding)",
+            )
+        if self.server.token is not None and route != "/health" and not self._has_token(self.server.token):
+            raise HTTPError(
+                HTTPStatus.UNAUTHORIZED,
+                "send the token: 'Authorization: Bearer <token>', or Basic auth with the token as password",
+                {"WWW-Authenticate": 'Basic realm="kvserver", charset="UTF-8"'},
+            )
+
+    def _has_token(self, token: bytes) -> bool:
+        scheme, _, credentials = self.headers.get("Authorization", "").strip().partition(" ")
+        credentials = credentials.strip()
+        if scheme.lower() == "bearer":
+            given = credentials.encode("latin-1")  # undoes http.client's decoding: the bytes sent
+        elif scheme.lower() == "basic":
+            try:
+                given = base64.b64decode(credentials, validate=True).partition(b":")[2]
+            except ValueError:
+                return False
+        else:
+            return False
+        return hmac.compare_digest(given, token)
 
     # Answers
 
@@ -1426,54 +1508,146 @@ class _XMLRPC:
 # Server
 
 
+def _problem_response(status: HTTPStatus, detail: str) -> bytes:
+    """A whole problem+json response, for answers given outside a request handler."""
+    body = json.dumps({"type": "about:blank", "title": status.phrase, "status": status.value, "detail": detail})
+    return (
+        f"HTTP/1.1 {status.value} {status.phrase}\r\nContent-Type: application/problem+json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n{body}"
+    ).encode()
+
+
 class KVServer(ThreadingHTTPServer):
-    """A thread per connection; knows which connections are idle so that it can stop
-    without cutting off a request in flight."""
+    """A thread per connection, at most `max_connections` of them.
+
+    The server tracks each connection's state, idle or reading a request head, so that a
+    housekeeping thread can cut off heads that take too long and `stop` can close idle
+    connections without cutting off a request in flight.
+    """
 
     request_queue_size = 128
     daemon_threads = False
     block_on_close = True
+    _BUSY = _problem_response(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections; try again in a moment")
+    _MAX_LINGERING = 64  # refused connections kept open briefly so that they read their 503
 
     def __init__(
-        self, address: tuple[str, int], storage: Storage, *, max_value: int = 1024**3, quiet: bool = False
+        self,
+        address: tuple[str, int],
+        storage: Storage,
+        *,
+        max_value: int = 1024**3,
+        max_connections: int = 256,
+        token: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        quiet: bool = False,
     ) -> None:
         self.address_family = socket.getaddrinfo(address[0], address[1], type=socket.SOCK_STREAM)[0][0]
         self.storage = storage
         self.max_value = max_value
+        self.max_connections = max_connections
+        self.token = token.encode("utf-8") if token is not None else None
+        self.scheme = "https" if ssl_context else "http"
         self.quiet = quiet
         self.rpc = _XMLRPC(storage, max_value)
         self.stopping = False
-        self._idle: set[socket.socket] = set()
         self._state_lock = threading.Lock()
+        self._connections = 0
+        self._idle: set[socket.socket] = set()
+        self._head_deadlines: dict[socket.socket, float] = {}
+        self._lingering: list[tuple[socket.socket, float]] = []
+        self._closed = threading.Event()
         super().__init__(address, KVRequestHandler)
+        self.loopback = ipaddress.ip_address(self.host).is_loopback
+        if ssl_context is not None:  # the handshake happens in the connection's thread, not in accept()
+            self.socket = ssl_context.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
+        threading.Thread(target=self._housekeeping, name="kvserver-housekeeping", daemon=True).start()
 
     def server_bind(self) -> None:
         """Bind without HTTPServer's reverse DNS lookup of the address, which can stall start-up."""
         socketserver.TCPServer.server_bind(self)
-        host, port = self.server_address[:2]
-        self.server_name, self.server_port = str(host), int(port)
+        self.server_name, self.server_port = self.host, int(self.server_address[1])
+
+    @property
+    def host(self) -> str:
+        """The address listened on (for IP sockets, socketserver's bytes are never used)."""
+        return cast(str, self.server_address[0])
 
     @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
-        name = host.decode() if isinstance(host, bytes) else host
-        return f"http://[{name}]:{port}/" if ":" in name else f"http://{name}:{port}/"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.server_address[1]}/"
+
+    # Connections
+
+    def process_request(self, request: socket.socket, client_address: Any) -> None:  # type: ignore[override]
+        with self._state_lock:
+            refuse = self._connections >= self.max_connections
+            self._connections += not refuse
+        if refuse:
+            self._refuse(request)
+        else:
+            super().process_request(request, client_address)
+
+    def process_request_thread(self, request: socket.socket, client_address: Any) -> None:  # type: ignore[override]
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._state_lock:
+                self._connections -= 1
+
+    def _refuse(self, connection: socket.socket) -> None:
+        """Answer 503 at once, from the accepting thread, without starting a thread."""
+        with contextlib.suppress(OSError):
+            if not isinstance(connection, ssl.SSLSocket):  # a TLS client gets only the close
+                connection.setblocking(False)
+                connection.send(self._BUSY)
+            connection.shutdown(socket.SHUT_WR)
+        with self._state_lock:
+            if len(self._lingering) < self._MAX_LINGERING:
+                self._lingering.append((connection, time.monotonic() + 1.0))
+                return
+        connection.close()
 
     def await_request(self, connection: socket.socket) -> bool:
         """Mark a connection idle before it waits for a request; False once stopping."""
         with self._state_lock:
+            self._head_deadlines.pop(connection, None)
             if self.stopping:
                 return False
             self._idle.add(connection)
             return True
 
     def request_started(self, connection: socket.socket) -> None:
+        """A request's first byte arrived: its head must be complete within HEAD_TIMEOUT."""
         with self._state_lock:
             self._idle.discard(connection)
+            self._head_deadlines[connection] = time.monotonic() + HEAD_TIMEOUT
+
+    def head_received(self, connection: socket.socket) -> None:
+        with self._state_lock:
+            self._head_deadlines.pop(connection, None)
 
     def shutdown_request(self, request: socket.socket) -> None:  # type: ignore[override]
-        self.request_started(request)
+        with self._state_lock:
+            self._idle.discard(request)
+            self._head_deadlines.pop(request, None)
         super().shutdown_request(request)
+
+    def _housekeeping(self) -> None:
+        """Twice a second: cut off clients whose request head is overdue, and close the
+        refused connections once their client had a moment to read the 503."""
+        while not self._closed.wait(0.5):
+            now = time.monotonic()
+            with self._state_lock:
+                overdue = [connection for connection, deadline in self._head_deadlines.items() if deadline < now]
+                done = [connection for connection, until in self._lingering if until < now]
+                self._lingering = [(connection, until) for connection, until in self._lingering if until >= now]
+            for connection in overdue:
+                with contextlib.suppress(OSError):
+                    connection.shutdown(socket.SHUT_RDWR)
+            for connection in done:
+                connection.close()
 
     def stop(self) -> None:
         """Stop accepting, close idle connections, wait for requests in flight."""
@@ -1484,6 +1658,7 @@ class KVServer(ThreadingHTTPServer):
             with contextlib.suppress(OSError):
                 connection.shutdown(socket.SHUT_RDWR)
         self.server_close()
+        self._closed.set()
 
 
 def _interrupt(signum: int, frame: object) -> NoReturn:
@@ -1522,8 +1697,26 @@ def main(argv: list[str] | None = None) -> None:
         max_value = parse_size(args["--max-value"])
     except ValueError as error:
         _fail(f"--max-value: {error}", 2)
+    try:
+        max_connections = int(args["--max-connections"])
+        if max_connections < 1:
+            raise ValueError
+    except ValueError:
+        _fail(f"--max-connections takes a whole number of at least 1, not {args['--max-connections']!r}", 2)
     if args["--storage"] not in ("files", "memory"):
         _fail(f"--storage takes files or memory, not {args['--storage']!r}", 2)
+    token = args["--token"] if args["--token"] is not None else os.environ.get("KV_TOKEN") or None
+    if token == "":
+        _fail("--token takes a secret, not an empty string", 2)
+    if (args["--certfile"] is None) != (args["--keyfile"] is None):
+        _fail("--certfile and --keyfile go together: give both, or neither", 2)
+    ssl_context = None
+    if args["--certfile"] is not None:
+        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            ssl_context.load_cert_chain(args["--certfile"], args["--keyfile"])
+        except (OSError, ssl.SSLError) as error:
+            _fail(f"cannot load --certfile/--keyfile: {error}", 1)
 
     started = time.perf_counter()
     try:
@@ -1537,7 +1730,15 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"cannot use data dir {args['--data-dir']}: {error.strerror or error}", 1)
     loaded = time.perf_counter() - started
     try:
-        server = KVServer((args["--bind"], port), storage, max_value=max_value, quiet=args["--quiet"])
+        server = KVServer(
+            (args["--bind"], port),
+            storage,
+            max_value=max_value,
+            max_connections=max_connections,
+            token=token,
+            ssl_context=ssl_context,
+            quiet=args["--quiet"],
+        )
     except OSError as error:
         storage.close()
         _fail(f"cannot listen on {args['--bind']} port {port}: {error.strerror or error}", 1)

@@ -1,0 +1,917 @@
+"""The REST routes, SPEC section 4: PUT, GET, HEAD and DELETE on /kv/<key>, streamed both ways,
+with conditional requests; plus what sections 2, 3, 6 and 8 say about them.
+
+Most tests talk to a live kvserver through http.client (`server.request`); those that care about
+the bytes on the wire (100 Continue, no body after HEAD, chunk framing, a client that hangs up)
+use a raw socket and the tiny `read_http` below, after waitress's functional tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import urllib.parse
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import Server, require_service, wait_for
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+# Raw HTTP: a request as bytes, and one response read off a socket
+
+
+@dataclass
+class RawResponse:
+    status: int
+    headers: dict[str, str]  # names in lower case
+    body: bytes
+
+    def problem(self) -> dict:
+        """The problem+json body, checked for the shape SPEC section 6 gives."""
+        assert self.headers["content-type"] == "application/problem+json", self.headers
+        document = json.loads(self.body)
+        assert document["type"] == "about:blank"
+        assert document["status"] == self.status
+        assert isinstance(document["title"], str) and document["title"]
+        assert isinstance(document["detail"], str) and document["detail"]
+        return document
+
+    @property
+    def closes(self) -> bool:
+        return "close" in self.headers.get("connection", "").lower()
+
+
+def read_http(fp: io.BufferedIOBase, method: str = "GET") -> RawResponse:
+    """Read one response: status line, headers, and the body its framing announces."""
+    line = fp.readline()
+    assert line, "the server closed the connection without an answer"
+    version, status, _reason = line.rstrip(b"\r\n").split(b" ", 2)
+    assert version in (b"HTTP/1.1", b"HTTP/1.0"), line
+    headers: dict[str, str] = {}
+    while True:
+        line = fp.readline()
+        assert line, "the connection ended inside the headers"
+        if line in (b"\r\n", b"\n"):
+            break
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    code = int(status)
+    if method == "HEAD" or code in (204, 304) or 100 <= code < 200:
+        body = b""
+    elif "content-length" in headers:
+        body = fp.read(int(headers["content-length"]))
+        assert len(body) == int(headers["content-length"]), "the body ended before its Content-Length"
+    elif headers.get("transfer-encoding", "").lower() == "chunked":
+        body = b""
+        while size := int(fp.readline().split(b";")[0], 16):
+            body += fp.read(size)
+            assert fp.readline() == b"\r\n"
+        while fp.readline() not in (b"\r\n", b""):
+            pass
+    else:
+        body = fp.read()
+    return RawResponse(code, headers, body)
+
+
+def request_bytes(server: Server, method: str, path: str, headers: dict[str, str] | None = None) -> bytes:
+    """A request line and headers (with Host), ending in the blank line; the caller adds any body."""
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {server.host}:{server.port}"]
+    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+class RawConnection:
+    """A socket to the server; every read is bounded by `timeout` (TimeoutError fails the test)."""
+
+    def __init__(self, server: Server, timeout: float = 10.0) -> None:
+        self.server = server
+        self.sock = socket.create_connection((server.host, server.port), timeout=timeout)
+        self.file = self.sock.makefile("rb")
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def request(self, method: str, path: str, headers: dict[str, str] | None = None, body: bytes = b"") -> None:
+        self.send(request_bytes(self.server, method, path, headers) + body)
+
+    def response(self, method: str = "GET") -> RawResponse:
+        return read_http(self.file, method)
+
+    def read_to_eof(self) -> bytes:
+        """Everything until the server closes; a reset or a silence past the timeout fails."""
+        received = b""
+        while chunk := self.file.read1(65536):
+            received += chunk
+        return received
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+    def __enter__(self) -> RawConnection:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+# Helpers over http.client
+
+
+def put(server: Server, path: str, body: bytes = b"", headers: dict[str, str] | None = None):
+    return server.request("PUT", path, body=body, headers=headers)
+
+
+def etag_of(server: Server, path: str) -> str:
+    response = server.request("HEAD", path)
+    assert response.status == 200, response.status
+    return response.headers["ETag"]
+
+
+def keys(server: Server) -> list[str]:
+    return server.get("/keys").json()["keys"]
+
+
+def data_files(server: Server) -> dict[str, bytes]:
+    """The files of the data dir and of its .kvserver/tmp and .kvserver/meta, with their bytes."""
+    root = server.data_dir
+    folders = [root, root / ".kvserver" / "tmp", root / ".kvserver" / "meta"]
+    return {
+        str(path.relative_to(root)): path.read_bytes()
+        for folder in folders
+        if folder.exists()
+        for path in folder.iterdir()
+        if path.is_file() and path.name != "lock"
+    }
+
+
+def temporary_files(server: Server) -> list[Path]:
+    return list((server.data_dir / ".kvserver" / "tmp").iterdir())
+
+
+def vm_bytes(pid: int, field: str) -> int:
+    """A VmRSS / VmHWM line of /proc/<pid>/status, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+# PUT
+
+
+def test_put_answers_201_for_a_new_key_and_200_when_it_replaces_one(server):
+    created = put(server, "/kv/greeting", b"hello")
+    assert created.status == 201
+    assert created.headers["Content-Type"] == "application/json"
+    assert created.json() == {"key": "greeting", "created": True, "etag": created.json()["etag"]}
+
+    replaced = put(server, "/kv/greeting", b"hi")
+    assert replaced.status == 200
+    assert replaced.json()["created"] is False
+    assert replaced.json()["key"] == "greeting"
+    assert server.get("/kv/greeting").body == b"hi"
+
+
+def test_the_etag_header_of_a_put_is_its_json_etag_in_quotes_and_what_get_gives(server):
+    response = put(server, "/kv/tagged", b"value")
+    etag = response.json()["etag"]
+    assert isinstance(etag, str) and etag and '"' not in etag
+    assert response.headers["ETag"] == f'"{etag}"'
+    assert server.get("/kv/tagged").headers["ETag"] == f'"{etag}"'
+
+
+def test_every_write_that_changes_bytes_or_media_type_changes_the_etag(server):
+    first = put(server, "/kv/k", b"aaaa", {"Content-Type": "text/plain"}).json()["etag"]
+    other_bytes = put(server, "/kv/k", b"bbbb", {"Content-Type": "text/plain"}).json()["etag"]
+    other_type = put(server, "/kv/k", b"bbbb", {"Content-Type": "text/csv"}).json()["etag"]
+    assert len({first, other_bytes, other_type}) == 3
+
+
+@pytest.mark.parametrize("size", [10, 100 * KiB], ids=["small", "large"])
+def test_etags_stay_the_same_across_a_restart(server, size):
+    put(server, "/kv/plain", os.urandom(size))
+    put(server, "/kv/typed?ttl=3600", b"x" * size, {"Content-Type": "text/x-typed"})
+    before = {path: server.get(path).headers["ETag"] for path in ("/kv/plain", "/kv/typed")}
+    server.restart()
+    after = {path: server.get(path).headers["ETag"] for path in ("/kv/plain", "/kv/typed")}
+    assert after == before
+    assert server.get("/kv/typed").headers["Content-Type"] == "text/x-typed"
+
+
+def test_the_content_type_sent_with_put_is_stored_and_served_back(server):
+    put(server, "/kv/page", b"<p>hi</p>", {"Content-Type": "text/html; charset=utf-8"})
+    response = server.get("/kv/page")
+    assert response.headers["Content-Type"] == "text/html; charset=utf-8"
+    assert response.body == b"<p>hi</p>"
+
+
+def test_a_put_without_content_type_is_stored_as_octet_stream_even_for_text(server):
+    put(server, "/kv/untyped", b"plain text")
+    assert server.get("/kv/untyped").headers["Content-Type"] == "application/octet-stream"
+
+
+def test_an_empty_body_stores_the_empty_value(server):
+    assert put(server, "/kv/empty", b"").status == 201
+    response = server.get("/kv/empty")
+    assert response.status == 200
+    assert response.body == b""
+    assert response.headers["Content-Length"] == "0"
+
+
+def test_a_value_put_with_a_ttl_expires_and_a_later_write_without_one_clears_it(server):
+    assert put(server, "/kv/brief?ttl=1", b"soon gone").status == 201
+    put(server, "/kv/kept?ttl=1", b"first")
+    assert put(server, "/kv/kept", b"second").status == 200  # no ttl: clears the earlier one
+    assert server.get("/kv/brief").status == 200
+
+    wait_for(lambda: server.get("/kv/brief").status == 404, timeout=10, what="the 1 s TTL to expire")
+    assert server.request("HEAD", "/kv/brief").status == 404
+    assert "brief" not in keys(server)
+    assert "brief" not in server.get("/", headers={"Accept": "application/json"}).json()
+    assert server.get("/kv/kept").body == b"second"
+
+
+def test_a_ttl_expiry_holds_across_a_restart(server):
+    put(server, "/kv/fleeting?ttl=1", b"gone after a restart")
+    written = time.time()
+    put(server, "/kv/lasting", b"stays")
+    put(server, "/kv/long?ttl=3600", b"stays too")
+    assert server.get("/kv/fleeting").status == 200
+
+    assert server.stop() == 0
+    wait_for(lambda: time.time() > written + 1.5, timeout=5, what="the TTL to pass while the server is down")
+    server.start()
+
+    assert server.get("/kv/fleeting").status == 404
+    assert "fleeting" not in keys(server)
+    assert "fleeting" not in server.get("/", headers={"Accept": "application/json"}).json()
+    assert server.get("/kv/lasting").body == b"stays"
+    assert server.get("/kv/long").body == b"stays too"
+
+
+@pytest.mark.parametrize("ttl", ["0", "-1", "1.5", "abc", "", "1e3", "%201"])
+def test_a_ttl_that_is_not_a_positive_whole_number_is_a_400_and_stores_nothing(server, ttl):
+    response = put(server, f"/kv/k?ttl={ttl}", b"value")
+    assert response.status == 400
+    assert response.problem()
+    assert server.get("/kv/k").status == 404
+
+
+@pytest.mark.parametrize("query", ["foo=1", "ttl=5&x=1", "ttl", "ttl=5&ttl=6"])
+def test_an_unknown_or_repeated_query_field_on_put_is_a_400_and_stores_nothing(server, query):
+    response = put(server, f"/kv/k?{query}", b"value")
+    assert response.status == 400
+    assert response.problem()
+    assert server.get("/kv/k").status == 404
+
+
+# Keys in the path
+
+
+def test_the_key_is_the_rest_of_the_path_so_a_slash_and_percent_2f_name_one_key(server):
+    assert put(server, "/kv/a/b", b"one").status == 201
+    assert server.get("/kv/a%2Fb").body == b"one"
+    replaced = put(server, "/kv/a%2Fb", b"two")
+    assert replaced.status == 200
+    assert replaced.json()["key"] == "a/b"
+    assert server.get("/kv/a/b").body == b"two"
+    assert keys(server) == ["a/b"]
+
+
+@pytest.mark.parametrize(
+    ("path", "key"),
+    [
+        ("/kv/with%20space", "with space"),
+        ("/kv/" + urllib.parse.quote("ünï 😀"), "ünï 😀"),
+        ("/kv/100%25", "100%"),
+        ("/kv/..", ".."),
+        ("/kv/../../etc/passwd", "../../etc/passwd"),
+        ("/kv/a%3Fb", "a?b"),
+        ("/kv/" + "k" * 1024, "k" * 1024),
+    ],
+    ids=["space", "non-ascii", "percent", "dot-dot", "climbing", "question-mark", "1024-bytes"],
+)
+def test_any_valid_key_round_trips_through_its_percent_decoded_path(server, path, key):
+    response = put(server, path, b"value of " + key.encode())
+    assert response.status == 201
+    assert response.json()["key"] == key
+    assert server.get(path).body == b"value of " + key.encode()
+    assert keys(server) == [key]
+    assert not (server.data_dir.parent / "etc").exists()
+    assert not (server.data_dir.parent.parent / "etc").exists()
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/kv/", "/kv/%FF", "/kv/%C3", "/kv/a%00b", "/kv/a%7Fb", "/kv/" + "k" * 1025],
+    ids=["no-key", "invalid-utf8", "truncated-utf8", "nul", "del", "1025-bytes"],
+)
+@pytest.mark.parametrize("method", ["GET", "HEAD", "PUT", "DELETE"])
+def test_a_missing_or_invalid_key_is_a_400_for_every_method(server, method, path):
+    response = server.request(method, path, body=b"x" if method == "PUT" else None)
+    assert response.status == 400
+    if method != "HEAD":
+        assert response.problem()
+    assert keys(server) == []
+
+
+# GET and HEAD
+
+
+def test_get_serves_the_value_with_its_headers_and_the_nosniff_and_sandbox_guards(server):
+    put(server, "/kv/evil.svg", b"<svg onload='alert(1)'/>", {"Content-Type": "image/svg+xml"})
+    response = server.get("/kv/evil.svg")
+    assert response.status == 200
+    assert response.body == b"<svg onload='alert(1)'/>"
+    assert response.headers["Content-Type"] == "image/svg+xml"
+    assert response.headers["Content-Length"] == str(len(response.body))
+    assert response.headers["ETag"].startswith('"') and response.headers["ETag"].endswith('"')
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert response.headers["Content-Security-Policy"] == "sandbox"
+
+
+def test_a_large_value_is_served_with_the_same_headers_as_a_small_one(server):
+    value = os.urandom(300 * KiB)
+    etag = put(server, "/kv/large", value, {"Content-Type": "application/x-large"}).headers["ETag"]
+    response = server.get("/kv/large")
+    assert response.status == 200
+    assert response.body == value
+    assert response.headers["Content-Type"] == "application/x-large"
+    assert response.headers["Content-Length"] == str(len(value))
+    assert response.headers["ETag"] == etag
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert response.headers["Content-Security-Policy"] == "sandbox"
+
+
+def test_get_of_a_missing_key_is_a_404_problem(server):
+    response = server.get("/kv/nothing-here")
+    assert response.status == 404
+    assert "nothing-here" in response.problem()["detail"]
+
+
+@pytest.mark.parametrize("size", [5, 100 * KiB], ids=["small", "large"])
+@pytest.mark.parametrize(
+    "if_none_match",
+    ["{etag}", "W/{etag}", "*", '"nope", {etag}', '"nope",{etag} , "other"'],
+    ids=["exact", "weak", "star", "list", "list-unspaced"],
+)
+def test_get_answers_304_without_a_body_when_if_none_match_matches(server, if_none_match, size):
+    etag = put(server, "/kv/cached", b"v" * size).headers["ETag"]
+    for method in ("GET", "HEAD"):
+        response = server.request(method, "/kv/cached", headers={"If-None-Match": if_none_match.format(etag=etag)})
+        assert response.status == 304, method
+        assert response.body == b""
+        assert response.headers["ETag"] == etag
+
+
+@pytest.mark.parametrize("if_none_match", ['"nope"', 'W/"nope"', '"nope", "other"'])
+def test_get_answers_200_with_the_value_when_if_none_match_does_not_match(server, if_none_match):
+    put(server, "/kv/cached", b"fresh")
+    response = server.get("/kv/cached", headers={"If-None-Match": if_none_match})
+    assert response.status == 200
+    assert response.body == b"fresh"
+
+
+def test_a_304_stops_matching_once_the_value_changes(server):
+    old = put(server, "/kv/k", b"one").headers["ETag"]
+    put(server, "/kv/k", b"two")
+    response = server.get("/kv/k", headers={"If-None-Match": old})
+    assert response.status == 200
+    assert response.body == b"two"
+
+
+@pytest.mark.parametrize("size", [9, 200 * KiB], ids=["small", "large"])
+def test_head_gives_the_get_headers_and_not_one_byte_of_body(server, size):
+    put(server, "/kv/headed", b"h" * size, {"Content-Type": "text/plain"})
+    got = server.get("/kv/headed")
+    with RawConnection(server) as connection:
+        connection.request("HEAD", "/kv/headed", {"Connection": "close"})
+        received = connection.read_to_eof()
+    head, separator, rest = received.partition(b"\r\n\r\n")
+    assert separator and rest == b"", f"{len(rest)} bytes followed the HEAD answer's headers"
+    assert head.startswith(b"HTTP/1.1 200 ")
+    headed = read_http(io.BytesIO(head + separator), "HEAD")
+    for name in ("Content-Type", "Content-Length", "ETag", "X-Content-Type-Options", "Content-Security-Policy"):
+        assert headed.headers[name.lower()] == got.headers[name], name
+    assert headed.headers["content-length"] == str(size)
+
+
+def test_head_then_get_on_one_connection_leaves_the_second_answer_intact(server):
+    put(server, "/kv/k", b"body bytes")
+    with RawConnection(server) as connection:
+        connection.request("HEAD", "/kv/k")
+        assert connection.response("HEAD").status == 200
+        connection.request("GET", "/kv/k")
+        response = connection.response()
+    assert response.status == 200
+    assert response.body == b"body bytes"
+
+
+def test_head_of_a_missing_key_is_a_404_without_a_body(server):
+    with RawConnection(server) as connection:
+        connection.request("HEAD", "/kv/missing", {"Connection": "close"})
+        received = connection.read_to_eof()
+    head, separator, rest = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 404 ")
+    assert separator and rest == b""
+
+
+# DELETE
+
+
+def test_delete_answers_204_then_404(server):
+    put(server, "/kv/doomed", b"x")
+    deleted = server.request("DELETE", "/kv/doomed")
+    assert deleted.status == 204
+    assert deleted.body == b""
+    assert server.get("/kv/doomed").status == 404
+    again = server.request("DELETE", "/kv/doomed")
+    assert again.status == 404
+    assert again.problem()
+
+
+def test_delete_with_the_right_if_match_removes_the_value(server):
+    etag = put(server, "/kv/k", b"x").headers["ETag"]
+    assert server.request("DELETE", "/kv/k", headers={"If-Match": etag}).status == 204
+    assert server.get("/kv/k").status == 404
+
+
+def test_delete_with_a_wrong_if_match_is_a_412_and_keeps_the_value(server):
+    etag = put(server, "/kv/k", b"keep me").headers["ETag"]
+    response = server.request("DELETE", "/kv/k", headers={"If-Match": '"not-the-etag"'})
+    assert response.status == 412
+    assert response.problem()
+    kept = server.get("/kv/k")
+    assert kept.body == b"keep me"
+    assert kept.headers["ETag"] == etag
+
+
+def test_delete_with_if_none_match_star_on_an_existing_key_is_a_412(server):
+    put(server, "/kv/k", b"still here")
+    response = server.request("DELETE", "/kv/k", headers={"If-None-Match": "*"})
+    assert response.status == 412
+    assert response.problem()
+    assert server.get("/kv/k").body == b"still here"
+
+
+# Conditional PUT
+
+
+def test_put_with_the_right_if_match_answers_200_with_a_new_etag(server):
+    old = put(server, "/kv/k", b"one").headers["ETag"]
+    response = put(server, "/kv/k", b"two", {"If-Match": old})
+    assert response.status == 200
+    assert response.headers["ETag"] != old
+    assert response.headers["ETag"] == f'"{response.json()["etag"]}"'
+    assert server.get("/kv/k").body == b"two"
+
+
+def test_put_with_a_wrong_if_match_is_a_412_problem_and_changes_nothing(server):
+    etag = put(server, "/kv/k", b"original", {"Content-Type": "text/plain"}).headers["ETag"]
+    response = put(server, "/kv/k?ttl=1", b"intruder", {"If-Match": '"stale"', "Content-Type": "text/html"})
+    assert response.status == 412
+    assert response.problem()
+    kept = server.get("/kv/k")
+    assert (kept.body, kept.headers["ETag"], kept.headers["Content-Type"]) == (b"original", etag, "text/plain")
+
+
+def test_put_with_if_match_on_a_missing_key_is_a_412_and_creates_nothing(server):
+    for if_match in ('"whatever"', "*"):
+        response = put(server, "/kv/absent", b"x", {"If-Match": if_match})
+        assert response.status == 412, if_match
+        assert response.problem()
+    assert server.get("/kv/absent").status == 404
+    assert keys(server) == []
+
+
+def test_put_with_if_match_star_replaces_an_existing_value(server):
+    put(server, "/kv/k", b"one")
+    assert put(server, "/kv/k", b"two", {"If-Match": "*"}).status == 200
+    assert server.get("/kv/k").body == b"two"
+
+
+def test_put_with_if_none_match_star_creates_once_then_is_a_412(server):
+    first = put(server, "/kv/once", b"first", {"If-None-Match": "*"})
+    assert first.status == 201
+    second = put(server, "/kv/once", b"second", {"If-None-Match": "*"})
+    assert second.status == 412
+    assert second.problem()
+    kept = server.get("/kv/once")
+    assert kept.body == b"first"
+    assert kept.headers["ETag"] == first.headers["ETag"]
+
+
+def test_a_failing_precondition_is_answered_before_100_continue(server):
+    put(server, "/kv/k", b"original")
+    headers = {"Content-Length": "5", "If-Match": '"stale"', "Expect": "100-continue"}
+    with RawConnection(server) as connection:
+        connection.request("PUT", "/kv/k", headers)
+        response = connection.response()
+    assert response.status == 412
+    assert response.problem()
+    assert server.get("/kv/k").body == b"original"
+
+
+# Request bodies: 411, 413, 100 Continue
+
+
+def test_a_put_with_neither_content_length_nor_chunked_is_a_411(server):
+    with RawConnection(server) as connection:
+        connection.request("PUT", "/kv/k", {"Connection": "close"})
+        response = connection.response()
+    assert response.status == 411
+    assert response.problem()
+    assert server.get("/kv/k").status == 404
+
+
+def test_an_oversized_declared_length_is_a_413_before_any_100_continue_and_not_a_reset(make_server):
+    server = make_server("--quiet", "--max-value", "1K")
+    with RawConnection(server) as connection:
+        connection.request("PUT", "/kv/big", {"Content-Length": str(KiB + 1), "Expect": "100-continue"})
+        received = connection.read_to_eof()  # a ConnectionResetError here fails the test
+    assert received.startswith(b"HTTP/1.1 413 "), received[:80]
+    assert b"100 Continue" not in received
+    response = read_http(io.BytesIO(received))
+    assert str(KiB) in response.problem()["detail"]
+    assert server.get("/kv/big").status == 404
+    assert temporary_files(server) == []
+
+
+def test_an_oversized_body_sent_without_waiting_is_a_413_and_not_a_reset(make_server):
+    server = make_server("--quiet", "--max-value", "1K")
+    put(server, "/kv/big", b"old")
+    with RawConnection(server) as connection:
+        connection.request("PUT", "/kv/big", {"Content-Length": str(4 * KiB)}, b"x" * 4 * KiB)
+        received = connection.read_to_eof()
+    assert read_http(io.BytesIO(received)).status == 413
+    assert server.get("/kv/big").body == b"old"
+
+
+def test_a_value_of_exactly_max_value_bytes_is_accepted(make_server):
+    server = make_server("--quiet", "--max-value", "1K")
+    assert put(server, "/kv/edge", b"e" * KiB).status == 201
+    assert put(server, "/kv/over", b"e" * (KiB + 1)).status == 413
+    assert server.get("/kv/edge").body == b"e" * KiB
+    assert server.get("/kv/over").status == 404
+
+
+def test_a_chunked_body_over_max_value_is_a_413_and_stores_nothing(make_server):
+    server = make_server("--quiet", "--max-value", "1K")
+    put(server, "/kv/old", b"old value")
+    before = data_files(server)
+    chunk = b"c" * 600
+    body = b"258\r\n" + chunk + b"\r\n" + b"258\r\n" + chunk + b"\r\n" + b"0\r\n\r\n"
+    for key in ("new", "old"):
+        with RawConnection(server) as connection:
+            connection.request("PUT", f"/kv/{key}", {"Transfer-Encoding": "chunked"}, body)
+            response = connection.response()
+            assert response.status == 413, key
+            assert response.problem()
+    assert server.get("/kv/new").status == 404
+    assert server.get("/kv/old").body == b"old value"
+    wait_for(lambda: data_files(server) == before, timeout=5, what="no file left by the refused uploads")
+
+
+def test_expect_100_continue_with_an_acceptable_length_gets_100_then_201(server):
+    value = b"sent after 100 Continue"
+    with RawConnection(server) as connection:
+        connection.request("PUT", "/kv/k", {"Content-Length": str(len(value)), "Expect": "100-continue"})
+        interim = connection.response()
+        assert interim.status == 100
+        connection.send(value)
+        final = connection.response()
+    assert final.status == 201
+    assert final.headers["etag"] == f'"{json.loads(final.body)["etag"]}"'
+    assert server.get("/kv/k").body == value
+
+
+def test_an_http_1_0_client_gets_no_100_continue(server):
+    with RawConnection(server) as connection:
+        connection.send(
+            b"PUT /kv/old-client HTTP/1.0\r\nHost: localhost\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\nabc"
+        )
+        received = connection.read_to_eof()
+    assert b"100 Continue" not in received
+    assert read_http(io.BytesIO(received)).status == 201
+    assert server.get("/kv/old-client").body == b"abc"
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({"Transfer-Encoding": "gzip"}, 501),
+        ({"Transfer-Encoding": "chunked", "Content-Length": "3"}, 400),
+        ({"Content-Length": "abc"}, 400),
+        ({"Content-Length": "-3"}, 400),
+    ],
+    ids=["unknown-coding", "both", "not-a-number", "negative"],
+)
+def test_a_body_framing_the_server_cannot_trust_is_refused_and_stores_nothing(server, headers, status):
+    with RawConnection(server) as connection:
+        connection.request("PUT", "/kv/k", {**headers, "Connection": "close"}, b"abc")
+        response = connection.response()
+    assert response.status == status
+    assert response.problem()
+    assert server.get("/kv/k").status == 404
+
+
+def test_a_method_the_kv_route_does_not_take_is_a_405_with_allow_and_an_unknown_one_a_501(server):
+    response = server.request("POST", "/kv/k", body=b"x")
+    assert response.status == 405
+    assert response.problem()
+    allowed = {method.strip() for method in response.headers["Allow"].split(",")}
+    assert {"GET", "HEAD", "PUT", "DELETE"} <= allowed
+    assert "POST" not in allowed
+    assert server.request("BREW", "/kv/k").status == 501
+
+
+# Chunked uploads
+
+
+def test_a_chunked_upload_with_extensions_and_trailers_stores_the_exact_bytes(server):
+    pieces = [b"hello", b"\r\n0\r\n\r\n looks like framing", bytes(range(256)), b"z" * 70_000]
+    body = b"5;name=value\r\n" + pieces[0] + b"\r\n"
+    body += b'%X;a;b="c"\r\n' % len(pieces[1]) + pieces[1] + b"\r\n"
+    body += b"%x\r\n" % len(pieces[2]) + pieces[2] + b"\r\n"
+    body += b"%X\r\n" % len(pieces[3]) + pieces[3] + b"\r\n"
+    body += b"0;last\r\nX-Checksum: abc\r\nX-Other: 1\r\n\r\n"
+    with RawConnection(server) as connection:
+        connection.request(
+            "PUT", "/kv/chunky", {"Transfer-Encoding": "chunked", "Content-Type": "application/x-test"}, body
+        )
+        response = connection.response()
+        assert response.status == 201
+        assert not response.closes
+        connection.request("GET", "/kv/chunky")  # the trailers were read: the connection is in step
+        got = connection.response()
+    assert got.status == 200
+    assert got.body == b"".join(pieces)
+    assert got.headers["content-type"] == "application/x-test"
+
+
+def test_an_empty_chunked_upload_stores_the_empty_value(server):
+    with RawConnection(server) as connection:
+        connection.request("PUT", "/kv/nothing", {"Transfer-Encoding": "chunked"}, b"0\r\n\r\n")
+        assert connection.response().status == 201
+    response = server.get("/kv/nothing")
+    assert (response.status, response.body) == (200, b"")
+
+
+def curl(*args: str, data: bytes | None = None) -> bytes:
+    if shutil.which("curl") is None:
+        require_service("curl is not on PATH")
+    result = subprocess.run(
+        ["curl", "--silent", "--show-error", "--fail", "--noproxy", "*", "--max-time", "60", *args],
+        input=data,
+        capture_output=True,
+        timeout=90,
+    )
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    return result.stdout
+
+
+def test_curl_t_dash_uploads_stdin_chunked(server):
+    value = os.urandom(3 * MiB + 17)
+    answer = json.loads(curl("-T", "-", f"{server.url}/kv/from-stdin", data=value))
+    assert answer["created"] is True
+    assert answer["key"] == "from-stdin"
+    got = server.get("/kv/from-stdin")
+    assert hashlib.sha256(got.body).hexdigest() == hashlib.sha256(value).hexdigest()
+
+
+def test_curl_t_file_and_curl_o_round_trip_byte_for_byte(server, tmp_path):
+    source = tmp_path / "upload.bin"
+    source.write_bytes(os.urandom(5 * MiB + 3))
+    answer = json.loads(curl("-T", str(source), "-H", "Content-Type: application/x-blob", f"{server.url}/kv/blob"))
+    assert answer["created"] is True
+    target = tmp_path / "download.bin"
+    curl("-o", str(target), f"{server.url}/kv/blob")
+    assert target.read_bytes() == source.read_bytes()
+    assert server.request("HEAD", "/kv/blob").headers["Content-Type"] == "application/x-blob"
+
+
+# Uploads cut off half way
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new-key", "existing-key"])
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_an_upload_cut_off_half_way_stores_nothing_and_leaves_no_file(server, framing, existing):
+    if existing:
+        etag = put(server, "/kv/cut", b"the old value").headers["ETag"]
+    before = data_files(server)
+    half = os.urandom(MiB // 2)
+    if framing == "chunked":
+        headers, body = {"Transfer-Encoding": "chunked"}, b"%x\r\n" % MiB + half
+    else:
+        headers, body = {"Content-Length": str(MiB)}, half
+    with RawConnection(server) as connection:
+        connection.request("PUT", "/kv/cut", headers, body)
+        wait_for(lambda: temporary_files(server), timeout=10, what="the upload to reach a temporary file")
+    # The client is gone; the server must notice, drop the temporary file and store nothing.
+    wait_for(lambda: not temporary_files(server), timeout=10, what="the temporary file to be removed")
+    assert data_files(server) == before
+    if existing:
+        kept = server.get("/kv/cut")
+        assert (kept.body, kept.headers["ETag"]) == (b"the old value", etag)
+    else:
+        assert server.get("/kv/cut").status == 404
+    assert keys(server) == (["cut"] if existing else [])
+
+
+# Streaming: server memory stays flat
+
+
+def test_a_200_mib_value_streams_in_and_out_while_server_memory_stays_flat(server):
+    size, block_size = 200 * MiB, MiB
+    block = bytearray(os.urandom(block_size))
+    pid = server.process.pid
+    put(server, "/kv/warm-up", os.urandom(MiB))  # allocate what any large PUT and GET allocate
+    assert len(server.get("/kv/warm-up").body) == MiB
+    rss_before = vm_bytes(pid, "VmRSS")
+
+    sent = hashlib.sha256()
+
+    def body():
+        for index in range(size // block_size):
+            block[:8] = index.to_bytes(8, "big")  # every block different
+            chunk = bytes(block)
+            sent.update(chunk)
+            yield chunk
+
+    connection = server.connect(timeout=120)
+    connection.request("PUT", "/kv/huge", body=body(), headers={"Content-Length": str(size)})
+    response = connection.getresponse()
+    assert response.status == 201, response.read()
+    response.read()
+
+    connection.request("GET", "/kv/huge")
+    response = connection.getresponse()
+    assert response.status == 200
+    assert response.headers["Content-Length"] == str(size)
+    received, count = hashlib.sha256(), 0
+    while chunk := response.read(block_size):
+        received.update(chunk)
+        count += len(chunk)
+    assert count == size
+    assert received.hexdigest() == sent.hexdigest()
+
+    growth = vm_bytes(pid, "VmHWM") - rss_before
+    assert growth < 32 * MiB, f"the server's peak RSS rose by {growth / MiB:.1f} MiB"
+    assert (server.data_dir / "huge").stat().st_size == size
+
+
+# Races: compare-and-set is atomic
+
+
+THREADS = 16
+
+
+def test_racing_if_match_writers_get_exactly_one_winner_per_etag(server):
+    put(server, "/kv/contested", b"start")
+    barrier = threading.Barrier(THREADS, timeout=20)
+    rounds = 5
+    results: list[tuple[int, int, str, int]] = []  # round, thread, If-Match sent, status
+    lock = threading.Lock()
+
+    def contender(thread: int) -> None:
+        for round_ in range(rounds):
+            barrier.wait()
+            etag = etag_of(server, "/kv/contested")
+            barrier.wait()  # every thread holds this round's ETag before anyone writes
+            response = put(server, "/kv/contested", f"{round_}:{thread}".encode(), {"If-Match": etag})
+            with lock:
+                results.append((round_, thread, etag, response.status))
+
+    with ThreadPoolExecutor(THREADS) as pool:
+        for future in [pool.submit(contender, thread) for thread in range(THREADS)]:
+            future.result(timeout=60)
+
+    assert {status for *_, status in results} <= {200, 412}
+    by_etag = Counter(etag for _, _, etag, status in results if status == 200)
+    etags = {etag for _, _, etag, _ in results}
+    assert len(etags) == rounds, "each round every thread read the same, new ETag"
+    assert by_etag == dict.fromkeys(etags, 1), "exactly one write per ETag succeeded"
+    winner = next((r, t) for r, t, _, status in results if status == 200 and r == rounds - 1)
+    assert server.get("/kv/contested").body == f"{winner[0]}:{winner[1]}".encode()
+
+
+def test_racing_create_only_writers_get_exactly_one_201(server):
+    barrier = threading.Barrier(THREADS, timeout=20)
+
+    def creator(key: str, thread: int) -> int:
+        barrier.wait()
+        return put(server, f"/kv/{key}", f"by {thread}".encode(), {"If-None-Match": "*"}).status
+
+    with ThreadPoolExecutor(THREADS) as pool:
+        for key in ("race-a", "race-b", "race-c"):
+            statuses = list(pool.map(creator, [key] * THREADS, range(THREADS), timeout=60))
+            assert sorted(statuses) == [201] + [412] * (THREADS - 1), key
+            winner = statuses.index(201)
+            assert server.get(f"/kv/{key}").body == f"by {winner}".encode()
+
+
+# The / dump
+
+
+def test_the_dump_links_values_over_64_kib_and_following_the_link_gives_the_value(server):
+    big_key = "big/ü x?#%"
+    big = os.urandom(64 * KiB + 1)
+    put(server, "/kv/" + urllib.parse.quote(big_key, safe=""), big)
+    put(server, "/kv/edge", b"a" * (64 * KiB))
+    dump = server.get("/", headers={"Accept": "application/json"}).json()
+
+    assert dump["edge"] == "a" * (64 * KiB), "a value of exactly 64 KiB is inline"
+    link = dump[big_key]
+    assert link == {"size": len(big), "href": link["href"]}
+    href = link["href"]
+    assert href.startswith("/kv/")
+    assert href.isascii() and not any(c in href for c in " ?#"), href
+    assert urllib.parse.unquote(href.removeprefix("/kv/")) == big_key
+    assert server.get(href).body == big
+
+
+def test_the_dump_inlines_json_values_and_falls_back_to_strings_and_base64(server):
+    document = {"n": [1, 2.5, None, True], "s": "ü"}
+    put(server, "/kv/json", json.dumps(document).encode(), {"Content-Type": "application/json"})
+    put(server, "/kv/json-utf8", b"[1, 2, 3]", {"Content-Type": "application/json; charset=utf-8"})
+    put(server, "/kv/json-upper", b"42", {"Content-Type": "Application/JSON"})
+    put(server, "/kv/not-json", b"{not json", {"Content-Type": "application/json"})
+    put(server, "/kv/json-text", b"[1, 2]", {"Content-Type": "text/plain"})
+    put(server, "/kv/bytes", b"\xff\x00\xfe")
+    dump = server.get("/", headers={"Accept": "application/json"}).json()
+    assert dump == {
+        "json": document,
+        "json-utf8": [1, 2, 3],
+        "json-upper": 42,
+        "not-json": "{not json",
+        "json-text": "[1, 2]",
+        "bytes": {"base64": "/wD+"},
+    }
+
+
+# Keep-alive after error answers
+
+
+@dataclass
+class Exchange:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    status: int
+    keeps_alive: bool  # no body was sent, so nothing stands in the way of the next request
+
+
+ERROR_EXCHANGES = {
+    "404-get": Exchange("GET", "/kv/missing", {}, b"", 404, True),
+    "404-delete": Exchange("DELETE", "/kv/missing", {}, b"", 404, True),
+    "412-delete": Exchange("DELETE", "/kv/present", {"If-Match": '"stale"'}, b"", 412, True),
+    "400-key": Exchange("GET", "/kv/%FF", {}, b"", 400, True),
+    "412-put-with-body": Exchange(
+        "PUT", "/kv/present", {"If-Match": '"stale"', "Content-Length": "5"}, b"12345", 412, False
+    ),
+    "412-create-only-with-body": Exchange(
+        "PUT", "/kv/present", {"If-None-Match": "*", "Content-Length": "5"}, b"12345", 412, False
+    ),
+    "400-ttl-with-body": Exchange("PUT", "/kv/k?ttl=soon", {"Content-Length": "5"}, b"12345", 400, False),
+    "400-chunked-framing": Exchange(
+        "PUT", "/kv/k", {"Transfer-Encoding": "chunked"}, b"zz\r\nab\r\n0\r\n\r\n", 400, False
+    ),
+    "405-with-body": Exchange("POST", "/kv/k", {"Content-Length": "5"}, b"12345", 405, False),
+    "411": Exchange("PUT", "/kv/k", {}, b"", 411, False),
+}
+
+
+@pytest.mark.parametrize("name", ERROR_EXCHANGES)
+def test_after_an_error_answer_the_connection_does_what_the_answer_says(server, name):
+    exchange = ERROR_EXCHANGES[name]
+    put(server, "/kv/present", b"value")
+    with RawConnection(server) as connection:
+        connection.request(exchange.method, exchange.path, exchange.headers, exchange.body)
+        response = connection.response(exchange.method)
+        assert response.status == exchange.status
+        assert response.problem()
+        if exchange.keeps_alive:
+            assert not response.closes, "an error with no body to skip keeps the connection"
+        if response.closes:
+            assert connection.read_to_eof() == b"", "the server said close, then sent more"
+        else:
+            connection.request("GET", "/kv/present")
+            follow_up = connection.response()
+            assert (follow_up.status, follow_up.body) == (200, b"value"), "the connection fell out of step"
+    assert server.get("/kv/present").body == b"value"
+    assert server.get("/kv/k").status == 404

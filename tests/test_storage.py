@@ -1,0 +1,640 @@
+"""The storage contract of SPEC sections 2 and 7, one test class run against every backend.
+
+Modelled on simplekv's tests/basic_store.py: `StorageContract` holds every test and each
+backend is a short subclass that supplies the `store` fixture.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import wait_for
+
+import kvserver
+
+GOOD_KEYS = {
+    "plain": "greeting",
+    "unicode": "schlüssel-ключ-鍵-🔑",
+    "spaces": "a key with spaces",
+    "slash": "a/b/c",
+    "leading-slash": "/etc/passwd",
+    "dotdot": "..",
+    "dotdot-path": "../x",
+    "dot": ".",
+    "percent": "100%25 %zz %",
+    "hidden": ".hidden",
+    "tilde": "~user",
+    "ascii-1024": "k" * 1024,
+    "multibyte-1024": "é" * 512,
+}
+
+BAD_KEYS = {
+    "empty": "",
+    "1025-bytes": "k" * 1025,
+    "1025-bytes-multibyte": "é" * 512 + "k",
+    "nul": "a\x00b",
+    "unit-separator": "a\x1fb",
+    "newline": "a\nb",
+    "delete-char": "a\x7fb",
+    "lone-surrogate": "a\ud800b",
+    "bytes": b"key",
+    "int": 1,
+    "none": None,
+}
+
+VALUES = {
+    "empty": b"",
+    "text": b"hello",
+    "binary": bytes(range(256)) * 4,
+    "large": bytes(range(251)) * 400,  # about 98 KiB: over FileStorage's 64 KiB in-memory limit
+}
+
+# Every public method that takes a key, called with that key.
+KEY_TAKERS = {
+    "put": lambda store, key, tmp: store.put(key, b"v"),
+    "get": lambda store, key, tmp: store.get(key),
+    "delete": lambda store, key, tmp: store.delete(key),
+    "stat": lambda store, key, tmp: store.stat(key),
+    "open": lambda store, key, tmp: store.open(key),
+    "put_file-path": lambda store, key, tmp: store.put_file(key, str(tmp)),
+    "put_file-object": lambda store, key, tmp: store.put_file(key, io.BytesIO(b"v")),
+    "get_file-path": lambda store, key, tmp: store.get_file(key, str(tmp.parent / "out")),
+    "get_file-object": lambda store, key, tmp: store.get_file(key, io.BytesIO()),
+    "write": lambda store, key, tmp: store.write(key, b"v"),
+    "remove": lambda store, key, tmp: store.remove(key),
+    "fetch": lambda store, key, tmp: store.fetch(key),
+}
+
+TTL_DEADLINE = 5.0  # seconds a ttl=1 value may take to disappear
+
+
+@pytest.fixture(params=list(GOOD_KEYS.values()), ids=list(GOOD_KEYS))
+def key(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture(params=list(BAD_KEYS.values()), ids=list(BAD_KEYS))
+def bad_key(request: pytest.FixtureRequest) -> object:
+    return request.param
+
+
+@pytest.fixture(params=list(VALUES.values()), ids=list(VALUES))
+def value(request: pytest.FixtureRequest) -> bytes:
+    return request.param
+
+
+@pytest.fixture
+def source_file(tmp_path: Path) -> Path:
+    path = tmp_path / "source.bin"
+    path.write_bytes(b"v")
+    return path
+
+
+class StorageContract:
+    """What every storage promises; subclasses supply `store`."""
+
+    @pytest.fixture
+    def store(self) -> Iterator[kvserver.Storage]:
+        raise NotImplementedError
+
+    # Keys
+
+    def test_put_returns_the_key_and_get_gives_the_bytes_back(self, store, key, value):
+        assert store.put(key, value) == key
+        assert store.get(key) == value
+
+    def test_a_missing_key_is_a_key_error_from_get_stat_open_and_fetch(self, store, key):
+        with pytest.raises(KeyError):
+            store.get(key)
+        with pytest.raises(KeyError):
+            store.stat(key)
+        with pytest.raises(KeyError):
+            store.open(key)
+        with pytest.raises(KeyError):
+            store.fetch(key)
+        with pytest.raises(KeyError):
+            store.get_file(key, io.BytesIO())
+
+    @pytest.mark.parametrize("method", list(KEY_TAKERS.values()), ids=list(KEY_TAKERS))
+    def test_an_invalid_key_is_a_value_error_everywhere_a_key_is_taken(self, store, bad_key, method, source_file):
+        store.put("other", b"untouched")
+        with pytest.raises(ValueError):
+            method(store, bad_key, source_file)
+        assert store.keys() == ["other"]
+        assert store.get("other") == b"untouched"
+
+    def test_an_invalid_key_is_not_in_the_store(self, store, bad_key):
+        assert bad_key not in store
+
+    def test_delete_removes_the_key(self, store, key):
+        store.put(key, b"v")
+        store.delete(key)
+        assert key not in store
+        with pytest.raises(KeyError):
+            store.get(key)
+        assert store.keys() == []
+
+    def test_delete_of_an_absent_key_is_silent(self, store, key):
+        assert store.delete(key) is None
+        store.put(key, b"v")
+        store.delete(key)
+        assert store.delete(key) is None
+
+    def test_remove_says_whether_there_was_a_value(self, store, key):
+        assert store.remove(key) is False
+        store.put(key, b"v")
+        assert store.remove(key) is True
+        assert store.remove(key) is False
+
+    def test_put_replaces_the_value(self, store, key):
+        store.put(key, b"first")
+        store.put(key, b"second")
+        assert store.get(key) == b"second"
+        assert store.stat(key).size == 6
+        assert list(store) == [key]
+
+    def test_write_says_whether_the_key_is_new(self, store, key):
+        stat, created = store.write(key, b"one")
+        assert created is True
+        assert stat == store.stat(key)
+        stat, created = store.write(key, b"two")
+        assert created is False
+        assert stat == store.stat(key)
+
+    def test_in_iter_keys_and_len_see_every_key(self, store):
+        keys = list(GOOD_KEYS.values())
+        for index, key in enumerate(keys):
+            store.put(key, str(index).encode())
+        assert all(key in store for key in keys)
+        assert "absent" not in store
+        assert len(store) == len(keys)
+        assert list(store) == sorted(keys)
+        assert store.keys() == sorted(keys)
+        assert list(store.iter_keys()) == sorted(keys)
+        for index, key in enumerate(keys):
+            assert store.get(key) == str(index).encode()
+
+    def test_keys_are_in_code_point_order(self, store):
+        keys = ["b", "a", "B", "é", "aa", "a b", "z", "ä", "\U0001f511", "\uffff", "10", "9", "~", "_"]
+        for key in keys:
+            store.put(key, b"")
+        # Code-point order, not UTF-16 or locale order: U+FFFF comes before U+1F511.
+        expected = ["10", "9", "B", "_", "a", "a b", "aa", "b", "z", "~", "ä", "é", "\uffff", "\U0001f511"]
+        assert store.keys() == expected
+        assert list(store) == expected
+
+    def test_keys_with_a_prefix_lists_only_the_keys_that_start_with_it(self, store):
+        for key in ["user/1", "user/2", "user", "users", "group/1", "us", "üser/1"]:
+            store.put(key, b"")
+        assert store.keys(prefix="user/") == ["user/1", "user/2"]
+        assert store.keys("user") == ["user", "user/1", "user/2", "users"]
+        assert store.keys("ü") == ["üser/1"]
+        assert store.keys("nothing") == []
+        assert list(store.iter_keys("group")) == ["group/1"]
+        assert store.keys("") == store.keys()
+
+    # Streams and files
+
+    def test_open_reads_the_value(self, store, key, value):
+        store.put(key, value)
+        with store.open(key) as file:
+            assert file.read() == value
+
+    def test_an_open_value_keeps_its_bytes_when_the_key_is_rewritten(self, store):
+        large = b"a" * 200_000
+        store.put("k", large)
+        with store.open("k") as file:
+            head = file.read(10)
+            store.put("k", b"b" * 200_000)
+            assert head + file.read() == large
+        assert store.get("k") == b"b" * 200_000
+
+    def test_put_file_with_a_path_stores_the_file(self, store, key, value, tmp_path):
+        path = tmp_path / "in.bin"
+        path.write_bytes(value)
+        assert store.put_file(key, str(path)) == key
+        assert store.get(key) == value
+        store.delete(key)
+        assert store.put_file(key, path) == key  # os.PathLike too
+        assert store.get(key) == value
+
+    def test_put_file_with_a_file_object_stores_what_it_reads(self, store, key, value):
+        assert store.put_file(key, io.BytesIO(value)) == key
+        assert store.get(key) == value
+        assert store.stat(key).size == len(value)
+
+    def test_get_file_with_a_path_writes_the_value_into_it(self, store, key, value, tmp_path):
+        store.put(key, value)
+        path = tmp_path / "out.bin"
+        path.write_bytes(b"old content that must be replaced " * 10_000)
+        assert store.get_file(key, str(path)) == key
+        assert path.read_bytes() == value
+
+    def test_get_file_with_a_file_object_writes_the_value_into_it(self, store, key, value):
+        store.put(key, value)
+        target = io.BytesIO()
+        assert store.get_file(key, target) == key
+        assert target.getvalue() == value
+
+    def test_write_takes_an_iterable_of_chunks(self, store):
+        chunks = [b"a" * 40_000, b"b" * 40_000, b"", b"c"]
+        stat, _ = store.write("k", iter(chunks))
+        assert stat.size == 80_001
+        assert store.get("k") == b"".join(chunks)
+
+    def test_a_source_that_fails_half_way_stores_nothing(self, store):
+        store.put("k", b"old")
+
+        def cut_off():
+            yield b"x" * 100_000
+            raise ConnectionResetError("client went away")
+
+        with pytest.raises(ConnectionResetError):
+            store.write("k", cut_off())
+        with pytest.raises(ConnectionResetError):
+            store.write("new", cut_off())
+        assert store.get("k") == b"old"
+        assert store.keys() == ["k"]
+
+    def test_a_value_that_is_not_bytes_is_a_value_error(self, store):
+        with pytest.raises(ValueError):
+            store.put("k", "text")
+        with pytest.raises(ValueError):
+            store.put("k", None)
+        assert "k" not in store
+
+    # Media type
+
+    def test_the_media_type_defaults_to_octet_stream(self, store, key):
+        store.put(key, b"plain text")
+        assert store.stat(key).content_type == "application/octet-stream"
+        store.put_file(key, io.BytesIO(b"more text"))
+        assert store.stat(key).content_type == "application/octet-stream"
+
+    def test_an_explicit_media_type_is_kept(self, store, key):
+        store.put(key, b"<p>hi</p>", content_type="text/html; charset=utf-8")
+        assert store.stat(key).content_type == "text/html; charset=utf-8"
+        store.put_file(key, io.BytesIO(b"{}"), content_type="application/json")
+        assert store.stat(key).content_type == "application/json"
+        assert store.fetch(key)[0].content_type == "application/json"
+
+    # Stat
+
+    def test_stat_gives_size_media_type_etag_and_expiry(self, store, key, value):
+        store.put(key, value, content_type="image/png")
+        stat = store.stat(key)
+        assert isinstance(stat, kvserver.Stat)
+        assert stat.size == len(value)
+        assert stat.content_type == "image/png"
+        assert isinstance(stat.etag, str) and stat.etag
+        assert '"' not in stat.etag
+        assert stat.expires_at is None
+
+    def test_stat_gives_the_expiry_of_a_value_with_a_ttl(self, store):
+        before = time.time()
+        store.put("k", b"v", ttl=60)
+        after = time.time()
+        expires_at = store.stat("k").expires_at
+        assert expires_at is not None
+        assert before + 60 <= expires_at <= after + 60
+
+    def test_fetch_gives_the_stat_and_the_bytes_of_one_version(self, store, value):
+        store.put("k", value, content_type="x/y")
+        stat, body = store.fetch("k")
+        if not isinstance(body, bytes):
+            with body:
+                body = body.read()
+        assert body == value
+        assert stat == store.stat("k")
+
+    # TTL
+
+    def test_a_value_with_a_ttl_disappears_everywhere_once_it_passes(self, store):
+        keys = list(GOOD_KEYS.values())
+        for key in keys:
+            store.put(key, b"short-lived", ttl=1)
+        store.put("forever", b"stays")
+        assert all(key in store for key in keys)
+        assert store.get(keys[0]) == b"short-lived"
+        wait_for(lambda: store.keys() == ["forever"], timeout=TTL_DEADLINE, interval=0.05, what="ttl=1 keys to expire")
+        for key in keys:
+            assert key not in store
+            with pytest.raises(KeyError):
+                store.get(key)
+            with pytest.raises(KeyError):
+                store.stat(key)
+            with pytest.raises(KeyError):
+                store.open(key)
+        assert list(store) == ["forever"]
+        assert len(store) == 1
+        assert store.get("forever") == b"stays"
+
+    def test_len_and_in_drop_an_expired_key_before_any_listing(self, store):
+        store.put("k", b"v", ttl=1)
+        store.put("forever", b"stays")
+        assert len(store) == 2
+        wait_for(lambda: len(store) == 1, timeout=TTL_DEADLINE, interval=0.05, what="len to drop the expired key")
+        assert "k" not in store
+        with pytest.raises(KeyError):
+            store.get("k")
+
+    def test_an_expired_key_can_be_written_again_as_new(self, store):
+        store.put("k", b"old", ttl=1)
+        wait_for(lambda: store.keys() == [], timeout=TTL_DEADLINE, interval=0.05, what="the ttl=1 key to expire")
+        stat, created = store.write("k", b"new")
+        assert created is True
+        assert store.get("k") == b"new"
+        assert stat.expires_at is None
+
+    @pytest.mark.parametrize("ttl", [0, -1, 1.5, True, False, "60", 60.0])
+    def test_a_ttl_that_is_not_a_positive_whole_number_is_a_value_error(self, store, ttl):
+        store.put("k", b"old")
+        with pytest.raises(ValueError):
+            store.put("k", b"new", ttl=ttl)
+        with pytest.raises(ValueError):
+            store.put_file("other", io.BytesIO(b"new"), ttl=ttl)
+        assert store.get("k") == b"old"
+        assert store.stat("k").expires_at is None
+        assert store.keys() == ["k"]
+
+    def test_a_write_without_a_ttl_clears_an_earlier_ttl(self, store):
+        store.put("k", b"v", ttl=1)
+        store.put("k", b"v")
+        store.put("sentinel", b"s", ttl=1)  # written later, so it expires no earlier than the first TTL
+        assert store.stat("k").expires_at is None
+        wait_for(lambda: "sentinel" not in store, timeout=TTL_DEADLINE, interval=0.05, what="the sentinel to expire")
+        assert store.get("k") == b"v"
+        assert store.keys() == ["k"]
+
+    def test_a_write_with_a_ttl_replaces_the_old_ttl(self, store):
+        store.put("k", b"v", ttl=3600)
+        store.put("k", b"w", ttl=1)
+        wait_for(lambda: "k" not in store, timeout=TTL_DEADLINE, interval=0.05, what="the new ttl to apply")
+
+    # ETag
+
+    def test_the_etag_changes_on_every_write(self, store, key):
+        writes = [
+            lambda: store.put(key, b"one"),
+            lambda: store.put(key, b"two"),
+            lambda: store.put(key, b"two"),  # the same bytes again
+            lambda: store.put(key, b"two", content_type="text/plain"),  # only the media type changed
+            lambda: store.put_file(key, io.BytesIO(b"two"), content_type="text/plain"),
+            lambda: store.put(key, b"two", content_type="text/plain", ttl=60),  # only the TTL changed
+            lambda: store.delete(key) or store.put(key, b"one"),
+        ]
+        etags = []
+        for write in writes:
+            write()
+            etags.append(store.stat(key).etag)
+        assert len(set(etags)) == len(etags), etags
+
+    def test_the_etag_stays_the_same_while_nothing_is_written(self, store, key):
+        stat, _ = store.write(key, b"v" * 100_000)
+        assert store.stat(key).etag == stat.etag
+        store.put("other", b"x")
+        store.get(key)
+        assert store.stat(key).etag == stat.etag
+
+    def test_same_bytes_under_two_keys_have_distinct_etags(self, store):
+        store.put("a", b"same")
+        store.put("b", b"same")
+        assert store.stat("a").etag != store.stat("b").etag
+
+    # Compare-and-set
+
+    def test_if_match_with_the_current_etag_writes(self, store, key):
+        store.put(key, b"one")
+        etag = store.stat(key).etag
+        assert store.put(key, b"two", if_match=etag) == key
+        assert store.get(key) == b"two"
+        assert store.stat(key).etag != etag
+
+    def test_if_match_with_a_stale_etag_fails_and_changes_nothing(self, store, key):
+        store.put(key, b"one")
+        stale = store.stat(key).etag
+        store.put(key, b"two", content_type="text/x")
+        current = store.stat(key)
+        with pytest.raises(kvserver.PreconditionFailed):
+            store.put(key, b"three", if_match=stale)
+        with pytest.raises(kvserver.PreconditionFailed):
+            store.put(key, b"three", if_match="not-an-etag")
+        with pytest.raises(kvserver.PreconditionFailed):
+            store.put_file(key, io.BytesIO(b"three" * 30_000), if_match=stale)
+        assert store.get(key) == b"two"
+        assert store.stat(key) == current
+
+    def test_if_match_star_needs_some_value(self, store):
+        with pytest.raises(kvserver.PreconditionFailed):
+            store.put("k", b"v", if_match="*")
+        store.put("k", b"v")
+        store.put("k", b"w", if_match="*")
+        assert store.get("k") == b"w"
+
+    def test_if_match_on_an_absent_key_fails(self, store, key):
+        store.put(key, b"one")
+        etag = store.stat(key).etag
+        store.delete(key)
+        with pytest.raises(kvserver.PreconditionFailed):
+            store.put(key, b"two", if_match=etag)
+        assert key not in store
+        assert store.keys() == []
+
+    def test_if_none_match_fails_when_the_key_is_present(self, store, key):
+        store.put(key, b"one", content_type="text/a")
+        before = store.stat(key)
+        with pytest.raises(kvserver.PreconditionFailed):
+            store.put(key, b"two", if_none_match=True)
+        assert store.get(key) == b"one"
+        assert store.stat(key) == before
+
+    def test_if_none_match_writes_when_the_key_is_absent(self, store, key):
+        assert store.put(key, b"one", if_none_match=True) == key
+        assert store.get(key) == b"one"
+
+    def test_if_none_match_writes_when_the_key_has_expired(self, store):
+        store.put("k", b"old", ttl=1)
+        wait_for(lambda: "k" not in store, timeout=TTL_DEADLINE, interval=0.05, what="the ttl=1 key to expire")
+        store.put("k", b"new", if_none_match=True)
+        assert store.get("k") == b"new"
+
+    def test_delete_with_the_current_etag_removes_the_key(self, store, key):
+        store.put(key, b"one")
+        store.delete(key, if_match=store.stat(key).etag)
+        assert key not in store
+
+    def test_delete_with_a_stale_etag_fails_and_keeps_the_value(self, store, key):
+        store.put(key, b"one")
+        stale = store.stat(key).etag
+        store.put(key, b"two")
+        with pytest.raises(kvserver.PreconditionFailed):
+            store.delete(key, if_match=stale)
+        with pytest.raises(kvserver.PreconditionFailed):
+            store.remove(key, if_match=stale)
+        assert store.get(key) == b"two"
+
+    def test_delete_with_if_match_on_an_absent_key_fails(self, store):
+        with pytest.raises(kvserver.PreconditionFailed):
+            store.delete("absent", if_match="1-1")
+
+    def test_concurrent_compare_and_set_lets_exactly_one_writer_win_each_round(self, store):
+        threads_count, rounds = 16, 12
+        store.put("counter", b"start")
+        start = threading.Barrier(threads_count + 1, timeout=30)
+        read = threading.Barrier(threads_count, timeout=30)
+        done = threading.Barrier(threads_count + 1, timeout=30)
+        wins: list[list[int]] = [[] for _ in range(rounds)]
+        errors: list[BaseException] = []
+
+        def contender(number: int) -> None:
+            try:
+                for round_number in range(rounds):
+                    start.wait()
+                    etag = store.stat("counter").etag
+                    read.wait()  # every contender has read the same ETag before anyone writes
+                    try:
+                        store.put("counter", f"{round_number}:{number}".encode(), if_match=etag)
+                    except kvserver.PreconditionFailed:
+                        pass
+                    else:
+                        wins[round_number].append(number)
+                    done.wait()
+            except BaseException as error:
+                errors.append(error)
+                start.abort()
+                read.abort()
+                done.abort()
+
+        threads = [threading.Thread(target=contender, args=(number,)) for number in range(threads_count)]
+        for thread in threads:
+            thread.start()
+        try:
+            for round_number in range(rounds):
+                start.wait()
+                done.wait()
+                assert len(wins[round_number]) == 1, f"round {round_number}: winners {wins[round_number]}"
+                assert store.get("counter") == f"{round_number}:{wins[round_number][0]}".encode()
+        finally:
+            for thread in threads:
+                thread.join(30)
+        assert not errors, errors
+        assert not any(thread.is_alive() for thread in threads)
+
+    def test_concurrent_if_none_match_creates_the_key_once(self, store):
+        barrier = threading.Barrier(16, timeout=30)
+        winners = []
+
+        def create(number: int) -> None:
+            barrier.wait()
+            try:
+                store.put("once", str(number).encode(), if_none_match=True)
+            except kvserver.PreconditionFailed:
+                return
+            winners.append(number)
+
+        threads = [threading.Thread(target=create, args=(number,)) for number in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert len(winners) == 1, winners
+        assert store.get("once") == str(winners[0]).encode()
+
+    # repr and close
+
+    def test_repr_rebuilds_the_store(self, store):
+        text = repr(store)
+        assert type(store).__name__ in text
+        store.close()  # a FileStorage holds its data dir until it is closed
+        with eval(text, vars(kvserver)) as rebuilt:
+            assert type(rebuilt) is type(store)
+            assert repr(rebuilt) == text
+
+    def test_the_store_is_a_context_manager_that_closes_it(self, store):
+        with store as entered:
+            assert entered is store
+            store.put("k", b"v")
+        self.assert_closed(store)
+
+    def assert_closed(self, store: kvserver.Storage) -> None:
+        """Backends with something to release check here that it was."""
+
+
+class TestMemoryStorage(StorageContract):
+    @pytest.fixture
+    def store(self) -> Iterator[kvserver.Storage]:
+        with kvserver.MemoryStorage() as store:
+            yield store
+
+
+class FileStorageContract(StorageContract):
+    """The contract, plus what a FileStorage promises across a reopen."""
+
+    fsync = False
+
+    @pytest.fixture
+    def store(self, tmp_path: Path) -> Iterator[kvserver.Storage]:
+        with kvserver.FileStorage(tmp_path / "data", fsync=self.fsync) as store:
+            yield store
+
+    @staticmethod
+    def reopen(store: kvserver.FileStorage) -> kvserver.FileStorage:
+        store.close()
+        return kvserver.FileStorage(store.path, fsync=store.fsync)
+
+    def assert_closed(self, store: kvserver.Storage) -> None:
+        assert isinstance(store, kvserver.FileStorage)
+        with kvserver.FileStorage(store.path) as again:  # the lock is free
+            assert again.get("k") == b"v"
+
+    def test_repr_names_the_path_and_the_fsync_setting(self, store, tmp_path):
+        assert repr(store) == f"FileStorage({str(tmp_path / 'data')!r}, fsync={self.fsync!r})"
+
+    def test_the_rebuilt_store_holds_the_same_values(self, store):
+        store.put("k", b"v", content_type="text/x")
+        store.close()
+        with eval(repr(store), vars(kvserver)) as rebuilt:
+            assert rebuilt.get("k") == b"v"
+            assert rebuilt.stat("k").content_type == "text/x"
+            assert rebuilt.fsync is self.fsync
+
+    def test_values_and_their_etags_survive_a_reopen(self, store, key, value):
+        store.put(key, value, content_type="application/x-thing")
+        store.put("text", b"plain text", content_type="text/plain; charset=utf-8")
+        before = {name: store.stat(name) for name in store}
+        with self.reopen(store) as reopened:
+            assert reopened.get(key) == value
+            assert reopened.get("text") == b"plain text"
+            assert {name: reopened.stat(name) for name in reopened} == before
+
+    def test_an_etag_read_before_a_reopen_still_works_for_compare_and_set(self, store, key):
+        store.put(key, b"one")
+        etag = store.stat(key).etag
+        with self.reopen(store) as reopened:
+            reopened.put(key, b"two", if_match=etag)
+            assert reopened.get(key) == b"two"
+            with pytest.raises(kvserver.PreconditionFailed):
+                reopened.put(key, b"three", if_match=etag)
+
+    def test_etags_made_after_a_reopen_are_new(self, store):
+        store.put("k", b"same")
+        seen = {store.stat("k").etag}
+        for _ in range(3):
+            store = self.reopen(store)
+            store.put("k", b"same")
+            assert store.stat("k").etag not in seen
+            seen.add(store.stat("k").etag)
+        store.close()
+
+
+class TestFileStorage(FileStorageContract):
+    fsync = False
+
+
+class TestFileStorageWithFsync(FileStorageContract):
+    fsync = True

@@ -1,0 +1,547 @@
+"""XML-RPC at POST /RPC2 (SPEC section 5), driven by Python's own xmlrpc.client.
+
+The seed 003 exercise must work as written, in Python 3: a ServerProxy with no path, `save`,
+`load`, `delete`, and values that keep their XML-RPC type because they are stored under a media
+type that says what they are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import urllib.parse
+import xmlrpc.client
+from collections.abc import Iterator
+
+import pytest
+from conftest import wait_for
+
+TEXT = "text/plain; charset=utf-8"
+BYTES = "application/octet-stream"
+JSON = "application/json"
+
+
+@contextlib.contextmanager
+def proxy(server, path: str = "", **kwargs) -> Iterator[xmlrpc.client.ServerProxy]:
+    """A ServerProxy for `server` (URL with no path unless given), closed at the end."""
+    with xmlrpc.client.ServerProxy(server.url + path, **kwargs) as rpc:
+        yield rpc
+
+
+@pytest.fixture
+def rpc(server) -> Iterator[xmlrpc.client.ServerProxy]:
+    """A ServerProxy that can send None, like the seed's server (allow_none=True)."""
+    with proxy(server, allow_none=True) as rpc:
+        yield rpc
+
+
+def kv_path(key: str) -> str:
+    return "/kv/" + urllib.parse.quote(key, safe="")
+
+
+def fault_of(call, *args) -> xmlrpc.client.Fault:
+    """The Fault that `call(*args)` raises (fails the test if it returns or raises anything else)."""
+    with pytest.raises(xmlrpc.client.Fault) as info:
+        call(*args)
+    fault = info.value
+    assert isinstance(fault.faultString, str) and fault.faultString.strip(), fault
+    assert "Traceback" not in fault.faultString
+    return fault
+
+
+def assert_still_serving(rpc: xmlrpc.client.ServerProxy) -> None:
+    """After a Fault, the same proxy (and connection) goes on working."""
+    rpc.save("after-fault", "still here")
+    assert rpc.load("after-fault") == "still here"
+
+
+# Finding the endpoint
+
+
+def test_a_server_proxy_with_no_path_reaches_the_endpoint(server):
+    with proxy(server) as rpc:
+        assert rpc.save("greeting", "hello") is None
+        assert rpc.load("greeting") == "hello"
+
+
+def test_a_server_proxy_with_allow_none_as_in_the_seed_works_too(server):
+    with proxy(server, allow_none=True) as rpc:
+        assert rpc.save("nothing", None) is None
+        assert rpc.load("nothing") is None
+        assert rpc.keys() == ["nothing"]
+
+
+def test_a_server_proxy_naming_rpc2_explicitly_works(server):
+    with proxy(server, "/RPC2") as rpc:
+        rpc.save("k", "v")
+        assert rpc.load("k") == "v"
+
+
+def test_a_server_proxy_whose_url_ends_in_a_slash_works_as_with_the_stdlib_server(server):
+    # SimpleXMLRPCServer, which the seed runs, answers on both '/' and '/RPC2' (its rpc_paths);
+    # "http://localhost:15000/" is how many people write that URL.
+    with proxy(server, "/") as rpc:
+        rpc.save("k", "v")
+        assert rpc.load("k") == "v"
+
+
+def test_get_on_the_endpoint_is_405_with_allow_post(server):
+    response = server.get("/RPC2")
+    assert response.status == 405
+    assert response.headers["Allow"] == "POST"
+    assert "POST" in response.problem()["detail"]
+
+
+# The seed 003 session
+
+
+def test_the_seed_exercise_session_works_as_written_in_python_3(server):
+    # Terminal 2: from xmlrpclib import ServerProxy; s = ServerProxy("http://localhost:15000")
+    with proxy(server) as s:
+        assert s.save("name", "Guido") is None
+        assert s.save("nameserver", "8.8.8.8") is None
+        assert s.save("ports", [4050, 5100, 5200]) is None
+    # Terminal 3: a second client, on its own connection.
+    with proxy(server) as s:
+        assert s.load("name") == "Guido"
+        assert s.load("nameserver") == "8.8.8.8"
+        assert s.load("ports") == [4050, 5100, 5200]
+
+
+def test_the_seed_session_loads_from_a_second_client_while_the_first_is_still_connected(server):
+    with proxy(server) as first, proxy(server) as second:
+        first.save("name", "Guido")
+        assert second.load("name") == "Guido"
+        second.delete("name")
+        assert first.load("name") is None
+
+
+# Every XML-RPC type round-trips with its type, under the media type that says what it is
+
+ROUND_TRIPS = [
+    pytest.param("Guido", TEXT, id="str"),
+    pytest.param("Grüße, 世界 🎉 ünïcødé", TEXT, id="str-non-ascii"),
+    pytest.param("", TEXT, id="str-empty"),
+    pytest.param("[1, 2]", TEXT, id="str-that-looks-like-json"),
+    pytest.param("  spaces  & <tags> ", TEXT, id="str-with-markup"),
+    pytest.param(0, JSON, id="int-zero"),
+    pytest.param(42, JSON, id="int"),
+    pytest.param(-(2**31), JSON, id="int-min32"),
+    pytest.param(2**31 - 1, JSON, id="int-max32"),
+    pytest.param(3.25, JSON, id="float"),
+    pytest.param(2.0, JSON, id="float-integral"),
+    pytest.param(-1.5e300, JSON, id="float-huge"),
+    pytest.param(True, JSON, id="bool-true"),
+    pytest.param(False, JSON, id="bool-false"),
+    pytest.param(None, JSON, id="none"),
+    pytest.param([], JSON, id="list-empty"),
+    pytest.param([4050, 5100, 5200], JSON, id="list"),
+    pytest.param([1, "two", 3.0, True, None, [[], [5, ["deep"]]], {"k": "v"}], JSON, id="list-nested-mixed"),
+    pytest.param({}, JSON, id="struct-empty"),
+    pytest.param({"host": "8.8.8.8", "port": 53}, JSON, id="struct"),
+    pytest.param({"a": {"b": {"c": [1, {"d": None}]}}, "é": False, "": 0}, JSON, id="struct-nested"),
+    pytest.param(xmlrpc.client.Binary(b"\x00\xff\xfe binary \x80"), BYTES, id="binary-not-utf8"),
+    pytest.param(xmlrpc.client.Binary(b"hello"), BYTES, id="binary-that-is-utf8"),
+    pytest.param(xmlrpc.client.Binary(b""), BYTES, id="binary-empty"),
+    pytest.param(xmlrpc.client.Binary(bytes(range(256)) * 1024), BYTES, id="binary-256k"),
+]
+
+
+def assert_same_typed(loaded, saved) -> None:
+    """`loaded` equals `saved` and has its type, all the way down (True is not 1, 2.0 is not 2)."""
+    assert type(loaded) is type(saved), (loaded, saved)
+    if isinstance(saved, list):
+        assert len(loaded) == len(saved)
+        for loaded_item, saved_item in zip(loaded, saved, strict=True):
+            assert_same_typed(loaded_item, saved_item)
+    elif isinstance(saved, dict):
+        assert loaded.keys() == saved.keys()
+        for name in saved:
+            assert_same_typed(loaded[name], saved[name])
+    elif isinstance(saved, xmlrpc.client.Binary):
+        assert loaded.data == saved.data
+    else:
+        assert loaded == saved
+
+
+@pytest.mark.parametrize(("value", "media_type"), ROUND_TRIPS)
+def test_a_saved_value_loads_back_with_its_type(rpc, value, media_type):
+    assert rpc.save("value", value) is None
+    assert_same_typed(rpc.load("value"), value)
+
+
+@pytest.mark.parametrize(("value", "media_type"), ROUND_TRIPS)
+def test_a_saved_value_is_served_over_http_with_the_media_type_of_its_type(server, rpc, value, media_type):
+    rpc.save("value", value)
+    response = server.get("/kv/value")
+    assert response.status == 200
+    assert response.headers["Content-Type"] == media_type
+    if media_type == TEXT:
+        assert response.body == value.encode("utf-8")
+    elif media_type == BYTES:
+        assert response.body == value.data
+    else:
+        assert json.loads(response.body) == value
+
+
+def test_every_type_keeps_its_type_across_a_server_restart(server):
+    values = {param.id: param.values[0] for param in ROUND_TRIPS}
+    with proxy(server, allow_none=True) as rpc:
+        for key, value in values.items():
+            rpc.save(key, value)
+    server.restart()
+    with proxy(server) as rpc:
+        for key, value in values.items():
+            assert_same_typed(rpc.load(key), value)
+
+
+def test_saving_again_replaces_the_value_and_its_type(server, rpc):
+    rpc.save("k", [1, 2])
+    rpc.save("k", "now text")
+    assert rpc.load("k") == "now text"
+    assert server.get("/kv/k").headers["Content-Type"] == TEXT
+    rpc.save("k", xmlrpc.client.Binary(b"\x01\x02"))
+    assert rpc.load("k") == xmlrpc.client.Binary(b"\x01\x02")
+    assert server.get("/kv/k").headers["Content-Type"] == BYTES
+
+
+def test_load_of_a_missing_key_is_none_even_for_a_client_without_allow_none(server):
+    with proxy(server) as rpc:
+        assert rpc.load("never-saved") is None
+
+
+def test_keys_may_hold_any_character_but_control_characters(rpc, server):
+    keys = ["a/b", "../etc/passwd", "with space", "100%", "ключ", "🔑", ".hidden", "x" * 1024, "é" * 512]
+    for number, key in enumerate(keys):
+        rpc.save(key, number)
+    for number, key in enumerate(keys):
+        assert rpc.load(key) == number
+        assert server.get(kv_path(key)).body == str(number).encode()
+    assert rpc.keys() == sorted(keys)
+
+
+# TTL, delete, keys
+
+
+def test_a_value_saved_with_a_ttl_is_gone_once_it_passes(rpc):
+    rpc.save("short-lived", "soon gone", 1)
+    rpc.save("kept", "stays")
+    assert rpc.load("short-lived") == "soon gone"
+    wait_for(lambda: rpc.load("short-lived") is None, timeout=5, interval=0.05, what="the TTL to pass")
+    assert rpc.keys() == ["kept"]
+    assert rpc.load("kept") == "stays"
+
+
+def test_saving_again_without_a_ttl_clears_the_earlier_ttl(rpc, server):
+    rpc.save("k", "first", 1)
+    rpc.save("k", "second")
+    response = server.get("/kv/k")
+    assert response.body == b"second"
+    # A TTL left in place would end the value within a second; it must still be there after.
+    rpc.save("probe", "p", 1)
+    wait_for(lambda: rpc.load("probe") is None, timeout=5, interval=0.05, what="the probe's TTL to pass")
+    assert rpc.load("k") == "second"
+
+
+def test_a_ttl_of_none_means_no_ttl(rpc):
+    rpc.save("k", "v", None)
+    assert rpc.load("k") == "v"
+
+
+def test_delete_removes_the_key_everywhere(rpc, server):
+    rpc.save("k", "v")
+    assert rpc.delete("k") is None
+    assert rpc.load("k") is None
+    assert rpc.keys() == []
+    assert server.get("/kv/k").status == 404
+
+
+def test_delete_of_an_absent_key_is_no_error(rpc):
+    assert rpc.delete("never-there") is None
+    rpc.save("k", "v")
+    rpc.delete("k")
+    assert rpc.delete("k") is None
+
+
+def test_keys_lists_every_key_in_code_point_order(rpc):
+    for key in ["b", "a", "ab", "B", "é", "a/b", "aa", "Z"]:
+        rpc.save(key, key)
+    assert rpc.keys() == ["B", "Z", "a", "a/b", "aa", "ab", "b", "é"]
+
+
+def test_keys_with_a_prefix_lists_only_the_keys_that_start_with_it(rpc):
+    for key in ["config/a", "config/b", "configx", "cache/a", "config"]:
+        rpc.save(key, 1)
+    assert rpc.keys("config/") == ["config/a", "config/b"]
+    assert rpc.keys("config") == ["config", "config/a", "config/b", "configx"]
+    assert rpc.keys("nothing") == []
+    assert rpc.keys("") == rpc.keys()
+
+
+def test_keys_of_an_empty_store_is_an_empty_list(rpc):
+    assert rpc.keys() == []
+
+
+# Introspection
+
+
+def test_list_methods_names_save_load_delete_and_keys(rpc):
+    methods = rpc.system.listMethods()
+    assert {"save", "load", "delete", "keys"} <= set(methods)
+    assert "system.methodHelp" in methods
+
+
+@pytest.mark.parametrize("method", ["save", "load", "delete", "keys"])
+def test_method_help_says_how_to_call_each_method(rpc, method):
+    help_text = rpc.system.methodHelp(method)
+    assert help_text.strip()
+    assert f"{method}(" in help_text
+
+
+# The other interfaces' values, loaded over XML-RPC by their media type
+
+
+def test_a_value_set_with_the_seed_route_loads_as_str(rpc, server):
+    assert server.get("/set?greeting=hello%20w%C3%B6rld").status == 201
+    loaded = rpc.load("greeting")
+    assert type(loaded) is str
+    assert loaded == "hello wörld"
+
+
+def test_a_non_utf8_value_set_with_the_seed_route_loads_as_binary(rpc, server):
+    assert server.get("/set?raw=%FF%00%FE").status == 201
+    assert rpc.load("raw") == xmlrpc.client.Binary(b"\xff\x00\xfe")
+
+
+def test_a_value_set_with_the_form_shape_loads_as_str(rpc, server):
+    assert server.get("/set?key=name&value=Guido").status == 201
+    assert rpc.load("name") == "Guido"
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body", "expected"),
+    [
+        (
+            "application/json",
+            b'{"n": 1, "list": [1.5, true, null], "s": "x"}',
+            {"n": 1, "list": [1.5, True, None], "s": "x"},
+        ),
+        ("application/json; charset=utf-8", b'["\xc3\xa9", 2]', ["é", 2]),
+        ("application/json", b"2147483647", 2**31 - 1),
+        ("application/json", b"-2147483648", -(2**31)),
+        ("application/json", b"false", False),
+        ("application/json", b"null", None),
+        ("application/json", b'"a json string"', "a json string"),
+        ("application/octet-stream", b"\x00\x01\xff", xmlrpc.client.Binary(b"\x00\x01\xff")),
+        ("application/octet-stream", b"plain ascii", xmlrpc.client.Binary(b"plain ascii")),
+        ("text/html", b"<p>hi</p>", "<p>hi</p>"),
+        ("text/plain", "Grüße".encode(), "Grüße"),
+        ("text/csv; charset=utf-8", b"a,b\n1,2\n", "a,b\n1,2\n"),
+    ],
+)
+def test_a_value_put_over_rest_loads_by_its_media_type(rpc, server, content_type, body, expected):
+    response = server.request("PUT", "/kv/put", body=body, headers={"Content-Type": content_type})
+    assert response.status == 201
+    assert_same_typed(rpc.load("put"), expected)
+
+
+def test_a_value_put_over_rest_with_no_media_type_loads_as_binary(rpc, server):
+    assert server.request("PUT", "/kv/put", body=b"some bytes").status == 201
+    assert rpc.load("put") == xmlrpc.client.Binary(b"some bytes")
+
+
+def test_a_large_value_put_over_rest_loads_whole(rpc, server):
+    data = bytes(range(256)) * 4096  # 1 MiB: held on disk, not in the index
+    server.request("PUT", "/kv/big", body=data, headers={"Content-Type": BYTES})
+    assert rpc.load("big").data == data
+    server.request("PUT", "/kv/big-text", body=b"x" * 200_000, headers={"Content-Type": TEXT})
+    assert rpc.load("big-text") == "x" * 200_000
+
+
+def test_values_saved_over_xmlrpc_read_back_with_the_seed_get_route(rpc, server):
+    rpc.save("name", "Guido")
+    rpc.save("ports", [4050, 5100, 5200])
+    rpc.save("blob", xmlrpc.client.Binary(b"\x00\xff"))
+    name = server.get("/get?key=name")
+    assert (name.status, name.body, name.headers["Content-Type"]) == (200, b"Guido", TEXT)
+    ports = server.get("/get?key=ports")
+    assert (ports.status, ports.headers["Content-Type"]) == (200, JSON)
+    assert ports.json() == [4050, 5100, 5200]
+    blob = server.get("/get?key=blob")
+    assert (blob.status, blob.body, blob.headers["Content-Type"]) == (200, b"\x00\xff", BYTES)
+
+
+def test_values_saved_over_xmlrpc_are_listed_and_deleted_over_http(rpc, server):
+    rpc.save("a", 1)
+    rpc.save("b", "two")
+    assert server.get("/keys").json() == {"keys": ["a", "b"], "next": None}
+    assert server.get("/delete?key=a").status == 200
+    assert rpc.load("a") is None
+    assert rpc.keys() == ["b"]
+
+
+# Faults: a clear message, and the connection and server go on working
+
+
+@pytest.mark.parametrize(
+    ("key", "says"),
+    [
+        pytest.param("", "1 to 1024 bytes", id="empty"),
+        pytest.param("a\tb", "control character", id="tab"),
+        pytest.param("line\nbreak", "control character", id="newline"),
+        pytest.param("del\x7f", "control character", id="del"),
+        pytest.param("a" * 1025, "1025", id="1025-bytes"),
+        pytest.param("é" * 513, "1026", id="1026-bytes-of-513-characters"),
+    ],
+)
+def test_an_invalid_key_is_a_fault_that_names_the_rule(rpc, key, says):
+    for call, args in [(rpc.save, (key, "v")), (rpc.load, (key,)), (rpc.delete, (key,))]:
+        fault = fault_of(call, *args)
+        assert says in fault.faultString
+    assert rpc.keys() == []
+    assert_still_serving(rpc)
+
+
+def test_a_key_that_is_not_a_string_is_a_fault(rpc):
+    fault = fault_of(rpc.save, 42, "v")
+    assert "str" in fault.faultString
+    assert rpc.keys() == []
+    assert_still_serving(rpc)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param(xmlrpc.client.DateTime("20240102T03:04:05"), id="DateTime"),
+        pytest.param(datetime.datetime(2024, 1, 2, 3, 4, 5), id="datetime"),
+        pytest.param([1, xmlrpc.client.DateTime("20240102T03:04:05")], id="dateTime-in-a-list"),
+        pytest.param({"when": xmlrpc.client.DateTime("20240102T03:04:05")}, id="dateTime-in-a-struct"),
+    ],
+)
+def test_a_datetime_value_is_a_fault_and_stores_nothing(rpc, server, value):
+    fault = fault_of(rpc.save, "when", value)
+    assert "dateTime" in fault.faultString
+    assert rpc.load("when") is None
+    assert server.get("/kv/when").status == 404
+    assert_still_serving(rpc)
+
+
+def test_a_datetime_value_does_not_replace_an_existing_value(rpc):
+    rpc.save("when", "yesterday")
+    fault_of(rpc.save, "when", xmlrpc.client.DateTime("20240102T03:04:05"))
+    assert rpc.load("when") == "yesterday"
+
+
+def test_a_binary_inside_a_list_is_a_fault_and_stores_nothing(rpc):
+    fault = fault_of(rpc.save, "mixed", [xmlrpc.client.Binary(b"\x00")])
+    assert "Binary" in fault.faultString
+    assert rpc.load("mixed") is None
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"n": 2147483648}',
+        b"2147483648",
+        b"-2147483649",
+        b"[1, [2, [99999999999999999999]]]",
+        b'{"outer": {"inner": [-2147483649]}}',
+    ],
+)
+def test_loading_a_stored_integer_too_large_for_32_bits_is_a_fault(rpc, server, body):
+    server.request("PUT", "/kv/big-int", body=body, headers={"Content-Type": "application/json"})
+    fault = fault_of(rpc.load, "big-int")
+    assert "32" in fault.faultString
+    assert "/kv/" in fault.faultString  # says where to read it instead
+    assert server.get("/kv/big-int").body == body  # the value is left as it was
+    assert_still_serving(rpc)
+
+
+def test_an_unknown_method_is_a_fault_that_points_to_list_methods(rpc):
+    fault = fault_of(rpc.get, "k")
+    assert "get" in fault.faultString
+    assert "listMethods" in fault.faultString
+    assert_still_serving(rpc)
+
+
+@pytest.mark.parametrize(
+    ("method", "args"),
+    [
+        ("load", ()),
+        ("load", ("a", "b")),
+        ("save", ("only-a-key",)),
+        ("save", ("k", "v", 60, "extra")),
+        ("delete", ()),
+        ("keys", ("a", "b")),
+    ],
+)
+def test_a_wrong_number_of_arguments_is_a_fault_that_shows_the_signature(rpc, method, args):
+    fault = fault_of(getattr(rpc, method), *args)
+    # The message must tell an XML-RPC caller how to call the method, not count Python's `self`.
+    usage = {"load": "load(key)", "save": "save(key, value[, ttl])", "delete": "delete(key)", "keys": "keys([prefix])"}
+    assert usage[method] in fault.faultString
+    assert rpc.keys() == []
+    assert_still_serving(rpc)
+
+
+@pytest.mark.parametrize("ttl", [0, -1, 1.5, "60", True, [60]])
+def test_a_bad_ttl_is_a_fault_and_stores_nothing(rpc, ttl):
+    fault = fault_of(rpc.save, "k", "v", ttl)
+    assert "TTL" in fault.faultString
+    assert rpc.load("k") is None
+    assert_still_serving(rpc)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b"", id="empty"),
+        pytest.param(b"this is not xml", id="not-xml"),
+        pytest.param(b"<?xml version='1.0'?><methodCall><methodName>save</methodName><params>", id="truncated"),
+        pytest.param(b"<methodCall><params/></methodCall>", id="no-method-name"),
+        pytest.param(b"<methodResponse><params/></methodResponse>", id="a-response-not-a-call"),
+        pytest.param(b"<methodCall><methodName>load</methodName></methodCall>", id="no-params"),
+        pytest.param(
+            b"<methodCall><methodName>load</methodName><params><param><value><string>\xff\xfe</string>"
+            b"</value></param></params></methodCall>",
+            id="not-utf8",
+        ),
+        pytest.param(
+            b"<methodCall><methodName>save</methodName><params><param><value><i4>x</i4></value></param>"
+            b"</params></methodCall>",
+            id="bad-int",
+        ),
+        pytest.param(
+            b"<methodCall><methodName>load</methodName><params><param><value><nosuchtype/>"
+            b"</value></param></params></methodCall>",
+            id="unknown-type",
+        ),
+    ],
+)
+def test_a_malformed_request_body_is_answered_and_the_connection_goes_on(server, body):
+    connection = server.connect(timeout=10)
+    response = server.request("POST", "/RPC2", body=body, headers={"Content-Type": "text/xml"}, connection=connection)
+    assert response.status != 500
+    if response.status == 200:
+        with pytest.raises(xmlrpc.client.Fault) as info:
+            xmlrpc.client.loads(response.body)
+        assert info.value.faultString.strip()
+        assert "Traceback" not in info.value.faultString
+    else:
+        assert 400 <= response.status < 500
+    assert response.headers.get("Connection", "").lower() != "close"
+    good = xmlrpc.client.dumps(("k",), "load").encode()
+    again = server.request("POST", "/RPC2", body=good, headers={"Content-Type": "text/xml"}, connection=connection)
+    assert again.status == 200
+    assert xmlrpc.client.loads(again.body)[0] == (None,)
+
+
+def test_faults_leave_the_server_serving_other_clients(server):
+    with proxy(server) as bad, proxy(server) as good:
+        for _ in range(20):
+            fault_of(bad.save, "", "v")
+            fault_of(bad.nosuchmethod)
+        good.save("k", "v")
+        assert good.load("k") == "v"
+    assert server.get("/health").status == 200

@@ -11,6 +11,8 @@ import statistics
 import time
 import urllib.parse
 
+from collections.abc import Iterator
+
 import pytest
 from conftest import Response, Server, wait_for
 
@@ -38,6 +40,24 @@ def assert_problem(response: Response, status: int, *words: str) -> dict:
     for word in words:
         assert word.lower() in problem["detail"].lower(), problem
     return problem
+
+
+def key_count(server: Server) -> int:
+    response = server.get("/health")
+    assert response.status == 200
+    return response.json()["keys"]
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory) -> Iterator[Server]:
+    """One quiet server for the many tests that leave the store as they found it (refused
+    requests, reads), so that the module runs in seconds. Each such test checks the key count."""
+    folder = tmp_path_factory.mktemp("shared")
+    server = Server(["--quiet", "--data-dir", str(folder / "data")], folder / "data", folder / "server.log")
+    server.start()
+    yield server
+    if server.process is not None and server.process.poll() is None:
+        assert server.stop() == 0
 
 
 def dump(server: Server) -> dict:

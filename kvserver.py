@@ -35,6 +35,7 @@ import errno
 import fcntl
 import hashlib
 import hmac
+import html
 import io
 import ipaddress
 import json
@@ -325,7 +326,15 @@ class Storage:
         return True
 
     def __len__(self) -> int:
-        return len(self._keys(""))
+        return self.totals()[0]
+
+    def totals(self) -> tuple[int, int]:
+        """How many live keys there are, and how many bytes their values hold."""
+        stats = []
+        for key in self._keys(""):
+            with contextlib.suppress(KeyError):
+                stats.append(self._stat(key))
+        return len(stats), sum(stat.size for stat in stats)
 
     def close(self) -> None:
         """Release what the storage holds (FileStorage: the data-dir lock)."""
@@ -475,9 +484,10 @@ class MemoryStorage(Storage):
                 del self._index[key]
                 self._erase(key, entry)
 
-    def __len__(self) -> int:
+    def totals(self) -> tuple[int, int]:
         now = time.time()
-        return sum(1 for entry in list(self._index.values()) if not _expired(entry.stat, now))
+        sizes = [entry.stat.size for entry in list(self._index.values()) if not _expired(entry.stat, now)]
+        return len(sizes), sum(sizes)
 
     def _write(
         self,
@@ -902,6 +912,142 @@ def _dump_value(key: str, stat: Stat, body: bytes | BinaryIO) -> object:
         return {"base64": base64.b64encode(body).decode("ascii")}
 
 
+def _prefers_html(accept: str) -> bool:
+    """Whether an Accept header names text/html and ranks it at least as high as JSON, as
+    a browser's does (curl's */* gets JSON)."""
+    quality: dict[str, float] = {}
+    for item in accept.lower().split(","):
+        media, _, params = item.partition(";")
+        match = re.search(r"q\s*=\s*([0-9.]+)", params)
+        try:
+            quality[media.strip()] = float(match.group(1)) if match else 1.0
+        except ValueError:
+            quality[media.strip()] = 0.0
+    json_quality = max(quality.get("application/json", 0.0), quality.get("application/*", 0.0), quality.get("*/*", 0.0))
+    return quality.get("text/html", 0.0) > 0 and quality["text/html"] >= json_quality
+
+
+_PAGE_STYLE = """
+body { font: 15px/1.45 system-ui, sans-serif; margin: 0 auto; max-width: 60rem; padding: 1.5rem; color: #222; }
+header { display: flex; align-items: baseline; gap: 1rem; border-bottom: 2px solid #2b6cb0; margin-bottom: 1rem; }
+h1 { font-size: 1.6rem; margin: 0 0 .3rem; color: #2b6cb0; }
+header span, .empty, nav { color: #666; }
+form { display: flex; flex-wrap: wrap; gap: .5rem; align-items: end; margin: .6rem 0; }
+label { display: flex; flex-direction: column; font-size: .8rem; color: #555; }
+input, button { font: inherit; padding: .35rem .5rem; border: 1px solid #bbb; border-radius: 4px; }
+button { background: #2b6cb0; color: #fff; border-color: #2b6cb0; cursor: pointer; }
+table { width: 100%; border-collapse: collapse; margin-top: 1rem; }
+th, td { text-align: left; padding: .4rem .5rem; border-bottom: 1px solid #e3e3e3; }
+th { font-size: .8rem; text-transform: uppercase; color: #666; }
+td.key { font-family: ui-monospace, monospace; word-break: break-all; }
+td.size { text-align: right; white-space: nowrap; }
+.notice { background: #e6f4ea; border: 1px solid #9ad0a6; padding: .5rem .75rem; border-radius: 4px; }
+a { color: #2b6cb0; } a.delete { color: #b42318; }
+"""
+
+
+def _human_size(size: int) -> str:
+    """'512 bytes', '1.5 KiB', '20.0 MiB', '3.2 GiB'."""
+    if size < 1024:
+        return f"{size} byte" if size == 1 else f"{size} bytes"
+    exponent = min(3, (size.bit_length() - 1) // 10)
+    return f"{size / 1024**exponent:.1f} {('KiB', 'MiB', 'GiB')[exponent - 1]}"
+
+
+def _render_page(storage: Storage, page: list[str], next_key: str | None, prefix: str, notice: str) -> bytes:
+    """The HTML page: a form to set a key, a prefix filter, and one page of keys."""
+    rows = []
+    for key in page:
+        try:
+            stat = storage.stat(key)
+        except KeyError:
+            continue  # deleted or expired since the listing
+        quoted = urllib.parse.quote(key, safe="")
+        rows.append(
+            f'<tr><td class="key"><a href="/kv/{quoted}">{html.escape(key)}</a></td>'
+            f'<td class="size">{_human_size(stat.size)}</td><td>{html.escape(stat.content_type)}</td>'
+            f'<td><a class="delete" href="/delete?key={quoted}">delete</a></td></tr>'
+        )
+    more = ""
+    if next_key is not None:
+        query = urllib.parse.urlencode({"prefix": prefix, "after": next_key})
+        more = f'<nav><a href="/?{html.escape(query)}">next page →</a></nav>'
+    keys, size = storage.totals()
+    table = (
+        f"<table><thead><tr><th>Key</th><th>Size</th><th>Media type</th><th></th></tr></thead>"
+        f"<tbody>{''.join(rows)}</tbody></table>"
+        if rows
+        else '<p class="empty">No keys here yet.</p>'
+    )
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
+<title>kvserver</title><style>{_PAGE_STYLE}</style></head>
+<body><header><h1>kvserver</h1><span>{keys} keys, {_human_size(size)}, {storage.kind} storage</span></header>
+{f'<p class="notice">{html.escape(notice)}</p>' if notice else ""}
+<form action="/set" method="get">
+<label>Key <input name="key" required></label>
+<label>Value <input name="value" size="40"></label>
+<button type="submit">Set</button></form>
+<form action="/" method="get">
+<label>Keys starting with <input name="prefix" value="{html.escape(prefix)}"></label>
+<button type="submit">Filter</button></form>
+{table}
+{more}
+</body></html>
+""".encode()
+
+
+class _Metrics:
+    """Request counts and durations for /metrics, safe to update from every connection's thread."""
+
+    BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+    def __init__(self) -> None:
+        self.started = time.time()
+        self._lock = threading.Lock()
+        self._requests: dict[tuple[str, int], int] = {}
+        self._buckets: dict[str, list[int]] = {}  # per route: counts per bucket, the last one +Inf
+        self._seconds: dict[str, float] = {}
+
+    def observe(self, route: str, status: int, seconds: float) -> None:
+        bucket = bisect.bisect_left(self.BUCKETS, seconds)
+        with self._lock:
+            self._requests[route, status] = self._requests.get((route, status), 0) + 1
+            self._buckets.setdefault(route, [0] * (len(self.BUCKETS) + 1))[bucket] += 1
+            self._seconds[route] = self._seconds.get(route, 0.0) + seconds
+
+    def render(self, storage: Storage, connections: int) -> bytes:
+        """The Prometheus text exposition format (version 0.0.4)."""
+        keys, size = storage.totals()
+        with self._lock:
+            requests = sorted(self._requests.items())
+            durations = sorted((route, list(counts), self._seconds[route]) for route, counts in self._buckets.items())
+        lines = [
+            "# HELP kvserver_requests_total Requests answered, by route and status code.",
+            "# TYPE kvserver_requests_total counter",
+            *(f'kvserver_requests_total{{route="{route}",status="{status}"}} {n}' for (route, status), n in requests),
+            "# HELP kvserver_request_duration_seconds Time from a request's first byte to its answer, by route.",
+            "# TYPE kvserver_request_duration_seconds histogram",
+        ]
+        for route, counts, seconds in durations:
+            cumulative = 0
+            for bound, count in zip([*map(repr, self.BUCKETS), "+Inf"], counts, strict=True):
+                cumulative += count
+                lines.append(f'kvserver_request_duration_seconds_bucket{{route="{route}",le="{bound}"}} {cumulative}')
+            lines.append(f'kvserver_request_duration_seconds_sum{{route="{route}"}} {seconds}')
+            lines.append(f'kvserver_request_duration_seconds_count{{route="{route}"}} {cumulative}')
+        for name, kind, help_text, value in (
+            ("kvserver_keys", "gauge", "Live keys in the storage.", keys),
+            ("kvserver_stored_bytes", "gauge", "Bytes held by all live values.", size),
+            ("kvserver_open_connections", "gauge", "Client connections open now.", connections),
+            ("kvserver_start_time_seconds", "gauge", "When the server started, in Unix time.", self.started),
+        ):
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
+        lines += ["# HELP kvserver_info The running version.", "# TYPE kvserver_info gauge"]
+        lines.append(f'kvserver_info{{version="{__version__}"}} 1')
+        return ("\n".join(lines) + "\n").encode()
+
+
 def _is_loopback_host(host: str) -> bool:
     """Whether a Host header names this machine: localhost, *.localhost, 127.0.0.0/8 or ::1."""
     name = host.strip().lower()
@@ -945,10 +1091,12 @@ class KVRequestHandler(BaseHTTPRequestHandler):
     timeout = IDLE_TIMEOUT
     wbufsize = CHUNK  # headers and a small body leave in one send, at the flush after each request
 
-    # Per request: what the access log says
+    # Per request: what the access log and the metrics say
     _status: int | None = None
     _sent: int = 0
     _body_unread: bool = False
+    _route: str = "unmatched"
+    _started: float = 0.0
 
     @property
     def storage(self) -> Storage:
@@ -967,13 +1115,15 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             if not cast(io.BufferedReader, self.rfile).peek(1):
                 return  # the client closed the connection
             self.server.request_started(self.connection)
-            self._status, self._sent = None, 0
+            self._status, self._sent, self._route, self._started = None, 0, "unmatched", time.perf_counter()
             super().handle_one_request()
         except (ConnectionError, TimeoutError, ssl.SSLError):
             self.close_connection = True  # idle too long, cut off by the head deadline, gone, or no TLS
             return
-        if self._status is not None and not self.server.quiet:
-            self._log_access()
+        if self._status is not None:
+            self.server.metrics.observe(self._route, self._status, time.perf_counter() - self._started)
+            if not self.server.quiet:
+                self._log_access()
         if self._body_unread:
             self.close_connection = True
             self._drain()
@@ -1031,6 +1181,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             self._check_access(route)
             if methods is None:
                 raise HTTPError(HTTPStatus.NOT_FOUND, f"no route {path!r}; see the README for the routes")
+            self._route = "/kv/<key>" if route == "/kv/" else route
             handler = methods.get(self.command)
             if handler is None:
                 allowed = ", ".join(methods)
@@ -1278,7 +1429,10 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             )
         stat, created = self.storage.write(key, value, content_type=sniff_content_type(value), ttl=ttl)
         status = HTTPStatus.CREATED if created else HTTPStatus.OK
-        self._send_json(status, {"key": key, "created": created}, {"ETag": f'"{stat.etag}"'})
+        if self._wants_page():
+            self._send_page(status, "", f"Stored {key}.")
+        else:
+            self._send_json(status, {"key": key, "created": created}, {"ETag": f'"{stat.etag}"'})
 
     def _fetch(self, key: str) -> tuple[Stat, bytes | BinaryIO]:
         try:
@@ -1294,23 +1448,50 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         key = _key(_fields(query, ("key",), "/delete?key=<key>").get("key", b""))
         if not self.storage.remove(key):
             raise HTTPError(HTTPStatus.NOT_FOUND, f"no key {key!r}")
-        self._send_json(HTTPStatus.OK, {"key": key, "deleted": True})
+        if self._wants_page():
+            self._send_page(HTTPStatus.OK, "", f"Deleted {key}.")
+        else:
+            self._send_json(HTTPStatus.OK, {"key": key, "deleted": True})
 
-    def _route_keys(self, path: str, query: str) -> None:
-        usage = "/keys?prefix=<p>&limit=<1-10000>&after=<key>"
+    def _key_page(self, query: str, default_limit: int) -> tuple[list[str], str | None, str]:
+        """One page of keys as /keys and the HTML page take it: the keys, the cursor for the
+        next page (None on the last), and the prefix."""
+        usage = "?prefix=<p>&limit=<1-10000>&after=<key>"
         fields = _fields(query, ("prefix", "limit", "after"), usage)
-        limit_field = fields.get("limit", b"1000")
+        limit_field = fields.get("limit", b"%d" % default_limit)
         if not re.fullmatch(rb"[0-9]{1,5}", limit_field) or not 1 <= int(limit_field) <= 10000:
             raise HTTPError(HTTPStatus.BAD_REQUEST, f"limit is a whole number from 1 to 10000, not {limit_field!r}")
         limit = int(limit_field)
-        keys = self.storage.keys(_text(fields.get("prefix", b""), "prefix"))
+        prefix = _text(fields.get("prefix", b""), "prefix")
+        keys = self.storage.keys(prefix)
         start = bisect.bisect_right(keys, _text(fields["after"], "after")) if "after" in fields else 0
         page = keys[start : start + limit]
-        more = start + limit < len(keys)
-        self._send_json(HTTPStatus.OK, {"keys": page, "next": page[-1] if more else None})
+        return page, page[-1] if start + limit < len(keys) else None, prefix
+
+    def _route_keys(self, path: str, query: str) -> None:
+        page, next_key, _ = self._key_page(query, 1000)
+        self._send_json(HTTPStatus.OK, {"keys": page, "next": next_key})
+
+    # The page
+
+    def _wants_page(self) -> bool:
+        return _prefers_html(self.headers.get("Accept", ""))
+
+    def _send_page(self, status: HTTPStatus, query: str, notice: str = "") -> None:
+        page, next_key, prefix = self._key_page(query, 100)
+        body = _render_page(self.storage, page, next_key, prefix, notice)
+        headers = {
+            "Cache-Control": "no-store",
+            "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'",
+        }
+        self._send(status, body, "text/html; charset=utf-8", headers)
 
     def _route_dump(self, path: str, query: str) -> None:
-        """Every live key and its value as one JSON object, written as it is read."""
+        """Every live key and its value as one JSON object, written as it is read; the HTML
+        page for a browser."""
+        if self._wants_page():
+            self._send_page(HTTPStatus.OK, query)
+            return
         self.send_response(HTTPStatus.OK)
         self.send_header("Content-Type", "application/json")
         chunked = self.request_version != "HTTP/1.0"
@@ -1337,6 +1518,10 @@ class KVRequestHandler(BaseHTTPRequestHandler):
 
     def _route_health(self, path: str, query: str) -> None:
         self._send_json(HTTPStatus.OK, {"status": "ok", "storage": self.storage.kind, "keys": len(self.storage)})
+
+    def _route_metrics(self, path: str, query: str) -> None:
+        body = self.server.metrics.render(self.storage, self.server.open_connections)
+        self._send(HTTPStatus.OK, body, "text/plain; version=0.0.4; charset=utf-8")
 
     # REST routes
 
@@ -1401,6 +1586,7 @@ ROUTES: dict[str, dict[str, Route]] = {
     "/delete": {"GET": KVRequestHandler._route_delete},
     "/keys": {"GET": KVRequestHandler._route_keys, "HEAD": KVRequestHandler._route_keys},
     "/health": {"GET": KVRequestHandler._route_health, "HEAD": KVRequestHandler._route_health},
+    "/metrics": {"GET": KVRequestHandler._route_metrics, "HEAD": KVRequestHandler._route_metrics},
     "/kv/": {
         "GET": KVRequestHandler._route_kv_get,
         "HEAD": KVRequestHandler._route_kv_get,
@@ -1550,6 +1736,7 @@ class KVServer(ThreadingHTTPServer):
         self.scheme = "https" if ssl_context else "http"
         self.quiet = quiet
         self.rpc = _XMLRPC(storage, max_value)
+        self.metrics = _Metrics()
         self.stopping = False
         self._state_lock = threading.Lock()
         self._connections = 0
@@ -1579,6 +1766,10 @@ class KVServer(ThreadingHTTPServer):
         return f"{self.scheme}://{host}:{self.server_address[1]}/"
 
     # Connections
+
+    @property
+    def open_connections(self) -> int:
+        return self._connections
 
     def process_request(self, request: socket.socket, client_address: Any) -> None:  # type: ignore[override]
         with self._state_lock:

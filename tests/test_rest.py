@@ -320,12 +320,12 @@ def test_any_valid_key_round_trips_through_its_percent_decoded_path(server, path
     ["/kv/", "/kv/%FF", "/kv/%C3", "/kv/a%00b", "/kv/a%7Fb", "/kv/" + "k" * 1025],
     ids=["no-key", "invalid-utf8", "truncated-utf8", "nul", "del", "1025-bytes"],
 )
-@pytest.mark.parametrize("method", ["GET", "HEAD", "PUT", "DELETE"])
-def test_a_missing_or_invalid_key_is_a_400_for_every_method(server, method, path):
-    response = server.request(method, path, body=b"x" if method == "PUT" else None)
-    assert response.status == 400
-    if method != "HEAD":
-        assert response.problem()
+def test_a_missing_or_invalid_key_is_a_400_for_every_method(server, path):
+    for method in ("GET", "HEAD", "PUT", "DELETE"):
+        response = server.request(method, path, body=b"x" if method == "PUT" else None)
+        assert response.status == 400, method
+        if method != "HEAD":
+            assert response.problem()
     assert keys(server) == []
 
 

@@ -1,0 +1,737 @@
+"""FileStorage on disk (SPEC section 7): file names, metadata, start-up, locking, crash states.
+
+These tests look at the bytes in the data dir, and build by hand the states that the
+FileStorage docstring says a crash can leave.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat as stat_module
+import sys
+import time
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import wait_for
+
+import kvserver
+
+TEXT = "text/plain; charset=utf-8"
+BINARY = "application/octet-stream"
+LARGE = 200 * 1024  # over the 64 KiB FileStorage keeps in memory
+
+ODD_KEYS = [
+    "../x",
+    "../../x",
+    "/etc/passwd",
+    "..",
+    ".",
+    "a/b",
+    "a/../../b",
+    ".hidden",
+    "~",
+    "~root",
+    "%2e%2e%2fx",
+    "%2E",
+    "a%2Fb",
+    "a\\b",
+    "C:\\x",
+    "nul",
+    "con.txt",
+    " ",
+    "ключ",
+    "k" * 255,
+    "k" * 256,
+    "k" * 1024,
+    "é" * 512,
+    "/" * 1024,
+    "%" * 1024,
+    "." * 1024,
+]
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def store(data_dir: Path) -> Iterator[kvserver.FileStorage]:
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        yield store
+
+
+def value_files(data_dir: Path) -> dict[str, bytes]:
+    """Every file at the top of the data dir but the hidden ones, by name."""
+    return {path.name: path.read_bytes() for path in data_dir.iterdir() if not path.name.startswith(".")}
+
+
+def meta_names(data_dir: Path) -> set[str]:
+    return {path.name for path in (data_dir / ".kvserver" / "meta").iterdir()}
+
+
+def tmp_names(data_dir: Path) -> set[str]:
+    return {path.name for path in (data_dir / ".kvserver" / "tmp").iterdir()}
+
+
+def etag_of(path: Path) -> str:
+    """The fingerprint FileStorage gives a value file: its size and modification time."""
+    file_stat = path.stat()
+    return f"{file_stat.st_size:x}-{file_stat.st_mtime_ns:x}"
+
+
+def place(path: Path, data: bytes, stamp_ns: int | None = None) -> str:
+    """Write a file as a crash or a person might leave it, and return its fingerprint."""
+    path.write_bytes(data)
+    if stamp_ns is not None:
+        os.utime(path, ns=(stamp_ns, stamp_ns))
+    return etag_of(path)
+
+
+def record(key: str, content_type: str, expires_at: float | None = None) -> dict:
+    return {"key": key, "content_type": content_type, "expires_at": expires_at}
+
+
+# File names
+
+
+def test_a_plain_key_is_a_file_of_that_name_holding_exactly_the_bytes(store, data_dir):
+    store.put("greeting", b"hello", content_type=TEXT)
+    store.put("Binary_file-1.bin", b"\x00\xff\x80", content_type=BINARY)
+    assert value_files(data_dir) == {"greeting": b"hello", "Binary_file-1.bin": b"\x00\xff\x80"}
+    # Their metadata is what the bytes suggest, so nothing else is written.
+    assert meta_names(data_dir) == set()
+    assert tmp_names(data_dir) == set()
+
+
+def test_a_rewrite_replaces_the_bytes_in_the_same_file(store, data_dir):
+    store.put("greeting", b"hello", content_type=TEXT)
+    store.put("greeting", b"hi", content_type=TEXT)
+    assert value_files(data_dir) == {"greeting": b"hi"}
+    store.delete("greeting")
+    assert value_files(data_dir) == {}
+    assert meta_names(data_dir) == set()
+
+
+def test_a_large_value_is_a_file_holding_exactly_the_bytes(store, data_dir):
+    value = os.urandom(LARGE)
+    store.put("big", value)
+    assert value_files(data_dir) == {"big": value}
+
+
+@pytest.mark.parametrize("key", ODD_KEYS, ids=range(len(ODD_KEYS)))
+def test_a_key_that_is_not_plain_is_escaped_into_one_file_inside_the_data_dir(store, data_dir, tmp_path, key):
+    # Guard first, so that a regression cannot write over a real file such as /etc/passwd.
+    target = Path(os.path.normpath(os.path.join(store.path, kvserver._file_name(key))))
+    assert target.parent == data_dir, f"{key!r} would be stored at {target}"
+    value = b"value of " + key.encode()
+    store.put(key, value)
+    [(name, data)] = value_files(data_dir).items()
+    assert data == value
+    plain = re.fullmatch(r"[A-Za-z0-9._-]{1,255}", key) and not key.startswith(".")
+    assert (name == key) == bool(plain), name
+    assert len(name.encode()) <= 255
+    assert (data_dir / name).is_file()
+    assert not name.startswith(".")
+    assert "/" not in name and "\\" not in name
+    # Nothing was written anywhere else: the temp dir holds only the data dir.
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["data"]
+    assert [path.name for path in data_dir.iterdir() if path.is_dir()] == [".kvserver"]
+    assert store.get(key) == value
+
+
+def test_every_file_name_is_at_most_255_bytes_and_every_key_survives_a_reopen(data_dir):
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        for key in ODD_KEYS:
+            store.put(key, key.encode() * 2)
+    names = [path.name for path in data_dir.iterdir()] + sorted(meta_names(data_dir))
+    assert all(len(name.encode()) <= 255 for name in names), [name for name in names if len(name.encode()) > 255]
+    assert len(value_files(data_dir)) == len(ODD_KEYS)
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        assert store.keys() == sorted(ODD_KEYS)
+        for key in ODD_KEYS:
+            assert store.get(key) == key.encode() * 2
+            assert store.stat(key).content_type == BINARY
+
+
+def test_keys_of_1024_bytes_are_stored_and_survive_a_reopen(data_dir):
+    keys = ["k" * 1024, "é" * 512, "🔑" * 256, "k" * 1023 + "/"]
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        for key in keys:
+            store.put(key, key.encode()[:10], content_type=TEXT)
+        store.put("k" * 1024, os.urandom(LARGE))  # large values of long keys too
+        big = store.get("k" * 1024)
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        assert sorted(store) == sorted(keys)
+        assert store.get("k" * 1024) == big
+        for key in keys[1:]:
+            assert store.get(key) == key.encode()[:10]
+            assert store.stat(key).content_type == TEXT
+    assert all(len(path.name.encode()) <= 255 for path in data_dir.iterdir())
+
+
+def test_keys_that_differ_only_in_escaping_get_different_files(store, data_dir):
+    keys = ["a b", "a%20b", "a+b", "a%2520b", ".a", "%2Ea", "~", "%7E", "k" * 300, "k" * 301]
+    for key in keys:
+        store.put(key, key.encode())
+    assert len(value_files(data_dir)) == len(keys)
+    for key in keys:
+        assert store.get(key) == key.encode()
+
+
+# Metadata
+
+
+def test_media_type_and_ttl_survive_a_reopen(data_dir):
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        store.put("html", b"<p>hi</p>", content_type="text/html; charset=utf-8")
+        store.put("text-as-bytes", b"plain words")  # application/octet-stream, though UTF-8
+        store.put("binary-as-text", b"\xff\xfe", content_type=TEXT)
+        store.put("ttl", b"v", ttl=3600)
+        store.put("big-json", b"[" + b"1," * LARGE + b"1]", content_type="application/json")
+        before = {key: store.stat(key) for key in store}
+    assert before["ttl"].expires_at is not None
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        assert {key: store.stat(key) for key in store} == before
+        assert store.get("binary-as-text") == b"\xff\xfe"
+
+
+def test_a_rewrite_without_metadata_removes_the_metadata_file(data_dir):
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        store.put("k", b"v", content_type="text/html", ttl=3600)
+        assert meta_names(data_dir) == {"k"}
+        store.put("k", b"v", content_type=TEXT)
+        assert meta_names(data_dir) == set()
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        assert store.stat("k").content_type == TEXT
+        assert store.stat("k").expires_at is None
+
+
+def test_a_delete_removes_the_value_file_and_its_metadata(store, data_dir):
+    store.put("k", b"v", content_type="text/html", ttl=3600)
+    store.put("k" * 1024, b"v")
+    store.delete("k")
+    store.delete("k" * 1024)
+    assert value_files(data_dir) == {}
+    assert meta_names(data_dir) == set()
+
+
+def test_expired_keys_are_gone_after_a_reopen_and_their_files_removed(data_dir):
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        store.put("short", b"v", ttl=1)
+        store.put("short" * 300, b"v" * LARGE, ttl=1)
+        store.put("long", b"w", ttl=3600)
+        expires_at = max(store.stat("short").expires_at, store.stat("short" * 300).expires_at)
+    assert len(value_files(data_dir)) == 3
+    wait_for(lambda: time.time() > expires_at, timeout=5, interval=0.05, what="the TTL to pass")
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        assert store.keys() == ["long"]
+        assert "short" not in store
+        with pytest.raises(KeyError):
+            store.get("short" * 300)
+        assert len(store) == 1
+        assert value_files(data_dir) == {"long": b"w"}
+        assert meta_names(data_dir) == {"long"}
+
+
+def test_an_expired_key_listed_away_leaves_no_files(store, data_dir):
+    store.put("short", b"v", ttl=1)
+    wait_for(lambda: store.keys() == [], timeout=5, interval=0.05, what="the key to expire")
+    assert value_files(data_dir) == {}
+    assert meta_names(data_dir) == set()
+
+
+# Files put there by hand
+
+
+def test_hand_placed_files_load_as_values_with_a_sniffed_media_type(data_dir):
+    data_dir.mkdir()
+    (data_dir / "name").write_bytes(b"Guido")
+    (data_dir / "utf8").write_bytes("grüße 🔑".encode())
+    (data_dir / "empty").write_bytes(b"")
+    (data_dir / "binary").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+    (data_dir / "latin1").write_bytes("grüße".encode("latin-1"))
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        assert store.keys() == ["binary", "empty", "latin1", "name", "utf8"]
+        assert store.get("name") == b"Guido"
+        assert store.get("utf8") == "grüße 🔑".encode()
+        assert store.get("binary") == b"\x89PNG\r\n\x1a\n\x00\xff"
+        assert {key: store.stat(key).content_type for key in store} == {
+            "name": TEXT,
+            "utf8": TEXT,
+            "empty": TEXT,
+            "binary": BINARY,
+            "latin1": BINARY,
+        }
+        assert store.stat("name").size == 5
+        assert store.stat("name").etag == etag_of(data_dir / "name")
+
+
+def test_large_hand_placed_files_load_as_values_with_a_sniffed_media_type(data_dir):
+    data_dir.mkdir()
+    # A two-byte character across the 64 KiB boundary where a reader in chunks would cut it.
+    text = b"a" * (64 * 1024 - 1) + "é".encode() + "ключ".encode() * 30_000
+    binary = text + b"\xff"
+    (data_dir / "text").write_bytes(text)
+    (data_dir / "binary").write_bytes(binary)
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        assert store.stat("text").content_type == TEXT
+        assert store.stat("binary").content_type == BINARY
+        assert store.stat("text").size == len(text)
+        assert store.get("text") == text
+        assert store.get("binary") == binary
+        etags = {key: store.stat(key).etag for key in store}
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        assert {key: store.stat(key).etag for key in store} == etags
+
+
+def test_a_hand_placed_file_can_be_replaced_and_deleted_through_the_store(data_dir):
+    data_dir.mkdir()
+    (data_dir / "name").write_bytes(b"Guido")
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        etag = store.stat("name").etag
+        store.put("name", b"Barry", if_match=etag, content_type=TEXT)
+        assert (data_dir / "name").read_bytes() == b"Barry"
+        store.delete("name")
+    assert not (data_dir / "name").exists()
+
+
+def test_hand_placed_files_whose_names_are_not_keys_and_folders_are_skipped_with_a_warning(data_dir, capsys):
+    data_dir.mkdir()
+    (data_dir / "good").write_bytes(b"kept")
+    foreign = ["hello world", "café", "a~b", "%zz", "50%", "%2", "a%2Db", "%+not-a-hash"]
+    for name in foreign:
+        (data_dir / name).write_bytes(b"foreign")
+    (data_dir / os.fsdecode(b"latin1-\xe9")).write_bytes(b"not UTF-8 name")
+    (data_dir / "sub").mkdir()
+    (data_dir / "sub" / "inner").write_bytes(b"nested")
+    (data_dir / "empty-folder").mkdir()
+    os.symlink("/etc/hostname", data_dir / "link")
+    capsys.readouterr()
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        assert store.keys() == ["good"]
+        assert store.get("good") == b"kept"
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    skipped = [*foreign, "sub", "empty-folder", "link"]
+    assert len(lines) == len(skipped) + 1, err  # and one for the name that is not UTF-8
+    assert all(line.startswith("kvserver: skipping ") for line in lines), err
+    for name in skipped:
+        assert len([line for line in lines if f"{data_dir / name}:" in line]) == 1, (name, err)
+    assert "Traceback" not in err
+    # Nothing was removed or changed.
+    assert (data_dir / "sub" / "inner").read_bytes() == b"nested"
+    assert (data_dir / "hello world").read_bytes() == b"foreign"
+
+
+def test_dotfiles_are_ignored_silently(data_dir, capsys):
+    data_dir.mkdir()
+    (data_dir / ".gitkeep").write_bytes(b"")
+    (data_dir / ".DS_Store").write_bytes(b"\x00\x01")
+    (data_dir / ".git").mkdir()
+    capsys.readouterr()
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        assert store.keys() == []
+        store.put(".gitkeep", b"a key, not the file")
+        assert store.get(".gitkeep") == b"a key, not the file"
+    assert capsys.readouterr().err == ""
+    assert (data_dir / ".gitkeep").read_bytes() == b""
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        assert store.keys() == [".gitkeep"]
+        assert store.get(".gitkeep") == b"a key, not the file"
+    assert capsys.readouterr().err == ""
+
+
+def test_leftover_temporary_files_are_removed_at_open(data_dir):
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        store.put("k", b"v")
+    tmp = data_dir / ".kvserver" / "tmp"
+    (tmp / "tmpabc123").write_bytes(b"half a value")
+    (tmp / "tmpdef456").write_bytes(b"x" * LARGE)
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        assert tmp_names(data_dir) == set()
+        assert store.keys() == ["k"]
+
+
+def test_no_temporary_file_remains_after_writes_deletes_and_a_failed_write(store, data_dir):
+    store.put("a", b"v" * LARGE, content_type="x/y", ttl=60)
+    store.put("a", b"w")
+    store.delete("a")
+
+    def cut_off():
+        yield b"x" * LARGE
+        raise ConnectionResetError
+
+    with pytest.raises(ConnectionResetError):
+        store.write("b", cut_off())
+    with pytest.raises(kvserver.PreconditionFailed):
+        store.put("c", b"v" * LARGE, if_match="nope")
+    assert tmp_names(data_dir) == set()
+    assert value_files(data_dir) == {}
+
+
+def test_a_missing_data_dir_is_created(tmp_path):
+    path = tmp_path / "a" / "b" / "data"
+    with kvserver.FileStorage(path, fsync=False) as store:
+        store.put("k", b"v")
+    assert (path / "k").read_bytes() == b"v"
+
+
+# Locking
+
+
+def test_a_second_storage_on_the_same_data_dir_is_refused_until_the_first_is_closed(data_dir):
+    first = kvserver.FileStorage(data_dir, fsync=False)
+    first.put("k", b"v")
+    with pytest.raises(kvserver.DataDirLocked):
+        kvserver.FileStorage(data_dir, fsync=False)
+    with pytest.raises(kvserver.DataDirLocked):
+        kvserver.FileStorage(str(data_dir) + "/", fsync=True)
+    with pytest.raises(kvserver.DataDirLocked):
+        kvserver.open_storage(f"files:{data_dir}")
+    assert first.get("k") == b"v"  # the failed attempts harmed nothing
+    first.close()
+    with kvserver.FileStorage(data_dir, fsync=False) as second:
+        assert second.get("k") == b"v"
+
+
+def test_the_lock_holds_against_another_process(data_dir):
+    import subprocess
+
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, kvserver; s = kvserver.FileStorage(sys.argv[1]); print('locked', flush=True); sys.stdin.read()",  # noqa: E501
+            str(data_dir),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        cwd=Path(kvserver.__file__).parent,
+    )
+    try:
+        assert holder.stdout.readline() == b"locked\n"
+        with pytest.raises(kvserver.DataDirLocked):
+            kvserver.FileStorage(data_dir, fsync=False)
+    finally:
+        holder.stdin.close()  # the holder exits, and the lock goes with it
+        holder.wait(10)
+        holder.stdout.close()
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        assert store.keys() == []
+
+
+# Large values
+
+
+def test_large_values_are_not_held_in_memory_and_are_read_from_disk(store, data_dir):
+    large = os.urandom(LARGE)
+    store.put("big", large)
+    store.put("edge", b"e" * (64 * 1024))
+    store.put("over", b"o" * (64 * 1024 + 1))
+    store.put("small", b"s")
+    assert store._index["big"].data is None
+    assert store._index["over"].data is None
+    assert store._index["edge"].data == b"e" * (64 * 1024)
+    assert store._index["small"].data == b"s"
+    # Change the file behind the store's back, keeping its size: a read shows the disk.
+    with open(data_dir / "big", "r+b") as file:
+        file.write(b"CHANGED ON DISK")
+    assert store.get("big") == b"CHANGED ON DISK" + large[15:]
+    with store.open("big") as opened:
+        assert os.path.samefile(opened.name, data_dir / "big")
+
+
+def test_large_values_are_not_preloaded_at_open(data_dir):
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        store.put("big", b"b" * LARGE, content_type="x/y")
+    (data_dir / "hand-placed").write_bytes(b"h" * LARGE)
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        assert store._index["big"].data is None
+        assert store._index["hand-placed"].data is None
+        assert store.get("big") == b"b" * LARGE
+        assert store.get("hand-placed") == b"h" * LARGE
+        assert store.stat("big").content_type == "x/y"
+
+
+def test_a_large_value_file_removed_by_hand_reads_as_absent(store, data_dir):
+    store.put("big", b"b" * LARGE)
+    (data_dir / "big").unlink()
+    with pytest.raises(KeyError):
+        store.get("big")
+
+
+# Durability
+
+
+def test_with_fsync_a_write_syncs_the_file_and_the_folder(data_dir, monkeypatch):
+    synced: list[bool] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(stat_module.S_ISDIR(os.fstat(fd).st_mode))
+        real_fsync(fd)
+
+    with kvserver.FileStorage(data_dir, fsync=True) as store:
+        monkeypatch.setattr(os, "fsync", recording_fsync)
+        store.put("k", b"v", content_type=TEXT)
+        assert False in synced, "the value file was not fsynced"
+        assert True in synced, "the data dir was not fsynced"
+        synced.clear()
+        store.put("k", b"v", content_type="text/html")  # with a metadata file
+        assert synced.count(False) >= 2, "the value and the metadata file are fsynced"
+        assert synced.count(True) >= 2, "the meta folder and the data dir are fsynced"
+        synced.clear()
+        store.delete("k")
+        assert True in synced, "the data dir was not fsynced after a delete"
+
+
+def test_without_fsync_nothing_is_synced(data_dir, monkeypatch):
+    synced = []
+    monkeypatch.setattr(os, "fsync", synced.append)
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        store.put("k", b"v", content_type="text/html")
+        store.delete("k")
+    assert synced == []
+
+
+# Crash states, built by hand as the FileStorage docstring describes them
+
+
+def crash_stamp() -> int:
+    """A modification time no earlier write used."""
+    return time.time_ns() + 10**9
+
+
+@pytest.mark.parametrize("key", ["page", "a page/with an escaped name", "k" * 1024])
+def test_crash_after_the_metadata_is_written_and_before_the_rename_gives_the_old_value(data_dir, key):
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        store.put(key, b"<old/>", content_type="text/html")
+        old = store.stat(key)
+    name = kvserver._file_name(key)
+    # The new value, written and stamped in tmp, and metadata knowing both versions.
+    new_etag = place(data_dir / ".kvserver" / "tmp" / "tmpnew", b"new png bytes", crash_stamp())
+    records = {new_etag: record(key, "image/png"), old.etag: record(key, "text/html")}
+    (data_dir / ".kvserver" / "meta" / name).write_text(json.dumps(records))
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        assert store.keys() == [key]
+        assert store.get(key) == b"<old/>"
+        assert store.stat(key) == old
+        assert tmp_names(data_dir) == set()
+        assert value_files(data_dir) == {name: b"<old/>"}
+
+
+@pytest.mark.parametrize("key", ["page", "a page/with an escaped name", "k" * 1024])
+def test_crash_after_the_rename_gives_the_new_value_with_its_metadata(data_dir, key):
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        store.put(key, b"<old/>", content_type="text/html", ttl=3600)
+        old = store.stat(key)
+    name = kvserver._file_name(key)
+    new_etag = place(data_dir / name, b"new png bytes", crash_stamp())  # renamed over the old file
+    expires_at = time.time() + 7200
+    records = {new_etag: record(key, "image/png", expires_at), old.etag: record(key, "text/html", old.expires_at)}
+    (data_dir / ".kvserver" / "meta" / name).write_text(json.dumps(records))
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        assert store.keys() == [key]
+        assert store.get(key) == b"new png bytes"
+        assert store.stat(key) == kvserver.Stat(13, "image/png", new_etag, expires_at)
+
+
+def test_crash_with_old_and_new_records_and_a_large_new_value_gives_the_new_value(data_dir):
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        store.put("big", b"o" * LARGE, content_type="text/old")
+        old = store.stat("big")
+    new_etag = place(data_dir / "big", b"n" * (LARGE + 1), crash_stamp())
+    records = {new_etag: record("big", "text/new"), old.etag: record("big", "text/old")}
+    (data_dir / ".kvserver" / "meta" / "big").write_text(json.dumps(records))
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        assert store.stat("big").content_type == "text/new"
+        assert store.get("big") == b"n" * (LARGE + 1)
+
+
+def test_a_stale_metadata_file_beside_a_renamed_value_is_ignored_and_removed(data_dir):
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        store.put("k", b"<old/>", content_type="text/html", ttl=1)
+        old = store.stat("k")
+    # The new value needed no metadata: renamed in place, crash before its stale metadata went.
+    new_etag = place(data_dir / "k", b"new text", crash_stamp())
+    assert meta_names(data_dir) == {"k"}
+    # Wait until the stale record's TTL has passed: it must not take the new value with it.
+    wait_for(lambda: time.time() > old.expires_at, timeout=5, interval=0.05, what="the old TTL to pass")
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        assert store.keys() == ["k"]
+        assert store.get("k") == b"new text"
+        assert store.stat("k") == kvserver.Stat(8, TEXT, new_etag, None)
+        assert meta_names(data_dir) == set()
+    assert value_files(data_dir) == {"k": b"new text"}
+
+
+def test_a_metadata_file_that_matches_no_value_file_is_removed(data_dir):
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        store.put("deleted", b"v", content_type="text/html")
+        store.put("kept", b"v", content_type="text/html")
+    # A delete that removed the value file and crashed before removing the metadata.
+    (data_dir / "deleted").unlink()
+    (data_dir / ".kvserver" / "meta" / "orphan").write_text(json.dumps({"1-1": record("orphan", "x/y")}))
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        assert store.keys() == ["kept"]
+        assert meta_names(data_dir) == {"kept"}
+        assert store.stat("kept").content_type == "text/html"
+    assert value_files(data_dir) == {"kept": b"v"}
+
+
+def test_a_value_file_of_a_hashed_name_without_its_record_is_skipped_not_guessed(data_dir, capsys):
+    key = "k" * 1024
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        store.put(key, b"v")
+    name = kvserver._file_name(key)
+    (data_dir / ".kvserver" / "meta" / name).unlink()
+    capsys.readouterr()
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        assert store.keys() == []
+    assert name in capsys.readouterr().err
+
+
+# Crash states made by a real crash: a child process dies at every step of one write
+
+
+CRASH_POINTS = ("replace", "unlink", "fsync", "utime")
+
+
+def run_until_crash(data_dir: Path, step: int, action, expire_first: float | None = None) -> bool:
+    """Fork a child that opens the store and runs `action(store)`, dying at the `step`-th
+    file-system call that changes the disk; True if the child got through without dying."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        status = 3
+        try:
+            store = kvserver.FileStorage(data_dir, fsync=True)
+            if expire_first is not None:
+                while time.time() <= expire_first:
+                    time.sleep(0.01)
+            calls = 0
+
+            def dying(real):
+                def call(*args, **kwargs):
+                    nonlocal calls
+                    calls += 1
+                    if calls == step:
+                        os._exit(9)  # like kill -9: no cleanup, no flush
+                    return real(*args, **kwargs)
+
+                return call
+
+            for name in CRASH_POINTS:
+                setattr(os, name, dying(getattr(os, name)))
+            action(store)
+            status = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(status)
+    deadline = time.monotonic() + 20
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            raise AssertionError("the crashing child did not finish in 20 s")
+        time.sleep(0.005)
+    code = os.waitstatus_to_exitcode(status)
+    assert code in (0, 9), f"the child failed with {code}"
+    return code == 0
+
+
+OLD_NEW = {
+    "text-to-text": (dict(data=b"old", content_type=TEXT), dict(data=b"new", content_type=TEXT)),
+    "text-to-html": (dict(data=b"old", content_type=TEXT), dict(data=b"<new/>", content_type="text/html")),
+    "html-to-text": (dict(data=b"<old/>", content_type="text/html"), dict(data=b"new", content_type=TEXT)),
+    "html-to-png": (dict(data=b"<old/>", content_type="text/html"), dict(data=b"png", content_type="image/png")),
+    "ttl-to-none": (dict(data=b"old", content_type=TEXT, ttl=3600), dict(data=b"new", content_type=TEXT)),
+    "small-to-large": (dict(data=b"old", content_type=TEXT), dict(data=b"n" * LARGE, content_type="x/large")),
+    "large-to-small": (dict(data=b"o" * LARGE, content_type="x/large"), dict(data=b"new", content_type=TEXT)),
+    "absent-to-html": (None, dict(data=b"<new/>", content_type="text/html")),
+    "html-to-deleted": (dict(data=b"<old/>", content_type="text/html"), None),
+}
+
+
+@pytest.mark.parametrize("key", ["k", "a key/escaped", "k" * 1024], ids=["plain", "escaped", "hashed"])
+@pytest.mark.parametrize("change", list(OLD_NEW.values()), ids=list(OLD_NEW))
+def test_a_crash_at_any_step_of_a_write_leaves_the_old_or_the_new_value_with_its_metadata(tmp_path, key, change):
+    old, new = change
+
+    def action(store):
+        if new is None:
+            store.delete(key)
+        else:
+            store.put(key, new["data"], content_type=new["content_type"])
+
+    outcomes = []
+    for step in range(1, 30):
+        data_dir = tmp_path / f"step-{step}"
+        with kvserver.FileStorage(data_dir, fsync=False) as store:
+            store.put("other", b"untouched", content_type="text/other")
+            if old is not None:
+                store.put(key, old["data"], content_type=old["content_type"], ttl=old.get("ttl"))
+            before = {name: store.stat(name) for name in store}
+        finished = run_until_crash(data_dir, step, action)
+        with kvserver.FileStorage(data_dir, fsync=False) as store:
+            assert store.get("other") == b"untouched"
+            assert store.stat("other") == before["other"]
+            if key not in store:
+                assert new is None or old is None, f"step {step}: the key vanished"
+                outcomes.append("absent")
+            elif key in before and store.stat(key) == before[key]:
+                assert store.get(key) == old["data"], f"step {step}"
+                outcomes.append("old")
+            else:
+                assert new is not None, f"step {step}: {store.stat(key)} is neither the old value nor absent"
+                stat = store.stat(key)
+                assert store.get(key) == new["data"], f"step {step}"
+                assert (stat.size, stat.content_type, stat.expires_at) == (
+                    len(new["data"]),
+                    new["content_type"],
+                    None,
+                ), f"step {step}"
+                outcomes.append("new")
+            assert tmp_names(data_dir) == set(), f"step {step}"
+            # Every metadata file left belongs to a value file that is there.
+            assert meta_names(data_dir) <= set(value_files(data_dir)), f"step {step}"
+        if finished:
+            break
+    else:
+        raise AssertionError("the write never finished")
+    # The crashes hit before and after the write took effect, and the finished write took it.
+    assert outcomes[0] == ("absent" if old is None else "old"), outcomes
+    assert outcomes[-1] == ("absent" if new is None else "new"), outcomes
+    assert len(outcomes) >= 3, outcomes
+
+
+def test_a_crash_while_rewriting_a_key_whose_ttl_just_passed_does_not_bring_the_old_value_back(data_dir):
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        store.put("k", b"old", content_type=TEXT, ttl=1)
+        expires_at = store.stat("k").expires_at
+
+    def action(store):
+        store.put("k", b"<new/>", content_type="text/html")
+
+    for step in range(1, 30):
+        finished = run_until_crash(data_dir, step, action, expire_first=expires_at)
+        with kvserver.FileStorage(data_dir, fsync=False) as store:
+            if "k" in store:
+                assert store.get("k") == b"<new/>", f"step {step}: the expired value came back"
+                assert store.stat("k").content_type == "text/html"
+                store.delete("k")
+            store.put("k", b"old", content_type=TEXT, ttl=1)
+            expires_at = store.stat("k").expires_at
+        if finished:
+            break
+    else:
+        raise AssertionError("the write never finished")

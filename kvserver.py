@@ -8,7 +8,8 @@ Usage:
 Options:
   -p --port=<int>        TCP port; 0 picks a free one and prints it [default: 4000].
   -b --bind=<addr>       Address to listen on, IPv4 or IPv6 [default: 127.0.0.1].
-  -s --storage=<kind>    Where values live: files or memory [default: files].
+  -s --storage=<kind>    Where values live: files, memory, or a redis://,
+                         rediss:// or unix:// URL [default: files].
   -d --data-dir=<path>   Folder of the files storage [default: ./data].
   --token=<secret>       Require this secret on every request but /health, as
                          "Authorization: Bearer <secret>" or as the Basic auth
@@ -41,6 +42,7 @@ import ipaddress
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -66,8 +68,10 @@ __all__ = [
     "FileStorage",
     "MemoryStorage",
     "PreconditionFailed",
+    "RedisStorage",
     "Stat",
     "Storage",
+    "StorageUnavailable",
     "check_key",
     "main",
     "open_storage",
@@ -92,6 +96,10 @@ class PreconditionFailed(Exception):
 
 class DataDirLocked(RuntimeError):
     """Another FileStorage (often another kvserver process) holds the data dir."""
+
+
+class StorageUnavailable(RuntimeError):
+    """The storage cannot be reached (Redis down); the same call may work later."""
 
 
 # Keys and values
@@ -218,15 +226,16 @@ class _Precondition(NamedTuple):
     if_match: str | None  # an ETag, or "*" for any value
     if_none_match: bool  # True: there must be no value
 
-    def check(self, key: str, current: Stat | None) -> None:
-        if self.if_none_match and current is not None:
+    def check(self, key: str, current_etag: str | None) -> None:
+        """Raise PreconditionFailed unless the value with `current_etag` (None: no value) is as expected."""
+        if self.if_none_match and current_etag is not None:
             raise PreconditionFailed(f"key {key!r} exists, and the write asked for none (If-None-Match)")
         if self.if_match is not None:
-            if current is None:
+            if current_etag is None:
                 raise PreconditionFailed(f"key {key!r} does not exist, and the write asked for a value (If-Match)")
-            if self.if_match not in ("*", current.etag):
+            if self.if_match not in ("*", current_etag):
                 raise PreconditionFailed(
-                    f"key {key!r} has ETag {current.etag!r}, not {self.if_match!r}: someone changed it; read it again"
+                    f"key {key!r} has ETag {current_etag!r}, not {self.if_match!r}: someone changed it; read it again"
                 )
 
 
@@ -241,6 +250,7 @@ class Storage:
     """
 
     kind = "abstract"
+    location = "somewhere"  # where values live, said for people
 
     # The simplekv interface
 
@@ -435,6 +445,7 @@ class MemoryStorage(Storage):
     """
 
     kind = "memory"
+    location = "in memory"
     _LOCK_STRIPES = 64
 
     def __init__(self) -> None:
@@ -501,7 +512,7 @@ class MemoryStorage(Storage):
         try:
             with self._lock_for(key):
                 current = self._live(key)
-                precondition.check(key, current and current.stat)
+                precondition.check(key, current and current.stat.etag)
                 stat = Stat(staged.size, sys.intern(content_type), staged.etag, expires_at)
                 self._commit(key, staged, stat, current)
                 self._index[key] = _Entry(stat, staged.data)
@@ -513,7 +524,7 @@ class MemoryStorage(Storage):
     def _delete(self, key: str, precondition: _Precondition) -> bool:
         with self._lock_for(key):
             current = self._live(key)
-            precondition.check(key, current and current.stat)
+            precondition.check(key, current and current.stat.etag)
             entry = self._index.pop(key, None)
             if entry is not None:
                 self._erase(key, entry)
@@ -621,6 +632,10 @@ class FileStorage(MemoryStorage):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.path!r}, fsync={self.fsync!r})"
+
+    @property
+    def location(self) -> str:  # type: ignore[override]
+        return f"in {self.path}"
 
     def close(self) -> None:
         if self._lock_file is not None:
@@ -787,14 +802,152 @@ class FileStorage(MemoryStorage):
                 os.close(fd)
 
 
+class RedisStorage(Storage):
+    """Values in Redis, so that several kvserver processes on several machines serve one store.
+
+    Each key is a Redis hash named `<prefix><key>` with the fields value, type, etag and
+    expires; a TTL is also the hash's Redis expiry. Compare-and-set uses WATCH/MULTI, so it
+    is atomic across processes. Values travel whole, so they are limited to MAX_VALUE (Redis
+    strings stop at 512 MB). Needs the redis package: pip install 'kvserver[redis]'.
+    """
+
+    kind = "redis"
+    MAX_VALUE = 512 * 1024 * 1024 - 1
+    _FIELDS = (b"value", b"type", b"etag", b"expires")
+
+    def __init__(self, url: str = "redis://localhost:6379/0", *, prefix: str = "kvserver:") -> None:
+        try:
+            import redis
+        except ImportError:
+            raise ModuleNotFoundError("RedisStorage needs redis-py: pip install 'kvserver[redis]'") from None
+        self.url = url
+        self.prefix = prefix
+        self._redis_errors = (redis.ConnectionError, redis.TimeoutError)
+        self._watch_error = redis.WatchError
+        self._client: Any = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)  # loosely typed
+        with self._reachable():
+            self._client.ping()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r}, prefix={self.prefix!r})"
+
+    @property
+    def location(self) -> str:  # type: ignore[override]
+        """The URL without its password, if it has one."""
+        return "at " + re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1…@", self.url)
+
+    def close(self) -> None:
+        self._client.close()
+
+    @contextlib.contextmanager
+    def _reachable(self) -> Iterator[None]:
+        """Turn redis-py's connection errors into StorageUnavailable."""
+        try:
+            yield
+        except self._redis_errors as error:
+            raise StorageUnavailable(f"cannot reach Redis at {self.url}: {error}") from None
+
+    def _name(self, key: str) -> bytes:
+        return (self.prefix + key).encode("utf-8")
+
+    @staticmethod
+    def _stat_of(size: int, content_type: bytes, etag: bytes, expires: bytes) -> Stat:
+        return Stat(size, content_type.decode(), etag.decode(), float(expires) if expires else None)
+
+    def _fetch(self, key: str) -> tuple[Stat, bytes | BinaryIO]:
+        with self._reachable():
+            value, content_type, etag, expires = self._client.hmget(self._name(key), self._FIELDS)
+        if value is None:
+            raise KeyError(key)
+        return self._stat_of(len(value), content_type, etag, expires), value
+
+    def _stat(self, key: str) -> Stat:
+        with self._reachable(), self._client.pipeline() as pipe:
+            pipe.hstrlen(self._name(key), "value")
+            pipe.hmget(self._name(key), self._FIELDS[1:])
+            size, (content_type, etag, expires) = pipe.execute()
+        if etag is None:
+            raise KeyError(key)
+        return self._stat_of(size, content_type, etag, expires)
+
+    def _keys(self, prefix: str) -> list[str]:
+        pattern = re.sub(rb"([*?\[\]\\])", rb"\\\1", self._name(prefix)) + b"*"
+        start = len(self.prefix.encode("utf-8"))
+        with self._reachable():
+            return sorted(name[start:].decode("utf-8") for name in self._client.scan_iter(match=pattern, count=1000))
+
+    def totals(self) -> tuple[int, int]:
+        keys = self._keys("")
+        with self._reachable(), self._client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hstrlen(self._name(key), "value")
+            sizes = [size for size in pipe.execute() if size]
+        return len(sizes), sum(sizes)
+
+    def _write(
+        self,
+        key: str,
+        chunks: Iterable[bytes],
+        content_type: str,
+        expires_at: float | None,
+        precondition: _Precondition,
+    ) -> tuple[Stat, bool]:
+        value = b"".join(chunks)
+        if len(value) > self.MAX_VALUE:
+            raise ValueError(f"Redis holds values of at most {self.MAX_VALUE} bytes, not {len(value)}")
+        stat = Stat(len(value), content_type, f"{_etag(len(value), _new_stamp())}-{secrets.token_hex(4)}", expires_at)
+        fields = {
+            "value": value,
+            "type": content_type,
+            "etag": stat.etag,
+            "expires": "" if expires_at is None else repr(expires_at),
+        }
+        current = self._transaction(key, precondition, lambda pipe, name: self._replace(pipe, name, fields, expires_at))
+        return stat, current is None
+
+    @staticmethod
+    def _replace(pipe: Any, name: bytes, fields: dict[str, Any], expires_at: float | None) -> None:
+        pipe.delete(name)
+        pipe.hset(name, mapping=fields)
+        if expires_at is not None:
+            pipe.pexpireat(name, int(expires_at * 1000))
+
+    def _delete(self, key: str, precondition: _Precondition) -> bool:
+        return self._transaction(key, precondition, lambda pipe, name: pipe.delete(name)) is not None
+
+    def _transaction(self, key: str, precondition: _Precondition, change: Callable[[Any, bytes], object]) -> str | None:
+        """Apply `change` to the key's hash if the precondition holds, atomically; return the
+        ETag the key had (None: it had no value)."""
+        name = self._name(key)
+        with self._reachable(), self._client.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(name)
+                    etag = pipe.hget(name, "etag")
+                    current = etag.decode() if etag is not None else None
+                    precondition.check(key, current)
+                    pipe.multi()
+                    change(pipe, name)
+                    pipe.execute()
+                    return current
+                except self._watch_error:
+                    continue  # another client changed the key between WATCH and EXEC: look again
+
+
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
 def open_storage(spec: str, *, fsync: bool = True) -> Storage:
-    """A storage from a short description: 'memory', 'files' (./data) or 'files:<path>'."""
+    """A storage from a short description: 'memory', 'files' (./data), 'files:<path>', or a
+    redis://, rediss:// or unix:// URL."""
+    if spec.startswith(_REDIS_SCHEMES):
+        return RedisStorage(spec)
     kind, _, argument = spec.partition(":")
     if kind == "memory" and not argument:
         return MemoryStorage()
     if kind == "files":
         return FileStorage(argument or "./data", fsync=fsync)
-    raise ValueError(f"unknown storage {spec!r}: use 'memory', 'files' or 'files:<path>'")
+    raise ValueError(f"unknown storage {spec!r}: use 'memory', 'files', 'files:<path>' or a redis:// URL")
 
 
 # HTTP
@@ -1193,6 +1346,8 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             self._send_problem(error.status, error.detail, error.headers)
         except PreconditionFailed as error:
             self._send_problem(HTTPStatus.PRECONDITION_FAILED, str(error))
+        except StorageUnavailable as error:
+            self._send_problem(HTTPStatus.SERVICE_UNAVAILABLE, f"{error}; try again later")
         except (_IncompleteBody, ConnectionError, TimeoutError):
             self.close_connection = True  # the client broke off or stalled; nothing was stored
         except Exception as error:
@@ -1555,7 +1710,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             current: Stat | None = self.storage.stat(key)
         except KeyError:
             current = None
-        _Precondition(if_match, if_none_match).check(key, current)
+        _Precondition(if_match, if_none_match).check(key, current.etag if current else None)
         body = self._request_body(self.server.max_value)
         content_type = self.headers.get("Content-Type", DEFAULT_CONTENT_TYPE)
         stat, created = self.storage.write(
@@ -1623,6 +1778,8 @@ class _XMLRPC:
             return self._dispatcher._dispatch(method, params)
         except xmlrpc.client.Fault:
             raise
+        except StorageUnavailable as error:
+            raise xmlrpc.client.Fault(503, f"{error}; try again later") from None
         except (ValueError, TypeError) as error:
             raise xmlrpc.client.Fault(400, f"{method}: {error}") from None
         except OSError as error:
@@ -1894,8 +2051,8 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError
     except ValueError:
         _fail(f"--max-connections takes a whole number of at least 1, not {args['--max-connections']!r}", 2)
-    if args["--storage"] not in ("files", "memory"):
-        _fail(f"--storage takes files or memory, not {args['--storage']!r}", 2)
+    if args["--storage"] not in ("files", "memory") and not args["--storage"].startswith(_REDIS_SCHEMES):
+        _fail(f"--storage takes files, memory or a redis:// URL, not {args['--storage']!r}", 2)
     token = args["--token"] if args["--token"] is not None else os.environ.get("KV_TOKEN") or None
     if token == "":
         _fail("--token takes a secret, not an empty string", 2)
@@ -1913,9 +2070,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args["--storage"] == "memory":
             storage: Storage = MemoryStorage()
-        else:
+        elif args["--storage"] == "files":
             storage = FileStorage(args["--data-dir"], fsync=not args["--no-fsync"])
-    except DataDirLocked as error:
+        else:
+            storage = RedisStorage(args["--storage"])
+            max_value = min(max_value, RedisStorage.MAX_VALUE)
+    except (DataDirLocked, StorageUnavailable, ImportError) as error:
         _fail(str(error), 1)
     except OSError as error:
         _fail(f"cannot use data dir {args['--data-dir']}: {error.strerror or error}", 1)
@@ -1934,9 +2094,8 @@ def main(argv: list[str] | None = None) -> None:
         storage.close()
         _fail(f"cannot listen on {args['--bind']} port {port}: {error.strerror or error}", 1)
 
-    where = f"in {storage.path}" if isinstance(storage, FileStorage) else "in memory"
     print(
-        f"kvserver {__version__} serving {server.url} with {storage.kind} storage {where}: "
+        f"kvserver {__version__} serving {server.url} with {storage.kind} storage {storage.location}: "
         f"{len(storage)} keys loaded in {loaded:.3f} s",
         flush=True,
     )

@@ -351,6 +351,27 @@ class StorageContract:
         assert store.get("k") == b"new"
         assert stat.expires_at is None
 
+    def test_listing_keys_never_removes_a_value_written_after_the_old_one_expired(self, store):
+        store.put("k", b"old", ttl=1)
+        wait_for(lambda: "k" not in store, timeout=TTL_DEADLINE, interval=0.05, what="the key to expire")
+        # Another thread's write lands just as keys() gets round to sweeping the expired value.
+        real_lock_for = store._lock_for
+        armed = True
+
+        def lock_for(key):
+            nonlocal armed
+            if armed and key == "k":
+                armed = False
+                store.put("k", b"fresh")
+            return real_lock_for(key)
+
+        store._lock_for = lock_for
+        store.keys()
+        del store._lock_for
+        assert not armed, "keys() did not sweep the expired key"
+        assert store.get("k") == b"fresh"
+        assert store.keys() == ["k"]
+
     @pytest.mark.parametrize("ttl", [0, -1, 1.5, True, False, "60", 60.0])
     def test_a_ttl_that_is_not_a_positive_whole_number_is_a_value_error(self, store, ttl):
         store.put("k", b"old")

@@ -1,0 +1,264 @@
+"""The command line of SPEC section 1: start line, options, signals, exit codes and messages,
+with `python kvserver.py` run as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import KVSERVER, wait_for
+
+RUN_TIMEOUT = 10.0
+
+
+def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run kvserver to completion (it is expected to exit by itself) and capture its output."""
+    env = {name: value for name, value in os.environ.items() if name != "KV_TOKEN"}
+    return subprocess.run(
+        [sys.executable, str(KVSERVER), *args],
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        cwd=cwd,
+        env=env,
+    )
+
+
+def one_line(result: subprocess.CompletedProcess[str]) -> str:
+    """The single line a failed start printed, checked to be alone and no traceback."""
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output, output
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line, got {lines!r}"
+    return lines[0]
+
+
+def has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+# Start-up
+
+
+def test_the_start_line_gives_version_url_storage_keys_loaded_and_time(make_server, tmp_path):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    for name in ["alpha", "beta", "gamma"]:
+        (data_dir / name).write_bytes(name.encode())
+    server = make_server("--quiet")
+    line = server.start_line
+    assert "0.1.0" in line
+    assert re.search(r"http://127\.0\.0\.1:\d+/", line), line
+    assert "files" in line
+    assert re.search(r"\b3 keys?\b", line), line
+    assert re.search(r"\d+(\.\d+)?\s*(s|ms|seconds?)\b", line), line
+    assert server.get("/get?key=beta").body == b"beta"
+
+
+def test_the_start_line_is_printed_at_once_while_the_server_runs(make_server):
+    started = time.monotonic()
+    server = make_server("--quiet")  # stdout is a pipe: the line arrives only if it is flushed
+    assert time.monotonic() - started < 5
+    assert server.process.poll() is None
+    assert server.get("/health").status == 200
+
+
+def test_port_0_picks_a_free_port_and_prints_it(make_server, tmp_path):
+    first = make_server("--quiet", data_dir=tmp_path / "one")
+    second = make_server("--quiet", data_dir=tmp_path / "two")
+    assert first.port != 0 and second.port != 0
+    assert first.port != second.port
+    assert f":{first.port}/" in first.start_line
+    assert first.get("/set?which=one").status == 201
+    assert second.get("/get?key=which").status == 404
+
+
+def test_bind_takes_an_ipv6_address(make_server):
+    if not has_ipv6_loopback():
+        pytest.skip("this machine has no IPv6 loopback")
+    server = make_server("--quiet", "--bind", "::1")
+    assert "http://[::1]:" in server.start_line
+    assert server.host == "::1"
+    assert server.get("/set?over=ipv6").status == 201
+    assert server.get("/get?key=over").body == b"ipv6"
+
+
+def test_a_missing_data_dir_is_created(make_server, tmp_path):
+    data_dir = tmp_path / "not" / "yet" / "there"
+    server = make_server("--quiet", data_dir=data_dir)
+    assert data_dir.is_dir()
+    assert server.get("/set?name=Guido").status == 201
+    assert (data_dir / "name").read_bytes() == b"Guido"
+
+
+def test_a_restart_keeps_the_values_and_the_file_holds_exactly_the_value(make_server):
+    server = make_server("--quiet")
+    assert server.get("/set?name=Guido").status == 201
+    assert server.get("/set?name=Guido").status == 200
+    assert server.stop() == 0
+    assert (server.data_dir / "name").read_bytes() == b"Guido"
+    server.start()
+    assert re.search(r"\b1 keys?\b", server.start_line), server.start_line
+    response = server.get("/get?key=name")
+    assert response.status == 200
+    assert response.body == b"Guido"
+    assert response.headers["Content-Type"] == "text/plain; charset=utf-8"
+
+
+def test_no_fsync_still_stores_values(make_server):
+    server = make_server("--quiet", "--no-fsync")
+    assert server.get("/set?name=Guido").status == 201
+    assert (server.data_dir / "name").read_bytes() == b"Guido"
+    server.restart()
+    assert server.get("/get?key=name").body == b"Guido"
+
+
+def test_memory_storage_loses_its_values_on_restart(make_server):
+    server = make_server("--quiet", "--storage", "memory")
+    assert "memory" in server.start_line
+    assert server.get("/set?name=Guido").status == 201
+    assert server.get("/get?key=name").body == b"Guido"
+    server.restart()
+    assert server.get("/get?key=name").status == 404
+    assert server.get("/health").json()["keys"] == 0
+
+
+# Stopping
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_the_server_with_exit_0_and_one_line(make_server, sig):
+    server = make_server("--quiet")
+    assert server.get("/set?name=Guido").status == 201
+    with socket.create_connection((server.host, server.port), timeout=10) as idle:
+        idle.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert idle.recv(65536).startswith(b"HTTP/1.1 200 ")
+        # the connection is now idle, kept alive: it must not hold the stop up
+        assert server.stop(sig) == 0
+    lines = [line for line in server.stdout_rest.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert "Traceback" not in server.stderr()
+    assert server.stderr().strip() == ""
+
+
+def test_a_request_in_flight_finishes_during_shutdown(make_server):
+    server = make_server("--quiet")
+    with socket.create_connection((server.host, server.port), timeout=10) as sock:
+        sock.sendall(
+            b"PUT /kv/slow HTTP/1.1\r\nHost: localhost\r\nContent-Type: text/plain\r\n"
+            b"Transfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n"
+        )
+        reader = sock.makefile("rb")
+        assert reader.readline().startswith(b"HTTP/1.1 100 ")  # the server is reading the body now
+        assert reader.readline() == b"\r\n"
+        sock.sendall(b"6\r\nhello \r\n")
+        server.process.send_signal(signal.SIGTERM)
+
+        def refuses_connections() -> bool:
+            try:
+                socket.create_connection((server.host, server.port), timeout=1).close()
+            except OSError:
+                return True
+            return False
+
+        wait_for(refuses_connections, timeout=5, what="the server to stop accepting connections")
+        assert server.process.poll() is None, "the server exited with a request in flight"
+        sock.sendall(b"5\r\nworld\r\n0\r\n\r\n")
+        status_line = reader.readline()
+        assert status_line.startswith(b"HTTP/1.1 201 "), status_line
+    assert server.process.wait(10) == 0
+    assert (server.data_dir / "slow").read_bytes() == b"hello world"
+    assert "Traceback" not in server.stderr()
+
+
+# Command-line errors: exit 2, one line naming the option
+
+
+@pytest.mark.parametrize(
+    "args, option",
+    [
+        (["--port", "abc"], "--port"),
+        (["--port", "70000"], "--port"),
+        (["--port=-1"], "--port"),
+        (["--bogus"], "--bogus"),
+        (["--max-value", "12X"], "--max-value"),
+        (["--max-value", "-5"], "--max-value"),
+        (["--storage", "nosuch"], "--storage"),
+    ],
+)
+def test_a_bad_command_line_exits_2_with_one_line_naming_the_option(tmp_path, args, option):
+    result = run(*args, cwd=tmp_path)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert option in one_line(result)
+    assert not (tmp_path / "data").exists()
+
+
+# Start-up failures: exit 1, one line naming the problem
+
+
+def test_a_port_in_use_exits_1_with_one_line(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run("--port", str(port), "--data-dir", str(tmp_path / "data"), cwd=tmp_path)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    line = one_line(result)
+    assert str(port) in line
+    assert "in use" in line.lower()
+
+
+def test_a_data_dir_that_cannot_be_made_exits_1_with_one_line(tmp_path):
+    (tmp_path / "file").write_text("a regular file, not a folder")
+    data_dir = tmp_path / "file" / "data"
+    result = run("--port", "0", "--data-dir", str(data_dir), cwd=tmp_path)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    line = one_line(result)
+    assert str(data_dir) in line
+    assert "data dir" in line.lower()
+
+
+def test_a_data_dir_locked_by_a_running_kvserver_exits_1_with_one_line(make_server, tmp_path):
+    first = make_server("--quiet")
+    assert first.get("/set?name=Guido").status == 201
+    result = run("--port", "0", "--data-dir", str(first.data_dir), cwd=tmp_path)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    line = one_line(result)
+    assert str(first.data_dir) in line
+    assert "another kvserver" in line.lower() or "lock" in line.lower()
+    assert first.get("/get?key=name").body == b"Guido"
+    assert (first.data_dir / "name").read_bytes() == b"Guido"
+
+
+# --version and --help
+
+
+def test_version_prints_the_version_and_exits_0(tmp_path):
+    result = run("--version", cwd=tmp_path)
+    assert result.returncode == 0
+    assert result.stdout == "kvserver 0.1.0\n"
+    assert result.stderr == ""
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_prints_the_usage_and_exits_0(tmp_path, flag):
+    result = run(flag, cwd=tmp_path)
+    assert result.returncode == 0
+    assert result.stdout.lstrip().startswith("kvserver")
+    assert "Usage:" in result.stdout
+    for option in ["--port", "--bind", "--storage", "--data-dir", "--max-value", "--no-fsync", "--quiet", "--version"]:
+        assert option in result.stdout
+    assert result.stderr == ""
+    assert not (tmp_path / "data").exists()

@@ -1312,6 +1312,10 @@ class KVRequestHandler(BaseHTTPRequestHandler):
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         self._status = int(code) if isinstance(code, (int, HTTPStatus)) else None
 
+    def log_date_time_string(self) -> str:
+        """The local time as Common Log Format writes it: 10/Oct/2000:13:55:36 -0700."""
+        return time.strftime("%d/%b/%Y:%H:%M:%S %z")
+
     def log_message(self, format: str, *args: Any) -> None:
         if not self.server.quiet:
             sys.stderr.write(f"{self.address_string()} - - [{self.log_date_time_string()}] {format % args}\n")

@@ -574,6 +574,11 @@ def _key_from_name(name: str) -> str | None:
     return key if _file_name(key) == name else None
 
 
+def _printable(path: str) -> str:
+    """A path as any stream can print it: name bytes that are not UTF-8 become \\x escapes."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _sniff_file(path: str) -> str:
     """Like sniff_content_type, for a file too large to read into memory at once."""
     decoder = codecs.getincrementaldecoder("utf-8")()
@@ -656,7 +661,7 @@ class FileStorage(MemoryStorage):
             if name.startswith("."):
                 continue  # .kvserver, and hidden files such as .gitkeep
             if not dir_entry.is_file(follow_symlinks=False):
-                print(f"kvserver: skipping {dir_entry.path}: not a regular file", file=sys.stderr)
+                print(f"kvserver: skipping {_printable(dir_entry.path)}: not a regular file", file=sys.stderr)
                 continue
             file_stat = dir_entry.stat(follow_symlinks=False)
             etag = _etag(file_stat.st_size, file_stat.st_mtime_ns)
@@ -667,10 +672,11 @@ class FileStorage(MemoryStorage):
             else:
                 key, content_type, expires_at = _key_from_name(name), None, None
                 if key is None:
-                    print(f"kvserver: skipping {dir_entry.path}: its name is not a key", file=sys.stderr)
+                    print(f"kvserver: skipping {_printable(dir_entry.path)}: its name is not a key", file=sys.stderr)
                     continue
             if expires_at is not None and expires_at <= now:
                 os.unlink(dir_entry.path)
+                unused_metadata.add(name)  # its metadata goes too, below
                 continue
             data = None
             if file_stat.st_size <= SMALL_VALUE:
@@ -684,9 +690,21 @@ class FileStorage(MemoryStorage):
             os.unlink(os.path.join(self._meta, name))
 
     def _read_metadata(self, name: str) -> dict[str, dict[str, Any]]:
-        with open(os.path.join(self._meta, name), "rb") as file:
-            records: dict[str, dict[str, Any]] = json.load(file)
-        return records
+        """The records of a metadata file; none if it is damaged (written by hand, or cut off
+        by a power loss under --no-fsync), so that its value loads with derived metadata."""
+        path = os.path.join(self._meta, name)
+        try:
+            with open(path, "rb") as file:
+                records = json.load(file)
+            if isinstance(records, dict) and all(
+                isinstance(record, dict) and {"key", "content_type", "expires_at"} <= record.keys()
+                for record in records.values()
+            ):
+                return records
+        except ValueError:
+            pass
+        print(f"kvserver: ignoring {_printable(path)}: it is not a metadata file kvserver wrote", file=sys.stderr)
+        return {}
 
     # Reads
 
@@ -735,8 +753,9 @@ class FileStorage(MemoryStorage):
         name = _file_name(key)
         if self._needs_metadata(key, name, stat, staged.data):
             records = {stat.etag: self._record(key, stat)}
-            if current is not None:
-                records[current.stat.etag] = self._record(key, current.stat)
+            previous = self._index.get(key)  # expired or not: its file is in place until the rename
+            if previous is not None:
+                records[previous.stat.etag] = self._record(key, previous.stat)
             # Crash before the next line: the old value and its metadata, as before.
             self._write_durably(os.path.join(self._meta, name), json.dumps(records).encode())
             # Crash here: the metadata knows both versions; the old value file is in place.

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import KVSERVER, wait_for
+from conftest import KVSERVER, Server, wait_for
 
 RUN_TIMEOUT = 10.0
 
@@ -95,12 +95,21 @@ def test_bind_takes_an_ipv6_address(make_server):
     assert server.get("/get?key=over").body == b"ipv6"
 
 
-def test_a_missing_data_dir_is_created(make_server, tmp_path):
+def test_a_missing_data_dir_is_created_with_its_parents(tmp_path):
     data_dir = tmp_path / "not" / "yet" / "there"
-    server = make_server("--quiet", data_dir=data_dir)
-    assert data_dir.is_dir()
-    assert server.get("/set?name=Guido").status == 201
-    assert (data_dir / "name").read_bytes() == b"Guido"
+    # Server runs in its data_dir's parent, so name an existing folder there and pass the real one.
+    server = Server(["--quiet", "--data-dir", str(data_dir)], tmp_path / "cwd", tmp_path / "server.log")
+    try:
+        server.start()
+        assert data_dir.is_dir()
+        assert str(data_dir) in server.start_line
+        assert server.get("/set?name=Guido").status == 201
+        assert (data_dir / "name").read_bytes() == b"Guido"
+        assert server.stop() == 0
+    finally:
+        if server.process is not None and server.process.poll() is None:
+            server.process.kill()
+            server.process.wait(10)
 
 
 def test_a_restart_keeps_the_values_and_the_file_holds_exactly_the_value(make_server):

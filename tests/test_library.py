@@ -161,8 +161,7 @@ def test_the_spec_snippet_runs_against_file_storage(tmp_path, monkeypatch):
     big_source.write_bytes(b"B" * (200 * 1024))
     fileobj = io.BytesIO()
 
-    # RedisStorage is left out of the import: it is issue 6's (SPEC section 7, "Redis storage").
-    from kvserver import FileStorage, MemoryStorage, open_storage  # noqa: F401
+    from kvserver import FileStorage, MemoryStorage, RedisStorage, open_storage  # noqa: F401
 
     store = FileStorage("./data")  # or open_storage("files:./data")
     assert store.put("greeting", b"hello") == "greeting"  # returns the key

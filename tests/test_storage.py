@@ -128,8 +128,9 @@ class StorageContract:
         assert store.keys() == ["other"]
         assert store.get("other") == b"untouched"
 
-    def test_an_invalid_key_is_not_in_the_store(self, store, bad_key):
-        assert bad_key not in store
+    def test_membership_of_an_invalid_key_raises_value_error(self, store, bad_key):
+        with pytest.raises(ValueError):
+            bad_key in store  # noqa: B015
 
     def test_delete_removes_the_key(self, store, key):
         store.put(key, b"v")

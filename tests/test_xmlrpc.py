@@ -11,11 +11,12 @@ import contextlib
 import datetime
 import json
 import urllib.parse
+import uuid
 import xmlrpc.client
 from collections.abc import Iterator
 
 import pytest
-from conftest import wait_for
+from conftest import Server, wait_for
 
 TEXT = "text/plain; charset=utf-8"
 BYTES = "application/octet-stream"
@@ -34,6 +35,27 @@ def rpc(server) -> Iterator[xmlrpc.client.ServerProxy]:
     """A ServerProxy that can send None, like the seed's server (allow_none=True)."""
     with proxy(server, allow_none=True) as rpc:
         yield rpc
+
+
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory) -> Iterator[Server]:
+    """One server for the many parametrised cases that each use keys of their own (see `key`)."""
+    folder = tmp_path_factory.mktemp("shared")
+    server = Server(["--data-dir", str(folder / "data"), "--quiet"], folder / "data", folder / "server.log").start()
+    yield server
+    assert server.stop() == 0, server.stderr()
+
+
+@pytest.fixture
+def shared_rpc(shared_server) -> Iterator[xmlrpc.client.ServerProxy]:
+    with proxy(shared_server, allow_none=True) as rpc:
+        yield rpc
+
+
+@pytest.fixture
+def key() -> str:
+    """A key no other test uses."""
+    return f"key-{uuid.uuid4().hex}"
 
 
 def kv_path(key: str) -> str:
@@ -98,12 +120,12 @@ def test_get_on_the_endpoint_is_405_with_allow_post(server):
 
 def test_the_seed_exercise_session_works_as_written_in_python_3(server):
     # Terminal 2: from xmlrpclib import ServerProxy; s = ServerProxy("http://localhost:15000")
-    with proxy(server) as s:
+    with xmlrpc.client.ServerProxy(f"http://localhost:{server.port}") as s:
         assert s.save("name", "Guido") is None
         assert s.save("nameserver", "8.8.8.8") is None
         assert s.save("ports", [4050, 5100, 5200]) is None
     # Terminal 3: a second client, on its own connection.
-    with proxy(server) as s:
+    with xmlrpc.client.ServerProxy(f"http://localhost:{server.port}") as s:
         assert s.load("name") == "Guido"
         assert s.load("nameserver") == "8.8.8.8"
         assert s.load("ports") == [4050, 5100, 5200]
@@ -166,15 +188,12 @@ def assert_same_typed(loaded, saved) -> None:
 
 
 @pytest.mark.parametrize(("value", "media_type"), ROUND_TRIPS)
-def test_a_saved_value_loads_back_with_its_type(rpc, value, media_type):
-    assert rpc.save("value", value) is None
-    assert_same_typed(rpc.load("value"), value)
-
-
-@pytest.mark.parametrize(("value", "media_type"), ROUND_TRIPS)
-def test_a_saved_value_is_served_over_http_with_the_media_type_of_its_type(server, rpc, value, media_type):
-    rpc.save("value", value)
-    response = server.get("/kv/value")
+def test_a_saved_value_loads_back_with_its_type_and_is_served_over_http_with_its_media_type(
+    shared_server, shared_rpc, key, value, media_type
+):
+    assert shared_rpc.save(key, value) is None
+    assert_same_typed(shared_rpc.load(key), value)
+    response = shared_server.get(kv_path(key))
     assert response.status == 200
     assert response.headers["Content-Type"] == media_type
     if media_type == TEXT:
@@ -293,8 +312,8 @@ def test_list_methods_names_save_load_delete_and_keys(rpc):
 
 
 @pytest.mark.parametrize("method", ["save", "load", "delete", "keys"])
-def test_method_help_says_how_to_call_each_method(rpc, method):
-    help_text = rpc.system.methodHelp(method)
+def test_method_help_says_how_to_call_each_method(shared_rpc, method):
+    help_text = shared_rpc.system.methodHelp(method)
     assert help_text.strip()
     assert f"{method}(" in help_text
 
@@ -340,10 +359,10 @@ def test_a_value_set_with_the_form_shape_loads_as_str(rpc, server):
         ("text/csv; charset=utf-8", b"a,b\n1,2\n", "a,b\n1,2\n"),
     ],
 )
-def test_a_value_put_over_rest_loads_by_its_media_type(rpc, server, content_type, body, expected):
-    response = server.request("PUT", "/kv/put", body=body, headers={"Content-Type": content_type})
+def test_a_value_put_over_rest_loads_by_its_media_type(shared_rpc, shared_server, key, content_type, body, expected):
+    response = shared_server.request("PUT", kv_path(key), body=body, headers={"Content-Type": content_type})
     assert response.status == 201
-    assert_same_typed(rpc.load("put"), expected)
+    assert_same_typed(shared_rpc.load(key), expected)
 
 
 def test_a_value_put_over_rest_with_no_media_type_loads_as_binary(rpc, server):
@@ -385,7 +404,7 @@ def test_values_saved_over_xmlrpc_are_listed_and_deleted_over_http(rpc, server):
 
 
 @pytest.mark.parametrize(
-    ("key", "says"),
+    ("bad_key", "says"),
     [
         pytest.param("", "1 to 1024 bytes", id="empty"),
         pytest.param("a\tb", "control character", id="tab"),
@@ -395,11 +414,13 @@ def test_values_saved_over_xmlrpc_are_listed_and_deleted_over_http(rpc, server):
         pytest.param("é" * 513, "1026", id="1026-bytes-of-513-characters"),
     ],
 )
-def test_an_invalid_key_is_a_fault_that_names_the_rule(rpc, key, says):
-    for call, args in [(rpc.save, (key, "v")), (rpc.load, (key,)), (rpc.delete, (key,))]:
+def test_an_invalid_key_is_a_fault_that_names_the_rule(shared_rpc, bad_key, says):
+    rpc = shared_rpc
+    before = rpc.keys()
+    for call, args in [(rpc.save, (bad_key, "v")), (rpc.load, (bad_key,)), (rpc.delete, (bad_key,))]:
         fault = fault_of(call, *args)
         assert says in fault.faultString
-    assert rpc.keys() == []
+    assert rpc.keys() == before
     assert_still_serving(rpc)
 
 
@@ -419,12 +440,12 @@ def test_a_key_that_is_not_a_string_is_a_fault(rpc):
         pytest.param({"when": xmlrpc.client.DateTime("20240102T03:04:05")}, id="dateTime-in-a-struct"),
     ],
 )
-def test_a_datetime_value_is_a_fault_and_stores_nothing(rpc, server, value):
-    fault = fault_of(rpc.save, "when", value)
+def test_a_datetime_value_is_a_fault_and_stores_nothing(shared_rpc, shared_server, key, value):
+    fault = fault_of(shared_rpc.save, key, value)
     assert "dateTime" in fault.faultString
-    assert rpc.load("when") is None
-    assert server.get("/kv/when").status == 404
-    assert_still_serving(rpc)
+    assert shared_rpc.load(key) is None
+    assert shared_server.get(kv_path(key)).status == 404
+    assert_still_serving(shared_rpc)
 
 
 def test_a_datetime_value_does_not_replace_an_existing_value(rpc):
@@ -449,12 +470,13 @@ def test_a_binary_inside_a_list_is_a_fault_and_stores_nothing(rpc):
         b'{"outer": {"inner": [-2147483649]}}',
     ],
 )
-def test_loading_a_stored_integer_too_large_for_32_bits_is_a_fault(rpc, server, body):
-    server.request("PUT", "/kv/big-int", body=body, headers={"Content-Type": "application/json"})
-    fault = fault_of(rpc.load, "big-int")
+def test_loading_a_stored_integer_too_large_for_32_bits_is_a_fault(shared_rpc, shared_server, key, body):
+    rpc, server = shared_rpc, shared_server
+    server.request("PUT", kv_path(key), body=body, headers={"Content-Type": "application/json"})
+    fault = fault_of(rpc.load, key)
     assert "32" in fault.faultString
     assert "/kv/" in fault.faultString  # says where to read it instead
-    assert server.get("/kv/big-int").body == body  # the value is left as it was
+    assert server.get(kv_path(key)).body == body  # the value is left as it was
     assert_still_serving(rpc)
 
 
@@ -476,21 +498,23 @@ def test_an_unknown_method_is_a_fault_that_points_to_list_methods(rpc):
         ("keys", ("a", "b")),
     ],
 )
-def test_a_wrong_number_of_arguments_is_a_fault_that_shows_the_signature(rpc, method, args):
+def test_a_wrong_number_of_arguments_is_a_fault_that_shows_the_signature(shared_rpc, method, args):
+    rpc = shared_rpc
+    before = rpc.keys()
     fault = fault_of(getattr(rpc, method), *args)
     # The message must tell an XML-RPC caller how to call the method, not count Python's `self`.
     usage = {"load": "load(key)", "save": "save(key, value[, ttl])", "delete": "delete(key)", "keys": "keys([prefix])"}
     assert usage[method] in fault.faultString
-    assert rpc.keys() == []
+    assert rpc.keys() == before
     assert_still_serving(rpc)
 
 
 @pytest.mark.parametrize("ttl", [0, -1, 1.5, "60", True, [60]])
-def test_a_bad_ttl_is_a_fault_and_stores_nothing(rpc, ttl):
-    fault = fault_of(rpc.save, "k", "v", ttl)
+def test_a_bad_ttl_is_a_fault_and_stores_nothing(shared_rpc, key, ttl):
+    fault = fault_of(shared_rpc.save, key, "v", ttl)
     assert "TTL" in fault.faultString
-    assert rpc.load("k") is None
-    assert_still_serving(rpc)
+    assert shared_rpc.load(key) is None
+    assert_still_serving(shared_rpc)
 
 
 @pytest.mark.parametrize(
@@ -519,7 +543,8 @@ def test_a_bad_ttl_is_a_fault_and_stores_nothing(rpc, ttl):
         ),
     ],
 )
-def test_a_malformed_request_body_is_answered_and_the_connection_goes_on(server, body):
+def test_a_malformed_request_body_is_answered_and_the_connection_goes_on(shared_server, key, body):
+    server = shared_server
     connection = server.connect(timeout=10)
     response = server.request("POST", "/RPC2", body=body, headers={"Content-Type": "text/xml"}, connection=connection)
     assert response.status != 500
@@ -531,7 +556,7 @@ def test_a_malformed_request_body_is_answered_and_the_connection_goes_on(server,
     else:
         assert 400 <= response.status < 500
     assert response.headers.get("Connection", "").lower() != "close"
-    good = xmlrpc.client.dumps(("k",), "load").encode()
+    good = xmlrpc.client.dumps((key,), "load").encode()
     again = server.request("POST", "/RPC2", body=good, headers={"Content-Type": "text/xml"}, connection=connection)
     assert again.status == 200
     assert xmlrpc.client.loads(again.body)[0] == (None,)

@@ -146,6 +146,19 @@ def _is_text(content_type: str) -> bool:
     )
 
 
+def _parse_json(data: bytes) -> Any:
+    """A JSON value, strictly: ValueError for NaN and Infinity (not JSON, though Python's json
+    reads them) and for nesting too deep to parse."""
+
+    def reject(constant: str) -> NoReturn:
+        raise ValueError(f"{constant} is not JSON")
+
+    try:
+        return json.loads(data, parse_constant=reject)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
 def _is_json(content_type: str) -> bool:
     """Whether the media type is application/json, whatever its parameters."""
     return content_type.partition(";")[0].strip().lower() == "application/json"
@@ -181,12 +194,20 @@ def _new_stamp() -> int:
         return _last_stamp
 
 
+def _stamps_after(stamp: int) -> None:
+    """Make every later stamp larger than `stamp` (a modification time found on disk), so that
+    a clock set back, or a file dated in the future, cannot make an ETag repeat."""
+    global _last_stamp
+    with _stamp_lock:
+        _last_stamp = max(_last_stamp, stamp)
+
+
 def _expiry(ttl: int | None) -> float | None:
     """The Unix time a value written now with `ttl` seconds to live expires."""
     if ttl is None:
         return None
-    if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl <= 0:
-        raise ValueError(f"a TTL is a positive whole number of seconds, not {ttl!r}")
+    if isinstance(ttl, bool) or not isinstance(ttl, int) or not 0 < ttl < 10**12:
+        raise ValueError(f"a TTL is a whole number of seconds from 1 to 10**12 - 1, not {ttl!r}")
     return time.time() + ttl
 
 
@@ -636,6 +657,7 @@ class FileStorage(MemoryStorage):
                 f"data dir {self.path} is in use by another kvserver; stop it or pick another"
             ) from None
         try:
+            self._check_file_system()
             self._load()
         except BaseException:
             self.close()
@@ -654,6 +676,23 @@ class FileStorage(MemoryStorage):
             self._lock_file = None
 
     # Start-up
+
+    def _check_file_system(self) -> None:
+        """Refuse a file system that would break the format: one that rounds modification times
+        (ETags could repeat) or ignores the case of names (keys 'A' and 'a' would share a file)."""
+        fd, path = tempfile.mkstemp(dir=self._tmp, prefix="probe-")
+        try:
+            stamp = _new_stamp() | 1  # an odd number of nanoseconds does not survive rounding
+            os.utime(fd, ns=(stamp, stamp))
+            rounds = os.fstat(fd).st_mtime_ns != stamp
+            folds = os.path.exists(os.path.join(self._tmp, os.path.basename(path).swapcase()))
+        finally:
+            os.close(fd)
+            os.unlink(path)
+        if rounds:
+            raise OSError(errno.EOPNOTSUPP, "its file system rounds modification times; kvserver needs nanoseconds")
+        if folds:
+            raise OSError(errno.EOPNOTSUPP, "its file system ignores the case of names; kvserver needs it kept")
 
     def _load(self) -> None:
         """Build the index from the data dir; remove temporary files, expired values and
@@ -692,6 +731,7 @@ class FileStorage(MemoryStorage):
                 content_type = sniff_content_type(data) if data is not None else _sniff_file(dir_entry.path)
             stat = Stat(file_stat.st_size, sys.intern(content_type), etag, expires_at)
             self._index[key] = _Entry(stat, data)
+            _stamps_after(file_stat.st_mtime_ns)
         for name in unused_metadata:
             os.unlink(os.path.join(self._meta, name))
 
@@ -703,7 +743,10 @@ class FileStorage(MemoryStorage):
             with open(path, "rb") as file:
                 records = json.load(file)
             if isinstance(records, dict) and all(
-                isinstance(record, dict) and {"key", "content_type", "expires_at"} <= record.keys()
+                isinstance(record, dict)
+                and isinstance(record.get("key"), str)
+                and isinstance(record.get("content_type"), str)
+                and isinstance(record.get("expires_at", ""), (int, float, type(None)))
                 for record in records.values()
             ):
                 return records
@@ -766,12 +809,13 @@ class FileStorage(MemoryStorage):
             self._write_durably(os.path.join(self._meta, name), json.dumps(records).encode())
             # Crash here: the metadata knows both versions; the old value file is in place.
             os.replace(staged.path, os.path.join(self.path, name))
+            self._sync_folder(self.path)
         else:
             os.replace(staged.path, os.path.join(self.path, name))
+            self._sync_folder(self.path)
             # Crash here: a stale metadata file matches no value file; removed at start.
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self._meta, name))
-        self._sync_folder(self.path)
 
     def _discard(self, staged: _Staged) -> None:
         if staged.path is not None:
@@ -782,10 +826,10 @@ class FileStorage(MemoryStorage):
         name = _file_name(key)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(self.path, name))
+        self._sync_folder(self.path)
         # Crash here: the metadata file matches no value file; removed at start.
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(self._meta, name))
-        self._sync_folder(self.path)
 
     @staticmethod
     def _needs_metadata(key: str, name: str, stat: Stat, data: bytes | None) -> bool:
@@ -870,7 +914,7 @@ class RedisStorage(Storage):
         try:
             yield
         except self._redis_errors as error:
-            raise StorageUnavailable(f"cannot reach Redis at {self.url}: {error}") from None
+            raise StorageUnavailable(f"cannot reach Redis {self.location}: {error}") from None
 
     def _name(self, key: str) -> bytes:
         return (self.prefix + key).encode("utf-8")
@@ -906,7 +950,9 @@ class RedisStorage(Storage):
         with self._reachable(), self._client.pipeline(transaction=False) as pipe:
             for key in keys:
                 pipe.hstrlen(self._name(key), "value")
-            sizes = [size for size in pipe.execute() if size]
+                pipe.hexists(self._name(key), "etag")  # HSTRLEN is 0 for an empty value and for none
+            results = pipe.execute()
+        sizes = [size for size, exists in zip(results[::2], results[1::2], strict=True) if exists]
         return len(sizes), sum(sizes)
 
     def _write(
@@ -1075,19 +1121,28 @@ class _ChunkedWriter:
             self._wfile.write(b"0\r\n\r\n")
 
 
-def _dump_value(key: str, stat: Stat, body: bytes | BinaryIO) -> object:
-    """How a value appears in the / dump (SPEC section 3)."""
-    if not isinstance(body, bytes) or stat.size > SMALL_VALUE:
-        if not isinstance(body, bytes):
-            body.close()
-        return {"size": stat.size, "href": "/kv/" + urllib.parse.quote(key, safe="")}
-    if _is_json(stat.content_type):
-        with contextlib.suppress(ValueError):
-            return json.loads(body)
-    try:
-        return body.decode("utf-8")
-    except UnicodeDecodeError:
-        return {"base64": base64.b64encode(body).decode("ascii")}
+def _value_href(key: str) -> str:
+    """The URL of a key's value: /kv/<key>, but /get?key=<key> for "." and "..", which browsers
+    and curl resolve away as dot-segments of a path (even as %2E): /kv/.. would be /."""
+    quoted = urllib.parse.quote(key, safe="")
+    return f"/get?key={quoted}" if key in (".", "..") else f"/kv/{quoted}"
+
+
+def _dump_entry(storage: Storage, key: str) -> object:
+    """How a value appears in the / dump (SPEC section 3); KeyError if it is gone."""
+    stat = storage.stat(key)  # first, so that a large value is not even opened
+    if stat.size <= SMALL_VALUE:
+        stat, body = storage.fetch(key)
+        if isinstance(body, bytes):
+            if _is_json(stat.content_type):
+                with contextlib.suppress(ValueError):
+                    return _parse_json(body)
+            try:
+                return body.decode("utf-8")
+            except UnicodeDecodeError:
+                return {"base64": base64.b64encode(body).decode("ascii")}
+        body.close()  # it grew since
+    return {"size": stat.size, "href": _value_href(key)}
 
 
 def _prefers_html(accept: str) -> bool:
@@ -1112,13 +1167,13 @@ h1 { font-size: 1.6rem; margin: 0 0 .3rem; color: #2b6cb0; }
 header span, .empty, nav { color: #666; }
 form { display: flex; flex-wrap: wrap; gap: .5rem; align-items: end; margin: .6rem 0; }
 label { display: flex; flex-direction: column; font-size: .8rem; color: #555; }
-input, button { font: inherit; padding: .35rem .5rem; border: 1px solid #bbb; border-radius: 4px; }
+input, button { font: inherit; line-height: 1.2; padding: .35rem .5rem; border: 1px solid #bbb; border-radius: 4px; }
 button { background: #2b6cb0; color: #fff; border-color: #2b6cb0; cursor: pointer; }
 table { width: 100%; border-collapse: collapse; margin-top: 1rem; }
 th, td { text-align: left; padding: .4rem .5rem; border-bottom: 1px solid #e3e3e3; }
 th { font-size: .8rem; text-transform: uppercase; color: #666; }
-td.key { font-family: ui-monospace, monospace; word-break: break-all; }
-td.size { text-align: right; white-space: nowrap; }
+td.key { font-family: ui-monospace, monospace; overflow-wrap: anywhere; }
+.size { text-align: right; white-space: nowrap; }
 .notice { background: #e6f4ea; border: 1px solid #9ad0a6; padding: .5rem .75rem; border-radius: 4px; }
 a { color: #2b6cb0; } a.delete { color: #b42318; }
 """
@@ -1140,11 +1195,10 @@ def _render_page(storage: Storage, page: list[str], next_key: str | None, prefix
             stat = storage.stat(key)
         except KeyError:
             continue  # deleted or expired since the listing
-        quoted = urllib.parse.quote(key, safe="")
         rows.append(
-            f'<tr><td class="key"><a href="/kv/{quoted}">{html.escape(key)}</a></td>'
+            f'<tr><td class="key"><a href="{_value_href(key)}">{html.escape(key)}</a></td>'
             f'<td class="size">{_human_size(stat.size)}</td><td>{html.escape(stat.content_type)}</td>'
-            f'<td><a class="delete" href="/delete?key={quoted}">delete</a></td></tr>'
+            f'<td><a class="delete" href="/delete?key={urllib.parse.quote(key, safe="")}">delete</a></td></tr>'
         )
     more = ""
     if next_key is not None:
@@ -1152,7 +1206,7 @@ def _render_page(storage: Storage, page: list[str], next_key: str | None, prefix
         more = f'<nav><a href="/?{html.escape(query)}">next page →</a></nav>'
     keys, size = storage.totals()
     table = (
-        f"<table><thead><tr><th>Key</th><th>Size</th><th>Media type</th><th></th></tr></thead>"
+        f'<table><thead><tr><th>Key</th><th class="size">Size</th><th>Media type</th><th></th></tr></thead>'
         f"<tbody>{''.join(rows)}</tbody></table>"
         if rows
         else '<p class="empty">No keys here yet.</p>'
@@ -1160,7 +1214,8 @@ def _render_page(storage: Storage, page: list[str], next_key: str | None, prefix
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
 <title>kvserver</title><style>{_PAGE_STYLE}</style></head>
-<body><header><h1>kvserver</h1><span>{keys} keys, {_human_size(size)}, {storage.kind} storage</span></header>
+<body><header><h1>kvserver</h1>
+<span>{keys} key{"" if keys == 1 else "s"}, {_human_size(size)}, {storage.kind} storage</span></header>
 {f'<p class="notice">{html.escape(notice)}</p>' if notice else ""}
 <form action="/set" method="get">
 <label>Key <input name="key" required></label>
@@ -1242,7 +1297,7 @@ def _is_loopback_host(host: str) -> bool:
         return False
 
 
-_REDACTED_VALUE = re.compile(r"=[^&\s]*")
+_REDACTED_VALUE = re.compile(r"=[^&]*")
 _LOG_ESCAPES = str.maketrans({c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)]})
 
 
@@ -1251,8 +1306,10 @@ def _redact(request_line: str) -> str:
     head, question, rest = request_line.partition("?")
     if not question:
         return request_line
-    query, space, version = rest.rpartition(" ") if " " in rest else (rest, "", "")
-    return head + "?" + _REDACTED_VALUE.sub("=…", query) + space + version
+    query, separator, version = rest.rpartition(" HTTP/")  # a bad request line's value may hold spaces
+    if not separator:
+        query, version = rest, ""
+    return head + "?" + _REDACTED_VALUE.sub("=…", query) + separator + version
 
 
 class KVRequestHandler(BaseHTTPRequestHandler):
@@ -1293,8 +1350,10 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         try:
             if not cast(io.BufferedReader, self.rfile).peek(1):
                 return  # the client closed the connection
-            self.server.request_started(self.connection)
-            self._status, self._sent, self._route, self._started = None, 0, "unmatched", time.perf_counter()
+            if not self.server.request_started(self.connection):
+                return  # stop() closed this connection as idle just as a request arrived
+            self._status, self._sent, self._body_unread = None, 0, False
+            self._route, self._started = "unmatched", time.perf_counter()
             super().handle_one_request()
         except (ConnectionError, TimeoutError, ssl.SSLError):
             self.close_connection = True  # idle too long, cut off by the head deadline, gone, or no TLS
@@ -1534,11 +1593,10 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         transfer_encoding = self.headers.get("Transfer-Encoding")
         length_header = self.headers.get_all("Content-Length") or []
         if transfer_encoding is not None:
-            if transfer_encoding.strip().lower() != "chunked" or length_header:
-                raise HTTPError(
-                    HTTPStatus.NOT_IMPLEMENTED if not length_header else HTTPStatus.BAD_REQUEST,
-                    "send the body with Content-Length or Transfer-Encoding: chunked (not both)",
-                )
+            if length_header:
+                raise HTTPError(HTTPStatus.BAD_REQUEST, "send Content-Length or Transfer-Encoding, not both")
+            if transfer_encoding.strip().lower() != "chunked":
+                raise HTTPError(HTTPStatus.NOT_IMPLEMENTED, "the only transfer coding this server takes is chunked")
             chunks = self._chunked_body(limit)
         elif not length_header:
             raise HTTPError(HTTPStatus.LENGTH_REQUIRED, "send a Content-Length header, or the body chunked")
@@ -1597,8 +1655,13 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             if self.rfile.readline(3) not in (b"\r\n", b"\n"):
                 raise HTTPError(HTTPStatus.BAD_REQUEST, "a chunk is longer than its size line says")
         for _ in range(100):  # trailer fields, ignored
-            if self.rfile.readline(CHUNK) in (b"\r\n", b"\n", b""):
+            line = self.rfile.readline(CHUNK)
+            if not line.endswith(b"\n"):
+                raise _IncompleteBody
+            if line in (b"\r\n", b"\n"):
                 break
+        else:  # what follows would be read as the next request
+            raise HTTPError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "send at most 100 trailer fields")
         self._body_done()
 
     def _body_done(self) -> None:
@@ -1635,7 +1698,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         else:
             self._send_json(status, {"key": key, "created": created}, {"ETag": f'"{stat.etag}"'})
 
-    def _fetch(self, key: str) -> tuple[Stat, bytes | BinaryIO]:
+    def _fetch_or_404(self, key: str) -> tuple[Stat, bytes | BinaryIO]:
         try:
             return self.storage.fetch(key)
         except KeyError:
@@ -1643,7 +1706,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
 
     def _route_get(self, path: str, query: str) -> None:
         key = _key(_fields(query, ("key",), "/get?key=<key>").get("key", b""))
-        self._send_value(*self._fetch(key))
+        self._send_value(*self._fetch_or_404(key))
 
     def _route_delete(self, path: str, query: str) -> None:
         key = _key(_fields(query, ("key",), "/delete?key=<key>").get("key", b""))
@@ -1706,12 +1769,10 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         separator = b"{"
         for key in self.storage.keys():
             try:
-                stat, body = self.storage.fetch(key)
+                value = _dump_entry(self.storage, key)
             except KeyError:
                 continue  # deleted or expired since the listing
-            writer.write(
-                separator + json.dumps(key).encode() + b": " + json.dumps(_dump_value(key, stat, body)).encode()
-            )
+            writer.write(separator + json.dumps(key).encode() + b": " + json.dumps(value).encode())
             separator = b", "
         writer.write(b"}" if separator == b", " else b"{}")
         writer.close()
@@ -1738,14 +1799,14 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         if if_none_match is not None and if_none_match.strip() != "*":
             raise HTTPError(HTTPStatus.BAD_REQUEST, 'on PUT and DELETE, If-None-Match takes only "*" (create only)')
         if if_match is None or if_match.strip() == "*":
-            return (if_match and "*"), if_none_match is not None
+            return ("*" if if_match is not None else None), if_none_match is not None
         tags = _etags(if_match)
         if len(tags) != 1 or tags[0].startswith("W/"):
             raise HTTPError(HTTPStatus.BAD_REQUEST, 'If-Match takes one strong ETag, as "<etag>", or *')
         return tags[0], if_none_match is not None
 
     def _route_kv_get(self, path: str, query: str) -> None:
-        self._send_value(*self._fetch(self._path_key(path)))
+        self._send_value(*self._fetch_or_404(self._path_key(path)))
 
     def _route_kv_put(self, path: str, query: str) -> None:
         key = self._path_key(path)
@@ -1756,8 +1817,12 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         except KeyError:
             current = None
         _Precondition(if_match, if_none_match).check(key, current.etag if current else None)
+        content_type = " ".join(self.headers.get("Content-Type", DEFAULT_CONTENT_TYPE).split())  # unfolds lines
+        if not content_type or not _HEADER_VALUE.fullmatch(content_type):
+            raise HTTPError(
+                HTTPStatus.BAD_REQUEST, f"Content-Type {content_type!r} is not a printable ASCII media type"
+            )
         body = self._request_body(self.server.max_value)
-        content_type = self.headers.get("Content-Type", DEFAULT_CONTENT_TYPE)
         stat, created = self.storage.write(
             key, body, content_type=content_type, ttl=ttl, if_match=if_match, if_none_match=if_none_match
         )
@@ -1877,7 +1942,7 @@ class _XMLRPC:
             body.close()
         if _is_json(stat.content_type):
             with contextlib.suppress(ValueError):
-                return self._check_ints(key, json.loads(data))
+                return self._check_ints(key, _parse_json(data))
         if _is_text(stat.content_type):
             with contextlib.suppress(UnicodeDecodeError):
                 return data.decode("utf-8")
@@ -2021,11 +2086,13 @@ class KVServer(ThreadingHTTPServer):
             self._idle.add(connection)
             return True
 
-    def request_started(self, connection: socket.socket) -> None:
-        """A request's first byte arrived: its head must be complete within HEAD_TIMEOUT."""
+    def request_started(self, connection: socket.socket) -> bool:
+        """A request's first byte arrived: its head must be complete within HEAD_TIMEOUT.
+        False if the server is stopping (and so has closed the connection as idle)."""
         with self._state_lock:
             self._idle.discard(connection)
             self._head_deadlines[connection] = time.monotonic() + HEAD_TIMEOUT
+            return not self.stopping
 
     def head_received(self, connection: socket.socket) -> None:
         with self._state_lock:
@@ -2149,13 +2216,13 @@ def main(argv: list[str] | None = None) -> None:
         storage.close()
         _fail(f"cannot listen on {args['--bind']} port {port}: {error.strerror or error}", 1)
 
-    print(
-        f"kvserver {__version__} serving {server.url} with {storage.kind} storage {storage.location}: "
-        f"{len(storage)} keys loaded in {loaded:.3f} s",
-        flush=True,
-    )
     signal.signal(signal.SIGTERM, _interrupt)
-    with contextlib.suppress(KeyboardInterrupt):
+    with contextlib.suppress(KeyboardInterrupt):  # a script may stop us as soon as it reads the start line
+        print(
+            f"kvserver {__version__} serving {server.url} with {storage.kind} storage {storage.location}: "
+            f"{len(storage)} keys loaded in {loaded:.3f} s",
+            flush=True,
+        )
         server.serve_forever()
     with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C stops the wait for requests in flight
         server.stop()

@@ -1,0 +1,376 @@
+"""The browser page of SPEC section 3 and issue 7: GET / for a client that prefers text/html.
+
+The first half drives the page in a real headless Chromium (Debian's, through Playwright) the way a
+person would: the form, the key links, the delete links, paging and the prefix filter. The second
+half checks, without a browser, which clients get the page and that it is inert: escaped, no
+script, a strict Content-Security-Policy."""
+
+from __future__ import annotations
+
+import os
+import re
+import urllib.parse
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from conftest import Response, Server, require_service
+
+try:
+    from playwright.sync_api import Browser, Page, sync_playwright
+    from playwright.sync_api import Response as PageResponse
+except ImportError:  # pragma: no cover - the test extra is missing
+    sync_playwright = None
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+# What browsers send when they navigate (Chromium 120+, Firefox 120+, Safari 17)
+CHROME_ACCEPT = (
+    "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,image/apng,*/*;q=0.8,"
+    "application/signed-exchange;v=b3;q=0.7"
+)
+FIREFOX_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8"
+SAFARI_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+TEXT = "text/plain; charset=utf-8"
+
+
+def q(text: str) -> str:
+    """Percent-encode a key or value for a query string (every reserved byte escaped)."""
+    return urllib.parse.quote(text, safe="")
+
+
+def set_key(server: Server, key: str, value: str) -> None:
+    response = server.get(f"/set?key={q(key)}&value={q(value)}")
+    assert response.status == 201, (response.status, response.body)
+
+
+def put_key(server: Server, key: str, body: bytes, content_type: str) -> None:
+    response = server.request("PUT", f"/kv/{q(key)}", body, {"Content-Type": content_type})
+    assert response.status == 201, (response.status, response.body)
+
+
+# The browser
+
+
+@pytest.fixture
+def server(make_server) -> Server:
+    """A quiet kvserver with files storage, without fsync: these tests write many keys, none for durability."""
+    return make_server("--quiet", "--no-fsync")
+
+
+@dataclass
+class Tab:
+    """A browser page, with what it said that a test should see: dialogs and console messages."""
+
+    page: Page
+    server: Server
+    dialogs: list[str] = field(default_factory=list)
+    console: list[str] = field(default_factory=list)
+
+    def open(self, path: str) -> PageResponse:
+        response = self.page.goto(self.server.url + path)
+        assert response is not None
+        return response
+
+    def follow(self, locator) -> PageResponse:
+        """Click a link or button and return the response of the navigation it starts."""
+        with self.page.expect_navigation() as navigation:
+            locator.click()
+        return navigation.value
+
+    def key_link(self, key: str):
+        return self.page.get_by_role("link", name=key, exact=True)
+
+    def row(self, key: str):
+        return self.page.locator("tbody tr", has=self.key_link(key))
+
+    def listed_keys(self) -> list[str]:
+        return self.page.locator("tbody tr td:first-child").all_inner_texts()
+
+    def body_text(self) -> str:
+        return self.page.locator("body").inner_text()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if sync_playwright is None:
+        require_service("the playwright package (pip install -e '.[test]')")
+    if not os.access(CHROMIUM, os.X_OK):
+        require_service(f"chromium at {CHROMIUM} (apt-get install chromium)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=30_000)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def tab(browser: Browser, server: Server) -> Iterator[Tab]:
+    context = browser.new_context(viewport={"width": 960, "height": 720}, locale="en-US")
+    context.set_default_timeout(10_000)
+    context.set_default_navigation_timeout(10_000)
+    page = context.new_page()
+    tab = Tab(page, server)
+    page.on("dialog", lambda dialog: (tab.dialogs.append(dialog.message), dialog.dismiss()))
+    page.on("console", lambda message: tab.console.append(f"{message.type}: {message.text}"))
+    yield tab
+    context.close()
+
+
+def assert_is_page(response: PageResponse, status: int) -> None:
+    assert response.status == status, (response.status, response.url)
+    assert response.headers["content-type"] == "text/html; charset=utf-8", response.headers
+
+
+def test_the_page_has_a_title_and_says_when_there_are_no_keys(tab: Tab) -> None:
+    assert_is_page(tab.open("/"), 200)
+    assert tab.page.title() == "kvserver"
+    assert tab.page.get_by_role("heading", level=1).inner_text() == "kvserver"
+    assert "No keys" in tab.page.locator(".empty").inner_text()
+    assert tab.listed_keys() == []
+    assert tab.page.get_by_role("link", name="delete").count() == 0
+    assert not [message for message in tab.console if "Content Security Policy" in message], tab.console
+
+
+def test_a_key_set_through_the_form_is_listed_opened_and_deleted(tab: Tab) -> None:
+    page, value = tab.page, "hello <b>world</b>"
+    tab.open("/")
+    page.get_by_label("Key", exact=True).fill("greeting")
+    page.get_by_label("Value", exact=True).fill(value)
+    response = tab.follow(page.get_by_role("button", name="Set"))
+    assert_is_page(response, 201)
+    assert urllib.parse.urlsplit(page.url).path == "/set"
+    assert page.title() == "kvserver"
+    assert "greeting" in page.locator(".notice").inner_text()
+    assert tab.listed_keys() == ["greeting"]
+    row = tab.row("greeting").inner_text()
+    assert f"{len(value.encode())} bytes" in row and "text/plain" in row, row
+    assert tab.key_link("greeting").get_attribute("href") == "/kv/greeting"
+
+    response = tab.follow(tab.key_link("greeting"))
+    assert response.status == 200
+    assert response.headers["content-type"] == TEXT
+    assert tab.body_text() == value, "a text/plain value is shown as its text, tags and all"
+    assert page.locator("b").count() == 0
+
+    page.go_back()
+    assert page.title() == "kvserver"
+    response = tab.follow(tab.row("greeting").get_by_role("link", name="delete"))
+    assert_is_page(response, 200)
+    assert "greeting" in page.locator(".notice").inner_text()
+    assert tab.key_link("greeting").count() == 0
+    assert tab.listed_keys() == []
+    assert "No keys" in page.locator(".empty").inner_text()
+    assert tab.server.get("/get?key=greeting").status == 404
+    assert tab.dialogs == []
+
+
+def test_a_key_made_of_html_is_shown_as_text_and_never_becomes_markup(tab: Tab) -> None:
+    page, key, value = tab.page, "<img src=x onerror=alert(1)>", "<script>alert(2)</script>"
+    tab.open("/")
+    page.get_by_label("Key", exact=True).fill(key)
+    page.get_by_label("Value", exact=True).fill(value)
+    assert_is_page(tab.follow(page.get_by_role("button", name="Set")), 201)
+    assert tab.listed_keys() == [key]
+    assert key in page.locator(".notice").inner_text()
+    assert page.locator("img").count() == 0
+    assert page.locator("script").count() == 0
+    assert tab.follow(tab.key_link(key)).status == 200
+    assert tab.body_text() == value
+    assert page.locator("script").count() == 0
+    assert tab.dialogs == [], "script from a key or value ran"
+
+
+ODD_KEYS = {
+    "dir/sub/file.txt": "a path of folders",
+    "two words": "a space",
+    "fish & chips": "an ampersand",
+    "naïve 日本語 ключ": "non-ASCII",
+    "100% + more?#not-a-fragment": "percent, plus, question mark and hash",
+    "..": "a dot-dot key",
+    ".": "a dot key",
+    "a=b": "an equals sign",
+}
+
+
+def test_keys_with_slashes_spaces_ampersands_and_non_ascii_work_through_their_links(tab: Tab) -> None:
+    for key, value in ODD_KEYS.items():
+        set_key(tab.server, key, value)
+    tab.open("/")
+    assert tab.listed_keys() == sorted(ODD_KEYS)
+    wrong = []
+    for key, value in ODD_KEYS.items():
+        response = tab.follow(tab.key_link(key))
+        if response.status != 200 or tab.body_text() != value:
+            wrong.append(f"the link of {key!r} led to {response.url} ({response.status})")
+        tab.open("/")
+    assert wrong == []
+    for key in ODD_KEYS:
+        assert_is_page(tab.follow(tab.row(key).get_by_role("link", name="delete")), 200)
+        assert key in tab.page.locator(".notice").inner_text()
+        assert key not in tab.listed_keys()
+    assert tab.listed_keys() == []
+    assert tab.server.get("/keys").json() == {"keys": [], "next": None}
+
+
+@pytest.fixture
+def many_keys(server: Server) -> list[str]:
+    """130 keys key-000 … key-129 and five more, note-1 … note-5, that sort after them."""
+    connection = server.connect()
+    keys = [f"key-{n:03d}" for n in range(130)] + [f"note-{n}" for n in range(1, 6)]
+    for key in keys:
+        assert server.get(f"/set?{key}=v", connection=connection).status == 201
+    return keys
+
+
+def test_a_long_listing_shows_100_keys_and_a_next_page_link_to_the_rest(tab: Tab, many_keys: list[str]) -> None:
+    tab.open("/")
+    assert tab.listed_keys() == many_keys[:100]
+    assert "135 keys" in tab.page.locator("header").inner_text()
+    assert_is_page(tab.follow(tab.page.get_by_role("link", name=re.compile("next page"))), 200)
+    assert tab.listed_keys() == many_keys[100:]
+    assert tab.page.get_by_role("link", name=re.compile("next page")).count() == 0
+
+
+def test_the_prefix_filter_lists_only_matching_keys_and_keeps_the_prefix_when_paging(
+    tab: Tab, many_keys: list[str]
+) -> None:
+    page = tab.page
+    tab.open("/")
+    page.get_by_label("Keys starting with").fill("key-")
+    assert_is_page(tab.follow(page.get_by_role("button", name="Filter")), 200)
+    assert urllib.parse.parse_qs(urllib.parse.urlsplit(page.url).query) == {"prefix": ["key-"]}
+    assert page.get_by_label("Keys starting with").input_value() == "key-"
+    assert tab.listed_keys() == many_keys[:100]
+    tab.follow(page.get_by_role("link", name=re.compile("next page")))
+    assert tab.listed_keys() == many_keys[100:130], "the next page of a filtered listing keeps the filter"
+    assert page.get_by_role("link", name=re.compile("next page")).count() == 0
+
+    page.get_by_label("Keys starting with").fill("note-")
+    tab.follow(page.get_by_role("button", name="Filter"))
+    assert tab.listed_keys() == many_keys[130:]
+    page.get_by_label("Keys starting with").fill("nothing-like-this")
+    tab.follow(page.get_by_role("button", name="Filter"))
+    assert tab.listed_keys() == []
+    assert page.locator(".empty").count() == 1
+
+
+def test_the_page_with_a_few_keys_fits_its_window_and_is_saved_as_a_screenshot(tab: Tab) -> None:
+    server = tab.server
+    set_key(server, "greeting", "hello world")
+    set_key(server, "notes/2024/trip to Zürich", "Train at 08:12 from platform 7.\n" * 20)
+    put_key(server, "config.json", b'{"debug": false, "workers": 4}', "application/json")
+    put_key(server, "images/logo.png", bytes(range(256)) * 80, "image/png")
+    put_key(server, "backup.tar", b"\0" * (3 * 1024 * 1024 // 2), "application/octet-stream")
+    tab.open("/")
+    page = tab.page
+    page.get_by_label("Key", exact=True).fill("session:42")
+    page.get_by_label("Value", exact=True).fill("active")
+    assert_is_page(tab.follow(page.get_by_role("button", name="Set")), 201)
+    assert len(tab.listed_keys()) == 6
+
+    overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
+    assert overflow <= 0, f"the page is {overflow} px wider than its window"
+    assert (
+        page.evaluate("document.styleSheets.length") >= 1
+        and page.evaluate("document.styleSheets[0].cssRules.length") > 0
+    ), "the inline style sheet did not apply"
+    assert not [message for message in tab.console if "Content Security Policy" in message], tab.console
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    DOCS.mkdir(exist_ok=True)
+    png = page.screenshot(full_page=True)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    (ARTIFACTS / "page.png").write_bytes(png)
+    (DOCS / "page.png").write_bytes(png)  # shown in the README
+
+
+# Without a browser: who gets the page, and what is in it
+
+
+def get_root(server: Server, accept: str | None, path: str = "/") -> Response:
+    return server.get(path, headers={} if accept is None else {"Accept": accept})
+
+
+@pytest.mark.parametrize(
+    "accept",
+    [None, "*/*", "application/json", "application/json, text/html;q=0.9", "text/html;q=0.5, */*"],
+    ids=["none", "curl", "json", "json-first", "html-lower"],
+)
+def test_clients_that_do_not_prefer_html_get_the_json_dump_from_root(server: Server, accept: str | None) -> None:
+    set_key(server, "greeting", "hello")
+    response = get_root(server, accept)
+    assert response.status == 200
+    assert response.headers["Content-Type"] == "application/json"
+    assert response.json() == {"greeting": "hello"}
+
+
+@pytest.mark.parametrize(
+    "accept", [CHROME_ACCEPT, FIREFOX_ACCEPT, SAFARI_ACCEPT, "text/html"], ids=["chrome", "firefox", "safari", "html"]
+)
+def test_browsers_get_an_html_page_with_a_strict_content_security_policy(server: Server, accept: str) -> None:
+    set_key(server, "greeting", "hello")
+    response = get_root(server, accept)
+    assert response.status == 200
+    assert response.headers["Content-Type"] == "text/html; charset=utf-8"
+    policy = response.headers["Content-Security-Policy"]
+    assert policy is not None and "default-src 'none'" in policy, policy
+    assert "script-src" not in policy and "unsafe-eval" not in policy, policy
+    html = response.body.decode("utf-8")
+    assert html.lower().startswith("<!doctype html>")
+    assert ">greeting</a>" in html
+
+
+def test_the_page_has_no_script_and_loads_nothing_from_elsewhere(server: Server) -> None:
+    set_key(server, "greeting", "hello")
+    html = get_root(server, CHROME_ACCEPT).body.decode("utf-8").lower()
+    assert "<script" not in html
+    assert "javascript:" not in html
+    assert not re.search(r"\son[a-z]+\s*=", html), "an inline event handler"
+    assert not re.search(r"<(link|img|iframe|object|embed)\b", html), "an external asset"
+    assert not re.search(r"(src|href)\s*=\s*[\"']?(https?:)?//", html), "a link to another site"
+
+
+def test_the_raw_page_escapes_keys_media_types_and_the_prefix(server: Server) -> None:
+    key = '"><script>alert(1)</script>'
+    response = server.request("PUT", f"/kv/{q(key)}", b"x", {"Content-Type": "text/x-<i>odd</i>"})
+    assert response.status == 201
+    html = get_root(server, CHROME_ACCEPT).body.decode("utf-8")
+    assert "<script>" not in html and "<i>" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "text/x-&lt;i&gt;odd&lt;/i&gt;" in html
+    assert f'href="/kv/{q(key)}"' in html
+
+    prefix = '"><script>alert(3)</script>'
+    html = get_root(server, CHROME_ACCEPT, f"/?prefix={q(prefix)}").body.decode("utf-8")
+    assert "<script>" not in html
+    assert 'value="&quot;&gt;&lt;script&gt;alert(3)&lt;/script&gt;"' in html
+
+
+def test_a_browsers_set_and_delete_get_the_page_with_the_status_a_json_client_gets(server: Server) -> None:
+    browser = {"Accept": CHROME_ACCEPT}
+    created = server.get("/set?key=greeting&value=hello", headers=browser)
+    assert created.status == 201
+    assert created.headers["Content-Type"] == "text/html; charset=utf-8"
+    assert "greeting" in created.body.decode()
+    replaced = server.get("/set?key=greeting&value=hi", headers=browser)
+    assert replaced.status == 200
+    assert replaced.headers["Content-Type"] == "text/html; charset=utf-8"
+    deleted = server.get("/delete?key=greeting", headers=browser)
+    assert deleted.status == 200
+    assert deleted.headers["Content-Type"] == "text/html; charset=utf-8"
+    assert "No keys" in deleted.body.decode()
+    assert server.get("/delete?key=greeting", headers=browser).status == 404
+
+    assert server.get("/set?key=greeting&value=hello").json() == {"key": "greeting", "created": True}
+    assert server.get("/delete?key=greeting").json() == {"key": "greeting", "deleted": True}

@@ -1,0 +1,723 @@
+"""RedisStorage (SPEC section 7, issue 6): the storage contract on Redis, what Redis adds (expiry in
+Redis, atomic compare-and-set across connections, SCAN listing with glob characters escaped, a
+namespace prefix), and several kvserver processes sharing one Redis, including Redis going away
+and coming back.
+
+A real `redis-server` is started on a free port and stopped by its PID. Every test starts from an
+empty Redis (FLUSHALL); the tests that kill Redis get a Redis of their own.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import xmlrpc.client
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import KVSERVER, Response, Server, require_service, wait_for
+from test_storage import (  # noqa: F401  (the fixtures are imported so that the contract sees them)
+    TTL_DEADLINE,
+    StorageContract,
+    bad_key,
+    key,
+    source_file,
+    value,
+)
+
+import kvserver
+
+try:
+    import redis
+except ImportError:  # the Redis tests then skip, or fail under KV_REQUIRE_SERVICES=1
+    redis = None
+
+REDIS_START_TIMEOUT = 10.0
+REDIS_STOP_TIMEOUT = 10.0
+GLOB_KEYS = ["a*b", "a?b", "[x]", "back\\slash", "aXb", "ab", "x", "a*bc", "back/slash", "a**b"]
+
+
+# A redis-server of our own
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RedisServer:
+    """A redis-server subprocess on 127.0.0.1:`port` (and a unix socket), without persistence."""
+
+    def __init__(self, directory: Path, *extra_args: str) -> None:
+        self.directory = directory
+        self.extra_args = extra_args
+        self.socket_path = directory / "redis.sock"
+        self.log_path = directory / "redis.log"
+        self.port = 0
+        self.process: subprocess.Popen | None = None
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def start(self, same_port: bool = False) -> RedisServer:
+        """Start redis-server and wait until it answers PING. A new port is picked (and retried
+        if another process took it first) unless `same_port`."""
+        for _ in range(1 if same_port else 5):
+            if not same_port:
+                self.port = free_port()
+            with open(self.log_path, "ab") as log:
+                self.process = subprocess.Popen(
+                    [
+                        "redis-server",
+                        "--port",
+                        str(self.port),
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "no",
+                        "--bind",
+                        "127.0.0.1",
+                        "--unixsocket",
+                        str(self.socket_path),
+                        "--dir",
+                        str(self.directory),
+                        *self.extra_args,
+                    ],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                )
+            deadline = time.monotonic() + REDIS_START_TIMEOUT
+            while self.process.poll() is None and not self.answers_ping():
+                if time.monotonic() > deadline:
+                    self.kill()
+                    raise AssertionError(f"redis-server did not answer PING within {REDIS_START_TIMEOUT} s")
+                time.sleep(0.01)
+            if self.process.poll() is None:
+                return self
+        raise AssertionError(f"redis-server exited at start: {self.log_path.read_text(errors='replace')}")
+
+    def answers_ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                reply = sock.recv(64)
+        except OSError:
+            return False
+        return reply.startswith((b"+PONG", b"-NOAUTH"))  # NOAUTH: up, with a password
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        self._stop(signal.SIGKILL)
+
+    def stop(self) -> None:
+        self._stop(signal.SIGTERM)
+
+    def _stop(self, sig: int) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.kill(self.process.pid, sig)
+        try:
+            self.process.wait(REDIS_STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait(REDIS_STOP_TIMEOUT)
+
+    def client(self, db: int = 0):
+        return redis.Redis(host="127.0.0.1", port=self.port, db=db, socket_timeout=5)
+
+
+def _require_redis() -> None:
+    if shutil.which("redis-server") is None:
+        require_service("redis-server not installed")
+    if redis is None:
+        require_service("redis-py not installed (pip install 'kvserver[redis]')")
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server for the module's tests that do not stop it."""
+    _require_redis()
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_db(redis_server: RedisServer) -> Iterator[RedisServer]:
+    """The shared redis-server, emptied for this test."""
+    with redis_server.client() as client:
+        client.flushall()
+    yield redis_server
+
+
+@pytest.fixture
+def make_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., RedisServer]]:
+    """A factory of redis-servers for one test (to kill, or with extra options); all stopped at the end."""
+    _require_redis()
+    servers: list[RedisServer] = []
+
+    def make(*extra_args: str) -> RedisServer:
+        server = RedisServer(tmp_path_factory.mktemp("redis"), *extra_args)
+        servers.append(server)
+        return server.start()
+
+    yield make
+    for server in servers:
+        server.kill()
+
+
+def run_kvserver(*args: str, timeout: float = 15.0) -> subprocess.CompletedProcess[str]:
+    """Run kvserver to completion (for the runs that must exit at start)."""
+    return subprocess.run(
+        [sys.executable, str(KVSERVER), "--port", "0", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+# The storage contract on Redis
+
+
+class TestRedisStorage(StorageContract):
+    @pytest.fixture
+    def store(self, redis_db: RedisServer) -> Iterator[kvserver.Storage]:
+        with kvserver.RedisStorage(redis_db.url()) as store:
+            yield store
+
+    def assert_closed(self, store: kvserver.Storage) -> None:
+        assert isinstance(store, kvserver.RedisStorage)
+        with kvserver.RedisStorage(store.url, prefix=store.prefix) as again:  # the value lives in Redis
+            assert again.get("k") == b"v"
+
+    def test_listing_keys_never_removes_a_value_written_after_the_old_one_expired(self, store):
+        # Redis expires values itself, so there is no sweep to race; what remains to promise is
+        # that a value written after the old one expired is listed, kept, and has no TTL.
+        store.put("k", b"old", ttl=1)
+        wait_for(lambda: "k" not in store, timeout=TTL_DEADLINE, interval=0.05, what="the key to expire")
+        store.put("k", b"fresh")
+        assert store.keys() == ["k"]
+        assert store.get("k") == b"fresh"
+        assert store.stat("k").expires_at is None
+
+
+# What Redis adds
+
+
+@pytest.fixture
+def store(redis_db: RedisServer) -> Iterator[kvserver.RedisStorage]:
+    with kvserver.RedisStorage(redis_db.url()) as store:
+        yield store
+
+
+def test_each_key_is_one_redis_hash_under_the_default_prefix(store, redis_db):
+    assert store.prefix == "kvserver:"
+    store.put("greeting", b"hello", content_type="text/plain")
+    with redis_db.client() as client:
+        assert client.keys("*") == [b"kvserver:greeting"]
+        assert client.type(b"kvserver:greeting") == b"hash"
+        fields = client.hgetall(b"kvserver:greeting")
+    assert fields[b"value"] == b"hello"
+    assert fields[b"type"] == b"text/plain"
+    assert fields[b"etag"].decode() == store.stat("greeting").etag
+
+
+def test_a_ttl_is_a_redis_expiry_and_the_value_disappears_everywhere(store, redis_db):
+    store.put("short", b"lived", ttl=1)
+    store.put("forever", b"stays")
+    with redis_db.client() as client:
+        assert 0 < client.pttl(b"kvserver:short") <= 1000
+        assert store.get("short") == b"lived"
+        assert "short" in store
+        assert len(store) == 2
+
+        def gone() -> bool:
+            return "short" not in store and store.keys() == ["forever"] and len(store) == 1
+
+        wait_for(gone, timeout=TTL_DEADLINE, interval=0.05, what="the ttl=1 key to expire")
+        with pytest.raises(KeyError):
+            store.get("short")
+        with pytest.raises(KeyError):
+            store.stat("short")
+        assert client.exists(b"kvserver:short") == 0  # Redis itself dropped it
+    assert store.get("forever") == b"stays"
+
+
+@pytest.mark.parametrize(
+    "rewrite",
+    [
+        lambda store: store.put("k", b"again"),
+        lambda store: store.put_file("k", io.BytesIO(b"again")),
+        lambda store: store.write("k", [b"ag", b"ain"]),
+        lambda store: store.put("k", b"again", if_match=store.stat("k").etag),
+        lambda store: store.delete("k") or store.put("k", b"again"),
+    ],
+    ids=["put", "put_file", "write", "put-if-match", "delete-then-put"],
+)
+def test_a_write_without_a_ttl_clears_the_redis_expiry(store, redis_db, rewrite):
+    store.put("k", b"v", ttl=60)
+    with redis_db.client() as client:
+        assert 0 < client.pttl(b"kvserver:k") <= 60_000
+        rewrite(store)
+        assert client.pttl(b"kvserver:k") == -1
+    assert store.stat("k").expires_at is None
+    assert store.get("k") == b"again"
+
+
+def test_a_write_with_a_ttl_sets_the_redis_expiry_to_match_the_stat(store, redis_db):
+    store.put("k", b"v")
+    store.put("k", b"w", ttl=30)
+    expires_at = store.stat("k").expires_at
+    with redis_db.client() as client:
+        pttl = client.pttl(b"kvserver:k")
+    assert 29_000 < pttl <= 30_000
+    assert abs((time.time() + pttl / 1000) - expires_at) < 1.5
+
+
+def test_the_etag_changes_on_every_write_and_is_the_same_seen_from_another_connection(store, redis_db):
+    etags = []
+    for write in [
+        lambda: store.put("k", b"one"),
+        lambda: store.put("k", b"one"),
+        lambda: store.put("k", b"one", content_type="text/plain"),
+        lambda: store.put("k", b"one", content_type="text/plain", ttl=60),
+        lambda: store.put_file("k", io.BytesIO(b"one"), content_type="text/plain", ttl=60),
+    ]:
+        write()
+        etags.append(store.stat("k").etag)
+        with kvserver.RedisStorage(redis_db.url()) as other:
+            assert other.stat("k").etag == etags[-1]
+    assert len(set(etags)) == len(etags), etags
+
+
+def test_an_etag_read_through_one_connection_works_for_compare_and_set_through_another(store, redis_db):
+    store.put("k", b"one")
+    etag = store.stat("k").etag
+    with kvserver.RedisStorage(redis_db.url()) as other:
+        other.put("k", b"two", if_match=etag)
+        with pytest.raises(kvserver.PreconditionFailed):
+            store.put("k", b"three", if_match=etag)
+        with pytest.raises(kvserver.PreconditionFailed):
+            store.delete("k", if_match=etag)
+        assert other.get("k") == b"two"
+        store.delete("k", if_match=other.stat("k").etag)
+        assert "k" not in other
+
+
+def test_compare_and_set_from_16_connections_lets_exactly_one_writer_win_each_etag(redis_db):
+    contenders, rounds = 16, 8
+    stores = [kvserver.RedisStorage(redis_db.url()) for _ in range(contenders)]
+    stores[0].put("counter", b"start")
+    start = threading.Barrier(contenders + 1, timeout=30)
+    read = threading.Barrier(contenders, timeout=30)
+    done = threading.Barrier(contenders + 1, timeout=30)
+    wins: list[list[int]] = [[] for _ in range(rounds)]
+    etags_read: list[set[str]] = [set() for _ in range(rounds)]
+    errors: list[BaseException] = []
+
+    def contender(number: int) -> None:
+        store = stores[number]
+        try:
+            for round_number in range(rounds):
+                start.wait()
+                etag = store.stat("counter").etag
+                etags_read[round_number].add(etag)
+                read.wait()  # all have read the same ETag before anyone writes
+                try:
+                    store.put("counter", f"{round_number}:{number}".encode(), if_match=etag)
+                except kvserver.PreconditionFailed:
+                    pass
+                else:
+                    wins[round_number].append(number)
+                done.wait()
+        except BaseException as error:
+            errors.append(error)
+            for barrier in (start, read, done):
+                barrier.abort()
+
+    threads = [threading.Thread(target=contender, args=(number,)) for number in range(contenders)]
+    for thread in threads:
+        thread.start()
+    try:
+        for round_number in range(rounds):
+            start.wait()
+            done.wait()
+            assert len(etags_read[round_number]) == 1, etags_read[round_number]
+            assert len(wins[round_number]) == 1, f"round {round_number}: winners {wins[round_number]}"
+            assert stores[0].get("counter") == f"{round_number}:{wins[round_number][0]}".encode()
+    finally:
+        for thread in threads:
+            thread.join(30)
+        for store in stores:
+            store.close()
+    assert not errors, errors
+    assert not any(thread.is_alive() for thread in threads)
+
+
+def test_create_only_from_16_connections_creates_the_key_once(redis_db):
+    stores = [kvserver.RedisStorage(redis_db.url()) for _ in range(16)]
+    barrier = threading.Barrier(16, timeout=30)
+    winners: list[int] = []
+
+    def create(number: int) -> None:
+        barrier.wait()
+        try:
+            stores[number].put("once", str(number).encode(), if_none_match=True)
+        except kvserver.PreconditionFailed:
+            return
+        winners.append(number)
+
+    threads = [threading.Thread(target=create, args=(number,)) for number in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    try:
+        assert len(winners) == 1, winners
+        assert stores[0].get("once") == str(winners[0]).encode()
+    finally:
+        for store in stores:
+            store.close()
+
+
+def test_keys_with_glob_characters_are_stored_and_listed_as_themselves(store):
+    for name in GLOB_KEYS:
+        store.put(name, name.encode())
+    assert store.keys() == sorted(GLOB_KEYS)
+    for name in GLOB_KEYS:
+        assert store.get(name) == name.encode()
+        assert name in store
+    assert len(store) == len(GLOB_KEYS)
+
+
+@pytest.mark.parametrize(
+    ("prefix", "expected"),
+    [
+        ("a*", ["a**b", "a*b", "a*bc"]),
+        ("a*b", ["a*b", "a*bc"]),
+        ("a?", ["a?b"]),
+        ("a?b", ["a?b"]),
+        ("[x]", ["[x]"]),
+        ("[", ["[x]"]),
+        ("[x", ["[x]"]),
+        ("back\\", ["back\\slash"]),
+        ("back\\s", ["back\\slash"]),
+        ("a", ["a**b", "a*b", "a*bc", "a?b", "aXb", "ab"]),
+        ("*", []),
+        ("?", []),
+        ("\\", []),
+    ],
+)
+def test_keys_with_a_prefix_of_glob_characters_lists_exactly_the_keys_that_start_with_it(store, prefix, expected):
+    for name in GLOB_KEYS:
+        store.put(name, b"")
+    assert store.keys(prefix) == expected
+    assert list(store.iter_keys(prefix)) == expected
+
+
+def test_a_namespace_prefix_keeps_two_stores_on_one_redis_apart(redis_db):
+    with (
+        kvserver.RedisStorage(redis_db.url(), prefix="one:") as one,
+        kvserver.RedisStorage(redis_db.url(), prefix="two:") as two,
+        redis_db.client() as client,
+    ):
+        client.set("other-app", "not ours")
+        one.put("k", b"in one")
+        two.put("k", b"in two")
+        one.put("only-one", b"1")
+        assert one.get("k") == b"in one"
+        assert two.get("k") == b"in two"
+        assert one.keys() == ["k", "only-one"]
+        assert two.keys() == ["k"]
+        assert len(one) == 2
+        assert len(two) == 1
+        assert "only-one" not in two
+        one.delete("k")
+        assert two.get("k") == b"in two"
+        assert sorted(client.keys("*")) == [b"one:only-one", b"other-app", b"two:k"]
+
+
+def test_a_namespace_prefix_with_glob_characters_matches_only_itself(redis_db):
+    with (
+        kvserver.RedisStorage(redis_db.url(), prefix="n*[s]?\\:") as globby,
+        kvserver.RedisStorage(redis_db.url(), prefix="nAsB\\:") as plain,  # matches the unescaped glob
+    ):
+        plain.put("k", b"plain")
+        plain.put("p", b"plain")
+        globby.put("g", b"globby")
+        assert globby.keys() == ["g"]
+        assert globby.keys("k") == []
+        assert len(globby) == 1
+        assert plain.keys() == ["k", "p"]
+
+
+def test_repr_names_the_url_and_prefix_and_rebuilds_a_store_on_the_same_values(redis_db):
+    url = redis_db.url(3)
+    with kvserver.RedisStorage(url, prefix="app:") as store:
+        assert repr(store) == f"RedisStorage({url!r}, prefix='app:')"
+        store.put("k", b"v", content_type="text/x")
+        etag = store.stat("k").etag
+    with eval(repr(store), vars(kvserver)) as rebuilt:
+        assert isinstance(rebuilt, kvserver.RedisStorage)
+        assert (rebuilt.url, rebuilt.prefix) == (url, "app:")
+        assert rebuilt.get("k") == b"v"
+        assert rebuilt.stat("k") == kvserver.Stat(1, "text/x", etag, None)
+    with kvserver.RedisStorage(redis_db.url(0), prefix="app:") as db0:  # db 3 is not db 0
+        assert db0.keys() == []
+
+
+def test_open_storage_with_a_redis_url_gives_a_redis_storage(redis_db):
+    url = redis_db.url(2)
+    with kvserver.open_storage(url) as store:
+        assert type(store) is kvserver.RedisStorage
+        assert store.url == url
+        assert store.kind == "redis"
+        store.put("k", b"v")
+    with kvserver.RedisStorage(url) as same:
+        assert same.get("k") == b"v"
+
+
+def test_open_storage_with_a_unix_url_reaches_redis_over_its_socket(redis_db):
+    url = f"unix://{redis_db.socket_path}?db=1"
+    with kvserver.open_storage(url) as store:
+        assert type(store) is kvserver.RedisStorage
+        store.put("k", b"over the socket")
+    with kvserver.RedisStorage(redis_db.url(1)) as over_tcp:
+        assert over_tcp.get("k") == b"over the socket"
+
+
+@pytest.mark.parametrize("spec", ["redix://127.0.0.1:6379/0", "redis:/127.0.0.1", "files-redis://x"])
+def test_open_storage_with_an_unknown_scheme_is_a_value_error(spec):
+    with pytest.raises(ValueError):
+        kvserver.open_storage(spec)
+
+
+def test_a_redis_storage_on_a_redis_that_is_not_there_is_storage_unavailable():
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    started = time.monotonic()
+    with pytest.raises(kvserver.StorageUnavailable, match="Redis"):
+        kvserver.RedisStorage(url)
+    assert time.monotonic() - started < 10
+
+
+def test_a_value_over_max_value_is_a_value_error_and_stores_nothing(store, monkeypatch):
+    monkeypatch.setattr(kvserver.RedisStorage, "MAX_VALUE", 10)
+    store.put("k", b"old")
+    store.put("exact", b"x" * 10)
+    assert store.get("exact") == b"x" * 10
+    with pytest.raises(ValueError):
+        store.put("k", b"x" * 11)
+    with pytest.raises(ValueError):
+        store.put_file("k", io.BytesIO(b"x" * 11))
+    with pytest.raises(ValueError):
+        store.write("new", [b"x" * 6, b"x" * 6])
+    assert store.get("k") == b"old"
+    assert sorted(store) == ["exact", "k"]
+
+
+def test_len_counts_a_key_whose_value_is_empty(store):
+    store.put("empty", b"")
+    store.put("full", b"v")
+    assert store.keys() == ["empty", "full"]
+    assert len(store) == 2
+    assert store.totals() == (2, 1)
+
+
+# Several kvserver processes on one Redis
+
+
+def start_kvserver(make_server, redis_server: RedisServer, *args: str) -> Server:
+    return make_server("--quiet", "--storage", redis_server.url(), *args)
+
+
+@pytest.fixture
+def two_servers(make_server, redis_db: RedisServer) -> tuple[Server, Server]:
+    return start_kvserver(make_server, redis_db), start_kvserver(make_server, redis_db)
+
+
+def test_the_start_line_says_redis_and_where(make_server, redis_db):
+    server = start_kvserver(make_server, redis_db)
+    assert "redis storage" in server.start_line
+    assert f"127.0.0.1:{redis_db.port}" in server.start_line
+    assert "0 keys" in server.start_line
+    health = server.get("/health")
+    assert health.status == 200
+    assert health.json() == {"status": "ok", "storage": "redis", "keys": 0}
+
+
+def test_two_kvservers_on_one_redis_see_each_others_writes(two_servers):
+    a, b = two_servers
+    assert a.get("/set?greeting=hello").status == 201
+    got = b.get("/get?key=greeting")
+    assert (got.status, got.body) == (200, b"hello")
+    assert got.headers["Content-Type"] == "text/plain; charset=utf-8"
+
+    put = b.request("PUT", "/kv/a%2Fb", body=b"\x00\xff", headers={"Content-Type": "image/png"})
+    assert put.status == 201
+    got = a.get("/kv/a/b")
+    assert (got.status, got.body) == (200, b"\x00\xff")
+    assert got.headers["Content-Type"] == "image/png"
+    assert got.headers["ETag"] == put.headers["ETag"] == f'"{put.json()["etag"]}"'
+
+    assert b.get("/keys").json() == {"keys": ["a/b", "greeting"], "next": None}
+    assert a.get("/health").json()["keys"] == 2
+
+    assert a.get("/delete?key=greeting").status == 200
+    assert b.get("/get?key=greeting").status == 404
+    assert b.request("DELETE", "/kv/a/b").status == 204
+    assert a.get("/kv/a/b").status == 404
+    assert a.get("/keys").json() == {"keys": [], "next": None}
+
+
+def test_racing_conditional_puts_through_two_kvservers_let_exactly_one_win(two_servers):
+    a, b = two_servers
+    rounds = 20
+    barrier = threading.Barrier(2, timeout=30)
+    connections = {"a": a.connect(), "b": b.connect()}
+    results: dict[str, Response] = {}
+    for round_number in range(rounds):
+        results.clear()
+        initial = a.request("PUT", "/kv/race", body=f"start {round_number}".encode(), connection=connections["a"])
+        assert initial.status in (200, 201)
+        etag = initial.headers["ETag"]
+
+        def attempt(server: Server, name: str, etag: str = etag, round_number: int = round_number) -> None:
+            barrier.wait()
+            results[name] = server.request(
+                "PUT",
+                "/kv/race",
+                body=f"{name} won {round_number}".encode(),
+                headers={"If-Match": etag},
+                connection=connections[name],
+            )
+
+        threads = [threading.Thread(target=attempt, args=(a, "a")), threading.Thread(target=attempt, args=(b, "b"))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert sorted(results) == ["a", "b"], f"round {round_number}: a request did not finish"
+        statuses = {name: response.status for name, response in results.items()}
+        assert sorted(statuses.values()) == [200, 412], f"round {round_number}: {statuses}"
+        winner = next(name for name, status in statuses.items() if status == 200)
+        loser = "b" if winner == "a" else "a"
+        results[loser].problem()
+        for server in (a, b):
+            assert server.get("/kv/race").body == f"{winner} won {round_number}".encode()
+
+
+def test_a_ttl_set_through_one_kvserver_expires_in_the_other(two_servers):
+    a, b = two_servers
+    assert a.get("/set?key=short&value=lived&ttl=1").status == 201
+    assert a.get("/set?key=forever&value=stays").status == 201
+    assert b.get("/get?key=short").body == b"lived"
+    wait_for(
+        lambda: b.get("/get?key=short").status == 404,
+        timeout=TTL_DEADLINE,
+        interval=0.05,
+        what="the ttl=1 key to expire on the other server",
+    )
+    assert b.get("/keys").json()["keys"] == ["forever"]
+    assert b.get("/kv/short").status == 404
+    assert json.loads(b.get("/").body) == {"forever": "stays"}
+    assert a.get("/health").json()["keys"] == 1
+
+
+def assert_no_traceback(server: Server) -> None:
+    assert "Traceback" not in server.stderr(), server.stderr()
+
+
+def test_kvserver_answers_503_while_redis_is_down_and_recovers_by_itself(make_server, make_redis):
+    redis_server = make_redis()
+    a = start_kvserver(make_server, redis_server)
+    b = start_kvserver(make_server, redis_server)
+    assert a.get("/set?k=before").status == 201
+    assert b.get("/get?key=k").body == b"before"
+
+    redis_server.kill()
+    for server in (a, b):
+        for method, path in [
+            ("GET", "/get?key=k"),
+            ("GET", "/set?k=during"),
+            ("GET", "/set?key=t&value=v&ttl=5"),
+            ("GET", "/delete?key=k"),
+            ("GET", "/keys"),
+            ("GET", "/kv/k"),
+            ("PUT", "/kv/k"),
+            ("DELETE", "/kv/k"),
+        ]:
+            response = server.request(method, path, body=b"during" if method == "PUT" else None)
+            assert response.status == 503, (method, path, response.status, response.body)
+            assert "Redis" in response.problem()["detail"]
+        health = server.get("/health")
+        assert health.status == 503
+        health.problem()
+        with xmlrpc.client.ServerProxy(server.url + "/RPC2") as proxy:
+            with pytest.raises(xmlrpc.client.Fault) as fault:
+                proxy.load("k")
+            assert fault.value.faultCode == 503
+        assert server.process.poll() is None
+        assert_no_traceback(server)
+
+    redis_server.start(same_port=True)  # empty: this Redis keeps nothing on disk
+    for server in (a, b):
+        wait_for(lambda server=server: server.get("/health").status == 200, timeout=10, what="/health to recover")
+    assert a.get("/set?k=after").status == 201
+    assert b.get("/get?key=k").body == b"after"
+    put = b.request("PUT", "/kv/rest", body=b"works")
+    assert put.status == 201
+    assert a.get("/kv/rest").body == b"works"
+    for server in (a, b):
+        assert server.stop() == 0
+        assert_no_traceback(server)
+
+
+def test_kvserver_started_while_redis_is_down_exits_1_with_one_line_naming_redis():
+    result = run_kvserver("--storage", f"redis://127.0.0.1:{free_port()}/0")
+    assert result.returncode == 1, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Redis" in lines[0]
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("spec", ["redix://127.0.0.1:6379/0", "http://127.0.0.1:6379/0", "redis:127.0.0.1"])
+def test_kvserver_with_an_unknown_storage_scheme_exits_2_naming_the_option(spec):
+    result = run_kvserver("--storage", spec)
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "--storage" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_a_redis_password_reaches_neither_clients_nor_the_log(make_server, make_redis):
+    password = "s3cret-pw"
+    redis_server = make_redis("--requirepass", password)
+    url = f"redis://:{password}@127.0.0.1:{redis_server.port}/0"
+    server = make_server("--storage", url)  # with the access log
+    assert password not in server.start_line
+    assert server.get("/set?k=v").status == 201
+    redis_server.kill()
+    response = server.get("/get?key=k")
+    assert response.status == 503
+    assert password not in response.body.decode()
+    assert server.get("/health").status == 503
+    assert server.stop() == 0
+    assert password not in server.stderr()
+    result = run_kvserver("--storage", url)
+    assert result.returncode == 1
+    assert password not in result.stderr

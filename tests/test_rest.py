@@ -93,6 +93,19 @@ def request_bytes(server: Server, method: str, path: str, headers: dict[str, str
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
+def exchange_and_close(
+    server: Server, method: str, path: str, headers: dict[str, str] | None = None
+) -> tuple[RawResponse, bytes]:
+    """Send a request asking the server to close after it; return the answer's status and headers
+    (its body not read) and every byte that followed the headers."""
+    with RawConnection(server) as connection:
+        connection.request(method, path, {**(headers or {}), "Connection": "close"})
+        received = connection.read_to_eof()
+    head, separator, rest = received.partition(b"\r\n\r\n")
+    assert separator, f"no complete head in {received[:200]!r}"
+    return read_http(io.BytesIO(head + separator), "HEAD"), rest
+
+
 class RawConnection:
     """A socket to the server; every read is bounded by `timeout` (TimeoutError fails the test)."""
 
@@ -133,12 +146,6 @@ class RawConnection:
 
 def put(server: Server, path: str, body: bytes = b"", headers: dict[str, str] | None = None):
     return server.request("PUT", path, body=body, headers=headers)
-
-
-def etag_of(server: Server, path: str) -> str:
-    response = server.request("HEAD", path)
-    assert response.status == 200, response.status
-    return response.headers["ETag"]
 
 
 def keys(server: Server) -> list[str]:
@@ -224,6 +231,15 @@ def test_a_put_without_content_type_is_stored_as_octet_stream_even_for_text(serv
     assert server.get("/kv/untyped").headers["Content-Type"] == "application/octet-stream"
 
 
+def test_a_content_type_with_a_control_character_is_a_400_and_stores_nothing(server):
+    with RawConnection(server) as connection:
+        connection.request("PUT", "/kv/k", {"Content-Type": "text/plain\x01", "Content-Length": "3"}, b"abc")
+        response = connection.response()
+    assert response.status == 400
+    assert "Content-Type" in response.problem()["detail"]
+    assert server.get("/kv/k").status == 404
+
+
 def test_an_empty_body_stores_the_empty_value(server):
     assert put(server, "/kv/empty", b"").status == 201
     response = server.get("/kv/empty")
@@ -234,9 +250,9 @@ def test_an_empty_body_stores_the_empty_value(server):
 
 def test_a_value_put_with_a_ttl_expires_and_a_later_write_without_one_clears_it(server):
     assert put(server, "/kv/brief?ttl=1", b"soon gone").status == 201
+    assert server.get("/kv/brief").status == 200
     put(server, "/kv/kept?ttl=1", b"first")
     assert put(server, "/kv/kept", b"second").status == 200  # no ttl: clears the earlier one
-    assert server.get("/kv/brief").status == 200
 
     wait_for(lambda: server.get("/kv/brief").status == 404, timeout=10, what="the 1 s TTL to expire")
     assert server.request("HEAD", "/kv/brief").status == 404
@@ -246,18 +262,21 @@ def test_a_value_put_with_a_ttl_expires_and_a_later_write_without_one_clears_it(
 
 
 def test_a_ttl_expiry_holds_across_a_restart(server):
-    put(server, "/kv/fleeting?ttl=1", b"gone after a restart")
+    put(server, "/kv/fleeting?ttl=2", b"gone after a restart")
+    # Text stored as text: only the TTL tells this value from one a file on disk would give.
+    put(server, "/kv/fleeting-text?ttl=2", b"gone too", {"Content-Type": "text/plain; charset=utf-8"})
     written = time.time()
     put(server, "/kv/lasting", b"stays")
     put(server, "/kv/long?ttl=3600", b"stays too")
-    assert server.get("/kv/fleeting").status == 200
+    assert keys(server) == ["fleeting", "fleeting-text", "lasting", "long"]
 
     assert server.stop() == 0
-    wait_for(lambda: time.time() > written + 1.5, timeout=5, what="the TTL to pass while the server is down")
+    wait_for(lambda: time.time() > written + 2.2, timeout=5, what="the TTL to pass while the server is down")
     server.start()
 
     assert server.get("/kv/fleeting").status == 404
-    assert "fleeting" not in keys(server)
+    assert server.get("/kv/fleeting-text").status == 404
+    assert keys(server) == ["lasting", "long"]
     assert "fleeting" not in server.get("/", headers={"Accept": "application/json"}).json()
     assert server.get("/kv/lasting").body == b"stays"
     assert server.get("/kv/long").body == b"stays too"
@@ -372,10 +391,12 @@ def test_get_of_a_missing_key_is_a_404_problem(server):
 def test_get_answers_304_without_a_body_when_if_none_match_matches(server, if_none_match, size):
     etag = put(server, "/kv/cached", b"v" * size).headers["ETag"]
     for method in ("GET", "HEAD"):
-        response = server.request(method, "/kv/cached", headers={"If-None-Match": if_none_match.format(etag=etag)})
-        assert response.status == 304, method
-        assert response.body == b""
-        assert response.headers["ETag"] == etag
+        head, rest = exchange_and_close(
+            server, method, "/kv/cached", {"If-None-Match": if_none_match.format(etag=etag)}
+        )
+        assert head.status == 304, method
+        assert rest == b"", f"{len(rest)} bytes followed the 304's headers"
+        assert head.headers["etag"] == etag
 
 
 @pytest.mark.parametrize("if_none_match", ['"nope"', 'W/"nope"', '"nope", "other"'])
@@ -398,16 +419,12 @@ def test_a_304_stops_matching_once_the_value_changes(server):
 def test_head_gives_the_get_headers_and_not_one_byte_of_body(server, size):
     put(server, "/kv/headed", b"h" * size, {"Content-Type": "text/plain"})
     got = server.get("/kv/headed")
-    with RawConnection(server) as connection:
-        connection.request("HEAD", "/kv/headed", {"Connection": "close"})
-        received = connection.read_to_eof()
-    head, separator, rest = received.partition(b"\r\n\r\n")
-    assert separator and rest == b"", f"{len(rest)} bytes followed the HEAD answer's headers"
-    assert head.startswith(b"HTTP/1.1 200 ")
-    headed = read_http(io.BytesIO(head + separator), "HEAD")
+    head, rest = exchange_and_close(server, "HEAD", "/kv/headed")
+    assert head.status == 200
+    assert rest == b"", f"{len(rest)} bytes followed the HEAD answer's headers"
     for name in ("Content-Type", "Content-Length", "ETag", "X-Content-Type-Options", "Content-Security-Policy"):
-        assert headed.headers[name.lower()] == got.headers[name], name
-    assert headed.headers["content-length"] == str(size)
+        assert head.headers[name.lower()] == got.headers[name], name
+    assert head.headers["content-length"] == str(size)
 
 
 def test_head_then_get_on_one_connection_leaves_the_second_answer_intact(server):
@@ -422,12 +439,9 @@ def test_head_then_get_on_one_connection_leaves_the_second_answer_intact(server)
 
 
 def test_head_of_a_missing_key_is_a_404_without_a_body(server):
-    with RawConnection(server) as connection:
-        connection.request("HEAD", "/kv/missing", {"Connection": "close"})
-        received = connection.read_to_eof()
-    head, separator, rest = received.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 404 ")
-    assert separator and rest == b""
+    head, rest = exchange_and_close(server, "HEAD", "/kv/missing")
+    assert head.status == 404
+    assert rest == b""
 
 
 # DELETE
@@ -435,9 +449,9 @@ def test_head_of_a_missing_key_is_a_404_without_a_body(server):
 
 def test_delete_answers_204_then_404(server):
     put(server, "/kv/doomed", b"x")
-    deleted = server.request("DELETE", "/kv/doomed")
+    deleted, rest = exchange_and_close(server, "DELETE", "/kv/doomed")
     assert deleted.status == 204
-    assert deleted.body == b""
+    assert rest == b"", "a 204 has no body"
     assert server.get("/kv/doomed").status == 404
     again = server.request("DELETE", "/kv/doomed")
     assert again.status == 404
@@ -555,8 +569,10 @@ def test_an_oversized_body_sent_without_waiting_is_a_413_and_not_a_reset(make_se
     server = make_server("--quiet", "--max-value", "1K")
     put(server, "/kv/big", b"old")
     with RawConnection(server) as connection:
-        connection.request("PUT", "/kv/big", {"Content-Length": str(4 * KiB)}, b"x" * 4 * KiB)
-        received = connection.read_to_eof()
+        # More than the server's read buffer holds: it has to drain the rest before it closes,
+        # or the unread bytes make the close a reset that can destroy the 413 in flight.
+        connection.request("PUT", "/kv/big", {"Content-Length": str(8 * MiB)}, b"x" * 8 * MiB)
+        received = connection.read_to_eof()  # a reset (or a broken pipe above) fails the test
     assert read_http(io.BytesIO(received)).status == 413
     assert server.get("/kv/big").body == b"old"
 
@@ -671,22 +687,25 @@ def test_an_empty_chunked_upload_stores_the_empty_value(server):
     assert (response.status, response.body) == (200, b"")
 
 
-def curl(*args: str, data: bytes | None = None) -> bytes:
+def curl(*args: str, data: bytes | None = None) -> subprocess.CompletedProcess:
+    """Run curl (verbose, so stderr shows the request headers it sent); fail on an HTTP error."""
     if shutil.which("curl") is None:
         require_service("curl is not on PATH")
     result = subprocess.run(
-        ["curl", "--silent", "--show-error", "--fail", "--noproxy", "*", "--max-time", "60", *args],
+        ["curl", "--silent", "--show-error", "--verbose", "--fail", "--noproxy", "*", "--max-time", "60", *args],
         input=data,
         capture_output=True,
         timeout=90,
     )
     assert result.returncode == 0, result.stderr.decode(errors="replace")
-    return result.stdout
+    return result
 
 
 def test_curl_t_dash_uploads_stdin_chunked(server):
     value = os.urandom(3 * MiB + 17)
-    answer = json.loads(curl("-T", "-", f"{server.url}/kv/from-stdin", data=value))
+    result = curl("-T", "-", f"{server.url}/kv/from-stdin", data=value)
+    assert b"> Transfer-Encoding: chunked" in result.stderr
+    answer = json.loads(result.stdout)
     assert answer["created"] is True
     assert answer["key"] == "from-stdin"
     got = server.get("/kv/from-stdin")
@@ -696,8 +715,9 @@ def test_curl_t_dash_uploads_stdin_chunked(server):
 def test_curl_t_file_and_curl_o_round_trip_byte_for_byte(server, tmp_path):
     source = tmp_path / "upload.bin"
     source.write_bytes(os.urandom(5 * MiB + 3))
-    answer = json.loads(curl("-T", str(source), "-H", "Content-Type: application/x-blob", f"{server.url}/kv/blob"))
-    assert answer["created"] is True
+    result = curl("-T", str(source), "-H", "Content-Type: application/x-blob", f"{server.url}/kv/blob")
+    assert b"< HTTP/1.1 100 Continue" in result.stderr, "curl asks to continue for a body this big"
+    assert json.loads(result.stdout)["created"] is True
     target = tmp_path / "download.bin"
     curl("-o", str(target), f"{server.url}/kv/blob")
     assert target.read_bytes() == source.read_bytes()
@@ -788,11 +808,15 @@ def test_racing_if_match_writers_get_exactly_one_winner_per_etag(server):
     lock = threading.Lock()
 
     def contender(thread: int) -> None:
+        connection = server.connect()  # kept alive where the server allows; reopened where not
         for round_ in range(rounds):
             barrier.wait()
-            etag = etag_of(server, "/kv/contested")
+            head = server.request("HEAD", "/kv/contested", connection=connection)
+            assert head.status == 200
+            etag = head.headers["ETag"]
             barrier.wait()  # every thread holds this round's ETag before anyone writes
-            response = put(server, "/kv/contested", f"{round_}:{thread}".encode(), {"If-Match": etag})
+            body = f"{round_}:{thread}".encode()
+            response = server.request("PUT", "/kv/contested", body, {"If-Match": etag}, connection=connection)
             with lock:
                 results.append((round_, thread, etag, response.status))
 
@@ -896,6 +920,18 @@ ERROR_EXCHANGES = {
 }
 
 
+def assert_connection_does_what_the_answer_says(connection: RawConnection, response: RawResponse) -> None:
+    """After `response`: if it says Connection: close, the server closes; else the connection
+    takes the next request in step (no unread body left on it to be taken for a request)."""
+    if response.closes:
+        assert connection.read_to_eof() == b"", "the server said close, then sent more"
+    else:
+        connection.request("GET", "/health")
+        follow_up = connection.response()
+        assert follow_up.status == 200, "the connection fell out of step"
+        assert json.loads(follow_up.body)["status"] == "ok"
+
+
 @pytest.mark.parametrize("name", ERROR_EXCHANGES)
 def test_after_an_error_answer_the_connection_does_what_the_answer_says(server, name):
     exchange = ERROR_EXCHANGES[name]
@@ -907,11 +943,27 @@ def test_after_an_error_answer_the_connection_does_what_the_answer_says(server, 
         assert response.problem()
         if exchange.keeps_alive:
             assert not response.closes, "an error with no body to skip keeps the connection"
-        if response.closes:
-            assert connection.read_to_eof() == b"", "the server said close, then sent more"
-        else:
-            connection.request("GET", "/kv/present")
-            follow_up = connection.response()
-            assert (follow_up.status, follow_up.body) == (200, b"value"), "the connection fell out of step"
+        assert_connection_does_what_the_answer_says(connection, response)
     assert server.get("/kv/present").body == b"value"
     assert server.get("/kv/k").status == 404
+
+
+@pytest.mark.parametrize("precondition", ["If-Match", "If-None-Match"])
+def test_a_value_changed_while_a_conditional_upload_streams_makes_it_a_412_that_changes_nothing(server, precondition):
+    if precondition == "If-Match":
+        headers = {"If-Match": put(server, "/kv/k", b"one").headers["ETag"]}
+    else:
+        headers = {"If-None-Match": "*"}
+    with RawConnection(server) as connection:
+        connection.request("PUT", "/kv/k", {"Transfer-Encoding": "chunked", **headers}, b"5\r\nfirst\r\n")
+        wait_for(lambda: temporary_files(server), what="the conditional upload to start")
+        rival = put(server, "/kv/k", b"rival")  # another client writes while the upload streams
+        assert rival.status in (200, 201)
+        connection.send(b"6\r\nsecond\r\n0\r\n\r\n")
+        response = connection.response()
+        assert response.status == 412  # checked again, atomically, when the upload commits
+        assert response.problem()
+        assert_connection_does_what_the_answer_says(connection, response)
+    kept = server.get("/kv/k")
+    assert (kept.body, kept.headers["ETag"]) == (b"rival", rival.headers["ETag"])
+    wait_for(lambda: not temporary_files(server), timeout=5, what="the refused upload's file to be removed")

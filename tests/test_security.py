@@ -506,6 +506,22 @@ def test_a_value_set_through_the_query_string_is_served_sandboxed(plain):
     assert_sandboxed(response)
 
 
+@pytest.mark.parametrize(
+    "request_line",
+    [b"GET /get?key=page.html", b"GET /get?key=page.html HTTP/0.9", b"GET /kv/page.html HTTP/0.9"],
+)
+def test_a_value_is_never_served_without_its_headers_not_even_to_http_0_9(plain, request_line):
+    content_type, value = SCRIPTED["page.html"]
+    assert plain.request("PUT", "/kv/page.html", body=value, headers={"Content-Type": content_type}).status == 201
+    answer = raw_exchange(plain.port, request_line + b"\r\nHost: 127.0.0.1\r\n\r\n")
+    assert not answer.startswith(value), "the value went out bare, with no header at all"
+    assert answer.startswith((b"HTTP/1.0 ", b"HTTP/1.1 ")), answer[:200]
+    head = answer.partition(b"\r\n\r\n")[0].lower()
+    if answer[9:12] == b"200":
+        assert b"\r\nx-content-type-options: nosniff" in head
+        assert b"\r\ncontent-security-policy: sandbox" in head
+
+
 def test_the_html_page_escapes_every_key(plain):
     keys = ["<script>alert(1)</script>", '"><img src=x onerror=alert(2)>', "a&b'c"]
     for key in keys:

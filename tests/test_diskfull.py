@@ -1,0 +1,208 @@
+"""A full disk (SPEC sections 6 and 8): a write that hits ENOSPC is a 507 problem+json, leaves no
+partial file, reads go on working, and writes succeed again once there is room.
+
+The data dir lives on a 4 MiB tmpfs the test mounts, so it needs root (CI runs as root).
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import os
+import re
+import shutil
+import socket
+import subprocess
+import xmlrpc.client
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import Response, Server, require_service, wait_for
+
+TMPFS_SIZE = 4 * 1024 * 1024
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs, unmounted at the end."""
+    if os.geteuid() != 0:
+        require_service("needs root to mount a tmpfs")
+    if shutil.which("mount") is None or shutil.which("umount") is None:
+        require_service("needs mount and umount to mount a tmpfs")
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={TMPFS_SIZE}", "tmpfs", str(mount_point)],
+        capture_output=True,
+        timeout=30,
+    )
+    if mounted.returncode != 0:
+        require_service(f"cannot mount a tmpfs: {mounted.stderr.decode(errors='replace').strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def full_server(small_disk, make_server) -> Server:
+    """A server whose data dir is on the small tmpfs (stopped before the tmpfs is unmounted)."""
+    return make_server(data_dir=small_disk / "data")
+
+
+def parse_response(data: bytes) -> Response:
+    """The first final response in raw bytes from a socket (1xx interim responses skipped)."""
+    while True:
+        head, separator, rest = data.partition(b"\r\n\r\n")
+        assert separator, f"no complete response head in {data[:300]!r}"
+        status_line, _, header_block = head.partition(b"\r\n")
+        match = re.fullmatch(rb"HTTP/1\.[01] (\d{3}) [^\r\n]*", status_line)
+        assert match, f"not an HTTP/1.x status line: {status_line[:200]!r}"
+        headers = http.client.parse_headers(io.BytesIO(header_block + b"\r\n\r\n"))
+        status = int(match.group(1))
+        if 100 <= status < 200:
+            data = rest
+            continue
+        length = int(headers.get("Content-Length", len(rest)))
+        return Response(status, headers, rest[:length])
+
+
+def put_raw(server: Server, key: str, size: int) -> Response:
+    """PUT `size` bytes on a raw socket, going on to read the answer even if the server stops
+    reading the body half way (it answers 507 and closes)."""
+    head = f"PUT /kv/{key} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {size}\r\n\r\n".encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
+        try:
+            sock.sendall(head)
+            block = b"z" * 65536
+            sent = 0
+            while sent < size:
+                sent += sock.send(block[: size - sent])
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        received = b""
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+                if b"\r\n\r\n" in received and len(received.partition(b"\r\n\r\n")[2]) >= int(
+                    re.search(rb"Content-Length: (\d+)", received).group(1)
+                ):
+                    break
+        except ConnectionResetError:
+            pass
+    return parse_response(received)
+
+
+def free_bytes(path: Path) -> int:
+    usage = os.statvfs(path)
+    return usage.f_bavail * usage.f_frsize
+
+
+def value_files(server: Server) -> set[str]:
+    return {path.name for path in server.data_dir.iterdir() if not path.name.startswith(".")}
+
+
+def temporary_files(server: Server) -> list[Path]:
+    return list((server.data_dir / ".kvserver" / "tmp").iterdir())
+
+
+def assert_no_traceback(server: Server) -> None:
+    log = server.stderr()
+    assert "Traceback" not in log, log
+
+
+def test_a_put_larger_than_the_free_space_is_507_and_leaves_nothing_behind(full_server):
+    server = full_server
+    assert server.get("/set?small=hello").status == 201
+    assert server.request("PUT", "/kv/typed", body=b"<p>x</p>", headers={"Content-Type": "text/html"}).status == 201
+    assert server.get("/set?key=timed&value=soon&ttl=3600").status == 201
+    big = bytes(range(256)) * 400  # 100 KiB: read back from its file, not from memory
+    assert server.request("PUT", "/kv/big", body=big).status == 201
+    free_before = free_bytes(server.data_dir)
+
+    response = put_raw(server, "huge", TMPFS_SIZE + 1024 * 1024)
+    assert response.status == 507
+    assert response.problem()["detail"]
+
+    assert value_files(server) == {"small", "typed", "timed", "big"}
+    wait_for(lambda: not temporary_files(server), timeout=5, what="no temporary file left")
+    assert free_bytes(server.data_dir) >= free_before - 64 * 1024, "space is still taken by the failed write"
+    # Reads go on working.
+    assert server.get("/get?key=small").body == b"hello"
+    assert server.get("/kv/typed").headers["Content-Type"] == "text/html"
+    assert server.get("/get?key=timed").body == b"soon"
+    assert server.get("/kv/big").body == big
+    assert server.get("/kv/huge").status == 404
+    assert sorted(server.get("/keys").json()["keys"]) == ["big", "small", "timed", "typed"]
+    # The failed value never took room, so writes go on too.
+    assert server.get("/set?after=ok").status == 201
+    assert server.get("/get?key=after").body == b"ok"
+    assert server.get("/health").status == 200
+    assert_no_traceback(server)
+
+
+def test_filling_the_disk_with_set_ends_in_507_and_every_earlier_value_survives(full_server):
+    server = full_server
+    connection = server.connect()  # one keep-alive connection for the hundreds of requests
+
+    def get(path: str) -> Response:
+        return server.get(path, connection=connection)
+
+    big = bytes(range(256)) * 400
+    assert server.request("PUT", "/kv/big", body=big).status == 201
+    stored: dict[str, bytes] = {}
+    failed = None
+    for number in range(400):  # 60 KiB each: a 4 MiB disk is full well before that
+        key, value = f"fill{number}", f"{number:05d}".encode() * 12_000
+        response = get(f"/set?{key}={value.decode()}")
+        if response.status == 507:
+            failed = key
+            assert response.problem()["detail"]
+            break
+        assert response.status == 201, response
+        stored[key] = value
+    assert failed is not None, "the disk never filled up"
+    assert len(stored) > 10
+
+    # Small values with a TTL need a metadata file too: fill up the last pages with them.
+    for number in range(2000):
+        response = get(f"/set?key=tiny{number}&value=t&ttl=3600")
+        if response.status == 507:
+            assert response.problem()["detail"]
+            assert get(f"/get?key=tiny{number}").status == 404
+            break
+        assert response.status == 201, response
+        stored[f"tiny{number}"] = b"t"
+    else:
+        pytest.fail("small writes never failed on a full disk")
+
+    assert get(f"/get?key={failed}").status == 404
+    # XML-RPC on a full disk: a Fault that says so, not a dropped connection.
+    proxy = xmlrpc.client.ServerProxy(server.url + "/RPC2")
+    with pytest.raises(xmlrpc.client.Fault) as fault:
+        proxy.save("by-rpc", "r" * 60_000)
+    assert "full" in fault.value.faultString.lower() or "space" in fault.value.faultString.lower()
+    assert get("/get?key=by-rpc").status == 404
+    assert value_files(server) == {"big", *stored}
+    wait_for(lambda: not temporary_files(server), timeout=5, what="no temporary file left")
+    for key, value in stored.items():
+        assert get(f"/get?key={key}").body == value, key
+    assert get("/kv/big").body == big
+    assert sorted(get("/keys?limit=10000").json()["keys"]) == sorted(["big", *stored])
+
+    # Free some space: writes succeed again.
+    assert server.request("DELETE", "/kv/fill0").status == 204
+    assert server.request("DELETE", "/kv/fill1").status == 204
+    value = "again" * 12_000
+    assert get(f"/set?again={value}").status == 201
+    assert get("/get?key=again").body == value.encode()
+    assert get("/health").status == 200
+    assert_no_traceback(server)
+
+    # And all of it is still there after a restart.
+    server.restart()
+    connection = server.connect()
+    assert get("/get?key=again").body == value.encode()
+    assert get(f"/get?key={failed}").status == 404
+    assert get("/get?key=fill2").body == stored["fill2"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import io
 import json
 import os
 import re
@@ -62,6 +63,23 @@ class Response:
         return document
 
 
+def parse_response(data: bytes) -> Response:
+    """The first final response in raw bytes from a socket (1xx interim responses skipped)."""
+    while True:
+        head, separator, rest = data.partition(b"\r\n\r\n")
+        assert separator, f"no complete response head in {data[:300]!r}"
+        status_line, _, header_block = head.partition(b"\r\n")
+        match = re.fullmatch(rb"HTTP/1\.[01] (\d{3}) [^\r\n]*", status_line)
+        assert match, f"not an HTTP/1.x status line: {status_line[:200]!r}"
+        headers = http.client.parse_headers(io.BytesIO(header_block + b"\r\n\r\n"))
+        status = int(match.group(1))
+        if 100 <= status < 200:
+            data = rest
+            continue
+        length = int(headers.get("Content-Length", len(rest)))
+        return Response(status, headers, rest[:length])
+
+
 @dataclass
 class Server:
     """A kvserver subprocess; `url`, `port` and `data_dir` tell where it is."""
@@ -76,7 +94,7 @@ class Server:
     _connections: list[http.client.HTTPConnection] = field(default_factory=list)
 
     def start(self) -> Server:
-        self.log = open(self.log_path, "ab")
+        self.log = open(self.log_path, "ab")  # noqa: SIM115 -- the server writes to it until stop()
         self.process = subprocess.Popen(
             [sys.executable, str(KVSERVER), "--port", "0", *self.args],
             stdout=subprocess.PIPE,

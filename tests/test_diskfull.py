@@ -6,8 +6,6 @@ The data dir lives on a 4 MiB tmpfs the test mounts, so it needs root (CI runs a
 
 from __future__ import annotations
 
-import http.client
-import io
 import os
 import re
 import shutil
@@ -18,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Response, Server, require_service, wait_for
+from conftest import Response, Server, parse_response, require_service, wait_for
 
 TMPFS_SIZE = 4 * 1024 * 1024
 
@@ -49,23 +47,6 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 def full_server(small_disk, make_server) -> Server:
     """A server whose data dir is on the small tmpfs (stopped before the tmpfs is unmounted)."""
     return make_server(data_dir=small_disk / "data")
-
-
-def parse_response(data: bytes) -> Response:
-    """The first final response in raw bytes from a socket (1xx interim responses skipped)."""
-    while True:
-        head, separator, rest = data.partition(b"\r\n\r\n")
-        assert separator, f"no complete response head in {data[:300]!r}"
-        status_line, _, header_block = head.partition(b"\r\n")
-        match = re.fullmatch(rb"HTTP/1\.[01] (\d{3}) [^\r\n]*", status_line)
-        assert match, f"not an HTTP/1.x status line: {status_line[:200]!r}"
-        headers = http.client.parse_headers(io.BytesIO(header_block + b"\r\n\r\n"))
-        status = int(match.group(1))
-        if 100 <= status < 200:
-            data = rest
-            continue
-        length = int(headers.get("Content-Length", len(rest)))
-        return Response(status, headers, rest[:length])
 
 
 def put_raw(server: Server, key: str, size: int) -> Response:

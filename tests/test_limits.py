@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import http.client
-import io
 import re
 import select
 import socket
@@ -19,26 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import Response, Server, wait_for
+from conftest import Response, Server, parse_response, wait_for
 
 HOST = b"Host: 127.0.0.1\r\n"
-
-
-def parse_response(data: bytes) -> Response:
-    """The first final response in raw bytes from a socket (1xx interim responses skipped)."""
-    while True:
-        head, separator, rest = data.partition(b"\r\n\r\n")
-        assert separator, f"no complete response head in {data[:300]!r}"
-        status_line, _, header_block = head.partition(b"\r\n")
-        match = re.fullmatch(rb"HTTP/1\.[01] (\d{3}) [^\r\n]*", status_line)
-        assert match, f"not an HTTP/1.x status line: {status_line[:200]!r}"
-        headers = http.client.parse_headers(io.BytesIO(header_block + b"\r\n\r\n"))
-        status = int(match.group(1))
-        if 100 <= status < 200:
-            data = rest
-            continue
-        length = int(headers.get("Content-Length", len(rest)))
-        return Response(status, headers, rest[:length])
 
 
 def read_one_response(sock: socket.socket) -> Response:

@@ -1,0 +1,69 @@
+"""The bare cost of a durable small write on a disk, without HTTP or Python bookkeeping.
+
+Each of --threads threads loops: write a small value to a temporary file, fsync it,
+rename it over a key's file, fsync the folder. After --seconds (or --max-ops writes per
+thread) it prints one JSON line: ops, seconds, ops_per_s, p50_ms, p99_ms.
+Usage: python fsync_loop.py DIR [--threads 16] [--seconds 5] [--keys 1000] [--max-ops N]
+"""
+
+import argparse
+import json
+import os
+import threading
+import time
+
+
+def worker(folder: str, index: int, args: argparse.Namespace, deadline: float, latencies: list[float]) -> None:
+    folder_fd = os.open(folder, os.O_RDONLY)
+    temporary = os.path.join(folder, f".tmp-{index}")
+    try:
+        for n in range(args.max_ops):
+            started = time.perf_counter()
+            if started >= deadline:
+                break
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.write(fd, b"v%d" % n)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(temporary, os.path.join(folder, f"k{index}-{n % args.keys}"))
+            os.fsync(folder_fd)
+            latencies.append(time.perf_counter() - started)
+    finally:
+        os.close(folder_fd)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("dir")
+    parser.add_argument("--threads", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--keys", type=int, default=1000, help="distinct files per thread")
+    parser.add_argument("--max-ops", type=int, default=10_000_000, help="per thread")
+    args = parser.parse_args()
+    os.makedirs(args.dir, exist_ok=True)
+    latencies: list[list[float]] = [[] for _ in range(args.threads)]
+    started = time.perf_counter()
+    deadline = started + args.seconds
+    threads = [
+        threading.Thread(target=worker, args=(args.dir, i, args, deadline, latencies[i])) for i in range(args.threads)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - started
+    every = sorted(latency for thread_latencies in latencies for latency in thread_latencies)
+    ops = len(every)
+
+    def percentile(p: float) -> float:
+        return every[min(ops - 1, int(ops * p / 100))] * 1000 if ops else float("nan")
+
+    result = {"ops": ops, "seconds": seconds, "ops_per_s": ops / seconds, "p50_ms": percentile(50)}
+    result["p99_ms"] = percentile(99)
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

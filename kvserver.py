@@ -60,7 +60,6 @@ import urllib.parse
 import xmlrpc.client
 import xmlrpc.server
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import IO, Any, BinaryIO, NamedTuple, NoReturn, TypeVar, cast
@@ -168,8 +167,7 @@ def _is_json(content_type: str) -> bool:
     return content_type.partition(";")[0].strip().lower() == "application/json"
 
 
-@dataclass(frozen=True, slots=True)
-class Stat:
+class Stat(NamedTuple):
     """What is known about a stored value besides its bytes."""
 
     size: int
@@ -213,10 +211,6 @@ def _expiry(ttl: int | None) -> float | None:
     if isinstance(ttl, bool) or not isinstance(ttl, int) or not 0 < ttl < 10**12:
         raise ValueError(f"a TTL is a whole number of seconds from 1 to 10**12 - 1, not {ttl!r}")
     return time.time() + ttl
-
-
-def _expired(stat: Stat, now: float) -> bool:
-    return stat.expires_at is not None and stat.expires_at <= now
 
 
 def parse_size(text: str) -> int:
@@ -452,17 +446,28 @@ class Storage:
 
 
 class _Entry(NamedTuple):
-    """An index entry: a value's Stat, and its bytes when they are held in memory."""
+    """An index entry, one small tuple per key (its Stat is made when asked for): the value's
+    size, media type, stamp (of its ETag) and expiry, and its bytes if held in memory."""
 
-    stat: Stat
+    size: int
+    content_type: str
+    stamp: int
+    expires_at: float | None
     data: bytes | None
+
+    @property
+    def stat(self) -> Stat:
+        return Stat(self.size, self.content_type, _etag(self.size, self.stamp), self.expires_at)
+
+    def expired(self, now: float) -> bool:
+        return self.expires_at is not None and self.expires_at <= now
 
 
 class _Staged(NamedTuple):
     """A value received in full but not yet visible: its bytes or its temporary file."""
 
     size: int
-    etag: str
+    stamp: int
     data: bytes | None  # all of it, unless it is larger than SMALL_VALUE
     path: str | None  # FileStorage's temporary file
 
@@ -491,7 +496,7 @@ class MemoryStorage(Storage):
 
     def _live(self, key: str) -> _Entry | None:
         entry = self._index.get(key)
-        if entry is None or _expired(entry.stat, time.time()):
+        if entry is None or entry.expired(time.time()):
             return None
         return entry
 
@@ -512,7 +517,7 @@ class MemoryStorage(Storage):
         now = time.time()
         keys = []
         for key, entry in list(self._index.items()):
-            if _expired(entry.stat, now):
+            if entry.expired(now):
                 self._purge(key, entry)
             elif key.startswith(prefix):
                 keys.append(key)
@@ -528,7 +533,7 @@ class MemoryStorage(Storage):
 
     def totals(self) -> tuple[int, int]:
         now = time.time()
-        sizes = [entry.stat.size for entry in list(self._index.values()) if not _expired(entry.stat, now)]
+        sizes = [entry.size for entry in list(self._index.values()) if not entry.expired(now)]
         return len(sizes), sum(sizes)
 
     def _write(
@@ -544,13 +549,13 @@ class MemoryStorage(Storage):
             with self._lock_for(key):
                 current = self._live(key)
                 precondition.check(key, current and current.stat.etag)
-                stat = Stat(staged.size, sys.intern(content_type), staged.etag, expires_at)
-                self._commit(key, staged, stat, current)
-                self._index[key] = _Entry(stat, staged.data)
+                entry = _Entry(staged.size, sys.intern(content_type), staged.stamp, expires_at, staged.data)
+                self._commit(key, staged, entry)
+                self._index[key] = entry
         except BaseException:
             self._discard(staged)
             raise
-        return stat, current is None
+        return entry.stat, current is None
 
     def _delete(self, key: str, precondition: _Precondition) -> bool:
         with self._lock_for(key):
@@ -566,10 +571,11 @@ class MemoryStorage(Storage):
     def _stage(self, chunks: Iterable[bytes]) -> _Staged:
         """Receive a value in full, before any lock is taken."""
         data = b"".join(chunks)
-        return _Staged(len(data), _etag(len(data), _new_stamp()), data, None)
+        return _Staged(len(data), _new_stamp(), data, None)
 
-    def _commit(self, key: str, staged: _Staged, stat: Stat, current: _Entry | None) -> None:
-        """Make a staged value the value of `key` (called under the key's lock)."""
+    def _commit(self, key: str, staged: _Staged, entry: _Entry) -> None:
+        """Make a staged value, to be indexed as `entry`, the value of `key` (called under the
+        key's lock, before the index changes)."""
 
     def _discard(self, staged: _Staged) -> None:
         """Drop a staged value that was not committed."""
@@ -598,6 +604,8 @@ def _file_name(key: str) -> str:
 
 def _key_from_name(name: str) -> str | None:
     """The key whose file is called `name`, or None if no key is (the name is hashed or foreign)."""
+    if _PLAIN_NAME.fullmatch(name):
+        return name  # a plain key is its own name
     try:
         key = check_key(urllib.parse.unquote(name, errors="strict"))
     except (ValueError, UnicodeDecodeError):
@@ -608,6 +616,15 @@ def _key_from_name(name: str) -> str | None:
 def _printable(path: str) -> str:
     """A path as any stream can print it: name bytes that are not UTF-8 become \\x escapes."""
     return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _read_small_file(path: str, size: int) -> bytes:
+    """The bytes of a small file, with fewer calls than open() makes (start-up reads thousands)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.read(fd, size)
+    finally:
+        os.close(fd)
 
 
 def _sniff_file(path: str) -> str:
@@ -705,6 +722,7 @@ class FileStorage(MemoryStorage):
             os.unlink(os.path.join(self._tmp, name))
         unused_metadata = set(os.listdir(self._meta))
         now = time.time()
+        latest_stamp = 0
         for dir_entry in os.scandir(self.path):
             name = dir_entry.name
             if name.startswith("."):
@@ -713,8 +731,8 @@ class FileStorage(MemoryStorage):
                 print(f"kvserver: skipping {_printable(dir_entry.path)}: not a regular file", file=sys.stderr)
                 continue
             file_stat = dir_entry.stat(follow_symlinks=False)
-            etag = _etag(file_stat.st_size, file_stat.st_mtime_ns)
-            record = self._read_metadata(name).get(etag) if name in unused_metadata else None
+            size, stamp = file_stat.st_size, file_stat.st_mtime_ns
+            record = self._read_metadata(name).get(_etag(size, stamp)) if name in unused_metadata else None
             if record is not None:
                 unused_metadata.discard(name)
                 key, content_type, expires_at = record["key"], record["content_type"], record["expires_at"]
@@ -727,15 +745,12 @@ class FileStorage(MemoryStorage):
                 os.unlink(dir_entry.path)
                 unused_metadata.add(name)  # its metadata goes too, below
                 continue
-            data = None
-            if file_stat.st_size <= SMALL_VALUE:
-                with open(dir_entry.path, "rb") as file:
-                    data = file.read()
+            data = _read_small_file(dir_entry.path, size) if size <= SMALL_VALUE else None
             if content_type is None:
                 content_type = sniff_content_type(data) if data is not None else _sniff_file(dir_entry.path)
-            stat = Stat(file_stat.st_size, sys.intern(content_type), etag, expires_at)
-            self._index[key] = _Entry(stat, data)
-            _stamps_after(file_stat.st_mtime_ns)
+            self._index[key] = _Entry(size, sys.intern(content_type), stamp, expires_at, data)
+            latest_stamp = max(latest_stamp, stamp)
+        _stamps_after(latest_stamp)
         for name in unused_metadata:
             os.unlink(os.path.join(self._meta, name))
 
@@ -794,21 +809,20 @@ class FileStorage(MemoryStorage):
                 os.utime(fd, ns=(stamp, stamp))
                 if self.fsync:
                     os.fsync(fd)
-                file_stat = os.fstat(fd)
         except BaseException:
             os.unlink(path)  # a crash before this leaves a temporary file, removed at start
             raise
         data = b"".join(head) if size <= SMALL_VALUE else None
-        return _Staged(size, _etag(file_stat.st_size, file_stat.st_mtime_ns), data, path)
+        return _Staged(size, stamp, data, path)
 
-    def _commit(self, key: str, staged: _Staged, stat: Stat, current: _Entry | None) -> None:
+    def _commit(self, key: str, staged: _Staged, entry: _Entry) -> None:
         assert staged.path is not None
         name = _file_name(key)
-        if self._needs_metadata(key, name, stat, staged.data):
-            records = {stat.etag: self._record(key, stat)}
+        if self._needs_metadata(key, name, entry):
+            records = {entry.stat.etag: self._record(key, entry)}
             previous = self._index.get(key)  # expired or not: its file is in place until the rename
             if previous is not None:
-                records[previous.stat.etag] = self._record(key, previous.stat)
+                records[previous.stat.etag] = self._record(key, previous)
             # Crash before the next line: the old value and its metadata, as before.
             self._write_durably(os.path.join(self._meta, name), json.dumps(records).encode())
             # Crash here: the metadata knows both versions; the old value file is in place.
@@ -836,18 +850,18 @@ class FileStorage(MemoryStorage):
             os.unlink(os.path.join(self._meta, name))
 
     @staticmethod
-    def _needs_metadata(key: str, name: str, stat: Stat, data: bytes | None) -> bool:
+    def _needs_metadata(key: str, name: str, entry: _Entry) -> bool:
         """Whether loading the value file alone would give back other metadata."""
         return (
-            stat.expires_at is not None
-            or data is None  # large: the media type is not sniffed at start
-            or stat.content_type != sniff_content_type(data)
+            entry.expires_at is not None
+            or entry.data is None  # large: the media type is not sniffed at start
+            or entry.content_type != sniff_content_type(entry.data)
             or _key_from_name(name) != key
         )
 
     @staticmethod
-    def _record(key: str, stat: Stat) -> dict[str, Any]:
-        return {"key": key, "content_type": stat.content_type, "expires_at": stat.expires_at}
+    def _record(key: str, entry: _Entry) -> dict[str, Any]:
+        return {"key": key, "content_type": entry.content_type, "expires_at": entry.expires_at}
 
     def _write_durably(self, path: str, data: bytes) -> None:
         """Replace the file at `path` with `data` in one step that survives a crash."""

@@ -1,7 +1,9 @@
 """The bare cost of a durable small write on a disk, without HTTP or Python bookkeeping.
 
 Each of --threads threads loops: write a small value to a temporary file, fsync it,
-rename it over a key's file, fsync the folder. After --seconds (or --max-ops writes per
+rename it over a key's file, fsync the folder. The threads share --keys keys in turn, as the
+benchmark's /set load does, so that renames replace existing files (freeing the old one is
+part of the cost). After --seconds (or --max-ops writes per
 thread) it prints one JSON line: ops, seconds, ops_per_s, p50_ms, p99_ms.
 Usage: python fsync_loop.py DIR [--threads 16] [--seconds 5] [--keys 1000] [--max-ops N]
 """
@@ -27,7 +29,7 @@ def worker(folder: str, index: int, args: argparse.Namespace, deadline: float, l
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.rename(temporary, os.path.join(folder, f"k{index}-{n % args.keys}"))
+            os.rename(temporary, os.path.join(folder, f"k{(n * args.threads + index) % args.keys}"))
             os.fsync(folder_fd)
             latencies.append(time.perf_counter() - started)
     finally:
@@ -39,7 +41,7 @@ def main() -> None:
     parser.add_argument("dir")
     parser.add_argument("--threads", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--keys", type=int, default=1000, help="distinct files per thread")
+    parser.add_argument("--keys", type=int, default=1000, help="distinct files, shared by the threads")
     parser.add_argument("--max-ops", type=int, default=10_000_000, help="per thread")
     args = parser.parse_args()
     os.makedirs(args.dir, exist_ok=True)

@@ -68,6 +68,8 @@ __version__ = "0.1.0"
 __all__ = [
     "DataDirLocked",
     "FileStorage",
+    "KVRequestHandler",
+    "KVServer",
     "MemoryStorage",
     "PreconditionFailed",
     "RedisStorage",
@@ -131,7 +133,7 @@ def check_key(key: object) -> str:
     return key
 
 
-def sniff_content_type(data: bytes) -> str:
+def _sniff_content_type(data: bytes) -> str:
     """The media type of a value that came without one: text if it is UTF-8, else bytes."""
     try:
         data.decode("utf-8")
@@ -213,7 +215,7 @@ def _expiry(ttl: int | None) -> float | None:
     return time.time() + ttl
 
 
-def parse_size(text: str) -> int:
+def _parse_size(text: str) -> int:
     """Bytes in '512', '64K', '10M' or '1G' (powers of 1024); ValueError otherwise."""
     match = re.fullmatch(r"(\d+)([KMG]?)", text.strip(), re.IGNORECASE)
     if not match:
@@ -223,10 +225,10 @@ def parse_size(text: str) -> int:
 
 # Storage
 
-Source = bytes | bytearray | memoryview | Iterable[bytes] | IO[bytes] | str | os.PathLike[str]
+_Source = bytes | bytearray | memoryview | Iterable[bytes] | IO[bytes] | str | os.PathLike[str]
 
 
-def _chunks(source: Source) -> Iterable[bytes]:
+def _chunks(source: _Source) -> Iterable[bytes]:
     """The bytes of a value as chunks, from bytes, an iterable of bytes, a file object or a path."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         return (bytes(source),)
@@ -271,7 +273,7 @@ class Storage:
     their arguments once, then call the hooks a backend implements:
 
     required: `_fetch`, `_write`, `_delete`, `_keys`;
-    optional (defaults built from the required ones): `_stat`, `__len__`, `close`.
+    optional (defaults built from the required ones): `_stat`, `totals`, `close`.
     """
 
     kind = "abstract"
@@ -396,7 +398,7 @@ class Storage:
     def write(
         self,
         key: str,
-        source: Source,
+        source: _Source,
         *,
         content_type: str = DEFAULT_CONTENT_TYPE,
         ttl: int | None = None,
@@ -628,7 +630,7 @@ def _read_small_file(path: str, size: int) -> bytes:
 
 
 def _sniff_file(path: str) -> str:
-    """Like sniff_content_type, for a file too large to read into memory at once."""
+    """Like _sniff_content_type, for a file too large to read into memory at once."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     try:
         with open(path, "rb") as file:
@@ -747,7 +749,7 @@ class FileStorage(MemoryStorage):
                 continue
             data = _read_small_file(dir_entry.path, size) if size <= SMALL_VALUE else None
             if content_type is None:
-                content_type = sniff_content_type(data) if data is not None else _sniff_file(dir_entry.path)
+                content_type = _sniff_content_type(data) if data is not None else _sniff_file(dir_entry.path)
             self._index[key] = _Entry(size, sys.intern(content_type), stamp, expires_at, data)
             latest_stamp = max(latest_stamp, stamp)
         _stamps_after(latest_stamp)
@@ -855,7 +857,7 @@ class FileStorage(MemoryStorage):
         return (
             entry.expires_at is not None
             or entry.data is None  # large: the media type is not sniffed at start
-            or entry.content_type != sniff_content_type(entry.data)
+            or entry.content_type != _sniff_content_type(entry.data)
             or _key_from_name(name) != key
         )
 
@@ -1042,7 +1044,7 @@ def open_storage(spec: str, *, fsync: bool = True) -> Storage:
 # HTTP
 
 
-class HTTPError(Exception):
+class _HTTPError(Exception):
     """An error answered to the client as problem+json (RFC 9457)."""
 
     def __init__(self, status: HTTPStatus, detail: str, headers: dict[str, str] | None = None) -> None:
@@ -1076,7 +1078,7 @@ def _text(raw: bytes, what: str) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise HTTPError(HTTPStatus.BAD_REQUEST, f"the {what} is not valid UTF-8 once percent-decoded") from None
+        raise _HTTPError(HTTPStatus.BAD_REQUEST, f"the {what} is not valid UTF-8 once percent-decoded") from None
 
 
 def _key(raw: bytes) -> str:
@@ -1084,14 +1086,14 @@ def _key(raw: bytes) -> str:
     try:
         return check_key(_text(raw, "key"))
     except ValueError as error:
-        raise HTTPError(HTTPStatus.BAD_REQUEST, f"invalid key: {error}") from None
+        raise _HTTPError(HTTPStatus.BAD_REQUEST, f"invalid key: {error}") from None
 
 
 def _ttl(raw: bytes | None) -> int | None:
     if raw is None:
         return None
     if not re.fullmatch(rb"[1-9][0-9]{0,11}", raw):
-        raise HTTPError(HTTPStatus.BAD_REQUEST, f"ttl is a positive whole number of seconds, not {raw!r}")
+        raise _HTTPError(HTTPStatus.BAD_REQUEST, f"ttl is a positive whole number of seconds, not {raw!r}")
     return int(raw)
 
 
@@ -1101,7 +1103,7 @@ def _fields(query: str, allowed: tuple[str, ...], usage: str) -> dict[str, bytes
     for name, value in _decode_query(query):
         text_name = name.decode("utf-8", "replace")
         if text_name not in allowed or text_name in fields or value is None:
-            raise HTTPError(HTTPStatus.BAD_REQUEST, f"unexpected query field {text_name!r}; use {usage}")
+            raise _HTTPError(HTTPStatus.BAD_REQUEST, f"unexpected query field {text_name!r}; use {usage}")
         fields[text_name] = value
     return fields
 
@@ -1331,11 +1333,13 @@ def _redact(request_line: str) -> str:
 
 
 class KVRequestHandler(BaseHTTPRequestHandler):
-    """Serves one connection: the seed routes, REST, XML-RPC and health.
+    """Serves one connection: the seed routes, REST, XML-RPC, the page, health and metrics.
 
-    Routes are looked up in ROUTES by path (every /kv/<key> shares one entry) and then
-    by method. Handlers answer through `_send` (and `_send_json`, `_send_problem`);
-    anything they raise is turned into a problem+json answer by `_dispatch`.
+    Routes are looked up in _ROUTES by path (every /kv/<key> shares one entry) and then
+    by method. Handlers answer through `_send` (and `_send_json`, `_send_problem`,
+    `_send_value`), which write the head with `_write_head`; anything they raise is turned
+    into a problem+json answer by `_dispatch`. A subclass may override `_check_access` to
+    guard the routes differently.
     """
 
     server: KVServer
@@ -1433,20 +1437,20 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         if path.startswith(("http://", "https://")):  # absolute form (RFC 9112 section 3.2.2)
             path = "/" + path.split("/", 3)[3] if path.count("/") >= 3 else "/"
         route = "/kv/" if path.startswith("/kv/") else path
-        methods = ROUTES.get(route)
+        methods = _ROUTES.get(route)
         try:
             self._check_access(route)
             if methods is None:
-                raise HTTPError(HTTPStatus.NOT_FOUND, f"no route {path!r}; see the README for the routes")
+                raise _HTTPError(HTTPStatus.NOT_FOUND, f"no route {path!r}; see the README for the routes")
             self._route = "/kv/<key>" if route == "/kv/" else route
             handler = methods.get(self.command)
             if handler is None:
                 allowed = ", ".join(methods)
-                raise HTTPError(
+                raise _HTTPError(
                     HTTPStatus.METHOD_NOT_ALLOWED, f"{path} takes {allowed}, not {self.command}", {"Allow": allowed}
                 )
             handler(self, path, query)
-        except HTTPError as error:
+        except _HTTPError as error:
             self._send_problem(error.status, error.detail, error.headers)
         except PreconditionFailed as error:
             self._send_problem(HTTPStatus.PRECONDITION_FAILED, str(error))
@@ -1468,20 +1472,22 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         """Refuse what a web page could make a browser send here (SPEC section 8), then
         requests without the token."""
         if self.headers.get("Sec-Fetch-Site", "").strip().lower() == "cross-site":
-            raise HTTPError(HTTPStatus.FORBIDDEN, "cross-site requests are refused: a web page may not use this server")
+            raise _HTTPError(
+                HTTPStatus.FORBIDDEN, "cross-site requests are refused: a web page may not use this server"
+            )
         host = self.headers.get("Host")
         origin = self.headers.get("Origin")
         if origin is not None and (host is None or origin.strip().lower() != f"{self.server.scheme}://{host}".lower()):
-            raise HTTPError(
+            raise _HTTPError(
                 HTTPStatus.FORBIDDEN, f"requests from origin {origin!r} are refused: it is not this server's"
             )
         if self.server.loopback and host is not None and not _is_loopback_host(host):
-            raise HTTPError(
+            raise _HTTPError(
                 HTTPStatus.FORBIDDEN,
                 f"Host {host!r} is not a loopback name; this server answers only to localhost (DNS rebinding)",
             )
         if self.server.token is not None and route != "/health" and not self._has_token(self.server.token):
-            raise HTTPError(
+            raise _HTTPError(
                 HTTPStatus.UNAUTHORIZED,
                 "send the token: 'Authorization: Bearer <token>', or Basic auth with the token as password",
                 {"WWW-Authenticate": 'Basic realm="kvserver", charset="UTF-8"'},
@@ -1612,19 +1618,19 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         length_header = self.headers.get_all("Content-Length") or []
         if transfer_encoding is not None:
             if length_header:
-                raise HTTPError(HTTPStatus.BAD_REQUEST, "send Content-Length or Transfer-Encoding, not both")
+                raise _HTTPError(HTTPStatus.BAD_REQUEST, "send Content-Length or Transfer-Encoding, not both")
             if transfer_encoding.strip().lower() != "chunked":
-                raise HTTPError(HTTPStatus.NOT_IMPLEMENTED, "the only transfer coding this server takes is chunked")
+                raise _HTTPError(HTTPStatus.NOT_IMPLEMENTED, "the only transfer coding this server takes is chunked")
             chunks = self._chunked_body(limit)
         elif not length_header:
-            raise HTTPError(HTTPStatus.LENGTH_REQUIRED, "send a Content-Length header, or the body chunked")
+            raise _HTTPError(HTTPStatus.LENGTH_REQUIRED, "send a Content-Length header, or the body chunked")
         elif len(set(length_header)) != 1 or not re.fullmatch(r"[0-9]{1,19}", length_header[0].strip()):
-            raise HTTPError(HTTPStatus.BAD_REQUEST, f"Content-Length is not a byte count: {length_header!r}")
+            raise _HTTPError(HTTPStatus.BAD_REQUEST, f"Content-Length is not a byte count: {length_header!r}")
         else:
             length = int(length_header[0])
             if length > limit:
                 self._body_unread = True
-                raise HTTPError(
+                raise _HTTPError(
                     HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                     f"the value is {length} bytes; this server takes at most {limit} (--max-value)",
                 )
@@ -1654,13 +1660,13 @@ class KVRequestHandler(BaseHTTPRequestHandler):
                 raise _IncompleteBody
             size_field = line.split(b";", 1)[0].strip()
             if not re.fullmatch(rb"[0-9A-Fa-f]{1,15}", size_field):
-                raise HTTPError(HTTPStatus.BAD_REQUEST, f"bad chunk size line {line[:40]!r}")
+                raise _HTTPError(HTTPStatus.BAD_REQUEST, f"bad chunk size line {line[:40]!r}")
             size = int(size_field, 16)
             if size == 0:
                 break
             total += size
             if total > limit:
-                raise HTTPError(
+                raise _HTTPError(
                     HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                     f"the value is over {limit} bytes, the most this server takes (--max-value)",
                 )
@@ -1671,7 +1677,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
                 size -= len(chunk)
                 yield chunk
             if self.rfile.readline(3) not in (b"\r\n", b"\n"):
-                raise HTTPError(HTTPStatus.BAD_REQUEST, "a chunk is longer than its size line says")
+                raise _HTTPError(HTTPStatus.BAD_REQUEST, "a chunk is longer than its size line says")
         for _ in range(100):  # trailer fields, ignored
             line = self.rfile.readline(CHUNK)
             if not line.endswith(b"\n"):
@@ -1679,7 +1685,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             if line in (b"\r\n", b"\n"):
                 break
         else:  # what follows would be read as the next request
-            raise HTTPError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "send at most 100 trailer fields")
+            raise _HTTPError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "send at most 100 trailer fields")
         self._body_done()
 
     def _body_done(self) -> None:
@@ -1700,16 +1706,16 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             [(name, value)] = fields.items()
             key, ttl = _key(name), None
         else:
-            raise HTTPError(
+            raise _HTTPError(
                 HTTPStatus.BAD_REQUEST,
                 "use /set?<key>=<value> (one pair, with '=') or /set?key=<key>&value=<value>[&ttl=<seconds>]",
             )
         if len(value) > self.server.max_value:
-            raise HTTPError(
+            raise _HTTPError(
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                 f"the value is {len(value)} bytes; this server takes at most {self.server.max_value} (--max-value)",
             )
-        stat, created = self.storage.write(key, value, content_type=sniff_content_type(value), ttl=ttl)
+        stat, created = self.storage.write(key, value, content_type=_sniff_content_type(value), ttl=ttl)
         status = HTTPStatus.CREATED if created else HTTPStatus.OK
         if self._wants_page():
             self._send_page(status, "", f"Stored {key}.")
@@ -1720,7 +1726,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         try:
             return self.storage.fetch(key)
         except KeyError:
-            raise HTTPError(HTTPStatus.NOT_FOUND, f"no key {key!r}") from None
+            raise _HTTPError(HTTPStatus.NOT_FOUND, f"no key {key!r}") from None
 
     def _route_get(self, path: str, query: str) -> None:
         key = _key(_fields(query, ("key",), "/get?key=<key>").get("key", b""))
@@ -1729,7 +1735,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
     def _route_delete(self, path: str, query: str) -> None:
         key = _key(_fields(query, ("key",), "/delete?key=<key>").get("key", b""))
         if not self.storage.remove(key):
-            raise HTTPError(HTTPStatus.NOT_FOUND, f"no key {key!r}")
+            raise _HTTPError(HTTPStatus.NOT_FOUND, f"no key {key!r}")
         if self._wants_page():
             self._send_page(HTTPStatus.OK, "", f"Deleted {key}.")
         else:
@@ -1742,7 +1748,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         fields = _fields(query, ("prefix", "limit", "after"), usage)
         limit_field = fields.get("limit", b"%d" % default_limit)
         if not re.fullmatch(rb"[0-9]{1,5}", limit_field) or not 1 <= int(limit_field) <= 10000:
-            raise HTTPError(HTTPStatus.BAD_REQUEST, f"limit is a whole number from 1 to 10000, not {limit_field!r}")
+            raise _HTTPError(HTTPStatus.BAD_REQUEST, f"limit is a whole number from 1 to 10000, not {limit_field!r}")
         limit = int(limit_field)
         prefix = _text(fields.get("prefix", b""), "prefix")
         keys = self.storage.keys(prefix)
@@ -1807,7 +1813,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
     def _path_key(self, path: str) -> str:
         raw = urllib.parse.unquote_to_bytes(path.removeprefix("/kv/").encode("latin-1"))
         if not raw:
-            raise HTTPError(HTTPStatus.BAD_REQUEST, "name the key: /kv/<key>")
+            raise _HTTPError(HTTPStatus.BAD_REQUEST, "name the key: /kv/<key>")
         return _key(raw)
 
     def _precondition(self) -> tuple[str | None, bool]:
@@ -1815,12 +1821,12 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         if_match = self.headers.get("If-Match")
         if_none_match = self.headers.get("If-None-Match")
         if if_none_match is not None and if_none_match.strip() != "*":
-            raise HTTPError(HTTPStatus.BAD_REQUEST, 'on PUT and DELETE, If-None-Match takes only "*" (create only)')
+            raise _HTTPError(HTTPStatus.BAD_REQUEST, 'on PUT and DELETE, If-None-Match takes only "*" (create only)')
         if if_match is None or if_match.strip() == "*":
             return ("*" if if_match is not None else None), if_none_match is not None
         tags = _etags(if_match)
         if len(tags) != 1 or tags[0].startswith("W/"):
-            raise HTTPError(HTTPStatus.BAD_REQUEST, 'If-Match takes one strong ETag, as "<etag>", or *')
+            raise _HTTPError(HTTPStatus.BAD_REQUEST, 'If-Match takes one strong ETag, as "<etag>", or *')
         return tags[0], if_none_match is not None
 
     def _route_kv_get(self, path: str, query: str) -> None:
@@ -1837,7 +1843,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         _Precondition(if_match, if_none_match).check(key, current.etag if current else None)
         content_type = " ".join(self.headers.get("Content-Type", DEFAULT_CONTENT_TYPE).split())  # unfolds lines
         if not content_type or not _HEADER_VALUE.fullmatch(content_type):
-            raise HTTPError(
+            raise _HTTPError(
                 HTTPStatus.BAD_REQUEST, f"Content-Type {content_type!r} is not a printable ASCII media type"
             )
         body = self._request_body(self.server.max_value)
@@ -1851,7 +1857,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         key = self._path_key(path)
         if_match, if_none_match = self._precondition()
         if not self.storage.remove(key, if_match=if_match, if_none_match=if_none_match):
-            raise HTTPError(HTTPStatus.NOT_FOUND, f"no key {key!r}")
+            raise _HTTPError(HTTPStatus.NOT_FOUND, f"no key {key!r}")
         self._send(HTTPStatus.NO_CONTENT)
 
     # XML-RPC
@@ -1861,8 +1867,8 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         self._send(HTTPStatus.OK, self.server.rpc.dispatch(request), "text/xml")
 
 
-Route = Callable[[KVRequestHandler, str, str], None]
-ROUTES: dict[str, dict[str, Route]] = {
+_Route = Callable[[KVRequestHandler, str, str], None]
+_ROUTES: dict[str, dict[str, _Route]] = {
     "/": {  # POST: XML-RPC, at / as well as /RPC2, as SimpleXMLRPCServer takes it
         "GET": KVRequestHandler._route_dump,
         "HEAD": KVRequestHandler._route_dump,
@@ -2182,7 +2188,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError:
         _fail(f"--port takes a whole number from 0 to 65535, not {args['--port']!r}", 2)
     try:
-        max_value = parse_size(args["--max-value"])
+        max_value = _parse_size(args["--max-value"])
     except ValueError as error:
         _fail(f"--max-value: {error}", 2)
     try:

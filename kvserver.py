@@ -374,7 +374,8 @@ class Storage:
         return len(stats), sum(stat.size for stat in stats)
 
     def close(self) -> None:
-        """Release what the storage holds (FileStorage: the data-dir lock)."""
+        """Release what the storage holds (FileStorage: the data-dir lock); using it
+        afterwards raises ValueError."""
 
     def __enter__(self: _AnyStorage) -> _AnyStorage:
         return self
@@ -489,6 +490,14 @@ class MemoryStorage(Storage):
     def __init__(self) -> None:
         self._index: dict[str, _Entry] = {}
         self._locks = [threading.Lock() for _ in range(self._LOCK_STRIPES)]
+        self._closed = False
+
+    def close(self) -> None:
+        self._closed = True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError(f"{self!r} is closed")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -497,6 +506,7 @@ class MemoryStorage(Storage):
         return self._locks[hash(key) % self._LOCK_STRIPES]
 
     def _live(self, key: str) -> _Entry | None:
+        self._check_open()
         entry = self._index.get(key)
         if entry is None or entry.expired(time.time()):
             return None
@@ -516,6 +526,7 @@ class MemoryStorage(Storage):
         return entry.stat, entry.data
 
     def _keys(self, prefix: str) -> list[str]:
+        self._check_open()
         now = time.time()
         keys = []
         for key, entry in list(self._index.items()):
@@ -534,6 +545,7 @@ class MemoryStorage(Storage):
                 self._erase(key, entry)
 
     def totals(self) -> tuple[int, int]:
+        self._check_open()
         now = time.time()
         sizes = [entry.size for entry in list(self._index.values()) if not entry.expired(now)]
         return len(sizes), sum(sizes)
@@ -694,8 +706,9 @@ class FileStorage(MemoryStorage):
         return f"in {self.path}"
 
     def close(self) -> None:
+        super().close()
         if self._lock_file is not None:
-            self._lock_file.close()  # releases the flock
+            self._lock_file.close()  # releases the flock: another server may own the folder from now on
             self._lock_file = None
 
     # Start-up
@@ -911,6 +924,7 @@ class RedisStorage(Storage):
             raise ModuleNotFoundError("RedisStorage needs redis-py: pip install 'kvserver[redis]'") from None
         self.url = url
         self.prefix = prefix
+        self._closed = False
         self._redis_errors = (redis.ConnectionError, redis.TimeoutError)
         self._watch_error = redis.WatchError
         self._client: Any = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)  # loosely typed
@@ -926,11 +940,14 @@ class RedisStorage(Storage):
         return "at " + re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1…@", self.url)
 
     def close(self) -> None:
+        self._closed = True
         self._client.close()
 
     @contextlib.contextmanager
     def _reachable(self) -> Iterator[None]:
-        """Turn redis-py's connection errors into StorageUnavailable."""
+        """Turn redis-py's connection errors into StorageUnavailable (and refuse once closed)."""
+        if self._closed:
+            raise ValueError(f"{self!r} is closed")
         try:
             yield
         except self._redis_errors as error:

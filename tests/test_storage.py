@@ -583,6 +583,26 @@ class StorageContract:
             store.put("k", b"v")
         self.assert_closed(store)
 
+    @pytest.mark.parametrize(
+        "use",
+        [
+            lambda store: store.get("k"),
+            lambda store: store.put("k", b"w"),
+            lambda store: store.put_file("k", io.BytesIO(b"w")),
+            lambda store: store.delete("k"),
+            lambda store: store.stat("k"),
+            lambda store: store.keys(),
+            lambda store: len(store),
+            lambda store: "k" in store,
+        ],
+        ids=["get", "put", "put_file", "delete", "stat", "keys", "len", "in"],
+    )
+    def test_a_closed_store_refuses_to_be_used_with_value_error(self, store, use):
+        store.put("k", b"v")
+        store.close()
+        with pytest.raises(ValueError, match="closed"):
+            use(store)
+
     def assert_closed(self, store: kvserver.Storage) -> None:
         """Backends with something to release check here that it was."""
 

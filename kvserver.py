@@ -1071,6 +1071,22 @@ class _HTTPError(Exception):
         self.headers = headers or {}
 
 
+def _answer_to(error: Exception) -> tuple[HTTPStatus, str, dict[str, str]]:
+    """The status, detail and headers that answer an exception from a route or the storage,
+    over HTTP and (as a Fault) over XML-RPC. Call it in the except block: an unexpected
+    exception is logged there with its traceback, and answered 500."""
+    if isinstance(error, _HTTPError):
+        return error.status, error.detail, error.headers
+    if isinstance(error, PreconditionFailed):
+        return HTTPStatus.PRECONDITION_FAILED, str(error), {}
+    if isinstance(error, StorageUnavailable):
+        return HTTPStatus.SERVICE_UNAVAILABLE, f"{error}; try again later", {}
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return HTTPStatus.INSUFFICIENT_STORAGE, "the disk is full; nothing was stored; free space", {}
+    traceback.print_exc(file=sys.stderr)
+    return HTTPStatus.INTERNAL_SERVER_ERROR, "an unexpected error; the server log has details", {}
+
+
 class _IncompleteBody(Exception):
     """The client closed the connection or broke the framing before the body ended."""
 
@@ -1467,21 +1483,13 @@ class KVRequestHandler(BaseHTTPRequestHandler):
                     HTTPStatus.METHOD_NOT_ALLOWED, f"{path} takes {allowed}, not {self.command}", {"Allow": allowed}
                 )
             handler(self, path, query)
-        except _HTTPError as error:
-            self._send_problem(error.status, error.detail, error.headers)
-        except PreconditionFailed as error:
-            self._send_problem(HTTPStatus.PRECONDITION_FAILED, str(error))
-        except StorageUnavailable as error:
-            self._send_problem(HTTPStatus.SERVICE_UNAVAILABLE, f"{error}; try again later")
         except (_IncompleteBody, ConnectionError, TimeoutError):
             self.close_connection = True  # the client broke off or stalled; nothing was stored
         except Exception as error:
-            if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-                self._send_problem(HTTPStatus.INSUFFICIENT_STORAGE, "the disk is full; nothing was stored; free space")
-                return
-            traceback.print_exc(file=sys.stderr)
-            self.close_connection = True
-            self._send_problem(HTTPStatus.INTERNAL_SERVER_ERROR, "an unexpected error; the server log has details")
+            status, detail, headers = _answer_to(error)
+            if status == HTTPStatus.INTERNAL_SERVER_ERROR:
+                self.close_connection = True
+            self._send_problem(status, detail, headers)
 
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = _dispatch
 
@@ -1939,18 +1947,11 @@ class _XMLRPC:
             return self._dispatcher._dispatch(method, params)
         except xmlrpc.client.Fault:
             raise
-        except StorageUnavailable as error:
-            raise xmlrpc.client.Fault(503, f"{error}; try again later") from None
-        except (ValueError, TypeError) as error:
+        except (ValueError, TypeError) as error:  # bad arguments: what check_key and friends raise
             raise xmlrpc.client.Fault(400, f"{method}: {error}") from None
-        except OSError as error:
-            if error.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise xmlrpc.client.Fault(507, "the disk is full; nothing was stored") from None
-            traceback.print_exc(file=sys.stderr)
-            raise xmlrpc.client.Fault(500, "an unexpected error; the server log has details") from None
-        except Exception:
-            traceback.print_exc(file=sys.stderr)
-            raise xmlrpc.client.Fault(500, "an unexpected error; the server log has details") from None
+        except Exception as error:
+            status, detail, _ = _answer_to(error)
+            raise xmlrpc.client.Fault(status.value, detail) from None
 
     def save(self, key: str, value: Any, ttl: int | None = None) -> None:
         """save(key, value[, ttl]): store value under key (str as text, Binary as bytes,

@@ -2093,7 +2093,8 @@ class KVServer(ThreadingHTTPServer):
     def process_request(self, request: socket.socket, client_address: Any) -> None:  # type: ignore[override]
         with self._state_lock:
             refuse = self._connections >= self.max_connections
-            self._connections += not refuse
+            if not refuse:
+                self._connections += 1
         if refuse:
             self._refuse(request)
         else:
@@ -2170,6 +2171,10 @@ class KVServer(ThreadingHTTPServer):
             with contextlib.suppress(OSError):
                 connection.shutdown(socket.SHUT_RDWR)
         self.server_close()
+
+    def server_close(self) -> None:
+        """Close the listening socket, wait for the connections' threads, end housekeeping."""
+        super().server_close()
         self._closed.set()
 
 
@@ -2183,6 +2188,14 @@ def _interrupt(signum: int, frame: object) -> NoReturn:
 def _fail(message: str, status: int) -> NoReturn:
     print(f"kvserver: {message}", file=sys.stderr)
     sys.exit(status)
+
+
+def _whole_number(args: dict[str, Any], option: str, low: int, high: int) -> int:
+    """The value of a whole-number option, or exit 2 with a line naming it."""
+    with contextlib.suppress(ValueError):
+        if low <= (value := int(args[option])) <= high:
+            return value
+    _fail(f"{option} takes a whole number from {low} to {high}, not {args[option]!r}", 2)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -2199,22 +2212,12 @@ def main(argv: list[str] | None = None) -> None:
         unknown = [arg for arg in given if arg.startswith("-") and arg.split("=")[0] not in known]
         problem = f"unknown option {unknown[0]}" if unknown else str(error).splitlines()[0]
         _fail(f"{problem}; see kvserver --help", 2)
-    try:
-        port = int(args["--port"])
-        if not 0 <= port <= 65535:
-            raise ValueError
-    except ValueError:
-        _fail(f"--port takes a whole number from 0 to 65535, not {args['--port']!r}", 2)
+    port = _whole_number(args, "--port", 0, 65535)
+    max_connections = _whole_number(args, "--max-connections", 1, 65535)
     try:
         max_value = _parse_size(args["--max-value"])
     except ValueError as error:
         _fail(f"--max-value: {error}", 2)
-    try:
-        max_connections = int(args["--max-connections"])
-        if max_connections < 1:
-            raise ValueError
-    except ValueError:
-        _fail(f"--max-connections takes a whole number of at least 1, not {args['--max-connections']!r}", 2)
     if args["--storage"] not in ("files", "memory") and not args["--storage"].startswith(_REDIS_SCHEMES):
         _fail(f"--storage takes files, memory or a redis:// URL, not {args['--storage']!r}", 2)
     token = args["--token"] if args["--token"] is not None else os.environ.get("KV_TOKEN") or None

@@ -917,17 +917,25 @@ class RedisStorage(Storage):
     MAX_VALUE = 512 * 1024 * 1024 - 1
     _FIELDS = (b"value", b"type", b"etag", b"expires")
 
-    def __init__(self, url: str = "redis://localhost:6379/0", *, prefix: str = "kvserver:") -> None:
+    def __init__(self, url: str = "redis://localhost:6379/0", *, prefix: str | None = None) -> None:
+        """Connect to the Redis at `url`; keys are namespaced under `prefix`, or under the URL's
+        `?prefix=` parameter (the way to set it from the command line), or 'kvserver:'."""
         try:
             import redis
         except ImportError:
             raise ModuleNotFoundError("RedisStorage needs redis-py: pip install 'kvserver[redis]'") from None
+        address, _, query = url.partition("?")  # (urlunsplit would turn unix:///path into unix:/path)
+        fields = urllib.parse.parse_qsl(query, keep_blank_values=True)
+        url_prefixes = [value for name, value in fields if name == "prefix"]
+        client_query = urllib.parse.urlencode([field for field in fields if field[0] != "prefix"])
         self.url = url
-        self.prefix = prefix
+        self.prefix = prefix if prefix is not None else (url_prefixes or ["kvserver:"])[-1]
         self._closed = False
         self._redis_errors = (redis.ConnectionError, redis.TimeoutError)
         self._watch_error = redis.WatchError
-        self._client: Any = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)  # loosely typed
+        self._client: Any = redis.Redis.from_url(  # loosely typed
+            f"{address}?{client_query}" if client_query else address, socket_timeout=5, socket_connect_timeout=5
+        )
         with self._reachable():
             self._client.ping()
 

@@ -557,6 +557,20 @@ def test_the_start_line_says_redis_and_where(make_server, redis_db):
     assert health.json() == {"status": "ok", "storage": "redis", "keys": 0}
 
 
+def test_a_prefix_parameter_in_the_url_namespaces_a_kvservers_keys(make_server, redis_db):
+    app = make_server("--quiet", "--storage", redis_db.url() + "?prefix=app:")
+    default = start_kvserver(make_server, redis_db)
+    assert app.get("/set?k=in-app").status == 201
+    assert default.get("/set?k=default").status == 201
+    assert app.get("/get?key=k").body == b"in-app"
+    assert default.get("/get?key=k").body == b"default"
+    with redis_db.client() as client:
+        assert sorted(client.keys("*")) == [b"app:k", b"kvserver:k"]
+    with kvserver.open_storage(redis_db.url() + "?prefix=app:") as store:
+        assert store.prefix == "app:"
+        assert store.get("k") == b"in-app"
+
+
 def test_two_kvservers_on_one_redis_see_each_others_writes(two_servers):
     a, b = two_servers
     assert a.get("/set?greeting=hello").status == 201

@@ -42,6 +42,7 @@ import http.client
 import inspect
 import io
 import ipaddress
+import itertools
 import json
 import os
 import re
@@ -342,11 +343,14 @@ class Storage:
         """Remove `key`; no error if it is absent (unless a precondition says otherwise)."""
         self.remove(key, if_match=if_match, if_none_match=if_none_match)
 
-    def keys(self, prefix: str = "") -> list[str]:
-        """The live keys that start with `prefix`, in code-point order."""
-        if not isinstance(prefix, str):
-            raise ValueError(f"a prefix is a str, not {type(prefix).__name__}")
-        return self._keys(prefix)
+    def keys(self, prefix: str = "", *, after: str | None = None, limit: int | None = None) -> list[str]:
+        """The live keys that start with `prefix`, in code-point order; with `after`, only
+        those that follow it; with `limit`, at most that many (so `after` pages through them)."""
+        if not isinstance(prefix, str) or not isinstance(after, (str, type(None))):
+            raise ValueError(f"a prefix and a key to list after are str, not {prefix!r} and {after!r}")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise ValueError(f"a limit is a whole number of at least 1, not {limit!r}")
+        return self._keys(prefix, after, limit)
 
     def iter_keys(self, prefix: str = "") -> Iterator[str]:
         """An iterator over `keys(prefix)`."""
@@ -368,7 +372,7 @@ class Storage:
     def totals(self) -> tuple[int, int]:
         """How many live keys there are, and how many bytes their values hold."""
         stats = []
-        for key in self._keys(""):
+        for key in self._keys("", None, None):
             with contextlib.suppress(KeyError):
                 stats.append(self._stat(key))
         return len(stats), sum(stat.size for stat in stats)
@@ -438,7 +442,7 @@ class Storage:
     def _delete(self, key: str, precondition: _Precondition) -> bool:
         raise NotImplementedError(f"{type(self).__name__}._delete")
 
-    def _keys(self, prefix: str) -> list[str]:
+    def _keys(self, prefix: str, after: str | None, limit: int | None) -> list[str]:
         raise NotImplementedError(f"{type(self).__name__}._keys")
 
     def _stat(self, key: str) -> Stat:
@@ -491,6 +495,11 @@ class MemoryStorage(Storage):
         self._index: dict[str, _Entry] = {}
         self._locks = [threading.Lock() for _ in range(self._LOCK_STRIPES)]
         self._closed = False
+        # The keys in order, so that listing a page costs a bisect, not a sort. It is sorted
+        # again when the generation has changed since: after any key came or went.
+        self._generations = itertools.count(1)
+        self._generation = 0
+        self._ordered: tuple[int, list[str]] = (-1, [])
 
     def close(self) -> None:
         self._closed = True
@@ -525,23 +534,45 @@ class MemoryStorage(Storage):
         assert entry.data is not None
         return entry.stat, entry.data
 
-    def _keys(self, prefix: str) -> list[str]:
+    def _keys(self, prefix: str, after: str | None, limit: int | None) -> list[str]:
         self._check_open()
+        ordered = self._ordered_keys()
+        start = bisect.bisect_left(ordered, prefix)
+        if after is not None:
+            start = max(start, bisect.bisect_right(ordered, after))
         now = time.time()
-        keys = []
-        for key, entry in list(self._index.items()):
-            if entry.expired(now):
+        keys: list[str] = []
+        for position in range(start, len(ordered)):
+            key = ordered[position]
+            if not key.startswith(prefix) or len(keys) == limit:
+                break
+            entry = self._index.get(key)
+            if entry is not None and entry.expired(now):
                 self._purge(key, entry)
-            elif key.startswith(prefix):
+            elif entry is not None:
                 keys.append(key)
-        keys.sort()
         return keys
+
+    def _ordered_keys(self) -> list[str]:
+        """Every key in the index, in order (some may have expired or gone since)."""
+        generation, ordered = self._ordered
+        if generation != self._generation:
+            generation = self._generation  # read first: a change during the sort makes a later call sort again
+            ordered = sorted(self._index)
+            self._ordered = (generation, ordered)
+        return ordered
+
+    def _keys_changed(self) -> None:
+        """Called after a key came into or left the index (under its lock), so that the next
+        listing sorts again: a new key must be listed (a gone one would only be skipped)."""
+        self._generation = next(self._generations)
 
     def _purge(self, key: str, entry: _Entry) -> None:
         """Remove an expired entry, unless a write replaced it since it was seen."""
         with self._lock_for(key):
             if self._index.get(key) is entry:
                 del self._index[key]
+                self._keys_changed()
                 self._erase(key, entry)
 
     def totals(self) -> tuple[int, int]:
@@ -565,7 +596,10 @@ class MemoryStorage(Storage):
                 precondition.check(key, current and current.stat.etag)
                 entry = _Entry(staged.size, sys.intern(content_type), staged.stamp, expires_at, staged.data)
                 self._commit(key, staged, entry)
+                new_key = key not in self._index  # an expired entry still holds its place
                 self._index[key] = entry
+                if new_key:
+                    self._keys_changed()
         except BaseException:
             self._discard(staged)
             raise
@@ -577,6 +611,7 @@ class MemoryStorage(Storage):
             precondition.check(key, current and current.stat.etag)
             entry = self._index.pop(key, None)
             if entry is not None:
+                self._keys_changed()
                 self._erase(key, entry)
         return current is not None
 
@@ -984,14 +1019,16 @@ class RedisStorage(Storage):
             raise KeyError(key)
         return self._stat_of(size, content_type, etag, expires)
 
-    def _keys(self, prefix: str) -> list[str]:
+    def _keys(self, prefix: str, after: str | None, limit: int | None) -> list[str]:
         pattern = re.sub(rb"([*?\[\]\\])", rb"\\\1", self._name(prefix)) + b"*"
         start = len(self.prefix.encode("utf-8"))
         with self._reachable():
-            return sorted(name[start:].decode("utf-8") for name in self._client.scan_iter(match=pattern, count=1000))
+            keys = sorted(name[start:].decode("utf-8") for name in self._client.scan_iter(match=pattern, count=1000))
+        first = bisect.bisect_right(keys, after) if after is not None else 0
+        return keys[first : first + limit if limit is not None else None]
 
     def totals(self) -> tuple[int, int]:
-        keys = self._keys("")
+        keys = self._keys("", None, None)
         with self._reachable(), self._client.pipeline(transaction=False) as pipe:
             for key in keys:
                 pipe.hstrlen(self._name(key), "value")
@@ -1784,10 +1821,10 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             raise _HTTPError(HTTPStatus.BAD_REQUEST, f"limit is a whole number from 1 to 10000, not {limit_field!r}")
         limit = int(limit_field)
         prefix = _text(fields.get("prefix", b""), "prefix")
-        keys = self.storage.keys(prefix)
-        start = bisect.bisect_right(keys, _text(fields["after"], "after")) if "after" in fields else 0
-        page = keys[start : start + limit]
-        return page, page[-1] if start + limit < len(keys) else None, prefix
+        after = _text(fields["after"], "after") if "after" in fields else None
+        keys = self.storage.keys(prefix, after=after, limit=limit + 1)  # one more tells if a next page exists
+        page = keys[:limit]
+        return page, page[-1] if len(keys) > limit else None, prefix
 
     def _route_keys(self, path: str, query: str) -> None:
         page, next_key, _ = self._key_page(query, 1000)

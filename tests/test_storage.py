@@ -583,6 +583,70 @@ class StorageContract:
             store.put("k", b"v")
         self.assert_closed(store)
 
+    def test_keys_pages_in_order_with_after_and_limit(self, store):
+        names = [f"k{i:02d}" for i in range(25)] + ["other"]
+        for name in names:
+            store.put(name, b"v")
+        pages, after = [], None
+        while page := store.keys("k", after=after, limit=10):
+            pages.append(page)
+            after = page[-1]
+        assert [len(page) for page in pages] == [10, 10, 5]
+        assert [key for page in pages for key in page] == sorted(name for name in names if name.startswith("k"))
+        assert store.keys(after="k24") == ["other"]
+        assert store.keys(after="k055", limit=2) == ["k06", "k07"]  # after need not exist
+
+    @pytest.mark.parametrize("arguments", [{"limit": 0}, {"limit": -1}, {"limit": True}, {"after": 5}])
+    def test_keys_with_a_bad_after_or_limit_is_a_value_error(self, store, arguments):
+        with pytest.raises(ValueError):
+            store.keys(**arguments)
+
+    def test_the_listing_follows_every_key_that_comes_and_goes(self, store):
+        expected: set[str] = set()
+        for step in range(60):
+            key = f"key{step * 7 % 23}"
+            if key in expected:
+                store.delete(key)
+                expected.discard(key)
+            else:
+                store.put(key, b"v")
+                expected.add(key)
+            assert store.keys() == sorted(expected)
+            assert store.keys("key1") == sorted(k for k in expected if k.startswith("key1"))
+
+    def test_listing_while_other_threads_add_and_remove_keys_ends_with_exactly_the_live_keys(self, store):
+        stop = threading.Event()
+        errors: list[BaseException] = []
+
+        def churn(thread: int) -> None:
+            try:
+                for step in range(150):
+                    store.put(f"t{thread}-{step}", b"v")
+                    if step % 3:
+                        store.delete(f"t{thread}-{step - 1}")
+            except BaseException as error:
+                errors.append(error)
+
+        def list_all_the_time() -> None:
+            while not stop.is_set():
+                store.keys()
+
+        lister = threading.Thread(target=list_all_the_time)
+        lister.start()
+        writers = [threading.Thread(target=churn, args=(thread,)) for thread in range(4)]
+        for writer in writers:
+            writer.start()
+        for writer in writers:
+            writer.join(60)
+        stop.set()
+        lister.join(60)
+        assert not errors
+        expected = {f"t{t}-{s}" for t in range(4) for s in range(150)} - {
+            f"t{t}-{s - 1}" for t in range(4) for s in range(150) if s % 3
+        }
+        assert store.keys() == sorted(expected)
+        assert len(store) == len(expected)
+
     @pytest.mark.parametrize(
         "use",
         [

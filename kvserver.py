@@ -2108,6 +2108,7 @@ class KVServer(ThreadingHTTPServer):
         self._head_deadlines: dict[socket.socket, float] = {}
         self._lingering: list[tuple[socket.socket, float]] = []
         self._closed = threading.Event()
+        self._stop_requested = threading.Event()
         super().__init__(address, KVRequestHandler)
         self.loopback = ipaddress.ip_address(self.host).is_loopback
         if ssl_context is not None:  # the handshake happens in the connection's thread, not in accept()
@@ -2207,6 +2208,21 @@ class KVServer(ThreadingHTTPServer):
             for connection in done:
                 connection.close()
 
+    def stop_on_signals(self) -> None:
+        """Make Ctrl-C and SIGTERM end serve_forever at its next turn; a second one raises
+        KeyboardInterrupt, to stop waiting for requests in flight. (Raising at the first would
+        land anywhere in the accept loop, whose bare `except:` then shuts the connection being
+        handed to its thread, with its request under way.) Call it from the main thread."""
+
+        def on_signal(signum: int, frame: object) -> None:
+            if self._stop_requested.is_set():
+                raise KeyboardInterrupt
+            self._stop_requested.set()
+            threading.Thread(target=self.shutdown, name="kvserver-stop").start()
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+
     def stop(self) -> None:
         """Stop accepting, close idle connections, wait for requests in flight."""
         with self._state_lock:
@@ -2221,10 +2237,6 @@ class KVServer(ThreadingHTTPServer):
         """Close the listening socket, wait for the connections' threads, end housekeeping."""
         super().server_close()
         self._closed.set()
-
-
-def _interrupt(signum: int, frame: object) -> NoReturn:
-    raise KeyboardInterrupt
 
 
 # main()
@@ -2306,8 +2318,8 @@ def main(argv: list[str] | None = None) -> None:
         storage.close()
         _fail(f"cannot listen on {args['--bind']} port {port}: {error.strerror or error}", 1)
 
-    signal.signal(signal.SIGTERM, _interrupt)
-    with contextlib.suppress(KeyboardInterrupt):  # a script may stop us as soon as it reads the start line
+    server.stop_on_signals()  # before the start line: a script may stop us as soon as it reads it
+    with contextlib.suppress(KeyboardInterrupt):  # (only a second signal raises it)
         print(
             f"kvserver {__version__} serving {server.url} with {storage.kind} storage {storage.location}: "
             f"{len(storage)} keys loaded in {loaded:.3f} s",

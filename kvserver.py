@@ -1472,10 +1472,14 @@ class KVRequestHandler(BaseHTTPRequestHandler):
 
     def parse_request(self) -> bool:
         try:
-            if not super().parse_request():
-                return False
+            parsed = super().parse_request()
         finally:
-            self.server.head_received(self.connection)
+            complete = self.server.head_received(self.connection)
+        if not complete:  # cut off by the head deadline: http.client reads the EOF as the end of the headers
+            self.close_connection = True
+            return False
+        if not parsed:
+            return False
         if sum(len(name) + len(value) for name, value in self.headers.items()) > MAX_HEADER_BYTES:
             self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
             return False
@@ -2183,9 +2187,11 @@ class KVServer(ThreadingHTTPServer):
             self._head_deadlines[connection] = time.monotonic() + HEAD_TIMEOUT
             return not self.stopping
 
-    def head_received(self, connection: socket.socket) -> None:
+    def head_received(self, connection: socket.socket) -> bool:
+        """The request head was read; False if the head deadline cut the connection off first,
+        so that what was read may be only part of it."""
         with self._state_lock:
-            self._head_deadlines.pop(connection, None)
+            return self._head_deadlines.pop(connection, None) is not None
 
     def shutdown_request(self, request: socket.socket) -> None:  # type: ignore[override]
         with self._state_lock:
@@ -2200,6 +2206,8 @@ class KVServer(ThreadingHTTPServer):
             now = time.monotonic()
             with self._state_lock:
                 overdue = [connection for connection, deadline in self._head_deadlines.items() if deadline < now]
+                for connection in overdue:
+                    del self._head_deadlines[connection]  # head_received will say it was cut off
                 done = [connection for connection, until in self._lingering if until < now]
                 self._lingering = [(connection, until) for connection, until in self._lingering if until >= now]
             for connection in overdue:

@@ -279,6 +279,7 @@ class Storage:
 
     kind = "abstract"
     location = "somewhere"  # where values live, said for people
+    _closed = False
 
     # The simplekv interface
 
@@ -380,6 +381,11 @@ class Storage:
     def close(self) -> None:
         """Release what the storage holds (FileStorage: the data-dir lock); using it
         afterwards raises ValueError."""
+        self._closed = True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError(f"{self!r} is closed")
 
     def __enter__(self: _AnyStorage) -> _AnyStorage:
         return self
@@ -463,8 +469,12 @@ class _Entry(NamedTuple):
     data: bytes | None
 
     @property
+    def etag(self) -> str:
+        return _etag(self.size, self.stamp)
+
+    @property
     def stat(self) -> Stat:
-        return Stat(self.size, self.content_type, _etag(self.size, self.stamp), self.expires_at)
+        return Stat(self.size, self.content_type, self.etag, self.expires_at)
 
     def expired(self, now: float) -> bool:
         return self.expires_at is not None and self.expires_at <= now
@@ -494,19 +504,11 @@ class MemoryStorage(Storage):
     def __init__(self) -> None:
         self._index: dict[str, _Entry] = {}
         self._locks = [threading.Lock() for _ in range(self._LOCK_STRIPES)]
-        self._closed = False
         # The keys in order, so that listing a page costs a bisect, not a sort. It is sorted
         # again when the generation has changed since: after any key came or went.
         self._generations = itertools.count(1)
         self._generation = 0
         self._ordered: tuple[int, list[str]] = (-1, [])
-
-    def close(self) -> None:
-        self._closed = True
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ValueError(f"{self!r} is closed")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -593,7 +595,7 @@ class MemoryStorage(Storage):
         try:
             with self._lock_for(key):
                 current = self._live(key)
-                precondition.check(key, current and current.stat.etag)
+                precondition.check(key, current and current.etag)
                 entry = _Entry(staged.size, sys.intern(content_type), staged.stamp, expires_at, staged.data)
                 self._commit(key, staged, entry)
                 new_key = key not in self._index  # an expired entry still holds its place
@@ -608,7 +610,7 @@ class MemoryStorage(Storage):
     def _delete(self, key: str, precondition: _Precondition) -> bool:
         with self._lock_for(key):
             current = self._live(key)
-            precondition.check(key, current and current.stat.etag)
+            precondition.check(key, current and current.etag)
             entry = self._index.pop(key, None)
             if entry is not None:
                 self._keys_changed()
@@ -680,9 +682,8 @@ def _sniff_file(path: str) -> str:
     """Like _sniff_content_type, for a file too large to read into memory at once."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     try:
-        with open(path, "rb") as file:
-            for chunk in iter(lambda: file.read(CHUNK), b""):
-                decoder.decode(chunk)
+        for chunk in _file_chunks(path):
+            decoder.decode(chunk)
         decoder.decode(b"", final=True)
     except UnicodeDecodeError:
         return DEFAULT_CONTENT_TYPE
@@ -868,19 +869,18 @@ class FileStorage(MemoryStorage):
     def _commit(self, key: str, staged: _Staged, entry: _Entry) -> None:
         assert staged.path is not None
         name = _file_name(key)
-        if self._needs_metadata(key, name, entry):
-            records = {entry.stat.etag: self._record(key, entry)}
+        needs_metadata = self._needs_metadata(key, name, entry)
+        if needs_metadata:
+            records = {entry.etag: self._record(key, entry)}
             previous = self._index.get(key)  # expired or not: its file is in place until the rename
             if previous is not None:
-                records[previous.stat.etag] = self._record(key, previous)
+                records[previous.etag] = self._record(key, previous)
             # Crash before the next line: the old value and its metadata, as before.
             self._write_durably(os.path.join(self._meta, name), json.dumps(records).encode())
             # Crash here: the metadata knows both versions; the old value file is in place.
-            os.replace(staged.path, os.path.join(self.path, name))
-            self._sync_folder(self.path)
-        else:
-            os.replace(staged.path, os.path.join(self.path, name))
-            self._sync_folder(self.path)
+        os.replace(staged.path, os.path.join(self.path, name))
+        self._sync_folder(self.path)
+        if not needs_metadata:
             # Crash here: a stale metadata file matches no value file; removed at start.
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self._meta, name))
@@ -915,17 +915,12 @@ class FileStorage(MemoryStorage):
 
     def _write_durably(self, path: str, data: bytes) -> None:
         """Replace the file at `path` with `data` in one step that survives a crash."""
-        fd, tmp_path = tempfile.mkstemp(dir=self._tmp)
+        staged = self._stage((data,))
+        assert staged.path is not None
         try:
-            with open(fd, "wb") as file:
-                file.write(data)
-                file.flush()
-                if self.fsync:
-                    os.fsync(fd)
-            os.replace(tmp_path, path)
+            os.replace(staged.path, path)
         except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp_path)
+            self._discard(staged)
             raise
         self._sync_folder(os.path.dirname(path))
 
@@ -965,7 +960,6 @@ class RedisStorage(Storage):
         client_query = urllib.parse.urlencode([field for field in fields if field[0] != "prefix"])
         self.url = url
         self.prefix = prefix if prefix is not None else (url_prefixes or ["kvserver:"])[-1]
-        self._closed = False
         self._redis_errors = (redis.ConnectionError, redis.TimeoutError)
         self._watch_error = redis.WatchError
         self._client: Any = redis.Redis.from_url(  # loosely typed
@@ -983,14 +977,13 @@ class RedisStorage(Storage):
         return "at " + re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1…@", self.url)
 
     def close(self) -> None:
-        self._closed = True
+        super().close()
         self._client.close()
 
     @contextlib.contextmanager
     def _reachable(self) -> Iterator[None]:
         """Turn redis-py's connection errors into StorageUnavailable (and refuse once closed)."""
-        if self._closed:
-            raise ValueError(f"{self!r} is closed")
+        self._check_open()
         try:
             yield
         except self._redis_errors as error:
@@ -1114,6 +1107,13 @@ class _HTTPError(Exception):
         self.status = status
         self.detail = detail
         self.headers = headers or {}
+
+
+def _problem(status: HTTPStatus, detail: str) -> bytes:
+    """The problem+json body (RFC 9457) of an error answer."""
+    return json.dumps(
+        {"type": "about:blank", "title": status.phrase, "status": status.value, "detail": detail}
+    ).encode()
 
 
 def _answer_to(error: Exception) -> tuple[HTTPStatus, str, dict[str, str]]:
@@ -1637,8 +1637,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(document).encode(), "application/json", headers)
 
     def _send_problem(self, status: HTTPStatus, detail: str, headers: dict[str, str] | None = None) -> None:
-        problem = {"type": "about:blank", "title": status.phrase, "status": status.value, "detail": detail}
-        self._send(status, json.dumps(problem).encode(), "application/problem+json", headers)
+        self._send(status, _problem(status, detail), "application/problem+json", headers)
 
     def _send_value(self, stat: Stat, body: bytes | BinaryIO) -> None:
         """Answer with a stored value: 200 with its bytes, or 304 if the client has it."""
@@ -1703,26 +1702,28 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         else:
             length = int(length_header[0])
             if length > limit:
-                self._body_unread = True
                 raise _HTTPError(
                     HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                     f"the value is {length} bytes; this server takes at most {limit} (--max-value)",
                 )
             chunks = self._sized_body(length)
-        self._body_unread = True
         if self.headers.get("Expect", "").lower() == "100-continue" and self.request_version != "HTTP/1.0":
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             self.wfile.flush()
         return chunks
 
-    def _sized_body(self, length: int) -> Iterator[bytes]:
-        self.connection.settimeout(BODY_TIMEOUT)
+    def _body_bytes(self, length: int) -> Iterator[bytes]:
+        """The next `length` bytes of the body, in pieces; _IncompleteBody if the client stops short."""
         while length:
             chunk = self.rfile.read(min(length, CHUNK))
             if not chunk:
                 raise _IncompleteBody
             length -= len(chunk)
             yield chunk
+
+    def _sized_body(self, length: int) -> Iterator[bytes]:
+        self.connection.settimeout(BODY_TIMEOUT)
+        yield from self._body_bytes(length)
         self._body_done()
 
     def _chunked_body(self, limit: int) -> Iterator[bytes]:
@@ -1744,12 +1745,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
                     HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                     f"the value is over {limit} bytes, the most this server takes (--max-value)",
                 )
-            while size:
-                chunk = self.rfile.read(min(size, CHUNK))
-                if not chunk:
-                    raise _IncompleteBody
-                size -= len(chunk)
-                yield chunk
+            yield from self._body_bytes(size)
             if self.rfile.readline(3) not in (b"\r\n", b"\n"):
                 raise _HTTPError(HTTPStatus.BAD_REQUEST, "a chunk is longer than its size line says")
         for _ in range(100):  # trailer fields, ignored
@@ -1802,12 +1798,16 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         except KeyError:
             raise _HTTPError(HTTPStatus.NOT_FOUND, f"no key {key!r}") from None
 
+    @staticmethod
+    def _query_key(path: str, query: str) -> str:
+        """The key of /get?key=<key> and /delete?key=<key>."""
+        return _key(_fields(query, ("key",), f"{path}?key=<key>").get("key", b""))
+
     def _route_get(self, path: str, query: str) -> None:
-        key = _key(_fields(query, ("key",), "/get?key=<key>").get("key", b""))
-        self._send_value(*self._fetch_or_404(key))
+        self._send_value(*self._fetch_or_404(self._query_key(path, query)))
 
     def _route_delete(self, path: str, query: str) -> None:
-        key = _key(_fields(query, ("key",), "/delete?key=<key>").get("key", b""))
+        key = self._query_key(path, query)
         if not self.storage.remove(key):
             raise _HTTPError(HTTPStatus.NOT_FOUND, f"no key {key!r}")
         if self._wants_page():
@@ -2064,11 +2064,19 @@ class _XMLRPC:
 
 def _problem_response(status: HTTPStatus, detail: str) -> bytes:
     """A whole problem+json response, for answers given outside a request handler."""
-    body = json.dumps({"type": "about:blank", "title": status.phrase, "status": status.value, "detail": detail})
-    return (
+    body = _problem(status, detail)
+    head = (
         f"HTTP/1.1 {status.value} {status.phrase}\r\nContent-Type: application/problem+json\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n{body}"
-    ).encode()
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def _shut_down(connections: Iterable[socket.socket]) -> None:
+    """End connections from another thread: a read blocked on one returns at once."""
+    for connection in connections:
+        with contextlib.suppress(OSError):
+            connection.shutdown(socket.SHUT_RDWR)
 
 
 class KVServer(ThreadingHTTPServer):
@@ -2210,9 +2218,7 @@ class KVServer(ThreadingHTTPServer):
                     del self._head_deadlines[connection]  # head_received will say it was cut off
                 done = [connection for connection, until in self._lingering if until < now]
                 self._lingering = [(connection, until) for connection, until in self._lingering if until >= now]
-            for connection in overdue:
-                with contextlib.suppress(OSError):
-                    connection.shutdown(socket.SHUT_RDWR)
+            _shut_down(overdue)
             for connection in done:
                 connection.close()
 
@@ -2236,9 +2242,7 @@ class KVServer(ThreadingHTTPServer):
         with self._state_lock:
             self.stopping = True
             idle = list(self._idle)
-        for connection in idle:
-            with contextlib.suppress(OSError):
-                connection.shutdown(socket.SHUT_RDWR)
+        _shut_down(idle)
         self.server_close()
 
     def server_close(self) -> None:

@@ -1513,8 +1513,10 @@ class KVRequestHandler(BaseHTTPRequestHandler):
     # Routing
 
     def _dispatch(self) -> None:
-        # Until a route reads it, a body left on the connection means it cannot be reused.
-        self._body_unread = "Transfer-Encoding" in self.headers or self.headers.get("Content-Length", "0") != "0"
+        # Until a route reads it, a body left on the connection means it cannot be reused. Every
+        # Content-Length counts: after a 400 for conflicting ones, the rest must not pass for a request.
+        lengths = self.headers.get_all("Content-Length") or []
+        self._body_unread = "Transfer-Encoding" in self.headers or any(length != "0" for length in lengths)
         path, _, query = self.path.partition("?")
         if path.startswith(("http://", "https://")):  # absolute form (RFC 9112 section 3.2.2)
             path = "/" + path.split("/", 3)[3] if path.count("/") >= 3 else "/"

@@ -967,3 +967,16 @@ def test_a_value_changed_while_a_conditional_upload_streams_makes_it_a_412_that_
     kept = server.get("/kv/k")
     assert (kept.body, kept.headers["ETag"]) == (b"rival", rival.headers["ETag"])
     wait_for(lambda: not temporary_files(server), timeout=5, what="the refused upload's file to be removed")
+
+
+def test_conflicting_content_lengths_are_a_400_that_closes_so_no_request_is_smuggled_after_them(server):
+    smuggled = b"GET /set?smuggled=yes HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    answer = server.raw(
+        b"PUT /kv/a HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n"
+        + b"Content-Length: %d\r\n\r\n" % len(smuggled)
+        + smuggled
+    )
+    assert answer.startswith(b"HTTP/1.1 400 "), answer
+    assert b"Connection: close" in answer.partition(b"\r\n\r\n")[0]
+    assert answer.count(b"HTTP/1.1 ") == 1, answer
+    assert server.get("/get?key=smuggled").status == 404

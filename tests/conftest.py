@@ -53,14 +53,36 @@ class Response:
         return json.loads(self.body)
 
     def problem(self) -> dict:
-        """The problem+json body of an error, checked for the shape SPEC section 6 gives."""
-        assert self.headers["Content-Type"] == "application/problem+json", self.headers["Content-Type"]
-        document = json.loads(self.body)
-        assert document["type"] == "about:blank"
-        assert document["status"] == self.status
-        assert isinstance(document["title"], str) and document["title"]
-        assert isinstance(document["detail"], str) and document["detail"]
-        return document
+        return assert_problem(self.status, self.headers["Content-Type"], self.body)
+
+
+def assert_problem(status: int, content_type: str | None, body: bytes) -> dict:
+    """The problem+json body of an error, checked for the shape SPEC section 6 gives."""
+    assert content_type == "application/problem+json", content_type
+    document = json.loads(body)
+    assert document["type"] == "about:blank"
+    assert document["status"] == status
+    assert isinstance(document["title"], str) and document["title"]
+    assert isinstance(document["detail"], str) and document["detail"]
+    return document
+
+
+def raw_exchange(
+    port: int, data: bytes, timeout: float = 10.0, half_close: bool = False, host: str = "127.0.0.1"
+) -> bytes:
+    """Send raw bytes on a new connection and return all bytes the server sends back until
+    it closes the connection or goes quiet for `timeout` seconds."""
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(data)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        received = b""
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except (TimeoutError, ConnectionResetError):
+            pass
+        return received
 
 
 def parse_response(data: bytes) -> Response:
@@ -158,19 +180,8 @@ class Server:
         return self.request("GET", path, **kwargs)
 
     def raw(self, data: bytes, timeout: float = 10.0, half_close: bool = False) -> bytes:
-        """Send raw bytes on a new connection and return all bytes the server sends back until
-        it closes the connection or goes quiet for `timeout` seconds."""
-        with socket.create_connection((self.host, self.port), timeout=timeout) as sock:
-            sock.sendall(data)
-            if half_close:
-                sock.shutdown(socket.SHUT_WR)
-            received = b""
-            try:
-                while chunk := sock.recv(65536):
-                    received += chunk
-            except (TimeoutError, ConnectionResetError):
-                pass
-            return received
+        """Send raw bytes; all the server answers until it closes or goes quiet (raw_exchange)."""
+        return raw_exchange(self.port, data, timeout, half_close, self.host)
 
 
 def read_line(process: subprocess.Popen, timeout: float) -> str:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import Server, require_service, wait_for
+from conftest import Server, assert_problem, require_service, wait_for
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -40,14 +40,7 @@ class RawResponse:
     body: bytes
 
     def problem(self) -> dict:
-        """The problem+json body, checked for the shape SPEC section 6 gives."""
-        assert self.headers["content-type"] == "application/problem+json", self.headers
-        document = json.loads(self.body)
-        assert document["type"] == "about:blank"
-        assert document["status"] == self.status
-        assert isinstance(document["title"], str) and document["title"]
-        assert isinstance(document["detail"], str) and document["detail"]
-        return document
+        return assert_problem(self.status, self.headers.get("content-type"), self.body)
 
     @property
     def closes(self) -> bool:

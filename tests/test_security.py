@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import KVSERVER, START_TIMEOUT, Response, read_line, require_service, wait_for
+from conftest import KVSERVER, START_TIMEOUT, Response, raw_exchange, read_line, require_service, wait_for
 
 import kvserver
 
@@ -53,18 +53,9 @@ def fetch(
         connection.close()
 
 
-def raw_exchange(port: int, data: bytes, timeout: float = 5.0) -> bytes:
+def half_closed_exchange(port: int, data: bytes) -> bytes:
     """Send bytes, half-close, and return what comes back until the server closes."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(data)
-        sock.shutdown(socket.SHUT_WR)
-        received = b""
-        try:
-            while chunk := sock.recv(65536):
-                received += chunk
-        except (TimeoutError, ConnectionResetError):
-            pass
-        return received
+    return raw_exchange(port, data, timeout=5.0, half_close=True)
 
 
 class Spawned:
@@ -341,7 +332,7 @@ def test_a_plain_http_client_on_the_tls_port_gets_nothing_and_the_server_goes_on
     context = ssl.create_default_context(cafile=str(cert))
     assert fetch(server.port, "GET", "/set?greeting=hello", context=context).status == 201
     for _ in range(3):
-        answer = raw_exchange(server.port, b"GET /get?key=greeting HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        answer = half_closed_exchange(server.port, b"GET /get?key=greeting HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert b"hello" not in answer
         assert not answer.startswith(b"HTTP/1.1 200")
     assert server.process.poll() is None
@@ -513,7 +504,7 @@ def test_a_value_set_through_the_query_string_is_served_sandboxed(plain):
 def test_a_value_is_never_served_without_its_headers_not_even_to_http_0_9(plain, request_line):
     content_type, value = SCRIPTED["page.html"]
     assert plain.request("PUT", "/kv/page.html", body=value, headers={"Content-Type": content_type}).status == 201
-    answer = raw_exchange(plain.port, request_line + b"\r\nHost: 127.0.0.1\r\n\r\n")
+    answer = half_closed_exchange(plain.port, request_line + b"\r\nHost: 127.0.0.1\r\n\r\n")
     assert not answer.startswith(value), "the value went out bare, with no header at all"
     assert answer.startswith((b"HTTP/1.0 ", b"HTTP/1.1 ")), answer[:200]
     head = answer.partition(b"\r\n\r\n")[0].lower()
@@ -570,7 +561,9 @@ def test_the_access_log_redacts_a_malformed_set_answered_400(logged):
 
 
 def test_the_access_log_redacts_a_request_line_http_server_rejects(logged):
-    answer = raw_exchange(logged.port, f"GET /set?name={SECRET} HTTP/1.1 junk\r\nHost: 127.0.0.1\r\n\r\n".encode())
+    answer = half_closed_exchange(
+        logged.port, f"GET /set?name={SECRET} HTTP/1.1 junk\r\nHost: 127.0.0.1\r\n\r\n".encode()
+    )
     assert answer, "no answer"
     log = wait_for_log(logged, "GET /set?name=… HTTP/1.1 junk")
     assert SECRET not in log
@@ -579,9 +572,9 @@ def test_the_access_log_redacts_a_request_line_http_server_rejects(logged):
 
 
 def test_the_access_log_never_records_a_value_with_spaces_in_it(logged):
-    answer = raw_exchange(logged.port, b"GET /set?name=top secret words HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    answer = half_closed_exchange(logged.port, b"GET /set?name=top secret words HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 400"), answer
-    answer = raw_exchange(logged.port, b"GET /set?name=top\tsecret HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    answer = half_closed_exchange(logged.port, b"GET /set?name=top\tsecret HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     assert answer, "no answer"
     assert logged.get("/set?marker=x").status == 201
     log = wait_for_log(logged, "GET /set?marker=…")
@@ -590,7 +583,7 @@ def test_the_access_log_never_records_a_value_with_spaces_in_it(logged):
 
 def test_the_access_log_never_records_an_over_long_request_line(logged):
     line = f"GET /set?name={SECRET}{'x' * 70_000} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-    answer = raw_exchange(logged.port, line.encode())
+    answer = half_closed_exchange(logged.port, line.encode())
     assert answer.startswith(b"HTTP/1.1 414"), answer[:200]
     assert logged.get("/set?marker=x").status == 201
     log = wait_for_log(logged, "GET /set?marker=…")

@@ -36,6 +36,7 @@ import errno
 import fcntl
 import functools
 import hashlib
+import heapq
 import hmac
 import html
 import http.client
@@ -68,6 +69,7 @@ from typing import IO, Any, BinaryIO, NamedTuple, NoReturn, TypeVar, cast
 __version__ = "0.1.0"
 __all__ = [
     "DataDirLocked",
+    "Event",
     "FileStorage",
     "KVRequestHandler",
     "KVServer",
@@ -77,9 +79,11 @@ __all__ = [
     "Stat",
     "Storage",
     "StorageUnavailable",
+    "Watch",
     "check_key",
     "main",
     "open_storage",
+    "revision_order",
 ]
 
 # Constants and errors
@@ -224,6 +228,259 @@ def _parse_size(text: str) -> int:
     return int(match.group(1)) << 10 * " KMG".index(match.group(2).upper() or " ")
 
 
+# Watching for changes
+
+HISTORY = 10_000  # changes a storage remembers, for watchers that resume or fall behind
+HEARTBEAT = 15.0  # seconds of silence after which an event stream sends a comment line
+MAX_WAIT = 300  # seconds a GET /kv/<key>?wait=<s> may wait for a change
+_BATCH = 1_000  # most events handed to a watcher at once, so that the feed's lock is held briefly
+_REVISION = re.compile(r"[0-9]{1,20}(-[0-9]{1,20})?")
+
+
+class Event(NamedTuple):
+    """One change of a storage, as `Storage.watch` yields it.
+
+    `type` is "put" (`stat` is then the new value's), "delete" or "expire" (`stat` is None);
+    or "reset" (`key` and `stat` None): the watcher missed changes, because it resumed from a
+    revision the storage no longer remembers or fell more than HISTORY changes behind; list
+    the keys again, then go on from `revision`.
+
+    `revision` is an opaque token that grows with every change of the store and never
+    repeats: a later change has a larger one (`revision_order` compares them).
+    """
+
+    revision: str
+    type: str
+    key: str | None
+    stat: Stat | None
+
+
+def revision_order(revision: str) -> tuple[int, ...]:
+    """A sort key for revisions: '<n>' (memory and files storage: a nanosecond stamp) or
+    '<ms>-<n>' (Redis storage: a stream entry ID). ValueError for anything else."""
+    if not isinstance(revision, str) or not _REVISION.fullmatch(revision):
+        raise ValueError(f"a revision is a number or two joined by '-', as in an event's id, not {revision!r}")
+    return tuple(int(part) for part in revision.split("-"))
+
+
+class _ChangeFeed:
+    """A storage's changes in the order they took effect: the last HISTORY of them in a ring,
+    and the watches reading them.
+
+    A backend publishes each change at the moment it takes effect, under the key's lock, so
+    that the events of one key follow the order of its writes; a revision is taken under the
+    feed's lock, so revision order is publication order. Writers never wait for watchers:
+    publishing stores the event and wakes the watches waiting for one under their prefix;
+    each watch reads at its own pace, and one that falls a whole ring behind gets a reset.
+
+    The history begins at the first publication or watch (so after FileStorage has loaded):
+    `begin` then gives the revision before the first change this feed knows, and the events
+    it already knows after it (Redis storage: the tail of its stream).
+    """
+
+    def __init__(self, begin: Callable[[], tuple[str, list[Event]]] | None = None, capacity: int = HISTORY) -> None:
+        self._lock = threading.Lock()
+        self._begin = begin or (lambda: (str(_new_stamp()), []))
+        self._ring: list[tuple[tuple[int, ...], Event] | None] = [None] * capacity
+        self._count = 0  # events published; event n is in _ring[n % capacity] while n >= _count - capacity
+        self._floor: tuple[int, ...] | None = None  # every change after this revision is in the ring
+        self._last = ""  # the latest revision: of the last event, else the floor
+        self._waiting: set[Watch] = set()
+        self._closed = False
+
+    def _start(self) -> None:
+        """Begin the history, once (called under the lock)."""
+        if self._floor is None:
+            floor, events = self._begin()
+            self._floor, self._last = revision_order(floor), floor
+            for event in events:
+                self._append(event)
+
+    def publish(self, type: str, key: str, stat: Stat | None = None, revision: str | None = None) -> Event:
+        """Record a change that just took effect and wake the watches waiting for it; a
+        revision is made (a new stamp) unless given (it must then be larger than the last)."""
+        with self._lock:
+            self._start()
+            event = Event(revision or str(_new_stamp()), type, key, stat)
+            sequence = self._append(event)
+            for watch in self._waiting:
+                if key.startswith(watch.prefix):
+                    watch._wake.notify()
+                elif watch._next == sequence:
+                    watch._next += 1  # it has read all before this one, and this one is not for it
+            return event
+
+    def _append(self, event: Event) -> int:
+        slot = self._count % len(self._ring)
+        evicted = self._ring[slot]
+        if evicted is not None:
+            self._floor = evicted[0]
+        self._ring[slot] = (revision_order(event.revision), event)
+        self._last = event.revision
+        self._count += 1
+        return self._count - 1
+
+    def position(self, after: str | None) -> tuple[int, bool]:
+        """Where a watch starts: the number of its first event, and whether it starts with a
+        reset (`after` is a revision this feed does not remember changes since)."""
+        order = None if after is None else revision_order(after)
+        with self._lock:
+            self._start()
+            assert self._floor is not None
+            if order is None:
+                return self._count, False
+            if not self._floor <= order <= revision_order(self._last):
+                return self._count, True
+            kept = range(max(0, self._count - len(self._ring)), self._count)
+            ring = self._ring
+            index = bisect.bisect_right(kept, order, key=lambda n: ring[n % len(ring)][0])  # type: ignore[index]
+            return kept.start + index, False
+
+    def read(self, watch: Watch, timeout: float | None) -> list[Event]:
+        """The watch's next events, waiting up to `timeout` seconds (None: no limit) for one;
+        [] when the time is up or the watch is closed."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while not watch.closed:
+                if self._closed:
+                    watch.closed = True
+                    break
+                events = self._take(watch)
+                if events:
+                    return events
+                if watch._next < self._count:
+                    continue  # a batch held none for this watch; there is more
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    break
+                self._waiting.add(watch)
+                try:
+                    watch._wake.wait(remaining)
+                finally:
+                    self._waiting.discard(watch)
+            return []
+
+    def _take(self, watch: Watch) -> list[Event]:
+        """The events for `watch` in the next batch it has not read (called under the lock)."""
+        if watch._reset or watch._next < self._count - len(self._ring):
+            watch._reset = False
+            watch._next = self._count
+            return [Event(self._last, "reset", None, None)]
+        end = min(self._count, watch._next + _BATCH)
+        events = []
+        for n in range(watch._next, end):
+            event = self._ring[n % len(self._ring)][1]  # type: ignore[index]
+            if event.key.startswith(watch.prefix):  # type: ignore[union-attr]
+                events.append(event)
+        watch._next = end
+        return events
+
+    def close_watch(self, watch: Watch) -> None:
+        with self._lock:
+            watch.closed = True
+            watch._wake.notify()
+
+    def close(self) -> None:
+        """End every watch (the storage closes)."""
+        with self._lock:
+            self._closed = True
+            for watch in self._waiting:
+                watch._wake.notify()
+
+
+class Watch(Iterator[Event]):
+    """What `Storage.watch` returns: an iterator over the changes under a prefix.
+
+    `close()`, from any thread, ends the iteration at once (and a `with` block closes it);
+    `wait(timeout)` is the step underneath, for a caller that does something between events.
+    """
+
+    def __init__(self, feed: _ChangeFeed, prefix: str, after: str | None, timeout: float | None) -> None:
+        self.prefix = prefix
+        self.closed = False
+        self._feed = feed
+        self._wake = threading.Condition(feed._lock)
+        self._next, self._reset = feed.position(after)
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._pending: list[Event] = []
+
+    def wait(self, timeout: float | None) -> list[Event]:
+        """The events that came since the last call, in revision order, waiting up to `timeout`
+        seconds (None: no limit) for one; [] if the time is up or the watch is closed."""
+        return self._feed.read(self, timeout)
+
+    def __next__(self) -> Event:
+        while not self._pending:
+            remaining = None if self._deadline is None else self._deadline - time.monotonic()
+            if self.closed or (remaining is not None and remaining <= 0):
+                raise StopIteration
+            self._pending = self.wait(remaining)
+        return self._pending.pop(0)
+
+    def close(self) -> None:
+        self._feed.close_watch(self)
+
+    def __enter__(self) -> Watch:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class _Sweeper:
+    """A thread that calls `expire(key)` once the time given for the key has passed, so that
+    expiry happens (and is announced) whether or not anyone reads the key.
+
+    It starts with the first time given and sleeps on a Condition until the earliest one
+    (a new earlier one wakes it): nothing polls. Times are in Unix seconds; a key given a
+    new time keeps only that one, and `expire` must check that the key's value did expire.
+    """
+
+    def __init__(self, expire: Callable[[str], None]) -> None:
+        self._expire = expire
+        self._wake = threading.Condition()
+        self._heap: list[tuple[float, str]] = []  # may hold times since replaced; _times has the current ones
+        self._times: dict[str, float] = {}
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def schedule(self, key: str, at: float) -> None:
+        with self._wake:
+            if self._times.get(key) == at:
+                return
+            self._times[key] = at
+            heapq.heappush(self._heap, (at, key))
+            if len(self._heap) > 2 * len(self._times) + 1000:  # mostly replaced times: drop them
+                self._heap = [(time, key) for key, time in self._times.items()]
+                heapq.heapify(self._heap)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="kvserver-expiry", daemon=True)
+                self._thread.start()
+            elif self._heap[0] == (at, key):
+                self._wake.notify()
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._closed and not (self._heap and self._heap[0][0] <= time.time()):
+                    self._wake.wait(self._heap[0][0] - time.time() if self._heap else None)
+                if self._closed:
+                    return
+                at, key = heapq.heappop(self._heap)
+                if self._times.get(key) != at:
+                    continue
+                del self._times[key]
+            try:
+                self._expire(key)
+            except Exception:  # the store is closed or unreachable; the key stays scheduled no more
+                traceback.print_exc(file=sys.stderr)
+
+
 # Storage
 
 _Source = bytes | bytearray | memoryview | Iterable[bytes] | IO[bytes] | str | os.PathLike[str]
@@ -273,13 +530,17 @@ class Storage:
     Method names and semantics follow simplekv's KeyValueStore. Public methods check
     their arguments once, then call the hooks a backend implements:
 
-    required: `_fetch`, `_write`, `_delete`, `_keys`;
+    required: `_fetch`, `_write`, `_delete`, `_keys`, and publishing every change to
+    `self._feed` at the moment it takes effect (under the key's lock), for `watch`;
     optional (defaults built from the required ones): `_stat`, `totals`, `close`.
     """
 
     kind = "abstract"
     location = "somewhere"  # where values live, said for people
     _closed = False
+
+    def __init__(self) -> None:
+        self._feed = _ChangeFeed()
 
     # The simplekv interface
 
@@ -380,8 +641,9 @@ class Storage:
 
     def close(self) -> None:
         """Release what the storage holds (FileStorage: the data-dir lock); using it
-        afterwards raises ValueError."""
+        afterwards raises ValueError. Watches end."""
         self._closed = True
+        self._feed.close()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -429,6 +691,21 @@ class Storage:
     def remove(self, key: str, *, if_match: str | None = None, if_none_match: bool = False) -> bool:
         """Like `delete`, and return whether there was a value to remove."""
         return self._delete(check_key(key), _Precondition(if_match, if_none_match))
+
+    def watch(self, prefix: str = "", after: str | None = None, timeout: float | None = None) -> Watch:
+        """The changes of keys that start with `prefix`, as Events in the order they took effect.
+
+        Without `after`, from the first change after this call; with a revision `after`
+        (an event's), every change after it, each once, or a reset first if the storage no
+        longer remembers that far back. It ends after `timeout` seconds (None: never), when
+        closed, or when the storage closes. ValueError for a bad prefix, revision or timeout.
+        """
+        if not isinstance(prefix, str):
+            raise ValueError(f"a prefix is a str, not {type(prefix).__name__}")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0):
+            raise ValueError(f"a timeout is a number of seconds, at least 0, or None; not {timeout!r}")
+        self._check_open()
+        return Watch(self._feed, prefix, after, timeout)
 
     # Hooks for backends
 
@@ -502,6 +779,8 @@ class MemoryStorage(Storage):
     _LOCK_STRIPES = 64
 
     def __init__(self) -> None:
+        super().__init__()
+        self._sweeper = _Sweeper(self._expire)
         self._index: dict[str, _Entry] = {}
         self._locks = [threading.Lock() for _ in range(self._LOCK_STRIPES)]
         # The keys in order, so that listing a page costs a bisect, not a sort. It is sorted
@@ -576,6 +855,30 @@ class MemoryStorage(Storage):
                 del self._index[key]
                 self._keys_changed()
                 self._erase(key, entry)
+                self._publish(key, entry, None)
+
+    def _expire(self, key: str) -> None:
+        """Remove the value of `key` if it expired (the sweeper calls this at its time)."""
+        entry = self._index.get(key)
+        if entry is not None and entry.expired(time.time()):
+            self._purge(key, entry)
+
+    def _publish(self, key: str, previous: _Entry | None, entry: _Entry | None) -> None:
+        """Announce that `key` went from `previous` to `entry` (None: no value), under the
+        key's lock: a previous value that had expired expires first."""
+        if previous is not None and previous.expired(time.time()):
+            self._feed.publish("expire", key)
+            previous = None
+        if entry is not None:
+            self._feed.publish("put", key, entry.stat)
+            if entry.expires_at is not None:
+                self._sweeper.schedule(key, entry.expires_at)
+        elif previous is not None:
+            self._feed.publish("delete", key)
+
+    def close(self) -> None:
+        super().close()
+        self._sweeper.close()
 
     def totals(self) -> tuple[int, int]:
         self._check_open()
@@ -598,10 +901,11 @@ class MemoryStorage(Storage):
                 precondition.check(key, current and current.etag)
                 entry = _Entry(staged.size, sys.intern(content_type), staged.stamp, expires_at, staged.data)
                 self._commit(key, staged, entry)
-                new_key = key not in self._index  # an expired entry still holds its place
+                previous = self._index.get(key)  # an expired entry still holds its place
                 self._index[key] = entry
-                if new_key:
+                if previous is None:
                     self._keys_changed()
+                self._publish(key, previous, entry)
         except BaseException:
             self._discard(staged)
             raise
@@ -615,6 +919,7 @@ class MemoryStorage(Storage):
             if entry is not None:
                 self._keys_changed()
                 self._erase(key, entry)
+                self._publish(key, entry, None)
         return current is not None
 
     # What FileStorage changes
@@ -800,6 +1105,8 @@ class FileStorage(MemoryStorage):
             if content_type is None:
                 content_type = _sniff_content_type(data) if data is not None else _sniff_file(dir_entry.path)
             self._index[key] = _Entry(size, sys.intern(content_type), stamp, expires_at, data)
+            if expires_at is not None:
+                self._sweeper.schedule(key, expires_at)
             latest_stamp = max(latest_stamp, stamp)
         _stamps_after(latest_stamp)
         for name in unused_metadata:
@@ -954,6 +1261,7 @@ class RedisStorage(Storage):
             import redis
         except ImportError:
             raise ModuleNotFoundError("RedisStorage needs redis-py: pip install 'kvserver[redis]'") from None
+        super().__init__()
         address, _, query = url.partition("?")  # (urlunsplit would turn unix:///path into unix:/path)
         fields = urllib.parse.parse_qsl(query, keep_blank_values=True)
         url_prefixes = [value for name, value in fields if name == "prefix"]
@@ -1206,6 +1514,11 @@ class _ChunkedWriter:
         if self._buffered >= CHUNK:
             self._flush()
 
+    def flush(self) -> None:
+        """Send what is buffered now (an event stream sends each event as it comes)."""
+        self._flush()
+        self._wfile.flush()
+
     def _flush(self) -> None:
         data = b"".join(self._buffer)
         self._buffer.clear()
@@ -1217,6 +1530,20 @@ class _ChunkedWriter:
         self._flush()
         if self._chunked:
             self._wfile.write(b"0\r\n\r\n")
+
+
+@functools.lru_cache(maxsize=1024)  # every open stream sends the same events: format each once
+def _event_message(event: Event) -> bytes:
+    """An event as a Server-Sent Events message: its revision as id, its type, JSON data."""
+    if event.type == "reset":
+        data: dict[str, object] = {"revision": event.revision}
+    elif event.stat is not None:
+        stat = event.stat
+        data = {"key": event.key, "etag": stat.etag, "size": stat.size, "content_type": stat.content_type}
+    else:
+        data = {"key": event.key}
+    text = f"id: {event.revision}\nevent: {event.type}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+    return text.encode()
 
 
 def _value_href(key: str) -> str:
@@ -1643,13 +1970,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
 
     def _send_value(self, stat: Stat, body: bytes | BinaryIO) -> None:
         """Answer with a stored value: 200 with its bytes, or 304 if the client has it."""
-        if_none_match = self.headers.get("If-None-Match")
-        if if_none_match is not None and (
-            if_none_match.strip() == "*" or stat.etag in (tag.removeprefix("W/") for tag in _etags(if_none_match))
-        ):
-            status = HTTPStatus.NOT_MODIFIED
-        else:
-            status = HTTPStatus.OK
+        status = HTTPStatus.NOT_MODIFIED if self._client_has(stat.etag) else HTTPStatus.OK
         fields = {
             "Content-Type": stat.content_type,
             "ETag": f'"{stat.etag}"',
@@ -1670,6 +1991,13 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             if send:
                 self.wfile.flush()
                 self._sent = self.connection.sendfile(body)
+
+    def _client_has(self, etag: str) -> bool:
+        """Whether the request's If-None-Match names the value with `etag` (or any, with *)."""
+        if_none_match = self.headers.get("If-None-Match")
+        return if_none_match is not None and (
+            if_none_match.strip() == "*" or etag in (tag.removeprefix("W/") for tag in _etags(if_none_match))
+        )
 
     def _drain(self) -> None:
         """Read and drop what the client still sends, briefly, so closing does not reset the
@@ -1906,7 +2234,33 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         return tags[0], if_none_match is not None
 
     def _route_kv_get(self, path: str, query: str) -> None:
-        self._send_value(*self._fetch_or_404(self._path_key(path)))
+        key = self._path_key(path)
+        wait = _fields(query, ("wait",), "/kv/<key>?wait=<seconds>").get("wait")
+        if wait is None:
+            self._send_value(*self._fetch_or_404(key))
+        elif not re.fullmatch(rb"[1-9][0-9]{0,2}", wait) or int(wait) > MAX_WAIT:
+            raise _HTTPError(HTTPStatus.BAD_REQUEST, f"wait is a whole number of seconds from 1 to {MAX_WAIT}")
+        else:
+            self._send_value(*self._wait_for_change(key, int(wait)))
+
+    def _wait_for_change(self, key: str, seconds: int) -> tuple[Stat, bytes | BinaryIO]:
+        """The value of `key` once it differs from what the client holds (the value its
+        If-None-Match names; without one, no value), or after `seconds`, or at once when the
+        server stops; 404 if there is none then."""
+        with self.server.watching(self.storage.watch(key)) as watch:  # before the first read: no change slips by
+            deadline = time.monotonic() + seconds
+            while True:
+                try:
+                    stat, body = self.storage.fetch(key)
+                except KeyError:
+                    if self.headers.get("If-None-Match") is not None or watch.closed or time.monotonic() >= deadline:
+                        raise _HTTPError(HTTPStatus.NOT_FOUND, f"no key {key!r}") from None
+                else:
+                    if not self._client_has(stat.etag) or watch.closed or time.monotonic() >= deadline:
+                        return stat, body
+                    if not isinstance(body, bytes):
+                        body.close()
+                watch.wait(deadline - time.monotonic())  # wakes at a change of a key that starts with this one
 
     def _route_kv_put(self, path: str, query: str) -> None:
         key = self._path_key(path)
@@ -1938,6 +2292,36 @@ class KVRequestHandler(BaseHTTPRequestHandler):
 
     # XML-RPC
 
+    def _route_events(self, path: str, query: str) -> None:
+        """Server-Sent Events: each change under ?prefix=, from the revision in Last-Event-ID
+        (a reconnecting EventSource sends it) or ?after= on; a comment line after HEARTBEAT
+        seconds of silence. It ends when the client goes or the server stops."""
+        fields = _fields(query, ("prefix", "after"), "/events?prefix=<prefix>&after=<revision>")
+        prefix = _text(fields.get("prefix", b""), "prefix")
+        after = self.headers.get("Last-Event-ID", "").strip() or _text(fields.get("after", b""), "after") or None
+        try:
+            watch = self.storage.watch(prefix, after=after)  # before the head is sent: no change slips by
+        except ValueError as error:
+            raise _HTTPError(HTTPStatus.BAD_REQUEST, str(error)) from None
+        with self.server.watching(watch):
+            head = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
+            chunked = self.request_version != "HTTP/1.0"
+            if chunked:
+                head["Transfer-Encoding"] = "chunked"
+            else:
+                self.close_connection = True  # the body ends where the connection does
+            self._write_head(HTTPStatus.OK, head)
+            writer = _ChunkedWriter(self.wfile, chunked)
+            writer.flush()
+            while True:
+                messages = b"".join(map(_event_message, watch.wait(HEARTBEAT)))
+                if watch.closed:
+                    break
+                writer.write(messages or b": keep-alive\n\n")
+                writer.flush()
+                self._sent += len(messages)
+            writer.close()
+
     def _route_rpc(self, path: str, query: str) -> None:
         request = self._read_body(self.server.max_value * 2 + CHUNK)  # base64 and XML around a value
         self._send(HTTPStatus.OK, self.server.rpc.dispatch(request), "text/xml")
@@ -1963,6 +2347,7 @@ _ROUTES: dict[str, dict[str, _Route]] = {
         "DELETE": KVRequestHandler._route_kv_delete,
     },
     "/RPC2": {"POST": KVRequestHandler._route_rpc},
+    "/events": {"GET": KVRequestHandler._route_events},
 }
 
 
@@ -2121,6 +2506,7 @@ class KVServer(ThreadingHTTPServer):
         self._idle: set[socket.socket] = set()
         self._head_deadlines: dict[socket.socket, float] = {}
         self._lingering: list[tuple[socket.socket, float]] = []
+        self._watches: set[Watch] = set()  # of event streams and waiting requests, which stop() ends
         self._closed = threading.Event()
         self._stop_requested = threading.Event()
         super().__init__(address, KVRequestHandler)
@@ -2239,12 +2625,31 @@ class KVServer(ThreadingHTTPServer):
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
 
+    @contextlib.contextmanager
+    def watching(self, watch: Watch) -> Iterator[Watch]:
+        """Hold a watch while a request waits on it, so that `stop` can end it at once."""
+        with self._state_lock:
+            self._watches.add(watch)
+            stopping = self.stopping
+        try:
+            if stopping:
+                watch.close()
+            yield watch
+        finally:
+            with self._state_lock:
+                self._watches.discard(watch)
+            watch.close()
+
     def stop(self) -> None:
-        """Stop accepting, close idle connections, wait for requests in flight."""
+        """Stop accepting, close idle connections, end event streams and waiting requests,
+        wait for the other requests in flight."""
         with self._state_lock:
             self.stopping = True
             idle = list(self._idle)
+            watches = list(self._watches)
         _shut_down(idle)
+        for watch in watches:
+            watch.close()
         self.server_close()
 
     def server_close(self) -> None:

@@ -320,21 +320,21 @@ class _ChangeFeed:
         self._count += 1
         return self._count - 1
 
-    def position(self, after: str | None) -> tuple[int, bool]:
-        """Where a watch starts: the number of its first event, and whether it starts with a
-        reset (`after` is a revision this feed does not remember changes since)."""
+    def position(self, after: str | None) -> tuple[int, str | None]:
+        """Where a watch starts: the number of its first event, and the revision of the reset
+        it starts with if `after` is a revision this feed does not remember changes since."""
         order = None if after is None else revision_order(after)
         with self._lock:
             self._start()
             assert self._floor is not None
             if order is None:
-                return self._count, False
+                return self._count, None
             if not self._floor <= order <= revision_order(self._last):
-                return self._count, True
+                return self._count, self._last
             kept = range(max(0, self._count - len(self._ring)), self._count)
             ring = self._ring
             index = bisect.bisect_right(kept, order, key=lambda n: ring[n % len(ring)][0])  # type: ignore[index]
-            return kept.start + index, False
+            return kept.start + index, None
 
     def read(self, watch: Watch, timeout: float | None) -> list[Event]:
         """The watch's next events, waiting up to `timeout` seconds (None: no limit) for one;
@@ -362,10 +362,11 @@ class _ChangeFeed:
 
     def _take(self, watch: Watch) -> list[Event]:
         """The events for `watch` in the next batch it has not read (called under the lock)."""
-        if watch._reset or watch._next < self._count - len(self._ring):
-            watch._reset = False
-            watch._next = self._count
-            return [Event(self._last, "reset", None, None)]
+        if watch._next < self._count - len(self._ring):
+            watch._reset, watch._next = self._last, self._count
+        if watch._reset is not None:
+            reset, watch._reset = watch._reset, None
+            return [Event(reset, "reset", None, None)]
         end = min(self._count, watch._next + _BATCH)
         events = []
         for n in range(watch._next, end):
@@ -2298,7 +2299,8 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         seconds of silence. It ends when the client goes or the server stops."""
         fields = _fields(query, ("prefix", "after"), "/events?prefix=<prefix>&after=<revision>")
         prefix = _text(fields.get("prefix", b""), "prefix")
-        after = self.headers.get("Last-Event-ID", "").strip() or _text(fields.get("after", b""), "after") or None
+        after = _text(fields["after"], "after") if "after" in fields else None
+        after = self.headers.get("Last-Event-ID", "").strip() or after  # a reconnecting EventSource's is newer
         try:
             watch = self.storage.watch(prefix, after=after)  # before the head is sent: no change slips by
         except ValueError as error:

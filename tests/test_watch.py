@@ -1,0 +1,540 @@
+"""Watching for changes (SPEC sections 4 and 7, issue 18): `Storage.watch`, the event stream
+`GET /events` and the long-poll `GET /kv/<key>?wait=<s>`.
+
+The library tests run one contract against each backend; the HTTP tests run real kvserver
+processes and read their streams from real sockets.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import signal
+import socket
+import threading
+import time
+import urllib.parse
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from conftest import Server, wait_for
+
+import kvserver
+
+EXPIRY_DEADLINE = 2.0  # SPEC: an expire event within two seconds of the key's time
+PROMPT = 0.1  # a waiting request answers within this many seconds of a change
+
+
+def order(revision: str) -> tuple[int, ...]:
+    return kvserver.revision_order(revision)
+
+
+# The library: Storage.watch
+
+
+class WatchContract:
+    """What every backend's `watch` does; a subclass supplies the `store` fixture."""
+
+    def test_a_watch_yields_puts_deletes_and_expiries_in_the_order_they_took_effect(self, store):
+        with store.watch(timeout=10) as watch:
+            store.put("a", b"1", content_type="text/plain")
+            store.put("b", b"22", ttl=1)
+            store.delete("a")
+            events = [next(watch) for _ in range(4)]
+        assert [(event.type, event.key) for event in events] == [
+            ("put", "a"),
+            ("put", "b"),
+            ("delete", "a"),
+            ("expire", "b"),
+        ]
+        assert events[0].stat == kvserver.Stat(1, "text/plain", events[0].stat.etag, None)
+        assert events[1].stat.size == 2 and events[1].stat.expires_at is not None
+        assert events[2].stat is None and events[3].stat is None
+        revisions = [order(event.revision) for event in events]
+        assert revisions == sorted(revisions) and len(set(revisions)) == 4
+
+    def test_an_expiry_is_announced_within_two_seconds_though_nobody_reads_the_key(self, store):
+        with store.watch(timeout=10) as watch:
+            store.put("short", b"v", ttl=1)
+            put = next(watch)
+            expire = next(watch)
+        assert (expire.type, expire.key) == ("expire", "short")
+        assert time.time() <= put.stat.expires_at + EXPIRY_DEADLINE
+
+    def test_a_watch_sees_only_the_keys_under_its_prefix(self, store):
+        with store.watch("app/", timeout=10) as watch:
+            for key in ("other", "app/a", "app", "app/b/c"):
+                store.put(key, b"v")
+            assert [next(watch).key for _ in range(2)] == ["app/a", "app/b/c"]
+
+    def test_a_watch_from_a_revision_yields_every_change_after_it_once(self, store):
+        with store.watch(timeout=10) as watch:
+            for n in range(5):
+                store.put(f"k{n}", b"v")
+            events = [next(watch) for _ in range(5)]
+        with store.watch(after=events[1].revision, timeout=0.5) as resumed:
+            assert list(resumed) == events[2:]
+
+    def test_a_watch_from_a_revision_before_the_history_begins_starts_with_a_reset(self, store):
+        with store.watch(timeout=10) as watch:
+            store.put("k", b"v")
+            latest = next(watch).revision
+        with store.watch(after="1", timeout=0.5) as resumed:
+            assert list(resumed) == [kvserver.Event(latest, "reset", None, None)]
+
+    def test_a_watch_without_a_revision_starts_with_the_first_change_after_the_call(self, store):
+        store.put("before", b"v")
+        watch = store.watch(timeout=10)
+        store.put("after", b"v")
+        assert next(watch).key == "after"
+
+    def test_a_watch_ends_after_its_timeout(self, store):
+        started = time.monotonic()
+        assert list(store.watch(timeout=0.3)) == []
+        assert 0.3 <= time.monotonic() - started < 2
+
+    def test_close_from_another_thread_ends_the_iteration_at_once(self, store):
+        watch = store.watch()
+        threading.Timer(0.2, watch.close).start()
+        started = time.monotonic()
+        assert list(watch) == []
+        assert time.monotonic() - started < 2
+
+    @pytest.mark.parametrize("after", ["", "abc", "1-2-3", "-1", "1.5", 12])
+    def test_a_revision_that_is_not_one_is_a_value_error(self, store, after):
+        with pytest.raises(ValueError):
+            store.watch(after=after)
+
+    @pytest.mark.parametrize("timeout", [-1, "1", True])
+    def test_a_bad_timeout_is_a_value_error(self, store, timeout):
+        with pytest.raises(ValueError):
+            store.watch(timeout=timeout)
+
+
+class TestMemoryStorage(WatchContract):
+    @pytest.fixture
+    def store(self) -> Iterator[kvserver.Storage]:
+        with kvserver.MemoryStorage() as store:
+            yield store
+
+
+class TestFileStorage(WatchContract):
+    @pytest.fixture
+    def store(self, tmp_path: Path) -> Iterator[kvserver.Storage]:
+        with kvserver.FileStorage(tmp_path / "data", fsync=False) as store:
+            yield store
+
+
+def test_a_watch_more_than_the_history_behind_gets_a_reset_and_goes_on_from_there():
+    with kvserver.MemoryStorage() as store:
+        watch = store.watch()
+        for n in range(kvserver.HISTORY + 1):
+            store.put(f"k{n}", b"v")
+        [reset] = watch.wait(0)
+        assert reset.type == "reset" and reset.key is None
+        assert watch.wait(0) == []
+        store.put("next", b"v")
+        [event] = watch.wait(0)
+        assert event.key == "next" and order(event.revision) > order(reset.revision)
+
+
+def test_a_watch_under_a_prefix_is_not_reset_by_more_than_the_history_of_other_keys():
+    with kvserver.MemoryStorage() as store:
+        watch = store.watch("mine/")
+        waiting = threading.Thread(target=lambda: events.extend(watch.wait(10)))
+        events: list[kvserver.Event] = []
+        waiting.start()
+        wait_for(lambda: watch in store._feed._waiting, what="the watch to wait")
+        for n in range(kvserver.HISTORY + 1):
+            store.put(f"other/{n}", b"v")
+        store.put("mine/a", b"v")
+        waiting.join(10)
+        assert [(event.type, event.key) for event in events] == [("put", "mine/a")]
+
+
+def test_closing_the_storage_ends_its_watches():
+    store = kvserver.MemoryStorage()
+    watch = store.watch()
+    threading.Timer(0.2, store.close).start()
+    assert list(watch) == []
+
+
+def test_revisions_of_a_files_storage_grow_across_a_restart(tmp_path: Path):
+    with kvserver.FileStorage(tmp_path, fsync=False) as store, store.watch(timeout=10) as watch:
+        store.put("k", b"v")
+        store.delete("k")
+        before = [next(watch).revision for _ in range(2)]
+    with kvserver.FileStorage(tmp_path, fsync=False) as store:
+        resumed = store.watch(after=before[-1], timeout=10)
+        store.put("k", b"w")
+        assert next(resumed).type == "reset"  # the new process does not remember the first one's changes
+        event = next(resumed)
+    assert event.key == "k" and order(event.revision) > order(before[-1])
+
+
+def test_a_key_with_a_ttl_loaded_at_start_expires_with_an_event(tmp_path: Path):
+    with kvserver.FileStorage(tmp_path, fsync=False) as store:
+        store.put("short", b"v", ttl=1)
+    with kvserver.FileStorage(tmp_path, fsync=False) as store, store.watch(timeout=10) as watch:
+        event = next(watch)
+        assert (event.type, event.key) == ("expire", "short")
+        assert not (tmp_path / "short").exists()
+
+
+# HTTP: a reader of Server-Sent Events
+
+
+@dataclass
+class Message:
+    id: str | None = None
+    event: str = "message"
+    data: str = ""
+    comments: list[str] = field(default_factory=list)
+
+    def json(self):
+        return json.loads(self.data)
+
+
+class EventStream:
+    """GET /events read on a real socket: `next()` gives each message (comments included)."""
+
+    def __init__(self, server: Server, path: str = "/events", headers: dict[str, str] | None = None, timeout=10.0):
+        self.connection = http.client.HTTPConnection(server.host, server.port, timeout=timeout)
+        self.connection.request("GET", path, headers=headers or {})
+        self.response = self.connection.getresponse()
+
+    def next(self) -> Message:
+        message = Message()
+        while True:
+            line = self.response.readline()
+            assert line.endswith(b"\n"), f"the stream ended: {line!r}"
+            line = line.decode().rstrip("\n")
+            if not line:
+                return message
+            name, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if not name:
+                message.comments.append(value)
+            elif name == "data":
+                message.data += value
+            else:
+                setattr(message, name, value)
+
+    def events(self, count: int) -> list[Message]:
+        """The next `count` messages that are events (comments skipped)."""
+        messages = []
+        while len(messages) < count:
+            message = self.next()
+            if message.id is not None:
+                messages.append(message)
+        return messages
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+@pytest.fixture(params=["memory", "files"])
+def any_server(request, make_server) -> Server:
+    """A quiet kvserver on memory or on files storage (without fsync: many writes, none for durability)."""
+    return make_server("--quiet", "--storage", request.param, "--no-fsync")
+
+
+@pytest.fixture
+def streams() -> Iterator[list[EventStream]]:
+    """Event streams to close at the end."""
+    opened: list[EventStream] = []
+    yield opened
+    for stream in opened:
+        stream.close()
+
+
+def open_stream(streams: list[EventStream], server: Server, path: str = "/events", **kwargs) -> EventStream:
+    stream = EventStream(server, path, **kwargs)
+    streams.append(stream)
+    return stream
+
+
+def put(server: Server, key: str, body: bytes = b"v", connection=None) -> str:
+    response = server.request("PUT", f"/kv/{urllib.parse.quote(key)}", body, connection=connection)
+    assert response.status in (200, 201), response.body
+    return response.headers["ETag"].strip('"')
+
+
+def test_the_stream_is_text_event_stream_with_an_event_for_each_change(any_server, streams):
+    stream = open_stream(streams, any_server)
+    assert stream.response.status == 200
+    assert stream.response.headers["Content-Type"] == "text/event-stream; charset=utf-8"
+    assert stream.response.headers["Cache-Control"] == "no-cache"
+    assert stream.response.headers["Transfer-Encoding"] == "chunked"
+    etag = put(any_server, "schlüssel", b"wert")
+    any_server.get("/set?key=short&value=v&ttl=1")
+    assert any_server.request("DELETE", "/kv/schl%C3%BCssel").status == 204
+    messages = stream.events(4)
+    assert [(message.event, message.json()) for message in messages] == [
+        ("put", {"key": "schlüssel", "etag": etag, "size": 4, "content_type": "application/octet-stream"}),
+        (
+            "put",
+            {"key": "short", "etag": messages[1].json()["etag"], "size": 1, "content_type": kvserver.TEXT_CONTENT_TYPE},
+        ),
+        ("delete", {"key": "schlüssel"}),
+        ("expire", {"key": "short"}),
+    ]
+    assert "schlüssel" in messages[0].data  # UTF-8, not \\u escapes
+    ids = [order(message.id) for message in messages]
+    assert ids == sorted(ids) and len(set(ids)) == 4
+
+
+def test_1000_writes_from_8_threads_each_reach_the_stream_once_in_revision_order(any_server, streams):
+    stream = open_stream(streams, any_server)
+    written: dict[str, list[str]] = {}  # key -> the ETags of its writes, in the order they were answered
+
+    def writer(thread: int) -> None:
+        connection = any_server.connect()
+        for n in range(125):
+            key = f"t{thread}/k{n % 5}"
+            written.setdefault(key, []).append(put(any_server, key, b"%d" % n, connection))
+
+    threads = [threading.Thread(target=writer, args=(thread,)) for thread in range(8)]
+    for thread in threads:
+        thread.start()
+    messages = stream.events(1000)
+    for thread in threads:
+        thread.join()
+    ids = [order(message.id) for message in messages]
+    assert ids == sorted(ids) and len(set(ids)) == 1000
+    seen: dict[str, list[str]] = {}
+    for message in messages:
+        assert message.event == "put"
+        seen.setdefault(message.json()["key"], []).append(message.json()["etag"])
+    assert seen == written  # every write once, and each key's writes in the order they were made
+
+
+def test_a_client_that_reconnects_with_last_event_id_misses_nothing_and_sees_nothing_twice(any_server, streams):
+    stream = open_stream(streams, any_server)
+    for n in range(3):
+        put(any_server, f"k{n}")
+    first = stream.events(3)
+    stream.close()  # gone; meanwhile more changes happen
+    for n in range(3, 6):
+        put(any_server, f"k{n}")
+    any_server.request("DELETE", "/kv/k0")
+    resumed = open_stream(streams, any_server, headers={"Last-Event-ID": first[-1].id})
+    rest = resumed.events(4)
+    assert [(message.event, message.json()["key"]) for message in rest] == [
+        ("put", "k3"),
+        ("put", "k4"),
+        ("put", "k5"),
+        ("delete", "k0"),
+    ]
+    by_query = open_stream(streams, any_server, f"/events?after={first[0].id}")
+    assert [message.id for message in by_query.events(6)] == [message.id for message in first[1:] + rest]
+
+
+def test_resuming_from_before_the_history_gives_a_reset_and_its_revision_resumes(make_server, streams):
+    server = make_server("--quiet", "--storage", "memory")
+    connection = server.connect()
+    stream = open_stream(streams, server)
+    put(server, "k", connection=connection)
+    early = stream.events(1)[0].id
+    stream.close()
+    for n in range(kvserver.HISTORY + 1):  # the history then starts after the first of these
+        put(server, f"k{n % 10}", connection=connection)
+    resumed = open_stream(streams, server, headers={"Last-Event-ID": early})
+    [reset] = resumed.events(1)
+    assert reset.event == "reset"
+    assert reset.json() == {"revision": reset.id}
+    put(server, "after", connection=connection)
+    [event] = resumed.events(1)
+    assert event.json()["key"] == "after"
+    from_reset = open_stream(streams, server, f"/events?after={reset.id}")
+    assert from_reset.events(1)[0].id == event.id
+
+
+def test_a_revision_from_before_a_restart_of_a_files_server_gives_a_reset(make_server, streams):
+    server = make_server("--quiet", "--no-fsync")
+    stream = open_stream(streams, server)
+    put(server, "k")
+    before = stream.events(1)[0].id
+    stream.close()
+    server.restart()
+    resumed = open_stream(streams, server, headers={"Last-Event-ID": before})
+    [reset] = resumed.events(1)
+    assert reset.event == "reset" and order(reset.id) > order(before)
+
+
+def test_the_stream_has_only_the_keys_under_its_prefix(any_server, streams):
+    stream = open_stream(streams, any_server, "/events?prefix=app%2F")
+    for key in ("other", "app/a", "apple", "app/b"):
+        put(any_server, key)
+    assert [message.json()["key"] for message in stream.events(2)] == ["app/a", "app/b"]
+
+
+@pytest.mark.parametrize(
+    ("query", "headers"),
+    [("?after=abc", {}), ("?after=", {}), ("?nope=1", {}), ("", {"Last-Event-ID": "12x"}), ("?after=1-2-3", {})],
+)
+def test_a_bad_revision_or_query_is_a_400(server, query, headers):
+    response = server.get(f"/events{query}", headers=headers)
+    assert response.status == 400
+    response.problem()
+
+
+def test_the_stream_takes_only_get(server):
+    response = server.request("POST", "/events", b"")
+    assert (response.status, response.headers["Allow"]) == (405, "GET")
+
+
+def test_an_http_1_0_stream_ends_with_the_connection(server):
+    with socket.create_connection((server.host, server.port), timeout=10) as sock:
+        sock.sendall(b"GET /events HTTP/1.0\r\n\r\n")
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(4096)
+        assert b"Transfer-Encoding" not in head and b"Connection: close" in head
+        put(server, "k")
+        body = head.partition(b"\r\n\r\n")[2]
+        while b"\n\n" not in body:
+            body += sock.recv(4096)
+        assert body.startswith(b"id: ") and b"event: put\n" in body
+
+
+def test_a_stream_sends_a_comment_after_silence_and_is_not_closed_as_idle(monkeypatch):
+    monkeypatch.setattr(kvserver, "HEARTBEAT", 0.2)
+    monkeypatch.setattr(kvserver.KVRequestHandler, "timeout", 0.5)  # the idle limit, shortened too
+    server = kvserver.KVServer(("127.0.0.1", 0), kvserver.MemoryStorage(), quiet=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=5)
+        connection.request("GET", "/events")
+        response = connection.getresponse()
+        started = time.monotonic()
+        lines = []
+        while time.monotonic() - started < 1.5:  # three times the idle limit
+            lines.append(response.readline())
+        assert lines.count(b": keep-alive\n") >= 4
+        server.storage.put("k", b"v")
+        while not (line := response.readline()).startswith(b"id: "):
+            assert line in (b": keep-alive\n", b"\n")
+        connection.close()
+    finally:
+        server.shutdown()
+        server.stop()
+
+
+def test_streams_count_against_max_connections(make_server, streams):
+    server = make_server("--quiet", "--storage", "memory", "--max-connections", "2")
+    for _ in range(2):
+        open_stream(streams, server)
+    response = server.get("/health")
+    assert response.status == 503
+
+
+def test_stop_with_50_open_streams_and_waiting_requests_takes_under_a_second(any_server, streams):
+    for _ in range(50):
+        open_stream(streams, any_server)
+    waiting = [any_server.connect() for _ in range(5)]
+    for connection in waiting:
+        connection.request("GET", "/kv/nothing?wait=300")
+    wait_for(lambda: b"kvserver_open_connections 56" in any_server.get("/metrics").body, what="all to be open")
+    started = time.monotonic()
+    any_server.process.send_signal(signal.SIGTERM)
+    assert any_server.process.wait(5) == 0
+    assert time.monotonic() - started < 1.0
+    for connection in waiting:
+        assert connection.getresponse().status == 404  # the answer it would have had
+    for stream in streams:
+        assert stream.response.read() == b""  # the stream ended cleanly
+
+
+# HTTP: waiting for a change
+
+
+def wait_get(
+    server: Server, path: str, headers: dict[str, str] | None = None
+) -> tuple[float, http.client.HTTPResponse]:
+    """A GET and the seconds it took."""
+    started = time.monotonic()
+    connection = server.connect()
+    connection.request("GET", path, headers=headers or {})
+    response = connection.getresponse()
+    response.read()
+    return time.monotonic() - started, response
+
+
+def after(seconds: float, action) -> threading.Thread:
+    thread = threading.Timer(seconds, action)
+    thread.start()
+    return thread
+
+
+def test_a_waiting_request_answers_within_100_ms_of_a_change_with_the_new_value(any_server):
+    etag = put(any_server, "k", b"old")
+    changed = after(0.5, lambda: put(any_server, "k", b"new"))
+    took, response = wait_get(any_server, "/kv/k?wait=30", {"If-None-Match": f'"{etag}"'})
+    changed.join()
+    assert response.status == 200 and response.getheader("ETag") != f'"{etag}"'
+    assert 0.5 <= took < 0.5 + PROMPT
+
+
+def test_a_waiting_request_answers_304_after_its_time_if_nothing_changed(any_server):
+    etag = put(any_server, "k")
+    took, response = wait_get(any_server, "/kv/k?wait=1", {"If-None-Match": f'"{etag}"'})
+    assert response.status == 304 and response.getheader("ETag") == f'"{etag}"'
+    assert 1.0 <= took < 1.0 + PROMPT
+
+
+def test_without_if_none_match_a_request_waits_for_the_key_to_exist(any_server):
+    created = after(0.3, lambda: put(any_server, "new", b"here"))
+    took, response = wait_get(any_server, "/kv/new?wait=30")
+    created.join()
+    assert response.status == 200 and 0.3 <= took < 0.3 + PROMPT
+    took, response = wait_get(any_server, "/kv/absent?wait=1")
+    assert response.status == 404 and 1.0 <= took < 1.0 + PROMPT
+
+
+def test_a_waiting_request_answers_404_when_its_key_goes(any_server):
+    etag = put(any_server, "k")
+    deleted = after(0.3, lambda: any_server.request("DELETE", "/kv/k"))
+    took, response = wait_get(any_server, "/kv/k?wait=30", {"If-None-Match": f'"{etag}"'})
+    deleted.join()
+    assert response.status == 404 and took < 0.3 + PROMPT
+
+
+def test_a_waiting_request_answers_when_its_key_expires(any_server):
+    any_server.get("/set?key=k&value=v&ttl=1")
+    etag = any_server.get("/kv/k").headers["ETag"]
+    took, response = wait_get(any_server, "/kv/k?wait=30", {"If-None-Match": etag})
+    assert response.status == 404 and took < 1.0 + EXPIRY_DEADLINE
+
+
+def test_a_change_to_a_longer_key_does_not_end_the_wait(any_server):
+    etag = put(any_server, "k")
+    after(0.2, lambda: put(any_server, "k2"))
+    took, response = wait_get(any_server, "/kv/k?wait=1", {"If-None-Match": f'"{etag}"'})
+    assert response.status == 304 and took >= 1.0
+
+
+@pytest.mark.parametrize(
+    ("held", "status"),
+    [("other", 200), (None, 200)],
+)
+def test_a_client_that_holds_another_answer_gets_it_at_once(any_server, held, status):
+    put(any_server, "k")
+    headers = {"If-None-Match": f'"{held}"'} if held else {}
+    took, response = wait_get(any_server, "/kv/k?wait=30", headers)
+    assert response.status == status and took < PROMPT
+
+
+def test_a_client_that_holds_a_value_of_a_key_that_is_gone_gets_404_at_once(any_server):
+    took, response = wait_get(any_server, "/kv/gone?wait=30", {"If-None-Match": '"1-2"'})
+    assert response.status == 404 and took < PROMPT
+
+
+@pytest.mark.parametrize("wait", ["0", "301", "abc", "1.5", "-1", "", "0010"])
+def test_a_bad_wait_is_a_400(server, wait):
+    put(server, "k")
+    response = server.get(f"/kv/k?wait={wait}")
+    assert response.status == 400
+    response.problem()

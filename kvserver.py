@@ -1605,6 +1605,33 @@ a { color: #2b6cb0; } a.delete { color: #b42318; }
 """
 
 
+# The page's one script: it reloads the listing when a key under its prefix changes (an
+# EventSource on /events), or, while the visitor is typing into a form, offers a reload link.
+_PAGE_SCRIPT = """
+const { events, listing } = document.currentScript.dataset;
+let timer = null, notice = null;
+function changed() {
+  const inputs = [...document.querySelectorAll("form input")];
+  if (inputs.some((input) => input === document.activeElement || input.value !== input.defaultValue)) {
+    if (!notice) {
+      notice = document.createElement("p");
+      notice.className = "notice";
+      const link = document.createElement("a");
+      link.href = listing;
+      link.textContent = "reload";
+      notice.append("Keys changed since this page was loaded: ", link);
+      document.querySelector("header").after(notice);
+    }
+    return;
+  }
+  clearTimeout(timer);
+  timer = setTimeout(() => location.replace(listing), 300);
+}
+const source = new EventSource(events);
+for (const type of ["put", "delete", "expire", "reset"]) source.addEventListener(type, changed);
+"""
+
+
 def _human_size(size: int) -> str:
     """'512 bytes', '1.5 KiB', '20.0 MiB', '3.2 GiB'."""
     if size < 1024:
@@ -1613,8 +1640,11 @@ def _human_size(size: int) -> str:
     return f"{size / 1024**exponent:.1f} {('KiB', 'MiB', 'GiB')[exponent - 1]}"
 
 
-def _render_page(storage: Storage, page: list[str], next_key: str | None, prefix: str, notice: str) -> bytes:
-    """The HTML page: a form to set a key, a prefix filter, and one page of keys."""
+def _render_page(
+    storage: Storage, page: list[str], next_key: str | None, prefix: str, notice: str, script: str
+) -> bytes:
+    """The HTML page: a form to set a key, a prefix filter, one page of keys, and `script`
+    (the <script> element that keeps it up to date)."""
     rows = []
     for key in page:
         try:
@@ -1652,6 +1682,7 @@ def _render_page(storage: Storage, page: list[str], next_key: str | None, prefix
 <button type="submit">Filter</button></form>
 {table}
 {more}
+{script}
 </body></html>
 """.encode()
 
@@ -2172,10 +2203,19 @@ class KVRequestHandler(BaseHTTPRequestHandler):
 
     def _send_page(self, status: HTTPStatus, query: str, notice: str = "") -> None:
         page, next_key, prefix = self._key_page(query, 100)
-        body = _render_page(self.storage, page, next_key, prefix, notice)
+        nonce = secrets.token_urlsafe(16)
+        events = "/events?" + urllib.parse.urlencode({"prefix": prefix})
+        listing = f"/?{query}" if query else "/"  # after /set or /delete, the listing without the action
+        script = (
+            f'<script nonce="{nonce}" data-events="{html.escape(events)}" data-listing="{html.escape(listing)}">'
+            f"{_PAGE_SCRIPT}</script>"
+        )
+        body = _render_page(self.storage, page, next_key, prefix, notice, script)
         headers = {
             "Cache-Control": "no-store",
-            "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'",
+            "Content-Security-Policy": (
+                f"default-src 'none'; style-src 'unsafe-inline'; script-src 'nonce-{nonce}'; connect-src 'self'"
+            ),
         }
         self._send(status, body, "text/html; charset=utf-8", headers)
 

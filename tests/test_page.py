@@ -2,8 +2,8 @@
 
 The first half drives the page in a real headless Chromium (Debian's, through Playwright) the way a
 person would: the form, the key links, the delete links, paging and the prefix filter. The second
-half checks, without a browser, which clients get the page and that it is inert: escaped, no
-script, a strict Content-Security-Policy."""
+half checks, without a browser, which clients get the page and that it is inert: escaped, one
+script of its own (it keeps the listing up to date), a strict Content-Security-Policy."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import Response, Server, require_service
+from conftest import Response, Server, require_service, wait_for
 
 try:
     from playwright.sync_api import Browser, Page, sync_playwright
@@ -184,7 +184,7 @@ def test_a_key_made_of_html_is_shown_as_text_and_never_becomes_markup(tab: Tab) 
     assert tab.listed_keys() == [key]
     assert key in page.locator(".notice").inner_text()
     assert page.locator("img").count() == 0
-    assert page.locator("script").count() == 0
+    assert page.locator("script").count() == 1 and page.locator("script[data-events]").count() == 1  # the page's own
     assert tab.follow(tab.key_link(key)).status == 200
     assert tab.body_text() == value
     assert page.locator("script").count() == 0
@@ -221,6 +221,69 @@ def test_keys_with_slashes_spaces_ampersands_and_non_ascii_work_through_their_li
         assert key not in tab.listed_keys()
     assert tab.listed_keys() == []
     assert tab.server.get("/keys").json() == {"keys": [], "next": None}
+
+
+def wait_until_live(tab: Tab) -> None:
+    """Wait until the page's EventSource is open: changes from then on reach it."""
+    # (page.wait_for_function would evaluate a string, which the page's policy forbids)
+    wait_for(lambda: tab.page.evaluate("() => source.readyState === EventSource.OPEN"), what="the EventSource to open")
+
+
+def test_the_page_reloads_its_listing_when_a_key_changes(tab: Tab) -> None:
+    tab.open("/")
+    wait_until_live(tab)
+    with tab.page.expect_navigation():
+        set_key(tab.server, "arrived", "v")
+    assert tab.listed_keys() == ["arrived"]
+    wait_until_live(tab)
+    with tab.page.expect_navigation():
+        assert tab.server.request("DELETE", "/kv/arrived").status == 204
+    assert tab.listed_keys() == []
+    assert not [message for message in tab.console if "Content Security Policy" in message], tab.console
+
+
+def test_after_a_set_through_the_form_a_change_reloads_the_listing_without_setting_again(tab: Tab) -> None:
+    page = tab.page
+    tab.open("/")
+    page.get_by_label("Key", exact=True).fill("mine")
+    page.get_by_label("Value", exact=True).fill("1")
+    tab.follow(page.get_by_role("button", name="Set"))
+    wait_until_live(tab)
+    with page.expect_navigation():
+        set_key(tab.server, "theirs", "v")
+    assert page.url == tab.server.url + "/"
+    assert tab.listed_keys() == ["mine", "theirs"]
+    assert tab.server.get("/get?key=mine").body == b"1"
+    page.go_back()
+    assert page.url == tab.server.url + "/"  # the /set is not in the history to run again
+
+
+def test_while_the_visitor_types_a_change_offers_a_reload_link_instead(tab: Tab) -> None:
+    page = tab.page
+    tab.open("/")
+    wait_until_live(tab)
+    page.get_by_label("Key", exact=True).fill("half-typed")
+    set_key(tab.server, "arrived", "v")
+    notice = page.locator(".notice")
+    notice.wait_for()
+    assert "Keys changed" in notice.inner_text()
+    assert page.get_by_label("Key", exact=True).input_value() == "half-typed"
+    tab.follow(notice.get_by_role("link", name="reload"))
+    assert tab.listed_keys() == ["arrived"]
+
+
+def test_the_page_works_without_javascript(browser: Browser, server: Server) -> None:
+    context = browser.new_context(java_script_enabled=False)
+    try:
+        page = context.new_page()
+        page.goto(server.url + "/")
+        page.get_by_label("Key", exact=True).fill("greeting")
+        page.get_by_label("Value", exact=True).fill("hello")
+        with page.expect_navigation():
+            page.get_by_role("button", name="Set").click()
+        assert page.locator("tbody tr td:first-child").all_inner_texts() == ["greeting"]
+    finally:
+        context.close()
 
 
 @pytest.fixture
@@ -325,16 +388,25 @@ def test_browsers_get_an_html_page_with_a_strict_content_security_policy(server:
     assert response.headers["Content-Type"] == "text/html; charset=utf-8"
     policy = response.headers["Content-Security-Policy"]
     assert policy is not None and "default-src 'none'" in policy, policy
-    assert "script-src" not in policy and "unsafe-eval" not in policy, policy
+    directives = dict(directive.strip().split(" ", 1) for directive in policy.split(";"))
+    assert re.fullmatch(r"'nonce-[A-Za-z0-9_-]{22,}'", directives["script-src"]), policy  # its own script only
+    assert directives["connect-src"] == "'self'", policy
+    assert "unsafe-eval" not in policy, policy
     html = response.body.decode("utf-8")
     assert html.lower().startswith("<!doctype html>")
     assert ">greeting</a>" in html
 
 
-def test_the_page_has_no_script_and_loads_nothing_from_elsewhere(server: Server) -> None:
+def test_the_page_has_one_script_with_the_policys_nonce_and_loads_nothing_from_elsewhere(server: Server) -> None:
     set_key(server, "greeting", "hello")
-    html = get_root(server, CHROME_ACCEPT).body.decode("utf-8").lower()
-    assert "<script" not in html
+    response = get_root(server, CHROME_ACCEPT)
+    nonce = re.search(r"'nonce-([^']+)'", response.headers["Content-Security-Policy"]).group(1)
+    assert f"'nonce-{nonce}'" not in get_root(server, CHROME_ACCEPT).headers["Content-Security-Policy"]  # one a page
+    html = response.body.decode("utf-8")
+    assert re.findall(r"<script\b[^>]*>", html) == [
+        f'<script nonce="{nonce}" data-events="/events?prefix=" data-listing="/">'
+    ]
+    html = html.lower()
     assert "javascript:" not in html
     assert not re.search(r"\son[a-z]+\s*=", html), "an inline event handler"
     assert not re.search(r"<(link|img|iframe|object|embed)\b", html), "an external asset"

@@ -227,6 +227,10 @@ def _parse_size(text: str) -> int:
 
 HISTORY = 10_000  # changes a storage remembers, for watchers that resume or fall behind
 HEARTBEAT = 15.0  # seconds of silence after which an event stream sends a comment line
+# An event stream sends a change as soon as it comes, but then sends at most once in this many
+# seconds while changes keep coming, gathering them: under a flood of writes each open stream
+# then costs the server a few sends a second, not one per write.
+COALESCE = 0.1
 MAX_WAIT = 300  # seconds a GET /kv/<key>?wait=<s> may wait for a change
 _BATCH = 1_000  # most events handed to a watcher at once, so that the feed's lock is held briefly
 _REVISION = re.compile(r"[0-9]{1,20}(-[0-9]{1,20})?")
@@ -265,8 +269,9 @@ class _ChangeFeed:
     A backend publishes each change at the moment it takes effect, under the key's lock, so
     that the events of one key follow the order of its writes; a revision is taken under the
     feed's lock, so revision order is publication order. Writers never wait for watchers:
-    publishing stores the event and wakes the watches waiting for one under their prefix;
-    each watch reads at its own pace, and one that falls a whole ring behind gets a reset.
+    publishing stores the event and wakes the watches waiting for one under their prefix
+    (its cost grows with the number of different prefixes waited on, not of watches); each
+    watch reads at its own pace, and one that falls a whole ring behind gets a reset.
 
     The history begins at the first publication or watch (so after FileStorage has loaded):
     `begin` then gives the revision before the first change this feed knows, and the events
@@ -280,38 +285,45 @@ class _ChangeFeed:
         self._count = 0  # events published; event n is in _ring[n % capacity] while n >= _count - capacity
         self._floor: tuple[int, ...] | None = None  # every change after this revision is in the ring
         self._last = ""  # the latest revision: of the last event, else the floor
-        self._waiting: set[Watch] = set()
+        self._last_order: tuple[int, ...] = ()
+        self._waiting: dict[str, set[Watch]] = {}  # by prefix: the watches waiting for a change under it
         self._closed = False
 
     def _start(self) -> None:
         """Begin the history, once (called under the lock)."""
         if self._floor is None:
             floor, events = self._begin()
-            self._floor, self._last = revision_order(floor), floor
+            self._floor = self._last_order = revision_order(floor)
+            self._last = floor
             for event in events:
-                self._append(event)
+                self._append(revision_order(event.revision), event)
 
     def publish(self, type: str, key: str, stat: Stat | None = None, revision: str | None = None) -> Event:
         """Record a change that just took effect and wake the watches waiting for it; a
         revision is made (a new stamp) unless given (it must then be larger than the last)."""
         with self._lock:
             self._start()
-            event = Event(revision or str(_new_stamp()), type, key, stat)
-            sequence = self._append(event)
-            for watch in self._waiting:
-                if key.startswith(watch.prefix):
+            order: tuple[int, ...]
+            if revision is None:
+                stamp = _new_stamp()
+                revision, order = str(stamp), (stamp,)
+            else:
+                order = revision_order(revision)
+            event = Event(revision, type, key, stat)
+            sequence = self._append(order, event)
+            for prefix in [prefix for prefix in self._waiting if key.startswith(prefix)]:
+                for watch in self._waiting.pop(prefix):
+                    watch._woken_by = sequence
                     watch._wake.notify()
-                elif watch._next == sequence:
-                    watch._next += 1  # it has read all before this one, and this one is not for it
             return event
 
-    def _append(self, event: Event) -> int:
+    def _append(self, order: tuple[int, ...], event: Event) -> int:
         slot = self._count % len(self._ring)
         evicted = self._ring[slot]
         if evicted is not None:
             self._floor = evicted[0]
-        self._ring[slot] = (revision_order(event.revision), event)
-        self._last = event.revision
+        self._ring[slot] = (order, event)
+        self._last, self._last_order = event.revision, order
         self._count += 1
         return self._count - 1
 
@@ -324,7 +336,7 @@ class _ChangeFeed:
             assert self._floor is not None
             if order is None:
                 return self._count, None
-            if not self._floor <= order <= revision_order(self._last):
+            if not self._floor <= order <= self._last_order:
                 return self._count, self._last
             kept = range(max(0, self._count - len(self._ring)), self._count)
             ring = self._ring
@@ -348,12 +360,23 @@ class _ChangeFeed:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     break
-                self._waiting.add(watch)
+                watch._woken_by = None
+                self._waiting.setdefault(watch.prefix, set()).add(watch)
                 try:
                     watch._wake.wait(remaining)
                 finally:
-                    self._waiting.discard(watch)
+                    if watch._woken_by is None:  # no change under its prefix came: skip what did
+                        self._stop_waiting(watch)
+                        watch._next = self._count
+                    else:  # what came before the change that woke it was not for it
+                        watch._next = max(watch._next, watch._woken_by)
             return []
+
+    def _stop_waiting(self, watch: Watch) -> None:
+        waiting = self._waiting.get(watch.prefix, set())
+        waiting.discard(watch)
+        if not waiting:
+            self._waiting.pop(watch.prefix, None)
 
     def _take(self, watch: Watch) -> list[Event]:
         """The events for `watch` in the next batch it has not read (called under the lock)."""
@@ -380,8 +403,9 @@ class _ChangeFeed:
         """End every watch (the storage closes)."""
         with self._lock:
             self._closed = True
-            for watch in self._waiting:
-                watch._wake.notify()
+            for watches in self._waiting.values():
+                for watch in watches:
+                    watch._wake.notify()
 
 
 class Watch(Iterator[Event]):
@@ -396,6 +420,7 @@ class Watch(Iterator[Event]):
         self.closed = False
         self._feed = feed
         self._wake = threading.Condition(feed._lock)
+        self._woken_by: int | None = None  # the number of the event that ended its last wait
         self._next, self._reset = feed.position(after)
         self._deadline = None if timeout is None else time.monotonic() + timeout
         self._pending: list[Event] = []
@@ -2544,13 +2569,18 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             self._write_head(HTTPStatus.OK, head)
             writer = _ChunkedWriter(self.wfile, chunked)
             writer.flush()
+            sent = 0.0
             while True:
-                messages = b"".join(map(_event_message, watch.wait(HEARTBEAT)))
+                events = watch.wait(HEARTBEAT)
                 if watch.closed:
                     break
+                messages = b"".join(map(_event_message, events))
                 writer.write(messages or b": keep-alive\n\n")
                 writer.flush()
                 self._sent += len(messages)
+                if time.monotonic() - sent < COALESCE:  # changes keep coming: gather them
+                    time.sleep(COALESCE)
+                sent = time.monotonic()
             writer.close()
 
     def _route_rpc(self, path: str, query: str) -> None:

@@ -147,7 +147,7 @@ def test_a_watch_under_a_prefix_is_not_reset_by_more_than_the_history_of_other_k
         waiting = threading.Thread(target=lambda: events.extend(watch.wait(10)))
         events: list[kvserver.Event] = []
         waiting.start()
-        wait_for(lambda: watch in store._feed._waiting, what="the watch to wait")
+        wait_for(lambda: watch in store._feed._waiting.get("mine/", ()), what="the watch to wait")
         for n in range(kvserver.HISTORY + 1):
             store.put(f"other/{n}", b"v")
         store.put("mine/a", b"v")

@@ -25,6 +25,7 @@ import os
 import platform
 import re
 import select
+import selectors
 import shlex
 import shutil
 import signal
@@ -33,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -46,7 +48,9 @@ PYTHON = sys.executable
 MiB = 1024 * 1024
 START_TIMEOUT = 60.0  # seconds for a server to print its start line (100,000 keys on a loaded machine)
 STOP_TIMEOUT = 15.0
-SCENARIO_GROUPS = ("get", "set", "rest", "startup", "big")
+SCENARIO_GROUPS = ("get", "set", "rest", "events", "startup", "big")
+STREAMS = 100  # open event streams in the events group
+PROBE_INTERVAL = 0.2  # seconds between the writes that time write-to-event; longer than kvserver's COALESCE
 
 # The Lua every wrk run loads: done() prints one parseable line with the counts and percentiles
 # (latencies in microseconds). wrk counts a response with status >= 400 as a status error.
@@ -567,6 +571,120 @@ def scenario_rest(config: Config, report: Report, scripts: dict[str, Path]) -> N
     report.load_table(rows, megabytes=True)
 
 
+class EventStreams:
+    """`count` open GET /events streams, read and dropped by one thread (as fast as it can)."""
+
+    def __init__(self, url: str, count: int) -> None:
+        self.sockets = [open_event_stream(url, "/events") for _ in range(count)]
+        self.received = 0
+        self._stop = False
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        with selectors.DefaultSelector() as selector:
+            for sock in self.sockets:
+                selector.register(sock, selectors.EVENT_READ)
+            while not self._stop:
+                for key, _ in selector.select(0.1):
+                    with contextlib.suppress(OSError):
+                        self.received += len(key.fileobj.recv(256 * 1024))  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join()
+        for sock in self.sockets:
+            sock.close()
+
+
+def open_event_stream(url: str, path: str) -> socket.socket:
+    """A socket on which GET `path` has been answered with its head (the events follow)."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise RuntimeError(f"GET {path} closed before its head: {head!r}")
+        head += chunk
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(f"GET {path} answered {head[:200]!r}")
+    return sock
+
+
+def event_latencies(url: str, seconds: float) -> list[float]:
+    """For `seconds`: write a key under probe/ (every PROBE_INTERVAL) and time until the event
+    for it arrives on a stream of probe/ keys: the milliseconds from write to event, one per write."""
+    stream = open_event_stream(url, "/events?prefix=probe%2F")
+    host, port = url.removeprefix("http://").split(":")
+    writer = http.client.HTTPConnection(host, int(port), timeout=30)
+    latencies = []
+    buffered = b""
+    try:
+        deadline = time.monotonic() + seconds
+        n = 0
+        while time.monotonic() < deadline:
+            n += 1
+            marker = f'"key": "probe/{n}"'.encode()
+            started = time.perf_counter()
+            writer.request("GET", f"/set?probe%2F{n}=v")
+            writer.getresponse().read()
+            while marker not in buffered:
+                chunk = stream.recv(65536)
+                if not chunk:
+                    raise RuntimeError("the probe's event stream ended")
+                buffered += chunk
+            latencies.append((time.perf_counter() - started) * 1000)
+            buffered = buffered[buffered.index(marker) :]
+            time.sleep(PROBE_INTERVAL)
+    finally:
+        writer.close()
+        stream.close()
+    return latencies
+
+
+def scenario_events(config: Config, report: Report, scripts: dict[str, Path]) -> None:
+    report.out(f"## Event streams: GET /set, 16 connections, --no-fsync, with and without {STREAMS} open streams")
+    report.out()
+    rows = [Row("16 conn, --no-fsync", "kvserver"), Row("16 conn, --no-fsync", f"kvserver, {STREAMS} streams")]
+    latencies: list[float] = []
+    with running([kvserver(config.work / "events" / "kvserver", fsync=False)], config.logs) as [server]:
+        probe(report, server, "/set?probe=1", None, (200, 201))
+
+        def measure(row: Row) -> Run:
+            if row.server == "kvserver":
+                return wrk(server.url + "/", 16, config, scripts["set"])
+            streams = EventStreams(server.url, STREAMS)
+            probing = threading.Thread(target=lambda: latencies.extend(event_latencies(server.url, config.duration)))
+            try:
+                probing.start()
+                run = wrk(server.url + "/", 16, config, scripts["set"])
+                probing.join()
+            finally:
+                streams.close()
+            if not streams.received:
+                report.problems.append(f"kvserver: {STREAMS} event streams received nothing")
+            return run
+
+        alternate(config, rows, measure)
+    check_kvserver(report, rows)
+    report.load_table(rows)
+    if latencies:
+        quantiles = statistics.quantiles(latencies, n=100, method="inclusive")
+        report.out(
+            f"Write to event (a /set of a probe/ key every {PROBE_INTERVAL * 1000:.0f} ms on its own connection, to its"
+            " event on a stream"
+            f" of probe/ keys, during the {STREAMS}-stream runs): p50 {quantiles[49]:.3f} ms, p99 {quantiles[98]:.3f}"
+            f" ms, over {len(latencies)} writes."
+        )
+        report.out()
+    else:
+        report.problems.append("the write-to-event probe measured nothing")
+    r = ratio(rows[1].rps, rows[0].rps)
+    report.target(f"GET /set, 16 conn, --no-fsync, {STREAMS} open streams: ≥ 0.9× without", times(r), r >= 0.9)
+
+
 def generate_keys(folder: Path, count: int, key_bytes: int, value_size: int) -> int:
     """Write `count` small values straight into a data dir; return their raw bytes (keys + values)."""
     folder.mkdir(parents=True)
@@ -856,13 +974,14 @@ def main() -> int:
             "get": lambda: scenario_get(config, report, scripts),
             "set": lambda: scenario_set(config, report, scripts),
             "rest": lambda: scenario_rest(config, report, scripts),
+            "events": lambda: scenario_events(config, report, scripts),
             "startup": lambda: scenario_startup(config, report),
             "big": lambda: scenario_big(config, report),
         }
         for name in config.only:
             log(f"== {name}")
             groups[name]()
-        report.out("## Targets (issue 8)")
+        report.out("## Targets (issues 8 and 18)")
         report.out()
         verdict = {True: "PASS", False: "FAIL", None: "n/a"}
         report.out(table(["target", "measured", "result"], [[t, m, verdict[p]] for t, m, p in report.targets]))

@@ -43,6 +43,7 @@ import io
 import ipaddress
 import itertools
 import json
+import math
 import os
 import re
 import secrets
@@ -1425,17 +1426,20 @@ def _problem(status: HTTPStatus, detail: str) -> bytes:
 
 def _answer_to(error: Exception) -> tuple[HTTPStatus, str, dict[str, str]]:
     """The status, detail and headers that answer an exception from a route or the storage,
-    over HTTP and (as a Fault) over XML-RPC. Call it in the except block: an unexpected
-    exception is logged there with its traceback, and answered 500."""
+    over HTTP and (as a Fault whose code is the status) over XML-RPC: the one place that
+    decides. A 500 is a fault of the server: the caller logs its traceback."""
     if isinstance(error, _HTTPError):
         return error.status, error.detail, error.headers
     if isinstance(error, PreconditionFailed):
         return HTTPStatus.PRECONDITION_FAILED, str(error), {}
+    if isinstance(error, KeyError):
+        return HTTPStatus.NOT_FOUND, f"no key {error.args[0]!r}", {}
+    if isinstance(error, ValueError):  # the storage refused an argument: a bad key, TTL, size or media type
+        return HTTPStatus.BAD_REQUEST, str(error), {}
     if isinstance(error, StorageUnavailable):
         return HTTPStatus.SERVICE_UNAVAILABLE, f"{error}; try again later", {}
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
         return HTTPStatus.INSUFFICIENT_STORAGE, "the disk is full; nothing was stored; free space", {}
-    traceback.print_exc(file=sys.stderr)
     return HTTPStatus.INTERNAL_SERVER_ERROR, "an unexpected error; the server log has details", {}
 
 
@@ -1850,6 +1854,8 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             raise  # the client broke off or stalled; nothing was stored
         except Exception as error:
             status, detail, headers = _answer_to(error)
+            if status == HTTPStatus.INTERNAL_SERVER_ERROR:
+                traceback.print_exc(file=sys.stderr)
             if status in (HTTPStatus.INTERNAL_SERVER_ERROR, HTTPStatus.NOT_IMPLEMENTED):
                 self.close_connection = True
             self._send_problem(status, detail, headers)
@@ -2239,6 +2245,8 @@ class _XMLRPC:
             raise xmlrpc.client.Fault(400, f"{method}: {error}") from None
         except Exception as error:
             status, detail, _ = _answer_to(error)
+            if status == HTTPStatus.INTERNAL_SERVER_ERROR:
+                traceback.print_exc(file=sys.stderr)
             raise xmlrpc.client.Fault(status.value, detail) from None
 
     def save(self, key: str, value: Any, ttl: int | None = None) -> None:
@@ -2331,15 +2339,15 @@ class _Connections:
     those serving a request finish it. One lock guards it all, taken a few times per request.
     """
 
+    _IDLE, _READING_HEAD, _SERVING, _WATCHING = "idle", "reading head", "serving", "watching"
+
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.stopping = False
         self._lock = threading.Lock()
         self._count = 0
-        self._deadlines: dict[socket.socket, float] = {}  # every connection but the watching ones
-        self._idle: set[socket.socket] = set()
-        self._reading_head: set[socket.socket] = set()
-        self._watching: set[socket.socket] = set()
+        # Each connection's state and deadline (monotonic seconds; inf while watching).
+        self._states: dict[socket.socket, tuple[str, float]] = {}
 
     def __len__(self) -> int:
         return self._count
@@ -2356,77 +2364,64 @@ class _Connections:
         """An admitted connection is closed and its thread done."""
         with self._lock:
             self._count -= 1
-            self._forget(connection)
+            self._states.pop(connection, None)
 
     def idle(self, connection: socket.socket) -> bool:
         """The connection waits for its next request; False once stopping (close it)."""
         with self._lock:
-            if self.stopping:
-                return False
-            self._forget(connection)
-            self._idle.add(connection)
-            self._deadlines[connection] = time.monotonic() + IDLE_TIMEOUT
-            return True
+            self._states[connection] = (self._IDLE, time.monotonic() + IDLE_TIMEOUT)
+            return not self.stopping
 
     def reading_head(self, connection: socket.socket) -> bool:
         """A request's first byte arrived: its head must be complete within HEAD_TIMEOUT.
         False if stopping, which has closed the connection as idle."""
         with self._lock:
-            self._idle.discard(connection)
-            self._reading_head.add(connection)
-            self._deadlines[connection] = time.monotonic() + HEAD_TIMEOUT
+            self._states[connection] = (self._READING_HEAD, time.monotonic() + HEAD_TIMEOUT)
             return not self.stopping
 
     def head_read(self, connection: socket.socket) -> bool:
         """The head was read, and the request is served from now on; False if the head
         deadline cut the connection off first, so that what was read may be only part of it."""
         with self._lock:
-            if connection not in self._reading_head:
+            if self._states.get(connection, ("",))[0] != self._READING_HEAD:
                 return False
-            self._reading_head.discard(connection)
-            self._deadlines[connection] = time.monotonic() + STALL_TIMEOUT
+            self._states[connection] = (self._SERVING, time.monotonic() + STALL_TIMEOUT)
             return True
 
     def moved(self, connection: socket.socket) -> None:
         """Bytes of a body or an answer moved: the stall deadline starts again."""
         with self._lock:
-            if connection in self._deadlines:
-                self._deadlines[connection] = time.monotonic() + STALL_TIMEOUT
+            if self._states.get(connection, ("",))[0] == self._SERVING:
+                self._states[connection] = (self._SERVING, time.monotonic() + STALL_TIMEOUT)
 
     def watching(self, connection: socket.socket) -> bool:
         """The request waits for a change, with no deadline, until `serving` again (to answer);
         False if stopping (answer at once)."""
         with self._lock:
-            self._forget(connection)
-            self._watching.add(connection)
+            self._states[connection] = (self._WATCHING, math.inf)
             return not self.stopping
 
     def serving(self, connection: socket.socket) -> None:
         """The request goes on after `watching`: it is answered within STALL_TIMEOUT again."""
         with self._lock:
-            self._watching.discard(connection)
-            self._deadlines[connection] = time.monotonic() + STALL_TIMEOUT
+            self._states[connection] = (self._SERVING, time.monotonic() + STALL_TIMEOUT)
 
     def overdue(self) -> list[socket.socket]:
         """The connections past their deadline, forgotten here (to cut off)."""
         now = time.monotonic()
         with self._lock:
-            overdue = [connection for connection, deadline in self._deadlines.items() if deadline < now]
+            overdue = [connection for connection, (_, deadline) in self._states.items() if deadline < now]
             for connection in overdue:
-                self._forget(connection)  # so head_read says the head was cut off
+                del self._states[connection]  # so head_read says the head was cut off
         return overdue
 
     def stop(self) -> list[socket.socket]:
         """Admit no more requests, and return the idle and watching connections (to close)."""
         with self._lock:
             self.stopping = True
-            return [*self._idle, *self._watching]
-
-    def _forget(self, connection: socket.socket) -> None:
-        self._deadlines.pop(connection, None)
-        self._idle.discard(connection)
-        self._reading_head.discard(connection)
-        self._watching.discard(connection)
+            return [
+                connection for connection, (state, _) in self._states.items() if state in (self._IDLE, self._WATCHING)
+            ]
 
 
 class KVServer(ThreadingHTTPServer):

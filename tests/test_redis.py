@@ -44,6 +44,12 @@ except ImportError:  # the Redis tests then skip, or fail under KV_REQUIRE_SERVI
 REDIS_START_TIMEOUT = 10.0
 REDIS_STOP_TIMEOUT = 10.0
 GLOB_KEYS = ["a*b", "a?b", "[x]", "back\\slash", "aXb", "ab", "x", "a*bc", "back/slash", "a**b"]
+# The structures beside the values of the default prefix: after the prefix a 0xFF byte, which no
+# UTF-8 key has, so that no key's hash can take these names.
+INDEX = b"kvserver:\xffkeys"
+EXPIRIES = b"kvserver:\xffexpiries"
+SIZES = b"kvserver:\xffsizes"
+TOTALS = b"kvserver:\xfftotals"
 
 
 # A redis-server of our own
@@ -222,12 +228,14 @@ def store(redis_db: RedisServer) -> Iterator[kvserver.RedisStorage]:
         yield store
 
 
-def test_each_key_is_one_redis_hash_under_the_default_prefix(store, redis_db):
+def test_each_key_is_one_redis_hash_under_the_default_prefix_beside_the_index_and_totals(store, redis_db):
     assert store.prefix == "kvserver:"
     store.put("greeting", b"hello", content_type="text/plain")
     with redis_db.client() as client:
-        assert client.keys("*") == [b"kvserver:greeting"]
+        assert sorted(client.keys("*")) == [b"kvserver:greeting", INDEX, TOTALS]
         assert client.type(b"kvserver:greeting") == b"hash"
+        assert client.zrange(INDEX, 0, -1, withscores=True) == [(b"greeting", 0.0)]
+        assert client.hgetall(TOTALS) == {b"keys": b"1", b"bytes": b"5", b"indexed": b"1"}
         fields = client.hgetall(b"kvserver:greeting")
     assert fields[b"value"] == b"hello"
     assert fields[b"type"] == b"text/plain"
@@ -446,7 +454,10 @@ def test_a_namespace_prefix_keeps_two_stores_on_one_redis_apart(redis_db):
         assert "only-one" not in two
         one.delete("k")
         assert two.get("k") == b"in two"
-        assert sorted(client.keys("*")) == [b"one:only-one", b"other-app", b"two:k"]
+        names = [b"one:only-one", b"one:\xffkeys", b"one:\xfftotals", b"other-app", b"two:k", b"two:\xffkeys"]
+        assert sorted(client.keys("*")) == [*names, b"two:\xfftotals"]
+        assert client.zrange(b"one:\xffkeys", 0, -1) == [b"only-one"]
+        assert client.zrange(b"two:\xffkeys", 0, -1) == [b"k"]
 
 
 def test_a_namespace_prefix_with_glob_characters_matches_only_itself(redis_db):
@@ -565,7 +576,8 @@ def test_a_prefix_parameter_in_the_url_namespaces_a_kvservers_keys(make_server, 
     assert app.get("/get?key=k").body == b"in-app"
     assert default.get("/get?key=k").body == b"default"
     with redis_db.client() as client:
-        assert sorted(client.keys("*")) == [b"app:k", b"kvserver:k"]
+        app_index, app_totals = b"app:\xffkeys", b"app:\xfftotals"
+        assert sorted(client.keys("*")) == [b"app:k", app_index, app_totals, b"kvserver:k", INDEX, TOTALS]
     with kvserver.open_storage(redis_db.url() + "?prefix=app:") as store:
         assert store.prefix == "app:"
         assert store.get("k") == b"in-app"

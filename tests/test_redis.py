@@ -1006,3 +1006,24 @@ def test_a_store_written_without_the_index_is_indexed_once_by_two_kvservers_star
         assert f" {len(values)} keys" in third.start_line
         assert third.stop() == 0
         assert third.stderr() == ""  # indexed once: no notice again
+
+
+def test_the_scaling_benchmark_runs_end_to_end_on_small_stores():
+    _require_redis()
+    bench = KVSERVER.parent / "tests" / "bench" / "redis_scale.py"
+    arguments = ["--keys", "3000", "--small", "1000", "--rounds", "1", "--repeat", "1"]
+    work_dirs = set(bench.parent.glob(".work-redis-*"))  # (a full run may be going on beside)
+    done = subprocess.run(
+        [sys.executable, str(bench), *arguments], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr[-3000:]}"
+    rows = re.findall(r"^\| (`[^|]+) \| [\d.]+ \| [\d.]+ \| [\d.]+× \| (?:PASS|FAIL) \|$", done.stdout, re.MULTILINE)
+    assert rows == [
+        "`/keys?limit=100`, first page",
+        "`/keys?limit=100`, middle page",
+        "`/health`",
+        "`/metrics`",
+        "`/` (HTML page)",
+    ], done.stdout
+    assert "| 3,000 |" in done.stdout and "| 1,000 |" in done.stdout
+    assert set(bench.parent.glob(".work-redis-*")) <= work_dirs, "redis_scale.py left its work dir behind"

@@ -1178,15 +1178,15 @@ return adopted
         low = b"(" + after.encode("utf-8") if after is not None and after.encode("utf-8") >= first else b"[" + first
         high = b"(" + first + b"\xff"  # past every UTF-8 string that starts with the prefix
         keys: list[str] = []
+        wanted = self._BATCH if limit is None else min(self._BATCH, limit)
         with self._reachable():
-            while limit is None or len(keys) < limit:
-                wanted = self._BATCH if limit is None else min(self._BATCH, limit - len(keys))
+            while True:
                 seen, last, live = self._run(self._client, self._LIST, low, high, wanted)
                 keys += (key.decode("utf-8") for key in live)
-                if seen < wanted:
-                    break
+                if seen < wanted or (limit is not None and len(keys) >= limit):
+                    return keys[:limit]
                 low = b"(" + last
-        return keys
+                wanted = self._BATCH  # (a page cut short by expired keys goes on in full steps)
 
     def totals(self) -> tuple[int, int]:
         """Read from the totals hash, after sweeping every key that has expired (in steps of

@@ -86,11 +86,12 @@ __all__ = [
 MAX_KEY_BYTES = 1024
 SMALL_VALUE = 64 * 1024  # held in memory by FileStorage, inlined in the / dump
 CHUNK = 64 * 1024  # unit of every streamed read and write
+SENDFILE_PIECE = 16 * CHUNK  # a value served from its file goes out in pieces of this size
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 TEXT_CONTENT_TYPE = "text/plain; charset=utf-8"
 IDLE_TIMEOUT = 15.0  # seconds a keep-alive connection may wait for its next request
 HEAD_TIMEOUT = 10.0  # seconds from a request's first byte to the end of its headers
-BODY_TIMEOUT = 30.0  # seconds a request body may go without a byte
+STALL_TIMEOUT = 30.0  # seconds a request body, or an answer, may go without a byte moving
 
 
 class PreconditionFailed(Exception):
@@ -1288,12 +1289,16 @@ MAX_REQUEST_LINE = 64 * 1024
 MAX_HEADER_BYTES = 64 * 1024  # the field lines of a head or a trailer section, CRLFs included
 MAX_FIELDS = 100
 MAX_CHUNK_LINE = 4096  # a chunk-size line with its extensions
-_FIELD_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")  # field-content: no control character but tab
 _REQUEST_TARGET = re.compile(rb"[\x21-\x7e]+")  # RFC 3986 characters, percent-encoded beyond ASCII
-_HTTP_VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])")
 _TOKEN_PATTERN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 _QUOTED_STRING = rb'"(?:[\t\x20\x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t\x20-\x7e\x80-\xff])*"'
 _TOKEN = re.compile(_TOKEN_PATTERN)  # RFC 9110 section 5.6.2
+# field-name ":" OWS field-value OWS CRLF, the value visible characters with single spaces or tabs
+# inside: no control character (NUL, CR, LF, ...) and no obs-fold (RFC 9112 section 5).
+_FIELD_LINE = re.compile(
+    rb"(%b):[ \t]*((?:[\x21-\x7e\x80-\xff]+(?:[ \t]+[\x21-\x7e\x80-\xff]+)*)?)[ \t]*\r\n" % _TOKEN_PATTERN
+)
+_REQUEST_LINE = re.compile(rb"(%b) ([\x21-\x7e]+) HTTP/([0-9])\.([0-9])" % _TOKEN_PATTERN)  # section 3
 _CHUNK_LINE = re.compile(  # chunk-size [ chunk-ext ] (RFC 9112 section 7.1.1)
     rb"([0-9A-Fa-f]{1,15})(?:[ \t]*;[ \t]*%b(?:[ \t]*=[ \t]*(?:%b|%b))?)*"
     % (_TOKEN_PATTERN, _TOKEN_PATTERN, _QUOTED_STRING)
@@ -1332,48 +1337,59 @@ class _Fields:
         return [(name, value) for name, values in self._values.items() for value in values]
 
 
-def _read_line(rfile: io.BufferedIOBase, limit: int, too_long: _HTTPError) -> bytes:
-    """One CRLF-terminated line without its CRLF: `too_long` past `limit` bytes, a 400 for a
-    bare LF (RFC 9112 section 2.2: we take no other line ending), _IncompleteMessage at EOF."""
+def _read_line(rfile: io.BufferedIOBase, limit: int, too_long: tuple[HTTPStatus, str]) -> bytes:
+    """One CRLF-terminated line without its CRLF: the error `too_long` past `limit` bytes, a 400
+    for a bare LF (RFC 9112 section 2.2: we take no other line ending), _IncompleteMessage at EOF."""
     line = rfile.readline(limit + 1)
     if line.endswith(b"\r\n"):
         return line[:-2]
+    raise _line_error(line, limit, too_long)
+
+
+def _line_error(line: bytes, limit: int, too_long: tuple[HTTPStatus, str]) -> Exception:
+    """What is wrong with a line read with readline(limit + 1) that does not end with CRLF."""
     if len(line) > limit:
-        raise too_long
+        return _HTTPError(*too_long)
     if line.endswith(b"\n"):
-        raise _HTTPError(HTTPStatus.BAD_REQUEST, "end every line of the message with CRLF, not a bare LF")
-    raise _IncompleteMessage
+        return _HTTPError(HTTPStatus.BAD_REQUEST, "end every line of the message with CRLF, not a bare LF")
+    return _IncompleteMessage()
 
 
 def _read_field_lines(rfile: io.BufferedIOBase, fields: _Fields, what: str) -> None:
     """Read field lines up to the empty line that ends them (a head's, or a chunked body's
     trailer section) into `fields`; 400 for anything RFC 9112 section 5 does not allow, 431
     past MAX_FIELDS or MAX_HEADER_BYTES."""
-    too_large = _HTTPError(
-        HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, f"send at most {MAX_FIELDS} {what} and 64 KiB of them"
-    )
     budget = MAX_HEADER_BYTES
     for _ in range(MAX_FIELDS + 1):
-        line = _read_line(rfile, budget, too_large)
-        if not line:
+        line = rfile.readline(budget + 1)
+        if line == b"\r\n":
             return
-        budget -= len(line) + 2
-        if line[0] in b" \t":
-            raise _HTTPError(
-                HTTPStatus.BAD_REQUEST, "a field line starts with whitespace (obs-fold); send it on one line"
-            )
-        name, colon, value = line.partition(b":")
-        if not colon:
-            raise _HTTPError(HTTPStatus.BAD_REQUEST, f"a field line has no colon: {_shown(line)}")
-        if not _TOKEN.fullmatch(name):
-            raise _HTTPError(
-                HTTPStatus.BAD_REQUEST, f"field name {_shown(name)} is not a token (no whitespace before the colon)"
-            )
-        value = value.strip(b" \t")
-        if not _FIELD_VALUE.fullmatch(value):
-            raise _HTTPError(HTTPStatus.BAD_REQUEST, f"field {_shown(name)} holds a control character")
-        fields.add(name.decode("ascii"), value.decode("latin-1"))
-    raise too_large
+        match = _FIELD_LINE.fullmatch(line)
+        if match is None:
+            raise _field_line_error(line, budget, what)
+        budget -= len(line)
+        fields.add(match[1].decode("ascii"), match[2].decode("latin-1"))
+    raise _HTTPError(*_too_many_fields(what))
+
+
+def _too_many_fields(what: str) -> tuple[HTTPStatus, str]:
+    return HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, f"send at most {MAX_FIELDS} {what} and 64 KiB of them"
+
+
+def _field_line_error(line: bytes, limit: int, what: str) -> Exception:
+    """What is wrong with a field line that _FIELD_LINE does not match (read with readline(limit + 1))."""
+    if not line.endswith(b"\r\n"):
+        return _line_error(line, limit, _too_many_fields(what))
+    if line[0] in b" \t":
+        return _HTTPError(HTTPStatus.BAD_REQUEST, "a field line starts with whitespace (obs-fold); send it on one line")
+    name, colon, _ = line.partition(b":")
+    if not colon:
+        return _HTTPError(HTTPStatus.BAD_REQUEST, f"a field line has no colon: {_shown(line[:-2])}")
+    if not _TOKEN.fullmatch(name):
+        return _HTTPError(
+            HTTPStatus.BAD_REQUEST, f"field name {_shown(name)} is not a token (no whitespace before the colon)"
+        )
+    return _HTTPError(HTTPStatus.BAD_REQUEST, f"field {_shown(name)} holds a control character")
 
 
 def _shown(data: bytes) -> str:
@@ -1393,17 +1409,20 @@ class _RequestHead(NamedTuple):
     chunked: bool
 
 
+_REQUEST_LINE_TOO_LONG = (
+    HTTPStatus.REQUEST_URI_TOO_LONG,
+    "the request line is over 64 KiB; send big values with PUT /kv/<key>",
+)
+
+
 def _read_request_line(rfile: io.BufferedIOBase) -> bytes:
     """The request line without its CRLF, empty lines before it skipped (RFC 9112 section 2.2);
     414 past 64 KiB."""
-    too_long = _HTTPError(
-        HTTPStatus.REQUEST_URI_TOO_LONG, "the request line is over 64 KiB; send big values with PUT /kv/<key>"
-    )
-    line = _read_line(rfile, MAX_REQUEST_LINE, too_long)
+    line = _read_line(rfile, MAX_REQUEST_LINE, _REQUEST_LINE_TOO_LONG)
     budget = MAX_REQUEST_LINE
     while not line and budget > 0:
         budget -= 2
-        line = _read_line(rfile, MAX_REQUEST_LINE, too_long)
+        line = _read_line(rfile, MAX_REQUEST_LINE, _REQUEST_LINE_TOO_LONG)
     return line
 
 
@@ -1412,25 +1431,13 @@ def _read_head(line: bytes, rfile: io.BufferedIOBase) -> _RequestHead:
     every rule that decides where the message ends is checked before anything of it is
     carried out. A 400 (or 414, 431, 501, 505) for a head to refuse; _IncompleteMessage if
     the client ends it before its empty line."""
-    parts = line.split(b" ")
-    if len(parts) != 3:
-        raise _HTTPError(
-            HTTPStatus.BAD_REQUEST,
-            f"a request line is <method> <target> HTTP/1.1, each separated by one space, not {_shown(line)}",
-        )
-    method, target, version = parts
-    if not _TOKEN.fullmatch(method):
-        raise _HTTPError(HTTPStatus.BAD_REQUEST, f"method {_shown(method)} is not a token")
-    if not _REQUEST_TARGET.fullmatch(target):
-        raise _HTTPError(
-            HTTPStatus.BAD_REQUEST, f"the request target {_shown(target)} holds bytes to percent-encode first"
-        )
-    version_match = _HTTP_VERSION.fullmatch(version)
-    if version_match is None:
-        raise _HTTPError(HTTPStatus.BAD_REQUEST, f"{_shown(version)} is not an HTTP version; send HTTP/1.1")
-    if version_match.group(1) != b"1":
+    request_line = _REQUEST_LINE.fullmatch(line)
+    if request_line is None:
+        raise _request_line_error(line)
+    method, target, major, minor = request_line.groups()
+    if major != b"1":
         raise _HTTPError(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED, "this server speaks HTTP/1.1 and HTTP/1.0")
-    http_version = "HTTP/1.0" if version_match.group(2) == b"0" else "HTTP/1.1"
+    http_version = "HTTP/1.0" if minor == b"0" else "HTTP/1.1"
     fields = _Fields()
     _read_field_lines(rfile, fields, "header fields")
     hosts = fields.get_all("Host")
@@ -1439,6 +1446,24 @@ def _read_head(line: bytes, rfile: io.BufferedIOBase) -> _RequestHead:
     return _RequestHead(
         method.decode("ascii"), target.decode("latin-1"), http_version, fields, *_body_framing(fields, http_version)
     )
+
+
+def _request_line_error(line: bytes) -> _HTTPError:
+    """What is wrong with a request line that _REQUEST_LINE does not match."""
+    parts = line.split(b" ")
+    if len(parts) != 3:
+        return _HTTPError(
+            HTTPStatus.BAD_REQUEST,
+            f"a request line is <method> <target> HTTP/1.1, each separated by one space, not {_shown(line)}",
+        )
+    method, target, version = parts
+    if not _TOKEN.fullmatch(method):
+        return _HTTPError(HTTPStatus.BAD_REQUEST, f"method {_shown(method)} is not a token")
+    if not _REQUEST_TARGET.fullmatch(target):
+        return _HTTPError(
+            HTTPStatus.BAD_REQUEST, f"the request target {_shown(target)} holds bytes to percent-encode first"
+        )
+    return _HTTPError(HTTPStatus.BAD_REQUEST, f"{_shown(version)} is not an HTTP version; send HTTP/1.1")
 
 
 def _body_framing(fields: _Fields, version: str) -> tuple[int | None, bool]:
@@ -1472,22 +1497,31 @@ def _body_framing(fields: _Fields, version: str) -> tuple[int | None, bool]:
     return int(lengths[0]), False
 
 
+class _AnswerStream(socket.SocketIO):
+    """The raw stream under a handler's wfile: every send renews the connection's stall deadline."""
+
+    def __init__(self, connection: socket.socket, connections: _Connections) -> None:
+        super().__init__(connection, "wb")
+        self._connection = connection
+        self._connections = connections
+
+    def write(self, data: Any) -> int | None:
+        sent = super().write(data)
+        self._connections.moved(self._connection)
+        return sent
+
+
 class _RequestBody:
     """The body of one request as its head frames it: Content-Length bytes, chunked, or none.
 
     A route that takes a body calls `read(limit)`; until the body has been read to its end
     (`unread` is False), the connection cannot carry another request and is closed after the
-    answer. Every byte must come within BODY_TIMEOUT of the one before.
+    answer. Each byte must come within STALL_TIMEOUT of the one before.
     """
 
     def __init__(self, handler: KVRequestHandler, head: _RequestHead) -> None:
-        self._rfile = handler.rfile
-        self._wfile = handler.wfile
-        self._connection = handler.connection
-        self._idle_timeout = handler.timeout
-        self._length = head.content_length
-        self._chunked = head.chunked
-        self._continue = head.version == "HTTP/1.1" and (head.fields.get("Expect") or "").lower() == "100-continue"
+        self._handler = handler
+        self._head = head
         self.unread = head.chunked or bool(head.content_length)
         self.trailers = _Fields()
 
@@ -1495,35 +1529,35 @@ class _RequestBody:
         """The body as chunks of bytes. 411 and 413 are raised here, before anything is read,
         and only then is 100 Continue sent to a client that asked for it (RFC 9110 section
         10.1.1): a client that waits for it sends no byte of a value we refuse."""
-        if not self._chunked and self._length is None:
+        head = self._head
+        if not head.chunked and head.content_length is None:
             raise _HTTPError(HTTPStatus.LENGTH_REQUIRED, "send a Content-Length field, or the body chunked")
-        if self._length is not None and self._length > limit:
+        if head.content_length is not None and head.content_length > limit:
             raise _HTTPError(
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                f"the value is {self._length} bytes; this server takes at most {limit} (--max-value)",
+                f"the value is {head.content_length} bytes; this server takes at most {limit} (--max-value)",
             )
-        if self._continue:
-            self._wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            self._wfile.flush()
+        if head.version == "HTTP/1.1" and (head.fields.get("Expect") or "").lower() == "100-continue":
+            self._handler.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self._handler.wfile.flush()
         return self._chunks(limit)
 
     def read_all(self, limit: int) -> bytes:
         return b"".join(self.read(limit))
 
     def _chunks(self, limit: int) -> Iterator[bytes]:
-        self._connection.settimeout(BODY_TIMEOUT)
-        if self._chunked:
+        if self._head.chunked:
             yield from self._chunked_content(limit)
         else:
-            yield from self._bytes(self._length or 0)
+            yield from self._bytes(self._head.content_length or 0)
         self.unread = False
-        self._connection.settimeout(self._idle_timeout)
 
     def _bytes(self, length: int) -> Iterator[bytes]:
         while length:
-            chunk = self._rfile.read(min(length, CHUNK))
+            chunk = self._handler.rfile.read1(min(length, CHUNK))  # what one recv gives: each renews the deadline
             if not chunk:
                 raise _IncompleteMessage
+            self._handler.server.connections.moved(self._handler.connection)
             length -= len(chunk)
             yield chunk
 
@@ -1531,10 +1565,10 @@ class _RequestBody:
         """The data of a chunked body (RFC 9112 section 7.1); its extensions are ignored and its
         trailer fields kept in `trailers`. A chunk line or chunk data not ended by CRLF, a size
         that is not hex digits, or an over-long line is a 400."""
-        too_long = _HTTPError(HTTPStatus.BAD_REQUEST, f"a chunk-size line is over {MAX_CHUNK_LINE} bytes")
+        too_long = (HTTPStatus.BAD_REQUEST, f"a chunk-size line is over {MAX_CHUNK_LINE} bytes")
         total = 0
         while True:
-            line = _read_line(self._rfile, MAX_CHUNK_LINE, too_long)
+            line = _read_line(self._handler.rfile, MAX_CHUNK_LINE, too_long)
             match = _CHUNK_LINE.fullmatch(line)
             if match is None:
                 raise _HTTPError(HTTPStatus.BAD_REQUEST, f"{_shown(line)} is not a chunk-size line")
@@ -1548,9 +1582,9 @@ class _RequestBody:
                     f"the value is over {limit} bytes, the most this server takes (--max-value)",
                 )
             yield from self._bytes(size)
-            if self._rfile.read(2) != b"\r\n":
+            if self._handler.rfile.read(2) != b"\r\n":
                 raise _HTTPError(HTTPStatus.BAD_REQUEST, "chunk data is not followed by CRLF: the size line is wrong")
-        _read_field_lines(self._rfile, self.trailers, "trailer fields")
+        _read_field_lines(self._handler.rfile, self.trailers, "trailer fields")
 
 
 # HTTP
@@ -1867,8 +1901,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = f"kvserver/{__version__}"
     disable_nagle_algorithm = True
-    timeout = IDLE_TIMEOUT
-    wbufsize = CHUNK  # headers and a small body leave in one send, at the flush after each request
+    timeout = None  # no socket timeout: the server's _Connections enforces every deadline
 
     # Per request: the body, and what the access log and the metrics say
     body: _RequestBody
@@ -1930,11 +1963,18 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         self.command, self.path, self.request_version = head.method, head.target, head.version
         self.headers = head.fields  # type: ignore[assignment]  # a mapping with HTTPMessage's reading methods
         self.body = _RequestBody(self, head)
-        options = {option.strip(" \t").lower() for option in (head.fields.get("Connection") or "").split(",")}
+        connection = head.fields.get("Connection")
+        options = {option.strip(" \t").lower() for option in connection.split(",")} if connection else set()
         if head.version == "HTTP/1.1":
             self.close_connection = "close" in options
         else:
             self.close_connection = "keep-alive" not in options
+
+    def setup(self) -> None:
+        super().setup()
+        # Buffered, so that the head and a small body leave in one send at the flush after each
+        # request; through a raw stream whose every send renews the connection's stall deadline.
+        self.wfile = io.BufferedWriter(_AnswerStream(self.connection, self.server.connections), CHUNK)
 
     def finish(self) -> None:
         with contextlib.suppress(OSError):  # flushing onto a connection the client (or a deadline) closed
@@ -2114,7 +2154,16 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         with body:
             if send:
                 self.wfile.flush()
-                self._sent = self.connection.sendfile(body)
+                self._sent = self._send_file(body)
+
+    def _send_file(self, file: BinaryIO) -> int:
+        """Send a file's bytes with sendfile(2), a piece at a time, each renewing the stall
+        deadline (a slow reader of a big value is not cut off while bytes keep moving)."""
+        sent = 0
+        while piece := self.connection.sendfile(file, sent, SENDFILE_PIECE):
+            sent += piece
+            self.server.connections.moved(self.connection)
+        return sent
 
     def _drain(self) -> None:
         """Read and drop what the client still sends, briefly, so closing does not reset the
@@ -2444,12 +2493,16 @@ def _shut_down(connections: Iterable[socket.socket]) -> None:
 
 
 class _Connections:
-    """The server's open connections and what each one is doing: waiting for a request (idle),
-    reading a request head (which must end by its deadline), or serving a request.
+    """The server's open connections, what each one is doing, and by when it must move on.
 
-    Every connection's thread reports its changes here; the housekeeping thread cuts off heads
-    past their deadline, and `stop` closes the idle connections at once while those serving a
-    request finish it. One lock guards it all, taken a few times per request.
+    A connection is idle (waiting for its next request, for at most IDLE_TIMEOUT), reading a
+    request head (complete within HEAD_TIMEOUT of its first byte), serving a request (no
+    STALL_TIMEOUT without a byte of its body or answer moving), or watching for a change (no
+    deadline: a long-poll or an event stream). Sockets have no timeout of their own, because a
+    timeout makes CPython poll() before every recv and send; instead the housekeeping thread
+    cuts off every connection past its deadline, so that a client that stops sending or
+    reading never holds a thread. `stop` closes the idle and watching connections at once;
+    those serving a request finish it. One lock guards it all, taken a few times per request.
     """
 
     def __init__(self, limit: int) -> None:
@@ -2457,8 +2510,10 @@ class _Connections:
         self.stopping = False
         self._lock = threading.Lock()
         self._count = 0
+        self._deadlines: dict[socket.socket, float] = {}  # every connection but the watching ones
         self._idle: set[socket.socket] = set()
-        self._head_deadlines: dict[socket.socket, float] = {}
+        self._reading_head: set[socket.socket] = set()
+        self._watching: set[socket.socket] = set()
 
     def __len__(self) -> int:
         return self._count
@@ -2475,15 +2530,16 @@ class _Connections:
         """An admitted connection is closed and its thread done."""
         with self._lock:
             self._count -= 1
-            self._idle.discard(connection)
-            self._head_deadlines.pop(connection, None)
+            self._forget(connection)
 
     def idle(self, connection: socket.socket) -> bool:
         """The connection waits for its next request; False once stopping (close it)."""
         with self._lock:
             if self.stopping:
                 return False
+            self._forget(connection)
             self._idle.add(connection)
+            self._deadlines[connection] = time.monotonic() + IDLE_TIMEOUT
             return True
 
     def reading_head(self, connection: socket.socket) -> bool:
@@ -2491,29 +2547,60 @@ class _Connections:
         False if stopping, which has closed the connection as idle."""
         with self._lock:
             self._idle.discard(connection)
-            self._head_deadlines[connection] = time.monotonic() + HEAD_TIMEOUT
+            self._reading_head.add(connection)
+            self._deadlines[connection] = time.monotonic() + HEAD_TIMEOUT
             return not self.stopping
 
     def head_read(self, connection: socket.socket) -> bool:
-        """The head was read; False if its deadline cut the connection off first, so that
-        what was read may be only part of it."""
+        """The head was read, and the request is served from now on; False if the head
+        deadline cut the connection off first, so that what was read may be only part of it."""
         with self._lock:
-            return self._head_deadlines.pop(connection, None) is not None
+            if connection not in self._reading_head:
+                return False
+            self._reading_head.discard(connection)
+            self._deadlines[connection] = time.monotonic() + STALL_TIMEOUT
+            return True
+
+    def moved(self, connection: socket.socket) -> None:
+        """Bytes of a body or an answer moved: the stall deadline starts again."""
+        with self._lock:
+            if connection in self._deadlines:
+                self._deadlines[connection] = time.monotonic() + STALL_TIMEOUT
+
+    def watching(self, connection: socket.socket) -> bool:
+        """The request waits for a change, with no deadline, until `serving` again (to answer);
+        False if stopping (answer at once)."""
+        with self._lock:
+            self._forget(connection)
+            self._watching.add(connection)
+            return not self.stopping
+
+    def serving(self, connection: socket.socket) -> None:
+        """The request goes on after `watching`: it is answered within STALL_TIMEOUT again."""
+        with self._lock:
+            self._watching.discard(connection)
+            self._deadlines[connection] = time.monotonic() + STALL_TIMEOUT
 
     def overdue(self) -> list[socket.socket]:
-        """The connections whose head is past its deadline, forgotten here (to cut off)."""
+        """The connections past their deadline, forgotten here (to cut off)."""
         now = time.monotonic()
         with self._lock:
-            overdue = [connection for connection, deadline in self._head_deadlines.items() if deadline < now]
+            overdue = [connection for connection, deadline in self._deadlines.items() if deadline < now]
             for connection in overdue:
-                del self._head_deadlines[connection]  # head_read will say it was cut off
+                self._forget(connection)  # so head_read says the head was cut off
         return overdue
 
     def stop(self) -> list[socket.socket]:
-        """Admit no more, and return the idle connections (to close)."""
+        """Admit no more requests, and return the idle and watching connections (to close)."""
         with self._lock:
             self.stopping = True
-            return list(self._idle)
+            return [*self._idle, *self._watching]
+
+    def _forget(self, connection: socket.socket) -> None:
+        self._deadlines.pop(connection, None)
+        self._idle.discard(connection)
+        self._reading_head.discard(connection)
+        self._watching.discard(connection)
 
 
 class KVServer(ThreadingHTTPServer):

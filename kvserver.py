@@ -935,18 +935,150 @@ class RedisStorage(Storage):
     """Values in Redis, so that several kvserver processes on several machines serve one store.
 
     Each key is a Redis hash named `<prefix><key>` with the fields value, type, etag and
-    expires; a TTL is also the hash's Redis expiry. Compare-and-set uses WATCH/MULTI, so it
-    is atomic across processes. Values travel whole, so they are limited to MAX_VALUE (Redis
-    strings stop at 512 MB). Needs the redis package: pip install 'kvserver[redis]'.
+    expires; a TTL is also the hash's Redis expiry. Beside the hashes, four structures make
+    listing and counting cost the same however many keys there are; their names are the prefix,
+    a 0xFF byte (which no UTF-8 key contains, so no key's hash can have these names) and:
+
+    - `keys`: a sorted set of every key, all scored 0, so that ZRANGEBYLEX reads it in byte
+      order, which for UTF-8 is code-point order: the ordered index;
+    - `expiries`: a sorted set of the keys that have a TTL, scored by their Redis expiry in ms;
+    - `sizes`: a hash of the sizes of those keys (their Redis hash may already be gone);
+    - `totals`: a hash of the fields keys and bytes (what the index holds) and indexed (set
+      once every value in Redis is in the index).
+
+    Every write and delete changes the key's hash, the index and the totals in one WATCH/MULTI
+    transaction (the bookkeeping is the Lua script _ACCOUNT inside it), so compare-and-set is
+    atomic across processes and the index never disagrees with the values. Redis expires a
+    hash by itself; its key stays in the index until a sweep (_SWEEP_AND_COUNT, and a few keys
+    on every write) takes it out, and until then listing skips it by its expiry and the totals
+    are read only after sweeping. The scripts read Redis's clock (TIME), the one its expiry
+    follows. A store written by an older kvserver, without the index, is indexed when it is
+    first opened. Needs one Redis (not Redis Cluster: a transaction spans a key and the index).
+
+    Values travel whole, so they are limited to MAX_VALUE (Redis strings stop at 512 MB).
+    Needs the redis package: pip install 'kvserver[redis]'.
     """
 
     kind = "redis"
     MAX_VALUE = 512 * 1024 * 1024 - 1
     _FIELDS = (b"value", b"type", b"etag", b"expires")
+    _STRUCTURES = (b"keys", b"expiries", b"sizes", b"totals")
+    _BATCH = 1000  # keys per listing, sweeping or indexing step: a step holds Redis for well under 10 ms
+    _SWEEP_ON_WRITE = 2  # expired keys each write sweeps, more than it can add: the index cannot fill with them
+
+    # Lua shared by the scripts. Every script gets the four structures as KEYS[1..4] and the
+    # prefix as ARGV[1]. A Lua script runs whole, with no other command in between.
+    _LUA = """
+local index, expiries, sizes, totals = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local prefix = ARGV[1]
+
+local function now_ms()
+  local time = redis.call('TIME')
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+end
+
+-- Take `key` out of the index and the totals, before its hash changes (its size may be read there).
+local function forget(key)
+  if redis.call('ZREM', index, key) == 1 then
+    local size = redis.call('HGET', sizes, key) or redis.call('HSTRLEN', prefix .. key, 'value')
+    redis.call('HINCRBY', totals, 'keys', -1)
+    redis.call('HINCRBY', totals, 'bytes', 0 - tonumber(size))  -- (-size: Lua writes -0, which HINCRBY refuses)
+    redis.call('ZREM', expiries, key)
+    redis.call('HDEL', sizes, key)
+  end
+end
+
+-- Put `key` in the index and the totals with a value of `size` bytes expiring at `expires_ms` (nil: never).
+local function remember(key, size, expires_ms)
+  redis.call('ZADD', index, 0, key)
+  redis.call('HINCRBY', totals, 'keys', 1)
+  redis.call('HINCRBY', totals, 'bytes', size)
+  if expires_ms then
+    redis.call('ZADD', expiries, expires_ms, key)
+    redis.call('HSET', sizes, key, size)
+  end
+end
+
+-- Forget at most `count` keys whose expiry has passed, and delete their hashes (Redis has, or is
+-- about to: it deletes a key once the time is past its expiry); return how many. A key written
+-- again since has a new expiry, or none, so it is not among them.
+local function sweep(count)
+  local due = redis.call('ZRANGEBYSCORE', expiries, '-inf', string.format('(%d', now_ms()), 'LIMIT', 0, count)
+  for _, key in ipairs(due) do
+    forget(key)
+    redis.call('DEL', prefix .. key)
+  end
+  return #due
+end
+"""
+
+    # In a write's or delete's transaction, before the hash changes. ARGV: prefix, key, the new
+    # size ('' to delete), the new expiry in ms ('' for none), how many expired keys to sweep.
+    _ACCOUNT = (
+        _LUA
+        + """
+sweep(tonumber(ARGV[5]))
+forget(ARGV[2])
+if ARGV[3] ~= '' then
+  remember(ARGV[2], tonumber(ARGV[3]), ARGV[4] ~= '' and ARGV[4] or nil)
+end
+"""
+    )
+
+    # Sweep at most ARGV[2] keys, then read the totals: {swept, keys, bytes}. The totals are
+    # exact when fewer than ARGV[2] were swept (nothing expired is left in them).
+    _SWEEP_AND_COUNT = (
+        _LUA
+        + """
+local swept = sweep(tonumber(ARGV[2]))
+local counts = redis.call('HMGET', totals, 'keys', 'bytes')
+return {swept, tonumber(counts[1]) or 0, tonumber(counts[2]) or 0}
+"""
+    )
+
+    # One step of a listing: at most ARGV[4] keys of the index from ARGV[2] to ARGV[3] (ZRANGEBYLEX
+    # bounds). Returns {how many the index gave, the last of them ('' if none), those not expired}.
+    _LIST = (
+        _LUA
+        + """
+local now = now_ms()
+local batch = redis.call('ZRANGEBYLEX', index, ARGV[2], ARGV[3], 'LIMIT', 0, ARGV[4])
+local live = {}
+for _, key in ipairs(batch) do
+  local expires = redis.call('ZSCORE', expiries, key)
+  if not expires or tonumber(expires) >= now then
+    live[#live + 1] = key
+  end
+end
+return {#batch, batch[#batch] or '', live}
+"""
+    )
+
+    # Index the keys ARGV[2..] whose hash holds a value (it has an etag) and that are not in the
+    # index yet: what an older kvserver wrote. Doing it twice, or beside writers, changes nothing.
+    _ADOPT = (
+        _LUA
+        + """
+local adopted = 0
+for i = 2, #ARGV do
+  local key = ARGV[i]
+  local hash = prefix .. key
+  if not redis.call('ZSCORE', index, key) and redis.call('HEXISTS', hash, 'etag') == 1 then
+    local expires = redis.call('HGET', hash, 'expires') or ''
+    remember(key, redis.call('HSTRLEN', hash, 'value'), expires ~= '' and math.floor(tonumber(expires) * 1000) or nil)
+    adopted = adopted + 1
+  end
+end
+return adopted
+"""
+    )
 
     def __init__(self, url: str = "redis://localhost:6379/0", *, prefix: str | None = None) -> None:
         """Connect to the Redis at `url`; keys are namespaced under `prefix`, or under the URL's
-        `?prefix=` parameter (the way to set it from the command line), or 'kvserver:'."""
+        `?prefix=` parameter (the way to set it from the command line), or 'kvserver:'.
+
+        A store an older kvserver wrote without the index is indexed now, once, with a notice on
+        stderr (it takes a SCAN of the Redis database)."""
         try:
             import redis
         except ImportError:
@@ -957,6 +1089,7 @@ class RedisStorage(Storage):
         client_query = urllib.parse.urlencode([field for field in fields if field[0] != "prefix"])
         self.url = url
         self.prefix = prefix if prefix is not None else (url_prefixes or ["kvserver:"])[-1]
+        self._structures = [self._name("") + b"\xff" + name for name in self._STRUCTURES]
         self._redis_errors = (redis.ConnectionError, redis.TimeoutError)
         self._watch_error = redis.WatchError
         self._client: Any = redis.Redis.from_url(  # loosely typed
@@ -964,6 +1097,8 @@ class RedisStorage(Storage):
         )
         with self._reachable():
             self._client.ping()
+            if not self._client.hexists(self._structures[3], "indexed"):
+                self._index_older_values()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r}, prefix={self.prefix!r})"
@@ -989,6 +1124,35 @@ class RedisStorage(Storage):
     def _name(self, key: str) -> bytes:
         return (self.prefix + key).encode("utf-8")
 
+    def _run(self, client: Any, script: str, *args: object) -> Any:
+        """Run one of the Lua scripts on `client` (the connection, or a transaction to queue it in)."""
+        return client.eval(script, len(self._structures), *self._structures, self._name(""), *args)
+
+    def _index_older_values(self) -> None:
+        """Index the values in Redis that are not in the index: a store an older kvserver wrote.
+
+        Safe beside other kvservers doing the same or writing (_ADOPT takes a key only if it is
+        not indexed yet); the last step marks the store indexed, so it runs once.
+        """
+        pattern = re.sub(rb"([*?\[\]\\])", rb"\\\1", self._name("")) + b"*"
+        start = len(self._name(""))
+        names = self._client.scan_iter(match=pattern, count=self._BATCH, _type="HASH")
+        adopted = 0
+        while batch := list(itertools.islice(names, self._BATCH)):
+            keys = []
+            for name in batch:
+                with contextlib.suppress(UnicodeDecodeError, ValueError):  # not a key: the structures, say
+                    keys.append(check_key(name[start:].decode("utf-8")))
+            if keys and (found := self._run(self._client, self._ADOPT, *keys)):
+                if not adopted:
+                    print(
+                        f"kvserver: indexing the keys an older kvserver wrote in Redis {self.location} "
+                        f"(prefix {self.prefix!r}), once",
+                        file=sys.stderr,
+                    )
+                adopted += found
+        self._client.hset(self._structures[3], "indexed", 1)
+
     @staticmethod
     def _stat_of(size: int, content_type: bytes, etag: bytes, expires: bytes) -> Stat:
         return Stat(size, content_type.decode(), etag.decode(), float(expires) if expires else None)
@@ -1010,22 +1174,30 @@ class RedisStorage(Storage):
         return self._stat_of(size, content_type, etag, expires)
 
     def _keys(self, prefix: str, after: str | None, limit: int | None) -> list[str]:
-        pattern = re.sub(rb"([*?\[\]\\])", rb"\\\1", self._name(prefix)) + b"*"
-        start = len(self.prefix.encode("utf-8"))
+        """Read the index from `prefix` (or just after `after`) in steps of at most _BATCH keys;
+        a step costs O(log n + its keys), so `after` jumps anywhere at once."""
+        first = prefix.encode("utf-8")
+        low = b"(" + after.encode("utf-8") if after is not None and after.encode("utf-8") >= first else b"[" + first
+        high = b"(" + first + b"\xff"  # past every UTF-8 string that starts with the prefix
+        keys: list[str] = []
+        wanted = self._BATCH if limit is None else min(self._BATCH, limit)
         with self._reachable():
-            keys = sorted(name[start:].decode("utf-8") for name in self._client.scan_iter(match=pattern, count=1000))
-        first = bisect.bisect_right(keys, after) if after is not None else 0
-        return keys[first : first + limit if limit is not None else None]
+            while True:
+                seen, last, live = self._run(self._client, self._LIST, low, high, wanted)
+                keys += (key.decode("utf-8") for key in live)
+                if seen < wanted or (limit is not None and len(keys) >= limit):
+                    return keys[:limit]
+                low = b"(" + last
+                wanted = self._BATCH  # (a page cut short by expired keys goes on in full steps)
 
     def totals(self) -> tuple[int, int]:
-        keys = self._keys("", None, None)
-        with self._reachable(), self._client.pipeline(transaction=False) as pipe:
-            for key in keys:
-                pipe.hstrlen(self._name(key), "value")
-                pipe.hexists(self._name(key), "etag")  # HSTRLEN is 0 for an empty value and for none
-            results = pipe.execute()
-        sizes = [size for size, exists in zip(results[::2], results[1::2], strict=True) if exists]
-        return len(sizes), sum(sizes)
+        """Read from the totals hash, after sweeping every key that has expired (in steps of
+        _BATCH keys, so that a step never holds Redis long)."""
+        with self._reachable():
+            while True:
+                swept, keys, size = self._run(self._client, self._SWEEP_AND_COUNT, self._BATCH)
+                if swept < self._BATCH:
+                    return keys, size
 
     def _write(
         self,
@@ -1045,23 +1217,20 @@ class RedisStorage(Storage):
             "etag": stat.etag,
             "expires": "" if expires_at is None else repr(expires_at),
         }
-        current = self._transaction(key, precondition, lambda pipe, name: self._replace(pipe, name, fields, expires_at))
-        return stat, current is None
-
-    @staticmethod
-    def _replace(pipe: Any, name: bytes, fields: dict[str, Any], expires_at: float | None) -> None:
-        pipe.delete(name)
-        pipe.hset(name, mapping=fields)
-        if expires_at is not None:
-            pipe.pexpireat(name, int(expires_at * 1000))
+        return stat, self._transaction(key, precondition, fields, expires_at) is None
 
     def _delete(self, key: str, precondition: _Precondition) -> bool:
-        return self._transaction(key, precondition, lambda pipe, name: pipe.delete(name)) is not None
+        return self._transaction(key, precondition, None, None) is not None
 
-    def _transaction(self, key: str, precondition: _Precondition, change: Callable[[Any, bytes], object]) -> str | None:
-        """Apply `change` to the key's hash if the precondition holds, atomically; return the
+    def _transaction(
+        self, key: str, precondition: _Precondition, fields: dict[str, Any] | None, expires_at: float | None
+    ) -> str | None:
+        """If the precondition holds, replace the key's hash with `fields` expiring at `expires_at`
+        (None: delete it) and keep the index and totals in step, in one transaction; return the
         ETag the key had (None: it had no value)."""
         name = self._name(key)
+        expires_ms = "" if expires_at is None else int(expires_at * 1000)
+        size = "" if fields is None else len(fields["value"])
         with self._reachable(), self._client.pipeline() as pipe:
             while True:
                 try:
@@ -1070,7 +1239,12 @@ class RedisStorage(Storage):
                     current = etag.decode() if etag is not None else None
                     precondition.check(key, current)
                     pipe.multi()
-                    change(pipe, name)
+                    self._run(pipe, self._ACCOUNT, key, size, expires_ms, self._SWEEP_ON_WRITE)
+                    pipe.delete(name)
+                    if fields is not None:
+                        pipe.hset(name, mapping=fields)
+                        if expires_at is not None:
+                            pipe.pexpireat(name, expires_ms)
                     pipe.execute()
                     return current
                 except self._watch_error:

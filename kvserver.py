@@ -44,6 +44,7 @@ import io
 import ipaddress
 import itertools
 import json
+import math
 import os
 import re
 import secrets
@@ -90,11 +91,12 @@ __all__ = [
 MAX_KEY_BYTES = 1024
 SMALL_VALUE = 64 * 1024  # held in memory by FileStorage, inlined in the / dump
 CHUNK = 64 * 1024  # unit of every streamed read and write
+SENDFILE_PIECE = 16 * CHUNK  # a value served from its file goes out in pieces of this size
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 TEXT_CONTENT_TYPE = "text/plain; charset=utf-8"
 IDLE_TIMEOUT = 15.0  # seconds a keep-alive connection may wait for its next request
 HEAD_TIMEOUT = 10.0  # seconds from a request's first byte to the end of its headers
-BODY_TIMEOUT = 30.0  # seconds a request body may go without a byte
+STALL_TIMEOUT = 30.0  # seconds a request body, or an answer, may go without a byte moving
 
 
 class PreconditionFailed(Exception):
@@ -1266,18 +1268,150 @@ class RedisStorage(Storage):
     """Values in Redis, so that several kvserver processes on several machines serve one store.
 
     Each key is a Redis hash named `<prefix><key>` with the fields value, type, etag and
-    expires; a TTL is also the hash's Redis expiry. Compare-and-set uses WATCH/MULTI, so it
-    is atomic across processes. Values travel whole, so they are limited to MAX_VALUE (Redis
-    strings stop at 512 MB). Needs the redis package: pip install 'kvserver[redis]'.
+    expires; a TTL is also the hash's Redis expiry. Beside the hashes, four structures make
+    listing and counting cost the same however many keys there are; their names are the prefix,
+    a 0xFF byte (which no UTF-8 key contains, so no key's hash can have these names) and:
+
+    - `keys`: a sorted set of every key, all scored 0, so that ZRANGEBYLEX reads it in byte
+      order, which for UTF-8 is code-point order: the ordered index;
+    - `expiries`: a sorted set of the keys that have a TTL, scored by their Redis expiry in ms;
+    - `sizes`: a hash of the sizes of those keys (their Redis hash may already be gone);
+    - `totals`: a hash of the fields keys and bytes (what the index holds) and indexed (set
+      once every value in Redis is in the index).
+
+    Every write and delete changes the key's hash, the index and the totals in one WATCH/MULTI
+    transaction (the bookkeeping is the Lua script _ACCOUNT inside it), so compare-and-set is
+    atomic across processes and the index never disagrees with the values. Redis expires a
+    hash by itself; its key stays in the index until a sweep (_SWEEP_AND_COUNT, and a few keys
+    on every write) takes it out, and until then listing skips it by its expiry and the totals
+    are read only after sweeping. The scripts read Redis's clock (TIME), the one its expiry
+    follows. A store written by an older kvserver, without the index, is indexed when it is
+    first opened. Needs one Redis (not Redis Cluster: a transaction spans a key and the index).
+
+    Values travel whole, so they are limited to MAX_VALUE (Redis strings stop at 512 MB).
+    Needs the redis package: pip install 'kvserver[redis]'.
     """
 
     kind = "redis"
     MAX_VALUE = 512 * 1024 * 1024 - 1
     _FIELDS = (b"value", b"type", b"etag", b"expires")
+    _STRUCTURES = (b"keys", b"expiries", b"sizes", b"totals")
+    _BATCH = 1000  # keys per listing, sweeping or indexing step: a step holds Redis for well under 10 ms
+    _SWEEP_ON_WRITE = 2  # expired keys each write sweeps, more than it can add: the index cannot fill with them
+
+    # Lua shared by the scripts. Every script gets the four structures as KEYS[1..4] and the
+    # prefix as ARGV[1]. A Lua script runs whole, with no other command in between.
+    _LUA = """
+local index, expiries, sizes, totals = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local prefix = ARGV[1]
+
+local function now_ms()
+  local time = redis.call('TIME')
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+end
+
+-- Take `key` out of the index and the totals, before its hash changes (its size may be read there).
+local function forget(key)
+  if redis.call('ZREM', index, key) == 1 then
+    local size = redis.call('HGET', sizes, key) or redis.call('HSTRLEN', prefix .. key, 'value')
+    redis.call('HINCRBY', totals, 'keys', -1)
+    redis.call('HINCRBY', totals, 'bytes', 0 - tonumber(size))  -- (-size: Lua writes -0, which HINCRBY refuses)
+    redis.call('ZREM', expiries, key)
+    redis.call('HDEL', sizes, key)
+  end
+end
+
+-- Put `key` in the index and the totals with a value of `size` bytes expiring at `expires_ms` (nil: never).
+local function remember(key, size, expires_ms)
+  redis.call('ZADD', index, 0, key)
+  redis.call('HINCRBY', totals, 'keys', 1)
+  redis.call('HINCRBY', totals, 'bytes', size)
+  if expires_ms then
+    redis.call('ZADD', expiries, expires_ms, key)
+    redis.call('HSET', sizes, key, size)
+  end
+end
+
+-- Forget at most `count` keys whose expiry has passed, and delete their hashes (Redis has, or is
+-- about to: it deletes a key once the time is past its expiry); return how many. A key written
+-- again since has a new expiry, or none, so it is not among them.
+local function sweep(count)
+  local due = redis.call('ZRANGEBYSCORE', expiries, '-inf', string.format('(%d', now_ms()), 'LIMIT', 0, count)
+  for _, key in ipairs(due) do
+    forget(key)
+    redis.call('DEL', prefix .. key)
+  end
+  return #due
+end
+"""
+
+    # In a write's or delete's transaction, before the hash changes. ARGV: prefix, key, the new
+    # size ('' to delete), the new expiry in ms ('' for none), how many expired keys to sweep.
+    _ACCOUNT = (
+        _LUA
+        + """
+sweep(tonumber(ARGV[5]))
+forget(ARGV[2])
+if ARGV[3] ~= '' then
+  remember(ARGV[2], tonumber(ARGV[3]), ARGV[4] ~= '' and ARGV[4] or nil)
+end
+"""
+    )
+
+    # Sweep at most ARGV[2] keys, then read the totals: {swept, keys, bytes}. The totals are
+    # exact when fewer than ARGV[2] were swept (nothing expired is left in them).
+    _SWEEP_AND_COUNT = (
+        _LUA
+        + """
+local swept = sweep(tonumber(ARGV[2]))
+local counts = redis.call('HMGET', totals, 'keys', 'bytes')
+return {swept, tonumber(counts[1]) or 0, tonumber(counts[2]) or 0}
+"""
+    )
+
+    # One step of a listing: at most ARGV[4] keys of the index from ARGV[2] to ARGV[3] (ZRANGEBYLEX
+    # bounds). Returns {how many the index gave, the last of them ('' if none), those not expired}.
+    _LIST = (
+        _LUA
+        + """
+local now = now_ms()
+local batch = redis.call('ZRANGEBYLEX', index, ARGV[2], ARGV[3], 'LIMIT', 0, ARGV[4])
+local live = {}
+for _, key in ipairs(batch) do
+  local expires = redis.call('ZSCORE', expiries, key)
+  if not expires or tonumber(expires) >= now then
+    live[#live + 1] = key
+  end
+end
+return {#batch, batch[#batch] or '', live}
+"""
+    )
+
+    # Index the keys ARGV[2..] whose hash holds a value (it has an etag) and that are not in the
+    # index yet: what an older kvserver wrote. Doing it twice, or beside writers, changes nothing.
+    _ADOPT = (
+        _LUA
+        + """
+local adopted = 0
+for i = 2, #ARGV do
+  local key = ARGV[i]
+  local hash = prefix .. key
+  if not redis.call('ZSCORE', index, key) and redis.call('HEXISTS', hash, 'etag') == 1 then
+    local expires = redis.call('HGET', hash, 'expires') or ''
+    remember(key, redis.call('HSTRLEN', hash, 'value'), expires ~= '' and math.floor(tonumber(expires) * 1000) or nil)
+    adopted = adopted + 1
+  end
+end
+return adopted
+"""
+    )
 
     def __init__(self, url: str = "redis://localhost:6379/0", *, prefix: str | None = None) -> None:
         """Connect to the Redis at `url`; keys are namespaced under `prefix`, or under the URL's
-        `?prefix=` parameter (the way to set it from the command line), or 'kvserver:'."""
+        `?prefix=` parameter (the way to set it from the command line), or 'kvserver:'.
+
+        A store an older kvserver wrote without the index is indexed now, once, with a notice on
+        stderr (it takes a SCAN of the Redis database)."""
         try:
             import redis
         except ImportError:
@@ -1289,6 +1423,7 @@ class RedisStorage(Storage):
         client_query = urllib.parse.urlencode([field for field in fields if field[0] != "prefix"])
         self.url = url
         self.prefix = prefix if prefix is not None else (url_prefixes or ["kvserver:"])[-1]
+        self._structures = [self._name("") + b"\xff" + name for name in self._STRUCTURES]
         self._redis_errors = (redis.ConnectionError, redis.TimeoutError)
         self._watch_error = redis.WatchError
         self._client: Any = redis.Redis.from_url(  # loosely typed
@@ -1296,6 +1431,8 @@ class RedisStorage(Storage):
         )
         with self._reachable():
             self._client.ping()
+            if not self._client.hexists(self._structures[3], "indexed"):
+                self._index_older_values()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r}, prefix={self.prefix!r})"
@@ -1321,6 +1458,35 @@ class RedisStorage(Storage):
     def _name(self, key: str) -> bytes:
         return (self.prefix + key).encode("utf-8")
 
+    def _run(self, client: Any, script: str, *args: object) -> Any:
+        """Run one of the Lua scripts on `client` (the connection, or a transaction to queue it in)."""
+        return client.eval(script, len(self._structures), *self._structures, self._name(""), *args)
+
+    def _index_older_values(self) -> None:
+        """Index the values in Redis that are not in the index: a store an older kvserver wrote.
+
+        Safe beside other kvservers doing the same or writing (_ADOPT takes a key only if it is
+        not indexed yet); the last step marks the store indexed, so it runs once.
+        """
+        pattern = re.sub(rb"([*?\[\]\\])", rb"\\\1", self._name("")) + b"*"
+        start = len(self._name(""))
+        names = self._client.scan_iter(match=pattern, count=self._BATCH, _type="HASH")
+        adopted = 0
+        while batch := list(itertools.islice(names, self._BATCH)):
+            keys = []
+            for name in batch:
+                with contextlib.suppress(UnicodeDecodeError, ValueError):  # not a key: the structures, say
+                    keys.append(check_key(name[start:].decode("utf-8")))
+            if keys and (found := self._run(self._client, self._ADOPT, *keys)):
+                if not adopted:
+                    print(
+                        f"kvserver: indexing the keys an older kvserver wrote in Redis {self.location} "
+                        f"(prefix {self.prefix!r}), once",
+                        file=sys.stderr,
+                    )
+                adopted += found
+        self._client.hset(self._structures[3], "indexed", 1)
+
     @staticmethod
     def _stat_of(size: int, content_type: bytes, etag: bytes, expires: bytes) -> Stat:
         return Stat(size, content_type.decode(), etag.decode(), float(expires) if expires else None)
@@ -1342,22 +1508,30 @@ class RedisStorage(Storage):
         return self._stat_of(size, content_type, etag, expires)
 
     def _keys(self, prefix: str, after: str | None, limit: int | None) -> list[str]:
-        pattern = re.sub(rb"([*?\[\]\\])", rb"\\\1", self._name(prefix)) + b"*"
-        start = len(self.prefix.encode("utf-8"))
+        """Read the index from `prefix` (or just after `after`) in steps of at most _BATCH keys;
+        a step costs O(log n + its keys), so `after` jumps anywhere at once."""
+        first = prefix.encode("utf-8")
+        low = b"(" + after.encode("utf-8") if after is not None and after.encode("utf-8") >= first else b"[" + first
+        high = b"(" + first + b"\xff"  # past every UTF-8 string that starts with the prefix
+        keys: list[str] = []
+        wanted = self._BATCH if limit is None else min(self._BATCH, limit)
         with self._reachable():
-            keys = sorted(name[start:].decode("utf-8") for name in self._client.scan_iter(match=pattern, count=1000))
-        first = bisect.bisect_right(keys, after) if after is not None else 0
-        return keys[first : first + limit if limit is not None else None]
+            while True:
+                seen, last, live = self._run(self._client, self._LIST, low, high, wanted)
+                keys += (key.decode("utf-8") for key in live)
+                if seen < wanted or (limit is not None and len(keys) >= limit):
+                    return keys[:limit]
+                low = b"(" + last
+                wanted = self._BATCH  # (a page cut short by expired keys goes on in full steps)
 
     def totals(self) -> tuple[int, int]:
-        keys = self._keys("", None, None)
-        with self._reachable(), self._client.pipeline(transaction=False) as pipe:
-            for key in keys:
-                pipe.hstrlen(self._name(key), "value")
-                pipe.hexists(self._name(key), "etag")  # HSTRLEN is 0 for an empty value and for none
-            results = pipe.execute()
-        sizes = [size for size, exists in zip(results[::2], results[1::2], strict=True) if exists]
-        return len(sizes), sum(sizes)
+        """Read from the totals hash, after sweeping every key that has expired (in steps of
+        _BATCH keys, so that a step never holds Redis long)."""
+        with self._reachable():
+            while True:
+                swept, keys, size = self._run(self._client, self._SWEEP_AND_COUNT, self._BATCH)
+                if swept < self._BATCH:
+                    return keys, size
 
     def _write(
         self,
@@ -1377,23 +1551,20 @@ class RedisStorage(Storage):
             "etag": stat.etag,
             "expires": "" if expires_at is None else repr(expires_at),
         }
-        current = self._transaction(key, precondition, lambda pipe, name: self._replace(pipe, name, fields, expires_at))
-        return stat, current is None
-
-    @staticmethod
-    def _replace(pipe: Any, name: bytes, fields: dict[str, Any], expires_at: float | None) -> None:
-        pipe.delete(name)
-        pipe.hset(name, mapping=fields)
-        if expires_at is not None:
-            pipe.pexpireat(name, int(expires_at * 1000))
+        return stat, self._transaction(key, precondition, fields, expires_at) is None
 
     def _delete(self, key: str, precondition: _Precondition) -> bool:
-        return self._transaction(key, precondition, lambda pipe, name: pipe.delete(name)) is not None
+        return self._transaction(key, precondition, None, None) is not None
 
-    def _transaction(self, key: str, precondition: _Precondition, change: Callable[[Any, bytes], object]) -> str | None:
-        """Apply `change` to the key's hash if the precondition holds, atomically; return the
+    def _transaction(
+        self, key: str, precondition: _Precondition, fields: dict[str, Any] | None, expires_at: float | None
+    ) -> str | None:
+        """If the precondition holds, replace the key's hash with `fields` expiring at `expires_at`
+        (None: delete it) and keep the index and totals in step, in one transaction; return the
         ETag the key had (None: it had no value)."""
         name = self._name(key)
+        expires_ms = "" if expires_at is None else int(expires_at * 1000)
+        size = "" if fields is None else len(fields["value"])
         with self._reachable(), self._client.pipeline() as pipe:
             while True:
                 try:
@@ -1402,7 +1573,12 @@ class RedisStorage(Storage):
                     current = etag.decode() if etag is not None else None
                     precondition.check(key, current)
                     pipe.multi()
-                    change(pipe, name)
+                    self._run(pipe, self._ACCOUNT, key, size, expires_ms, self._SWEEP_ON_WRITE)
+                    pipe.delete(name)
+                    if fields is not None:
+                        pipe.hset(name, mapping=fields)
+                        if expires_at is not None:
+                            pipe.pexpireat(name, expires_ms)
                     pipe.execute()
                     return current
                 except self._watch_error:
@@ -1448,12 +1624,16 @@ MAX_REQUEST_LINE = 64 * 1024
 MAX_HEADER_BYTES = 64 * 1024  # the field lines of a head or a trailer section, CRLFs included
 MAX_FIELDS = 100
 MAX_CHUNK_LINE = 4096  # a chunk-size line with its extensions
-_FIELD_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")  # field-content: no control character but tab
 _REQUEST_TARGET = re.compile(rb"[\x21-\x7e]+")  # RFC 3986 characters, percent-encoded beyond ASCII
-_HTTP_VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])")
 _TOKEN_PATTERN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 _QUOTED_STRING = rb'"(?:[\t\x20\x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t\x20-\x7e\x80-\xff])*"'
 _TOKEN = re.compile(_TOKEN_PATTERN)  # RFC 9110 section 5.6.2
+# field-name ":" OWS field-value OWS CRLF, the value visible characters with single spaces or tabs
+# inside: no control character (NUL, CR, LF, ...) and no obs-fold (RFC 9112 section 5).
+_FIELD_LINE = re.compile(
+    rb"(%b):[ \t]*((?:[\x21-\x7e\x80-\xff]+(?:[ \t]+[\x21-\x7e\x80-\xff]+)*)?)[ \t]*\r\n" % _TOKEN_PATTERN
+)
+_REQUEST_LINE = re.compile(rb"(%b) ([\x21-\x7e]+) HTTP/([0-9])\.([0-9])" % _TOKEN_PATTERN)  # section 3
 _CHUNK_LINE = re.compile(  # chunk-size [ chunk-ext ] (RFC 9112 section 7.1.1)
     rb"([0-9A-Fa-f]{1,15})(?:[ \t]*;[ \t]*%b(?:[ \t]*=[ \t]*(?:%b|%b))?)*"
     % (_TOKEN_PATTERN, _TOKEN_PATTERN, _QUOTED_STRING)
@@ -1492,48 +1672,59 @@ class _Fields:
         return [(name, value) for name, values in self._values.items() for value in values]
 
 
-def _read_line(rfile: io.BufferedIOBase, limit: int, too_long: _HTTPError) -> bytes:
-    """One CRLF-terminated line without its CRLF: `too_long` past `limit` bytes, a 400 for a
-    bare LF (RFC 9112 section 2.2: we take no other line ending), _IncompleteMessage at EOF."""
+def _read_line(rfile: io.BufferedIOBase, limit: int, too_long: tuple[HTTPStatus, str]) -> bytes:
+    """One CRLF-terminated line without its CRLF: the error `too_long` past `limit` bytes, a 400
+    for a bare LF (RFC 9112 section 2.2: we take no other line ending), _IncompleteMessage at EOF."""
     line = rfile.readline(limit + 1)
     if line.endswith(b"\r\n"):
         return line[:-2]
+    raise _line_error(line, limit, too_long)
+
+
+def _line_error(line: bytes, limit: int, too_long: tuple[HTTPStatus, str]) -> Exception:
+    """What is wrong with a line read with readline(limit + 1) that does not end with CRLF."""
     if len(line) > limit:
-        raise too_long
+        return _HTTPError(*too_long)
     if line.endswith(b"\n"):
-        raise _HTTPError(HTTPStatus.BAD_REQUEST, "end every line of the message with CRLF, not a bare LF")
-    raise _IncompleteMessage
+        return _HTTPError(HTTPStatus.BAD_REQUEST, "end every line of the message with CRLF, not a bare LF")
+    return _IncompleteMessage()
 
 
 def _read_field_lines(rfile: io.BufferedIOBase, fields: _Fields, what: str) -> None:
     """Read field lines up to the empty line that ends them (a head's, or a chunked body's
     trailer section) into `fields`; 400 for anything RFC 9112 section 5 does not allow, 431
     past MAX_FIELDS or MAX_HEADER_BYTES."""
-    too_large = _HTTPError(
-        HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, f"send at most {MAX_FIELDS} {what} and 64 KiB of them"
-    )
     budget = MAX_HEADER_BYTES
     for _ in range(MAX_FIELDS + 1):
-        line = _read_line(rfile, budget, too_large)
-        if not line:
+        line = rfile.readline(budget + 1)
+        if line == b"\r\n":
             return
-        budget -= len(line) + 2
-        if line[0] in b" \t":
-            raise _HTTPError(
-                HTTPStatus.BAD_REQUEST, "a field line starts with whitespace (obs-fold); send it on one line"
-            )
-        name, colon, value = line.partition(b":")
-        if not colon:
-            raise _HTTPError(HTTPStatus.BAD_REQUEST, f"a field line has no colon: {_shown(line)}")
-        if not _TOKEN.fullmatch(name):
-            raise _HTTPError(
-                HTTPStatus.BAD_REQUEST, f"field name {_shown(name)} is not a token (no whitespace before the colon)"
-            )
-        value = value.strip(b" \t")
-        if not _FIELD_VALUE.fullmatch(value):
-            raise _HTTPError(HTTPStatus.BAD_REQUEST, f"field {_shown(name)} holds a control character")
-        fields.add(name.decode("ascii"), value.decode("latin-1"))
-    raise too_large
+        match = _FIELD_LINE.fullmatch(line)
+        if match is None:
+            raise _field_line_error(line, budget, what)
+        budget -= len(line)
+        fields.add(match[1].decode("ascii"), match[2].decode("latin-1"))
+    raise _HTTPError(*_too_many_fields(what))
+
+
+def _too_many_fields(what: str) -> tuple[HTTPStatus, str]:
+    return HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, f"send at most {MAX_FIELDS} {what} and 64 KiB of them"
+
+
+def _field_line_error(line: bytes, limit: int, what: str) -> Exception:
+    """What is wrong with a field line that _FIELD_LINE does not match (read with readline(limit + 1))."""
+    if not line.endswith(b"\r\n"):
+        return _line_error(line, limit, _too_many_fields(what))
+    if line[0] in b" \t":
+        return _HTTPError(HTTPStatus.BAD_REQUEST, "a field line starts with whitespace (obs-fold); send it on one line")
+    name, colon, _ = line.partition(b":")
+    if not colon:
+        return _HTTPError(HTTPStatus.BAD_REQUEST, f"a field line has no colon: {_shown(line[:-2])}")
+    if not _TOKEN.fullmatch(name):
+        return _HTTPError(
+            HTTPStatus.BAD_REQUEST, f"field name {_shown(name)} is not a token (no whitespace before the colon)"
+        )
+    return _HTTPError(HTTPStatus.BAD_REQUEST, f"field {_shown(name)} holds a control character")
 
 
 def _shown(data: bytes) -> str:
@@ -1553,17 +1744,20 @@ class _RequestHead(NamedTuple):
     chunked: bool
 
 
+_REQUEST_LINE_TOO_LONG = (
+    HTTPStatus.REQUEST_URI_TOO_LONG,
+    "the request line is over 64 KiB; send big values with PUT /kv/<key>",
+)
+
+
 def _read_request_line(rfile: io.BufferedIOBase) -> bytes:
     """The request line without its CRLF, empty lines before it skipped (RFC 9112 section 2.2);
     414 past 64 KiB."""
-    too_long = _HTTPError(
-        HTTPStatus.REQUEST_URI_TOO_LONG, "the request line is over 64 KiB; send big values with PUT /kv/<key>"
-    )
-    line = _read_line(rfile, MAX_REQUEST_LINE, too_long)
+    line = _read_line(rfile, MAX_REQUEST_LINE, _REQUEST_LINE_TOO_LONG)
     budget = MAX_REQUEST_LINE
     while not line and budget > 0:
         budget -= 2
-        line = _read_line(rfile, MAX_REQUEST_LINE, too_long)
+        line = _read_line(rfile, MAX_REQUEST_LINE, _REQUEST_LINE_TOO_LONG)
     return line
 
 
@@ -1572,25 +1766,13 @@ def _read_head(line: bytes, rfile: io.BufferedIOBase) -> _RequestHead:
     every rule that decides where the message ends is checked before anything of it is
     carried out. A 400 (or 414, 431, 501, 505) for a head to refuse; _IncompleteMessage if
     the client ends it before its empty line."""
-    parts = line.split(b" ")
-    if len(parts) != 3:
-        raise _HTTPError(
-            HTTPStatus.BAD_REQUEST,
-            f"a request line is <method> <target> HTTP/1.1, each separated by one space, not {_shown(line)}",
-        )
-    method, target, version = parts
-    if not _TOKEN.fullmatch(method):
-        raise _HTTPError(HTTPStatus.BAD_REQUEST, f"method {_shown(method)} is not a token")
-    if not _REQUEST_TARGET.fullmatch(target):
-        raise _HTTPError(
-            HTTPStatus.BAD_REQUEST, f"the request target {_shown(target)} holds bytes to percent-encode first"
-        )
-    version_match = _HTTP_VERSION.fullmatch(version)
-    if version_match is None:
-        raise _HTTPError(HTTPStatus.BAD_REQUEST, f"{_shown(version)} is not an HTTP version; send HTTP/1.1")
-    if version_match.group(1) != b"1":
+    request_line = _REQUEST_LINE.fullmatch(line)
+    if request_line is None:
+        raise _request_line_error(line)
+    method, target, major, minor = request_line.groups()
+    if major != b"1":
         raise _HTTPError(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED, "this server speaks HTTP/1.1 and HTTP/1.0")
-    http_version = "HTTP/1.0" if version_match.group(2) == b"0" else "HTTP/1.1"
+    http_version = "HTTP/1.0" if minor == b"0" else "HTTP/1.1"
     fields = _Fields()
     _read_field_lines(rfile, fields, "header fields")
     hosts = fields.get_all("Host")
@@ -1599,6 +1781,24 @@ def _read_head(line: bytes, rfile: io.BufferedIOBase) -> _RequestHead:
     return _RequestHead(
         method.decode("ascii"), target.decode("latin-1"), http_version, fields, *_body_framing(fields, http_version)
     )
+
+
+def _request_line_error(line: bytes) -> _HTTPError:
+    """What is wrong with a request line that _REQUEST_LINE does not match."""
+    parts = line.split(b" ")
+    if len(parts) != 3:
+        return _HTTPError(
+            HTTPStatus.BAD_REQUEST,
+            f"a request line is <method> <target> HTTP/1.1, each separated by one space, not {_shown(line)}",
+        )
+    method, target, version = parts
+    if not _TOKEN.fullmatch(method):
+        return _HTTPError(HTTPStatus.BAD_REQUEST, f"method {_shown(method)} is not a token")
+    if not _REQUEST_TARGET.fullmatch(target):
+        return _HTTPError(
+            HTTPStatus.BAD_REQUEST, f"the request target {_shown(target)} holds bytes to percent-encode first"
+        )
+    return _HTTPError(HTTPStatus.BAD_REQUEST, f"{_shown(version)} is not an HTTP version; send HTTP/1.1")
 
 
 def _body_framing(fields: _Fields, version: str) -> tuple[int | None, bool]:
@@ -1632,69 +1832,77 @@ def _body_framing(fields: _Fields, version: str) -> tuple[int | None, bool]:
     return int(lengths[0]), False
 
 
+class _AnswerStream(socket.SocketIO):
+    """The raw stream under a handler's wfile: every send renews the connection's stall deadline."""
+
+    def __init__(self, connection: socket.socket, connections: _Connections) -> None:
+        super().__init__(connection, "wb")
+        self._connection = connection
+        self._connections = connections
+
+    def write(self, data: Any) -> int | None:
+        sent = super().write(data)
+        self._connections.moved(self._connection)
+        return sent
+
+
 class _RequestBody:
     """The body of one request as its head frames it: Content-Length bytes, chunked, or none.
 
     A route that takes a body calls `read(limit)`; until the body has been read to its end
     (`unread` is False), the connection cannot carry another request and is closed after the
-    answer. Every byte must come within BODY_TIMEOUT of the one before.
+    answer. Each byte must come within STALL_TIMEOUT of the one before.
     """
 
     def __init__(self, handler: KVRequestHandler, head: _RequestHead) -> None:
-        self._rfile = handler.rfile
-        self._wfile = handler.wfile
-        self._connection = handler.connection
-        self._idle_timeout = handler.timeout
-        self._length = head.content_length
-        self._chunked = head.chunked
-        self._continue = head.version == "HTTP/1.1" and (head.fields.get("Expect") or "").lower() == "100-continue"
+        self._handler = handler
+        self._head = head
         self.unread = head.chunked or bool(head.content_length)
-        self.trailers = _Fields()
 
     def read(self, limit: int) -> Iterator[bytes]:
         """The body as chunks of bytes. 411 and 413 are raised here, before anything is read,
         and only then is 100 Continue sent to a client that asked for it (RFC 9110 section
         10.1.1): a client that waits for it sends no byte of a value we refuse."""
-        if not self._chunked and self._length is None:
+        head = self._head
+        if not head.chunked and head.content_length is None:
             raise _HTTPError(HTTPStatus.LENGTH_REQUIRED, "send a Content-Length field, or the body chunked")
-        if self._length is not None and self._length > limit:
+        if head.content_length is not None and head.content_length > limit:
             raise _HTTPError(
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                f"the value is {self._length} bytes; this server takes at most {limit} (--max-value)",
+                f"the value is {head.content_length} bytes; this server takes at most {limit} (--max-value)",
             )
-        if self._continue:
-            self._wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            self._wfile.flush()
+        if head.version == "HTTP/1.1" and (head.fields.get("Expect") or "").lower() == "100-continue":
+            self._handler.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self._handler.wfile.flush()
         return self._chunks(limit)
 
     def read_all(self, limit: int) -> bytes:
         return b"".join(self.read(limit))
 
     def _chunks(self, limit: int) -> Iterator[bytes]:
-        self._connection.settimeout(BODY_TIMEOUT)
-        if self._chunked:
+        if self._head.chunked:
             yield from self._chunked_content(limit)
         else:
-            yield from self._bytes(self._length or 0)
+            yield from self._bytes(self._head.content_length or 0)
         self.unread = False
-        self._connection.settimeout(self._idle_timeout)
 
     def _bytes(self, length: int) -> Iterator[bytes]:
         while length:
-            chunk = self._rfile.read(min(length, CHUNK))
+            chunk = self._handler.rfile.read1(min(length, CHUNK))  # what one recv gives: each renews the deadline
             if not chunk:
                 raise _IncompleteMessage
+            self._handler.server.connections.moved(self._handler.connection)
             length -= len(chunk)
             yield chunk
 
     def _chunked_content(self, limit: int) -> Iterator[bytes]:
-        """The data of a chunked body (RFC 9112 section 7.1); its extensions are ignored and its
-        trailer fields kept in `trailers`. A chunk line or chunk data not ended by CRLF, a size
-        that is not hex digits, or an over-long line is a 400."""
-        too_long = _HTTPError(HTTPStatus.BAD_REQUEST, f"a chunk-size line is over {MAX_CHUNK_LINE} bytes")
+        """The data of a chunked body (RFC 9112 section 7.1); its extensions and trailer fields
+        are checked and ignored. A chunk line or chunk data not ended by CRLF, a size that is
+        not hex digits, or an over-long line is a 400."""
+        too_long = (HTTPStatus.BAD_REQUEST, f"a chunk-size line is over {MAX_CHUNK_LINE} bytes")
         total = 0
         while True:
-            line = _read_line(self._rfile, MAX_CHUNK_LINE, too_long)
+            line = _read_line(self._handler.rfile, MAX_CHUNK_LINE, too_long)
             match = _CHUNK_LINE.fullmatch(line)
             if match is None:
                 raise _HTTPError(HTTPStatus.BAD_REQUEST, f"{_shown(line)} is not a chunk-size line")
@@ -1708,9 +1916,9 @@ class _RequestBody:
                     f"the value is over {limit} bytes, the most this server takes (--max-value)",
                 )
             yield from self._bytes(size)
-            if self._rfile.read(2) != b"\r\n":
+            if self._handler.rfile.read(2) != b"\r\n":
                 raise _HTTPError(HTTPStatus.BAD_REQUEST, "chunk data is not followed by CRLF: the size line is wrong")
-        _read_field_lines(self._rfile, self.trailers, "trailer fields")
+        _read_field_lines(self._handler.rfile, _Fields(), "trailer fields")
 
 
 # HTTP
@@ -1725,17 +1933,20 @@ def _problem(status: HTTPStatus, detail: str) -> bytes:
 
 def _answer_to(error: Exception) -> tuple[HTTPStatus, str, dict[str, str]]:
     """The status, detail and headers that answer an exception from a route or the storage,
-    over HTTP and (as a Fault) over XML-RPC. Call it in the except block: an unexpected
-    exception is logged there with its traceback, and answered 500."""
+    over HTTP and (as a Fault whose code is the status) over XML-RPC: the one place that
+    decides. A 500 is a fault of the server: the caller logs its traceback."""
     if isinstance(error, _HTTPError):
         return error.status, error.detail, error.headers
     if isinstance(error, PreconditionFailed):
         return HTTPStatus.PRECONDITION_FAILED, str(error), {}
+    if isinstance(error, KeyError):
+        return HTTPStatus.NOT_FOUND, f"no key {error.args[0]!r}", {}
+    if isinstance(error, ValueError):  # the storage refused an argument: a bad key, TTL, size or media type
+        return HTTPStatus.BAD_REQUEST, str(error), {}
     if isinstance(error, StorageUnavailable):
         return HTTPStatus.SERVICE_UNAVAILABLE, f"{error}; try again later", {}
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
         return HTTPStatus.INSUFFICIENT_STORAGE, "the disk is full; nothing was stored; free space", {}
-    traceback.print_exc(file=sys.stderr)
     return HTTPStatus.INTERNAL_SERVER_ERROR, "an unexpected error; the server log has details", {}
 
 
@@ -2077,8 +2288,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = f"kvserver/{__version__}"
     disable_nagle_algorithm = True
-    timeout = IDLE_TIMEOUT
-    wbufsize = CHUNK  # headers and a small body leave in one send, at the flush after each request
+    timeout = None  # no socket timeout: the server's _Connections enforces every deadline
 
     # Per request: the body, and what the access log and the metrics say
     body: _RequestBody
@@ -2140,11 +2350,18 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         self.command, self.path, self.request_version = head.method, head.target, head.version
         self.headers = head.fields  # type: ignore[assignment]  # a mapping with HTTPMessage's reading methods
         self.body = _RequestBody(self, head)
-        options = {option.strip(" \t").lower() for option in (head.fields.get("Connection") or "").split(",")}
+        connection = head.fields.get("Connection")
+        options = {option.strip(" \t").lower() for option in connection.split(",")} if connection else set()
         if head.version == "HTTP/1.1":
             self.close_connection = "close" in options
         else:
             self.close_connection = "keep-alive" not in options
+
+    def setup(self) -> None:
+        super().setup()
+        # Buffered, so that the head and a small body leave in one send at the flush after each
+        # request; through a raw stream whose every send renews the connection's stall deadline.
+        self.wfile = io.BufferedWriter(_AnswerStream(self.connection, self.server.connections), CHUNK)
 
     def finish(self) -> None:
         with contextlib.suppress(OSError):  # flushing onto a connection the client (or a deadline) closed
@@ -2194,6 +2411,8 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             raise  # the client broke off or stalled; nothing was stored
         except Exception as error:
             status, detail, headers = _answer_to(error)
+            if status == HTTPStatus.INTERNAL_SERVER_ERROR:
+                traceback.print_exc(file=sys.stderr)
             if status in (HTTPStatus.INTERNAL_SERVER_ERROR, HTTPStatus.NOT_IMPLEMENTED):
                 self.close_connection = True
             self._send_problem(status, detail, headers)
@@ -2318,7 +2537,16 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         with body:
             if send:
                 self.wfile.flush()
-                self._sent = self.connection.sendfile(body)
+                self._sent = self._send_file(body)
+
+    def _send_file(self, file: BinaryIO) -> int:
+        """Send a file's bytes with sendfile(2), a piece at a time, each renewing the stall
+        deadline (a slow reader of a big value is not cut off while bytes keep moving)."""
+        sent = 0
+        while piece := self.connection.sendfile(file, sent, SENDFILE_PIECE):
+            sent += piece
+            self.server.connections.moved(self.connection)
+        return sent
 
     def _client_has(self, etag: str) -> bool:
         """Whether the request's If-None-Match names the value with `etag` (or any, with *)."""
@@ -2501,8 +2729,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         """The value of `key` once it differs from what the client holds (the value its
         If-None-Match names; without one, no value), or after `seconds`, or at once when the
         server stops; 404 if there is none then."""
-        watch = self.storage.watch(key)  # before the first read, so that no change slips by
-        with self.server.connections.watching(watch):
+        with self.storage.watch(key) as watch:  # before the first read, so that no change slips by
             deadline = time.monotonic() + seconds
             while True:
                 try:
@@ -2515,7 +2742,16 @@ class KVRequestHandler(BaseHTTPRequestHandler):
                         return stat, body
                     if not isinstance(body, bytes):
                         body.close()
-                watch.wait(deadline - time.monotonic())  # wakes at a change of a key that starts with this one
+                self._wait(watch, deadline - time.monotonic())  # wakes at a change of a key that starts with it
+
+    def _wait(self, watch: Watch, timeout: float) -> list[Event]:
+        """The next events of `watch`, waiting up to `timeout` seconds with no deadline on the
+        connection; [] at once, and the watch closed, when the server stops."""
+        connections = self.server.connections
+        try:
+            return watch.wait(timeout) if connections.watching(self.connection, watch) else []
+        finally:
+            connections.serving(self.connection)
 
     def _route_kv_put(self, path: str, query: str) -> None:
         key = self._path_key(path)
@@ -2545,8 +2781,6 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             raise _HTTPError(HTTPStatus.NOT_FOUND, f"no key {key!r}")
         self._send(HTTPStatus.NO_CONTENT)
 
-    # XML-RPC
-
     def _route_events(self, path: str, query: str) -> None:
         """Server-Sent Events: each change under ?prefix=, from the revision in Last-Event-ID
         (a reconnecting EventSource sends it) or ?after= on; a comment line after HEARTBEAT
@@ -2559,7 +2793,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             watch = self.storage.watch(prefix, after=after)  # before the head is sent: no change slips by
         except ValueError as error:
             raise _HTTPError(HTTPStatus.BAD_REQUEST, str(error)) from None
-        with self.server.connections.watching(watch):
+        with watch:
             head = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
             chunked = self.request_version != "HTTP/1.0"
             if chunked:
@@ -2571,7 +2805,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             writer.flush()
             sent = 0.0
             while True:
-                events = watch.wait(HEARTBEAT)
+                events = self._wait(watch, HEARTBEAT)
                 if watch.closed:
                     break
                 messages = b"".join(map(_event_message, events))
@@ -2582,6 +2816,8 @@ class KVRequestHandler(BaseHTTPRequestHandler):
                     time.sleep(COALESCE)
                 sent = time.monotonic()
             writer.close()
+
+    # XML-RPC
 
     def _route_rpc(self, path: str, query: str) -> None:
         request = self.body.read_all(self.server.max_value * 2 + CHUNK)  # base64 and XML around a value
@@ -2648,6 +2884,8 @@ class _XMLRPC:
             raise xmlrpc.client.Fault(400, f"{method}: {error}") from None
         except Exception as error:
             status, detail, _ = _answer_to(error)
+            if status == HTTPStatus.INTERNAL_SERVER_ERROR:
+                traceback.print_exc(file=sys.stderr)
             raise xmlrpc.client.Fault(status.value, detail) from None
 
     def save(self, key: str, value: Any, ttl: int | None = None) -> None:
@@ -2728,22 +2966,28 @@ def _shut_down(connections: Iterable[socket.socket]) -> None:
 
 
 class _Connections:
-    """The server's open connections and what each one is doing: waiting for a request (idle),
-    reading a request head (which must end by its deadline), or serving a request.
+    """The server's open connections, what each one is doing, and by when it must move on.
 
-    Every connection's thread reports its changes here; the housekeeping thread cuts off heads
-    past their deadline, and `stop` closes the idle connections at once while those serving a
-    request finish it. One lock guards it all, taken a few times per request.
+    A connection is idle (waiting for its next request, for at most IDLE_TIMEOUT), reading a
+    request head (complete within HEAD_TIMEOUT of its first byte), serving a request (no
+    STALL_TIMEOUT without a byte of its body or answer moving), or watching for a change (no
+    deadline: a long-poll or an event stream). Sockets have no timeout of their own, because a
+    timeout makes CPython poll() before every recv and send; instead the housekeeping thread
+    cuts off every connection past its deadline, so that a client that stops sending or
+    reading never holds a thread. `stop` closes the idle and watching connections at once;
+    those serving a request finish it. One lock guards it all, taken a few times per request.
     """
+
+    _IDLE, _READING_HEAD, _SERVING, _WATCHING = "idle", "reading head", "serving", "watching"
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.stopping = False
         self._lock = threading.Lock()
         self._count = 0
-        self._idle: set[socket.socket] = set()
-        self._head_deadlines: dict[socket.socket, float] = {}
-        self._watches: set[Watch] = set()
+        # Each connection's state and deadline (monotonic seconds; inf while watching).
+        self._states: dict[socket.socket, tuple[str, float]] = {}
+        self._watches: dict[socket.socket, Watch] = {}  # what the watching connections wait on
 
     def __len__(self) -> int:
         return self._count
@@ -2760,60 +3004,71 @@ class _Connections:
         """An admitted connection is closed and its thread done."""
         with self._lock:
             self._count -= 1
-            self._idle.discard(connection)
-            self._head_deadlines.pop(connection, None)
+            self._states.pop(connection, None)
+            self._watches.pop(connection, None)
 
     def idle(self, connection: socket.socket) -> bool:
         """The connection waits for its next request; False once stopping (close it)."""
         with self._lock:
-            if self.stopping:
-                return False
-            self._idle.add(connection)
-            return True
+            self._states[connection] = (self._IDLE, time.monotonic() + IDLE_TIMEOUT)
+            return not self.stopping
 
     def reading_head(self, connection: socket.socket) -> bool:
         """A request's first byte arrived: its head must be complete within HEAD_TIMEOUT.
         False if stopping, which has closed the connection as idle."""
         with self._lock:
-            self._idle.discard(connection)
-            self._head_deadlines[connection] = time.monotonic() + HEAD_TIMEOUT
+            self._states[connection] = (self._READING_HEAD, time.monotonic() + HEAD_TIMEOUT)
             return not self.stopping
 
     def head_read(self, connection: socket.socket) -> bool:
-        """The head was read; False if its deadline cut the connection off first, so that
-        what was read may be only part of it."""
+        """The head was read, and the request is served from now on; False if the head
+        deadline cut the connection off first, so that what was read may be only part of it."""
         with self._lock:
-            return self._head_deadlines.pop(connection, None) is not None
+            if self._states.get(connection, ("",))[0] != self._READING_HEAD:
+                return False
+            self._states[connection] = (self._SERVING, time.monotonic() + STALL_TIMEOUT)
+            return True
+
+    def moved(self, connection: socket.socket) -> None:
+        """Bytes of a body or an answer moved: the stall deadline starts again."""
+        with self._lock:
+            if self._states.get(connection, ("",))[0] == self._SERVING:
+                self._states[connection] = (self._SERVING, time.monotonic() + STALL_TIMEOUT)
+
+    def watching(self, connection: socket.socket, watch: Watch) -> bool:
+        """The request waits on `watch` for a change, with no deadline, until `serving` again
+        (to answer); False if stopping (answer at once). `stop` closes the watch."""
+        with self._lock:
+            self._states[connection] = (self._WATCHING, math.inf)
+            self._watches[connection] = watch
+            stopping = self.stopping
+        if stopping:
+            watch.close()
+        return not stopping
+
+    def serving(self, connection: socket.socket) -> None:
+        """The request goes on after `watching`: it is answered within STALL_TIMEOUT again."""
+        with self._lock:
+            self._states[connection] = (self._SERVING, time.monotonic() + STALL_TIMEOUT)
+            self._watches.pop(connection, None)
 
     def overdue(self) -> list[socket.socket]:
-        """The connections whose head is past its deadline, forgotten here (to cut off)."""
+        """The connections past their deadline, forgotten here (to cut off)."""
         now = time.monotonic()
         with self._lock:
-            overdue = [connection for connection, deadline in self._head_deadlines.items() if deadline < now]
+            overdue = [connection for connection, (_, deadline) in self._states.items() if deadline < now]
             for connection in overdue:
-                del self._head_deadlines[connection]  # head_read will say it was cut off
+                del self._states[connection]  # so head_read says the head was cut off
         return overdue
 
-    @contextlib.contextmanager
-    def watching(self, watch: Watch) -> Iterator[Watch]:
-        """A request waits on `watch` (an event stream, a waiting GET): `stop` ends it at once."""
-        with self._lock:
-            self._watches.add(watch)
-            stopping = self.stopping
-        try:
-            if stopping:
-                watch.close()
-            yield watch
-        finally:
-            with self._lock:
-                self._watches.discard(watch)
-            watch.close()
-
     def stop(self) -> list[socket.socket]:
-        """Admit no more, end the watches requests wait on, and return the idle connections (to close)."""
+        """Admit no more requests, end the waits of the watching connections (so that they
+        answer at once: a long-poll with what it has, a stream with its end), and return the
+        idle connections (to close)."""
         with self._lock:
             self.stopping = True
-            idle, watches = list(self._idle), list(self._watches)
+            watches = list(self._watches.values())
+            idle = [connection for connection, (state, _) in self._states.items() if state == self._IDLE]
         for watch in watches:
             watch.close()
         return idle

@@ -403,7 +403,8 @@ def test_an_http_1_0_stream_ends_with_the_connection(server):
 
 def test_a_stream_sends_a_comment_after_silence_and_is_not_closed_as_idle(monkeypatch):
     monkeypatch.setattr(kvserver, "HEARTBEAT", 0.2)
-    monkeypatch.setattr(kvserver.KVRequestHandler, "timeout", 0.5)  # the idle limit, shortened too
+    monkeypatch.setattr(kvserver, "IDLE_TIMEOUT", 0.5)  # the limits that close connections, shortened too
+    monkeypatch.setattr(kvserver, "STALL_TIMEOUT", 0.5)
     server = kvserver.KVServer(("127.0.0.1", 0), kvserver.MemoryStorage(), quiet=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:

@@ -469,7 +469,7 @@ class _Sweeper:
 
     def schedule(self, key: str, at: float) -> None:
         with self._wake:
-            if self._times.get(key) == at:
+            if self._closed or self._times.get(key) == at:
                 return
             self._times[key] = at
             heapq.heappush(self._heap, (at, key))
@@ -554,7 +554,8 @@ class Storage:
     their arguments once, then call the hooks a backend implements:
 
     required: `_fetch`, `_write`, `_delete`, `_keys`, and publishing every change to
-    `self._feed` at the moment it takes effect (under the key's lock), for `watch`;
+    `self._feed` at the moment it takes effect (under the key's lock), for `watch`; for
+    TTLs, `_expire`, which `self._sweeper` calls at the times a backend schedules with it;
     optional (defaults built from the required ones): `_stat`, `totals`, `close`.
     """
 
@@ -564,6 +565,7 @@ class Storage:
 
     def __init__(self) -> None:
         self._feed = _ChangeFeed()
+        self._sweeper = _Sweeper(self._expire)
 
     # The simplekv interface
 
@@ -667,6 +669,7 @@ class Storage:
         afterwards raises ValueError. Watches end."""
         self._closed = True
         self._feed.close()
+        self._sweeper.close()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -757,6 +760,9 @@ class Storage:
             body.close()
         return stat
 
+    def _expire(self, key: str) -> None:
+        raise NotImplementedError(f"{type(self).__name__}._expire")
+
 
 class _Entry(NamedTuple):
     """An index entry, one small tuple per key (its Stat is made when asked for): the value's
@@ -803,7 +809,6 @@ class MemoryStorage(Storage):
 
     def __init__(self) -> None:
         super().__init__()
-        self._sweeper = _Sweeper(self._expire)
         self._index: dict[str, _Entry] = {}
         self._locks = [threading.Lock() for _ in range(self._LOCK_STRIPES)]
         # The keys in order, so that listing a page costs a bisect, not a sort. It is sorted
@@ -898,10 +903,6 @@ class MemoryStorage(Storage):
                 self._sweeper.schedule(key, entry.expires_at)
         elif previous is not None:
             self._feed.publish("delete", key)
-
-    def close(self) -> None:
-        super().close()
-        self._sweeper.close()
 
     def totals(self) -> tuple[int, int]:
         self._check_open()
@@ -1268,7 +1269,7 @@ class RedisStorage(Storage):
     """Values in Redis, so that several kvserver processes on several machines serve one store.
 
     Each key is a Redis hash named `<prefix><key>` with the fields value, type, etag and
-    expires; a TTL is also the hash's Redis expiry. Beside the hashes, four structures make
+    expires; a TTL is also the hash's Redis expiry. Beside the hashes, five structures make
     listing and counting cost the same however many keys there are; their names are the prefix,
     a 0xFF byte (which no UTF-8 key contains, so no key's hash can have these names) and:
 
@@ -1277,16 +1278,25 @@ class RedisStorage(Storage):
     - `expiries`: a sorted set of the keys that have a TTL, scored by their Redis expiry in ms;
     - `sizes`: a hash of the sizes of those keys (their Redis hash may already be gone);
     - `totals`: a hash of the fields keys and bytes (what the index holds) and indexed (set
-      once every value in Redis is in the index).
+      once every value in Redis is in the index);
+    - `events`: a stream of the changes, for `watch` in every kvserver on this Redis: put
+      (with the value's etag, size, content_type and expires), delete and expire, each with
+      its key; trimmed to about (never fewer than) HISTORY entries. Its entry IDs are the
+      revisions.
 
-    Every write and delete changes the key's hash, the index and the totals in one WATCH/MULTI
-    transaction (the bookkeeping is the Lua script _ACCOUNT inside it), so compare-and-set is
-    atomic across processes and the index never disagrees with the values. Redis expires a
-    hash by itself; its key stays in the index until a sweep (_SWEEP_AND_COUNT, and a few keys
-    on every write) takes it out, and until then listing skips it by its expiry and the totals
-    are read only after sweeping. The scripts read Redis's clock (TIME), the one its expiry
-    follows. A store written by an older kvserver, without the index, is indexed when it is
-    first opened. Needs one Redis (not Redis Cluster: a transaction spans a key and the index).
+    Every write and delete changes the key's hash, the index and the totals and appends its
+    event in one WATCH/MULTI transaction (the bookkeeping is the Lua script _ACCOUNT inside
+    it), so compare-and-set is atomic across processes, the index never disagrees with the
+    values and the events are in the order the changes took effect. Redis expires a hash by
+    itself; its key stays in the index until a sweep (_SWEEP_AND_COUNT, and a few keys on
+    every write) takes it out and appends its expire event, and until then listing skips it
+    by its expiry and the totals are read only after sweeping. Every kvserver's sweeper thread
+    sweeps when the earliest expiry it knows of passes, so that expire events come on time
+    whether or not anyone reads the keys. A thread per RedisStorage, started by the first
+    watch, reads the stream (XREAD BLOCK) into the storage's change feed. The scripts read
+    Redis's clock (TIME), the one its expiry follows. A store written by an older kvserver,
+    without the index, is indexed when it is first opened. Needs one Redis (not Redis Cluster:
+    a transaction spans a key and the index).
 
     Values travel whole, so they are limited to MAX_VALUE (Redis strings stop at 512 MB).
     Needs the redis package: pip install 'kvserver[redis]'.
@@ -1295,22 +1305,27 @@ class RedisStorage(Storage):
     kind = "redis"
     MAX_VALUE = 512 * 1024 * 1024 - 1
     _FIELDS = (b"value", b"type", b"etag", b"expires")
-    _STRUCTURES = (b"keys", b"expiries", b"sizes", b"totals")
+    _STRUCTURES = (b"keys", b"expiries", b"sizes", b"totals", b"events")
     _BATCH = 1000  # keys per listing, sweeping or indexing step: a step holds Redis for well under 10 ms
     _SWEEP_ON_WRITE = 2  # expired keys each write sweeps, more than it can add: the index cannot fill with them
 
-    # Lua shared by the scripts. Every script gets the four structures as KEYS[1..4] and the
+    # Lua shared by the scripts. Every script gets the five structures as KEYS[1..5] and the
     # prefix as ARGV[1]. A Lua script runs whole, with no other command in between.
-    _LUA = """
-local index, expiries, sizes, totals = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+    _LUA = (
+        """
+local index, expiries, sizes, totals, events = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local prefix = ARGV[1]
+local history = """
+        + str(HISTORY)
+        + """
 
 local function now_ms()
   local time = redis.call('TIME')
   return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 end
 
--- Take `key` out of the index and the totals, before its hash changes (its size may be read there).
+-- Take `key` out of the index and the totals, before its hash changes (its size may be read
+-- there); return whether it was in them.
 local function forget(key)
   if redis.call('ZREM', index, key) == 1 then
     local size = redis.call('HGET', sizes, key) or redis.call('HSTRLEN', prefix .. key, 'value')
@@ -1318,6 +1333,16 @@ local function forget(key)
     redis.call('HINCRBY', totals, 'bytes', 0 - tonumber(size))  -- (-size: Lua writes -0, which HINCRBY refuses)
     redis.call('ZREM', expiries, key)
     redis.call('HDEL', sizes, key)
+    return true
+  end
+  return false
+end
+
+-- Forget `key`, announcing an expire event if its value had expired.
+local function forget_or_expire(key)
+  local expires = redis.call('ZSCORE', expiries, key)
+  if forget(key) and expires and tonumber(expires) < now_ms() then
+    redis.call('XADD', events, 'MAXLEN', '~', history, '*', 'type', 'expire', 'key', key)
   end
 end
 
@@ -1332,18 +1357,19 @@ local function remember(key, size, expires_ms)
   end
 end
 
--- Forget at most `count` keys whose expiry has passed, and delete their hashes (Redis has, or is
--- about to: it deletes a key once the time is past its expiry); return how many. A key written
--- again since has a new expiry, or none, so it is not among them.
+-- Forget at most `count` keys whose expiry has passed, with their expire events, and delete
+-- their hashes (Redis has, or is about to: it deletes a key once the time is past its expiry);
+-- return how many. A key written again since has a new expiry, or none, so it is not among them.
 local function sweep(count)
   local due = redis.call('ZRANGEBYSCORE', expiries, '-inf', string.format('(%d', now_ms()), 'LIMIT', 0, count)
   for _, key in ipairs(due) do
-    forget(key)
+    forget_or_expire(key)
     redis.call('DEL', prefix .. key)
   end
   return #due
 end
 """
+    )
 
     # In a write's or delete's transaction, before the hash changes. ARGV: prefix, key, the new
     # size ('' to delete), the new expiry in ms ('' for none), how many expired keys to sweep.
@@ -1351,7 +1377,7 @@ end
         _LUA
         + """
 sweep(tonumber(ARGV[5]))
-forget(ARGV[2])
+forget_or_expire(ARGV[2])
 if ARGV[3] ~= '' then
   remember(ARGV[2], tonumber(ARGV[3]), ARGV[4] ~= '' and ARGV[4] or nil)
 end
@@ -1426,13 +1452,20 @@ return adopted
         self._structures = [self._name("") + b"\xff" + name for name in self._STRUCTURES]
         self._redis_errors = (redis.ConnectionError, redis.TimeoutError)
         self._watch_error = redis.WatchError
-        self._client: Any = redis.Redis.from_url(  # loosely typed
-            f"{address}?{client_query}" if client_query else address, socket_timeout=5, socket_connect_timeout=5
+        self._connect = functools.partial(  # a new client (loosely typed)
+            redis.Redis.from_url,
+            f"{address}?{client_query}" if client_query else address,
+            socket_timeout=5,
+            socket_connect_timeout=5,
         )
+        self._client: Any = self._connect()
+        self._feed = _ChangeFeed(self._begin_changes)
+        self._reader: Any = None  # the connection of the thread that reads the events, once started
         with self._reachable():
             self._client.ping()
             if not self._client.hexists(self._structures[3], "indexed"):
                 self._index_older_values()
+        self._schedule_sweep()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r}, prefix={self.prefix!r})"
@@ -1445,6 +1478,8 @@ return adopted
     def close(self) -> None:
         super().close()
         self._client.close()
+        if self._reader is not None:
+            self._reader.close()  # its thread's XREAD fails, and the thread sees the storage closed
 
     @contextlib.contextmanager
     def _reachable(self) -> Iterator[None]:
@@ -1551,7 +1586,10 @@ return adopted
             "etag": stat.etag,
             "expires": "" if expires_at is None else repr(expires_at),
         }
-        return stat, self._transaction(key, precondition, fields, expires_at) is None
+        created = self._transaction(key, precondition, fields, expires_at) is None
+        if expires_at is not None:
+            self._sweeper.schedule(key, expires_at)
+        return stat, created
 
     def _delete(self, key: str, precondition: _Precondition) -> bool:
         return self._transaction(key, precondition, None, None) is not None
@@ -1579,10 +1617,79 @@ return adopted
                         pipe.hset(name, mapping=fields)
                         if expires_at is not None:
                             pipe.pexpireat(name, expires_ms)
+                        value = {"etag": fields["etag"], "size": size, "content_type": fields["type"]}
+                        self._announce(pipe, {"type": "put", "key": key, **value, "expires": fields["expires"]})
+                    elif current is not None:
+                        self._announce(pipe, {"type": "delete", "key": key})
                     pipe.execute()
                     return current
                 except self._watch_error:
                     continue  # another client changed the key between WATCH and EXEC: look again
+
+    # Watching: the events stream, read by one thread into the change feed, and the sweeper
+
+    def _announce(self, pipe: Any, fields: dict[str, Any]) -> None:
+        """Queue the event of a change in its transaction (the fields are those _event reads)."""
+        pipe.xadd(self._structures[4], fields, maxlen=HISTORY, approximate=True)
+
+    @staticmethod
+    def _event(revision: bytes, fields: dict[bytes, bytes]) -> Event:
+        """The Event of a stream entry."""
+        type, key = fields[b"type"].decode(), fields[b"key"].decode("utf-8")
+        stat = None
+        if type == "put":
+            expires = fields[b"expires"]
+            stat = Stat(
+                int(fields[b"size"]),
+                fields[b"content_type"].decode(),
+                fields[b"etag"].decode(),
+                float(expires) if expires else None,
+            )
+        return Event(revision.decode(), type, key, stat)
+
+    def _begin_changes(self) -> tuple[str, list[Event]]:
+        """The feed's start (at the first watch): the last HISTORY events of the stream, and a
+        thread that reads the ones that follow."""
+        with self._reachable():
+            entries = self._client.xrevrange(self._structures[4], count=HISTORY)
+        events = [self._event(revision, fields) for revision, fields in reversed(entries)]
+        floor = events[0].revision if events else "0-0"  # (what came before the first is not known)
+        self._reader = self._connect()
+        last = events[-1].revision if events else floor
+        threading.Thread(target=self._read_changes, args=(last,), name="kvserver-events", daemon=True).start()
+        return floor, events
+
+    def _read_changes(self, last: str) -> None:
+        """Publish each new entry of the stream to the feed, until the storage closes."""
+        stream = self._structures[4]
+        while not self._closed:
+            try:
+                answer = self._reader.xread({stream: last}, count=_BATCH, block=1000)
+                for revision, fields in answer[0][1] if answer else []:
+                    event = self._event(revision, fields)
+                    self._feed.publish(event.type, event.key, event.stat, event.revision)  # type: ignore[arg-type]
+                    last = event.revision
+            except Exception:
+                if self._closed:
+                    return  # (close() closed the connection under the XREAD)
+                traceback.print_exc(file=sys.stderr)
+                time.sleep(1)  # Redis is away; once back, XREAD goes on from `last`
+
+    def _schedule_sweep(self) -> None:
+        """Have the sweeper sweep when the earliest expiry in Redis passes (at least a moment
+        from now, should this machine's clock be ahead of Redis's)."""
+        with self._reachable():
+            earliest = self._client.zrange(self._structures[1], 0, 0, withscores=True)
+        if earliest:
+            self._sweeper.schedule("", max(earliest[0][1] / 1000, time.time() + 0.5))
+
+    def _expire(self, key: str) -> None:
+        """Sweep every value that has expired, whoever wrote it, then plan the next sweep."""
+        try:
+            self.totals()
+            self._schedule_sweep()
+        except StorageUnavailable:
+            self._sweeper.schedule("", time.time() + 1)
 
 
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")

@@ -55,6 +55,7 @@ INDEX = b"kvserver:\xffkeys"
 EXPIRIES = b"kvserver:\xffexpiries"
 SIZES = b"kvserver:\xffsizes"
 TOTALS = b"kvserver:\xfftotals"
+EVENTS = b"kvserver:\xffevents"  # the stream of changes, for watchers
 
 
 # A redis-server of our own
@@ -237,7 +238,7 @@ def test_each_key_is_one_redis_hash_under_the_default_prefix_beside_the_index_an
     assert store.prefix == "kvserver:"
     store.put("greeting", b"hello", content_type="text/plain")
     with redis_db.client() as client:
-        assert sorted(client.keys("*")) == [b"kvserver:greeting", INDEX, TOTALS]
+        assert sorted(client.keys("*")) == [b"kvserver:greeting", EVENTS, INDEX, TOTALS]
         assert client.type(b"kvserver:greeting") == b"hash"
         assert client.zrange(INDEX, 0, -1, withscores=True) == [(b"greeting", 0.0)]
         assert client.hgetall(TOTALS) == {b"keys": b"1", b"bytes": b"5", b"indexed": b"1"}
@@ -459,8 +460,8 @@ def test_a_namespace_prefix_keeps_two_stores_on_one_redis_apart(redis_db):
         assert "only-one" not in two
         one.delete("k")
         assert two.get("k") == b"in two"
-        names = [b"one:only-one", b"one:\xffkeys", b"one:\xfftotals", b"other-app", b"two:k", b"two:\xffkeys"]
-        assert sorted(client.keys("*")) == [*names, b"two:\xfftotals"]
+        names = [b"one:only-one", b"one:\xffevents", b"one:\xffkeys", b"one:\xfftotals", b"other-app", b"two:k"]
+        assert sorted(client.keys("*")) == [*names, b"two:\xffevents", b"two:\xffkeys", b"two:\xfftotals"]
         assert client.zrange(b"one:\xffkeys", 0, -1) == [b"only-one"]
         assert client.zrange(b"two:\xffkeys", 0, -1) == [b"k"]
 
@@ -582,7 +583,8 @@ def test_a_prefix_parameter_in_the_url_namespaces_a_kvservers_keys(make_server, 
     assert default.get("/get?key=k").body == b"default"
     with redis_db.client() as client:
         app_index, app_totals = b"app:\xffkeys", b"app:\xfftotals"
-        assert sorted(client.keys("*")) == [b"app:k", app_index, app_totals, b"kvserver:k", INDEX, TOTALS]
+        app = [b"app:k", b"app:\xffevents", app_index, app_totals]
+        assert sorted(client.keys("*")) == [*app, b"kvserver:k", EVENTS, INDEX, TOTALS]
     with kvserver.open_storage(redis_db.url() + "?prefix=app:") as store:
         assert store.prefix == "app:"
         assert store.get("k") == b"in-app"
@@ -882,6 +884,7 @@ def test_the_index_and_totals_stay_exact_under_writes_deletes_expiries_and_cas_f
 def test_expired_keys_are_never_listed_or_counted_and_concurrent_sweeps_forget_each_once(redis_db, monkeypatch):
     monkeypatch.setattr(kvserver.RedisStorage, "_BATCH", 7)  # listing and sweeping in many small steps
     with kvserver.RedisStorage(redis_db.url()) as store, redis_db.client() as client:
+        store._sweeper.close()  # else it sweeps the expired keys before listing gets to them
         for number in range(200):
             store.put(f"long{number:03}", b"y" * (number % 5), ttl=600 if number % 2 else None)
         for number in range(100):  # (ttl=2: none is due, so none is swept, before all are written)

@@ -19,9 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import test_redis
 from conftest import Server, wait_for
+from test_redis import RedisServer
 
 import kvserver
+
+redis_server, redis_db = test_redis.redis_server, test_redis.redis_db  # the fixtures, here too
 
 EXPIRY_DEADLINE = 2.0  # SPEC: an expire event within two seconds of the key's time
 PROMPT = 0.1  # a waiting request answers within this many seconds of a change
@@ -128,6 +132,36 @@ class TestFileStorage(WatchContract):
             yield store
 
 
+class TestRedisStorage(WatchContract):
+    @pytest.fixture
+    def store(self, redis_db: RedisServer) -> Iterator[kvserver.Storage]:
+        with kvserver.RedisStorage(redis_db.url()) as store:
+            yield store
+
+    def test_a_watch_from_a_revision_before_the_history_begins_starts_with_a_reset(self, store, redis_db):
+        # (the history is the stream, which remembers every change until it is trimmed)
+        with store.watch(timeout=10) as watch:
+            store.put("k", b"v")
+            first = next(watch).revision
+        store.put("k", b"w")
+        with redis_db.client() as client:  # trimmed to the last entry, as if by many writes
+            client.xtrim(b"kvserver:\xffevents", maxlen=1, approximate=False)
+        with kvserver.RedisStorage(redis_db.url()) as other, other.watch(after=first, timeout=0.5) as resumed:
+            [reset] = list(resumed)
+        assert reset.type == "reset" and order(reset.revision) > order(first)
+
+
+def test_a_redis_storage_resumes_from_a_revision_another_process_gave(redis_db):
+    with kvserver.RedisStorage(redis_db.url()) as one, one.watch(timeout=10) as watch:
+        one.put("a", b"1")
+        first = next(watch)
+        one.put("b", b"2")
+        one.delete("a")
+        later = [next(watch), next(watch)]
+    with kvserver.RedisStorage(redis_db.url()) as two, two.watch(after=first.revision, timeout=0.5) as resumed:
+        assert list(resumed) == later
+
+
 def test_a_watch_more_than_the_history_behind_gets_a_reset_and_goes_on_from_there():
     with kvserver.MemoryStorage() as store:
         watch = store.watch()
@@ -153,6 +187,17 @@ def test_a_watch_under_a_prefix_is_not_reset_by_more_than_the_history_of_other_k
         store.put("mine/a", b"v")
         waiting.join(10)
         assert [(event.type, event.key) for event in events] == [("put", "mine/a")]
+
+
+def test_a_watch_that_waited_in_vain_under_its_prefix_sees_the_next_change_under_it():
+    with kvserver.MemoryStorage() as store:
+        watch = store.watch("mine/")
+        store.put("other/1", b"v")  # before the wait: read and skipped by it
+        timer = threading.Timer(0.1, lambda: store.put("other/2", b"v"))  # during it
+        timer.start()
+        assert watch.wait(0.3) == []
+        store.put("mine/a", b"v")
+        assert [event.key for event in watch.wait(0)] == ["mine/a"]
 
 
 def test_closing_the_storage_ends_its_watches():
@@ -448,6 +493,63 @@ def test_stop_with_50_open_streams_and_waiting_requests_takes_under_a_second(any
         assert connection.getresponse().status == 404  # the answer it would have had
     for stream in streams:
         assert stream.response.read() == b""  # the stream ended cleanly
+
+
+# HTTP: several servers on one Redis
+
+
+@pytest.fixture
+def redis_servers(make_server, redis_db: RedisServer) -> tuple[Server, Server]:
+    return tuple(make_server("--quiet", "--storage", redis_db.url()) for _ in range(2))
+
+
+def test_a_write_through_one_kvserver_reaches_a_stream_on_another(redis_servers, streams):
+    one, two = redis_servers
+    stream = open_stream(streams, two)
+    etag = put(one, "shared", b"value")
+    one.get("/set?key=short&value=v&ttl=1")
+    assert one.request("DELETE", "/kv/shared").status == 204
+    messages = stream.events(4)
+    assert [(message.event, message.json()["key"]) for message in messages] == [
+        ("put", "shared"),
+        ("put", "short"),
+        ("delete", "shared"),
+        ("expire", "short"),
+    ]
+    assert messages[0].json() == {"key": "shared", "etag": etag, "size": 5, "content_type": "application/octet-stream"}
+    ids = [order(message.id) for message in messages]
+    assert ids == sorted(ids) and len(set(ids)) == 4
+    resumed = open_stream(streams, one, headers={"Last-Event-ID": messages[0].id})  # the ids are the store's
+    assert [message.id for message in resumed.events(3)] == [message.id for message in messages[1:]]
+
+
+def test_writes_through_two_kvservers_reach_both_streams_in_one_order(redis_servers, streams):
+    one, two = redis_servers
+    readers = [open_stream(streams, server) for server in (one, two)]
+
+    def writer(server: Server, name: str) -> None:
+        connection = server.connect()
+        for n in range(50):
+            put(server, f"{name}/{n % 3}", b"%d" % n, connection)
+
+    threads = [threading.Thread(target=writer, args=(server, name)) for server, name in ((one, "a"), (two, "b"))]
+    for thread in threads:
+        thread.start()
+    seen = [[(message.id, message.data) for message in reader.events(100)] for reader in readers]
+    for thread in threads:
+        thread.join()
+    assert seen[0] == seen[1]
+    assert [order(id) for id, _ in seen[0]] == sorted(order(id) for id, _ in seen[0])
+
+
+def test_a_waiting_request_on_one_kvserver_answers_a_write_through_another(redis_servers):
+    one, two = redis_servers
+    etag = put(one, "k", b"old")
+    change = Change(0.5, lambda: put(two, "k", b"new"))
+    answer = wait_get(one, "/kv/k?wait=30", {"If-None-Match": f'"{etag}"'})
+    change.join()
+    assert answer.response.status == 200
+    assert change.begun <= answer.answered < change.done + PROMPT
 
 
 # HTTP: waiting for a change

@@ -31,6 +31,7 @@ from __future__ import annotations
 import base64
 import bisect
 import codecs
+import collections
 import contextlib
 import errno
 import fcntl
@@ -44,6 +45,7 @@ import io
 import ipaddress
 import itertools
 import json
+import math
 import os
 import re
 import secrets
@@ -63,7 +65,7 @@ import xmlrpc.server
 from collections.abc import Callable, Iterable, Iterator
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import IO, Any, BinaryIO, NamedTuple, NoReturn, TypeVar, cast
+from typing import IO, Any, BinaryIO, NamedTuple, NoReturn, Protocol, TypeVar, cast
 
 __version__ = "0.1.0"
 __all__ = [
@@ -264,6 +266,164 @@ class _Precondition(NamedTuple):
                 )
 
 
+_LEVEL_BATCH = 256  # keys read at a time by a listing with a delimiter
+
+
+def _folder(key: str, prefix: str, delimiter: str) -> str | None:
+    """The folder `key` lies in, one level below `prefix`: the key up to and including the
+    first `delimiter` after the prefix; None if the delimiter does not follow the prefix."""
+    if not key.startswith(prefix):
+        return None
+    cut = key.find(delimiter, len(prefix))
+    return key[: cut + len(delimiter)] if cut >= 0 else None
+
+
+def _past_folder(folder: str) -> str:
+    """A cursor for `after` that every key starting with `folder` precedes, and every other
+    key that follows the folder follows: the folder, then U+10FFFF (the last code point) one
+    time more than the bytes a key has left after it (a key is at most 1024 bytes, so what
+    follows the folder in it is at most that many characters, each at most U+10FFFF)."""
+    return folder + "\U0010ffff" * max(0, MAX_KEY_BYTES + 1 - len(folder.encode("utf-8")))
+
+
+# The export format (SPEC section 4): one JSON object a line, fields in this order,
+# {"key": k, "content_type": t, "expires_at": <Unix seconds> or null, "value": "<base64>"}.
+# Values are streamed both ways, so the reader below parses a line's head with a regex and
+# decodes its value as it arrives instead of handing the whole line to json.
+
+_BASE64_BLOCK = CHUNK // 4 * 3  # bytes whose base64 is CHUNK characters, with no padding
+_JSON_STRING = rb'"(?:[^"\\\n]|\\.)*"'
+_LINE_HEAD = re.compile(
+    rb'[ \t]*\{[ \t]*"key"[ \t]*:[ \t]*(' + _JSON_STRING + rb")[ \t]*,"
+    rb'[ \t]*"content_type"[ \t]*:[ \t]*(' + _JSON_STRING + rb")[ \t]*,"
+    rb'[ \t]*"expires_at"[ \t]*:[ \t]*(null|-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)[ \t]*,'
+    rb'[ \t]*"value"[ \t]*:[ \t]*"'
+)
+_LINE_TAIL = re.compile(rb"[ \t]*\}[ \t]*\r?\n")
+_LAST_LINE_TAIL = re.compile(rb"[ \t]*\}[ \t]*\r?")  # the last line may end without a newline
+_MAX_LINE_HEAD = 64 * 1024
+_LINE_SHAPE = '{"key": k, "content_type": t, "expires_at": <Unix seconds> or null, "value": "<base64>"}'
+
+
+class _Writable(Protocol):
+    def write(self, data: bytes, /) -> object: ...
+
+
+def _export_head(key: str, stat: Stat) -> bytes:
+    """A line of the export format up to the opening quote of its value."""
+    fields = [json.dumps(key, ensure_ascii=False), json.dumps(stat.content_type), json.dumps(stat.expires_at)]
+    return '{{"key": {}, "content_type": {}, "expires_at": {}, "value": "'.format(*fields).encode()
+
+
+def _base64_pieces(body: BinaryIO) -> Iterator[bytes]:
+    """The base64 of what a file holds, a block at a time (padding only at the very end)."""
+    rest = b""
+    while block := body.read(_BASE64_BLOCK):
+        block = rest + block
+        whole = len(block) - len(block) % 3
+        rest = block[whole:]
+        yield base64.b64encode(block[:whole])
+    yield base64.b64encode(rest)
+
+
+class _ExportReader:
+    """Reads the export format line by line from chunks of bytes, holding a chunk and a line's
+    head at most: `head()` parses a line up to its value, then `value()` gives the value's
+    bytes as they are decoded. Both raise ValueError saying what is wrong with the line
+    `number`."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._chunks = iter(chunks)
+        self._buffer = b""
+        self.number = 0  # of the line being read
+
+    def _fill(self) -> bool:
+        """Append the next chunk of input to the buffer; False at the end of the input."""
+        for chunk in self._chunks:
+            if chunk:
+                self._buffer += chunk
+                return True
+        return False
+
+    def head(self) -> tuple[str, str, float | None] | None:
+        """The key, media type and expiry of the next line; None at the end of the input.
+        Blank lines are skipped."""
+        while True:
+            self._buffer = self._buffer.lstrip(b" \t\r")
+            if self._buffer.startswith(b"\n"):
+                self.number += 1
+                self._buffer = self._buffer[1:]
+            elif self._buffer or self._fill():
+                if self._buffer.lstrip(b" \t\r"):
+                    break
+            else:
+                return None
+        self.number += 1
+        while (match := _LINE_HEAD.match(self._buffer)) is None:
+            if b"\n" in self._buffer or len(self._buffer) > _MAX_LINE_HEAD or not self._fill():
+                raise ValueError(f"it is not {_LINE_SHAPE}, with the fields in this order")
+        self._buffer = self._buffer[match.end() :]
+        key, content_type = json.loads(match[1]), json.loads(match[2])
+        expires_at = None if match[3] == b"null" else float(match[3])
+        if expires_at is not None and not math.isfinite(expires_at):
+            raise ValueError(f"expires_at {match[3].decode()} is not a time")
+        return key, content_type, expires_at
+
+    def value(self) -> Iterator[bytes]:
+        """The bytes of the value of the line `head()` read. The end of the line is checked
+        before the last piece is given, so that a write fed from here stores nothing of a
+        bad or cut-off line."""
+        pending = b""  # base64 not decoded yet: it ends with the last group, which may be padded
+        while (end := self._buffer.find(b'"')) < 0:
+            pending += self._buffer
+            self._buffer = b""
+            whole = (len(pending) - 1) // 4 * 4
+            if whole > 0:
+                yield self._decode(pending[:whole], last=False)
+                pending = pending[whole:]
+            if not self._fill():
+                raise ValueError("the line is cut off inside its value")
+        last = self._decode(pending + self._buffer[:end], last=True)
+        self._buffer = self._buffer[end + 1 :]
+        while (match := _LINE_TAIL.match(self._buffer)) is None:
+            if b"\n" in self._buffer or len(self._buffer) > _MAX_LINE_HEAD:
+                raise ValueError('the value is not followed by "}" and the end of the line')
+            if not self._fill():
+                match = _LAST_LINE_TAIL.fullmatch(self._buffer)
+                if match is None:
+                    raise ValueError('the line is cut off after its value: "}" is missing')
+                break
+        self._buffer = self._buffer[match.end() :]
+        yield last
+
+    @staticmethod
+    def _decode(text: bytes, last: bool) -> bytes:
+        if not last and b"=" in text:
+            raise ValueError("the value is not base64: it has padding before its end")
+        try:
+            return base64.b64decode(text, validate=True)
+        except ValueError:
+            raise ValueError("the value is not base64") from None
+
+
+def _ttl_left(expires_at: float | None) -> int | None:
+    """The TTL, in whole seconds rounded up, of a value that expires at `expires_at`; 0 if
+    that time has passed."""
+    if expires_at is None:
+        return None
+    return max(0, math.ceil(expires_at - time.time()))
+
+
+def _at_most(chunks: Iterable[bytes], limit: int | None) -> Iterator[bytes]:
+    """The chunks, or ValueError once they hold more than `limit` bytes."""
+    size = 0
+    for chunk in chunks:
+        size += len(chunk)
+        if limit is not None and size > limit:
+            raise ValueError(f"the value is over {limit} bytes, the most allowed")
+        yield chunk
+
+
 _AnyStorage = TypeVar("_AnyStorage", bound="Storage")
 
 
@@ -344,18 +504,67 @@ class Storage:
         """Remove `key`; no error if it is absent (unless a precondition says otherwise)."""
         self.remove(key, if_match=if_match, if_none_match=if_none_match)
 
-    def keys(self, prefix: str = "", *, after: str | None = None, limit: int | None = None) -> list[str]:
+    def keys(
+        self,
+        prefix: str = "",
+        *,
+        delimiter: str | None = None,
+        after: str | None = None,
+        limit: int | None = None,
+    ) -> list[str]:
         """The live keys that start with `prefix`, in code-point order; with `after`, only
-        those that follow it; with `limit`, at most that many (so `after` pages through them)."""
+        those that follow it; with `limit`, at most that many (so `after` pages through them).
+
+        With `delimiter`, one level, as S3 and Consul list folders: a key that holds the
+        delimiter after `prefix` is not listed; in its place its folder (the key up to and
+        including the first such delimiter) is listed once. It stays one list in code-point
+        order, and `limit` counts keys and folders alike: an item is a folder exactly when it
+        holds the delimiter after `prefix` (it then ends with it). `after` may be either;
+        after a folder, the listing goes on past every key in it.
+        """
         if not isinstance(prefix, str) or not isinstance(after, (str, type(None))):
             raise ValueError(f"a prefix and a key to list after are str, not {prefix!r} and {after!r}")
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
             raise ValueError(f"a limit is a whole number of at least 1, not {limit!r}")
-        return self._keys(prefix, after, limit)
+        if delimiter is None:
+            return self._keys(prefix, after, limit)
+        if not isinstance(delimiter, str) or not delimiter:
+            raise ValueError(f"a delimiter is a non-empty str, not {delimiter!r}")
+        return self._level(prefix, delimiter, after, limit)
+
+    def _level(self, prefix: str, delimiter: str, after: str | None, limit: int | None) -> list[str]:
+        """`keys` with a delimiter, built on the `_keys` hook: keys are read in batches, and the
+        rest of a folder is skipped by starting the next batch past it."""
+        if after is not None and (folder := _folder(after, prefix, delimiter)) is not None:
+            after = _past_folder(folder)
+        items: list[str] = []
+        while True:
+            wanted = _LEVEL_BATCH if limit is None else min(limit - len(items), _LEVEL_BATCH)
+            batch = self._keys(prefix, after, wanted)
+            folder = None
+            for key in batch:
+                if folder is not None and key.startswith(folder):
+                    continue  # in the folder just listed
+                folder = _folder(key, prefix, delimiter)
+                items.append(folder or key)
+                if len(items) == limit:
+                    return items
+            if len(batch) < wanted:
+                return items
+            after = _past_folder(folder) if folder is not None else batch[-1]
 
     def iter_keys(self, prefix: str = "") -> Iterator[str]:
         """An iterator over `keys(prefix)`."""
         return iter(self.keys(prefix))
+
+    def iter_prefixes(self, delimiter: str, prefix: str = "") -> Iterator[str]:
+        """As simplekv's: the keys that start with `prefix`, each cut after the first
+        `delimiter` that follows the prefix, each result once; that is `keys(prefix,
+        delimiter=delimiter)`, read a page at a time (so in code-point order)."""
+        after = None
+        while page := self.keys(prefix, delimiter=delimiter, after=after, limit=_LEVEL_BATCH):
+            yield from page
+            after = page[-1]
 
     def __iter__(self) -> Iterator[str]:
         return self.iter_keys()
@@ -429,6 +638,71 @@ class Storage:
     def remove(self, key: str, *, if_match: str | None = None, if_none_match: bool = False) -> bool:
         """Like `delete`, and return whether there was a value to remove."""
         return self._delete(check_key(key), _Precondition(if_match, if_none_match))
+
+    # Backup and moving between storages: the export format
+
+    def export(self, file: _Writable, prefix: str = "", *, progress: Callable[[int, int], object] | None = None) -> int:
+        """Write every live key that starts with `prefix` to `file` (anything with a
+        write(bytes) method) in the export format, and return how many were written.
+
+        One JSON line a key, in code-point order: {"key": k, "content_type": t, "expires_at":
+        <Unix seconds> or null, "value": "<base64>"}. Values are streamed, each one version
+        whole; keys that expire or go while the export runs are left out. `progress`, if
+        given, is called after each line with the keys and value bytes written so far.
+        """
+        count = size = 0
+        after = None
+        while page := self.keys(prefix, after=after, limit=_LEVEL_BATCH):
+            after = page[-1]
+            for key in page:
+                try:
+                    stat, body = self.fetch(key)
+                except KeyError:
+                    continue  # deleted or expired since the listing
+                with io.BytesIO(body) if isinstance(body, bytes) else body as source:
+                    file.write(_export_head(key, stat))
+                    for piece in _base64_pieces(source):
+                        file.write(piece)
+                file.write(b'"}\n')
+                count, size = count + 1, size + stat.size
+                if progress is not None:
+                    progress(count, size)
+        return count
+
+    def import_(
+        self,
+        file: IO[bytes] | Iterable[bytes],
+        *,
+        max_value: int | None = None,
+        progress: Callable[[int, int], object] | None = None,
+    ) -> tuple[int, int]:
+        """Store each line of an export (see `export`) read from `file`, a binary file object
+        or an iterable of bytes, with its media type and expiry, replacing the key whole.
+        Return how many lines were imported, and how many skipped because their expiry had
+        passed. `progress`, if given, is called after each line imported with the lines and
+        value bytes imported so far.
+
+        It is not one transaction: each line is stored whole or not at all, and a bad line
+        (or a value over `max_value` bytes) stops the import there with a ValueError that
+        names its line number; the lines before it stay stored. Values are streamed.
+        """
+        reader = _ExportReader(_chunks(file))
+        imported = skipped = size = 0
+        try:
+            while (head := reader.head()) is not None:
+                key, content_type, expires_at = head
+                ttl = _ttl_left(expires_at)
+                if ttl == 0:
+                    collections.deque(reader.value(), maxlen=0)  # read, checked and dropped
+                    skipped += 1
+                    continue
+                stat, _ = self.write(key, _at_most(reader.value(), max_value), content_type=content_type, ttl=ttl)
+                imported, size = imported + 1, size + stat.size
+                if progress is not None:
+                    progress(imported, size)
+        except ValueError as error:
+            raise ValueError(f"line {reader.number}: {error}; the lines before it were imported") from None
+        return imported, skipped
 
     # Hooks for backends
 

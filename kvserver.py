@@ -2,6 +2,8 @@
 
 Usage:
   kvserver [options]
+  kvserver export [options]
+  kvserver import [options]
   kvserver -h | --help
   kvserver --version
 
@@ -11,6 +13,7 @@ Options:
   -s --storage=<kind>    Where values live: files, memory, or a redis://,
                          rediss:// or unix:// URL [default: files].
   -d --data-dir=<path>   Folder of the files storage [default: ./data].
+  --prefix=<p>           kvserver export: only the keys that start with <p>.
   --token=<secret>       Require this secret on every request but /health, as
                          "Authorization: Bearer <secret>" or as the Basic auth
                          password (default: the KV_TOKEN environment variable).
@@ -24,6 +27,10 @@ Options:
   -q --quiet             No access log.
   -h --help              Show this text.
   --version              Show the version.
+
+kvserver export writes every live key of a storage (a stopped server's data dir,
+or Redis) to stdout, one JSON line a key with its media type and expiry;
+kvserver import reads such lines from stdin into a storage.
 """
 
 from __future__ import annotations
@@ -1559,10 +1566,57 @@ def _human_size(size: int) -> str:
     return f"{size / 1024**exponent:.1f} {('KiB', 'MiB', 'GiB')[exponent - 1]}"
 
 
-def _render_page(storage: Storage, page: list[str], next_key: str | None, prefix: str, notice: str) -> bytes:
-    """The HTML page: a form to set a key, a prefix filter, and one page of keys."""
+class _KeyPage(NamedTuple):
+    """One page of a listing, as /keys and the HTML page show it."""
+
+    items: list[str]  # keys, and with a delimiter folders too, in code-point order
+    next: str | None  # the cursor for the next page; None on the last
+    prefix: str
+    delimiter: str | None
+
+    def is_folder(self, item: str) -> bool:
+        return self.delimiter is not None and _folder(item, self.prefix, self.delimiter) is not None
+
+    def split(self) -> tuple[list[str], list[str]]:
+        """The keys and the folders of the page."""
+        return [item for item in self.items if not self.is_folder(item)], list(filter(self.is_folder, self.items))
+
+
+def _page_href(prefix: str, delimiter: str | None, after: str | None = None) -> str:
+    """The address, HTML-escaped, of the page listing under `prefix` after `after`, by folders
+    of `delimiter` ("/" unless said otherwise)."""
+    query = {"prefix": prefix} if prefix else {}
+    if delimiter != "/":
+        query["delimiter"] = delimiter or ""
+    if after is not None:
+        query["after"] = after
+    return html.escape("/?" + urllib.parse.urlencode(query) if query else "/")
+
+
+def _breadcrumbs(prefix: str, delimiter: str | None) -> str:
+    """Links to the top level and to each folder the prefix goes through, then the rest of it."""
+    crumbs = [f'<a href="{_page_href("", delimiter)}">all keys</a>']
+    start = 0
+    while delimiter and (cut := prefix.find(delimiter, start)) >= 0:
+        end = cut + len(delimiter)
+        crumbs.append(f'<a href="{_page_href(prefix[:end], delimiter)}">{html.escape(prefix[start:end])}</a>')
+        start = end
+    if prefix[start:]:
+        crumbs.append(f"<span>{html.escape(prefix[start:])}…</span>")
+    return f'<nav class="crumbs">{" ".join(crumbs)}</nav>'
+
+
+def _render_page(storage: Storage, page: _KeyPage, notice: str) -> bytes:
+    """The HTML page: a form to set a key, a prefix filter, and one page of keys and folders
+    (each folder a link to its own level)."""
     rows = []
-    for key in page:
+    for key in page.items:
+        if page.is_folder(key):
+            rows.append(
+                f'<tr class="folder"><td class="key"><a href="{_page_href(key, page.delimiter)}">'
+                f'{html.escape(key)}</a></td><td class="size"></td><td>folder</td><td></td></tr>'
+            )
+            continue
         try:
             stat = storage.stat(key)
         except KeyError:
@@ -1573,9 +1627,8 @@ def _render_page(storage: Storage, page: list[str], next_key: str | None, prefix
             f'<td><a class="delete" href="/delete?key={urllib.parse.quote(key, safe="")}">delete</a></td></tr>'
         )
     more = ""
-    if next_key is not None:
-        query = urllib.parse.urlencode({"prefix": prefix, "after": next_key})
-        more = f'<nav><a href="/?{html.escape(query)}">next page →</a></nav>'
+    if page.next is not None:
+        more = f'<nav><a href="{_page_href(page.prefix, page.delimiter, page.next)}">next page →</a></nav>'
     keys, size = storage.totals()
     table = (
         f'<table><thead><tr><th>Key</th><th class="size">Size</th><th>Media type</th><th></th></tr></thead>'
@@ -1594,8 +1647,9 @@ def _render_page(storage: Storage, page: list[str], next_key: str | None, prefix
 <label>Value <input name="value" size="40"></label>
 <button type="submit">Set</button></form>
 <form action="/" method="get">
-<label>Keys starting with <input name="prefix" value="{html.escape(prefix)}"></label>
+<label>Keys starting with <input name="prefix" value="{html.escape(page.prefix)}"></label>
 <button type="submit">Filter</button></form>
+{_breadcrumbs(page.prefix, page.delimiter) if page.prefix else ""}
 {table}
 {more}
 </body></html>
@@ -2091,24 +2145,33 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         else:
             self._send_json(HTTPStatus.OK, {"key": key, "deleted": True})
 
-    def _key_page(self, query: str, default_limit: int) -> tuple[list[str], str | None, str]:
-        """One page of keys as /keys and the HTML page take it: the keys, the cursor for the
-        next page (None on the last), and the prefix."""
-        usage = "?prefix=<p>&limit=<1-10000>&after=<key>"
-        fields = _fields(query, ("prefix", "limit", "after"), usage)
+    def _key_page(self, query: str, default_limit: int, default_delimiter: str | None = None) -> _KeyPage:
+        """One page of keys (and folders, with a delimiter) as /keys and the HTML page take it."""
+        usage = "?prefix=<p>&delimiter=<d>&limit=<1-10000>&after=<key>"
+        fields = _fields(query, ("prefix", "delimiter", "limit", "after"), usage)
         limit_field = fields.get("limit", b"%d" % default_limit)
         if not re.fullmatch(rb"[0-9]{1,5}", limit_field) or not 1 <= int(limit_field) <= 10000:
             raise _HTTPError(HTTPStatus.BAD_REQUEST, f"limit is a whole number from 1 to 10000, not {limit_field!r}")
         limit = int(limit_field)
         prefix = _text(fields.get("prefix", b""), "prefix")
         after = _text(fields["after"], "after") if "after" in fields else None
-        keys = self.storage.keys(prefix, after=after, limit=limit + 1)  # one more tells if a next page exists
-        page = keys[:limit]
-        return page, page[-1] if len(keys) > limit else None, prefix
+        delimiter = default_delimiter
+        if "delimiter" in fields:
+            if not 1 <= len(fields["delimiter"]) <= 16:
+                raise _HTTPError(HTTPStatus.BAD_REQUEST, "delimiter is 1 to 16 bytes, such as / or %2F")
+            delimiter = _text(fields["delimiter"], "delimiter")
+        # One more item than the page holds tells whether a next page exists.
+        items = self.storage.keys(prefix, delimiter=delimiter, after=after, limit=limit + 1)
+        page = items[:limit]
+        return _KeyPage(page, page[-1] if len(items) > limit else None, prefix, delimiter)
 
     def _route_keys(self, path: str, query: str) -> None:
-        page, next_key, _ = self._key_page(query, 1000)
-        self._send_json(HTTPStatus.OK, {"keys": page, "next": next_key})
+        page = self._key_page(query, 1000)
+        if page.delimiter is None:
+            self._send_json(HTTPStatus.OK, {"keys": page.items, "next": page.next})
+            return
+        keys, prefixes = page.split()
+        self._send_json(HTTPStatus.OK, {"keys": keys, "prefixes": prefixes, "next": page.next})
 
     # The page
 
@@ -2116,8 +2179,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         return _prefers_html(self.headers.get("Accept", ""))
 
     def _send_page(self, status: HTTPStatus, query: str, notice: str = "") -> None:
-        page, next_key, prefix = self._key_page(query, 100)
-        body = _render_page(self.storage, page, next_key, prefix, notice)
+        body = _render_page(self.storage, self._key_page(query, 100, "/"), notice)
         headers = {
             "Cache-Control": "no-store",
             "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'",
@@ -2130,16 +2192,9 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         if self._wants_page():
             self._send_page(HTTPStatus.OK, query)
             return
-        fields = {"Content-Type": "application/json"}
-        chunked = self.request_version != "HTTP/1.0"
-        if chunked:
-            fields["Transfer-Encoding"] = "chunked"
-        else:
-            self.close_connection = True  # the body ends where the connection does
-        self._write_head(HTTPStatus.OK, fields)
-        if self.command == "HEAD":
+        writer = self._stream("application/json")
+        if writer is None:
             return
-        writer = _ChunkedWriter(self.wfile, chunked)
         separator = b"{"
         for key in self.storage.keys():
             try:
@@ -2150,6 +2205,38 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             separator = b", "
         writer.write(b"}" if separator == b", " else b"{}")
         writer.close()
+
+    def _stream(self, content_type: str) -> _ChunkedWriter | None:
+        """Answer 200 with a body of unknown length, and return its writer (None for HEAD)."""
+        fields = {"Content-Type": content_type}
+        chunked = self.request_version != "HTTP/1.0"
+        if chunked:
+            fields["Transfer-Encoding"] = "chunked"
+        else:
+            self.close_connection = True  # the body ends where the connection does
+        self._write_head(HTTPStatus.OK, fields)
+        return _ChunkedWriter(self.wfile, chunked) if self.command != "HEAD" else None
+
+    def _route_export(self, path: str, query: str) -> None:
+        prefix = _text(_fields(query, ("prefix",), "/export?prefix=<p>").get("prefix", b""), "prefix")
+        writer = self._stream("application/x-ndjson")
+        if writer is None:
+            return
+        try:
+            self.storage.export(writer, prefix)
+        except BaseException:
+            self.close_connection = True  # the answer is cut short: only closing the connection says so
+            raise
+        writer.close()
+
+    def _route_import(self, path: str, query: str) -> None:
+        _fields(query, (), "POST /import with an export as the body")
+        body = self._request_body(sys.maxsize)  # a whole store; each value is held to --max-value
+        try:
+            imported, skipped = self.storage.import_(body, max_value=self.server.max_value)
+        except ValueError as error:
+            raise _HTTPError(HTTPStatus.BAD_REQUEST, str(error)) from None
+        self._send_json(HTTPStatus.OK, {"imported": imported, "skipped": skipped})
 
     def _route_health(self, path: str, query: str) -> None:
         self._send_json(HTTPStatus.OK, {"status": "ok", "storage": self.storage.kind, "keys": len(self.storage)})
@@ -2228,6 +2315,8 @@ _ROUTES: dict[str, dict[str, _Route]] = {
     "/get": {"GET": KVRequestHandler._route_get, "HEAD": KVRequestHandler._route_get},
     "/delete": {"GET": KVRequestHandler._route_delete},
     "/keys": {"GET": KVRequestHandler._route_keys, "HEAD": KVRequestHandler._route_keys},
+    "/export": {"GET": KVRequestHandler._route_export, "HEAD": KVRequestHandler._route_export},
+    "/import": {"POST": KVRequestHandler._route_import},
     "/health": {"GET": KVRequestHandler._route_health, "HEAD": KVRequestHandler._route_health},
     "/metrics": {"GET": KVRequestHandler._route_metrics, "HEAD": KVRequestHandler._route_metrics},
     "/kv/": {
@@ -2543,6 +2632,71 @@ def _whole_number(args: dict[str, Any], option: str, low: int, high: int) -> int
     _fail(f"{option} takes a whole number from {low} to {high}, not {args[option]!r}", 2)
 
 
+class _Progress:
+    """The progress line of kvserver export and import on stderr: rewritten in place at most
+    twice a second while stderr is a terminal, and written once more at the end."""
+
+    def __init__(self, verb: str) -> None:
+        self.verb = verb
+        self.keys = self.size = 0
+        self._started = self._shown = time.monotonic()
+
+    def __call__(self, keys: int, size: int) -> None:
+        self.keys, self.size = keys, size
+        if sys.stderr.isatty() and time.monotonic() - self._shown >= 0.5:
+            self._shown = time.monotonic()
+            print(f"\r{self.line()}", end="", file=sys.stderr, flush=True)
+
+    def line(self) -> str:
+        return f"kvserver: {self.verb} {self.keys} key{'' if self.keys == 1 else 's'} ({_human_size(self.size)})"
+
+    def finish(self, more: str) -> None:
+        end = "\r" if sys.stderr.isatty() else ""
+        print(f"{end}{self.line()}{more} in {time.monotonic() - self._started:.1f} s", file=sys.stderr, flush=True)
+
+
+def _run_transfer(args: dict[str, Any]) -> None:
+    """kvserver export and kvserver import: between a storage and stdout or stdin."""
+    exporting = bool(args["export"])
+    if args["--prefix"] is not None and not exporting:
+        _fail("--prefix goes with kvserver export; see kvserver --help", 2)
+    if args["--storage"] == "memory":
+        _fail("export and import need files or redis storage: a memory storage starts empty and is lost at exit", 2)
+    files = args["--storage"] == "files"
+    if exporting and files and not os.path.isdir(args["--data-dir"]):
+        _fail(f"no data dir {args['--data-dir']} to export", 1)
+    try:
+        storage = open_storage(
+            f"files:{args['--data-dir']}" if files else args["--storage"], fsync=not args["--no-fsync"]
+        )
+    except DataDirLocked as error:
+        _fail(f"{error}, or export from it while it runs: curl http://<host>:<port>/export", 1)
+    except (StorageUnavailable, ImportError) as error:
+        _fail(str(error), 1)
+    except OSError as error:
+        _fail(f"cannot use data dir {args['--data-dir']}: {error.strerror or error}", 1)
+    where = f"{storage.kind} storage {storage.location}"
+    with storage:
+        try:
+            if exporting:
+                progress = _Progress("exported")
+                storage.export(sys.stdout.buffer, args["--prefix"] or "", progress=progress)
+                sys.stdout.buffer.flush()
+                progress.finish(f" from {where}")
+            else:
+                progress = _Progress("imported")
+                _, skipped = storage.import_(sys.stdin.buffer, progress=progress)
+                progress.finish(f" into {where}, skipped {skipped} already expired")
+        except ValueError as error:
+            _fail(f"import stopped at {error}", 1)
+        except StorageUnavailable as error:
+            _fail(str(error), 1)
+        except OSError as error:
+            _fail(f"{'export' if exporting else 'import'} failed: {error.strerror or error}", 1)
+        except KeyboardInterrupt:
+            _fail("interrupted; every key written so far is whole", 1)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the server from the command line: exit 0 when stopped, 1 if it cannot start, 2 on a bad command line."""
     try:
@@ -2565,6 +2719,9 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"--max-value: {error}", 2)
     if args["--storage"] not in ("files", "memory") and not args["--storage"].startswith(_REDIS_SCHEMES):
         _fail(f"--storage takes files, memory or a redis:// URL, not {args['--storage']!r}", 2)
+    if args["export"] or args["import"] or args["--prefix"] is not None:
+        _run_transfer(args)
+        return
     token = args["--token"] if args["--token"] is not None else os.environ.get("KV_TOKEN") or None
     if token == "":
         _fail("--token takes a secret, not an empty string", 2)

@@ -495,10 +495,11 @@ def test_a_1_gib_value_goes_through_get_export_and_post_import_with_flat_server_
     target = make_server("--quiet", "--no-fsync", data_dir=tmp_path / "target")
     warm_up = make_server("--quiet", "--no-fsync", data_dir=sparse_store(tmp_path / "warm", 8 * MiB))
     assert transfer(warm_up, target) == {"imported": 2, "skipped": 0}  # what any transfer allocates
-    before = {server: vm_bytes(server.process.pid, "VmRSS") for server in (source, target)}
+    servers = {"exporting": source.process.pid, "importing": target.process.pid}
+    before = {name: vm_bytes(pid, "VmRSS") for name, pid in servers.items()}
     assert transfer(source, target) == {"imported": 2, "skipped": 0}
-    for server, name in ((source, "exporting"), (target, "importing")):
-        growth = vm_bytes(server.process.pid, "VmHWM") - before[server]
+    for name, pid in servers.items():
+        growth = vm_bytes(pid, "VmHWM") - before[name]
         assert growth < 32 * MiB, f"the {name} server's peak RSS rose by {growth / MiB:.1f} MiB"
     head = target.request("HEAD", "/kv/big")
     assert (head.status, head.headers["Content-Length"]) == (200, str(GiB))

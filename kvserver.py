@@ -290,7 +290,7 @@ def _past_folder(folder: str) -> str:
     key that follows the folder follows: the folder, then U+10FFFF (the last code point) one
     time more than the bytes a key has left after it (a key is at most 1024 bytes, so what
     follows the folder in it is at most that many characters, each at most U+10FFFF)."""
-    return folder + "\U0010ffff" * max(0, MAX_KEY_BYTES + 1 - len(folder.encode("utf-8")))
+    return folder + "\U0010ffff" * max(0, MAX_KEY_BYTES + 1 - len(folder.encode("utf-8", "surrogatepass")))
 
 
 # The export format (SPEC section 4): one JSON object a line, fields in this order,
@@ -357,13 +357,12 @@ class _ExportReader:
         Blank lines are skipped."""
         while True:
             self._buffer = self._buffer.lstrip(b" \t\r")
-            if self._buffer.startswith(b"\n"):
+            if self._buffer.startswith(b"\n"):  # a blank line
                 self.number += 1
                 self._buffer = self._buffer[1:]
-            elif self._buffer or self._fill():
-                if self._buffer.lstrip(b" \t\r"):
-                    break
-            else:
+            elif self._buffer:
+                break
+            elif not self._fill():
                 return None
         self.number += 1
         while (match := _LINE_HEAD.match(self._buffer)) is None:
@@ -2691,6 +2690,9 @@ def _run_transfer(args: dict[str, Any]) -> None:
             _fail(f"import stopped at {error}", 1)
         except StorageUnavailable as error:
             _fail(str(error), 1)
+        except BrokenPipeError:  # (export | head): stdout closed early; as the Python docs advise,
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit does not flush into it
+            _fail("export stopped: its output was closed", 1)
         except OSError as error:
             _fail(f"{'export' if exporting else 'import'} failed: {error.strerror or error}", 1)
         except KeyboardInterrupt:

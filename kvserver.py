@@ -1581,22 +1581,22 @@ class _KeyPage(NamedTuple):
         return [item for item in self.items if not self.is_folder(item)], list(filter(self.is_folder, self.items))
 
 
-def _page_href(prefix: str, delimiter: str | None, after: str | None = None) -> str:
+def _page_href(prefix: str, delimiter: str, after: str | None = None) -> str:
     """The address, HTML-escaped, of the page listing under `prefix` after `after`, by folders
-    of `delimiter` ("/" unless said otherwise)."""
+    of `delimiter` (the page's default, "/", goes without saying)."""
     query = {"prefix": prefix} if prefix else {}
     if delimiter != "/":
-        query["delimiter"] = delimiter or ""
+        query["delimiter"] = delimiter
     if after is not None:
         query["after"] = after
     return html.escape("/?" + urllib.parse.urlencode(query) if query else "/")
 
 
-def _breadcrumbs(prefix: str, delimiter: str | None) -> str:
+def _breadcrumbs(prefix: str, delimiter: str) -> str:
     """Links to the top level and to each folder the prefix goes through, then the rest of it."""
     crumbs = [f'<a href="{_page_href("", delimiter)}">all keys</a>']
     start = 0
-    while delimiter and (cut := prefix.find(delimiter, start)) >= 0:
+    while (cut := prefix.find(delimiter, start)) >= 0:
         end = cut + len(delimiter)
         crumbs.append(f'<a href="{_page_href(prefix[:end], delimiter)}">{html.escape(prefix[start:end])}</a>')
         start = end
@@ -1608,11 +1608,12 @@ def _breadcrumbs(prefix: str, delimiter: str | None) -> str:
 def _render_page(storage: Storage, page: _KeyPage, notice: str) -> bytes:
     """The HTML page: a form to set a key, a prefix filter, and one page of keys and folders
     (each folder a link to its own level)."""
+    delimiter = page.delimiter or "/"  # (the page always lists by folders)
     rows = []
     for key in page.items:
         if page.is_folder(key):
             rows.append(
-                f'<tr class="folder"><td class="key"><a href="{_page_href(key, page.delimiter)}">'
+                f'<tr class="folder"><td class="key"><a href="{_page_href(key, delimiter)}">'
                 f'{html.escape(key)}</a></td><td class="size"></td><td>folder</td><td></td></tr>'
             )
             continue
@@ -1627,7 +1628,7 @@ def _render_page(storage: Storage, page: _KeyPage, notice: str) -> bytes:
         )
     more = ""
     if page.next is not None:
-        more = f'<nav><a href="{_page_href(page.prefix, page.delimiter, page.next)}">next page →</a></nav>'
+        more = f'<nav><a href="{_page_href(page.prefix, delimiter, page.next)}">next page →</a></nav>'
     keys, size = storage.totals()
     table = (
         f'<table><thead><tr><th>Key</th><th class="size">Size</th><th>Media type</th><th></th></tr></thead>'
@@ -1648,7 +1649,7 @@ def _render_page(storage: Storage, page: _KeyPage, notice: str) -> bytes:
 <form action="/" method="get">
 <label>Keys starting with <input name="prefix" value="{html.escape(page.prefix)}"></label>
 <button type="submit">Filter</button></form>
-{_breadcrumbs(page.prefix, page.delimiter) if page.prefix else ""}
+{_breadcrumbs(page.prefix, delimiter) if page.prefix else ""}
 {table}
 {more}
 </body></html>

@@ -316,3 +316,12 @@ def test_the_json_answers_do_not_change_for_clients_that_give_no_delimiter(serve
     server.get("/set?a/b=v")
     assert json.loads(server.get("/keys").body) == {"keys": ["a/b"], "next": None}
     assert json.loads(server.get("/").body) == {"a/b": "v"}
+
+
+def test_the_page_keeps_another_delimiter_in_its_links(server):
+    for key in ["a::b::c", "a::d", "e"]:
+        server.get(f"/set?{urllib.parse.quote(key)}=v")
+    assert listed(page(server, "/?delimiter=%3A%3A")) == [("/?prefix=a%3A%3A&delimiter=%3A%3A", "a::"), ("/kv/e", "e")]
+    level = page(server, "/?prefix=a%3A%3A&delimiter=%3A%3A")
+    assert listed(level) == [("/?prefix=a%3A%3Ab%3A%3A&delimiter=%3A%3A", "a::b::"), ("/kv/a%3A%3Ad", "a::d")]
+    assert 'href="/?delimiter=%3A%3A">all keys</a>' in level

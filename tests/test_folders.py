@@ -2,7 +2,8 @@
 delimiter=...)`, simplekv's `iter_prefixes`, `GET /keys?delimiter=` and the HTML page's folders.
 
 The listing is built on each backend's ordered `_keys` hook, skipping a folder's keys with a cursor
-past them; the paging tests compare every page size against a model computed by brute force.
+past them; the paging tests compare every page size against a model computed by brute force, on
+Memory, Files and Redis storage.
 """
 
 from __future__ import annotations
@@ -16,20 +17,24 @@ from pathlib import Path
 
 import pytest
 from conftest import Server
+from test_redis import redis_db, redis_server  # noqa: F401  (the fixtures of the Redis store)
 
 import kvserver
 
 MAX = "\U0010ffff"  # the last code point: the character a cursor past a folder is made of
 
 
-@pytest.fixture(params=["memory", "files"])
+@pytest.fixture(params=["memory", "files", "redis"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[kvserver.Storage]:
     if request.param == "memory":
         with kvserver.MemoryStorage() as memory:
             yield memory
-    else:
+    elif request.param == "files":
         with kvserver.FileStorage(tmp_path / "data", fsync=False) as files:
             yield files
+    else:
+        with kvserver.RedisStorage(request.getfixturevalue("redis_db").url()) as redis_store:
+            yield redis_store
 
 
 def level(keys: list[str], prefix: str, delimiter: str) -> list[str]:

@@ -1803,7 +1803,6 @@ class _RequestBody:
         self._handler = handler
         self._head = head
         self.unread = head.chunked or bool(head.content_length)
-        self.trailers = _Fields()
 
     def read(self, limit: int) -> Iterator[bytes]:
         """The body as chunks of bytes. 411 and 413 are raised here, before anything is read,
@@ -1842,9 +1841,9 @@ class _RequestBody:
             yield chunk
 
     def _chunked_content(self, limit: int) -> Iterator[bytes]:
-        """The data of a chunked body (RFC 9112 section 7.1); its extensions are ignored and its
-        trailer fields kept in `trailers`. A chunk line or chunk data not ended by CRLF, a size
-        that is not hex digits, or an over-long line is a 400."""
+        """The data of a chunked body (RFC 9112 section 7.1); its extensions and trailer fields
+        are checked and ignored. A chunk line or chunk data not ended by CRLF, a size that is
+        not hex digits, or an over-long line is a 400."""
         too_long = (HTTPStatus.BAD_REQUEST, f"a chunk-size line is over {MAX_CHUNK_LINE} bytes")
         total = 0
         while True:
@@ -1864,7 +1863,7 @@ class _RequestBody:
             yield from self._bytes(size)
             if self._handler.rfile.read(2) != b"\r\n":
                 raise _HTTPError(HTTPStatus.BAD_REQUEST, "chunk data is not followed by CRLF: the size line is wrong")
-        _read_field_lines(self._handler.rfile, self.trailers, "trailer fields")
+        _read_field_lines(self._handler.rfile, _Fields(), "trailer fields")
 
 
 # HTTP

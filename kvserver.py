@@ -404,6 +404,21 @@ class _ChangeFeed:
         watch._next = end
         return events
 
+    def gap(self, revision: str) -> None:
+        """Changes before `revision` may have been missed (the Redis stream was trimmed past its
+        reader): every watch gets a reset, and the history begins again at `revision`."""
+        with self._lock:
+            self._start()
+            self._ring = [None] * len(self._ring)
+            self._count += len(self._ring)  # every watch is now a whole ring behind
+            self._floor = self._last_order = revision_order(revision)
+            self._last = revision
+            for watches in self._waiting.values():  # (the others find themselves behind)
+                for watch in watches:
+                    watch._woken_by, watch._reset = self._count, revision
+                    watch._wake.notify()
+            self._waiting.clear()
+
     def close_watch(self, watch: Watch) -> None:
         with self._lock:
             watch.closed = True
@@ -1939,19 +1954,29 @@ return adopted
         return floor, events
 
     def _read_changes(self, last: str) -> None:
-        """Publish each new entry of the stream to the feed, until the storage closes."""
+        """Publish each new entry of the stream to the feed, until the storage closes. After
+        Redis was away, or when it reads a full batch (it may be behind), it checks that the
+        stream still holds what follows `last`; if not, the feed has a gap."""
         stream = self._structures[4]
+        behind = True
         while not self._closed:
             try:
+                if behind and last != "0-0":  # (from an empty stream, any first entry follows)
+                    oldest = self._reader.xrange(stream, count=1)
+                    if oldest and revision_order(oldest[0][0].decode()) > revision_order(last):
+                        self._feed.gap(oldest[0][0].decode())
                 answer = self._reader.xread({stream: last}, count=_BATCH, block=1000)
-                for revision, fields in answer[0][1] if answer else []:
+                entries = answer[0][1] if answer else []
+                behind = len(entries) == _BATCH
+                for revision, fields in entries:
                     event = self._event(revision, fields)
                     self._feed.publish(event.type, event.key, event.stat, event.revision)  # type: ignore[arg-type]
                     last = event.revision
-            except Exception:
+            except Exception as error:
                 if self._closed:
                     return  # (close() closed the connection under the XREAD)
-                traceback.print_exc(file=sys.stderr)
+                print(f"kvserver: cannot read the events from Redis {self.location}: {error}", file=sys.stderr)
+                behind = True
                 time.sleep(1)  # Redis is away; once back, XREAD goes on from `last`
 
     def _schedule_sweep(self) -> None:

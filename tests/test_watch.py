@@ -7,6 +7,7 @@ processes and read their streams from real sockets.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import signal
@@ -187,6 +188,29 @@ def test_a_watch_under_a_prefix_is_not_reset_by_more_than_the_history_of_other_k
         store.put("mine/a", b"v")
         waiting.join(10)
         assert [(event.type, event.key) for event in events] == [("put", "mine/a")]
+
+
+def test_a_redis_watch_gets_a_reset_when_redis_comes_back_without_the_changes(tmp_path: Path):
+    test_redis._require_redis()
+    redis = RedisServer(tmp_path).start()  # no persistence: a restart loses everything
+    try:
+        with kvserver.RedisStorage(redis.url()) as store, store.watch(timeout=30) as watch:
+            store.put("a", b"1")
+            assert next(watch).key == "a"
+            redis.kill()
+            redis.start(same_port=True)
+
+            def put_b() -> bool:
+                with contextlib.suppress(kvserver.StorageUnavailable):
+                    return bool(store.put("b", b"2"))
+                return False
+
+            wait_for(put_b, timeout=10, what="Redis to take a write again")
+            events = [next(watch) for _ in range(2)]
+        assert [(event.type, event.key) for event in events] == [("reset", None), ("put", "b")]
+        assert order(events[0].revision) <= order(events[1].revision)
+    finally:
+        redis.stop()
 
 
 def test_a_watch_that_waited_in_vain_under_its_prefix_sees_the_next_change_under_it():

@@ -268,7 +268,10 @@ def _file_pieces(path: str | os.PathLike[str]) -> Iterator[memoryview]:
 def _buffered_pieces(source: _SupportsReadinto) -> Iterator[memoryview]:
     """What `source` holds, read into a reused buffer of BUFFER bytes; a piece is a full buffer
     (but the last), so that writing it is one system call whatever sizes the source reads in."""
-    buffer = _spare_buffers.pop() if _spare_buffers else bytearray(BUFFER)
+    try:
+        buffer = _spare_buffers.pop()
+    except IndexError:  # none spare (or another thread took the last one)
+        buffer = bytearray(BUFFER)
     try:
         view = memoryview(buffer)
         filled = 0
@@ -743,12 +746,13 @@ class MemoryStorage(Storage):
 
     def sweep(self) -> int:
         self._check_open()
-        lapsed = self._index.lapsed()
-        for key, entry in lapsed:
+        removed = 0
+        for key, entry in self._index.lapsed():
             with self._index.lock_for(key):
                 if self._index.get(key) is entry:  # not written again since
                     self._index.pop(key)
-        return len(lapsed)
+                    removed += 1
+        return removed
 
     def _write(
         self,
@@ -1139,14 +1143,13 @@ class FileStorage(Storage):
 
     def sweep(self) -> int:
         self._check_open()
-        lapsed = self._index.lapsed()
-        tickets = [0]
-        for key, entry in lapsed:
+        tickets = []
+        for key, entry in self._index.lapsed():
             with self._index.lock_for(key):
                 if self._index.get(key) is entry:  # not written again since
                     tickets.append(self._unlink(key, entry))
-        self._values_synced.wait(max(tickets))
-        return len(lapsed)
+        self._values_synced.wait(max(tickets, default=0))
+        return len(tickets)
 
     def _unlink(self, key: str, entry: _Entry) -> int:
         """Remove the value of `key`, indexed as `entry` (under the key's lock); return the

@@ -330,7 +330,7 @@ class Storage(abc.ABC):
     `totals`, `sweep`, `close` (also as a context manager), and the attributes `kind` (the
     name of the backend) and `location` (where values live, said for people).
 
-    The public methods check their arguments once (keys, TTLs, media types, limits), then
+    The public methods check their arguments once (keys, TTLs, media types), then
     call the hooks. A backend must implement `_fetch`, `_write`, `_delete` and `_keys`, and
     set `kind` and `location`. It may override `_stat` (default: from `_fetch`), `totals`
     (default: the stat of every key; a backend with an index keeps running totals),

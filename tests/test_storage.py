@@ -827,3 +827,17 @@ class TestFileStorage(FileStorageContract):
 
 class TestFileStorageWithFsync(FileStorageContract):
     fsync = True
+
+
+def test_storage_is_abstract_and_a_backend_must_implement_its_four_hooks():
+    with pytest.raises(TypeError):
+        kvserver.Storage()  # type: ignore[abstract]
+
+    class Incomplete(kvserver.Storage):
+        kind, location = "incomplete", "nowhere"
+
+        def _fetch(self, key):
+            raise KeyError(key)
+
+    with pytest.raises(TypeError, match="_delete"):
+        Incomplete()

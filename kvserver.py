@@ -2407,6 +2407,7 @@ class KVServer(ThreadingHTTPServer):
         self._lingering: list[tuple[socket.socket, float]] = []
         self._closed = threading.Event()
         self._stop_requested = threading.Event()
+        self._housekeeper: threading.Thread | None = None
         super().__init__(address, KVRequestHandler)
         self.loopback = ipaddress.ip_address(self.host).is_loopback
         if ssl_context is not None:  # the handshake happens in the connection's thread, not in accept()
@@ -2540,7 +2541,8 @@ class KVServer(ThreadingHTTPServer):
         """Close the listening socket, wait for the connections' threads, end housekeeping."""
         super().server_close()
         self._closed.set()
-        self._housekeeper.join()  # so that it does not sweep a storage being closed
+        if self._housekeeper is not None:  # (None if binding failed)
+            self._housekeeper.join()  # so that it does not sweep a storage being closed
 
 
 # main()

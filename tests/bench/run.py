@@ -527,7 +527,6 @@ def scenario_set(config: Config, report: Report, scripts: dict[str, Path]) -> No
         if fsync:
             r = ratio(named["kvserver"].rps, named["bare fsync loop"].rps)
             report.target("GET /set, 16 conn, fsync: ≥ 0.8× the bare fsync loop", times(r), r >= 0.8)
-            report.target("GET /set, 16 conn, fsync: ≥ 1.0× the bare fsync loop (group commit)", times(r), r >= 1.0)
         else:
             r = ratio(named["kvserver"].rps, named["ceiling"].rps)
             report.target("GET /set, 16 conn, --no-fsync: ≥ 0.8× the ceiling", times(r), r >= 0.8)

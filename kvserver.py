@@ -1121,8 +1121,7 @@ class FileStorage(Storage):
                 if had_metadata and not needs_metadata:
                     self._values_synced.wait(ticket)  # the old value may not come back without its metadata
                     # Crash here: a stale metadata file matches no value file; removed at start.
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(os.path.join(self._meta, name))
+                    self._unlink_metadata(key)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):  # gone if it was renamed
                 os.unlink(staged.path)
@@ -1137,34 +1136,43 @@ class FileStorage(Storage):
             entry = self._index.get(key)  # live or expired
             if entry is None:
                 return False
-            ticket = self._unlink(key, entry)
+            ticket = self._unlink(key)
+            if self._needs_metadata(key, _file_name(key), entry):
+                self._values_synced.wait(ticket)  # the value may not come back without its metadata
+                # Crash here: the metadata file matches no value file; removed at start.
+                self._unlink_metadata(key)
         self._values_synced.wait(ticket)
         return current is not None
 
     def sweep(self) -> int:
         self._check_open()
-        tickets = []
+        swept: list[tuple[str, _Entry]] = []
+        tickets = [0]
         for key, entry in self._index.lapsed():
             with self._index.lock_for(key):
                 if self._index.get(key) is entry:  # not written again since
-                    tickets.append(self._unlink(key, entry))
-        self._values_synced.wait(max(tickets, default=0))
-        return len(tickets)
+                    tickets.append(self._unlink(key))
+                    swept.append((key, entry))
+        self._values_synced.wait(max(tickets))  # one folder fsync for them all
+        for key, entry in swept:
+            if self._needs_metadata(key, _file_name(key), entry):
+                with self._index.lock_for(key):
+                    if self._index.get(key) is None:  # else a new value owns the metadata file
+                        # Crash before this: the metadata file matches no value file; removed at start.
+                        self._unlink_metadata(key)
+        return len(swept)
 
-    def _unlink(self, key: str, entry: _Entry) -> int:
-        """Remove the value of `key`, indexed as `entry` (under the key's lock); return the
+    def _unlink(self, key: str) -> int:
+        """Remove the value file of `key` and its entry (under the key's lock); return the
         ticket of the folder fsync that makes it durable."""
-        name = _file_name(key)
         with contextlib.suppress(FileNotFoundError):  # removed by hand
-            os.unlink(os.path.join(self.path, name))
+            os.unlink(os.path.join(self.path, _file_name(key)))
         self._index.pop(key)  # the change takes effect
-        ticket = self._values_synced.ticket()
-        if self._needs_metadata(key, name, entry):
-            self._values_synced.wait(ticket)  # the value may not come back without its metadata
-            # Crash here: the metadata file matches no value file; removed at start.
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(self._meta, name))
-        return ticket
+        return self._values_synced.ticket()
+
+    def _unlink_metadata(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self._meta, _file_name(key)))
 
     def _stage(self, pieces: _Pieces) -> _Staged:
         """Write a value into a new temporary file, stamp it, fsync it: all of it is on disk,

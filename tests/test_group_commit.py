@@ -16,6 +16,8 @@ import threading
 import time
 from pathlib import Path
 
+from conftest import wait_for
+
 import kvserver
 
 WRITERS = 24
@@ -121,3 +123,28 @@ def test_every_write_answered_before_a_kill_9_is_there_after_a_restart(make_serv
         assert response.headers["Content-Type"] == content_type, key
     assert list((data_dir / ".kvserver" / "tmp").iterdir()) == []
     assert restarted.stop() == 0
+
+
+def test_a_sweep_of_many_expired_values_makes_one_folder_fsync(tmp_path, monkeypatch):
+    data_dir = tmp_path / "data"
+    store = kvserver.FileStorage(data_dir, fsync=True)
+    for number in range(20):
+        store.put(f"k{number}", b"v", ttl=1)
+    store.put("stays", b"v")
+    wait_for(lambda: len(store) == 1, timeout=5, interval=0.05, what="the values to expire")
+    folder = os.stat(data_dir)
+    folder_fsyncs = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        real_fsync(fd)
+        if os.path.samestat(os.fstat(fd), folder):
+            folder_fsyncs.append(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    assert store.sweep() == 20
+    monkeypatch.undo()
+    assert len(folder_fsyncs) == 1
+    assert sorted(path.name for path in data_dir.iterdir()) == [".kvserver", "stays"]
+    assert [path.name for path in (data_dir / ".kvserver" / "meta").iterdir()] == ["stays"]  # its media type
+    store.close()

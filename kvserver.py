@@ -856,6 +856,8 @@ class _GroupSync:
 
     def ticket(self) -> int:
         """A ticket for a change just made in the folder."""
+        if self._fd is None:
+            return 0  # nothing to wait for
         with self._changes:
             self._issued += 1
             return self._issued

@@ -620,6 +620,13 @@ class _Index:
             return None
         return entry
 
+    def find(self, key: str) -> _Entry:
+        """The entry of `key`; KeyError if it has none or it has expired."""
+        entry = self.live(key)
+        if entry is None:
+            raise KeyError(key)
+        return entry
+
     def put(self, key: str, entry: _Entry) -> None:
         """Make `entry` the one of `key` (under the key's lock)."""
         with self._books:
@@ -722,15 +729,10 @@ class MemoryStorage(Storage):
         return f"{type(self).__name__}()"
 
     def _stat(self, key: str) -> Stat:
-        entry = self._index.live(key)
-        if entry is None:
-            raise KeyError(key)
-        return entry.stat
+        return self._index.find(key).stat
 
     def _fetch(self, key: str) -> tuple[Stat, bytes | BinaryIO]:
-        entry = self._index.live(key)
-        if entry is None:
-            raise KeyError(key)
+        entry = self._index.find(key)
         assert entry.data is not None
         return entry.stat, entry.data
 
@@ -1050,19 +1052,14 @@ class FileStorage(Storage):
     # Reads
 
     def _stat(self, key: str) -> Stat:
-        entry = self._index.live(key)
-        if entry is None:
-            raise KeyError(key)
-        return entry.stat
+        return self._index.find(key).stat
 
     def _fetch(self, key: str) -> tuple[Stat, bytes | BinaryIO]:
         entry = self._index.live(key)
         if entry is not None and entry.data is not None:
             return entry.stat, entry.data
         with self._index.lock_for(key):  # so the file opened is the one the entry describes
-            entry = self._index.live(key)
-            if entry is None:
-                raise KeyError(key)
+            entry = self._index.find(key)
             if entry.data is not None:
                 return entry.stat, entry.data
             try:

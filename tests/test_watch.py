@@ -23,6 +23,7 @@ import pytest
 import test_redis
 from conftest import Server, wait_for
 from test_redis import RedisServer
+from test_storage import TTL_DEADLINE
 
 import kvserver
 
@@ -48,6 +49,8 @@ class WatchContract:
             store.put("a", b"1", content_type="text/plain")
             store.put("b", b"22", ttl=1)
             store.delete("a")
+            wait_for(lambda: "b" not in store, timeout=TTL_DEADLINE, what="the ttl=1 value to expire")
+            store.sweep()  # (a server sweeps twice a second)
             events = [next(watch) for _ in range(4)]
         assert [(event.type, event.key) for event in events] == [
             ("put", "a"),
@@ -61,13 +64,32 @@ class WatchContract:
         revisions = [order(event.revision) for event in events]
         assert revisions == sorted(revisions) and len(set(revisions)) == 4
 
-    def test_an_expiry_is_announced_within_two_seconds_though_nobody_reads_the_key(self, store):
-        with store.watch(timeout=10) as watch:
+    def test_a_sweep_announces_each_expired_value_once(self, store):
+        with store.watch(timeout=30) as watch:
             store.put("short", b"v", ttl=1)
-            put = next(watch)
-            expire = next(watch)
-        assert (expire.type, expire.key) == ("expire", "short")
-        assert time.time() <= put.stat.expires_at + EXPIRY_DEADLINE
+            store.put("long", b"v", ttl=600)
+            wait_for(lambda: "short" not in store, timeout=TTL_DEADLINE, what="the ttl=1 value to expire")
+            store.sweep()
+            store.sweep()
+            assert [(event.type, event.key) for event in (next(watch) for _ in range(3))] == [
+                ("put", "short"),
+                ("put", "long"),
+                ("expire", "short"),
+            ]
+            assert watch.wait(0.3) == []
+
+    def test_a_write_over_a_value_that_expired_unswept_announces_the_expiry_first(self, store):
+        with store.watch(timeout=30) as watch:
+            store.put("k", b"old", ttl=1)
+            wait_for(lambda: "k" not in store, timeout=TTL_DEADLINE, what="the ttl=1 value to expire")
+            store.put("k", b"new")
+            store.sweep()
+            assert [(event.type, event.stat and event.stat.size) for event in (next(watch) for _ in range(3))] == [
+                ("put", 3),
+                ("expire", None),
+                ("put", 3),
+            ]
+            assert watch.wait(0.3) == []
 
     def test_a_watch_sees_only_the_keys_under_its_prefix(self, store):
         with store.watch("app/", timeout=10) as watch:
@@ -248,6 +270,8 @@ def test_a_key_with_a_ttl_loaded_at_start_expires_with_an_event(tmp_path: Path):
     with kvserver.FileStorage(tmp_path, fsync=False) as store:
         store.put("short", b"v", ttl=1)
     with kvserver.FileStorage(tmp_path, fsync=False) as store, store.watch(timeout=10) as watch:
+        wait_for(lambda: "short" not in store, timeout=TTL_DEADLINE, what="the ttl=1 value to expire")
+        store.sweep()
         event = next(watch)
         assert (event.type, event.key) == ("expire", "short")
         assert not (tmp_path / "short").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 from pathlib import Path
 
 import pytest
@@ -22,8 +23,19 @@ def python_examples() -> dict[str, str]:
     return examples
 
 
-def test_the_readme_has_the_xmlrpc_and_library_examples():
-    assert set(python_examples()) == {"Use it from XML-RPC", "Use it as a library"}
+def test_the_readme_has_the_xmlrpc_library_and_watching_examples():
+    assert set(python_examples()) == {"Use it from XML-RPC", "Use it as a library", "Watching for changes"}
+
+
+def test_the_watching_loop_prints_each_change_until_the_flag_is_off(server, capsys):
+    code = python_examples()["Watching for changes"]
+    assert "http://localhost:4000" in code
+    assert server.request("PUT", "/kv/config/flag", b"on").status == 201
+    turned_off = threading.Timer(0.5, lambda: server.request("PUT", "/kv/config/flag", b"off"))
+    turned_off.start()
+    exec(compile(code.replace("http://localhost:4000", server.url), "README.md", "exec"), {})
+    turned_off.join()
+    assert capsys.readouterr().out == "flag: b'on'\nflag: b'off'\n"
 
 
 def test_the_xmlrpc_example_runs_against_a_live_server(server):

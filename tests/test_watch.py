@@ -329,9 +329,11 @@ class EventStream:
         self.connection.close()
 
 
-@pytest.fixture(params=["memory", "files"])
+@pytest.fixture(params=["memory", "files", "redis"])
 def any_server(request, make_server) -> Server:
-    """A quiet kvserver on memory or on files storage (without fsync: many writes, none for durability)."""
+    """A quiet kvserver on memory, files (without fsync: many writes, none for durability) or Redis storage."""
+    if request.param == "redis":
+        return make_server("--quiet", "--storage", request.getfixturevalue("redis_db").url())
     return make_server("--quiet", "--storage", request.param, "--no-fsync")
 
 
@@ -516,6 +518,15 @@ def test_a_stream_sends_a_comment_after_silence_and_is_not_closed_as_idle(monkey
     finally:
         server.shutdown()
         server.stop()
+
+
+def test_with_a_token_a_stream_and_a_waiting_get_need_it(make_server, streams):
+    server = make_server("--quiet", "--storage", "memory", "--token", "s3cret")
+    assert server.get("/events").status == 401
+    assert server.get("/kv/k?wait=1").status == 401
+    stream = open_stream(streams, server, headers={"Authorization": "Bearer s3cret"})
+    assert server.request("PUT", "/kv/k", b"v", {"Authorization": "Bearer s3cret"}).status == 201
+    assert stream.events(1)[0].json()["key"] == "k"
 
 
 def test_streams_count_against_max_connections(make_server, streams):

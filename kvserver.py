@@ -57,6 +57,7 @@ import math
 import os
 import re
 import secrets
+import select
 import shutil
 import signal
 import socket
@@ -3767,6 +3768,30 @@ class _Connections:
                 del self._states[connection]  # so head_read says the head was cut off
         return overdue
 
+    def hung_up(self) -> None:
+        """End the waits of the watching connections whose client closed its end, so that a
+        long-poll or a stream the client left does not hold its thread (and a place under the
+        limit) until its time or next heartbeat. (A TLS connection cannot be peeked at: its
+        stream finds out at its next heartbeat.)"""
+        with self._lock:
+            watching = {connection.fileno(): connection for connection in self._watches}
+        poller = select.poll()
+        for fd, connection in watching.items():
+            if fd >= 0 and not isinstance(connection, ssl.SSLSocket):
+                poller.register(fd, select.POLLIN)
+        for fd, _ in poller.poll(0):
+            try:
+                gone = watching[fd].recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+            except BlockingIOError:
+                gone = False
+            except OSError:
+                gone = True
+            if gone:
+                with self._lock:
+                    watch = self._watches.get(watching[fd])
+                if watch is not None:
+                    watch.close()
+
     def stop(self) -> list[socket.socket]:
         """Admit no more requests, end the waits of the watching connections (so that they
         answer at once: a long-poll with what it has, a stream with its end), and return the
@@ -3870,10 +3895,12 @@ class KVServer(ThreadingHTTPServer):
         connection.close()
 
     def _housekeeping(self) -> None:
-        """Twice a second: cut off clients whose request head is overdue, close the refused
-        connections once their client had a moment to read the 503, and sweep the storage."""
+        """Twice a second: cut off clients whose request head is overdue, end the waits of
+        clients that hung up, close the refused connections once their client had a moment to
+        read the 503, and sweep the storage."""
         while not self._closed.wait(0.5):
             _shut_down(self.connections.overdue())
+            self.connections.hung_up()
             now = time.monotonic()
             with self._lingering_lock:
                 done = [connection for connection, until in self._lingering if until < now]

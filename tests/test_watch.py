@@ -529,6 +529,23 @@ def test_with_a_token_a_stream_and_a_waiting_get_need_it(make_server, streams):
     assert stream.events(1)[0].json()["key"] == "k"
 
 
+def open_connections(server: Server) -> int:
+    metrics = server.get("/metrics", headers={"Connection": "close"}).body.decode()
+    return int(metrics.split("\nkvserver_open_connections ")[1].split()[0]) - 1  # (less the one asking)
+
+
+def test_a_stream_or_a_waiting_get_the_client_left_lets_its_connection_go_within_a_second(any_server):
+    with socket.create_connection((any_server.host, any_server.port)) as stream:
+        stream.sendall(b"GET /events HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert stream.recv(4096).startswith(b"HTTP/1.1 200")
+        with socket.create_connection((any_server.host, any_server.port)) as waiting:
+            waiting.sendall(b"GET /kv/nothing?wait=300 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            wait_for(lambda: open_connections(any_server) == 2, what="both to be open")
+    left = time.monotonic()
+    wait_for(lambda: open_connections(any_server) == 0, timeout=5, what="both connections to go")
+    assert time.monotonic() - left < 2  # not the 15 s heartbeat, nor the 300 s wait
+
+
 def test_streams_count_against_max_connections(make_server, streams):
     server = make_server("--quiet", "--storage", "memory", "--max-connections", "2")
     for _ in range(2):

@@ -1897,7 +1897,9 @@ class _Fields:
         """The field's value; the values of a repeated field joined with ", " (RFC 9110
         section 5.3), so that a second Origin or If-Match cannot pass unseen."""
         values = self._values.get(name.lower())
-        return default if values is None else ", ".join(values)
+        if values is None:
+            return default
+        return values[0] if len(values) == 1 else ", ".join(values)
 
     def get_all(self, name: str) -> list[str]:
         return self._values.get(name.lower(), [])
@@ -2041,6 +2043,8 @@ def _request_line_error(line: bytes) -> _HTTPError:
 def _body_framing(fields: _Fields, version: str) -> tuple[int | None, bool]:
     """The Content-Length and whether the body is chunked (RFC 9112 section 6): a 400 for any
     framing two parsers could read two ways, a 501 for a transfer coding other than chunked."""
+    if "content-length" not in fields and "transfer-encoding" not in fields:
+        return None, False  # no body: the common case
     lengths = fields.get_all("Content-Length")
     codings = fields.get_all("Transfer-Encoding")
     if lengths and codings:
@@ -2091,6 +2095,8 @@ class _RequestBody:
     to its end (`unread` is False), the connection cannot carry another request and is closed
     after the answer. Each byte must come within STALL_TIMEOUT of the one before.
     """
+
+    __slots__ = ("_chunked_total", "_handler", "_head", "_left", "_limit", "unread")
 
     def __init__(self, handler: KVRequestHandler, head: _RequestHead) -> None:
         self._handler = handler
@@ -2515,6 +2521,9 @@ def _redact(request_line: str) -> str:
     return head + "?" + _REDACTED_VALUE.sub("=…", query) + separator + version
 
 
+_STATUS_LINES = {status: f"HTTP/1.1 {status.value} {status.phrase}\r\n" for status in HTTPStatus}
+
+
 class KVRequestHandler(BaseHTTPRequestHandler):
     """Serves one connection: the seed routes, REST, XML-RPC, the page, health and metrics.
 
@@ -2731,9 +2740,9 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             fields["Connection"] = "close"
         elif self.request_version == "HTTP/1.0":
             fields["Connection"] = "keep-alive"
-        lines = "".join(f"{name}: {value}\r\n" for name, value in fields.items())
+        lines = "".join([f"{name}: {value}\r\n" for name, value in fields.items()])
         self.wfile.write(
-            f"HTTP/1.1 {status.value} {status.phrase}\r\nServer: {self.server_version}\r\n"
+            f"{_STATUS_LINES[status]}Server: {self.server_version}\r\n"
             f"Date: {self.date_time_string()}\r\n{lines}\r\n".encode("latin-1")
         )
 

@@ -8,6 +8,7 @@ import hmac
 import html
 import http.client
 import os
+import re
 import shutil
 import socket
 import ssl
@@ -304,6 +305,37 @@ def test_the_token_never_appears_in_the_access_log(make_server):
     assert '"GET /keys HTTP/1.1" 401' in log
 
 
+def test_a_non_loopback_bind_without_a_token_makes_one_prints_it_and_requires_it(spawn):
+    env = {name: value for name, value in os.environ.items() if name != "KV_TOKEN"}
+    tokens = []
+    for _ in range(2):
+        server = spawn("--quiet", "--bind", "0.0.0.0", env=env)
+        match = re.search(r"; token required: ([A-Za-z0-9_-]+) \(", server.start_line)
+        assert match, server.start_line
+        token = match.group(1)
+        tokens.append(token)
+        assert len(token) >= 16
+        assert fetch(server.port, "GET", "/keys").status == 401
+        assert fetch(server.port, "GET", "/set?planted=1").status == 401
+        assert fetch(server.port, "GET", "/keys", headers={"Authorization": f"Bearer {token}"}).status == 200
+        assert fetch(server.port, "GET", "/keys", headers={"Authorization": basic("me", token)}).status == 200
+        assert fetch(server.port, "GET", "/health").status == 200
+    assert tokens[0] != tokens[1], "a new random token at each start"
+
+
+def test_no_token_serves_a_non_loopback_address_without_one(spawn):
+    env = {name: value for name, value in os.environ.items() if name != "KV_TOKEN"}
+    server = spawn("--quiet", "--bind", "0.0.0.0", "--no-token", env=env)
+    assert server.start_line.rstrip().endswith("; no token, TLS off"), server.start_line
+    assert fetch(server.port, "GET", "/keys").status == 200
+
+
+def test_a_token_given_for_a_non_loopback_bind_is_the_one_required(spawn):
+    server = spawn("--quiet", "--bind", "0.0.0.0", env={**os.environ, "KV_TOKEN": TOKEN})
+    assert "; token required, TLS off" in server.start_line and TOKEN not in server.start_line
+    assert fetch(server.port, "GET", "/keys", headers={"Authorization": f"Bearer {TOKEN}"}).status == 200
+
+
 # TLS
 
 
@@ -311,6 +343,7 @@ def test_tls_serves_https_with_the_given_certificate(spawn, certificate):
     cert, key = certificate
     server = spawn("--quiet", "--certfile", str(cert), "--keyfile", str(key))
     assert f"https://127.0.0.1:{server.port}/" in server.start_line
+    assert server.start_line.rstrip().endswith(", TLS on"), server.start_line
     context = ssl.create_default_context(cafile=str(cert))
     created = fetch(server.port, "GET", "/set?greeting=hello%20over%20tls", context=context)
     assert created.status == 201
@@ -375,21 +408,23 @@ def plain(make_server):
     return make_server("--quiet")
 
 
-def test_a_cross_site_request_is_403_and_stores_nothing(plain):
-    response = plain.get(f"/set?planted={SECRET}", headers={"Sec-Fetch-Site": "cross-site"})
+@pytest.mark.parametrize("site", ["cross-site", "same-site"])
+def test_a_cross_site_or_same_site_request_is_403_and_stores_nothing(plain, site):
+    response = plain.get(f"/set?planted={SECRET}", headers={"Sec-Fetch-Site": site})
     assert response.status == 403
     assert response.problem()["detail"]
     assert plain.get("/get?key=planted").status == 404
     assert not (plain.data_dir / "planted").exists()
 
 
-def test_a_cross_site_request_cannot_read_or_delete(plain):
+@pytest.mark.parametrize("site", ["Cross-Site", "Same-Site"])
+def test_a_cross_site_or_same_site_request_cannot_read_or_delete(plain, site):
     assert plain.get("/set?mine=kept").status == 201
     for path in ["/get?key=mine", "/delete?key=mine", "/", "/keys", "/kv/mine"]:
-        response = plain.get(path, headers={"Sec-Fetch-Site": "Cross-Site"})
+        response = plain.get(path, headers={"Sec-Fetch-Site": site})
         assert response.status == 403, path
         assert b"kept" not in response.body
-    assert plain.request("PUT", "/kv/mine", body=b"x", headers={"Sec-Fetch-Site": "cross-site"}).status == 403
+    assert plain.request("PUT", "/kv/mine", body=b"x", headers={"Sec-Fetch-Site": site.lower()}).status == 403
     assert plain.get("/get?key=mine").body == b"kept"
 
 

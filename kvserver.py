@@ -2214,6 +2214,7 @@ class KVServer(ThreadingHTTPServer):
         self.max_value = max_value
         self.max_connections = max_connections
         self.token = token.encode("utf-8") if token is not None else None
+        self.ssl_context = ssl_context
         self.scheme = "https" if ssl_context else "http"
         self.quiet = quiet
         self.rpc = _XMLRPC(storage, max_value)
@@ -2228,8 +2229,6 @@ class KVServer(ThreadingHTTPServer):
         self._stop_requested = threading.Event()
         super().__init__(address, KVRequestHandler)
         self.loopback = ipaddress.ip_address(self.host).is_loopback
-        if ssl_context is not None:  # the handshake happens in the connection's thread, not in accept()
-            self.socket = ssl_context.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
         threading.Thread(target=self._housekeeping, name="kvserver-housekeeping", daemon=True).start()
 
     def server_bind(self) -> None:
@@ -2265,15 +2264,42 @@ class KVServer(ThreadingHTTPServer):
 
     def process_request_thread(self, request: socket.socket, client_address: Any) -> None:  # type: ignore[override]
         try:
-            super().process_request_thread(request, client_address)
+            connection = request if self.ssl_context is None else self._start_tls(request)
+            if connection is not None:
+                super().process_request_thread(connection, client_address)
         finally:
             with self._state_lock:
                 self._connections -= 1
 
+    def _start_tls(self, connection: socket.socket) -> ssl.SSLSocket | None:
+        """The connection in TLS, in its own thread; None if the client spoke plain HTTP to this
+        port: it is answered 400 with a pointer to https:// (as nginx does) and closed."""
+        assert self.ssl_context is not None
+        first = b""
+        if self.await_request(connection):  # idle until the first byte comes: stop() may close it
+            with contextlib.suppress(OSError):
+                connection.settimeout(IDLE_TIMEOUT)
+                first = connection.recv(1, socket.MSG_PEEK)
+            with self._state_lock:
+                self._idle.discard(connection)
+        if first == b"\x16":  # a TLS handshake record; the handshake itself happens on the first read
+            return self.ssl_context.wrap_socket(connection, server_side=True, do_handshake_on_connect=False)
+        with contextlib.suppress(OSError):
+            if first:
+                detail = "this port speaks HTTPS: use an https:// URL"
+                connection.sendall(_problem_response(HTTPStatus.BAD_REQUEST, detail))
+                connection.shutdown(socket.SHUT_WR)
+                connection.settimeout(1.0)
+                deadline = time.monotonic() + 2.0
+                while time.monotonic() < deadline and connection.recv(CHUNK):  # lest closing reset the answer
+                    pass
+        connection.close()
+        return None
+
     def _refuse(self, connection: socket.socket) -> None:
         """Answer 503 at once, from the accepting thread, without starting a thread."""
         with contextlib.suppress(OSError):
-            if not isinstance(connection, ssl.SSLSocket):  # a TLS client gets only the close
+            if self.ssl_context is None:  # a TLS client gets only the close
                 connection.setblocking(False)
                 connection.send(self._BUSY)
             connection.shutdown(socket.SHUT_WR)

@@ -21,7 +21,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import KVSERVER, START_TIMEOUT, Response, raw_exchange, read_line, require_service, wait_for
+from conftest import (
+    KVSERVER,
+    START_TIMEOUT,
+    Response,
+    parse_response,
+    raw_exchange,
+    read_line,
+    require_service,
+    wait_for,
+)
 
 import kvserver
 
@@ -359,7 +368,7 @@ def test_tls_serves_https_with_the_given_certificate(spawn, certificate):
     assert fetch(server.port, "GET", "/keys", headers=plain, context=context).status == 403
 
 
-def test_a_plain_http_client_on_the_tls_port_gets_nothing_and_the_server_goes_on(spawn, certificate):
+def test_a_plain_http_client_on_the_tls_port_is_told_to_use_https_and_the_server_goes_on(spawn, certificate):
     cert, key = certificate
     server = spawn("--certfile", str(cert), "--keyfile", str(key))
     context = ssl.create_default_context(cafile=str(cert))
@@ -367,7 +376,11 @@ def test_a_plain_http_client_on_the_tls_port_gets_nothing_and_the_server_goes_on
     for _ in range(3):
         answer = half_closed_exchange(server.port, b"GET /get?key=greeting HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert b"hello" not in answer
-        assert not answer.startswith(b"HTTP/1.1 200")
+        response = parse_response(answer)
+        assert response.status == 400
+        assert "https://" in response.problem()["detail"]
+    plain = fetch(server.port, "GET", "/get?key=greeting")  # http.client, as a user's script would
+    assert plain.status == 400 and "https://" in plain.problem()["detail"]
     assert server.process.poll() is None
     response = fetch(server.port, "GET", "/get?key=greeting", context=context)
     assert (response.status, response.body) == (200, b"hello")

@@ -267,3 +267,21 @@ def test_the_access_log_sample_is_what_the_server_writes(make_server):
     wait_for(lambda: server.stderr().count("\n") >= len(samples), what="the access log lines")
     logged = server.stderr().splitlines()[: len(samples)]
     assert normalised(logged, ["date"]) == normalised(samples, ["date"])
+
+
+# What users read speaks of the project alone
+
+
+@pytest.mark.parametrize("path", ["README.md", "tests/bench/README.md", "tests/bench/run.py", "kvserver.py"])
+def test_what_users_read_names_no_spec_and_no_issue_number(path: str):
+    text = (ROOT / path).read_text()
+    if path == "kvserver.py":  # its usage text; its comments and docstrings speak to developers
+        text = text.split('"""')[1]
+    assert not re.search(r"\bSPEC\b|\bissues? #?\d+", text), path
+
+
+def test_the_license_file_is_the_mit_license_the_package_declares():
+    assert 'license = { text = "MIT" }' in (ROOT / "pyproject.toml").read_text()
+    license_text = (ROOT / "LICENSE").read_text()
+    assert license_text.startswith("MIT License\n")
+    assert "Permission is hereby granted, free of charge" in license_text

@@ -1206,7 +1206,7 @@ def _fields(query: str, allowed: tuple[str, ...], usage: str) -> dict[str, bytes
         elif value is None:
             problem = f"query field {shown} needs '=' and a value"
         elif name.decode() in fields:
-            problem = f"query field {shown} is repeated; give it once"
+            problem = f"query field {shown} is repeated"
         else:
             fields[name.decode()] = value
             continue

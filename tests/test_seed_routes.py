@@ -363,15 +363,15 @@ def test_get_and_delete_without_a_query_answer_with_their_usage(shared, path):
 @pytest.mark.parametrize(
     "path, words",
     [
-        ("/keys?limit=0", ["limit", "'0'"]),
-        ("/keys?limit=1.5", ["limit", "'1.5'"]),
-        ("/set?key=k&value=v&ttl=1.5", ["ttl", "'1.5'"]),
-        ("/kv/k?ttl=0", ["ttl", "'0'"]),
-        ("/keys?prefix=a&prefix=b", ["'prefix' is repeated"]),
-        ("/get?key=a&key=b", ["'key' is repeated"]),
-        ("/keys?prefix", ["'prefix' needs '=' and a value"]),
-        ("/keys?bogus=1", ["unexpected query field 'bogus'", "?prefix=<p>&limit="]),
-        ("/?bogus=1", ["unexpected query field 'bogus'", "/?prefix=<p>"]),
+        ("/keys?limit=0", ["limit", '"0"']),
+        ("/keys?limit=1.5", ["limit", '"1.5"']),
+        ("/set?key=k&value=v&ttl=1.5", ["ttl", '"1.5"']),
+        ("/kv/k?ttl=0", ["ttl", '"0"']),
+        ("/keys?prefix=a&prefix=b", ['"prefix" is repeated']),
+        ("/get?key=a&key=b", ['"key" is repeated']),
+        ("/keys?prefix", ['"prefix" needs \'=\' and a value']),
+        ("/keys?bogus=1", ['unexpected query field "bogus"', "?prefix=<p>&limit="]),
+        ("/?bogus=1", ['unexpected query field "bogus"', "/?prefix=<p>"]),
     ],
 )
 def test_error_details_read_as_text_in_a_terminal(shared, path, words):

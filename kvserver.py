@@ -950,18 +950,150 @@ class RedisStorage(Storage):
     """Values in Redis, so that several kvserver processes on several machines serve one store.
 
     Each key is a Redis hash named `<prefix><key>` with the fields value, type, etag and
-    expires; a TTL is also the hash's Redis expiry. Compare-and-set uses WATCH/MULTI, so it
-    is atomic across processes. Values travel whole, so they are limited to MAX_VALUE (Redis
-    strings stop at 512 MB). Needs the redis package: pip install 'kvserver[redis]'.
+    expires; a TTL is also the hash's Redis expiry. Beside the hashes, four structures make
+    listing and counting cost the same however many keys there are; their names are the prefix,
+    a 0xFF byte (which no UTF-8 key contains, so no key's hash can have these names) and:
+
+    - `keys`: a sorted set of every key, all scored 0, so that ZRANGEBYLEX reads it in byte
+      order, which for UTF-8 is code-point order: the ordered index;
+    - `expiries`: a sorted set of the keys that have a TTL, scored by their Redis expiry in ms;
+    - `sizes`: a hash of the sizes of those keys (their Redis hash may already be gone);
+    - `totals`: a hash of the fields keys and bytes (what the index holds) and indexed (set
+      once every value in Redis is in the index).
+
+    Every write and delete changes the key's hash, the index and the totals in one WATCH/MULTI
+    transaction (the bookkeeping is the Lua script _ACCOUNT inside it), so compare-and-set is
+    atomic across processes and the index never disagrees with the values. Redis expires a
+    hash by itself; its key stays in the index until a sweep (_SWEEP_AND_COUNT, and a few keys
+    on every write) takes it out, and until then listing skips it by its expiry and the totals
+    are read only after sweeping. The scripts read Redis's clock (TIME), the one its expiry
+    follows. A store written by an older kvserver, without the index, is indexed when it is
+    first opened. Needs one Redis (not Redis Cluster: a transaction spans a key and the index).
+
+    Values travel whole, so they are limited to MAX_VALUE (Redis strings stop at 512 MB).
+    Needs the redis package: pip install 'kvserver[redis]'.
     """
 
     kind = "redis"
     MAX_VALUE = 512 * 1024 * 1024 - 1
     _FIELDS = (b"value", b"type", b"etag", b"expires")
+    _STRUCTURES = (b"keys", b"expiries", b"sizes", b"totals")
+    _BATCH = 1000  # keys per listing, sweeping or indexing step: a step holds Redis for well under 10 ms
+    _SWEEP_ON_WRITE = 2  # expired keys each write sweeps, more than it can add: the index cannot fill with them
+
+    # Lua shared by the scripts. Every script gets the four structures as KEYS[1..4] and the
+    # prefix as ARGV[1]. A Lua script runs whole, with no other command in between.
+    _LUA = """
+local index, expiries, sizes, totals = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local prefix = ARGV[1]
+
+local function now_ms()
+  local time = redis.call('TIME')
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+end
+
+-- Take `key` out of the index and the totals, before its hash changes (its size may be read there).
+local function forget(key)
+  if redis.call('ZREM', index, key) == 1 then
+    local size = redis.call('HGET', sizes, key) or redis.call('HSTRLEN', prefix .. key, 'value')
+    redis.call('HINCRBY', totals, 'keys', -1)
+    redis.call('HINCRBY', totals, 'bytes', 0 - tonumber(size))  -- (-size: Lua writes -0, which HINCRBY refuses)
+    redis.call('ZREM', expiries, key)
+    redis.call('HDEL', sizes, key)
+  end
+end
+
+-- Put `key` in the index and the totals with a value of `size` bytes expiring at `expires_ms` (nil: never).
+local function remember(key, size, expires_ms)
+  redis.call('ZADD', index, 0, key)
+  redis.call('HINCRBY', totals, 'keys', 1)
+  redis.call('HINCRBY', totals, 'bytes', size)
+  if expires_ms then
+    redis.call('ZADD', expiries, expires_ms, key)
+    redis.call('HSET', sizes, key, size)
+  end
+end
+
+-- Forget at most `count` keys whose expiry has passed, and delete their hashes (Redis has, or is
+-- about to: it deletes a key once the time is past its expiry); return how many. A key written
+-- again since has a new expiry, or none, so it is not among them.
+local function sweep(count)
+  local due = redis.call('ZRANGEBYSCORE', expiries, '-inf', string.format('(%d', now_ms()), 'LIMIT', 0, count)
+  for _, key in ipairs(due) do
+    forget(key)
+    redis.call('DEL', prefix .. key)
+  end
+  return #due
+end
+"""
+
+    # In a write's or delete's transaction, before the hash changes. ARGV: prefix, key, the new
+    # size ('' to delete), the new expiry in ms ('' for none), how many expired keys to sweep.
+    _ACCOUNT = (
+        _LUA
+        + """
+sweep(tonumber(ARGV[5]))
+forget(ARGV[2])
+if ARGV[3] ~= '' then
+  remember(ARGV[2], tonumber(ARGV[3]), ARGV[4] ~= '' and ARGV[4] or nil)
+end
+"""
+    )
+
+    # Sweep at most ARGV[2] keys, then read the totals: {swept, keys, bytes}. The totals are
+    # exact when fewer than ARGV[2] were swept (nothing expired is left in them).
+    _SWEEP_AND_COUNT = (
+        _LUA
+        + """
+local swept = sweep(tonumber(ARGV[2]))
+local counts = redis.call('HMGET', totals, 'keys', 'bytes')
+return {swept, tonumber(counts[1]) or 0, tonumber(counts[2]) or 0}
+"""
+    )
+
+    # One step of a listing: at most ARGV[4] keys of the index from ARGV[2] to ARGV[3] (ZRANGEBYLEX
+    # bounds). Returns {how many the index gave, the last of them ('' if none), those not expired}.
+    _LIST = (
+        _LUA
+        + """
+local now = now_ms()
+local batch = redis.call('ZRANGEBYLEX', index, ARGV[2], ARGV[3], 'LIMIT', 0, ARGV[4])
+local live = {}
+for _, key in ipairs(batch) do
+  local expires = redis.call('ZSCORE', expiries, key)
+  if not expires or tonumber(expires) >= now then
+    live[#live + 1] = key
+  end
+end
+return {#batch, batch[#batch] or '', live}
+"""
+    )
+
+    # Index the keys ARGV[2..] whose hash holds a value (it has an etag) and that are not in the
+    # index yet: what an older kvserver wrote. Doing it twice, or beside writers, changes nothing.
+    _ADOPT = (
+        _LUA
+        + """
+local adopted = 0
+for i = 2, #ARGV do
+  local key = ARGV[i]
+  local hash = prefix .. key
+  if not redis.call('ZSCORE', index, key) and redis.call('HEXISTS', hash, 'etag') == 1 then
+    local expires = redis.call('HGET', hash, 'expires') or ''
+    remember(key, redis.call('HSTRLEN', hash, 'value'), expires ~= '' and math.floor(tonumber(expires) * 1000) or nil)
+    adopted = adopted + 1
+  end
+end
+return adopted
+"""
+    )
 
     def __init__(self, url: str = "redis://localhost:6379/0", *, prefix: str | None = None) -> None:
         """Connect to the Redis at `url`; keys are namespaced under `prefix`, or under the URL's
-        `?prefix=` parameter (the way to set it from the command line), or 'kvserver:'."""
+        `?prefix=` parameter (the way to set it from the command line), or 'kvserver:'.
+
+        A store an older kvserver wrote without the index is indexed now, once, with a notice on
+        stderr (it takes a SCAN of the Redis database)."""
         try:
             import redis
         except ImportError:
@@ -972,6 +1104,7 @@ class RedisStorage(Storage):
         client_query = urllib.parse.urlencode([field for field in fields if field[0] != "prefix"])
         self.url = url
         self.prefix = prefix if prefix is not None else (url_prefixes or ["kvserver:"])[-1]
+        self._structures = [self._name("") + b"\xff" + name for name in self._STRUCTURES]
         self._redis_errors = (redis.ConnectionError, redis.TimeoutError)
         self._watch_error = redis.WatchError
         self._client: Any = redis.Redis.from_url(  # loosely typed
@@ -979,6 +1112,8 @@ class RedisStorage(Storage):
         )
         with self._reachable():
             self._client.ping()
+            if not self._client.hexists(self._structures[3], "indexed"):
+                self._index_older_values()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r}, prefix={self.prefix!r})"
@@ -1004,6 +1139,35 @@ class RedisStorage(Storage):
     def _name(self, key: str) -> bytes:
         return (self.prefix + key).encode("utf-8")
 
+    def _run(self, client: Any, script: str, *args: object) -> Any:
+        """Run one of the Lua scripts on `client` (the connection, or a transaction to queue it in)."""
+        return client.eval(script, len(self._structures), *self._structures, self._name(""), *args)
+
+    def _index_older_values(self) -> None:
+        """Index the values in Redis that are not in the index: a store an older kvserver wrote.
+
+        Safe beside other kvservers doing the same or writing (_ADOPT takes a key only if it is
+        not indexed yet); the last step marks the store indexed, so it runs once.
+        """
+        pattern = re.sub(rb"([*?\[\]\\])", rb"\\\1", self._name("")) + b"*"
+        start = len(self._name(""))
+        names = self._client.scan_iter(match=pattern, count=self._BATCH, _type="HASH")
+        adopted = 0
+        while batch := list(itertools.islice(names, self._BATCH)):
+            keys = []
+            for name in batch:
+                with contextlib.suppress(UnicodeDecodeError, ValueError):  # not a key: the structures, say
+                    keys.append(check_key(name[start:].decode("utf-8")))
+            if keys and (found := self._run(self._client, self._ADOPT, *keys)):
+                if not adopted:
+                    print(
+                        f"kvserver: indexing the keys an older kvserver wrote in Redis {self.location} "
+                        f"(prefix {self.prefix!r}), once",
+                        file=sys.stderr,
+                    )
+                adopted += found
+        self._client.hset(self._structures[3], "indexed", 1)
+
     @staticmethod
     def _stat_of(size: int, content_type: bytes, etag: bytes, expires: bytes) -> Stat:
         return Stat(size, content_type.decode(), etag.decode(), float(expires) if expires else None)
@@ -1025,22 +1189,30 @@ class RedisStorage(Storage):
         return self._stat_of(size, content_type, etag, expires)
 
     def _keys(self, prefix: str, after: str | None, limit: int | None) -> list[str]:
-        pattern = re.sub(rb"([*?\[\]\\])", rb"\\\1", self._name(prefix)) + b"*"
-        start = len(self.prefix.encode("utf-8"))
+        """Read the index from `prefix` (or just after `after`) in steps of at most _BATCH keys;
+        a step costs O(log n + its keys), so `after` jumps anywhere at once."""
+        first = prefix.encode("utf-8")
+        low = b"(" + after.encode("utf-8") if after is not None and after.encode("utf-8") >= first else b"[" + first
+        high = b"(" + first + b"\xff"  # past every UTF-8 string that starts with the prefix
+        keys: list[str] = []
+        wanted = self._BATCH if limit is None else min(self._BATCH, limit)
         with self._reachable():
-            keys = sorted(name[start:].decode("utf-8") for name in self._client.scan_iter(match=pattern, count=1000))
-        first = bisect.bisect_right(keys, after) if after is not None else 0
-        return keys[first : first + limit if limit is not None else None]
+            while True:
+                seen, last, live = self._run(self._client, self._LIST, low, high, wanted)
+                keys += (key.decode("utf-8") for key in live)
+                if seen < wanted or (limit is not None and len(keys) >= limit):
+                    return keys[:limit]
+                low = b"(" + last
+                wanted = self._BATCH  # (a page cut short by expired keys goes on in full steps)
 
     def totals(self) -> tuple[int, int]:
-        keys = self._keys("", None, None)
-        with self._reachable(), self._client.pipeline(transaction=False) as pipe:
-            for key in keys:
-                pipe.hstrlen(self._name(key), "value")
-                pipe.hexists(self._name(key), "etag")  # HSTRLEN is 0 for an empty value and for none
-            results = pipe.execute()
-        sizes = [size for size, exists in zip(results[::2], results[1::2], strict=True) if exists]
-        return len(sizes), sum(sizes)
+        """Read from the totals hash, after sweeping every key that has expired (in steps of
+        _BATCH keys, so that a step never holds Redis long)."""
+        with self._reachable():
+            while True:
+                swept, keys, size = self._run(self._client, self._SWEEP_AND_COUNT, self._BATCH)
+                if swept < self._BATCH:
+                    return keys, size
 
     def _write(
         self,
@@ -1060,23 +1232,20 @@ class RedisStorage(Storage):
             "etag": stat.etag,
             "expires": "" if expires_at is None else repr(expires_at),
         }
-        current = self._transaction(key, precondition, lambda pipe, name: self._replace(pipe, name, fields, expires_at))
-        return stat, current is None
-
-    @staticmethod
-    def _replace(pipe: Any, name: bytes, fields: dict[str, Any], expires_at: float | None) -> None:
-        pipe.delete(name)
-        pipe.hset(name, mapping=fields)
-        if expires_at is not None:
-            pipe.pexpireat(name, int(expires_at * 1000))
+        return stat, self._transaction(key, precondition, fields, expires_at) is None
 
     def _delete(self, key: str, precondition: _Precondition) -> bool:
-        return self._transaction(key, precondition, lambda pipe, name: pipe.delete(name)) is not None
+        return self._transaction(key, precondition, None, None) is not None
 
-    def _transaction(self, key: str, precondition: _Precondition, change: Callable[[Any, bytes], object]) -> str | None:
-        """Apply `change` to the key's hash if the precondition holds, atomically; return the
+    def _transaction(
+        self, key: str, precondition: _Precondition, fields: dict[str, Any] | None, expires_at: float | None
+    ) -> str | None:
+        """If the precondition holds, replace the key's hash with `fields` expiring at `expires_at`
+        (None: delete it) and keep the index and totals in step, in one transaction; return the
         ETag the key had (None: it had no value)."""
         name = self._name(key)
+        expires_ms = "" if expires_at is None else int(expires_at * 1000)
+        size = "" if fields is None else len(fields["value"])
         with self._reachable(), self._client.pipeline() as pipe:
             while True:
                 try:
@@ -1085,7 +1254,12 @@ class RedisStorage(Storage):
                     current = etag.decode() if etag is not None else None
                     precondition.check(key, current)
                     pipe.multi()
-                    change(pipe, name)
+                    self._run(pipe, self._ACCOUNT, key, size, expires_ms, self._SWEEP_ON_WRITE)
+                    pipe.delete(name)
+                    if fields is not None:
+                        pipe.hset(name, mapping=fields)
+                        if expires_at is not None:
+                            pipe.pexpireat(name, expires_ms)
                     pipe.execute()
                     return current
                 except self._watch_error:
@@ -1441,17 +1615,20 @@ def _problem(status: HTTPStatus, detail: str) -> bytes:
 
 def _answer_to(error: Exception) -> tuple[HTTPStatus, str, dict[str, str]]:
     """The status, detail and headers that answer an exception from a route or the storage,
-    over HTTP and (as a Fault) over XML-RPC. Call it in the except block: an unexpected
-    exception is logged there with its traceback, and answered 500."""
+    over HTTP and (as a Fault whose code is the status) over XML-RPC: the one place that
+    decides. A 500 is a fault of the server: the caller logs its traceback."""
     if isinstance(error, _HTTPError):
         return error.status, error.detail, error.headers
     if isinstance(error, PreconditionFailed):
         return HTTPStatus.PRECONDITION_FAILED, str(error), {}
+    if isinstance(error, KeyError):
+        return HTTPStatus.NOT_FOUND, f"no key {error.args[0]!r}", {}
+    if isinstance(error, ValueError):  # the storage refused an argument: a bad key, TTL, size or media type
+        return HTTPStatus.BAD_REQUEST, str(error), {}
     if isinstance(error, StorageUnavailable):
         return HTTPStatus.SERVICE_UNAVAILABLE, f"{error}; try again later", {}
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
         return HTTPStatus.INSUFFICIENT_STORAGE, "the disk is full; nothing was stored; free space", {}
-    traceback.print_exc(file=sys.stderr)
     return HTTPStatus.INTERNAL_SERVER_ERROR, "an unexpected error; the server log has details", {}
 
 
@@ -1926,6 +2103,8 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             raise  # the client broke off or stalled; nothing was stored
         except Exception as error:
             status, detail, headers = _answer_to(error)
+            if status == HTTPStatus.INTERNAL_SERVER_ERROR:
+                traceback.print_exc(file=sys.stderr)
             if status in (HTTPStatus.INTERNAL_SERVER_ERROR, HTTPStatus.NOT_IMPLEMENTED):
                 self.close_connection = True
             self._send_problem(status, detail, headers)
@@ -2338,6 +2517,8 @@ class _XMLRPC:
             raise xmlrpc.client.Fault(400, f"{method}: {error}") from None
         except Exception as error:
             status, detail, _ = _answer_to(error)
+            if status == HTTPStatus.INTERNAL_SERVER_ERROR:
+                traceback.print_exc(file=sys.stderr)
             raise xmlrpc.client.Fault(status.value, detail) from None
 
     def save(self, key: str, value: Any, ttl: int | None = None) -> None:
@@ -2430,15 +2611,15 @@ class _Connections:
     those serving a request finish it. One lock guards it all, taken a few times per request.
     """
 
+    _IDLE, _READING_HEAD, _SERVING, _WATCHING = "idle", "reading head", "serving", "watching"
+
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.stopping = False
         self._lock = threading.Lock()
         self._count = 0
-        self._deadlines: dict[socket.socket, float] = {}  # every connection but the watching ones
-        self._idle: set[socket.socket] = set()
-        self._reading_head: set[socket.socket] = set()
-        self._watching: set[socket.socket] = set()
+        # Each connection's state and deadline (monotonic seconds; inf while watching).
+        self._states: dict[socket.socket, tuple[str, float]] = {}
 
     def __len__(self) -> int:
         return self._count
@@ -2455,56 +2636,47 @@ class _Connections:
         """An admitted connection is closed and its thread done."""
         with self._lock:
             self._count -= 1
-            self._forget(connection)
+            self._states.pop(connection, None)
 
     def idle(self, connection: socket.socket) -> bool:
         """The connection waits for its next request; False once stopping (close it)."""
         with self._lock:
-            if self.stopping:
-                return False
-            self._forget(connection)
-            self._idle.add(connection)
-            self._deadlines[connection] = time.monotonic() + IDLE_TIMEOUT
-            return True
+            self._states[connection] = (self._IDLE, time.monotonic() + IDLE_TIMEOUT)
+            return not self.stopping
 
     def reading_head(self, connection: socket.socket) -> bool:
         """A request's first byte arrived: its head must be complete within HEAD_TIMEOUT.
         False if stopping, which has closed the connection as idle."""
         with self._lock:
-            self._idle.discard(connection)
-            self._reading_head.add(connection)
-            self._deadlines[connection] = time.monotonic() + HEAD_TIMEOUT
+            self._states[connection] = (self._READING_HEAD, time.monotonic() + HEAD_TIMEOUT)
             return not self.stopping
 
     def head_read(self, connection: socket.socket) -> bool:
         """The head was read, and the request is served from now on; False if the head
         deadline cut the connection off first, so that what was read may be only part of it."""
         with self._lock:
-            if connection not in self._reading_head:
+            if self._states.get(connection, ("",))[0] != self._READING_HEAD:
                 return False
-            self._reading_head.discard(connection)
-            self._deadlines[connection] = time.monotonic() + STALL_TIMEOUT
+            self._states[connection] = (self._SERVING, time.monotonic() + STALL_TIMEOUT)
             return True
 
     def moved(self, connection: socket.socket) -> None:
         """Bytes of a body or an answer moved: the stall deadline starts again."""
         with self._lock:
-            if connection in self._deadlines:
-                self._deadlines[connection] = time.monotonic() + STALL_TIMEOUT
+            if self._states.get(connection, ("",))[0] == self._SERVING:
+                self._states[connection] = (self._SERVING, time.monotonic() + STALL_TIMEOUT)
 
     def watching(self, connection: socket.socket) -> bool:
         """The request waits for a change, with no deadline, until `serving` again (to answer);
         False if stopping (answer at once)."""
         with self._lock:
-            self._forget(connection)
-            self._watching.add(connection)
+            self._states[connection] = (self._WATCHING, math.inf)
             return not self.stopping
 
     def serving(self, connection: socket.socket) -> None:
         """The request goes on after `watching`: it is answered within STALL_TIMEOUT again."""
         with self._lock:
-            self._watching.discard(connection)
-            self._deadlines[connection] = time.monotonic() + STALL_TIMEOUT
+            self._states[connection] = (self._SERVING, time.monotonic() + STALL_TIMEOUT)
 
     def replaced(self, connection: socket.socket) -> None:
         """The connection goes on as another socket object (wrapped in TLS): forget this one."""
@@ -2515,22 +2687,18 @@ class _Connections:
         """The connections past their deadline, forgotten here (to cut off)."""
         now = time.monotonic()
         with self._lock:
-            overdue = [connection for connection, deadline in self._deadlines.items() if deadline < now]
+            overdue = [connection for connection, (_, deadline) in self._states.items() if deadline < now]
             for connection in overdue:
-                self._forget(connection)  # so head_read says the head was cut off
+                del self._states[connection]  # so head_read says the head was cut off
         return overdue
 
     def stop(self) -> list[socket.socket]:
         """Admit no more requests, and return the idle and watching connections (to close)."""
         with self._lock:
             self.stopping = True
-            return [*self._idle, *self._watching]
-
-    def _forget(self, connection: socket.socket) -> None:
-        self._deadlines.pop(connection, None)
-        self._idle.discard(connection)
-        self._reading_head.discard(connection)
-        self._watching.discard(connection)
+            return [
+                connection for connection, (state, _) in self._states.items() if state in (self._IDLE, self._WATCHING)
+            ]
 
 
 class KVServer(ThreadingHTTPServer):

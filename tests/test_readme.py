@@ -272,7 +272,9 @@ def test_the_access_log_sample_is_what_the_server_writes(make_server):
 # What users read speaks of the project alone
 
 
-@pytest.mark.parametrize("path", ["README.md", "tests/bench/README.md", "tests/bench/run.py", "kvserver.py"])
+@pytest.mark.parametrize(
+    "path", ["README.md", "tests/bench/README.md", "tests/bench/run.py", "tests/bench/redis_scale.py", "kvserver.py"]
+)
 def test_what_users_read_names_no_spec_and_no_issue_number(path: str):
     text = (ROOT / path).read_text()
     if path == "kvserver.py":  # its usage text; its comments and docstrings speak to developers

@@ -2681,7 +2681,7 @@ class _Connections:
     def replaced(self, connection: socket.socket) -> None:
         """The connection goes on as another socket object (wrapped in TLS): forget this one."""
         with self._lock:
-            self._forget(connection)
+            self._states.pop(connection, None)
 
     def overdue(self) -> list[socket.socket]:
         """The connections past their deadline, forgotten here (to cut off)."""

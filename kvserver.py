@@ -2,6 +2,8 @@
 
 Usage:
   kvserver [options]
+  kvserver export [options]
+  kvserver import [options]
   kvserver -h | --help
   kvserver --version
 
@@ -11,6 +13,7 @@ Options:
   -s --storage=<kind>    Where values live: files, memory, or a redis://,
                          rediss:// or unix:// URL [default: files].
   -d --data-dir=<path>   Folder of the files storage (default: ./data).
+  --prefix=<p>           kvserver export: only the keys that start with <p>.
   --token=<secret>       Require this secret on every request but /health, as
                          "Authorization: Bearer <secret>" or as the Basic auth
                          password (default: the KV_TOKEN environment variable;
@@ -26,6 +29,10 @@ Options:
   -q --quiet             No access log.
   -h --help              Show this text.
   --version              Show the version.
+
+kvserver export writes every live key of a storage (a stopped server's data dir,
+or Redis) to stdout, one JSON line a key with its media type and expiry;
+kvserver import reads such lines from stdin into a storage.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from __future__ import annotations
 import base64
 import bisect
 import codecs
+import collections
 import contextlib
 import errno
 import fcntl
@@ -65,7 +73,7 @@ import xmlrpc.server
 from collections.abc import Callable, Iterable, Iterator
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import IO, Any, BinaryIO, NamedTuple, NoReturn, TypeVar, cast
+from typing import IO, Any, BinaryIO, NamedTuple, NoReturn, Protocol, TypeVar, cast
 
 __version__ = "0.1.0"
 __all__ = [
@@ -267,6 +275,163 @@ class _Precondition(NamedTuple):
                 )
 
 
+_LEVEL_BATCH = 256  # keys read at a time by a listing with a delimiter
+
+
+def _folder(key: str, prefix: str, delimiter: str) -> str | None:
+    """The folder `key` lies in, one level below `prefix`: the key up to and including the
+    first `delimiter` after the prefix; None if the delimiter does not follow the prefix."""
+    if not key.startswith(prefix):
+        return None
+    cut = key.find(delimiter, len(prefix))
+    return key[: cut + len(delimiter)] if cut >= 0 else None
+
+
+def _past_folder(folder: str) -> str:
+    """A cursor for `after` that every key starting with `folder` precedes, and every other
+    key that follows the folder follows: the folder, then U+10FFFF (the last code point) one
+    time more than the bytes a key has left after it (a key is at most 1024 bytes, so what
+    follows the folder in it is at most that many characters, each at most U+10FFFF)."""
+    return folder + "\U0010ffff" * max(0, MAX_KEY_BYTES + 1 - len(folder.encode("utf-8", "surrogatepass")))
+
+
+# The export format (SPEC section 4): one JSON object a line, fields in this order,
+# {"key": k, "content_type": t, "expires_at": <Unix seconds> or null, "value": "<base64>"}.
+# Values are streamed both ways, so the reader below parses a line's head with a regex and
+# decodes its value as it arrives instead of handing the whole line to json.
+
+_BASE64_BLOCK = CHUNK // 4 * 3  # bytes whose base64 is CHUNK characters, with no padding
+_JSON_STRING = rb'"(?:[^"\\\n]|\\.)*"'
+_LINE_HEAD = re.compile(
+    rb'[ \t]*\{[ \t]*"key"[ \t]*:[ \t]*(' + _JSON_STRING + rb")[ \t]*,"
+    rb'[ \t]*"content_type"[ \t]*:[ \t]*(' + _JSON_STRING + rb")[ \t]*,"
+    rb'[ \t]*"expires_at"[ \t]*:[ \t]*(null|-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)[ \t]*,'
+    rb'[ \t]*"value"[ \t]*:[ \t]*"'
+)
+_LINE_TAIL = re.compile(rb"[ \t]*\}[ \t]*\r?\n")
+_LAST_LINE_TAIL = re.compile(rb"[ \t]*\}[ \t]*\r?")  # the last line may end without a newline
+_MAX_LINE_HEAD = 64 * 1024
+_LINE_SHAPE = '{"key": k, "content_type": t, "expires_at": <Unix seconds> or null, "value": "<base64>"}'
+
+
+class _Writable(Protocol):
+    def write(self, data: bytes, /) -> object: ...
+
+
+def _export_head(key: str, stat: Stat) -> bytes:
+    """A line of the export format up to the opening quote of its value."""
+    fields = [json.dumps(key, ensure_ascii=False), json.dumps(stat.content_type), json.dumps(stat.expires_at)]
+    return '{{"key": {}, "content_type": {}, "expires_at": {}, "value": "'.format(*fields).encode()
+
+
+def _base64_pieces(body: BinaryIO) -> Iterator[bytes]:
+    """The base64 of what a file holds, a block at a time (padding only at the very end)."""
+    rest = b""
+    while block := body.read(_BASE64_BLOCK):
+        block = rest + block
+        whole = len(block) - len(block) % 3
+        rest = block[whole:]
+        yield base64.b64encode(block[:whole])
+    yield base64.b64encode(rest)
+
+
+class _ExportReader:
+    """Reads the export format line by line from chunks of bytes, holding a chunk and a line's
+    head at most: `head()` parses a line up to its value, then `value()` gives the value's
+    bytes as they are decoded. Both raise ValueError saying what is wrong with the line
+    `number`."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._chunks = iter(chunks)
+        self._buffer = b""
+        self.number = 0  # of the line being read
+
+    def _fill(self) -> bool:
+        """Append the next chunk of input to the buffer; False at the end of the input."""
+        for chunk in self._chunks:
+            if chunk:
+                self._buffer += chunk
+                return True
+        return False
+
+    def head(self) -> tuple[str, str, float | None] | None:
+        """The key, media type and expiry of the next line; None at the end of the input.
+        Blank lines are skipped."""
+        while True:
+            self._buffer = self._buffer.lstrip(b" \t\r")
+            if self._buffer.startswith(b"\n"):  # a blank line
+                self.number += 1
+                self._buffer = self._buffer[1:]
+            elif self._buffer:
+                break
+            elif not self._fill():
+                return None
+        self.number += 1
+        while (match := _LINE_HEAD.match(self._buffer)) is None:
+            if b"\n" in self._buffer or len(self._buffer) > _MAX_LINE_HEAD or not self._fill():
+                raise ValueError(f"it is not {_LINE_SHAPE}, with the fields in this order")
+        self._buffer = self._buffer[match.end() :]
+        key, content_type = json.loads(match[1]), json.loads(match[2])
+        expires_at = None if match[3] == b"null" else float(match[3])
+        if expires_at is not None and not math.isfinite(expires_at):
+            raise ValueError(f"expires_at {match[3].decode()} is not a time")
+        return key, content_type, expires_at
+
+    def value(self) -> Iterator[bytes]:
+        """The bytes of the value of the line `head()` read. The end of the line is checked
+        before the last piece is given, so that a write fed from here stores nothing of a
+        bad or cut-off line."""
+        pending = b""  # base64 not decoded yet: it ends with the last group, which may be padded
+        while (end := self._buffer.find(b'"')) < 0:
+            pending += self._buffer
+            self._buffer = b""
+            whole = (len(pending) - 1) // 4 * 4
+            if whole > 0:
+                yield self._decode(pending[:whole], last=False)
+                pending = pending[whole:]
+            if not self._fill():
+                raise ValueError("the line is cut off inside its value")
+        last = self._decode(pending + self._buffer[:end], last=True)
+        self._buffer = self._buffer[end + 1 :]
+        while (match := _LINE_TAIL.match(self._buffer)) is None:
+            if b"\n" in self._buffer or len(self._buffer) > _MAX_LINE_HEAD:
+                raise ValueError('the value is not followed by "}" and the end of the line')
+            if not self._fill():
+                match = _LAST_LINE_TAIL.fullmatch(self._buffer)
+                if match is None:
+                    raise ValueError('the line is cut off after its value: "}" is missing')
+                break
+        self._buffer = self._buffer[match.end() :]
+        yield last
+
+    @staticmethod
+    def _decode(text: bytes, last: bool) -> bytes:
+        if not last and b"=" in text:
+            raise ValueError("the value is not base64: it has padding before its end")
+        try:
+            return base64.b64decode(text, validate=True)
+        except ValueError:
+            raise ValueError("the value is not base64") from None
+
+
+def _ttl_left(expires_at: float | None) -> int | None:
+    """The TTL, in whole seconds rounded up, of a value that expires at `expires_at`; 0 if
+    that time has passed."""
+    if expires_at is None:
+        return None
+    return max(0, math.ceil(expires_at - time.time()))
+
+
+def _at_most(chunks: Iterable[bytes], limit: int | None) -> Iterator[bytes]:
+    """The chunks, or ValueError once they hold more than `limit` bytes."""
+    size = 0
+    for chunk in chunks:
+        size += len(chunk)
+        if limit is not None and size > limit:
+            raise ValueError(f"the value is over {limit} bytes, the most allowed")
+        yield chunk
+
+
 _AnyStorage = TypeVar("_AnyStorage", bound="Storage")
 
 
@@ -347,18 +512,67 @@ class Storage:
         """Remove `key`; no error if it is absent (unless a precondition says otherwise)."""
         self.remove(key, if_match=if_match, if_none_match=if_none_match)
 
-    def keys(self, prefix: str = "", *, after: str | None = None, limit: int | None = None) -> list[str]:
+    def keys(
+        self,
+        prefix: str = "",
+        *,
+        delimiter: str | None = None,
+        after: str | None = None,
+        limit: int | None = None,
+    ) -> list[str]:
         """The live keys that start with `prefix`, in code-point order; with `after`, only
-        those that follow it; with `limit`, at most that many (so `after` pages through them)."""
+        those that follow it; with `limit`, at most that many (so `after` pages through them).
+
+        With `delimiter`, one level, as S3 and Consul list folders: a key that holds the
+        delimiter after `prefix` is not listed; in its place its folder (the key up to and
+        including the first such delimiter) is listed once. It stays one list in code-point
+        order, and `limit` counts keys and folders alike: an item is a folder exactly when it
+        holds the delimiter after `prefix` (it then ends with it). `after` may be either;
+        after a folder, the listing goes on past every key in it.
+        """
         if not isinstance(prefix, str) or not isinstance(after, (str, type(None))):
             raise ValueError(f"a prefix and a key to list after are str, not {prefix!r} and {after!r}")
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
             raise ValueError(f"a limit is a whole number of at least 1, not {limit!r}")
-        return self._keys(prefix, after, limit)
+        if delimiter is None:
+            return self._keys(prefix, after, limit)
+        if not isinstance(delimiter, str) or not delimiter:
+            raise ValueError(f"a delimiter is a non-empty str, not {delimiter!r}")
+        return self._level(prefix, delimiter, after, limit)
+
+    def _level(self, prefix: str, delimiter: str, after: str | None, limit: int | None) -> list[str]:
+        """`keys` with a delimiter, built on the `_keys` hook: keys are read in batches, and the
+        rest of a folder is skipped by starting the next batch past it."""
+        if after is not None and (folder := _folder(after, prefix, delimiter)) is not None:
+            after = _past_folder(folder)
+        items: list[str] = []
+        while True:
+            wanted = _LEVEL_BATCH if limit is None else min(limit - len(items), _LEVEL_BATCH)
+            batch = self._keys(prefix, after, wanted)
+            folder = None
+            for key in batch:
+                if folder is not None and key.startswith(folder):
+                    continue  # in the folder just listed
+                folder = _folder(key, prefix, delimiter)
+                items.append(folder or key)
+                if len(items) == limit:
+                    return items
+            if len(batch) < wanted:
+                return items
+            after = _past_folder(folder) if folder is not None else batch[-1]
 
     def iter_keys(self, prefix: str = "") -> Iterator[str]:
         """An iterator over `keys(prefix)`."""
         return iter(self.keys(prefix))
+
+    def iter_prefixes(self, delimiter: str, prefix: str = "") -> Iterator[str]:
+        """As simplekv's: the keys that start with `prefix`, each cut after the first
+        `delimiter` that follows the prefix, each result once; that is `keys(prefix,
+        delimiter=delimiter)`, read a page at a time (so in code-point order)."""
+        after = None
+        while page := self.keys(prefix, delimiter=delimiter, after=after, limit=_LEVEL_BATCH):
+            yield from page
+            after = page[-1]
 
     def __iter__(self) -> Iterator[str]:
         return self.iter_keys()
@@ -432,6 +646,71 @@ class Storage:
     def remove(self, key: str, *, if_match: str | None = None, if_none_match: bool = False) -> bool:
         """Like `delete`, and return whether there was a value to remove."""
         return self._delete(check_key(key), _Precondition(if_match, if_none_match))
+
+    # Backup and moving between storages: the export format
+
+    def export(self, file: _Writable, prefix: str = "", *, progress: Callable[[int, int], object] | None = None) -> int:
+        """Write every live key that starts with `prefix` to `file` (anything with a
+        write(bytes) method) in the export format, and return how many were written.
+
+        One JSON line a key, in code-point order: {"key": k, "content_type": t, "expires_at":
+        <Unix seconds> or null, "value": "<base64>"}. Values are streamed, each one version
+        whole; keys that expire or go while the export runs are left out. `progress`, if
+        given, is called after each line with the keys and value bytes written so far.
+        """
+        count = size = 0
+        after = None
+        while page := self.keys(prefix, after=after, limit=_LEVEL_BATCH):
+            after = page[-1]
+            for key in page:
+                try:
+                    stat, body = self.fetch(key)
+                except KeyError:
+                    continue  # deleted or expired since the listing
+                with io.BytesIO(body) if isinstance(body, bytes) else body as source:
+                    file.write(_export_head(key, stat))
+                    for piece in _base64_pieces(source):
+                        file.write(piece)
+                file.write(b'"}\n')
+                count, size = count + 1, size + stat.size
+                if progress is not None:
+                    progress(count, size)
+        return count
+
+    def import_(
+        self,
+        file: IO[bytes] | Iterable[bytes],
+        *,
+        max_value: int | None = None,
+        progress: Callable[[int, int], object] | None = None,
+    ) -> tuple[int, int]:
+        """Store each line of an export (see `export`) read from `file`, a binary file object
+        or an iterable of bytes, with its media type and expiry, replacing the key whole.
+        Return how many lines were imported, and how many skipped because their expiry had
+        passed. `progress`, if given, is called after each line imported with the lines and
+        value bytes imported so far.
+
+        It is not one transaction: each line is stored whole or not at all, and a bad line
+        (or a value over `max_value` bytes) stops the import there with a ValueError that
+        names its line number; the lines before it stay stored. Values are streamed.
+        """
+        reader = _ExportReader(_chunks(file))
+        imported = skipped = size = 0
+        try:
+            while (head := reader.head()) is not None:
+                key, content_type, expires_at = head
+                ttl = _ttl_left(expires_at)
+                if ttl == 0:
+                    collections.deque(reader.value(), maxlen=0)  # read, checked and dropped
+                    skipped += 1
+                    continue
+                stat, _ = self.write(key, _at_most(reader.value(), max_value), content_type=content_type, ttl=ttl)
+                imported, size = imported + 1, size + stat.size
+                if progress is not None:
+                    progress(imported, size)
+        except ValueError as error:
+            raise ValueError(f"line {reader.number}: {error}; the lines before it were imported") from None
+        return imported, skipped
 
     # Hooks for backends
 
@@ -1539,7 +1818,6 @@ class _RequestBody:
         self._handler = handler
         self._head = head
         self.unread = head.chunked or bool(head.content_length)
-        self.trailers = _Fields()
 
     def read(self, limit: int) -> Iterator[bytes]:
         """The body as chunks of bytes. 411 and 413 are raised here, before anything is read,
@@ -1578,9 +1856,9 @@ class _RequestBody:
             yield chunk
 
     def _chunked_content(self, limit: int) -> Iterator[bytes]:
-        """The data of a chunked body (RFC 9112 section 7.1); its extensions are ignored and its
-        trailer fields kept in `trailers`. A chunk line or chunk data not ended by CRLF, a size
-        that is not hex digits, or an over-long line is a 400."""
+        """The data of a chunked body (RFC 9112 section 7.1); its extensions and trailer fields
+        are checked and ignored. A chunk line or chunk data not ended by CRLF, a size that is
+        not hex digits, or an over-long line is a 400."""
         too_long = (HTTPStatus.BAD_REQUEST, f"a chunk-size line is over {MAX_CHUNK_LINE} bytes")
         total = 0
         while True:
@@ -1600,7 +1878,7 @@ class _RequestBody:
             yield from self._bytes(size)
             if self._handler.rfile.read(2) != b"\r\n":
                 raise _HTTPError(HTTPStatus.BAD_REQUEST, "chunk data is not followed by CRLF: the size line is wrong")
-        _read_field_lines(self._handler.rfile, self.trailers, "trailer fields")
+        _read_field_lines(self._handler.rfile, _Fields(), "trailer fields")
 
 
 # HTTP
@@ -1828,12 +2106,59 @@ def _confirm_delete(key: str) -> str:
     )
 
 
-def _render_page(
-    storage: Storage, page: list[str], next_key: str | None, prefix: str, after: str | None, notice_html: str
-) -> bytes:
-    """The HTML page: a form to set a key, a prefix filter, and one page of keys."""
+class _KeyPage(NamedTuple):
+    """One page of a listing, as /keys and the HTML page show it."""
+
+    items: list[str]  # keys, and with a delimiter folders too, in code-point order
+    next: str | None  # the cursor for the next page; None on the last
+    prefix: str
+    delimiter: str | None
+    after: str | None  # the cursor this page starts after; None on the first
+
+    def is_folder(self, item: str) -> bool:
+        return self.delimiter is not None and _folder(item, self.prefix, self.delimiter) is not None
+
+    def split(self) -> tuple[list[str], list[str]]:
+        """The keys and the folders of the page."""
+        return [item for item in self.items if not self.is_folder(item)], list(filter(self.is_folder, self.items))
+
+
+def _page_href(prefix: str, delimiter: str, after: str | None = None) -> str:
+    """The address, HTML-escaped, of the page listing under `prefix` after `after`, by folders
+    of `delimiter` (the page's default, "/", goes without saying)."""
+    query = {"prefix": prefix} if prefix else {}
+    if delimiter != "/":
+        query["delimiter"] = delimiter
+    if after is not None:
+        query["after"] = after
+    return html.escape("/?" + urllib.parse.urlencode(query) if query else "/")
+
+
+def _breadcrumbs(prefix: str, delimiter: str) -> str:
+    """Links to the top level and to each folder the prefix goes through, then the rest of it."""
+    crumbs = [f'<a href="{_page_href("", delimiter)}">all keys</a>']
+    start = 0
+    while (cut := prefix.find(delimiter, start)) >= 0:
+        end = cut + len(delimiter)
+        crumbs.append(f'<a href="{_page_href(prefix[:end], delimiter)}">{html.escape(prefix[start:end])}</a>')
+        start = end
+    if prefix[start:]:
+        crumbs.append(f"<span>{html.escape(prefix[start:])}…</span>")
+    return f'<nav class="crumbs">{" ".join(crumbs)}</nav>'
+
+
+def _render_page(storage: Storage, page: _KeyPage, notice_html: str) -> bytes:
+    """The HTML page: a form to set a key, a prefix filter, and one page of keys and folders
+    (each folder a link to its own level)."""
+    delimiter = page.delimiter or "/"  # (the page always lists by folders)
     rows = []
-    for key in page:
+    for key in page.items:
+        if page.is_folder(key):
+            rows.append(
+                f'<tr class="folder"><td class="key"><a href="{_page_href(key, delimiter)}">'
+                f'{html.escape(key)}</a></td><td class="size"></td><td>folder</td><td></td><td></td></tr>'
+            )
+            continue
         try:
             stat = storage.stat(key)
         except KeyError:
@@ -1846,20 +2171,19 @@ def _render_page(
             f'<td><a class="delete" href="/delete?key={urllib.parse.quote(key, safe="")}">delete</a></td></tr>'
         )
     links = []
-    if after is not None:
-        links.append(f'<a href="/?{html.escape(urllib.parse.urlencode({"prefix": prefix}))}">← first page</a>')
-    if next_key is not None:
-        query = urllib.parse.urlencode({"prefix": prefix, "after": next_key})
-        links.append(f'<a href="/?{html.escape(query)}">next page →</a>')
+    if page.after is not None:
+        links.append(f'<a href="{_page_href(page.prefix, delimiter)}">← first page</a>')
+    if page.next is not None:
+        links.append(f'<a href="{_page_href(page.prefix, delimiter, page.next)}">next page →</a>')
     if rows:
         table = (
             '<table><thead><tr><th>Key</th><th class="size">Size</th><th>Media type</th>'
             f'<th class="size">TTL</th><th></th></tr></thead><tbody>{"".join(rows)}</tbody></table>'
         )
-    elif prefix:
-        table = f'<p class="empty">No keys start with <code>{html.escape(prefix)}</code>.</p>'
+    elif page.prefix:
+        table = f'<p class="empty">No keys start with <code>{html.escape(page.prefix)}</code>.</p>'
     else:
-        table = f'<p class="empty">{"No more keys." if after is not None else "No keys here yet."}</p>'
+        table = f'<p class="empty">{"No more keys." if page.after is not None else "No keys here yet."}</p>'
     keys, size = storage.totals()
     return _html_document(f"""<header><h1>kvserver</h1>
 <span>{keys} key{"" if keys == 1 else "s"}, {_human_size(size)}, {storage.kind} storage</span></header>
@@ -1869,8 +2193,9 @@ def _render_page(
 <label>Value <input name="value" size="40"></label>
 <button type="submit">Set</button></form>
 <form action="/" method="get">
-<label>Keys starting with <input name="prefix" value="{html.escape(prefix)}"></label>
+<label>Keys starting with <input name="prefix" value="{html.escape(page.prefix)}"></label>
 <button type="submit">Filter</button></form>
+{_breadcrumbs(page.prefix, delimiter) if page.prefix else ""}
 {table}
 {f"<nav>{''.join(links)}</nav>" if links else ""}
 """)
@@ -2332,11 +2657,10 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         else:
             self._send_json(HTTPStatus.OK, {"key": key, "deleted": True})
 
-    def _key_page(self, query: str, default_limit: int) -> tuple[list[str], str | None, str, str | None]:
-        """One page of keys as /keys and the HTML page take it: the keys, the cursor for the
-        next page (None on the last), the prefix, and the cursor it started after."""
-        usage = "?prefix=<p>&limit=<1-10000>&after=<key>"
-        fields = _fields(query, ("prefix", "limit", "after"), usage)
+    def _key_page(self, query: str, default_limit: int, default_delimiter: str | None = None) -> _KeyPage:
+        """One page of keys (and folders, with a delimiter) as /keys and the HTML page take it."""
+        usage = "?prefix=<p>&delimiter=<d>&limit=<1-10000>&after=<key>"
+        fields = _fields(query, ("prefix", "delimiter", "limit", "after"), usage)
         limit_field = fields.get("limit", b"%d" % default_limit)
         if not re.fullmatch(rb"[0-9]{1,5}", limit_field) or not 1 <= int(limit_field) <= 10000:
             raise _HTTPError(
@@ -2345,13 +2669,23 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         limit = int(limit_field)
         prefix = _text(fields.get("prefix", b""), "prefix")
         after = _text(fields["after"], "after") if "after" in fields else None
-        keys = self.storage.keys(prefix, after=after, limit=limit + 1)  # one more tells if a next page exists
-        page = keys[:limit]
-        return page, page[-1] if len(keys) > limit else None, prefix, after
+        delimiter = default_delimiter
+        if "delimiter" in fields:
+            if not 1 <= len(fields["delimiter"]) <= 16:
+                raise _HTTPError(HTTPStatus.BAD_REQUEST, "delimiter is 1 to 16 bytes, such as / or %2F")
+            delimiter = _text(fields["delimiter"], "delimiter")
+        # One more item than the page holds tells whether a next page exists.
+        items = self.storage.keys(prefix, delimiter=delimiter, after=after, limit=limit + 1)
+        page = items[:limit]
+        return _KeyPage(page, page[-1] if len(items) > limit else None, prefix, delimiter, after)
 
     def _route_keys(self, path: str, query: str) -> None:
-        page, next_key, _, _ = self._key_page(query, 1000)
-        self._send_json(HTTPStatus.OK, {"keys": page, "next": next_key})
+        page = self._key_page(query, 1000)
+        if page.delimiter is None:
+            self._send_json(HTTPStatus.OK, {"keys": page.items, "next": page.next})
+            return
+        keys, prefixes = page.split()
+        self._send_json(HTTPStatus.OK, {"keys": keys, "prefixes": prefixes, "next": page.next})
 
     # The page
 
@@ -2360,8 +2694,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         return bool(self.command) and _prefers_html(self.headers.get("Accept", ""))
 
     def _send_page(self, status: HTTPStatus, query: str, notice_html: str = "") -> None:
-        page, next_key, prefix, after = self._key_page(query, 100)
-        body = _render_page(self.storage, page, next_key, prefix, after, notice_html)
+        body = _render_page(self.storage, self._key_page(query, 100, "/"), notice_html)
         self._send(status, body, "text/html; charset=utf-8", _PAGE_HEADERS)
 
     def _route_dump(self, path: str, query: str) -> None:
@@ -2371,16 +2704,9 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             self._send_page(HTTPStatus.OK, query)
             return
         prefix = _text(_fields(query, ("prefix",), "/?prefix=<p>").get("prefix", b""), "prefix")
-        fields = {"Content-Type": "application/json"}
-        chunked = self.request_version != "HTTP/1.0"
-        if chunked:
-            fields["Transfer-Encoding"] = "chunked"
-        else:
-            self.close_connection = True  # the body ends where the connection does
-        self._write_head(HTTPStatus.OK, fields)
-        if self.command == "HEAD":
+        writer = self._stream("application/json")
+        if writer is None:
             return
-        writer = _ChunkedWriter(self.wfile, chunked)
         separator = b"{"
         for key in self.storage.keys(prefix):
             try:
@@ -2391,6 +2717,36 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             separator = b", "
         writer.write(b"}" if separator == b", " else b"{}")
         writer.close()
+
+    def _stream(self, content_type: str) -> _ChunkedWriter | None:
+        """Answer 200 with a body of unknown length, and return its writer (None for HEAD)."""
+        fields = {"Content-Type": content_type}
+        chunked = self.request_version != "HTTP/1.0"
+        if chunked:
+            fields["Transfer-Encoding"] = "chunked"
+        else:
+            self.close_connection = True  # the body ends where the connection does
+        self._write_head(HTTPStatus.OK, fields)
+        return _ChunkedWriter(self.wfile, chunked) if self.command != "HEAD" else None
+
+    def _route_export(self, path: str, query: str) -> None:
+        prefix = _text(_fields(query, ("prefix",), "/export?prefix=<p>").get("prefix", b""), "prefix")
+        writer = self._stream("application/x-ndjson")
+        if writer is None:
+            return
+        try:
+            self.storage.export(writer, prefix)
+        except BaseException:
+            self.close_connection = True  # the answer is cut short: only closing the connection says so
+            raise
+        writer.close()
+
+    def _route_import(self, path: str, query: str) -> None:
+        _fields(query, (), "POST /import with an export as the body")
+        body = self.body.read(sys.maxsize)  # a whole store; each value is held to --max-value
+        # A bad line is a ValueError naming it: a 400.
+        imported, skipped = self.storage.import_(body, max_value=self.server.max_value)
+        self._send_json(HTTPStatus.OK, {"imported": imported, "skipped": skipped})
 
     def _route_health(self, path: str, query: str) -> None:
         self._send_json(HTTPStatus.OK, {"status": "ok", "storage": self.storage.kind, "keys": len(self.storage)})
@@ -2469,6 +2825,8 @@ _ROUTES: dict[str, dict[str, _Route]] = {
     "/get": {"GET": KVRequestHandler._route_get, "HEAD": KVRequestHandler._route_get},
     "/delete": {"GET": KVRequestHandler._route_delete},
     "/keys": {"GET": KVRequestHandler._route_keys, "HEAD": KVRequestHandler._route_keys},
+    "/export": {"GET": KVRequestHandler._route_export, "HEAD": KVRequestHandler._route_export},
+    "/import": {"POST": KVRequestHandler._route_import},
     "/health": {"GET": KVRequestHandler._route_health, "HEAD": KVRequestHandler._route_health},
     "/metrics": {"GET": KVRequestHandler._route_metrics, "HEAD": KVRequestHandler._route_metrics},
     "/kv/": {
@@ -2869,13 +3227,16 @@ def _whole_number(args: dict[str, Any], option: str, low: int, high: int) -> int
 
 def _command_line_problem(given: list[str]) -> str:
     """What is wrong with a command line docopt refused, in words: the first unknown option,
-    option given twice, or argument that is not an option's value."""
+    option given twice, or argument that is neither a command nor an option's value."""
+    commands = re.findall(r"^  kvserver (\w+)", __doc__ or "", re.MULTILINE)
     options: dict[str, tuple[str, bool]] = {}  # every spelling -> (long name, takes a value)
     for short, long, value in re.findall(r"^  (-\w )?(--[\w-]+)(=<)?", __doc__ or "", re.MULTILINE):
         options[long] = options[short.strip() or long] = (long, bool(value))
     seen: set[str] = set()
     arguments = iter(given)
-    for argument in arguments:
+    for position, argument in enumerate(arguments):
+        if position == 0 and argument in commands:
+            continue
         if not argument.startswith("-") or argument == "-":
             return f"unexpected argument {argument!r}: every setting is an option such as --port 4000"
         name, equals, _ = argument.partition("=")
@@ -2890,6 +3251,74 @@ def _command_line_problem(given: list[str]) -> str:
         if takes_value and not equals and next(arguments, None) is None:
             return f"option {long} needs a value"
     return "the command line does not match the usage"
+
+
+class _Progress:
+    """The progress line of kvserver export and import on stderr: rewritten in place at most
+    twice a second while stderr is a terminal, and written once more at the end."""
+
+    def __init__(self, verb: str) -> None:
+        self.verb = verb
+        self.keys = self.size = 0
+        self._started = self._shown = time.monotonic()
+
+    def __call__(self, keys: int, size: int) -> None:
+        self.keys, self.size = keys, size
+        if sys.stderr.isatty() and time.monotonic() - self._shown >= 0.5:
+            self._shown = time.monotonic()
+            print(f"\r{self.line()}", end="", file=sys.stderr, flush=True)
+
+    def line(self) -> str:
+        return f"kvserver: {self.verb} {self.keys} key{'' if self.keys == 1 else 's'} ({_human_size(self.size)})"
+
+    def finish(self, more: str) -> None:
+        end = "\r" if sys.stderr.isatty() else ""
+        print(f"{end}{self.line()}{more} in {time.monotonic() - self._started:.1f} s", file=sys.stderr, flush=True)
+
+
+def _run_transfer(args: dict[str, Any]) -> None:
+    """kvserver export and kvserver import: between a storage and stdout or stdin."""
+    exporting = bool(args["export"])
+    if args["--prefix"] is not None and not exporting:
+        _fail("--prefix goes with kvserver export; see kvserver --help", 2)
+    if args["--storage"] == "memory":
+        _fail("export and import need files or redis storage: a memory storage starts empty and is lost at exit", 2)
+    files = args["--storage"] == "files"
+    if exporting and files and not os.path.isdir(args["--data-dir"]):
+        _fail(f"no data dir {args['--data-dir']} to export", 1)
+    try:
+        storage = open_storage(
+            f"files:{args['--data-dir']}" if files else args["--storage"], fsync=not args["--no-fsync"]
+        )
+    except DataDirLocked as error:
+        _fail(f"{error}, or export from it while it runs: curl http://<host>:<port>/export", 1)
+    except (StorageUnavailable, ImportError) as error:
+        _fail(str(error), 1)
+    except OSError as error:
+        _fail(f"cannot use data dir {args['--data-dir']}: {error.strerror or error}", 1)
+    where = f"{storage.kind} storage {storage.location}"
+    with storage:
+        try:
+            if exporting:
+                progress = _Progress("exported")
+                storage.export(sys.stdout.buffer, args["--prefix"] or "", progress=progress)
+                sys.stdout.buffer.flush()
+                progress.finish(f" from {where}")
+            else:
+                progress = _Progress("imported")
+                _, skipped = storage.import_(sys.stdin.buffer, progress=progress)
+                progress.finish(f" into {where}, skipped {skipped} already expired")
+        except ValueError as error:
+            _fail(f"import stopped at {error}", 1)
+        except StorageUnavailable as error:
+            _fail(str(error), 1)
+        except BrokenPipeError:  # (export | head): stdout closed early; as the Python docs advise,
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit does not flush into it
+            _fail("export stopped: its output was closed", 1)
+        except OSError as error:
+            _fail(f"{'export' if exporting else 'import'} failed: {error.strerror or error}", 1)
+        except KeyboardInterrupt:
+            _fail("interrupted; every key written so far is whole", 1)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -2913,7 +3342,10 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"--storage takes files, memory, or a redis://, rediss:// or unix:// URL, not {args['--storage']!r}", 2)
     if args["--data-dir"] is not None and args["--storage"] != "files":
         _fail(f"--data-dir is the folder of --storage files; {args['--storage']} storage keeps no files there", 2)
-    data_dir = args["--data-dir"] or "./data"
+    data_dir = args["--data-dir"] = args["--data-dir"] or "./data"
+    if args["export"] or args["import"] or args["--prefix"] is not None:
+        _run_transfer(args)
+        return
     token = args["--token"] if args["--token"] is not None else os.environ.get("KV_TOKEN") or None
     if token == "":
         _fail("--token takes a secret, not an empty string", 2)

@@ -6,15 +6,20 @@ Each console block runs in one bash, in a fresh folder holding what a clone has 
 `kvserver ...` command shown with a start line ("kvserver 0.1.0 serving ...") starts that server
 in the background, and its start line is its output; a block without one gets a default server,
 `kvserver` with files storage in ./data. Port 4000 in
-a command becomes a free port, and that port in the output reads 4000 again. An output line
-`...` stands for any lines. What differs from run to run (timings, ETags, dates, a made-up
-token) is compared as equal only where the README says so, in a comment before the block:
-`<!-- varies: time, etag -->` (the names are the keys of VARIES).
+a command becomes a free port, and that port in the output reads 4000 again; so does Redis's
+6379 (a redis-server of the test's own), and the folder the block runs in reads /srv/kv. An
+output line `...` stands for any lines. Comments just before a block, not shown by Markdown, say more:
+
+- `<!-- varies: time, etag -->`: what differs from run to run (timings, ETags, dates, a made-up
+  token) is compared as equal, only there (the names are the keys of VARIES);
+- `<!-- before: <command> -->`: run it first, unseen (`$SAMPLE` is an export of SAMPLE_STORE);
+- `<!-- no default server -->`: the block needs ./data free.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -32,10 +37,24 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 CLONE_FILES = ["kvserver.py", "README.md", "pyproject.toml", "LICENSE", "docs"]
 SEPARATOR = "@@ end of a README command @@"
+TEXT = "text/plain; charset=utf-8"
 BLOCK_TIMEOUT = 60.0
 
+SAMPLE_STORE = [  # 5 keys, 71 bytes of values, in the export format
+    {"key": "app/dev/db/url", "content_type": TEXT, "expires_at": None, "value": "cG9zdGdyZXM6Ly9kYi9kZXY="},
+    {
+        "key": "app/prod/db/url",
+        "content_type": TEXT,
+        "expires_at": None,
+        "value": "cG9zdGdyZXM6Ly9kYi5pbnRlcm5hbC9wcm9k",
+    },
+    {"key": "greeting", "content_type": TEXT, "expires_at": None, "value": "aGVsbG8gd29ybGQ="},
+    {"key": "name", "content_type": TEXT, "expires_at": None, "value": "R3VpZG8="},
+    {"key": "session", "content_type": "application/json", "expires_at": 4102444800, "value": "eyJ1c2VyIjogMX0="},
+]
+
 VARIES = {
-    "time": (r"\b\d+\.\d{3} s\b", "0.000 s"),
+    "time": (r"\b\d+\.\d{1,3} s\b", "<seconds> s"),
     "etag": (r"\b[0-9a-f]+-[0-9a-f]{8,}\b", "<etag>"),
     "date": (r"\[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d [+-]\d{4}\]|(?<=^Date: ).*", "<date>"),
     "token": (r"(?<=token required: )[A-Za-z0-9_-]{16,}", "<token>"),
@@ -112,9 +131,11 @@ class Example:
     line: int
     varies: list[str]
     commands: list[Command]
+    before: list[str]
+    default_server: bool
 
 
-_CONSOLE = re.compile(r"(?:^<!-- varies: ([\w, ]+) -->\n)?^( *)```console\n(.*?)^\2```", re.MULTILINE | re.DOTALL)
+_CONSOLE = re.compile(r"((?:^<!-- [^\n]* -->\n)*)^( *)```console\n(.*?)^\2```", re.MULTILINE | re.DOTALL)
 
 
 def console_examples() -> list[Example]:
@@ -122,7 +143,9 @@ def console_examples() -> list[Example]:
     text = README.read_text()
     examples = []
     for match in _CONSOLE.finditer(text):
-        varies = [name.strip() for name in (match.group(1) or "").split(",") if name.strip()]
+        directives = re.findall(r"^<!-- (.*) -->$", match.group(1), re.MULTILINE)
+        varies = [name.strip() for line in directives if line.startswith("varies:") for name in line[7:].split(",")]
+        before = [line.removeprefix("before:").strip() for line in directives if line.startswith("before:")]
         first_line = text.count("\n", 0, match.start(3)) + 1
         commands: list[Command] = []
         for number, line in enumerate(match.group(3).splitlines(), first_line):
@@ -132,7 +155,7 @@ def console_examples() -> list[Example]:
             else:
                 assert commands, f"README line {number}: output before the first command"
                 commands[-1].expected.append(line)
-        examples.append(Example(first_line - 1, varies, commands))
+        examples.append(Example(first_line - 1, varies, commands, before, "no default server" not in directives))
     return examples
 
 
@@ -142,19 +165,31 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def script_of(example: Example, port: int, work: Path) -> str:
+def script_of(example: Example, port: int, redis_port: int | None, work: Path) -> str:
     """The bash script of a block: each command, then a separator line."""
     lines = [
         "exec 2>&1",
         f'kvserver() {{ "{sys.executable}" "{KVSERVER}" "$@"; }}',
     ]
-    if not any(command.starts_server for command in example.commands):
+    if redis_port is not None:
+        lines.append(f"redis-server --port {redis_port} --save '' --appendonly no --daemonize no > /dev/null &")
+        lines.append(
+            f"for _ in $(seq 100); do redis-cli -p {redis_port} ping > /dev/null 2>&1 && break; sleep 0.1; done"
+        )
+
+    def local(command: str) -> str:
+        command = command.replace(":4000", f":{port}").replace("--port 4000", f"--port {port}")
+        return command if redis_port is None else command.replace(":6379", f":{redis_port}")
+
+    if example.default_server and not any(command.starts_server for command in example.commands):
         lines.append(start_server("kvserver --quiet", port, work) + " > /dev/null")
+    lines += [f"{{ {local(command)}; }} > /dev/null 2>&1" for command in example.before]
     for command in example.commands:
-        text = command.command.replace(":4000", f":{port}").replace("--port 4000", f"--port {port}")
+        text = local(command.command)
         lines.append(start_server(text, port, work) if command.starts_server else text)
         lines.append(f"printf '\\n%s\\n' '{SEPARATOR}'")
-    lines.append(f'[ -f "{work}/server.pid" ] && kill -TERM "$(cat "{work}/server.pid")" && wait')
+    lines.append(f'[ -f "{work}/server.pid" ] && kill -TERM "$(cat "{work}/server.pid")"')
+    lines.append("kill -TERM $(jobs -p) 2> /dev/null; wait")
     return "\n".join(lines) + "\n"
 
 
@@ -203,11 +238,17 @@ def run_example(example: Example, tmp_path: Path) -> list[str]:
         else:
             shutil.copy2(source, clone / name)
     (work / ".curlrc").write_text("silent\nshow-error\n")  # as in a terminal: no progress meter
+    (work / "sample.ndjson").write_text("".join(json.dumps(line) + "\n" for line in SAMPLE_STORE))
     env = {name: value for name, value in os.environ.items() if name != "KV_TOKEN"}
-    env.update(CURL_HOME=str(work), PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
+    env.update(
+        CURL_HOME=str(work),
+        SAMPLE=str(work / "sample.ndjson"),
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+    )
     port = free_port()
+    redis_port = free_port() if "localhost:6379" in str(example) else None
     process = subprocess.Popen(
-        ["bash", "-c", script_of(example, port, work)],
+        ["bash", "-c", script_of(example, port, redis_port, work)],
         cwd=clone,
         env=env,
         stdout=subprocess.PIPE,
@@ -220,6 +261,9 @@ def run_example(example: Example, tmp_path: Path) -> list[str]:
             os.killpg(process.pid, signal.SIGKILL)  # the script, if it hangs, and a server it left behind
         process.wait(10)
     text = output.decode("utf-8", "replace").replace("\r\n", "\n").replace(f":{port}", ":4000")
+    text = text.replace(str(clone), "/srv/kv")
+    if redis_port is not None:
+        text = text.replace(f":{redis_port}", ":6379")
     return [part.strip("\n") for part in text.split(f"\n{SEPARATOR}\n")][: len(example.commands)]
 
 
@@ -236,6 +280,8 @@ def test_the_readme_has_shell_examples_and_says_what_varies_in_words_the_test_kn
 @pytest.mark.parametrize("example", EXAMPLES, ids=[f"line-{example.line}" for example in EXAMPLES])
 def test_a_shell_example_of_the_readme_prints_what_it_shows(example: Example, tmp_path: Path):
     programs = {command.command.split()[0] for command in example.commands} & {"curl", "openssl", "tar"}
+    if "localhost:6379" in str(example):
+        programs |= {"redis-server", "redis-cli"}
     for program in ["bash", *programs]:
         if shutil.which(program) is None:
             require_service(f"{program} is needed to run the README's shell examples")

@@ -370,7 +370,7 @@ def test_get_and_delete_without_a_query_answer_with_their_usage(shared, path):
         ("/keys?prefix=a&prefix=b", ['"prefix" is repeated']),
         ("/get?key=a&key=b", ['"key" is repeated']),
         ("/keys?prefix", ["\"prefix\" needs '=' and a value"]),
-        ("/keys?bogus=1", ['unexpected query field "bogus"', "?prefix=<p>&limit="]),
+        ("/keys?bogus=1", ['unexpected query field "bogus"', "?prefix=<p>&delimiter=<d>&limit="]),
         ("/?bogus=1", ['unexpected query field "bogus"', "/?prefix=<p>"]),
     ],
 )

@@ -507,6 +507,7 @@ class Storage(abc.ABC):
 
     kind: str  # "memory", "files", "redis"
     location: str  # "in memory", "in /srv/data", "at redis://…"
+    max_value: int | None = None  # the largest value the backend can hold, in bytes, if it has a limit
     _closed = False
 
     # The simplekv interface
@@ -769,7 +770,7 @@ class Storage(abc.ABC):
 
     def import_(
         self,
-        file: IO[bytes] | Iterable[bytes],
+        file: _SupportsReadinto | IO[bytes] | Iterable[bytes],
         *,
         max_value: int | None = None,
         progress: Callable[[int, int], object] | None = None,
@@ -1540,12 +1541,12 @@ class RedisStorage(Storage):
     follows. A store written by an older kvserver, without the index, is indexed when it is
     first opened. Needs one Redis (not Redis Cluster: a transaction spans a key and the index).
 
-    Values travel whole, so they are limited to MAX_VALUE (Redis strings stop at 512 MB).
+    Values travel whole, so they are limited to `max_value` (Redis strings stop at 512 MB).
     Needs the redis package: pip install 'kvserver[redis]'.
     """
 
     kind = "redis"
-    MAX_VALUE = 512 * 1024 * 1024 - 1
+    max_value = 512 * 1024 * 1024 - 1
     _FIELDS = (b"value", b"type", b"etag", b"expires")
     _STRUCTURES = (b"keys", b"expiries", b"sizes", b"totals")
     _BATCH = 1000  # keys per listing, sweeping or indexing step: a step holds Redis for well under 10 ms
@@ -1793,8 +1794,8 @@ return adopted
         precondition: _Precondition,
     ) -> tuple[Stat, bool]:
         value = _join(pieces)
-        if len(value) > self.MAX_VALUE:
-            raise ValueError(f"Redis holds values of at most {self.MAX_VALUE} bytes, not {len(value)}")
+        if len(value) > self.max_value:
+            raise ValueError(f"Redis holds values of at most {self.max_value} bytes, not {len(value)}")
         stat = Stat(len(value), content_type, f"{_etag(len(value), _new_stamp())}-{secrets.token_hex(4)}", expires_at)
         fields = {
             "value": value,
@@ -2100,20 +2101,25 @@ class _AnswerStream(socket.SocketIO):
 class _RequestBody:
     """The body of one request as its head frames it: Content-Length bytes, chunked, or none.
 
-    A route that takes a body calls `read(limit)`; until the body has been read to its end
-    (`unread` is False), the connection cannot carry another request and is closed after the
-    answer. Each byte must come within STALL_TIMEOUT of the one before.
+    A route that takes a body calls `open(limit)` and reads what it returns as a binary file
+    (`readinto`, which the storage calls with its reused buffer). Until the body has been read
+    to its end (`unread` is False), the connection cannot carry another request and is closed
+    after the answer. Each byte must come within STALL_TIMEOUT of the one before.
     """
 
     def __init__(self, handler: KVRequestHandler, head: _RequestHead) -> None:
         self._handler = handler
         self._head = head
         self.unread = head.chunked or bool(head.content_length)
+        self._left = 0 if head.chunked else head.content_length or 0  # of the body, or of the chunk read
+        self._limit = 0
+        self._chunked_total = 0
 
-    def read(self, limit: int) -> Iterator[bytes]:
-        """The body as chunks of bytes. 411 and 413 are raised here, before anything is read,
-        and only then is 100 Continue sent to a client that asked for it (RFC 9110 section
-        10.1.1): a client that waits for it sends no byte of a value we refuse."""
+    def open(self, limit: int) -> _RequestBody:
+        """Accept a body of at most `limit` bytes, to read from the object returned. 411 and
+        413 are raised here, before anything is read, and only then is 100 Continue sent to a
+        client that asked for it (RFC 9110 section 10.1.1): a client that waits for it sends no
+        byte of a value we refuse. A chunked body is held to `limit` as it arrives."""
         head = self._head
         if not head.chunked and head.content_length is None:
             raise _HTTPError(HTTPStatus.LENGTH_REQUIRED, "send a Content-Length field, or the body chunked")
@@ -2125,51 +2131,52 @@ class _RequestBody:
         if head.version == "HTTP/1.1" and (head.fields.get("Expect") or "").lower() == "100-continue":
             self._handler.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             self._handler.wfile.flush()
-        return self._chunks(limit)
+        self._limit = limit
+        return self
 
     def read_all(self, limit: int) -> bytes:
-        return b"".join(self.read(limit))
+        """`open(limit)`, and the whole body."""
+        return _join(_pieces(self.open(limit)))
 
-    def _chunks(self, limit: int) -> Iterator[bytes]:
-        if self._head.chunked:
-            yield from self._chunked_content(limit)
-        else:
-            yield from self._bytes(self._head.content_length or 0)
-        self.unread = False
+    def readinto(self, buffer: memoryview, /) -> int:
+        """Read the next bytes of the body into `buffer`, as a binary file does: how many, 0 at
+        the end. At most what one recv gives, so that each renews the stall deadline.
+        _IncompleteMessage if the client stops short; 400 or 413 for a bad chunked body."""
+        if self._left == 0 and self.unread and self._head.chunked:
+            self._left = self._next_chunk_size()
+        if self._left == 0:
+            self.unread = False
+            return 0
+        count = self._handler.rfile.readinto1(memoryview(buffer)[: self._left])
+        if not count:
+            raise _IncompleteMessage
+        self._handler.server.connections.moved(self._handler.connection)
+        self._left -= count
+        if self._left == 0 and self._head.chunked and self._handler.rfile.read(2) != b"\r\n":
+            raise _HTTPError(HTTPStatus.BAD_REQUEST, "chunk data is not followed by CRLF: the size line is wrong")
+        return count
 
-    def _bytes(self, length: int) -> Iterator[bytes]:
-        while length:
-            chunk = self._handler.rfile.read1(min(length, CHUNK))  # what one recv gives: each renews the deadline
-            if not chunk:
-                raise _IncompleteMessage
-            self._handler.server.connections.moved(self._handler.connection)
-            length -= len(chunk)
-            yield chunk
-
-    def _chunked_content(self, limit: int) -> Iterator[bytes]:
-        """The data of a chunked body (RFC 9112 section 7.1); its extensions and trailer fields
-        are checked and ignored. A chunk line or chunk data not ended by CRLF, a size that is
-        not hex digits, or an over-long line is a 400."""
-        too_long = (HTTPStatus.BAD_REQUEST, f"a chunk-size line is over {MAX_CHUNK_LINE} bytes")
-        total = 0
-        while True:
-            line = _read_line(self._handler.rfile, MAX_CHUNK_LINE, too_long)
-            match = _CHUNK_LINE.fullmatch(line)
-            if match is None:
-                raise _HTTPError(HTTPStatus.BAD_REQUEST, f"{_shown(line)} is not a chunk-size line")
-            size = int(match.group(1), 16)
-            if size == 0:
-                break
-            total += size
-            if total > limit:
-                raise _HTTPError(
-                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                    f"the value is over {limit} bytes, the most this server takes (--max-value)",
-                )
-            yield from self._bytes(size)
-            if self._handler.rfile.read(2) != b"\r\n":
-                raise _HTTPError(HTTPStatus.BAD_REQUEST, "chunk data is not followed by CRLF: the size line is wrong")
-        _read_field_lines(self._handler.rfile, _Fields(), "trailer fields")
+    def _next_chunk_size(self) -> int:
+        """Read a chunk-size line (RFC 9112 section 7.1) and return the size, its extensions
+        checked and ignored; at the last chunk (0), read the trailer section too, checked and
+        ignored. A size that is not hex digits or an over-long line is a 400."""
+        rfile = self._handler.rfile
+        line = _read_line(
+            rfile, MAX_CHUNK_LINE, (HTTPStatus.BAD_REQUEST, f"a chunk-size line is over {MAX_CHUNK_LINE} bytes")
+        )
+        match = _CHUNK_LINE.fullmatch(line)
+        if match is None:
+            raise _HTTPError(HTTPStatus.BAD_REQUEST, f"{_shown(line)} is not a chunk-size line")
+        size = int(match.group(1), 16)
+        if size == 0:
+            _read_field_lines(rfile, _Fields(), "trailer fields")
+        self._chunked_total += size
+        if self._chunked_total > self._limit:
+            raise _HTTPError(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                f"the value is over {self._limit} bytes, the most this server takes (--max-value)",
+            )
+        return size
 
 
 # HTTP
@@ -3034,7 +3041,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
 
     def _route_import(self, path: str, query: str) -> None:
         _fields(query, (), "POST /import with an export as the body")
-        body = self.body.read(sys.maxsize)  # a whole store; each value is held to --max-value
+        body = self.body.open(sys.maxsize)  # a whole store; each value is held to --max-value
         # A bad line is a ValueError naming it: a 400.
         imported, skipped = self.storage.import_(body, max_value=self.server.max_value)
         self._send_json(HTTPStatus.OK, {"imported": imported, "skipped": skipped})
@@ -3074,17 +3081,14 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         key = self._path_key(path)
         ttl = _ttl(_fields(query, ("ttl",), "/kv/<key>?ttl=<seconds>").get("ttl"))
         if_match, if_none_match = self._precondition()
-        try:  # fail before the body is sent; the storage checks again, atomically, when it commits
-            current: Stat | None = self.storage.stat(key)
-        except KeyError:
-            current = None
-        _Precondition(if_match, if_none_match).check(key, current.etag if current else None)
+        # Fail before the body is sent; the storage checks again, atomically, when it commits.
+        self.storage.check_precondition(key, if_match=if_match, if_none_match=if_none_match)
         content_type = " ".join(self.headers.get("Content-Type", DEFAULT_CONTENT_TYPE).split())  # unfolds lines
         if not content_type or not _HEADER_VALUE.fullmatch(content_type):
             raise _HTTPError(
                 HTTPStatus.BAD_REQUEST, f"Content-Type {content_type!r} is not a printable ASCII media type"
             )
-        body = self.body.read(self.server.max_value)
+        body = self.body.open(self.server.max_value)
         stat, created = self.storage.write(
             key, body, content_type=content_type, ttl=ttl, if_match=if_match, if_none_match=if_none_match
         )
@@ -3377,12 +3381,13 @@ class KVServer(ThreadingHTTPServer):
     ) -> None:
         self.address_family = socket.getaddrinfo(address[0], address[1], type=socket.SOCK_STREAM)[0][0]
         self.storage = storage
-        self.max_value = max_value
+        # The largest value taken: `max_value`, within what the storage can hold.
+        self.max_value = max_value if storage.max_value is None else min(max_value, storage.max_value)
         self.token = token.encode("utf-8") if token is not None else None
         self.ssl_context = ssl_context
         self.scheme = "https" if ssl_context else "http"
         self.quiet = quiet
-        self.rpc = _XMLRPC(storage, max_value)
+        self.rpc = _XMLRPC(storage, self.max_value)
         self.metrics = _Metrics()
         self.connections = _Connections(max_connections)
         self._lingering_lock = threading.Lock()
@@ -3668,7 +3673,6 @@ def main(argv: list[str] | None = None) -> None:
             storage = FileStorage(data_dir, fsync=not args["--no-fsync"])
         else:
             storage = RedisStorage(args["--storage"])
-            max_value = min(max_value, RedisStorage.MAX_VALUE)
     except (DataDirLocked, StorageUnavailable, ImportError) as error:
         _fail(str(error), 1)
     except OSError as error:

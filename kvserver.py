@@ -12,11 +12,13 @@ Options:
   -b --bind=<addr>       Address to listen on, IPv4 or IPv6 [default: 127.0.0.1].
   -s --storage=<kind>    Where values live: files, memory, or a redis://,
                          rediss:// or unix:// URL [default: files].
-  -d --data-dir=<path>   Folder of the files storage [default: ./data].
+  -d --data-dir=<path>   Folder of the files storage (default: ./data).
   --prefix=<p>           kvserver export: only the keys that start with <p>.
   --token=<secret>       Require this secret on every request but /health, as
                          "Authorization: Bearer <secret>" or as the Basic auth
-                         password (default: the KV_TOKEN environment variable).
+                         password (default: the KV_TOKEN environment variable;
+                         on an address that is not loopback, a random one).
+  --no-token             Serve an address that is not loopback without a token.
   --max-value=<size>     Largest value accepted, in bytes or with a K, M or G
                          suffix (powers of 1024) [default: 1G].
   --max-connections=<n>  Connections served at once; more get 503 [default: 256].
@@ -187,6 +189,10 @@ class Stat(NamedTuple):
     content_type: str
     etag: str  # unquoted; changes with every write, survives restarts
     expires_at: float | None  # Unix time, or None for no TTL
+
+    def seconds_left(self) -> int | None:
+        """The whole seconds until the value expires, rounded up (at least 1); None without a TTL."""
+        return None if self.expires_at is None else max(1, math.ceil(self.expires_at - time.time()))
 
 
 def _etag(size: int, stamp: int) -> str:
@@ -1626,10 +1632,19 @@ class FileStorage(Storage):
             entry = self._index.find(key)
             if entry.data is not None:
                 return entry.stat, entry.data
+            path = os.path.join(self.path, _file_name(key))
             try:
-                return entry.stat, open(os.path.join(self.path, _file_name(key)), "rb")
+                file = open(path, "rb")  # noqa: SIM115 -- the caller closes it
             except FileNotFoundError:
                 raise KeyError(key) from None  # removed by hand
+            size = os.fstat(file.fileno()).st_size
+            if size != entry.size:  # changed by hand: what would be sent is not what the index promises
+                file.close()
+                raise RuntimeError(
+                    f"{_printable(path)} holds {size} bytes, not the {entry.size} of key {key!r}: it was changed "
+                    "while the server ran (data/ is the server's while it runs); restart the server to load it"
+                )
+            return entry.stat, file
 
     def _keys(self, prefix: str, after: str | None, limit: int | None) -> list[str]:
         return self._index.keys(prefix, after, limit)
@@ -2290,7 +2305,9 @@ class _Fields:
         """The field's value; the values of a repeated field joined with ", " (RFC 9110
         section 5.3), so that a second Origin or If-Match cannot pass unseen."""
         values = self._values.get(name.lower())
-        return default if values is None else ", ".join(values)
+        if values is None:
+            return default
+        return values[0] if len(values) == 1 else ", ".join(values)
 
     def get_all(self, name: str) -> list[str]:
         return self._values.get(name.lower(), [])
@@ -2434,6 +2451,8 @@ def _request_line_error(line: bytes) -> _HTTPError:
 def _body_framing(fields: _Fields, version: str) -> tuple[int | None, bool]:
     """The Content-Length and whether the body is chunked (RFC 9112 section 6): a 400 for any
     framing two parsers could read two ways, a 501 for a transfer coding other than chunked."""
+    if "content-length" not in fields and "transfer-encoding" not in fields:
+        return None, False  # no body: the common case
     lengths = fields.get_all("Content-Length")
     codings = fields.get_all("Transfer-Encoding")
     if lengths and codings:
@@ -2484,6 +2503,8 @@ class _RequestBody:
     to its end (`unread` is False), the connection cannot carry another request and is closed
     after the answer. Each byte must come within STALL_TIMEOUT of the one before.
     """
+
+    __slots__ = ("_chunked_total", "_handler", "_head", "_left", "_limit", "unread")
 
     def __init__(self, handler: KVRequestHandler, head: _RequestHead) -> None:
         self._handler = handler
@@ -2621,7 +2642,7 @@ def _ttl(raw: bytes | None) -> int | None:
     if raw is None:
         return None
     if not re.fullmatch(rb"[1-9][0-9]{0,11}", raw):
-        raise _HTTPError(HTTPStatus.BAD_REQUEST, f"ttl is a positive whole number of seconds, not {raw!r}")
+        raise _HTTPError(HTTPStatus.BAD_REQUEST, f"ttl is a positive whole number of seconds, not {_shown(raw)}")
     return int(raw)
 
 
@@ -2629,10 +2650,17 @@ def _fields(query: str, allowed: tuple[str, ...], usage: str) -> dict[str, bytes
     """The query's fields, each named in `allowed` and given once with a value, else a 400."""
     fields: dict[str, bytes] = {}
     for name, value in _decode_query(query):
-        text_name = name.decode("utf-8", "replace")
-        if text_name not in allowed or text_name in fields or value is None:
-            raise _HTTPError(HTTPStatus.BAD_REQUEST, f"unexpected query field {text_name!r}; use {usage}")
-        fields[text_name] = value
+        shown = _shown(name)
+        if name.decode("utf-8", "replace") not in allowed:
+            problem = f"unexpected query field {shown}"
+        elif value is None:
+            problem = f"query field {shown} needs '=' and a value"
+        elif name.decode() in fields:
+            problem = f"query field {shown} is repeated"
+        else:
+            fields[name.decode()] = value
+            continue
+        raise _HTTPError(HTTPStatus.BAD_REQUEST, f"{problem}; use {usage}")
     return fields
 
 
@@ -2742,18 +2770,23 @@ th { font-size: .8rem; text-transform: uppercase; color: #666; }
 td.key { font-family: ui-monospace, monospace; overflow-wrap: anywhere; }
 .size { text-align: right; white-space: nowrap; }
 .notice { background: #e6f4ea; border: 1px solid #9ad0a6; padding: .5rem .75rem; border-radius: 4px; }
+.error, .confirm { background: #fdecea; border: 1px solid #f1a7a0; padding: .5rem .75rem; border-radius: 4px; }
+.confirm button { background: #b42318; border-color: #b42318; }
+nav { display: flex; gap: 1.5rem; margin-top: .8rem; }
 a { color: #2b6cb0; } a.delete { color: #b42318; }
 """
 
 
 # The page's one script: it reloads the listing when a key under its prefix changes (an
-# EventSource on /events), or, while the visitor is typing into a form, offers a reload link.
+# EventSource on /events), or, while the visitor is typing into a form or the page asks to
+# confirm a delete, offers a reload link.
 _PAGE_SCRIPT = """
 const { events, listing } = document.currentScript.dataset;
 let timer = null, notice = null;
 function changed() {
   const inputs = [...document.querySelectorAll("form input")];
-  if (inputs.some((input) => input === document.activeElement || input.value !== input.defaultValue)) {
+  const busy = inputs.some((input) => input === document.activeElement || input.value !== input.defaultValue);
+  if (busy || document.querySelector("form.confirm")) {
     if (!notice) {
       notice = document.createElement("p");
       notice.className = "notice";
@@ -2781,6 +2814,43 @@ def _human_size(size: int) -> str:
     return f"{size / 1024**exponent:.1f} {('KiB', 'MiB', 'GiB')[exponent - 1]}"
 
 
+_PAGE_HEADERS = {
+    "Cache-Control": "no-store",
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'",
+}
+
+
+def _html_document(body: str) -> bytes:
+    """A whole HTML page around `body`: the page's style, and no script but one `body` brings."""
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
+<title>kvserver</title><style>{_PAGE_STYLE}</style></head>
+<body>{body}</body></html>
+""".encode()
+
+
+def _render_error(status: HTTPStatus, detail: str) -> bytes:
+    """An error answer as a browser gets it: the problem+json fields as a page."""
+    return _html_document(
+        f'<header><h1>kvserver</h1></header><p class="error"><strong>{status.value} {status.phrase}</strong>: '
+        f'{html.escape(detail)}</p><nav><a href="/">back to the keys</a></nav>'
+    )
+
+
+def _notice(text: str) -> str:
+    """A line of news on top of the page ("Stored k.")."""
+    return f'<p class="notice">{html.escape(text)}</p>'
+
+
+def _confirm_delete(key: str) -> str:
+    """The question the page asks before it deletes: a form sending /delete?key=<key>&confirm=yes."""
+    return (
+        f'<form class="confirm" action="/delete" method="get"><span>Delete <code>{html.escape(key)}</code>? '
+        f'It cannot be undone.</span><input type="hidden" name="key" value="{html.escape(key)}">'
+        f'<button name="confirm" value="yes">Delete</button><a href="/">Cancel</a></form>'
+    )
+
+
 class _KeyPage(NamedTuple):
     """One page of a listing, as /keys and the HTML page show it."""
 
@@ -2788,6 +2858,7 @@ class _KeyPage(NamedTuple):
     next: str | None  # the cursor for the next page; None on the last
     prefix: str
     delimiter: str | None
+    after: str | None  # the cursor this page starts after; None on the first
 
     def is_folder(self, item: str) -> bool:
         return self.delimiter is not None and _folder(item, self.prefix, self.delimiter) is not None
@@ -2821,7 +2892,7 @@ def _breadcrumbs(prefix: str, delimiter: str) -> str:
     return f'<nav class="crumbs">{" ".join(crumbs)}</nav>'
 
 
-def _render_page(storage: Storage, page: _KeyPage, notice: str, script: str) -> bytes:
+def _render_page(storage: Storage, page: _KeyPage, notice_html: str, script: str) -> bytes:
     """The HTML page: a form to set a key, a prefix filter, one page of keys and folders
     (each folder a link to its own level), and `script` (the <script> element that keeps it
     up to date)."""
@@ -2831,34 +2902,38 @@ def _render_page(storage: Storage, page: _KeyPage, notice: str, script: str) -> 
         if page.is_folder(key):
             rows.append(
                 f'<tr class="folder"><td class="key"><a href="{_page_href(key, delimiter)}">'
-                f'{html.escape(key)}</a></td><td class="size"></td><td>folder</td><td></td></tr>'
+                f'{html.escape(key)}</a></td><td class="size"></td><td>folder</td><td></td><td></td></tr>'
             )
             continue
         try:
             stat = storage.stat(key)
         except KeyError:
             continue  # deleted or expired since the listing
+        seconds_left = stat.seconds_left()
         rows.append(
             f'<tr><td class="key"><a href="{_value_href(key)}">{html.escape(key)}</a></td>'
             f'<td class="size">{_human_size(stat.size)}</td><td>{html.escape(stat.content_type)}</td>'
+            f'<td class="size">{"" if seconds_left is None else f"{seconds_left} s"}</td>'
             f'<td><a class="delete" href="/delete?key={urllib.parse.quote(key, safe="")}">delete</a></td></tr>'
         )
-    more = ""
+    links = []
+    if page.after is not None:
+        links.append(f'<a href="{_page_href(page.prefix, delimiter)}">← first page</a>')
     if page.next is not None:
-        more = f'<nav><a href="{_page_href(page.prefix, delimiter, page.next)}">next page →</a></nav>'
+        links.append(f'<a href="{_page_href(page.prefix, delimiter, page.next)}">next page →</a>')
+    if rows:
+        table = (
+            '<table><thead><tr><th>Key</th><th class="size">Size</th><th>Media type</th>'
+            f'<th class="size">TTL</th><th></th></tr></thead><tbody>{"".join(rows)}</tbody></table>'
+        )
+    elif page.prefix:
+        table = f'<p class="empty">No keys start with <code>{html.escape(page.prefix)}</code>.</p>'
+    else:
+        table = f'<p class="empty">{"No more keys." if page.after is not None else "No keys here yet."}</p>'
     keys, size = storage.totals()
-    table = (
-        f'<table><thead><tr><th>Key</th><th class="size">Size</th><th>Media type</th><th></th></tr></thead>'
-        f"<tbody>{''.join(rows)}</tbody></table>"
-        if rows
-        else '<p class="empty">No keys here yet.</p>'
-    )
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
-<title>kvserver</title><style>{_PAGE_STYLE}</style></head>
-<body><header><h1>kvserver</h1>
+    return _html_document(f"""<header><h1>kvserver</h1>
 <span>{keys} key{"" if keys == 1 else "s"}, {_human_size(size)}, {storage.kind} storage</span></header>
-{f'<p class="notice">{html.escape(notice)}</p>' if notice else ""}
+{notice_html}
 <form action="/set" method="get">
 <label>Key <input name="key" required></label>
 <label>Value <input name="value" size="40"></label>
@@ -2868,10 +2943,9 @@ def _render_page(storage: Storage, page: _KeyPage, notice: str, script: str) -> 
 <button type="submit">Filter</button></form>
 {_breadcrumbs(page.prefix, delimiter) if page.prefix else ""}
 {table}
-{more}
+{f"<nav>{''.join(links)}</nav>" if links else ""}
 {script}
-</body></html>
-""".encode()
+""")
 
 
 class _Metrics:
@@ -2941,19 +3015,30 @@ def _is_loopback_host(host: str) -> bool:
         return False
 
 
-_REDACTED_VALUE = re.compile(r"=[^&]*")
+_LOGGED_FIELDS = frozenset({"key", "ttl", "prefix", "delimiter", "limit", "after", "wait"})
 _LOG_ESCAPES = str.maketrans({c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)]})
 
 
 def _redact(request_line: str) -> str:
-    """The request line with every query value replaced by '…', for the access log."""
+    """The request line for the access log: values hidden as '…', keys shown as REST paths
+    show them. Only the query fields that name keys or settings keep their value (and
+    `key=` on /set only beside `value=`: /set?key=abc stores the value abc); every other
+    field's value may be a stored value, or a typo of one."""
     head, question, rest = request_line.partition("?")
     if not question:
         return request_line
     query, separator, version = rest.rpartition(" HTTP/")  # a bad request line's value may hold spaces
     if not separator:
         query, version = rest, ""
-    return head + "?" + _REDACTED_VALUE.sub("=…", query) + separator + version
+    fields = [field.partition("=") for field in query.split("&")]
+    shown = _LOGGED_FIELDS
+    if head.endswith("/set") and "value" not in {name for name, _, _ in fields}:
+        shown = shown - {"key"}
+    redacted = (name + equals + (value if name in shown or not equals else "…") for name, equals, value in fields)
+    return head + "?" + "&".join(redacted) + separator + version
+
+
+_STATUS_LINES = {status: f"HTTP/1.1 {status.value} {status.phrase}\r\n" for status in HTTPStatus}
 
 
 class KVRequestHandler(BaseHTTPRequestHandler):
@@ -3025,7 +3110,9 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             self.close_connection = True  # cut off, idle too long, gone, or no TLS: nothing carried out
             return
         if unread and self._status is not None:
-            self._drain()  # what follows on the connection is no request of ours
+            with contextlib.suppress(OSError):
+                self.wfile.flush()
+                _close_gently(self.connection)  # what follows on the connection is no request of ours
 
     def _start(self, head: _RequestHead) -> None:
         """Take a request's head as BaseHTTPRequestHandler's attributes, and its body."""
@@ -3102,9 +3189,11 @@ class KVRequestHandler(BaseHTTPRequestHandler):
     def _check_access(self, route: str) -> None:
         """Refuse what a web page could make a browser send here (SPEC section 8), then
         requests without the token."""
-        if self.headers.get("Sec-Fetch-Site", "").strip().lower() == "cross-site":
+        if self.headers.get("Sec-Fetch-Site", "").strip().lower() in ("cross-site", "same-site"):
             raise _HTTPError(
-                HTTPStatus.FORBIDDEN, "cross-site requests are refused: a web page may not use this server"
+                HTTPStatus.FORBIDDEN,
+                "requests from other sites are refused (a page on another port of this host too): "
+                "a web page may not use this server",
             )
         host = self.headers.get("Host")
         origin = self.headers.get("Origin")
@@ -3172,9 +3261,9 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             fields["Connection"] = "close"
         elif self.request_version == "HTTP/1.0":
             fields["Connection"] = "keep-alive"
-        lines = "".join(f"{name}: {value}\r\n" for name, value in fields.items())
+        lines = "".join([f"{name}: {value}\r\n" for name, value in fields.items()])
         self.wfile.write(
-            f"HTTP/1.1 {status.value} {status.phrase}\r\nServer: {self.server_version}\r\n"
+            f"{_STATUS_LINES[status]}Server: {self.server_version}\r\n"
             f"Date: {self.date_time_string()}\r\n{lines}\r\n".encode("latin-1")
         )
 
@@ -3195,7 +3284,12 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(document).encode(), "application/json", headers)
 
     def _send_problem(self, status: HTTPStatus, detail: str, headers: dict[str, str] | None = None) -> None:
-        self._send(status, _problem(status, detail), "application/problem+json", headers)
+        """An error answer: problem+json, or the same as a page for a browser."""
+        if self._wants_page():
+            page_headers = {**_PAGE_HEADERS, **(headers or {})}
+            self._send(status, _render_error(status, detail), "text/html; charset=utf-8", page_headers)
+        else:
+            self._send(status, _problem(status, detail), "application/problem+json", headers)
 
     def _send_value(self, stat: Stat, body: bytes | BinaryIO) -> None:
         """Answer with a stored value: 200 with its bytes, or 304 if the client has it."""
@@ -3207,6 +3301,9 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             "X-Content-Type-Options": "nosniff",
             "Content-Security-Policy": "sandbox",
         }
+        seconds_left = stat.seconds_left()
+        if seconds_left is not None:
+            fields["KV-TTL"] = str(seconds_left)
         if status == HTTPStatus.OK:
             fields["Content-Length"] = str(stat.size)
         self._write_head(status, fields)
@@ -3219,13 +3316,16 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         with body:
             if send:
                 self.wfile.flush()
-                self._sent = self._send_file(body)
+                self._sent = self._send_file(body, stat.size)
+                if self._sent < stat.size:  # the file shrank under us: end the answer where the bytes end
+                    self.close_connection = True
 
-    def _send_file(self, file: BinaryIO) -> int:
-        """Send a file's bytes with sendfile(2), a piece at a time, each renewing the stall
-        deadline (a slow reader of a big value is not cut off while bytes keep moving)."""
+    def _send_file(self, file: BinaryIO, size: int) -> int:
+        """Send the first `size` bytes of a file (fewer if it ends sooner) with sendfile(2), a
+        piece at a time, each renewing the stall deadline (a slow reader of a big value is not
+        cut off while bytes keep moving)."""
         sent = 0
-        while piece := self.connection.sendfile(file, sent, SENDFILE_PIECE):
+        while sent < size and (piece := self.connection.sendfile(file, sent, min(SENDFILE_PIECE, size - sent))):
             sent += piece
             self.server.connections.moved(self.connection)
         return sent
@@ -3236,19 +3336,6 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         return if_none_match is not None and (
             if_none_match.strip() == "*" or etag in (tag.removeprefix("W/") for tag in _etags(if_none_match))
         )
-
-    def _drain(self) -> None:
-        """Read and drop what the client still sends, briefly, so closing does not reset the
-        connection before it has read our answer (RFC 9112 section 9.6)."""
-        try:
-            self.wfile.flush()
-            self.connection.shutdown(socket.SHUT_WR)
-            self.connection.settimeout(1.0)
-            deadline = time.monotonic() + 2.0
-            while time.monotonic() < deadline and self.connection.recv(CHUNK):
-                pass
-        except OSError:
-            pass
 
     # Seed routes
 
@@ -3273,7 +3360,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         stat, created = self.storage.write(key, value, content_type=_sniff_content_type(value), ttl=ttl)
         status = HTTPStatus.CREATED if created else HTTPStatus.OK
         if self._wants_page():
-            self._send_page(status, "", f"Stored {key}.")
+            self._send_page(status, "", _notice(f"Stored {key}."))
         else:
             self._send_json(status, {"key": key, "created": created}, {"ETag": f'"{stat.etag}"'})
 
@@ -3284,19 +3371,29 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             raise _HTTPError(HTTPStatus.NOT_FOUND, f"no key {key!r}") from None
 
     @staticmethod
-    def _query_key(path: str, query: str) -> str:
+    def _query_key(path: str, query: str, allowed: tuple[str, ...] = ("key",)) -> str:
         """The key of /get?key=<key> and /delete?key=<key>."""
-        return _key(_fields(query, ("key",), f"{path}?key=<key>").get("key", b""))
+        usage = f"{path}?key=<key>"
+        fields = _fields(query, allowed, usage)
+        if "key" not in fields:
+            raise _HTTPError(HTTPStatus.BAD_REQUEST, f"name the key: {usage}")
+        return _key(fields["key"])
 
     def _route_get(self, path: str, query: str) -> None:
         self._send_value(*self._fetch_or_404(self._query_key(path, query)))
 
     def _route_delete(self, path: str, query: str) -> None:
-        key = self._query_key(path, query)
+        """Delete at once, but a browser is asked first: its answer comes back with confirm=yes."""
+        key = self._query_key(path, query, ("key", "confirm"))
+        if self._wants_page() and (b"confirm", b"yes") not in _decode_query(query):
+            if key not in self.storage:
+                raise _HTTPError(HTTPStatus.NOT_FOUND, f"no key {key!r}")
+            self._send_page(HTTPStatus.OK, "", _confirm_delete(key))
+            return
         if not self.storage.remove(key):
             raise _HTTPError(HTTPStatus.NOT_FOUND, f"no key {key!r}")
         if self._wants_page():
-            self._send_page(HTTPStatus.OK, "", f"Deleted {key}.")
+            self._send_page(HTTPStatus.OK, "", _notice(f"Deleted {key}."))
         else:
             self._send_json(HTTPStatus.OK, {"key": key, "deleted": True})
 
@@ -3306,7 +3403,9 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         fields = _fields(query, ("prefix", "delimiter", "limit", "after"), usage)
         limit_field = fields.get("limit", b"%d" % default_limit)
         if not re.fullmatch(rb"[0-9]{1,5}", limit_field) or not 1 <= int(limit_field) <= 10000:
-            raise _HTTPError(HTTPStatus.BAD_REQUEST, f"limit is a whole number from 1 to 10000, not {limit_field!r}")
+            raise _HTTPError(
+                HTTPStatus.BAD_REQUEST, f"limit is a whole number from 1 to 10000, not {_shown(limit_field)}"
+            )
         limit = int(limit_field)
         prefix = _text(fields.get("prefix", b""), "prefix")
         after = _text(fields["after"], "after") if "after" in fields else None
@@ -3318,7 +3417,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         # One more item than the page holds tells whether a next page exists.
         items = self.storage.keys(prefix, delimiter=delimiter, after=after, limit=limit + 1)
         page = items[:limit]
-        return _KeyPage(page, page[-1] if len(items) > limit else None, prefix, delimiter)
+        return _KeyPage(page, page[-1] if len(items) > limit else None, prefix, delimiter, after)
 
     def _route_keys(self, path: str, query: str) -> None:
         page = self._key_page(query, 1000)
@@ -3331,9 +3430,10 @@ class KVRequestHandler(BaseHTTPRequestHandler):
     # The page
 
     def _wants_page(self) -> bool:
-        return _prefers_html(self.headers.get("Accept", ""))
+        # A head that could not be read leaves `command` empty, and its headers unknown: problem+json.
+        return bool(self.command) and _prefers_html(self.headers.get("Accept", ""))
 
-    def _send_page(self, status: HTTPStatus, query: str, notice: str = "") -> None:
+    def _send_page(self, status: HTTPStatus, query: str, notice_html: str = "") -> None:
         page = self._key_page(query, 100, "/")
         nonce = secrets.token_urlsafe(16)
         events = "/events?" + urllib.parse.urlencode({"prefix": page.prefix})
@@ -3342,14 +3442,9 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             f'<script nonce="{nonce}" data-events="{html.escape(events)}" data-listing="{html.escape(listing)}">'
             f"{_PAGE_SCRIPT}</script>"
         )
-        body = _render_page(self.storage, page, notice, script)
-        headers = {
-            "Cache-Control": "no-store",
-            "Content-Security-Policy": (
-                f"default-src 'none'; style-src 'unsafe-inline'; script-src 'nonce-{nonce}'; connect-src 'self'"
-            ),
-        }
-        self._send(status, body, "text/html; charset=utf-8", headers)
+        body = _render_page(self.storage, page, notice_html, script)
+        policy = f"{_PAGE_HEADERS['Content-Security-Policy']}; script-src 'nonce-{nonce}'; connect-src 'self'"
+        self._send(status, body, "text/html; charset=utf-8", {**_PAGE_HEADERS, "Content-Security-Policy": policy})
 
     def _route_dump(self, path: str, query: str) -> None:
         """Every live key and its value as one JSON object, written as it is read; the HTML
@@ -3357,11 +3452,12 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         if self._wants_page():
             self._send_page(HTTPStatus.OK, query)
             return
+        prefix = _text(_fields(query, ("prefix",), "/?prefix=<p>").get("prefix", b""), "prefix")
         writer = self._stream("application/json")
         if writer is None:
             return
         separator = b"{"
-        for key in self.storage.keys():
+        for key in self.storage.keys(prefix):
             try:
                 value = _dump_entry(self.storage, key)
             except KeyError:
@@ -3665,6 +3761,17 @@ def _problem_response(status: HTTPStatus, detail: str) -> bytes:
     return head.encode() + body
 
 
+def _close_gently(connection: socket.socket) -> None:
+    """End our side, then read and drop what the client still sends, for 2 s at most, so that
+    closing does not reset the connection before the client has read our answer (RFC 9112
+    section 9.6). OSError if the connection is gone."""
+    connection.shutdown(socket.SHUT_WR)
+    connection.settimeout(1.0)
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline and connection.recv(CHUNK):
+        pass
+
+
 def _shut_down(connections: Iterable[socket.socket]) -> None:
     """End connections from another thread: a read blocked on one returns at once."""
     for connection in connections:
@@ -3759,6 +3866,11 @@ class _Connections:
             self._states[connection] = (self._SERVING, time.monotonic() + STALL_TIMEOUT)
             self._watches.pop(connection, None)
 
+    def replaced(self, connection: socket.socket) -> None:
+        """The connection goes on as another socket object (wrapped in TLS): forget this one."""
+        with self._lock:
+            self._states.pop(connection, None)
+
     def overdue(self) -> list[socket.socket]:
         """The connections past their deadline, forgotten here (to cut off)."""
         now = time.monotonic()
@@ -3835,6 +3947,7 @@ class KVServer(ThreadingHTTPServer):
         # The largest value taken: `max_value`, within what the storage can hold.
         self.max_value = max_value if storage.max_value is None else min(max_value, storage.max_value)
         self.token = token.encode("utf-8") if token is not None else None
+        self.ssl_context = ssl_context
         self.scheme = "https" if ssl_context else "http"
         self.quiet = quiet
         self.rpc = _XMLRPC(storage, self.max_value)
@@ -3847,8 +3960,6 @@ class KVServer(ThreadingHTTPServer):
         self._housekeeper: threading.Thread | None = None
         super().__init__(address, KVRequestHandler)
         self.loopback = ipaddress.ip_address(self.host).is_loopback
-        if ssl_context is not None:  # the handshake happens in the connection's thread, not in accept()
-            self.socket = ssl_context.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
         self._housekeeper = threading.Thread(target=self._housekeeping, name="kvserver-housekeeping", daemon=True)
         self._housekeeper.start()
 
@@ -3876,15 +3987,38 @@ class KVServer(ThreadingHTTPServer):
             self._refuse(request)
 
     def process_request_thread(self, request: socket.socket, client_address: Any) -> None:  # type: ignore[override]
+        connection: socket.socket | None = request
         try:
-            super().process_request_thread(request, client_address)
+            if self.ssl_context is not None:
+                connection = self._start_tls(request)
+            if connection is not None:
+                super().process_request_thread(connection, client_address)
         finally:
-            self.connections.leave(request)
+            self.connections.leave(connection or request)
+
+    def _start_tls(self, connection: socket.socket) -> ssl.SSLSocket | None:
+        """The connection in TLS, in its own thread; None if the client spoke plain HTTP to this
+        port: it is answered 400 with a pointer to https:// (as nginx does) and closed."""
+        assert self.ssl_context is not None
+        first = b""
+        if self.connections.idle(connection):  # until its first byte: the idle deadline and stop() apply
+            with contextlib.suppress(OSError):
+                first = connection.recv(1, socket.MSG_PEEK)
+        if first == b"\x16":  # a TLS handshake record; the handshake itself happens on the first read
+            self.connections.replaced(connection)
+            return self.ssl_context.wrap_socket(connection, server_side=True, do_handshake_on_connect=False)
+        with contextlib.suppress(OSError):
+            if first:
+                detail = "this port speaks HTTPS: use an https:// URL"
+                connection.sendall(_problem_response(HTTPStatus.BAD_REQUEST, detail))
+                _close_gently(connection)
+        connection.close()
+        return None
 
     def _refuse(self, connection: socket.socket) -> None:
         """Answer 503 at once, from the accepting thread, without starting a thread."""
         with contextlib.suppress(OSError):
-            if not isinstance(connection, ssl.SSLSocket):  # a TLS client gets only the close
+            if self.ssl_context is None:  # a TLS client gets only the close
                 connection.setblocking(False)
                 connection.send(self._BUSY)
             connection.shutdown(socket.SHUT_WR)
@@ -3957,6 +4091,34 @@ def _whole_number(args: dict[str, Any], option: str, low: int, high: int) -> int
     _fail(f"{option} takes a whole number from {low} to {high}, not {args[option]!r}", 2)
 
 
+def _command_line_problem(given: list[str]) -> str:
+    """What is wrong with a command line docopt refused, in words: the first unknown option,
+    option given twice, or argument that is neither a command nor an option's value."""
+    commands = re.findall(r"^  kvserver (\w+)", __doc__ or "", re.MULTILINE)
+    options: dict[str, tuple[str, bool]] = {}  # every spelling -> (long name, takes a value)
+    for short, long, value in re.findall(r"^  (-\w )?(--[\w-]+)(=<)?", __doc__ or "", re.MULTILINE):
+        options[long] = options[short.strip() or long] = (long, bool(value))
+    seen: set[str] = set()
+    arguments = iter(given)
+    for position, argument in enumerate(arguments):
+        if position == 0 and argument in commands:
+            continue
+        if not argument.startswith("-") or argument == "-":
+            return f"unexpected argument {argument!r}: every setting is an option such as --port 4000"
+        name, equals, _ = argument.partition("=")
+        if not name.startswith("--"):
+            name, equals = argument[:2], "=" if len(argument) > 2 else ""  # -p4000 holds its value
+        if name not in options:
+            return f"unknown option {name}"
+        long, takes_value = options[name]
+        if long in seen:
+            return f"option {long} is given twice"
+        seen.add(long)
+        if takes_value and not equals and next(arguments, None) is None:
+            return f"option {long} needs a value"
+    return "the command line does not match the usage"
+
+
 class _Progress:
     """The progress line of kvserver export and import on stderr: rewritten in place at most
     twice a second while stderr is a terminal, and written once more at the end."""
@@ -3980,6 +4142,20 @@ class _Progress:
         print(f"{end}{self.line()}{more} in {time.monotonic() - self._started:.1f} s", file=sys.stderr, flush=True)
 
 
+def _open_storage(args: dict[str, Any], locked_hint: str = "") -> Storage:
+    """The storage the command line names, by open_storage; or exit 1 with one line saying why
+    it cannot be used (with `locked_hint` after the line for a data dir in use)."""
+    spec = f"files:{args['--data-dir']}" if args["--storage"] == "files" else args["--storage"]
+    try:
+        return open_storage(spec, fsync=not args["--no-fsync"])
+    except DataDirLocked as error:
+        _fail(f"{error}{locked_hint}", 1)
+    except (StorageUnavailable, ImportError) as error:
+        _fail(str(error), 1)
+    except OSError as error:
+        _fail(f"cannot use data dir {args['--data-dir']}: {error.strerror or error}", 1)
+
+
 def _run_transfer(args: dict[str, Any]) -> None:
     """kvserver export and kvserver import: between a storage and stdout or stdin."""
     exporting = bool(args["export"])
@@ -3990,16 +4166,7 @@ def _run_transfer(args: dict[str, Any]) -> None:
     files = args["--storage"] == "files"
     if exporting and files and not os.path.isdir(args["--data-dir"]):
         _fail(f"no data dir {args['--data-dir']} to export", 1)
-    try:
-        storage = open_storage(
-            f"files:{args['--data-dir']}" if files else args["--storage"], fsync=not args["--no-fsync"]
-        )
-    except DataDirLocked as error:
-        _fail(f"{error}, or export from it while it runs: curl http://<host>:<port>/export", 1)
-    except (StorageUnavailable, ImportError) as error:
-        _fail(str(error), 1)
-    except OSError as error:
-        _fail(f"cannot use data dir {args['--data-dir']}: {error.strerror or error}", 1)
+    storage = _open_storage(args, "; or export from it while it runs: curl http://<host>:<port>/export")
     where = f"{storage.kind} storage {storage.location}"
     with storage:
         try:
@@ -4031,14 +4198,11 @@ def main(argv: list[str] | None = None) -> None:
         from docopt import DocoptExit, docopt
     except ImportError:
         _fail("needs the docopt-ng package: pip install docopt-ng", 1)
+    given = sys.argv[1:] if argv is None else argv
     try:
-        args = docopt(__doc__, argv, version=f"kvserver {__version__}")
-    except DocoptExit as error:
-        given = sys.argv[1:] if argv is None else argv
-        known = set(re.findall(r"(?<![\w-])(--?[\w-]+)", __doc__ or ""))
-        unknown = [arg for arg in given if arg.startswith("-") and arg.split("=")[0] not in known]
-        problem = f"unknown option {unknown[0]}" if unknown else str(error).splitlines()[0]
-        _fail(f"{problem}; see kvserver --help", 2)
+        args = docopt(__doc__, given, version=f"kvserver {__version__}")
+    except DocoptExit:
+        _fail(f"{_command_line_problem(given)}; see kvserver --help", 2)
     port = _whole_number(args, "--port", 0, 65535)
     max_connections = _whole_number(args, "--max-connections", 1, 65535)
     try:
@@ -4046,13 +4210,18 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as error:
         _fail(f"--max-value: {error}", 2)
     if args["--storage"] not in ("files", "memory") and not args["--storage"].startswith(_REDIS_SCHEMES):
-        _fail(f"--storage takes files, memory or a redis:// URL, not {args['--storage']!r}", 2)
+        _fail(f"--storage takes files, memory, or a redis://, rediss:// or unix:// URL, not {args['--storage']!r}", 2)
+    if args["--data-dir"] is not None and args["--storage"] != "files":
+        _fail(f"--data-dir is the folder of --storage files; {args['--storage']} storage keeps no files there", 2)
+    args["--data-dir"] = args["--data-dir"] or "./data"
     if args["export"] or args["import"] or args["--prefix"] is not None:
         _run_transfer(args)
         return
     token = args["--token"] if args["--token"] is not None else os.environ.get("KV_TOKEN") or None
     if token == "":
         _fail("--token takes a secret, not an empty string", 2)
+    if token is not None and args["--no-token"]:
+        _fail("--no-token contradicts --token (or KV_TOKEN): give one or the other", 2)
     if (args["--certfile"] is None) != (args["--keyfile"] is None):
         _fail("--certfile and --keyfile go together: give both, or neither", 2)
     ssl_context = None
@@ -4064,17 +4233,7 @@ def main(argv: list[str] | None = None) -> None:
             _fail(f"cannot load --certfile/--keyfile: {error}", 1)
 
     started = time.perf_counter()
-    try:
-        if args["--storage"] == "memory":
-            storage: Storage = MemoryStorage()
-        elif args["--storage"] == "files":
-            storage = FileStorage(args["--data-dir"], fsync=not args["--no-fsync"])
-        else:
-            storage = RedisStorage(args["--storage"])
-    except (DataDirLocked, StorageUnavailable, ImportError) as error:
-        _fail(str(error), 1)
-    except OSError as error:
-        _fail(f"cannot use data dir {args['--data-dir']}: {error.strerror or error}", 1)
+    storage = _open_storage(args)
     loaded = time.perf_counter() - started
     try:
         server = KVServer(
@@ -4090,11 +4249,19 @@ def main(argv: list[str] | None = None) -> None:
         storage.close()
         _fail(f"cannot listen on {args['--bind']} port {port}: {error.strerror or error}", 1)
 
+    if token is not None:
+        access = "token required"
+    elif server.loopback or args["--no-token"]:
+        access = "no token"
+    else:  # the network would be served open: require a token made for this run (--no-token opts out)
+        token = secrets.token_urlsafe(16)
+        server.token = token.encode()
+        access = f"token required: {token} (made for this run; set --token or KV_TOKEN to choose one)"
     server.stop_on_signals()  # before the start line: a script may stop us as soon as it reads it
     with contextlib.suppress(KeyboardInterrupt):  # (only a second signal raises it)
         print(
             f"kvserver {__version__} serving {server.url} with {storage.kind} storage {storage.location}: "
-            f"{len(storage)} keys loaded in {loaded:.3f} s",
+            f"{len(storage)} keys loaded in {loaded:.3f} s; {access}, TLS {'on' if ssl_context else 'off'}",
             flush=True,
         )
         server.serve_forever()

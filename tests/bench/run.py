@@ -985,7 +985,7 @@ def main() -> int:
         for name in config.only:
             log(f"== {name}")
             groups[name]()
-        report.out("## Targets (issues 8 and 18)")
+        report.out("## Targets")
         report.out()
         verdict = {True: "PASS", False: "FAIL", None: "n/a"}
         report.out(table(["target", "measured", "result"], [[t, m, verdict[p]] for t, m, p in report.targets]))

@@ -289,6 +289,17 @@ def test_while_the_visitor_types_a_change_offers_a_reload_link_instead(tab: Tab)
     assert tab.listed_keys() == ["arrived"]
 
 
+def test_while_the_page_asks_to_confirm_a_delete_a_change_offers_a_reload_link_instead(tab: Tab) -> None:
+    set_key(tab.server, "doomed", "v")
+    tab.open("/delete?key=doomed")
+    wait_until_live(tab)
+    set_key(tab.server, "arrived", "v")
+    notice = tab.page.locator(".notice", has_text="Keys changed")
+    notice.wait_for()
+    assert urllib.parse.urlsplit(tab.page.url).path == "/delete"
+    assert tab.page.locator("form.confirm").count() == 1
+
+
 def test_the_page_works_without_javascript(browser: Browser, server: Server) -> None:
     context = browser.new_context(java_script_enabled=False)
     try:

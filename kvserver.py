@@ -249,7 +249,7 @@ HEARTBEAT = 15.0  # seconds of silence after which an event stream sends a comme
 # then costs the server a few sends a second, not one per write.
 COALESCE = 0.1
 MAX_WAIT = 300  # seconds a GET /kv/<key>?wait=<s> may wait for a change
-_BATCH = 1_000  # most events handed to a watcher at once, so that the feed's lock is held briefly
+_WATCH_BATCH = 1_000  # most events handed to a watcher at once, so that the feed's lock is held briefly
 _REVISION = re.compile(r"[0-9]{1,20}(-[0-9]{1,20})?")
 
 
@@ -402,7 +402,7 @@ class _ChangeFeed:
         if watch._reset is not None:
             reset, watch._reset = watch._reset, None
             return [Event(reset, "reset", None, None)]
-        end = min(self._count, watch._next + _BATCH)
+        end = min(self._count, watch._next + _WATCH_BATCH)
         events = []
         for n in range(watch._next, end):
             event = self._ring[n % len(self._ring)][1]  # type: ignore[index]
@@ -2170,7 +2170,7 @@ return adopted
                 except self._watch_error:
                     continue  # another client changed the key between WATCH and EXEC: look again
 
-    # Watching: the events stream, read by one thread into the change feed, and the sweeper
+    # Watching: the events stream, read by one thread into the change feed
 
     def _announce(self, pipe: Any, fields: dict[str, Any]) -> None:
         """Queue the event of a change in its transaction (the fields are those _event reads)."""
@@ -2215,9 +2215,9 @@ return adopted
                     oldest = self._reader.xrange(stream, count=1)
                     if oldest and revision_order(oldest[0][0].decode()) > revision_order(last):
                         self._feed.gap(oldest[0][0].decode())
-                answer = self._reader.xread({stream: last}, count=_BATCH, block=1000)
+                answer = self._reader.xread({stream: last}, count=_WATCH_BATCH, block=1000)
                 entries = answer[0][1] if answer else []
-                behind = len(entries) == _BATCH
+                behind = len(entries) == _WATCH_BATCH
                 for revision, fields in entries:
                     event = self._event(revision, fields)
                     self._feed.publish(event.type, event.key, event.stat, event.revision)  # type: ignore[arg-type]

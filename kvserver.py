@@ -247,7 +247,7 @@ HEARTBEAT = 15.0  # seconds of silence after which an event stream sends a comme
 # An event stream sends a change as soon as it comes, but then sends at most once in this many
 # seconds while changes keep coming, gathering them: under a flood of writes each open stream
 # then costs the server a few sends a second, not one per write.
-COALESCE = 0.1
+COALESCE = 0.2
 MAX_WAIT = 300  # seconds a GET /kv/<key>?wait=<s> may wait for a change
 _WATCH_BATCH = 1_000  # most events handed to a watcher at once, so that the feed's lock is held briefly
 _REVISION = re.compile(r"[0-9]{1,20}(-[0-9]{1,20})?")

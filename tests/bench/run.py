@@ -50,7 +50,7 @@ START_TIMEOUT = 60.0  # seconds for a server to print its start line (100,000 ke
 STOP_TIMEOUT = 15.0
 SCENARIO_GROUPS = ("get", "set", "rest", "events", "startup", "big")
 STREAMS = 100  # open event streams in the events group
-PROBE_INTERVAL = 0.2  # seconds between the writes that time write-to-event; longer than kvserver's COALESCE
+PROBE_INTERVAL = 0.5  # seconds between the writes that time write-to-event; longer than kvserver's COALESCE
 
 # The Lua every wrk run loads: done() prints one parseable line with the counts and percentiles
 # (latencies in microseconds). wrk counts a response with status >= 400 as a status error.

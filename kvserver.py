@@ -44,6 +44,7 @@ import io
 import ipaddress
 import itertools
 import json
+import math
 import os
 import re
 import secrets
@@ -119,7 +120,8 @@ _HEADER_VALUE = re.compile("[\x20-\x7e]*")
 def check_key(key: object) -> str:
     """Return `key` if it is a valid key, else raise ValueError saying which rule it breaks.
 
-    A key is 1 to 1024 bytes of UTF-8 without control characters (U+0000-U+001F, U+007F).
+    A key is 1 to 1024 bytes of UTF-8 without control characters (U+0000-U+001F, U+007F) and
+    without U+FFFE and U+FFFF, which XML 1.0 cannot carry (XML-RPC's keys() lists every key).
     """
     if not isinstance(key, str):
         raise ValueError(f"a key is a str, not {type(key).__name__}")
@@ -131,6 +133,8 @@ def check_key(key: object) -> str:
         raise ValueError(f"a key is 1 to {MAX_KEY_BYTES} bytes of UTF-8, not {size}")
     if _CONTROL_CHARACTER.search(key):
         raise ValueError(f"key {key!r} holds a control character (U+0000-U+001F or U+007F)")
+    if "\ufffe" in key or "\uffff" in key:
+        raise ValueError(f"key {key!r} holds U+FFFE or U+FFFF, which XML cannot carry")
     return key
 
 
@@ -152,17 +156,74 @@ def _is_text(content_type: str) -> bool:
     )
 
 
+class _BeyondDouble(ValueError):
+    """A JSON number beyond the range of a double (1e400), which most readers take as infinity."""
+
+
+def _excerpt(text: str) -> str:
+    """`text` quoted for a message, cut to its first 20 characters."""
+    return repr(text) if len(text) <= 20 else f"{text[:20]!r}... ({len(text)} characters)"
+
+
 def _parse_json(data: bytes) -> Any:
-    """A JSON value, strictly: ValueError for NaN and Infinity (not JSON, though Python's json
-    reads them) and for nesting too deep to parse."""
+    """A JSON value read strictly, so that it can be written back as JSON and XML: ValueError
+    if `data` is not UTF-8 JSON, holds NaN or Infinity (Python's json reads them), a number
+    beyond a double's range (1e400: Python reads it as inf, or as an int no other reader can
+    take), or a lone surrogate (\\ud800: not a character, cannot be written as UTF-8), or
+    nests too deeply for the parser (about 900 levels)."""
 
     def reject(constant: str) -> NoReturn:
         raise ValueError(f"{constant} is not JSON")
 
+    def finite_float(text: str) -> float:
+        number = float(text)
+        if math.isinf(number):
+            raise _BeyondDouble(f"the value holds a number beyond the range of a double, {_excerpt(text)}")
+        return number
+
+    def finite_int(text: str) -> int:
+        if len(text) > 300:  # fewer digits always fit in a double
+            finite_float(text)
+        return int(text)
+
     try:
-        return json.loads(data, parse_constant=reject)
+        value = json.loads(data.decode("utf-8"), parse_constant=reject, parse_float=finite_float, parse_int=finite_int)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
+    if _SURROGATE_ESCAPE.search(data) and _holds_surrogate(value):
+        raise ValueError("a JSON string holds a lone surrogate")
+    return value
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _holds_surrogate(value: Any) -> bool:
+    """Whether a parsed JSON value holds a str with a surrogate (a key or a string, at any depth)."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return True
+        elif isinstance(item, list):
+            pending.extend(item)
+        elif isinstance(item, dict):
+            pending.extend(item)
+            pending.extend(item.values())
+    return False
+
+
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+
+
+def _count_json_values(data: bytes) -> int:
+    """How many values a JSON text holds, itself and the items of its arrays and objects,
+    counted without parsing it (exactly if it is JSON): 1 + commas + non-empty containers."""
+    skeleton = _JSON_STRING.sub(b"0", data).translate(None, b" \t\r\n")
+    containers = skeleton.count(b"[") + skeleton.count(b"{") - skeleton.count(b"[]") - skeleton.count(b"{}")
+    return 1 + skeleton.count(b",") + containers
 
 
 def _is_json(content_type: str) -> bool:
@@ -811,7 +872,7 @@ class FileStorage(MemoryStorage):
         path = os.path.join(self._meta, name)
         try:
             with open(path, "rb") as file:
-                records = json.load(file)
+                records = _parse_json(file.read())
             if isinstance(records, dict) and all(
                 isinstance(record, dict)
                 and isinstance(record.get("key"), str)
@@ -1109,11 +1170,16 @@ class _HTTPError(Exception):
         self.headers = headers or {}
 
 
+def _json_bytes(document: object) -> bytes:
+    """`document` as strict JSON in UTF-8, non-ASCII characters as themselves (not \\u escapes);
+    ValueError for a float that is not finite, which JSON has no form for."""
+    return json.dumps(document, ensure_ascii=False, allow_nan=False).encode("utf-8")
+
+
 def _problem(status: HTTPStatus, detail: str) -> bytes:
-    """The problem+json body (RFC 9457) of an error answer."""
-    return json.dumps(
-        {"type": "about:blank", "title": status.phrase, "status": status.value, "detail": detail}
-    ).encode()
+    """The problem+json body (RFC 9457) of an error answer, ending with a newline."""
+    document = {"type": "about:blank", "title": status.phrase, "status": status.value, "detail": detail}
+    return _json_bytes(document) + b"\n"
 
 
 def _answer_to(error: Exception) -> tuple[HTTPStatus, str, dict[str, str]]:
@@ -1636,7 +1702,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         return text
 
     def _send_json(self, status: HTTPStatus, document: object, headers: dict[str, str] | None = None) -> None:
-        self._send(status, json.dumps(document).encode(), "application/json", headers)
+        self._send(status, _json_bytes(document) + b"\n", "application/json", headers)
 
     def _send_problem(self, status: HTTPStatus, detail: str, headers: dict[str, str] | None = None) -> None:
         self._send(status, _problem(status, detail), "application/problem+json", headers)
@@ -1872,9 +1938,9 @@ class KVRequestHandler(BaseHTTPRequestHandler):
                 value = _dump_entry(self.storage, key)
             except KeyError:
                 continue  # deleted or expired since the listing
-            writer.write(separator + json.dumps(key).encode() + b": " + json.dumps(value).encode())
+            writer.write(separator + _json_bytes(key) + b": " + _json_bytes(value))
             separator = b", "
-        writer.write(b"}" if separator == b", " else b"{}")
+        writer.write(b"}\n" if separator == b", " else b"{}\n")
         writer.close()
 
     def _route_health(self, path: str, query: str) -> None:

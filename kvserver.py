@@ -98,7 +98,7 @@ BODY_TIMEOUT = 30.0  # seconds a request body may go without a byte
 MAX_HEADER_BYTES = 64 * 1024
 MAX_RPC_VALUE = 16 * 1024 * 1024  # XML-RPC carries values up to this size either way; /kv/<key> any size
 MAX_RPC_DEPTH = 64  # levels of arrays and structs in an XML-RPC value
-MAX_RPC_ITEMS = 500_000  # values in an XML-RPC value, itself and the items of its arrays and structs
+MAX_RPC_ITEMS = 500_000  # items of the arrays and structs in an XML-RPC value, at any depth
 # http.server reads headers with http.client, which counts the empty line that ends them
 # against its limit of 100: so that 100 header fields pass (SPEC section 8), allow 101 lines.
 http.client._MAXHEADERS = 101  # type: ignore[attr-defined]
@@ -161,8 +161,9 @@ def _is_text(content_type: str) -> bool:
     )
 
 
-class _BeyondDouble(ValueError):
-    """A JSON number beyond the range of a double (1e400), which most readers take as infinity."""
+class _JSONBeyondLimits(ValueError):
+    """JSON that is valid but beyond what other readers take: a number beyond the range of a
+    double (1e400, which most read as infinity), or nesting too deep for Python's parser."""
 
 
 def _excerpt(text: str) -> str:
@@ -174,8 +175,9 @@ def _parse_json(data: bytes) -> Any:
     """A JSON value read strictly, so that it can be written back as JSON and XML: ValueError
     if `data` is not UTF-8 JSON, holds NaN or Infinity (Python's json reads them), a number
     beyond a double's range (1e400: Python reads it as inf, or as an int no other reader can
-    take), or a lone surrogate (\\ud800: not a character, cannot be written as UTF-8), or
-    nests too deeply for the parser (about 900 levels)."""
+    take), or a lone surrogate (\\ud800: not a character, cannot be written as UTF-8); its
+    subclass _JSONBeyondLimits for such numbers and for nesting too deep for Python's parser
+    (about 900 levels)."""
 
     def reject(constant: str) -> NoReturn:
         raise ValueError(f"{constant} is not JSON")
@@ -183,7 +185,7 @@ def _parse_json(data: bytes) -> Any:
     def finite_float(text: str) -> float:
         number = float(text)
         if math.isinf(number):
-            raise _BeyondDouble(f"the value holds a number beyond the range of a double, {_excerpt(text)}")
+            raise _JSONBeyondLimits(f"the value holds a number beyond the range of a double, {_excerpt(text)}")
         return number
 
     def finite_int(text: str) -> int:
@@ -194,7 +196,7 @@ def _parse_json(data: bytes) -> Any:
     try:
         value = json.loads(data.decode("utf-8"), parse_constant=reject, parse_float=finite_float, parse_int=finite_int)
     except RecursionError:
-        raise ValueError("JSON nested too deeply") from None
+        raise _JSONBeyondLimits("the value nests deeper than Python's JSON parser goes") from None
     if _SURROGATE_ESCAPE.search(data) and _holds_surrogate(value):
         raise ValueError("a JSON string holds a lone surrogate")
     return value
@@ -223,12 +225,12 @@ def _holds_surrogate(value: Any) -> bool:
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 
 
-def _count_json_values(data: bytes) -> int:
-    """How many values a JSON text holds, itself and the items of its arrays and objects,
-    counted without parsing it (exactly if it is JSON): 1 + commas + non-empty containers."""
+def _count_json_items(data: bytes) -> int:
+    """How many items the arrays and objects of a JSON text hold, at any depth, counted without
+    parsing it (exactly, if it is JSON): its commas, and one more in each non-empty container."""
     skeleton = _JSON_STRING.sub(b"0", data).translate(None, b" \t\r\n")
     containers = skeleton.count(b"[") + skeleton.count(b"{") - skeleton.count(b"[]") - skeleton.count(b"{}")
-    return 1 + skeleton.count(b",") + containers
+    return skeleton.count(b",") + containers
 
 
 def _is_json(content_type: str) -> bool:
@@ -2015,7 +2017,8 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         except _HTTPError as error:
             if error.status != HTTPStatus.REQUEST_ENTITY_TOO_LARGE:
                 raise
-            response = _XMLRPCWriter.fault(xmlrpc.client.Fault(413, _RPC_TOO_LARGE))
+            too_large = xmlrpc.client.Fault(413, f"the call is over {_MAX_RPC_BODY:,} bytes; {_RPC_TOO_LARGE}")
+            response = _XMLRPCWriter.fault(too_large)
         self._send(HTTPStatus.OK, response, "text/xml")
 
 
@@ -2045,8 +2048,8 @@ _ROUTES: dict[str, dict[str, _Route]] = {
 _INT32 = range(-(2**31), 2**31)
 _MAX_RPC_BODY = 2 * MAX_RPC_VALUE + CHUNK  # room for the value's base64 (4/3 of it) or escaped text, and XML
 _RPC_TOO_LARGE = (
-    f"XML-RPC carries values of at most {MAX_RPC_VALUE >> 20} MiB and {MAX_RPC_ITEMS:,} items here, "
-    f"in calls of at most {_MAX_RPC_BODY:,} bytes: PUT larger ones to /kv/<key> and GET them from there"
+    f"XML-RPC carries values of at most {MAX_RPC_VALUE >> 20} MiB and {MAX_RPC_ITEMS:,} items: "
+    "PUT larger ones to /kv/<key> and GET them from there"
 )
 
 
@@ -2062,22 +2065,22 @@ class _NotCarried(Exception):
 class _CallReader(xmlrpc.client.Unmarshaller):
     """xmlrpc.client's reader, keeping a call within what the server stores and gives back
     (each refused as it is read, as _NotCarried): ints of 32 bits, finite doubles, and per
-    parameter at most MAX_RPC_DEPTH levels of arrays and structs and MAX_RPC_ITEMS values.
+    parameter at most MAX_RPC_DEPTH levels of arrays and structs and MAX_RPC_ITEMS items.
     <base64> is decoded without an extra copy."""
 
     def __init__(self) -> None:
         super().__init__()
         self.xml("", None)  # no encoding: expat gives str, with nothing to decode
-        self._values = 0  # in the parameter being read
+        self._items = 0  # <value>s in the parameter being read, but its own
 
     def start(self, tag: str, attrs: dict[str, str]) -> None:
         name = tag.rpartition(":")[2]
         if name == "param":
-            self._values = 0
+            self._items = -1
         elif name == "value":
-            self._values += 1
-            if self._values > MAX_RPC_ITEMS:
-                raise _NotCarried(f"a parameter holds more than {MAX_RPC_ITEMS:,} values; {_RPC_TOO_LARGE}", 413)
+            self._items += 1
+            if self._items > MAX_RPC_ITEMS:
+                raise _NotCarried(f"a parameter holds over {MAX_RPC_ITEMS:,} items; {_RPC_TOO_LARGE}", 413)
         elif name in ("array", "struct") and len(self._marks) >= MAX_RPC_DEPTH:
             raise _NotCarried(f"a parameter nests arrays and structs deeper than {MAX_RPC_DEPTH} levels; flatten it")
         super().start(tag, attrs)
@@ -2322,13 +2325,11 @@ class _XMLRPC:
         except KeyError:
             return None
         if _is_json(content_type):
-            if _count_json_values(data) > MAX_RPC_ITEMS:  # checked first: parsing costs ~100 bytes a value
-                raise xmlrpc.client.Fault(
-                    413, f"key {key!r} holds more than {MAX_RPC_ITEMS:,} values; {_RPC_TOO_LARGE}"
-                )
+            if _count_json_items(data) > MAX_RPC_ITEMS:  # checked first: parsing costs ~100 bytes an item
+                raise xmlrpc.client.Fault(413, f"key {key!r} holds over {MAX_RPC_ITEMS:,} items; {_RPC_TOO_LARGE}")
             try:
                 return _parse_json(data)
-            except _BeyondDouble as error:
+            except _JSONBeyondLimits as error:
                 raise xmlrpc.client.Fault(400, f"{error}; read it with GET /kv/<key>") from None
             except ValueError:
                 pass  # not JSON after all: given as its bytes

@@ -42,6 +42,8 @@ BAD_KEYS = {
     "newline": "a\nb",
     "delete-char": "a\x7fb",
     "lone-surrogate": "a\ud800b",
+    "noncharacter-fffe": "a\ufffeb",
+    "noncharacter-ffff": "\uffff",
     "bytes": b"key",
     "int": 1,
     "none": None,

@@ -2199,7 +2199,7 @@ class _XMLRPCWriter:
         elif isinstance(value, bool):
             write(b"<value><boolean>%d</boolean></value>\n" % value)
         elif isinstance(value, int):
-            if not _INT32.start <= value < _INT32.stop:  # not `in`: for an int subclass, that counts through
+            if not _INT32.start <= value < _INT32.stop:  # not `in`, which tests an IntEnum by iterating
                 raise _NotCarried(f"the value holds {value}, beyond XML-RPC's 32-bit ints; read it with GET /kv/<key>")
             write(b"<value><int>%d</int></value>\n" % value)
         elif isinstance(value, float):

@@ -39,7 +39,6 @@ import functools
 import hashlib
 import hmac
 import html
-import http.client
 import inspect
 import io
 import ipaddress
@@ -90,18 +89,15 @@ __all__ = [
 MAX_KEY_BYTES = 1024
 SMALL_VALUE = 64 * 1024  # held in memory by FileStorage, inlined in the / dump
 CHUNK = 64 * 1024  # unit of every streamed read and write
+SENDFILE_PIECE = 16 * CHUNK  # a value served from its file goes out in pieces of this size
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 TEXT_CONTENT_TYPE = "text/plain; charset=utf-8"
 IDLE_TIMEOUT = 15.0  # seconds a keep-alive connection may wait for its next request
 HEAD_TIMEOUT = 10.0  # seconds from a request's first byte to the end of its headers
-BODY_TIMEOUT = 30.0  # seconds a request body may go without a byte
-MAX_HEADER_BYTES = 64 * 1024
+STALL_TIMEOUT = 30.0  # seconds a request body, or an answer, may go without a byte moving
 MAX_RPC_VALUE = 16 * 1024 * 1024  # XML-RPC carries values up to this size either way; /kv/<key> any size
 MAX_RPC_DEPTH = 64  # levels of arrays and structs in an XML-RPC value
 MAX_RPC_ITEMS = 500_000  # items of the arrays and structs in an XML-RPC value, at any depth
-# http.server reads headers with http.client, which counts the empty line that ends them
-# against its limit of 100: so that 100 header fields pass (SPEC section 8), allow 101 lines.
-http.client._MAXHEADERS = 101  # type: ignore[attr-defined]
 
 
 class PreconditionFailed(Exception):
@@ -1006,18 +1002,150 @@ class RedisStorage(Storage):
     """Values in Redis, so that several kvserver processes on several machines serve one store.
 
     Each key is a Redis hash named `<prefix><key>` with the fields value, type, etag and
-    expires; a TTL is also the hash's Redis expiry. Compare-and-set uses WATCH/MULTI, so it
-    is atomic across processes. Values travel whole, so they are limited to MAX_VALUE (Redis
-    strings stop at 512 MB). Needs the redis package: pip install 'kvserver[redis]'.
+    expires; a TTL is also the hash's Redis expiry. Beside the hashes, four structures make
+    listing and counting cost the same however many keys there are; their names are the prefix,
+    a 0xFF byte (which no UTF-8 key contains, so no key's hash can have these names) and:
+
+    - `keys`: a sorted set of every key, all scored 0, so that ZRANGEBYLEX reads it in byte
+      order, which for UTF-8 is code-point order: the ordered index;
+    - `expiries`: a sorted set of the keys that have a TTL, scored by their Redis expiry in ms;
+    - `sizes`: a hash of the sizes of those keys (their Redis hash may already be gone);
+    - `totals`: a hash of the fields keys and bytes (what the index holds) and indexed (set
+      once every value in Redis is in the index).
+
+    Every write and delete changes the key's hash, the index and the totals in one WATCH/MULTI
+    transaction (the bookkeeping is the Lua script _ACCOUNT inside it), so compare-and-set is
+    atomic across processes and the index never disagrees with the values. Redis expires a
+    hash by itself; its key stays in the index until a sweep (_SWEEP_AND_COUNT, and a few keys
+    on every write) takes it out, and until then listing skips it by its expiry and the totals
+    are read only after sweeping. The scripts read Redis's clock (TIME), the one its expiry
+    follows. A store written by an older kvserver, without the index, is indexed when it is
+    first opened. Needs one Redis (not Redis Cluster: a transaction spans a key and the index).
+
+    Values travel whole, so they are limited to MAX_VALUE (Redis strings stop at 512 MB).
+    Needs the redis package: pip install 'kvserver[redis]'.
     """
 
     kind = "redis"
     MAX_VALUE = 512 * 1024 * 1024 - 1
     _FIELDS = (b"value", b"type", b"etag", b"expires")
+    _STRUCTURES = (b"keys", b"expiries", b"sizes", b"totals")
+    _BATCH = 1000  # keys per listing, sweeping or indexing step: a step holds Redis for well under 10 ms
+    _SWEEP_ON_WRITE = 2  # expired keys each write sweeps, more than it can add: the index cannot fill with them
+
+    # Lua shared by the scripts. Every script gets the four structures as KEYS[1..4] and the
+    # prefix as ARGV[1]. A Lua script runs whole, with no other command in between.
+    _LUA = """
+local index, expiries, sizes, totals = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local prefix = ARGV[1]
+
+local function now_ms()
+  local time = redis.call('TIME')
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+end
+
+-- Take `key` out of the index and the totals, before its hash changes (its size may be read there).
+local function forget(key)
+  if redis.call('ZREM', index, key) == 1 then
+    local size = redis.call('HGET', sizes, key) or redis.call('HSTRLEN', prefix .. key, 'value')
+    redis.call('HINCRBY', totals, 'keys', -1)
+    redis.call('HINCRBY', totals, 'bytes', 0 - tonumber(size))  -- (-size: Lua writes -0, which HINCRBY refuses)
+    redis.call('ZREM', expiries, key)
+    redis.call('HDEL', sizes, key)
+  end
+end
+
+-- Put `key` in the index and the totals with a value of `size` bytes expiring at `expires_ms` (nil: never).
+local function remember(key, size, expires_ms)
+  redis.call('ZADD', index, 0, key)
+  redis.call('HINCRBY', totals, 'keys', 1)
+  redis.call('HINCRBY', totals, 'bytes', size)
+  if expires_ms then
+    redis.call('ZADD', expiries, expires_ms, key)
+    redis.call('HSET', sizes, key, size)
+  end
+end
+
+-- Forget at most `count` keys whose expiry has passed, and delete their hashes (Redis has, or is
+-- about to: it deletes a key once the time is past its expiry); return how many. A key written
+-- again since has a new expiry, or none, so it is not among them.
+local function sweep(count)
+  local due = redis.call('ZRANGEBYSCORE', expiries, '-inf', string.format('(%d', now_ms()), 'LIMIT', 0, count)
+  for _, key in ipairs(due) do
+    forget(key)
+    redis.call('DEL', prefix .. key)
+  end
+  return #due
+end
+"""
+
+    # In a write's or delete's transaction, before the hash changes. ARGV: prefix, key, the new
+    # size ('' to delete), the new expiry in ms ('' for none), how many expired keys to sweep.
+    _ACCOUNT = (
+        _LUA
+        + """
+sweep(tonumber(ARGV[5]))
+forget(ARGV[2])
+if ARGV[3] ~= '' then
+  remember(ARGV[2], tonumber(ARGV[3]), ARGV[4] ~= '' and ARGV[4] or nil)
+end
+"""
+    )
+
+    # Sweep at most ARGV[2] keys, then read the totals: {swept, keys, bytes}. The totals are
+    # exact when fewer than ARGV[2] were swept (nothing expired is left in them).
+    _SWEEP_AND_COUNT = (
+        _LUA
+        + """
+local swept = sweep(tonumber(ARGV[2]))
+local counts = redis.call('HMGET', totals, 'keys', 'bytes')
+return {swept, tonumber(counts[1]) or 0, tonumber(counts[2]) or 0}
+"""
+    )
+
+    # One step of a listing: at most ARGV[4] keys of the index from ARGV[2] to ARGV[3] (ZRANGEBYLEX
+    # bounds). Returns {how many the index gave, the last of them ('' if none), those not expired}.
+    _LIST = (
+        _LUA
+        + """
+local now = now_ms()
+local batch = redis.call('ZRANGEBYLEX', index, ARGV[2], ARGV[3], 'LIMIT', 0, ARGV[4])
+local live = {}
+for _, key in ipairs(batch) do
+  local expires = redis.call('ZSCORE', expiries, key)
+  if not expires or tonumber(expires) >= now then
+    live[#live + 1] = key
+  end
+end
+return {#batch, batch[#batch] or '', live}
+"""
+    )
+
+    # Index the keys ARGV[2..] whose hash holds a value (it has an etag) and that are not in the
+    # index yet: what an older kvserver wrote. Doing it twice, or beside writers, changes nothing.
+    _ADOPT = (
+        _LUA
+        + """
+local adopted = 0
+for i = 2, #ARGV do
+  local key = ARGV[i]
+  local hash = prefix .. key
+  if not redis.call('ZSCORE', index, key) and redis.call('HEXISTS', hash, 'etag') == 1 then
+    local expires = redis.call('HGET', hash, 'expires') or ''
+    remember(key, redis.call('HSTRLEN', hash, 'value'), expires ~= '' and math.floor(tonumber(expires) * 1000) or nil)
+    adopted = adopted + 1
+  end
+end
+return adopted
+"""
+    )
 
     def __init__(self, url: str = "redis://localhost:6379/0", *, prefix: str | None = None) -> None:
         """Connect to the Redis at `url`; keys are namespaced under `prefix`, or under the URL's
-        `?prefix=` parameter (the way to set it from the command line), or 'kvserver:'."""
+        `?prefix=` parameter (the way to set it from the command line), or 'kvserver:'.
+
+        A store an older kvserver wrote without the index is indexed now, once, with a notice on
+        stderr (it takes a SCAN of the Redis database)."""
         try:
             import redis
         except ImportError:
@@ -1028,6 +1156,7 @@ class RedisStorage(Storage):
         client_query = urllib.parse.urlencode([field for field in fields if field[0] != "prefix"])
         self.url = url
         self.prefix = prefix if prefix is not None else (url_prefixes or ["kvserver:"])[-1]
+        self._structures = [self._name("") + b"\xff" + name for name in self._STRUCTURES]
         self._redis_errors = (redis.ConnectionError, redis.TimeoutError)
         self._watch_error = redis.WatchError
         self._client: Any = redis.Redis.from_url(  # loosely typed
@@ -1035,6 +1164,8 @@ class RedisStorage(Storage):
         )
         with self._reachable():
             self._client.ping()
+            if not self._client.hexists(self._structures[3], "indexed"):
+                self._index_older_values()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r}, prefix={self.prefix!r})"
@@ -1060,6 +1191,35 @@ class RedisStorage(Storage):
     def _name(self, key: str) -> bytes:
         return (self.prefix + key).encode("utf-8")
 
+    def _run(self, client: Any, script: str, *args: object) -> Any:
+        """Run one of the Lua scripts on `client` (the connection, or a transaction to queue it in)."""
+        return client.eval(script, len(self._structures), *self._structures, self._name(""), *args)
+
+    def _index_older_values(self) -> None:
+        """Index the values in Redis that are not in the index: a store an older kvserver wrote.
+
+        Safe beside other kvservers doing the same or writing (_ADOPT takes a key only if it is
+        not indexed yet); the last step marks the store indexed, so it runs once.
+        """
+        pattern = re.sub(rb"([*?\[\]\\])", rb"\\\1", self._name("")) + b"*"
+        start = len(self._name(""))
+        names = self._client.scan_iter(match=pattern, count=self._BATCH, _type="HASH")
+        adopted = 0
+        while batch := list(itertools.islice(names, self._BATCH)):
+            keys = []
+            for name in batch:
+                with contextlib.suppress(UnicodeDecodeError, ValueError):  # not a key: the structures, say
+                    keys.append(check_key(name[start:].decode("utf-8")))
+            if keys and (found := self._run(self._client, self._ADOPT, *keys)):
+                if not adopted:
+                    print(
+                        f"kvserver: indexing the keys an older kvserver wrote in Redis {self.location} "
+                        f"(prefix {self.prefix!r}), once",
+                        file=sys.stderr,
+                    )
+                adopted += found
+        self._client.hset(self._structures[3], "indexed", 1)
+
     @staticmethod
     def _stat_of(size: int, content_type: bytes, etag: bytes, expires: bytes) -> Stat:
         return Stat(size, content_type.decode(), etag.decode(), float(expires) if expires else None)
@@ -1081,22 +1241,30 @@ class RedisStorage(Storage):
         return self._stat_of(size, content_type, etag, expires)
 
     def _keys(self, prefix: str, after: str | None, limit: int | None) -> list[str]:
-        pattern = re.sub(rb"([*?\[\]\\])", rb"\\\1", self._name(prefix)) + b"*"
-        start = len(self.prefix.encode("utf-8"))
+        """Read the index from `prefix` (or just after `after`) in steps of at most _BATCH keys;
+        a step costs O(log n + its keys), so `after` jumps anywhere at once."""
+        first = prefix.encode("utf-8")
+        low = b"(" + after.encode("utf-8") if after is not None and after.encode("utf-8") >= first else b"[" + first
+        high = b"(" + first + b"\xff"  # past every UTF-8 string that starts with the prefix
+        keys: list[str] = []
+        wanted = self._BATCH if limit is None else min(self._BATCH, limit)
         with self._reachable():
-            keys = sorted(name[start:].decode("utf-8") for name in self._client.scan_iter(match=pattern, count=1000))
-        first = bisect.bisect_right(keys, after) if after is not None else 0
-        return keys[first : first + limit if limit is not None else None]
+            while True:
+                seen, last, live = self._run(self._client, self._LIST, low, high, wanted)
+                keys += (key.decode("utf-8") for key in live)
+                if seen < wanted or (limit is not None and len(keys) >= limit):
+                    return keys[:limit]
+                low = b"(" + last
+                wanted = self._BATCH  # (a page cut short by expired keys goes on in full steps)
 
     def totals(self) -> tuple[int, int]:
-        keys = self._keys("", None, None)
-        with self._reachable(), self._client.pipeline(transaction=False) as pipe:
-            for key in keys:
-                pipe.hstrlen(self._name(key), "value")
-                pipe.hexists(self._name(key), "etag")  # HSTRLEN is 0 for an empty value and for none
-            results = pipe.execute()
-        sizes = [size for size, exists in zip(results[::2], results[1::2], strict=True) if exists]
-        return len(sizes), sum(sizes)
+        """Read from the totals hash, after sweeping every key that has expired (in steps of
+        _BATCH keys, so that a step never holds Redis long)."""
+        with self._reachable():
+            while True:
+                swept, keys, size = self._run(self._client, self._SWEEP_AND_COUNT, self._BATCH)
+                if swept < self._BATCH:
+                    return keys, size
 
     def _write(
         self,
@@ -1116,23 +1284,20 @@ class RedisStorage(Storage):
             "etag": stat.etag,
             "expires": "" if expires_at is None else repr(expires_at),
         }
-        current = self._transaction(key, precondition, lambda pipe, name: self._replace(pipe, name, fields, expires_at))
-        return stat, current is None
-
-    @staticmethod
-    def _replace(pipe: Any, name: bytes, fields: dict[str, Any], expires_at: float | None) -> None:
-        pipe.delete(name)
-        pipe.hset(name, mapping=fields)
-        if expires_at is not None:
-            pipe.pexpireat(name, int(expires_at * 1000))
+        return stat, self._transaction(key, precondition, fields, expires_at) is None
 
     def _delete(self, key: str, precondition: _Precondition) -> bool:
-        return self._transaction(key, precondition, lambda pipe, name: pipe.delete(name)) is not None
+        return self._transaction(key, precondition, None, None) is not None
 
-    def _transaction(self, key: str, precondition: _Precondition, change: Callable[[Any, bytes], object]) -> str | None:
-        """Apply `change` to the key's hash if the precondition holds, atomically; return the
+    def _transaction(
+        self, key: str, precondition: _Precondition, fields: dict[str, Any] | None, expires_at: float | None
+    ) -> str | None:
+        """If the precondition holds, replace the key's hash with `fields` expiring at `expires_at`
+        (None: delete it) and keep the index and totals in step, in one transaction; return the
         ETag the key had (None: it had no value)."""
         name = self._name(key)
+        expires_ms = "" if expires_at is None else int(expires_at * 1000)
+        size = "" if fields is None else len(fields["value"])
         with self._reachable(), self._client.pipeline() as pipe:
             while True:
                 try:
@@ -1141,7 +1306,12 @@ class RedisStorage(Storage):
                     current = etag.decode() if etag is not None else None
                     precondition.check(key, current)
                     pipe.multi()
-                    change(pipe, name)
+                    self._run(pipe, self._ACCOUNT, key, size, expires_ms, self._SWEEP_ON_WRITE)
+                    pipe.delete(name)
+                    if fields is not None:
+                        pipe.hset(name, mapping=fields)
+                        if expires_at is not None:
+                            pipe.pexpireat(name, expires_ms)
                     pipe.execute()
                     return current
                 except self._watch_error:
@@ -1164,17 +1334,327 @@ def open_storage(spec: str, *, fsync: bool = True) -> Storage:
     raise ValueError(f"unknown storage {spec!r}: use 'memory', 'files', 'files:<path>' or a redis:// URL")
 
 
-# HTTP
+# HTTP message framing (RFC 9112): request heads and bodies, read strictly
 
 
 class _HTTPError(Exception):
-    """An error answered to the client as problem+json (RFC 9457)."""
+    """An error answered to the client as problem+json (RFC 9457); raise it anywhere in a
+    request's handling, with the header fields the answer needs (Allow, WWW-Authenticate)."""
 
     def __init__(self, status: HTTPStatus, detail: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
         self.headers = headers or {}
+
+
+class _IncompleteMessage(Exception):
+    """The client closed the connection, or went quiet past a deadline, before its message
+    ended: nothing of the message is carried out."""
+
+
+MAX_REQUEST_LINE = 64 * 1024
+MAX_HEADER_BYTES = 64 * 1024  # the field lines of a head or a trailer section, CRLFs included
+MAX_FIELDS = 100
+MAX_CHUNK_LINE = 4096  # a chunk-size line with its extensions
+_REQUEST_TARGET = re.compile(rb"[\x21-\x7e]+")  # RFC 3986 characters, percent-encoded beyond ASCII
+_TOKEN_PATTERN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_QUOTED_STRING = rb'"(?:[\t\x20\x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t\x20-\x7e\x80-\xff])*"'
+_TOKEN = re.compile(_TOKEN_PATTERN)  # RFC 9110 section 5.6.2
+# field-name ":" OWS field-value OWS CRLF, the value visible characters with single spaces or tabs
+# inside: no control character (NUL, CR, LF, ...) and no obs-fold (RFC 9112 section 5).
+_FIELD_LINE = re.compile(
+    rb"(%b):[ \t]*((?:[\x21-\x7e\x80-\xff]+(?:[ \t]+[\x21-\x7e\x80-\xff]+)*)?)[ \t]*\r\n" % _TOKEN_PATTERN
+)
+_REQUEST_LINE = re.compile(rb"(%b) ([\x21-\x7e]+) HTTP/([0-9])\.([0-9])" % _TOKEN_PATTERN)  # section 3
+_CHUNK_LINE = re.compile(  # chunk-size [ chunk-ext ] (RFC 9112 section 7.1.1)
+    rb"([0-9A-Fa-f]{1,15})(?:[ \t]*;[ \t]*%b(?:[ \t]*=[ \t]*(?:%b|%b))?)*"
+    % (_TOKEN_PATTERN, _TOKEN_PATTERN, _QUOTED_STRING)
+)
+# Methods of RFC 9110 section 9 and PATCH (RFC 5789): a route that does not take one answers 405,
+# any other method 501.
+_KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
+
+
+class _Fields:
+    """The header fields of a request: names matched without regard to case, every field line
+    kept (so that the framing rules can see repeated ones), values as Latin-1 text trimmed of
+    space and tab, as http.client's HTTPMessage offers them."""
+
+    __slots__ = ("_values",)
+
+    def __init__(self) -> None:
+        self._values: dict[str, list[str]] = {}
+
+    def add(self, name: str, value: str) -> None:
+        self._values.setdefault(name.lower(), []).append(value)
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        """The field's value; the values of a repeated field joined with ", " (RFC 9110
+        section 5.3), so that a second Origin or If-Match cannot pass unseen."""
+        values = self._values.get(name.lower())
+        return default if values is None else ", ".join(values)
+
+    def get_all(self, name: str) -> list[str]:
+        return self._values.get(name.lower(), [])
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.lower() in self._values
+
+    def items(self) -> list[tuple[str, str]]:
+        return [(name, value) for name, values in self._values.items() for value in values]
+
+
+def _read_line(rfile: io.BufferedIOBase, limit: int, too_long: tuple[HTTPStatus, str]) -> bytes:
+    """One CRLF-terminated line without its CRLF: the error `too_long` past `limit` bytes, a 400
+    for a bare LF (RFC 9112 section 2.2: we take no other line ending), _IncompleteMessage at EOF."""
+    line = rfile.readline(limit + 1)
+    if line.endswith(b"\r\n"):
+        return line[:-2]
+    raise _line_error(line, limit, too_long)
+
+
+def _line_error(line: bytes, limit: int, too_long: tuple[HTTPStatus, str]) -> Exception:
+    """What is wrong with a line read with readline(limit + 1) that does not end with CRLF."""
+    if len(line) > limit:
+        return _HTTPError(*too_long)
+    if line.endswith(b"\n"):
+        return _HTTPError(HTTPStatus.BAD_REQUEST, "end every line of the message with CRLF, not a bare LF")
+    return _IncompleteMessage()
+
+
+def _read_field_lines(rfile: io.BufferedIOBase, fields: _Fields, what: str) -> None:
+    """Read field lines up to the empty line that ends them (a head's, or a chunked body's
+    trailer section) into `fields`; 400 for anything RFC 9112 section 5 does not allow, 431
+    past MAX_FIELDS or MAX_HEADER_BYTES."""
+    budget = MAX_HEADER_BYTES
+    for _ in range(MAX_FIELDS + 1):
+        line = rfile.readline(budget + 1)
+        if line == b"\r\n":
+            return
+        match = _FIELD_LINE.fullmatch(line)
+        if match is None:
+            raise _field_line_error(line, budget, what)
+        budget -= len(line)
+        fields.add(match[1].decode("ascii"), match[2].decode("latin-1"))
+    raise _HTTPError(*_too_many_fields(what))
+
+
+def _too_many_fields(what: str) -> tuple[HTTPStatus, str]:
+    return HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, f"send at most {MAX_FIELDS} {what} and 64 KiB of them"
+
+
+def _field_line_error(line: bytes, limit: int, what: str) -> Exception:
+    """What is wrong with a field line that _FIELD_LINE does not match (read with readline(limit + 1))."""
+    if not line.endswith(b"\r\n"):
+        return _line_error(line, limit, _too_many_fields(what))
+    if line[0] in b" \t":
+        return _HTTPError(HTTPStatus.BAD_REQUEST, "a field line starts with whitespace (obs-fold); send it on one line")
+    name, colon, _ = line.partition(b":")
+    if not colon:
+        return _HTTPError(HTTPStatus.BAD_REQUEST, f"a field line has no colon: {_shown(line[:-2])}")
+    if not _TOKEN.fullmatch(name):
+        return _HTTPError(
+            HTTPStatus.BAD_REQUEST, f"field name {_shown(name)} is not a token (no whitespace before the colon)"
+        )
+    return _HTTPError(HTTPStatus.BAD_REQUEST, f"field {_shown(name)} holds a control character")
+
+
+def _shown(data: bytes) -> str:
+    """A piece of a message as a problem detail shows it: quoted, escaped, at most 60 characters."""
+    text = data[:60].decode("latin-1")
+    return json.dumps(text + ("…" if len(data) > 60 else ""), ensure_ascii=True)
+
+
+class _RequestHead(NamedTuple):
+    """A request line and its header fields, read and checked."""
+
+    method: str
+    target: str  # Latin-1 text: encoding it gives back the bytes sent
+    version: str  # "HTTP/1.0" or "HTTP/1.1"
+    fields: _Fields
+    content_length: int | None  # None: no Content-Length field
+    chunked: bool
+
+
+_REQUEST_LINE_TOO_LONG = (
+    HTTPStatus.REQUEST_URI_TOO_LONG,
+    "the request line is over 64 KiB; send big values with PUT /kv/<key>",
+)
+
+
+def _read_request_line(rfile: io.BufferedIOBase) -> bytes:
+    """The request line without its CRLF, empty lines before it skipped (RFC 9112 section 2.2);
+    414 past 64 KiB."""
+    line = _read_line(rfile, MAX_REQUEST_LINE, _REQUEST_LINE_TOO_LONG)
+    budget = MAX_REQUEST_LINE
+    while not line and budget > 0:
+        budget -= 2
+        line = _read_line(rfile, MAX_REQUEST_LINE, _REQUEST_LINE_TOO_LONG)
+    return line
+
+
+def _read_head(line: bytes, rfile: io.BufferedIOBase) -> _RequestHead:
+    """Parse a request line and read the header fields after it, by RFC 9112 sections 2-6:
+    every rule that decides where the message ends is checked before anything of it is
+    carried out. A 400 (or 414, 431, 501, 505) for a head to refuse; _IncompleteMessage if
+    the client ends it before its empty line."""
+    request_line = _REQUEST_LINE.fullmatch(line)
+    if request_line is None:
+        raise _request_line_error(line)
+    method, target, major, minor = request_line.groups()
+    if major != b"1":
+        raise _HTTPError(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED, "this server speaks HTTP/1.1 and HTTP/1.0")
+    http_version = "HTTP/1.0" if minor == b"0" else "HTTP/1.1"
+    fields = _Fields()
+    _read_field_lines(rfile, fields, "header fields")
+    hosts = fields.get_all("Host")
+    if len(hosts) > 1 or (not hosts and http_version == "HTTP/1.1"):
+        raise _HTTPError(HTTPStatus.BAD_REQUEST, "send exactly one Host field (RFC 9112 section 3.2)")
+    return _RequestHead(
+        method.decode("ascii"), target.decode("latin-1"), http_version, fields, *_body_framing(fields, http_version)
+    )
+
+
+def _request_line_error(line: bytes) -> _HTTPError:
+    """What is wrong with a request line that _REQUEST_LINE does not match."""
+    parts = line.split(b" ")
+    if len(parts) != 3:
+        return _HTTPError(
+            HTTPStatus.BAD_REQUEST,
+            f"a request line is <method> <target> HTTP/1.1, each separated by one space, not {_shown(line)}",
+        )
+    method, target, version = parts
+    if not _TOKEN.fullmatch(method):
+        return _HTTPError(HTTPStatus.BAD_REQUEST, f"method {_shown(method)} is not a token")
+    if not _REQUEST_TARGET.fullmatch(target):
+        return _HTTPError(
+            HTTPStatus.BAD_REQUEST, f"the request target {_shown(target)} holds bytes to percent-encode first"
+        )
+    return _HTTPError(HTTPStatus.BAD_REQUEST, f"{_shown(version)} is not an HTTP version; send HTTP/1.1")
+
+
+def _body_framing(fields: _Fields, version: str) -> tuple[int | None, bool]:
+    """The Content-Length and whether the body is chunked (RFC 9112 section 6): a 400 for any
+    framing two parsers could read two ways, a 501 for a transfer coding other than chunked."""
+    lengths = fields.get_all("Content-Length")
+    codings = fields.get_all("Transfer-Encoding")
+    if lengths and codings:
+        raise _HTTPError(HTTPStatus.BAD_REQUEST, "send Content-Length or Transfer-Encoding, not both")
+    if codings:
+        if version == "HTTP/1.0":
+            raise _HTTPError(HTTPStatus.BAD_REQUEST, "HTTP/1.0 has no Transfer-Encoding; send Content-Length")
+        names = [name.strip(" \t").lower() for name in ",".join(codings).split(",")]
+        if any(not _TOKEN.fullmatch(name.encode("latin-1")) for name in names):
+            raise _HTTPError(
+                HTTPStatus.BAD_REQUEST, f"Transfer-Encoding {', '.join(codings)!r} is not a list of codings"
+            )
+        if any(name != "chunked" for name in names):
+            raise _HTTPError(HTTPStatus.NOT_IMPLEMENTED, "the only transfer coding this server takes is chunked")
+        if len(names) > 1:
+            raise _HTTPError(HTTPStatus.BAD_REQUEST, "Transfer-Encoding names chunked more than once")
+        return None, True
+    if not lengths:
+        return None, False
+    if len(lengths) > 1:
+        raise _HTTPError(HTTPStatus.BAD_REQUEST, "send one Content-Length field, not several")
+    if not lengths[0].isascii() or not lengths[0].isdigit():
+        raise _HTTPError(HTTPStatus.BAD_REQUEST, f"Content-Length is a run of digits, not {lengths[0]!r}")
+    if len(lengths[0]) > 18:
+        raise _HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"Content-Length {lengths[0]} is beyond any limit")
+    return int(lengths[0]), False
+
+
+class _AnswerStream(socket.SocketIO):
+    """The raw stream under a handler's wfile: every send renews the connection's stall deadline."""
+
+    def __init__(self, connection: socket.socket, connections: _Connections) -> None:
+        super().__init__(connection, "wb")
+        self._connection = connection
+        self._connections = connections
+
+    def write(self, data: Any) -> int | None:
+        sent = super().write(data)
+        self._connections.moved(self._connection)
+        return sent
+
+
+class _RequestBody:
+    """The body of one request as its head frames it: Content-Length bytes, chunked, or none.
+
+    A route that takes a body calls `read(limit)`; until the body has been read to its end
+    (`unread` is False), the connection cannot carry another request and is closed after the
+    answer. Each byte must come within STALL_TIMEOUT of the one before.
+    """
+
+    def __init__(self, handler: KVRequestHandler, head: _RequestHead) -> None:
+        self._handler = handler
+        self._head = head
+        self.unread = head.chunked or bool(head.content_length)
+
+    def read(self, limit: int) -> Iterator[bytes]:
+        """The body as chunks of bytes. 411 and 413 are raised here, before anything is read,
+        and only then is 100 Continue sent to a client that asked for it (RFC 9110 section
+        10.1.1): a client that waits for it sends no byte of a value we refuse."""
+        head = self._head
+        if not head.chunked and head.content_length is None:
+            raise _HTTPError(HTTPStatus.LENGTH_REQUIRED, "send a Content-Length field, or the body chunked")
+        if head.content_length is not None and head.content_length > limit:
+            raise _HTTPError(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                f"the value is {head.content_length} bytes; this server takes at most {limit} (--max-value)",
+            )
+        if head.version == "HTTP/1.1" and (head.fields.get("Expect") or "").lower() == "100-continue":
+            self._handler.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self._handler.wfile.flush()
+        return self._chunks(limit)
+
+    def read_all(self, limit: int) -> bytes:
+        return b"".join(self.read(limit))
+
+    def _chunks(self, limit: int) -> Iterator[bytes]:
+        if self._head.chunked:
+            yield from self._chunked_content(limit)
+        else:
+            yield from self._bytes(self._head.content_length or 0)
+        self.unread = False
+
+    def _bytes(self, length: int) -> Iterator[bytes]:
+        while length:
+            chunk = self._handler.rfile.read1(min(length, CHUNK))  # what one recv gives: each renews the deadline
+            if not chunk:
+                raise _IncompleteMessage
+            self._handler.server.connections.moved(self._handler.connection)
+            length -= len(chunk)
+            yield chunk
+
+    def _chunked_content(self, limit: int) -> Iterator[bytes]:
+        """The data of a chunked body (RFC 9112 section 7.1); its extensions and trailer fields
+        are checked and ignored. A chunk line or chunk data not ended by CRLF, a size that is
+        not hex digits, or an over-long line is a 400."""
+        too_long = (HTTPStatus.BAD_REQUEST, f"a chunk-size line is over {MAX_CHUNK_LINE} bytes")
+        total = 0
+        while True:
+            line = _read_line(self._handler.rfile, MAX_CHUNK_LINE, too_long)
+            match = _CHUNK_LINE.fullmatch(line)
+            if match is None:
+                raise _HTTPError(HTTPStatus.BAD_REQUEST, f"{_shown(line)} is not a chunk-size line")
+            size = int(match.group(1), 16)
+            if size == 0:
+                break
+            total += size
+            if total > limit:
+                raise _HTTPError(
+                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                    f"the value is over {limit} bytes, the most this server takes (--max-value)",
+                )
+            yield from self._bytes(size)
+            if self._handler.rfile.read(2) != b"\r\n":
+                raise _HTTPError(HTTPStatus.BAD_REQUEST, "chunk data is not followed by CRLF: the size line is wrong")
+        _read_field_lines(self._handler.rfile, _Fields(), "trailer fields")
+
+
+# HTTP
 
 
 def _json_bytes(document: object) -> bytes:
@@ -1191,22 +1671,21 @@ def _problem(status: HTTPStatus, detail: str) -> bytes:
 
 def _answer_to(error: Exception) -> tuple[HTTPStatus, str, dict[str, str]]:
     """The status, detail and headers that answer an exception from a route or the storage,
-    over HTTP and (as a Fault) over XML-RPC. Call it in the except block: an unexpected
-    exception is logged there with its traceback, and answered 500."""
+    over HTTP and (as a Fault whose code is the status) over XML-RPC: the one place that
+    decides. A 500 is a fault of the server: the caller logs its traceback."""
     if isinstance(error, _HTTPError):
         return error.status, error.detail, error.headers
     if isinstance(error, PreconditionFailed):
         return HTTPStatus.PRECONDITION_FAILED, str(error), {}
+    if isinstance(error, KeyError):
+        return HTTPStatus.NOT_FOUND, f"no key {error.args[0]!r}", {}
+    if isinstance(error, ValueError):  # the storage refused an argument: a bad key, TTL, size or media type
+        return HTTPStatus.BAD_REQUEST, str(error), {}
     if isinstance(error, StorageUnavailable):
         return HTTPStatus.SERVICE_UNAVAILABLE, f"{error}; try again later", {}
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
         return HTTPStatus.INSUFFICIENT_STORAGE, "the disk is full; nothing was stored; free space", {}
-    traceback.print_exc(file=sys.stderr)
     return HTTPStatus.INTERNAL_SERVER_ERROR, "an unexpected error; the server log has details", {}
-
-
-class _IncompleteBody(Exception):
-    """The client closed the connection or broke the framing before the body ended."""
 
 
 def _decode_query(query: str) -> list[tuple[bytes, bytes | None]]:
@@ -1497,13 +1976,12 @@ class KVRequestHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = f"kvserver/{__version__}"
     disable_nagle_algorithm = True
-    timeout = IDLE_TIMEOUT
-    wbufsize = CHUNK  # headers and a small body leave in one send, at the flush after each request
+    timeout = None  # no socket timeout: the server's _Connections enforces every deadline
 
-    # Per request: what the access log and the metrics say
+    # Per request: the body, and what the access log and the metrics say
+    body: _RequestBody
     _status: int | None = None
     _sent: int = 0
-    _body_unread: bool = False
     _route: str = "unmatched"
     _started: float = 0.0
 
@@ -1517,59 +1995,71 @@ class KVRequestHandler(BaseHTTPRequestHandler):
     # Hooks of BaseHTTPRequestHandler
 
     def handle_one_request(self) -> None:
+        """Wait for a request, read its head (kvserver's own strict reading, in place of
+        http.client's), answer it, and decide whether the connection serves another."""
         self.close_connection = True
-        if not self.server.await_request(self.connection):
+        connections = self.server.connections
+        if not connections.idle(self.connection):
             return
         try:
             if not cast(io.BufferedReader, self.rfile).peek(1):
                 return  # the client closed the connection
-            if not self.server.request_started(self.connection):
+            if not connections.reading_head(self.connection):
                 return  # stop() closed this connection as idle just as a request arrived
-            self._status, self._sent, self._body_unread = None, 0, False
-            self._route, self._started = "unmatched", time.perf_counter()
-            super().handle_one_request()
-        except (ConnectionError, TimeoutError, ssl.SSLError):
-            self.close_connection = True  # idle too long, cut off by the head deadline, gone, or no TLS
+            self._status, self._sent, self._route, self._started = None, 0, "unmatched", time.perf_counter()
+            self.command, self.request_version, self.requestline = "", "HTTP/1.1", ""
+            try:
+                line = _read_request_line(self.rfile)
+                self.requestline = line.decode("latin-1")
+                head = _read_head(line, self.rfile)
+            except _HTTPError as error:  # close_connection stays set: where the message ends is unknown
+                unread = True
+                if connections.head_read(self.connection):
+                    self._send_problem(error.status, error.detail, error.headers)
+            else:
+                if not connections.head_read(self.connection):
+                    return  # the head deadline cut the connection off as the head arrived
+                self._start(head)
+                self._dispatch()
+                unread = self.body.unread
+            if self._status is not None:  # logged before the answer leaves, so that the log keeps its order
+                self.server.metrics.observe(self._route, self._status, time.perf_counter() - self._started)
+                if not self.server.quiet:
+                    self._log_access()
+            self.wfile.flush()
+        except (_IncompleteMessage, ConnectionError, TimeoutError, ssl.SSLError):
+            self.close_connection = True  # cut off, idle too long, gone, or no TLS: nothing carried out
             return
-        if self._status is not None:
-            self.server.metrics.observe(self._route, self._status, time.perf_counter() - self._started)
-            if not self.server.quiet:
-                self._log_access()
-        if self._body_unread:
-            self.close_connection = True
-            self._drain()
+        if unread and self._status is not None:
+            self._drain()  # what follows on the connection is no request of ours
+
+    def _start(self, head: _RequestHead) -> None:
+        """Take a request's head as BaseHTTPRequestHandler's attributes, and its body."""
+        self.command, self.path, self.request_version = head.method, head.target, head.version
+        self.headers = head.fields  # type: ignore[assignment]  # a mapping with HTTPMessage's reading methods
+        self.body = _RequestBody(self, head)
+        connection = head.fields.get("Connection")
+        options = {option.strip(" \t").lower() for option in connection.split(",")} if connection else set()
+        if head.version == "HTTP/1.1":
+            self.close_connection = "close" in options
+        else:
+            self.close_connection = "keep-alive" not in options
+
+    def setup(self) -> None:
+        super().setup()
+        # Buffered, so that the head and a small body leave in one send at the flush after each
+        # request; through a raw stream whose every send renews the connection's stall deadline.
+        self.wfile = io.BufferedWriter(_AnswerStream(self.connection, self.server.connections), CHUNK)
 
     def finish(self) -> None:
         with contextlib.suppress(OSError):  # flushing onto a connection the client (or a deadline) closed
             super().finish()
 
-    def parse_request(self) -> bool:
-        try:
-            parsed = super().parse_request()
-        finally:
-            complete = self.server.head_received(self.connection)
-        if not complete:  # cut off by the head deadline: http.client reads the EOF as the end of the headers
-            self.close_connection = True
-            return False
-        if not parsed:
-            return False
-        if sum(len(name) + len(value) for name, value in self.headers.items()) > MAX_HEADER_BYTES:
-            self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
-            return False
-        return True
-
-    def handle_expect_100(self) -> bool:
-        return True  # 100 Continue is sent when the body is read, after its length is checked
-
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """Errors found by http.server itself (bad request line, headers, unknown method)."""
+        """Answer an error as problem+json and close the connection (for code that calls
+        BaseHTTPRequestHandler's hook; kvserver itself raises _HTTPError)."""
         self.close_connection = True
-        detail = {
-            HTTPStatus.REQUEST_URI_TOO_LONG: "the request line is over 64 KiB; send big values with PUT /kv/<key>",
-            HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE: "send at most 100 header fields and 64 KiB of them",
-            HTTPStatus.NOT_IMPLEMENTED: f"method {self.command!r} is not known to this server",
-        }.get(HTTPStatus(code), message or HTTPStatus(code).phrase)
-        self._send_problem(HTTPStatus(code), detail)
+        self._send_problem(HTTPStatus(code), message or HTTPStatus(code).phrase)
 
     def log_date_time_string(self) -> str:
         """The local time as Common Log Format writes it: 10/Oct/2000:13:55:36 -0700."""
@@ -1586,16 +2076,14 @@ class KVRequestHandler(BaseHTTPRequestHandler):
     # Routing
 
     def _dispatch(self) -> None:
-        # Until a route reads it, a body left on the connection means it cannot be reused. Every
-        # Content-Length counts: after a 400 for conflicting ones, the rest must not pass for a request.
-        lengths = self.headers.get_all("Content-Length") or []
-        self._body_unread = "Transfer-Encoding" in self.headers or any(length != "0" for length in lengths)
         path, _, query = self.path.partition("?")
         if path.startswith(("http://", "https://")):  # absolute form (RFC 9112 section 3.2.2)
             path = "/" + path.split("/", 3)[3] if path.count("/") >= 3 else "/"
         route = "/kv/" if path.startswith("/kv/") else path
         methods = _ROUTES.get(route)
         try:
+            if self.command not in _KNOWN_METHODS:
+                raise _HTTPError(HTTPStatus.NOT_IMPLEMENTED, f"method {self.command!r} is not known to this server")
             self._check_access(route)
             if methods is None:
                 raise _HTTPError(HTTPStatus.NOT_FOUND, f"no route {path!r}; see the README for the routes")
@@ -1607,15 +2095,15 @@ class KVRequestHandler(BaseHTTPRequestHandler):
                     HTTPStatus.METHOD_NOT_ALLOWED, f"{path} takes {allowed}, not {self.command}", {"Allow": allowed}
                 )
             handler(self, path, query)
-        except (_IncompleteBody, ConnectionError, TimeoutError):
-            self.close_connection = True  # the client broke off or stalled; nothing was stored
+        except (_IncompleteMessage, ConnectionError, TimeoutError):
+            raise  # the client broke off or stalled; nothing was stored
         except Exception as error:
             status, detail, headers = _answer_to(error)
             if status == HTTPStatus.INTERNAL_SERVER_ERROR:
+                traceback.print_exc(file=sys.stderr)
+            if status in (HTTPStatus.INTERNAL_SERVER_ERROR, HTTPStatus.NOT_IMPLEMENTED):
                 self.close_connection = True
             self._send_problem(status, detail, headers)
-
-    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = _dispatch
 
     def _check_access(self, route: str) -> None:
         """Refuse what a web page could make a browser send here (SPEC section 8), then
@@ -1683,7 +2171,8 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         wfile a small response leaves in one send. (Going through send_response and
         send_header instead costs about 15% of a /get.)"""
         self._status = status
-        if self._body_unread or self.server.stopping:
+        # (After a head that could not be read, close_connection is already set, and there is no body.)
+        if self.close_connection or self.server.connections.stopping or self.body.unread:
             self.close_connection = True
         if self.close_connection:
             fields["Connection"] = "close"
@@ -1742,7 +2231,16 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         with body:
             if send:
                 self.wfile.flush()
-                self._sent = self.connection.sendfile(body)
+                self._sent = self._send_file(body)
+
+    def _send_file(self, file: BinaryIO) -> int:
+        """Send a file's bytes with sendfile(2), a piece at a time, each renewing the stall
+        deadline (a slow reader of a big value is not cut off while bytes keep moving)."""
+        sent = 0
+        while piece := self.connection.sendfile(file, sent, SENDFILE_PIECE):
+            sent += piece
+            self.server.connections.moved(self.connection)
+        return sent
 
     def _drain(self) -> None:
         """Read and drop what the client still sends, briefly, so closing does not reset the
@@ -1756,89 +2254,6 @@ class KVRequestHandler(BaseHTTPRequestHandler):
                 pass
         except OSError:
             pass
-
-    # Request bodies
-
-    def _request_body(self, limit: int) -> Iterator[bytes]:
-        """The request body as chunks; 400, 411 and 413 are raised before anything is read,
-        and only then is 100 Continue sent to a client that asked for it."""
-        transfer_encoding = self.headers.get("Transfer-Encoding")
-        length_header = self.headers.get_all("Content-Length") or []
-        if transfer_encoding is not None:
-            if length_header:
-                raise _HTTPError(HTTPStatus.BAD_REQUEST, "send Content-Length or Transfer-Encoding, not both")
-            if transfer_encoding.strip().lower() != "chunked":
-                raise _HTTPError(HTTPStatus.NOT_IMPLEMENTED, "the only transfer coding this server takes is chunked")
-            chunks = self._chunked_body(limit)
-        elif not length_header:
-            raise _HTTPError(HTTPStatus.LENGTH_REQUIRED, "send a Content-Length header, or the body chunked")
-        elif len(set(length_header)) != 1 or not re.fullmatch(r"[0-9]{1,19}", length_header[0].strip()):
-            raise _HTTPError(HTTPStatus.BAD_REQUEST, f"Content-Length is not a byte count: {length_header!r}")
-        else:
-            length = int(length_header[0])
-            if length > limit:
-                raise _HTTPError(
-                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                    f"the value is {length} bytes; this server takes at most {limit} (--max-value)",
-                )
-            chunks = self._sized_body(length)
-        if self.headers.get("Expect", "").lower() == "100-continue" and self.request_version != "HTTP/1.0":
-            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            self.wfile.flush()
-        return chunks
-
-    def _body_bytes(self, length: int) -> Iterator[bytes]:
-        """The next `length` bytes of the body, in pieces; _IncompleteBody if the client stops short."""
-        while length:
-            chunk = self.rfile.read(min(length, CHUNK))
-            if not chunk:
-                raise _IncompleteBody
-            length -= len(chunk)
-            yield chunk
-
-    def _sized_body(self, length: int) -> Iterator[bytes]:
-        self.connection.settimeout(BODY_TIMEOUT)
-        yield from self._body_bytes(length)
-        self._body_done()
-
-    def _chunked_body(self, limit: int) -> Iterator[bytes]:
-        self.connection.settimeout(BODY_TIMEOUT)
-        total = 0
-        while True:
-            line = self.rfile.readline(1024)
-            if not line.endswith(b"\n"):
-                raise _IncompleteBody
-            size_field = line.split(b";", 1)[0].strip()
-            if not re.fullmatch(rb"[0-9A-Fa-f]{1,15}", size_field):
-                raise _HTTPError(HTTPStatus.BAD_REQUEST, f"bad chunk size line {line[:40]!r}")
-            size = int(size_field, 16)
-            if size == 0:
-                break
-            total += size
-            if total > limit:
-                raise _HTTPError(
-                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                    f"the value is over {limit} bytes, the most this server takes (--max-value)",
-                )
-            yield from self._body_bytes(size)
-            if self.rfile.readline(3) not in (b"\r\n", b"\n"):
-                raise _HTTPError(HTTPStatus.BAD_REQUEST, "a chunk is longer than its size line says")
-        for _ in range(100):  # trailer fields, ignored
-            line = self.rfile.readline(CHUNK)
-            if not line.endswith(b"\n"):
-                raise _IncompleteBody
-            if line in (b"\r\n", b"\n"):
-                break
-        else:  # what follows would be read as the next request
-            raise _HTTPError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "send at most 100 trailer fields")
-        self._body_done()
-
-    def _body_done(self) -> None:
-        self._body_unread = False
-        self.connection.settimeout(self.timeout)
-
-    def _read_body(self, limit: int) -> bytes:
-        return b"".join(self._request_body(limit))
 
     # Seed routes
 
@@ -1954,7 +2369,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         self._send_json(HTTPStatus.OK, {"status": "ok", "storage": self.storage.kind, "keys": len(self.storage)})
 
     def _route_metrics(self, path: str, query: str) -> None:
-        body = self.server.metrics.render(self.storage, self.server.open_connections)
+        body = self.server.metrics.render(self.storage, len(self.server.connections))
         self._send(HTTPStatus.OK, body, "text/plain; version=0.0.4; charset=utf-8")
 
     # REST routes
@@ -1995,7 +2410,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             raise _HTTPError(
                 HTTPStatus.BAD_REQUEST, f"Content-Type {content_type!r} is not a printable ASCII media type"
             )
-        body = self._request_body(self.server.max_value)
+        body = self.body.read(self.server.max_value)
         stat, created = self.storage.write(
             key, body, content_type=content_type, ttl=ttl, if_match=if_match, if_none_match=if_none_match
         )
@@ -2013,7 +2428,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
 
     def _route_rpc(self, path: str, query: str) -> None:
         try:
-            response = self.server.rpc.dispatch(self._read_body(_MAX_RPC_BODY))
+            response = self.server.rpc.dispatch(self.body.read_all(_MAX_RPC_BODY))
         except _HTTPError as error:
             if error.status != HTTPStatus.REQUEST_ENTITY_TOO_LARGE:
                 raise
@@ -2294,6 +2709,8 @@ class _XMLRPC:
             raise xmlrpc.client.Fault(400, f"{method}: {error}") from None
         except Exception as error:
             status, detail, _ = _answer_to(error)
+            if status == HTTPStatus.INTERNAL_SERVER_ERROR:
+                traceback.print_exc(file=sys.stderr)
             raise xmlrpc.client.Fault(status.value, detail) from None
 
     def save(self, key: str, value: Any, ttl: int | None = None) -> None:
@@ -2381,12 +2798,110 @@ def _shut_down(connections: Iterable[socket.socket]) -> None:
             connection.shutdown(socket.SHUT_RDWR)
 
 
+class _Connections:
+    """The server's open connections, what each one is doing, and by when it must move on.
+
+    A connection is idle (waiting for its next request, for at most IDLE_TIMEOUT), reading a
+    request head (complete within HEAD_TIMEOUT of its first byte), serving a request (no
+    STALL_TIMEOUT without a byte of its body or answer moving), or watching for a change (no
+    deadline: a long-poll or an event stream). Sockets have no timeout of their own, because a
+    timeout makes CPython poll() before every recv and send; instead the housekeeping thread
+    cuts off every connection past its deadline, so that a client that stops sending or
+    reading never holds a thread. `stop` closes the idle and watching connections at once;
+    those serving a request finish it. One lock guards it all, taken a few times per request.
+    """
+
+    _IDLE, _READING_HEAD, _SERVING, _WATCHING = "idle", "reading head", "serving", "watching"
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.stopping = False
+        self._lock = threading.Lock()
+        self._count = 0
+        # Each connection's state and deadline (monotonic seconds; inf while watching).
+        self._states: dict[socket.socket, tuple[str, float]] = {}
+
+    def __len__(self) -> int:
+        return self._count
+
+    def admit(self) -> bool:
+        """Count a new connection in; False if `limit` are open already."""
+        with self._lock:
+            if self._count >= self.limit:
+                return False
+            self._count += 1
+            return True
+
+    def leave(self, connection: socket.socket) -> None:
+        """An admitted connection is closed and its thread done."""
+        with self._lock:
+            self._count -= 1
+            self._states.pop(connection, None)
+
+    def idle(self, connection: socket.socket) -> bool:
+        """The connection waits for its next request; False once stopping (close it)."""
+        with self._lock:
+            self._states[connection] = (self._IDLE, time.monotonic() + IDLE_TIMEOUT)
+            return not self.stopping
+
+    def reading_head(self, connection: socket.socket) -> bool:
+        """A request's first byte arrived: its head must be complete within HEAD_TIMEOUT.
+        False if stopping, which has closed the connection as idle."""
+        with self._lock:
+            self._states[connection] = (self._READING_HEAD, time.monotonic() + HEAD_TIMEOUT)
+            return not self.stopping
+
+    def head_read(self, connection: socket.socket) -> bool:
+        """The head was read, and the request is served from now on; False if the head
+        deadline cut the connection off first, so that what was read may be only part of it."""
+        with self._lock:
+            if self._states.get(connection, ("",))[0] != self._READING_HEAD:
+                return False
+            self._states[connection] = (self._SERVING, time.monotonic() + STALL_TIMEOUT)
+            return True
+
+    def moved(self, connection: socket.socket) -> None:
+        """Bytes of a body or an answer moved: the stall deadline starts again."""
+        with self._lock:
+            if self._states.get(connection, ("",))[0] == self._SERVING:
+                self._states[connection] = (self._SERVING, time.monotonic() + STALL_TIMEOUT)
+
+    def watching(self, connection: socket.socket) -> bool:
+        """The request waits for a change, with no deadline, until `serving` again (to answer);
+        False if stopping (answer at once)."""
+        with self._lock:
+            self._states[connection] = (self._WATCHING, math.inf)
+            return not self.stopping
+
+    def serving(self, connection: socket.socket) -> None:
+        """The request goes on after `watching`: it is answered within STALL_TIMEOUT again."""
+        with self._lock:
+            self._states[connection] = (self._SERVING, time.monotonic() + STALL_TIMEOUT)
+
+    def overdue(self) -> list[socket.socket]:
+        """The connections past their deadline, forgotten here (to cut off)."""
+        now = time.monotonic()
+        with self._lock:
+            overdue = [connection for connection, (_, deadline) in self._states.items() if deadline < now]
+            for connection in overdue:
+                del self._states[connection]  # so head_read says the head was cut off
+        return overdue
+
+    def stop(self) -> list[socket.socket]:
+        """Admit no more requests, and return the idle and watching connections (to close)."""
+        with self._lock:
+            self.stopping = True
+            return [
+                connection for connection, (state, _) in self._states.items() if state in (self._IDLE, self._WATCHING)
+            ]
+
+
 class KVServer(ThreadingHTTPServer):
     """A thread per connection, at most `max_connections` of them.
 
-    The server tracks each connection's state, idle or reading a request head, so that a
-    housekeeping thread can cut off heads that take too long and `stop` can close idle
-    connections without cutting off a request in flight.
+    `connections` tracks what each connection is doing, so that a housekeeping thread can
+    cut off heads that take too long and `stop` can close idle connections without cutting
+    off a request in flight.
     """
 
     request_queue_size = 128
@@ -2409,17 +2924,13 @@ class KVServer(ThreadingHTTPServer):
         self.address_family = socket.getaddrinfo(address[0], address[1], type=socket.SOCK_STREAM)[0][0]
         self.storage = storage
         self.max_value = max_value
-        self.max_connections = max_connections
         self.token = token.encode("utf-8") if token is not None else None
         self.scheme = "https" if ssl_context else "http"
         self.quiet = quiet
         self.rpc = _XMLRPC(storage, max_value)
         self.metrics = _Metrics()
-        self.stopping = False
-        self._state_lock = threading.Lock()
-        self._connections = 0
-        self._idle: set[socket.socket] = set()
-        self._head_deadlines: dict[socket.socket, float] = {}
+        self.connections = _Connections(max_connections)
+        self._lingering_lock = threading.Lock()
         self._lingering: list[tuple[socket.socket, float]] = []
         self._closed = threading.Event()
         self._stop_requested = threading.Event()
@@ -2446,26 +2957,17 @@ class KVServer(ThreadingHTTPServer):
 
     # Connections
 
-    @property
-    def open_connections(self) -> int:
-        return self._connections
-
     def process_request(self, request: socket.socket, client_address: Any) -> None:  # type: ignore[override]
-        with self._state_lock:
-            refuse = self._connections >= self.max_connections
-            if not refuse:
-                self._connections += 1
-        if refuse:
-            self._refuse(request)
-        else:
+        if self.connections.admit():
             super().process_request(request, client_address)
+        else:
+            self._refuse(request)
 
     def process_request_thread(self, request: socket.socket, client_address: Any) -> None:  # type: ignore[override]
         try:
             super().process_request_thread(request, client_address)
         finally:
-            with self._state_lock:
-                self._connections -= 1
+            self.connections.leave(request)
 
     def _refuse(self, connection: socket.socket) -> None:
         """Answer 503 at once, from the accepting thread, without starting a thread."""
@@ -2474,53 +2976,21 @@ class KVServer(ThreadingHTTPServer):
                 connection.setblocking(False)
                 connection.send(self._BUSY)
             connection.shutdown(socket.SHUT_WR)
-        with self._state_lock:
+        with self._lingering_lock:
             if len(self._lingering) < self._MAX_LINGERING:
                 self._lingering.append((connection, time.monotonic() + 1.0))
                 return
         connection.close()
 
-    def await_request(self, connection: socket.socket) -> bool:
-        """Mark a connection idle before it waits for a request; False once stopping."""
-        with self._state_lock:
-            self._head_deadlines.pop(connection, None)
-            if self.stopping:
-                return False
-            self._idle.add(connection)
-            return True
-
-    def request_started(self, connection: socket.socket) -> bool:
-        """A request's first byte arrived: its head must be complete within HEAD_TIMEOUT.
-        False if the server is stopping (and so has closed the connection as idle)."""
-        with self._state_lock:
-            self._idle.discard(connection)
-            self._head_deadlines[connection] = time.monotonic() + HEAD_TIMEOUT
-            return not self.stopping
-
-    def head_received(self, connection: socket.socket) -> bool:
-        """The request head was read; False if the head deadline cut the connection off first,
-        so that what was read may be only part of it."""
-        with self._state_lock:
-            return self._head_deadlines.pop(connection, None) is not None
-
-    def shutdown_request(self, request: socket.socket) -> None:  # type: ignore[override]
-        with self._state_lock:
-            self._idle.discard(request)
-            self._head_deadlines.pop(request, None)
-        super().shutdown_request(request)
-
     def _housekeeping(self) -> None:
         """Twice a second: cut off clients whose request head is overdue, and close the
         refused connections once their client had a moment to read the 503."""
         while not self._closed.wait(0.5):
+            _shut_down(self.connections.overdue())
             now = time.monotonic()
-            with self._state_lock:
-                overdue = [connection for connection, deadline in self._head_deadlines.items() if deadline < now]
-                for connection in overdue:
-                    del self._head_deadlines[connection]  # head_received will say it was cut off
+            with self._lingering_lock:
                 done = [connection for connection, until in self._lingering if until < now]
                 self._lingering = [(connection, until) for connection, until in self._lingering if until >= now]
-            _shut_down(overdue)
             for connection in done:
                 connection.close()
 
@@ -2541,10 +3011,7 @@ class KVServer(ThreadingHTTPServer):
 
     def stop(self) -> None:
         """Stop accepting, close idle connections, wait for requests in flight."""
-        with self._state_lock:
-            self.stopping = True
-            idle = list(self._idle)
-        _shut_down(idle)
+        _shut_down(self.connections.stop())
         self.server_close()
 
     def server_close(self) -> None:

@@ -229,3 +229,34 @@ def make_server(tmp_path: Path) -> Iterator:
 def server(make_server) -> Server:
     """A quiet kvserver with files storage in a fresh data dir."""
     return make_server("--quiet")
+
+
+@dataclass
+class LiveServer:
+    """A KVServer running in this process on a free port (CPython's test_httpservers pattern):
+    `storage` is the store behind it, for checking what a request did or did not store."""
+
+    server: object
+    storage: object
+    port: int
+
+    def raw(self, data: bytes, timeout: float = 10.0, half_close: bool = False) -> bytes:
+        return raw_exchange(self.port, data, timeout, half_close)
+
+
+@pytest.fixture(scope="module")
+def live_server() -> Iterator[LiveServer]:
+    """One in-process kvserver with memory storage for the whole module; tests clear what they stored."""
+    import threading
+
+    import kvserver
+
+    storage = kvserver.MemoryStorage()
+    server = kvserver.KVServer(("127.0.0.1", 0), storage, quiet=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield LiveServer(server, storage, server.server_address[1])
+    server.shutdown()
+    server.stop()
+    thread.join(STOP_TIMEOUT)
+    storage.close()

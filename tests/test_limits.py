@@ -127,15 +127,37 @@ def stalled_body(port: int) -> Outcome:
         return Outcome(time.monotonic() - started, bytes(received))
 
 
+BIG_ANSWER = 64 * 1024 * 1024  # far more than loopback's socket buffers hold
+
+
+def stalled_reader(port: int) -> Outcome:
+    """A GET of a big value whose answer is never read: after 40 s, what arrives until the close."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.sendall(b"GET /kv/big-answer HTTP/1.1\r\n" + HOST + b"\r\n")
+        started = time.monotonic()
+        while time.monotonic() - started < 40:  # not reading: the server's sends stall
+            time.sleep(0.5)
+        received = bytearray()
+        while not _closed_or_answered(sock, received) and len(received) < BIG_ANSWER + 4096:
+            pass
+        return Outcome(time.monotonic() - started, bytes(received))
+
+
 @pytest.fixture(scope="module")
 def slow_clients(tmp_path_factory) -> Iterator[tuple[Server, dict[str, concurrent.futures.Future]]]:
     folder = tmp_path_factory.mktemp("slow")
     server = Server(["--data-dir", str(folder / "data"), "--quiet"], folder / "data", folder / "server.log").start()
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=3)
+    with (folder / "big").open("wb") as big:
+        big.truncate(BIG_ANSWER)
+    with (folder / "big").open("rb") as big:
+        assert server.request("PUT", "/kv/big-answer", body=big).status == 201
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=4)
     futures = {
         "head": pool.submit(slow_head, server.port),
         "idle": pool.submit(idle_keep_alive, server.port),
         "body": pool.submit(stalled_body, server.port),
+        "reader": pool.submit(stalled_reader, server.port),
     }
     yield server, futures
     for future in futures.values():
@@ -183,6 +205,18 @@ def test_a_body_with_no_byte_for_30_s_is_abandoned_and_stores_nothing(slow_clien
     assert get_once(server, "/kv/stalled").status == 404
     assert not (server.data_dir / "stalled").exists()
     assert list((server.data_dir / ".kvserver" / "tmp").iterdir()) == []
+    health_is_served(server)
+
+
+def test_an_answer_the_client_stops_reading_is_abandoned_after_30_s(slow_clients):
+    server, futures = slow_clients
+    outcome = futures["reader"].result(timeout=90)
+    head, _, body = outcome.received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), outcome.received[:200]
+    assert len(body) < BIG_ANSWER, "the whole answer arrived: the server never stalled"
+    # The connection's thread is free again: only the connection asking is open, besides the
+    # stalled body's if it is still there.
+    wait_for(lambda: open_connections(server) <= 2, timeout=10, what="the stalled reader's connection to close")
     health_is_served(server)
 
 

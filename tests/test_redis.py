@@ -1,7 +1,9 @@
-"""RedisStorage (SPEC section 7, issue 6): the storage contract on Redis, what Redis adds (expiry in
-Redis, atomic compare-and-set across connections, SCAN listing with glob characters escaped, a
-namespace prefix), and several kvserver processes sharing one Redis, including Redis going away
-and coming back.
+"""RedisStorage (SPEC section 7, issues 6 and 16): the storage contract on Redis, what Redis adds
+(expiry in Redis, atomic compare-and-set across connections, keys with glob characters, a
+namespace prefix), several kvserver processes sharing one Redis, including Redis going away and
+coming back, and the index, totals and expiries kept in Redis so that listing and counting cost
+the same however many keys there are (checked against a full SCAN, and by counting the commands
+Redis runs), also for a store an older kvserver wrote without them.
 
 A real `redis-server` is started on a free port and stopped by its PID. Every test starts from an
 empty Redis (FLUSHALL); the tests that kill Redis get a Redis of their own.
@@ -12,6 +14,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import random
+import re
 import shutil
 import signal
 import socket
@@ -19,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import xmlrpc.client
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -44,6 +49,12 @@ except ImportError:  # the Redis tests then skip, or fail under KV_REQUIRE_SERVI
 REDIS_START_TIMEOUT = 10.0
 REDIS_STOP_TIMEOUT = 10.0
 GLOB_KEYS = ["a*b", "a?b", "[x]", "back\\slash", "aXb", "ab", "x", "a*bc", "back/slash", "a**b"]
+# The structures beside the values of the default prefix: after the prefix a 0xFF byte, which no
+# UTF-8 key has, so that no key's hash can take these names.
+INDEX = b"kvserver:\xffkeys"
+EXPIRIES = b"kvserver:\xffexpiries"
+SIZES = b"kvserver:\xffsizes"
+TOTALS = b"kvserver:\xfftotals"
 
 
 # A redis-server of our own
@@ -222,12 +233,14 @@ def store(redis_db: RedisServer) -> Iterator[kvserver.RedisStorage]:
         yield store
 
 
-def test_each_key_is_one_redis_hash_under_the_default_prefix(store, redis_db):
+def test_each_key_is_one_redis_hash_under_the_default_prefix_beside_the_index_and_totals(store, redis_db):
     assert store.prefix == "kvserver:"
     store.put("greeting", b"hello", content_type="text/plain")
     with redis_db.client() as client:
-        assert client.keys("*") == [b"kvserver:greeting"]
+        assert sorted(client.keys("*")) == [b"kvserver:greeting", INDEX, TOTALS]
         assert client.type(b"kvserver:greeting") == b"hash"
+        assert client.zrange(INDEX, 0, -1, withscores=True) == [(b"greeting", 0.0)]
+        assert client.hgetall(TOTALS) == {b"keys": b"1", b"bytes": b"5", b"indexed": b"1"}
         fields = client.hgetall(b"kvserver:greeting")
     assert fields[b"value"] == b"hello"
     assert fields[b"type"] == b"text/plain"
@@ -446,7 +459,10 @@ def test_a_namespace_prefix_keeps_two_stores_on_one_redis_apart(redis_db):
         assert "only-one" not in two
         one.delete("k")
         assert two.get("k") == b"in two"
-        assert sorted(client.keys("*")) == [b"one:only-one", b"other-app", b"two:k"]
+        names = [b"one:only-one", b"one:\xffkeys", b"one:\xfftotals", b"other-app", b"two:k", b"two:\xffkeys"]
+        assert sorted(client.keys("*")) == [*names, b"two:\xfftotals"]
+        assert client.zrange(b"one:\xffkeys", 0, -1) == [b"only-one"]
+        assert client.zrange(b"two:\xffkeys", 0, -1) == [b"k"]
 
 
 def test_a_namespace_prefix_with_glob_characters_matches_only_itself(redis_db):
@@ -538,8 +554,8 @@ def test_len_counts_a_key_whose_value_is_empty(store):
 # Several kvserver processes on one Redis
 
 
-def start_kvserver(make_server, redis_server: RedisServer, *args: str) -> Server:
-    return make_server("--quiet", "--storage", redis_server.url(), *args)
+def start_kvserver(make_server, redis_server: RedisServer, *args: str, start: bool = True) -> Server:
+    return make_server("--quiet", "--storage", redis_server.url(), *args, start=start)
 
 
 @pytest.fixture
@@ -565,7 +581,8 @@ def test_a_prefix_parameter_in_the_url_namespaces_a_kvservers_keys(make_server, 
     assert app.get("/get?key=k").body == b"in-app"
     assert default.get("/get?key=k").body == b"default"
     with redis_db.client() as client:
-        assert sorted(client.keys("*")) == [b"app:k", b"kvserver:k"]
+        app_index, app_totals = b"app:\xffkeys", b"app:\xfftotals"
+        assert sorted(client.keys("*")) == [b"app:k", app_index, app_totals, b"kvserver:k", INDEX, TOTALS]
     with kvserver.open_storage(redis_db.url() + "?prefix=app:") as store:
         assert store.prefix == "app:"
         assert store.get("k") == b"in-app"
@@ -735,3 +752,284 @@ def test_a_redis_password_reaches_neither_clients_nor_the_log(make_server, make_
     result = run_kvserver("--storage", url)
     assert result.returncode == 1
     assert password not in result.stderr
+
+
+# The index, the totals and the expiries kept in Redis, so that listing and counting scale
+
+
+def redis_now_ms(client) -> int:
+    seconds, microseconds = client.time()
+    return seconds * 1000 + microseconds // 1000
+
+
+def values_found_by_scan(client, prefix: bytes = b"kvserver:") -> dict[str, int]:
+    """Every value hash under `prefix` a full SCAN finds (not the structures beside them), with its size."""
+    pattern = re.sub(rb"([*?\[\]\\])", rb"\\\1", prefix) + b"*"
+    sizes = {}
+    for name in client.scan_iter(match=pattern, count=1000, _type="HASH"):
+        if b"\xff" not in name and client.hexists(name, "etag"):
+            sizes[name[len(prefix) :].decode()] = client.hstrlen(name, "value")
+    return sizes
+
+
+def assert_index_agrees_with_a_full_scan(client, prefix: bytes = b"kvserver:") -> dict[str, int]:
+    """The index, the totals, the expiries and the sizes say exactly what a SCAN of the values
+    says (call it when no key is due to expire meanwhile, after a sweep); return key -> size."""
+    sizes = values_found_by_scan(client, prefix)
+    index = client.zrange(prefix + b"\xffkeys", 0, -1, withscores=True)
+    assert [name.decode() for name, _ in index] == sorted(sizes)
+    assert {score for _, score in index} <= {0.0}
+    totals = client.hgetall(prefix + b"\xfftotals")
+    assert (int(totals[b"keys"]), int(totals[b"bytes"])) == (len(sizes), sum(sizes.values()))
+    expiries = client.zrange(prefix + b"\xffexpiries", 0, -1, withscores=True)
+    redis_expiries = {name: client.pexpiretime(prefix + name.encode()) for name in sizes}
+    assert {name.decode(): int(at) for name, at in expiries} == {n: at for n, at in redis_expiries.items() if at != -1}
+    recorded = {name.decode(): int(size) for name, size in client.hgetall(prefix + b"\xffsizes").items()}
+    assert recorded == {name.decode(): sizes[name.decode()] for name, _ in expiries}
+    return sizes
+
+
+def commands_redis_runs_for(client, action: Callable[[], object]) -> dict[str, int]:
+    """How many times Redis ran each command (also those a Lua script calls) during `action`."""
+    client.config_resetstat()
+    action()
+    stats = client.info("commandstats")
+    return {
+        name.removeprefix("cmdstat_"): fields["calls"]
+        for name, fields in stats.items()
+        if name not in ("cmdstat_config", "cmdstat_info")  # the counting itself
+    }
+
+
+def write_older_layout(client, values: dict[str, tuple[bytes, float | None]], prefix: str = "kvserver:") -> None:
+    """Store values as a kvserver without the index did: one hash per key, a TTL as its Redis expiry."""
+    with client.pipeline(transaction=False) as pipe:
+        for number, (key, (value, expires_at)) in enumerate(values.items()):
+            name = (prefix + key).encode()
+            fields = {"value": value, "type": "application/octet-stream", "etag": f"{len(value):x}-{number:x}-old"}
+            pipe.hset(name, mapping={**fields, "expires": "" if expires_at is None else repr(expires_at)})
+            if expires_at is not None:
+                pipe.pexpireat(name, int(expires_at * 1000))
+        pipe.execute()
+
+
+def test_the_index_and_totals_stay_exact_under_writes_deletes_expiries_and_cas_from_two_kvservers(
+    two_servers, redis_db
+):
+    keys = [f"k{number}" for number in range(20)] + ["ü/é", "a b", "[x]*"]
+    workers, operations = 6, 150
+    failures: list[str] = []
+
+    def work(number: int) -> None:
+        rng = random.Random(number)
+        server = two_servers[number % 2]
+        connection = server.connect()
+        deadline = time.monotonic() + 60
+        for _ in range(operations):
+            if time.monotonic() > deadline:
+                failures.append(f"worker {number} ran out of time")
+                return
+            path = "/kv/" + urllib.parse.quote(rng.choice(keys), safe="")
+            ttl = rng.choice(["", "", "?ttl=1", "?ttl=600"])
+            body = rng.randbytes(rng.randrange(0, 300))
+            action = rng.random()
+            if action < 0.3:
+                expected, response = {200, 201}, server.request("PUT", path + ttl, body, connection=connection)
+            elif action < 0.45:
+                expected, response = {204, 404}, server.request("DELETE", path, connection=connection)
+            elif action < 0.6:
+                expected = {201, 412}
+                headers = {"If-None-Match": "*"}
+                response = server.request("PUT", path + ttl, body, headers, connection=connection)
+            else:
+                current = server.request("HEAD", path, connection=connection)
+                if current.status == 404:
+                    continue
+                expected, headers = {200, 204, 412}, {"If-Match": current.headers["ETag"]}
+                if action < 0.85:
+                    response = server.request("PUT", path + ttl, body, headers, connection=connection)
+                else:
+                    response = server.request("DELETE", path, headers=headers, connection=connection)
+            if response.status not in expected:
+                failures.append(f"{path}: {response.status} {response.body[:200]!r}")
+
+    threads = [threading.Thread(target=work, args=(number,)) for number in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(90)
+    assert not any(thread.is_alive() for thread in threads)
+    assert not failures, failures[:5]
+
+    with redis_db.client() as client:
+        wait_for(
+            lambda: client.zcount(EXPIRIES, redis_now_ms(client), redis_now_ms(client) + 2000) == 0,
+            timeout=TTL_DEADLINE,
+            what="every ttl=1 value to pass",
+        )
+        live = sorted(values_found_by_scan(client))
+        for server in two_servers:  # listed right, before anything swept the expired keys
+            assert server.get("/keys").json() == {"keys": live, "next": None}
+        health = two_servers[0].get("/health").json()  # sweeps them
+        sizes = assert_index_agrees_with_a_full_scan(client)
+    assert sorted(sizes) == live
+    assert health["keys"] == len(live)
+    metrics = two_servers[1].get("/metrics").body.decode()
+    assert f"\nkvserver_keys {len(sizes)}\n" in metrics
+    assert f"\nkvserver_stored_bytes {sum(sizes.values())}\n" in metrics
+
+
+def test_expired_keys_are_never_listed_or_counted_and_concurrent_sweeps_forget_each_once(redis_db, monkeypatch):
+    monkeypatch.setattr(kvserver.RedisStorage, "_BATCH", 7)  # listing and sweeping in many small steps
+    with kvserver.RedisStorage(redis_db.url()) as store, redis_db.client() as client:
+        for number in range(200):
+            store.put(f"long{number:03}", b"y" * (number % 5), ttl=600 if number % 2 else None)
+        for number in range(100):  # (ttl=2: none is due, so none is swept, before all are written)
+            store.put(f"short{number:03}", b"x" * (number % 7), ttl=2)
+        wait_for(
+            lambda: client.exists(*(f"kvserver:short{number:03}" for number in range(100))) == 0,
+            timeout=2 + TTL_DEADLINE,
+            what="Redis to expire the ttl=2 values",
+        )
+        assert client.zcard(INDEX) == 300  # Redis dropped the values; nothing swept the index yet
+        store.put("short007", b"written again", ttl=600)  # a value written since must stay
+        store.put("short008", b"written again")
+        long_keys = [f"long{number:03}" for number in range(200)]
+        assert store.keys() == [*long_keys, "short007", "short008"]
+        assert store.keys("short") == ["short007", "short008"]
+        assert store.keys(after="long198", limit=3) == ["long199", "short007", "short008"]
+        assert store.keys("s", after="short0", limit=1) == ["short007"]
+        assert store.keys("short00", after="short000", limit=20) == ["short007", "short008"]
+
+    expected = (202, sum(number % 5 for number in range(200)) + 2 * len(b"written again"))
+    stores = [kvserver.RedisStorage(redis_db.url()) for _ in range(8)]
+    barrier = threading.Barrier(len(stores), timeout=30)
+    results: list[tuple[int, int]] = []
+
+    def count(store: kvserver.RedisStorage) -> None:
+        barrier.wait()
+        results.append(store.totals())
+
+    threads = [threading.Thread(target=count, args=(store,)) for store in stores]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    finally:
+        for store in stores:
+            store.close()
+    assert results == [expected] * len(stores)
+    with redis_db.client() as client:
+        assert_index_agrees_with_a_full_scan(client)
+        assert client.zcard(INDEX) == 202
+
+
+def test_writes_sweep_expired_keys_so_the_index_does_not_fill_with_them(store, redis_db):
+    for number in range(40):
+        store.put(f"short{number}", b"v", ttl=1)
+    with redis_db.client() as client:
+        wait_for(
+            lambda: client.zcount(EXPIRIES, redis_now_ms(client), "+inf") == 0,
+            timeout=TTL_DEADLINE,
+            what="every ttl=1 value to be due",
+        )
+        for number in range(20):  # each write sweeps two
+            store.put(f"other{number}", b"v")
+        assert client.zcard(EXPIRIES) == 0
+        assert client.hlen(SIZES) == 0
+        assert client.zcard(INDEX) == 20
+        assert not client.exists(*(f"kvserver:short{number}" for number in range(40)))
+
+
+def test_health_metrics_and_a_page_of_keys_cost_redis_the_same_with_ten_times_the_keys(make_server, redis_db):
+    server = start_kvserver(make_server, redis_db)
+    connection = server.connect()
+    html = {"Accept": "text/html"}
+    requests = {
+        "/health": lambda: server.get("/health", connection=connection),
+        "/metrics": lambda: server.get("/metrics", connection=connection),
+        "/keys first page": lambda: server.get("/keys?limit=100", connection=connection),
+        "/keys middle page": lambda: server.get(f"/keys?limit=100&after={middle}", connection=connection),
+        "/ page": lambda: server.get("/", headers=html, connection=connection),
+    }
+    commands: list[dict[str, dict[str, int]]] = []
+    with kvserver.RedisStorage(redis_db.url()) as store, redis_db.client() as client:
+        for size in (300, 3000):
+            for number in range(len(store), size):
+                store.put(f"key{number:05}", b"v" * (number % 10), ttl=600 if number % 3 else None)
+            middle = f"key{size // 2:05}"
+            for route, request in requests.items():
+                assert request().status == 200, route
+            commands.append({route: commands_redis_runs_for(client, request) for route, request in requests.items()})
+    small, large = commands
+    assert large == small, "a request ran more Redis commands in a larger store"
+    assert sum(small["/health"].values()) <= 5, small["/health"]
+    assert sum(small["/metrics"].values()) <= 5, small["/metrics"]
+    assert "scan" not in str(small)
+
+
+def test_a_store_written_without_the_index_is_indexed_once_by_two_kvservers_starting_together(make_server, redis_db):
+    later = time.time() + 600
+    values = {
+        f"old{number:05}": (os.urandom(number % 50), later if number % 4 == 0 else None) for number in range(6000)
+    }
+    values["ü/é"] = (b"accented", None)
+    values["soon"] = (b"gone soon", time.time() + 1)
+    with redis_db.client() as client:
+        write_older_layout(client, values)
+        client.set("kvserver:a-string", "not a value of ours")
+        client.hset("kvserver:another-hash", "field", "not a value either")
+        write_older_layout(client, {"k": (b"in another namespace", None)}, prefix="other:")
+
+        servers = [start_kvserver(make_server, redis_db, start=False) for _ in range(2)]
+        threads = [threading.Thread(target=server.start) for server in servers]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert all(server.port for server in servers), [server.stderr() for server in servers]
+        notices = [line for server in servers for line in server.stderr().splitlines()]
+        assert 1 <= len(notices) <= 2, notices
+        assert all("indexing" in line and "older kvserver" in line for line in notices), notices
+        assert all(
+            f" {len(values) - 1} keys" in server.start_line or f" {len(values)} keys" in server.start_line
+            for server in servers
+        )
+
+        wait_for(lambda: client.exists(b"kvserver:soon") == 0, timeout=TTL_DEADLINE, what="'soon' to expire")
+        del values["soon"]
+        expected = sorted(values)
+        for server in servers:
+            assert server.get("/health").json()["keys"] == len(values)
+            assert server.get("/keys?limit=10000").json() == {"keys": expected, "next": None}
+            assert server.get("/kv/old00004").body == values["old00004"][0]
+        sizes = assert_index_agrees_with_a_full_scan(client)
+        assert sizes == {key: len(value) for key, (value, _) in values.items()}
+        assert client.zcard(b"other:\xffkeys") == 0  # another namespace is left alone
+
+        third = start_kvserver(make_server, redis_db)
+        assert f" {len(values)} keys" in third.start_line
+        assert third.stop() == 0
+        assert third.stderr() == ""  # indexed once: no notice again
+
+
+def test_the_scaling_benchmark_runs_end_to_end_on_small_stores():
+    _require_redis()
+    bench = KVSERVER.parent / "tests" / "bench" / "redis_scale.py"
+    arguments = ["--keys", "3000", "--small", "1000", "--rounds", "1", "--repeat", "1"]
+    work_dirs = set(bench.parent.glob(".work-redis-*"))  # (a full run may be going on beside)
+    done = subprocess.run(
+        [sys.executable, str(bench), *arguments], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr[-3000:]}"
+    rows = re.findall(r"^\| (`[^|]+) \| [\d.]+ \| [\d.]+ \| [\d.]+× \| (?:PASS|FAIL) \|$", done.stdout, re.MULTILINE)
+    assert rows == [
+        "`/keys?limit=100`, first page",
+        "`/keys?limit=100`, middle page",
+        "`/health`",
+        "`/metrics`",
+        "`/` (HTML page)",
+    ], done.stdout
+    assert "| 3,000 |" in done.stdout and "| 1,000 |" in done.stdout
+    assert set(bench.parent.glob(".work-redis-*")) <= work_dirs, "redis_scale.py left its work dir behind"

@@ -2,6 +2,8 @@
 
 Usage:
   kvserver [options]
+  kvserver export [options]
+  kvserver import [options]
   kvserver -h | --help
   kvserver --version
 
@@ -11,6 +13,7 @@ Options:
   -s --storage=<kind>    Where values live: files, memory, or a redis://,
                          rediss:// or unix:// URL [default: files].
   -d --data-dir=<path>   Folder of the files storage [default: ./data].
+  --prefix=<p>           kvserver export: only the keys that start with <p>.
   --token=<secret>       Require this secret on every request but /health, as
                          "Authorization: Bearer <secret>" or as the Basic auth
                          password (default: the KV_TOKEN environment variable).
@@ -24,19 +27,26 @@ Options:
   -q --quiet             No access log.
   -h --help              Show this text.
   --version              Show the version.
+
+kvserver export writes every live key of a storage (a stopped server's data dir,
+or Redis) to stdout, one JSON line a key with its media type and expiry;
+kvserver import reads such lines from stdin into a storage.
 """
 
 from __future__ import annotations
 
+import abc
 import base64
 import binascii
 import bisect
 import codecs
+import collections
 import contextlib
 import errno
 import fcntl
 import functools
 import hashlib
+import heapq
 import hmac
 import html
 import inspect
@@ -54,7 +64,6 @@ import socket
 import socketserver
 import ssl
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -65,7 +74,7 @@ import xmlrpc.server
 from collections.abc import Callable, Iterable, Iterator
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import IO, Any, BinaryIO, NamedTuple, NoReturn, TypeVar, cast
+from typing import IO, Any, BinaryIO, NamedTuple, NoReturn, Protocol, TypeVar, cast
 
 __version__ = "0.1.0"
 __all__ = [
@@ -290,23 +299,76 @@ def _parse_size(text: str) -> int:
 
 # Storage
 
-_Source = bytes | bytearray | memoryview | Iterable[bytes] | IO[bytes] | str | os.PathLike[str]
+BUFFER = 1024 * 1024  # what a streamed value is read into before it is written, in one call
 
 
-def _chunks(source: _Source) -> Iterable[bytes]:
-    """The bytes of a value as chunks, from bytes, an iterable of bytes, a file object or a path."""
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return (bytes(source),)
+class _SupportsReadinto(Protocol):
+    """A source of bytes that fills a buffer, as binary files do: `readinto` returns how many
+    bytes it put there, 0 at the end (and raises if the source fails half way)."""
+
+    def readinto(self, buffer: memoryview, /) -> int | None: ...
+
+
+_Pieces = Iterable[bytes | bytearray | memoryview]  # what a backend's _write gets: see _pieces
+_Source = bytes | bytearray | memoryview | _Pieces | _SupportsReadinto | IO[bytes] | str | os.PathLike[str]
+_spare_buffers: list[bytearray] = []  # BUFFER-sized, for reuse (list.pop and .append are atomic)
+
+
+def _pieces(source: _Source) -> _Pieces:
+    """The bytes of a value from bytes, an iterable of bytes-like chunks, an object with
+    `readinto` (binary files), one with only `read`, or a path. A piece may be a view of a
+    reused buffer, so it is valid only until the next piece is asked for."""
+    if isinstance(source, bytes):
+        return (source,)
+    if isinstance(source, (bytearray, memoryview)):
+        return (memoryview(source).cast("B"),)  # counted in bytes, whatever its item size
     if isinstance(source, (str, os.PathLike)):
-        return _file_chunks(source)
+        return _file_pieces(source)
+    if hasattr(source, "readinto"):
+        return _buffered_pieces(cast(_SupportsReadinto, source))
     if hasattr(source, "read"):
-        return iter(lambda: source.read(CHUNK), b"")
+        readable = cast(IO[bytes], source)
+        return iter(lambda: readable.read(CHUNK), b"")
     return source
 
 
-def _file_chunks(path: str | os.PathLike[str]) -> Iterator[bytes]:
-    with open(path, "rb") as file:
-        yield from iter(lambda: file.read(CHUNK), b"")
+def _file_pieces(path: str | os.PathLike[str]) -> Iterator[memoryview]:
+    with open(path, "rb", buffering=0) as file:
+        yield from _buffered_pieces(file)
+
+
+def _buffered_pieces(source: _SupportsReadinto) -> Iterator[memoryview]:
+    """What `source` holds, read into a reused buffer of BUFFER bytes; a piece is a full buffer
+    (but the last), so that writing it is one system call whatever sizes the source reads in."""
+    try:
+        buffer = _spare_buffers.pop()
+    except IndexError:  # none spare (or another thread took the last one)
+        buffer = bytearray(BUFFER)
+    try:
+        view = memoryview(buffer)
+        filled = 0
+        while True:
+            count = source.readinto(view[filled:])
+            if count:
+                filled += count
+                if filled < BUFFER:
+                    continue
+            if filled:
+                yield view[:filled]
+            if not count:
+                return
+            filled = 0
+    finally:
+        if len(_spare_buffers) < 4:
+            _spare_buffers.append(buffer)
+
+
+def _join(pieces: _Pieces) -> bytes:
+    """All the pieces as one bytes object (copied as they come: a piece may be a reused buffer)."""
+    value = bytearray()
+    for piece in pieces:
+        value += piece
+    return bytes(value)
 
 
 class _Precondition(NamedTuple):
@@ -328,21 +390,184 @@ class _Precondition(NamedTuple):
                 )
 
 
+_LEVEL_BATCH = 256  # keys read at a time by a listing with a delimiter
+
+
+def _folder(key: str, prefix: str, delimiter: str) -> str | None:
+    """The folder `key` lies in, one level below `prefix`: the key up to and including the
+    first `delimiter` after the prefix; None if the delimiter does not follow the prefix."""
+    if not key.startswith(prefix):
+        return None
+    cut = key.find(delimiter, len(prefix))
+    return key[: cut + len(delimiter)] if cut >= 0 else None
+
+
+def _past_folder(folder: str) -> str:
+    """A cursor for `after` that every key starting with `folder` precedes, and every other
+    key that follows the folder follows: the folder, then U+10FFFF (the last code point) one
+    time more than the bytes a key has left after it (a key is at most 1024 bytes, so what
+    follows the folder in it is at most that many characters, each at most U+10FFFF)."""
+    return folder + "\U0010ffff" * max(0, MAX_KEY_BYTES + 1 - len(folder.encode("utf-8", "surrogatepass")))
+
+
+# The export format (SPEC section 4): one JSON object a line, fields in this order,
+# {"key": k, "content_type": t, "expires_at": <Unix seconds> or null, "value": "<base64>"}.
+# Values are streamed both ways, so the reader below parses a line's head with a regex and
+# decodes its value as it arrives instead of handing the whole line to json.
+
+_BASE64_BLOCK = CHUNK // 4 * 3  # bytes whose base64 is CHUNK characters, with no padding
+_JSON_STRING = rb'"(?:[^"\\\n]|\\.)*"'
+_LINE_HEAD = re.compile(
+    rb'[ \t]*\{[ \t]*"key"[ \t]*:[ \t]*(' + _JSON_STRING + rb")[ \t]*,"
+    rb'[ \t]*"content_type"[ \t]*:[ \t]*(' + _JSON_STRING + rb")[ \t]*,"
+    rb'[ \t]*"expires_at"[ \t]*:[ \t]*(null|-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)[ \t]*,'
+    rb'[ \t]*"value"[ \t]*:[ \t]*"'
+)
+_LINE_TAIL = re.compile(rb"[ \t]*\}[ \t]*\r?\n")
+_LAST_LINE_TAIL = re.compile(rb"[ \t]*\}[ \t]*\r?")  # the last line may end without a newline
+_MAX_LINE_HEAD = 64 * 1024
+_LINE_SHAPE = '{"key": k, "content_type": t, "expires_at": <Unix seconds> or null, "value": "<base64>"}'
+
+
+class _Writable(Protocol):
+    def write(self, data: bytes, /) -> object: ...
+
+
+def _export_head(key: str, stat: Stat) -> bytes:
+    """A line of the export format up to the opening quote of its value."""
+    fields = [json.dumps(key, ensure_ascii=False), json.dumps(stat.content_type), json.dumps(stat.expires_at)]
+    return '{{"key": {}, "content_type": {}, "expires_at": {}, "value": "'.format(*fields).encode()
+
+
+def _base64_pieces(body: BinaryIO) -> Iterator[bytes]:
+    """The base64 of what a file holds, a block at a time (padding only at the very end)."""
+    rest = b""
+    while block := body.read(_BASE64_BLOCK):
+        block = rest + block
+        whole = len(block) - len(block) % 3
+        rest = block[whole:]
+        yield base64.b64encode(block[:whole])
+    yield base64.b64encode(rest)
+
+
+class _ExportReader:
+    """Reads the export format line by line from chunks of bytes, holding a chunk and a line's
+    head at most: `head()` parses a line up to its value, then `value()` gives the value's
+    bytes as they are decoded. Both raise ValueError saying what is wrong with the line
+    `number`."""
+
+    def __init__(self, chunks: _Pieces) -> None:
+        self._chunks = iter(chunks)  # each copied into the buffer before the next is read
+        self._buffer = b""
+        self.number = 0  # of the line being read
+
+    def _fill(self) -> bool:
+        """Append the next chunk of input to the buffer; False at the end of the input."""
+        for chunk in self._chunks:
+            if chunk:
+                self._buffer += chunk
+                return True
+        return False
+
+    def head(self) -> tuple[str, str, float | None] | None:
+        """The key, media type and expiry of the next line; None at the end of the input.
+        Blank lines are skipped."""
+        while True:
+            self._buffer = self._buffer.lstrip(b" \t\r")
+            if self._buffer.startswith(b"\n"):  # a blank line
+                self.number += 1
+                self._buffer = self._buffer[1:]
+            elif self._buffer:
+                break
+            elif not self._fill():
+                return None
+        self.number += 1
+        while (match := _LINE_HEAD.match(self._buffer)) is None:
+            if b"\n" in self._buffer or len(self._buffer) > _MAX_LINE_HEAD or not self._fill():
+                raise ValueError(f"it is not {_LINE_SHAPE}, with the fields in this order")
+        self._buffer = self._buffer[match.end() :]
+        key, content_type = json.loads(match[1]), json.loads(match[2])
+        expires_at = None if match[3] == b"null" else float(match[3])
+        if expires_at is not None and not math.isfinite(expires_at):
+            raise ValueError(f"expires_at {match[3].decode()} is not a time")
+        return key, content_type, expires_at
+
+    def value(self) -> Iterator[bytes]:
+        """The bytes of the value of the line `head()` read. The end of the line is checked
+        before the last piece is given, so that a write fed from here stores nothing of a
+        bad or cut-off line."""
+        pending = b""  # base64 not decoded yet: it ends with the last group, which may be padded
+        while (end := self._buffer.find(b'"')) < 0:
+            pending += self._buffer
+            self._buffer = b""
+            whole = (len(pending) - 1) // 4 * 4
+            if whole > 0:
+                yield self._decode(pending[:whole], last=False)
+                pending = pending[whole:]
+            if not self._fill():
+                raise ValueError("the line is cut off inside its value")
+        last = self._decode(pending + self._buffer[:end], last=True)
+        self._buffer = self._buffer[end + 1 :]
+        while (match := _LINE_TAIL.match(self._buffer)) is None:
+            if b"\n" in self._buffer or len(self._buffer) > _MAX_LINE_HEAD:
+                raise ValueError('the value is not followed by "}" and the end of the line')
+            if not self._fill():
+                match = _LAST_LINE_TAIL.fullmatch(self._buffer)
+                if match is None:
+                    raise ValueError('the line is cut off after its value: "}" is missing')
+                break
+        self._buffer = self._buffer[match.end() :]
+        yield last
+
+    @staticmethod
+    def _decode(text: bytes, last: bool) -> bytes:
+        if not last and b"=" in text:
+            raise ValueError("the value is not base64: it has padding before its end")
+        try:
+            return base64.b64decode(text, validate=True)
+        except ValueError:
+            raise ValueError("the value is not base64") from None
+
+
+def _ttl_left(expires_at: float | None) -> int | None:
+    """The TTL, in whole seconds rounded up, of a value that expires at `expires_at`; 0 if
+    that time has passed."""
+    if expires_at is None:
+        return None
+    return max(0, math.ceil(expires_at - time.time()))
+
+
+def _at_most(chunks: Iterable[bytes], limit: int | None) -> Iterator[bytes]:
+    """The chunks, or ValueError once they hold more than `limit` bytes."""
+    size = 0
+    for chunk in chunks:
+        size += len(chunk)
+        if limit is not None and size > limit:
+            raise ValueError(f"the value is over {limit} bytes, the most allowed")
+        yield chunk
+
+
 _AnyStorage = TypeVar("_AnyStorage", bound="Storage")
 
 
-class Storage:
+class Storage(abc.ABC):
     """The interface every backend offers; the HTTP and XML-RPC layers use only this.
 
-    Method names and semantics follow simplekv's KeyValueStore. Public methods check
-    their arguments once, then call the hooks a backend implements:
+    Callers use the simplekv interface (`get`, `put`, `put_file`, `get_file`, `open`,
+    `delete`, `keys`, `iter_keys`, `in`, `len`, iteration) and the extras: `stat`, `fetch`,
+    `write` (streamed, with metadata and compare-and-set), `remove`, `check_precondition`,
+    `totals`, `sweep`, `close` (also as a context manager), and the attributes `kind` (the
+    name of the backend) and `location` (where values live, said for people).
 
-    required: `_fetch`, `_write`, `_delete`, `_keys`;
-    optional (defaults built from the required ones): `_stat`, `totals`, `close`.
+    The public methods check their arguments once (keys, TTLs, media types), then
+    call the hooks. A backend must implement `_fetch`, `_write`, `_delete` and `_keys`, and
+    set `kind` and `location`. It may override `_stat` (default: from `_fetch`), `totals`
+    (default: the stat of every key; a backend with an index keeps running totals),
+    `sweep` (default: nothing to do) and `close` (calling this one).
     """
 
-    kind = "abstract"
-    location = "somewhere"  # where values live, said for people
+    kind: str  # "memory", "files", "redis"
+    location: str  # "in memory", "in /srv/data", "at redis://…"
     _closed = False
 
     # The simplekv interface
@@ -408,18 +633,69 @@ class Storage:
         """Remove `key`; no error if it is absent (unless a precondition says otherwise)."""
         self.remove(key, if_match=if_match, if_none_match=if_none_match)
 
-    def keys(self, prefix: str = "", *, after: str | None = None, limit: int | None = None) -> list[str]:
+    def keys(
+        self,
+        prefix: str = "",
+        *,
+        delimiter: str | None = None,
+        after: str | None = None,
+        limit: int | None = None,
+    ) -> list[str]:
         """The live keys that start with `prefix`, in code-point order; with `after`, only
-        those that follow it; with `limit`, at most that many (so `after` pages through them)."""
+        those that follow it; with `limit`, at most that many (so `after` pages through them).
+        Listing only reads: expired values are left out, not removed (that is `sweep`'s job).
+
+        With `delimiter`, one level, as S3 and Consul list folders: a key that holds the
+        delimiter after `prefix` is not listed; in its place its folder (the key up to and
+        including the first such delimiter) is listed once. It stays one list in code-point
+        order, and `limit` counts keys and folders alike: an item is a folder exactly when it
+        holds the delimiter after `prefix` (it then ends with it). `after` may be either;
+        after a folder, the listing goes on past every key in it.
+        """
         if not isinstance(prefix, str) or not isinstance(after, (str, type(None))):
             raise ValueError(f"a prefix and a key to list after are str, not {prefix!r} and {after!r}")
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
             raise ValueError(f"a limit is a whole number of at least 1, not {limit!r}")
-        return self._keys(prefix, after, limit)
+        self._check_open()
+        if delimiter is None:
+            return self._keys(prefix, after, limit)
+        if not isinstance(delimiter, str) or not delimiter:
+            raise ValueError(f"a delimiter is a non-empty str, not {delimiter!r}")
+        return self._level(prefix, delimiter, after, limit)
+
+    def _level(self, prefix: str, delimiter: str, after: str | None, limit: int | None) -> list[str]:
+        """`keys` with a delimiter, built on the `_keys` hook: keys are read in batches, and the
+        rest of a folder is skipped by starting the next batch past it."""
+        if after is not None and (folder := _folder(after, prefix, delimiter)) is not None:
+            after = _past_folder(folder)
+        items: list[str] = []
+        while True:
+            wanted = _LEVEL_BATCH if limit is None else min(limit - len(items), _LEVEL_BATCH)
+            batch = self._keys(prefix, after, wanted)
+            folder = None
+            for key in batch:
+                if folder is not None and key.startswith(folder):
+                    continue  # in the folder just listed
+                folder = _folder(key, prefix, delimiter)
+                items.append(folder or key)
+                if len(items) == limit:
+                    return items
+            if len(batch) < wanted:
+                return items
+            after = _past_folder(folder) if folder is not None else batch[-1]
 
     def iter_keys(self, prefix: str = "") -> Iterator[str]:
         """An iterator over `keys(prefix)`."""
         return iter(self.keys(prefix))
+
+    def iter_prefixes(self, delimiter: str, prefix: str = "") -> Iterator[str]:
+        """As simplekv's: the keys that start with `prefix`, each cut after the first
+        `delimiter` that follows the prefix, each result once; that is `keys(prefix,
+        delimiter=delimiter)`, read a page at a time (so in code-point order)."""
+        after = None
+        while page := self.keys(prefix, delimiter=delimiter, after=after, limit=_LEVEL_BATCH):
+            yield from page
+            after = page[-1]
 
     def __iter__(self) -> Iterator[str]:
         return self.iter_keys()
@@ -436,11 +712,18 @@ class Storage:
 
     def totals(self) -> tuple[int, int]:
         """How many live keys there are, and how many bytes their values hold."""
+        self._check_open()
         stats = []
         for key in self._keys("", None, None):
             with contextlib.suppress(KeyError):
                 stats.append(self._stat(key))
         return len(stats), sum(stat.size for stat in stats)
+
+    def sweep(self) -> int:
+        """Remove the values whose TTL has passed (reads already leave them out); return how
+        many went. The server calls it twice a second."""
+        self._check_open()
+        return 0
 
     def close(self) -> None:
         """Release what the storage holds (FileStorage: the data-dir lock); using it
@@ -461,14 +744,18 @@ class Storage:
 
     def stat(self, key: str) -> Stat:
         """Size, media type, ETag and expiry of the value of `key`; KeyError if absent."""
-        return self._stat(check_key(key))
+        check_key(key)
+        self._check_open()
+        return self._stat(key)
 
     def fetch(self, key: str) -> tuple[Stat, bytes | BinaryIO]:
         """The value of `key` with its Stat, both of one version; KeyError if absent.
 
         Small values come as bytes, large ones as an open file the caller must close.
         """
-        return self._fetch(check_key(key))
+        check_key(key)
+        self._check_open()
+        return self._fetch(key)
 
     def write(
         self,
@@ -480,39 +767,131 @@ class Storage:
         if_match: str | None = None,
         if_none_match: bool = False,
     ) -> tuple[Stat, bool]:
-        """Store a value from bytes, chunks, a file object or a path; return its Stat and
-        whether the key is new.
+        """Store a value and return its Stat and whether the key is new.
 
-        An exception from `source` (an upload cut off half way) stores nothing.
+        `source` is bytes; an iterable of bytes-like chunks (they may be views of one reused
+        buffer: each is consumed before the next is asked for); an object with `readinto`,
+        such as a binary file (the fastest way to stream: it is read into a reused buffer of
+        BUFFER bytes); an object with only `read`; or a path. An exception from `source` (an
+        upload cut off half way) stores nothing.
         """
         check_key(key)
         if not isinstance(content_type, str) or not _HEADER_VALUE.fullmatch(content_type):
             raise ValueError(f"a media type is printable ASCII, as in an HTTP header, not {content_type!r}")
-        return self._write(key, _chunks(source), content_type, _expiry(ttl), _Precondition(if_match, if_none_match))
+        expires_at = _expiry(ttl)
+        self._check_open()
+        return self._write(key, _pieces(source), content_type, expires_at, _Precondition(if_match, if_none_match))
 
     def remove(self, key: str, *, if_match: str | None = None, if_none_match: bool = False) -> bool:
         """Like `delete`, and return whether there was a value to remove."""
-        return self._delete(check_key(key), _Precondition(if_match, if_none_match))
+        check_key(key)
+        self._check_open()
+        return self._delete(key, _Precondition(if_match, if_none_match))
 
-    # Hooks for backends
+    def check_precondition(self, key: str, *, if_match: str | None = None, if_none_match: bool = False) -> None:
+        """Raise PreconditionFailed if a write or delete of `key` with these conditions would
+        fail now: a server calls it before reading a request body that would be refused. The
+        write itself checks again, atomically, when it commits."""
+        try:
+            etag: str | None = self.stat(key).etag
+        except KeyError:
+            etag = None
+        _Precondition(if_match, if_none_match).check(key, etag)
 
+    # Backup and moving between storages: the export format
+
+    def export(self, file: _Writable, prefix: str = "", *, progress: Callable[[int, int], object] | None = None) -> int:
+        """Write every live key that starts with `prefix` to `file` (anything with a
+        write(bytes) method) in the export format, and return how many were written.
+
+        One JSON line a key, in code-point order: {"key": k, "content_type": t, "expires_at":
+        <Unix seconds> or null, "value": "<base64>"}. Values are streamed, each one version
+        whole; keys that expire or go while the export runs are left out. `progress`, if
+        given, is called after each line with the keys and value bytes written so far.
+        """
+        count = size = 0
+        after = None
+        while page := self.keys(prefix, after=after, limit=_LEVEL_BATCH):
+            after = page[-1]
+            for key in page:
+                try:
+                    stat, body = self.fetch(key)
+                except KeyError:
+                    continue  # deleted or expired since the listing
+                with io.BytesIO(body) if isinstance(body, bytes) else body as source:
+                    file.write(_export_head(key, stat))
+                    for piece in _base64_pieces(source):
+                        file.write(piece)
+                file.write(b'"}\n')
+                count, size = count + 1, size + stat.size
+                if progress is not None:
+                    progress(count, size)
+        return count
+
+    def import_(
+        self,
+        file: IO[bytes] | Iterable[bytes],
+        *,
+        max_value: int | None = None,
+        progress: Callable[[int, int], object] | None = None,
+    ) -> tuple[int, int]:
+        """Store each line of an export (see `export`) read from `file`, a binary file object
+        or an iterable of bytes, with its media type and expiry, replacing the key whole.
+        Return how many lines were imported, and how many skipped because their expiry had
+        passed. `progress`, if given, is called after each line imported with the lines and
+        value bytes imported so far.
+
+        It is not one transaction: each line is stored whole or not at all, and a bad line
+        (or a value over `max_value` bytes) stops the import there with a ValueError that
+        names its line number; the lines before it stay stored. Values are streamed.
+        """
+        reader = _ExportReader(_pieces(file))
+        imported = skipped = size = 0
+        try:
+            while (head := reader.head()) is not None:
+                key, content_type, expires_at = head
+                ttl = _ttl_left(expires_at)
+                if ttl == 0:
+                    collections.deque(reader.value(), maxlen=0)  # read, checked and dropped
+                    skipped += 1
+                    continue
+                stat, _ = self.write(key, _at_most(reader.value(), max_value), content_type=content_type, ttl=ttl)
+                imported, size = imported + 1, size + stat.size
+                if progress is not None:
+                    progress(imported, size)
+        except ValueError as error:
+            raise ValueError(f"line {reader.number}: {error}; the lines before it were imported") from None
+        return imported, skipped
+
+    # Hooks for backends: the key is valid and the storage open when they are called
+
+    @abc.abstractmethod
     def _fetch(self, key: str) -> tuple[Stat, bytes | BinaryIO]:
+        """The Stat and bytes (or an open file) of one version of the value; KeyError if none."""
         raise NotImplementedError(f"{type(self).__name__}._fetch")
 
+    @abc.abstractmethod
     def _write(
         self,
         key: str,
-        chunks: Iterable[bytes],
+        pieces: _Pieces,
         content_type: str,
         expires_at: float | None,
         precondition: _Precondition,
     ) -> tuple[Stat, bool]:
+        """Store the value made of `pieces` if `precondition` holds for the current value,
+        atomically, and durably before returning; the Stat of the new value and whether the
+        key had none."""
         raise NotImplementedError(f"{type(self).__name__}._write")
 
+    @abc.abstractmethod
     def _delete(self, key: str, precondition: _Precondition) -> bool:
+        """Remove the value if `precondition` holds, atomically; whether there was one."""
         raise NotImplementedError(f"{type(self).__name__}._delete")
 
+    @abc.abstractmethod
     def _keys(self, prefix: str, after: str | None, limit: int | None) -> list[str]:
+        """The live keys with `prefix`, in order, after `after`, at most `limit` of them."""
         raise NotImplementedError(f"{type(self).__name__}._keys")
 
     def _stat(self, key: str) -> Stat:
@@ -544,64 +923,114 @@ class _Entry(NamedTuple):
         return self.expires_at is not None and self.expires_at <= now
 
 
-class _Staged(NamedTuple):
-    """A value received in full but not yet visible: its bytes or its temporary file."""
+class _Index:
+    """What MemoryStorage and FileStorage know of their values, in memory: an entry per key,
+    the keys in order for listing, a lock per stripe of keys, and running totals.
 
-    size: int
-    stamp: int
-    data: bytes | None  # all of it, unless it is larger than SMALL_VALUE
-    path: str | None  # FileStorage's temporary file
-
-
-class MemoryStorage(Storage):
-    """Values in a dict, lost at exit; also the in-memory index FileStorage builds on.
-
-    Reads take no lock (entries are immutable and replaced whole); writes and deletes
-    of one key are serialised by one of a fixed set of locks, which makes
-    compare-and-set atomic.
+    Reads take no lock (entries are immutable and replaced whole). A change to a key is made
+    under `lock_for(key)`, which serialises the writes and deletes of one key and so makes
+    compare-and-set atomic; `put` and `pop`, called under it, are the moment a change takes
+    effect. Expired entries stay until a write or a sweep replaces or removes them; reads
+    leave them out, and the totals stop counting them when they expire.
     """
 
-    kind = "memory"
-    location = "in memory"
     _LOCK_STRIPES = 64
 
     def __init__(self) -> None:
-        self._index: dict[str, _Entry] = {}
+        self._entries: dict[str, _Entry] = {}
         self._locks = [threading.Lock() for _ in range(self._LOCK_STRIPES)]
         # The keys in order, so that listing a page costs a bisect, not a sort. It is sorted
         # again when the generation has changed since: after any key came or went.
         self._generations = itertools.count(1)
         self._generation = 0
         self._ordered: tuple[int, list[str]] = (-1, [])
+        # The totals, kept as entries come and go. An entry with a TTL is also in a heap by
+        # expiry; once it has passed, the entry moves to `_lapsed` and out of the totals.
+        self._books = threading.Lock()  # guards the totals, the heap and _lapsed
+        self._count = 0
+        self._bytes = 0
+        self._expiring: list[tuple[float, int, str]] = []  # (expires_at, stamp, key)
+        self._lapsed: dict[str, _Entry] = {}
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
-
-    def _lock_for(self, key: str) -> threading.Lock:
+    def lock_for(self, key: str) -> threading.Lock:
         return self._locks[hash(key) % self._LOCK_STRIPES]
 
-    def _live(self, key: str) -> _Entry | None:
-        self._check_open()
-        entry = self._index.get(key)
+    def get(self, key: str) -> _Entry | None:
+        """The entry of `key`, expired or not."""
+        return self._entries.get(key)
+
+    def live(self, key: str) -> _Entry | None:
+        """The entry of `key` unless it has expired."""
+        entry = self._entries.get(key)
         if entry is None or entry.expired(time.time()):
             return None
         return entry
 
-    def _stat(self, key: str) -> Stat:
-        entry = self._live(key)
+    def find(self, key: str) -> _Entry:
+        """The entry of `key`; KeyError if it has none or it has expired."""
+        entry = self.live(key)
         if entry is None:
             raise KeyError(key)
-        return entry.stat
+        return entry
 
-    def _fetch(self, key: str) -> tuple[Stat, bytes | BinaryIO]:
-        entry = self._live(key)
+    def put(self, key: str, entry: _Entry) -> None:
+        """Make `entry` the one of `key` (under the key's lock)."""
+        with self._books:
+            previous = self._entries.get(key)
+            self._forget(key, previous)
+            self._entries[key] = entry
+            self._count += 1
+            self._bytes += entry.size
+            if entry.expires_at is not None:
+                heapq.heappush(self._expiring, (entry.expires_at, entry.stamp, key))
+                if len(self._expiring) > 2 * len(self._entries) + 1000:  # mostly replaced entries
+                    self._expiring = [(e.expires_at, e.stamp, k) for k, e in self._entries.items() if e.expires_at]
+                    heapq.heapify(self._expiring)
+        if previous is None:
+            self._keys_changed()
+
+    def pop(self, key: str) -> None:
+        """Remove the entry of `key`, if any (under the key's lock)."""
+        with self._books:
+            previous = self._entries.pop(key, None)
+            self._forget(key, previous)
+        if previous is not None:
+            self._keys_changed()
+
+    def _forget(self, key: str, entry: _Entry | None) -> None:
+        """Take a replaced or removed entry out of the totals (under the books' lock)."""
         if entry is None:
-            raise KeyError(key)
-        assert entry.data is not None
-        return entry.stat, entry.data
+            return
+        if self._lapsed.get(key) is entry:
+            del self._lapsed[key]  # out of the totals already
+        else:
+            self._count -= 1
+            self._bytes -= entry.size
 
-    def _keys(self, prefix: str, after: str | None, limit: int | None) -> list[str]:
-        self._check_open()
+    def totals(self) -> tuple[int, int]:
+        """How many live entries there are and the bytes of their values."""
+        with self._books:
+            self._note_expiries()
+            return self._count, self._bytes
+
+    def lapsed(self) -> list[tuple[str, _Entry]]:
+        """The entries that have expired, for a sweep to remove."""
+        with self._books:
+            self._note_expiries()
+            return list(self._lapsed.items())
+
+    def _note_expiries(self) -> None:
+        """Move the entries whose expiry has passed out of the totals (under the books' lock)."""
+        now = time.time()
+        while self._expiring and self._expiring[0][0] <= now:
+            _, stamp, key = heapq.heappop(self._expiring)
+            entry = self._entries.get(key)
+            if entry is not None and entry.stamp == stamp and key not in self._lapsed:  # not replaced since
+                self._lapsed[key] = entry
+                self._count -= 1
+                self._bytes -= entry.size
+
+    def keys(self, prefix: str, after: str | None, limit: int | None) -> list[str]:
         ordered = self._ordered_keys()
         start = bisect.bisect_left(ordered, prefix)
         if after is not None:
@@ -612,10 +1041,8 @@ class MemoryStorage(Storage):
             key = ordered[position]
             if not key.startswith(prefix) or len(keys) == limit:
                 break
-            entry = self._index.get(key)
-            if entry is not None and entry.expired(now):
-                self._purge(key, entry)
-            elif entry is not None:
+            entry = self._entries.get(key)
+            if entry is not None and not entry.expired(now):
                 keys.append(key)
         return keys
 
@@ -624,79 +1051,77 @@ class MemoryStorage(Storage):
         generation, ordered = self._ordered
         if generation != self._generation:
             generation = self._generation  # read first: a change during the sort makes a later call sort again
-            ordered = sorted(self._index)
+            ordered = sorted(self._entries)
             self._ordered = (generation, ordered)
         return ordered
 
     def _keys_changed(self) -> None:
-        """Called after a key came into or left the index (under its lock), so that the next
-        listing sorts again: a new key must be listed (a gone one would only be skipped)."""
+        """Make the next listing sort again: a new key must be listed (a gone one would only
+        be skipped, but is dropped too)."""
         self._generation = next(self._generations)
 
-    def _purge(self, key: str, entry: _Entry) -> None:
-        """Remove an expired entry, unless a write replaced it since it was seen."""
-        with self._lock_for(key):
-            if self._index.get(key) is entry:
-                del self._index[key]
-                self._keys_changed()
-                self._erase(key, entry)
+
+class MemoryStorage(Storage):
+    """Values in a dict, lost at exit. Reads take no lock; the writes and deletes of one key
+    are serialised by its lock in the index, which makes compare-and-set atomic."""
+
+    kind = "memory"
+    location = "in memory"
+
+    def __init__(self) -> None:
+        self._index = _Index()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+    def _stat(self, key: str) -> Stat:
+        return self._index.find(key).stat
+
+    def _fetch(self, key: str) -> tuple[Stat, bytes | BinaryIO]:
+        entry = self._index.find(key)
+        assert entry.data is not None
+        return entry.stat, entry.data
+
+    def _keys(self, prefix: str, after: str | None, limit: int | None) -> list[str]:
+        return self._index.keys(prefix, after, limit)
 
     def totals(self) -> tuple[int, int]:
         self._check_open()
-        now = time.time()
-        sizes = [entry.size for entry in list(self._index.values()) if not entry.expired(now)]
-        return len(sizes), sum(sizes)
+        return self._index.totals()
+
+    def sweep(self) -> int:
+        self._check_open()
+        removed = 0
+        for key, entry in self._index.lapsed():
+            with self._index.lock_for(key):
+                if self._index.get(key) is entry:  # not written again since
+                    self._index.pop(key)
+                    removed += 1
+        return removed
 
     def _write(
         self,
         key: str,
-        chunks: Iterable[bytes],
+        pieces: _Pieces,
         content_type: str,
         expires_at: float | None,
         precondition: _Precondition,
     ) -> tuple[Stat, bool]:
-        staged = self._stage(chunks)
-        try:
-            with self._lock_for(key):
-                current = self._live(key)
-                precondition.check(key, current and current.etag)
-                entry = _Entry(staged.size, sys.intern(content_type), staged.stamp, expires_at, staged.data)
-                self._commit(key, staged, entry)
-                new_key = key not in self._index  # an expired entry still holds its place
-                self._index[key] = entry
-                if new_key:
-                    self._keys_changed()
-        except BaseException:
-            self._discard(staged)
-            raise
+        data = _join(pieces)
+        with self._index.lock_for(key):
+            current = self._index.live(key)
+            precondition.check(key, current and current.etag)
+            entry = _Entry(len(data), sys.intern(content_type), _new_stamp(), expires_at, data)
+            self._index.put(key, entry)  # the change takes effect
         return entry.stat, current is None
 
     def _delete(self, key: str, precondition: _Precondition) -> bool:
-        with self._lock_for(key):
-            current = self._live(key)
+        with self._index.lock_for(key):
+            current = self._index.live(key)
             precondition.check(key, current and current.etag)
-            entry = self._index.pop(key, None)
-            if entry is not None:
-                self._keys_changed()
-                self._erase(key, entry)
+            if self._index.get(key) is not None:  # live or expired
+                self._index.pop(key)  # the change takes effect
         return current is not None
-
-    # What FileStorage changes
-
-    def _stage(self, chunks: Iterable[bytes]) -> _Staged:
-        """Receive a value in full, before any lock is taken."""
-        data = b"".join(chunks)
-        return _Staged(len(data), _new_stamp(), data, None)
-
-    def _commit(self, key: str, staged: _Staged, entry: _Entry) -> None:
-        """Make a staged value, to be indexed as `entry`, the value of `key` (called under the
-        key's lock, before the index changes)."""
-
-    def _discard(self, staged: _Staged) -> None:
-        """Drop a staged value that was not committed."""
-
-    def _erase(self, key: str, entry: _Entry) -> None:
-        """Remove what backs a value that left the index (called under the key's lock)."""
 
 
 # File names: a plain key is its own name, others are percent-escaped, long ones hashed.
@@ -746,15 +1171,83 @@ def _sniff_file(path: str) -> str:
     """Like _sniff_content_type, for a file too large to read into memory at once."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     try:
-        for chunk in _file_chunks(path):
-            decoder.decode(chunk)
+        for piece in _file_pieces(path):
+            decoder.decode(piece)
         decoder.decode(b"", final=True)
     except UnicodeDecodeError:
         return DEFAULT_CONTENT_TYPE
     return TEXT_CONTENT_TYPE
 
 
-class FileStorage(MemoryStorage):
+class _GroupSync:
+    """The fsync of one folder, shared by every writer waiting for one: group commit.
+
+    A rename or a removal in a folder is durable once an fsync of the folder that began
+    after it has ended. So a writer makes its change, takes a ticket (a number, in the order
+    changes were made), and waits for its ticket to be synced. The first waiter that finds no
+    fsync running starts one, covering every ticket handed out so far; the writers that take
+    tickets while it runs wait for it to end, and then one of them runs the next fsync for
+    all of them. Sixteen concurrent writers pay two or three folder fsyncs, not sixteen, and
+    each still hears back only after an fsync that began after its change. If an fsync fails,
+    its leader raises, and the next waiter tries again. Without fsync, waiting returns at once.
+    """
+
+    def __init__(self, path: str, enabled: bool) -> None:
+        self._fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY) if enabled else None
+        self._changes = threading.Condition(threading.Lock())  # guards the three below
+        self._issued = 0  # the last ticket handed out
+        self._synced = 0  # every change up to this ticket is durable
+        self._running = False  # an fsync is under way
+
+    def ticket(self) -> int:
+        """A ticket for a change just made in the folder."""
+        if self._fd is None:
+            return 0  # nothing to wait for
+        with self._changes:
+            self._issued += 1
+            return self._issued
+
+    def latest(self) -> int:
+        """The ticket of the last change made in the folder."""
+        return self._issued
+
+    def wait(self, ticket: int) -> None:
+        """Return once the change of `ticket`, and every change before it, is durable."""
+        if self._fd is None:
+            return
+        with self._changes:
+            while self._synced < ticket:
+                if self._running:
+                    self._changes.wait()
+                    continue
+                self._running = True
+                covered = self._issued  # each of these was taken after its change: this fsync covers them
+                self._changes.release()
+                try:
+                    os.fsync(self._fd)
+                finally:
+                    self._changes.acquire()
+                    self._running = False
+                    self._changes.notify_all()
+                self._synced = max(self._synced, covered)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class _Staged(NamedTuple):
+    """A value received in full but not yet visible: its temporary file, size and stamp, and
+    its bytes if it is small enough to keep in memory."""
+
+    path: str
+    size: int
+    stamp: int
+    data: bytes | None  # all of it, unless it is larger than SMALL_VALUE
+
+
+class FileStorage(Storage):
     """One file per key under a data dir, with the index and small values held in memory.
 
     Layout of the data dir:
@@ -766,20 +1259,29 @@ class FileStorage(MemoryStorage):
     A value file's fingerprint, its size and modification time (which kvserver sets to a
     unique stamp), is its ETag. A value whose media type is the one its bytes suggest, with
     no TTL and a name that decodes to its key, needs no metadata file: a plain `/set` costs
-    one file write, two fsyncs and a rename. Otherwise the metadata file maps fingerprints
-    to metadata, and holds both the old and the new value's entries while a write is under
-    way, so after a crash at any instant whichever value file is in place finds its own.
-    Files with no matching entry (put there by hand) load with derived metadata.
+    one file write, its fsync, a rename and a share of a folder fsync. Otherwise the metadata
+    file maps fingerprints to metadata, and holds both the old and the new value's entries
+    while a write is under way, so after a crash at any instant whichever value file is in
+    place finds its own. Files with no matching entry (put there by hand) load with derived
+    metadata.
+
+    A write stages its value in a temporary file (written and fsynced) before it takes the
+    key's lock; under the lock it checks the precondition, renames the file into place and
+    updates the index; then, with the lock released, it waits for the folder fsync that
+    makes the rename durable (see _GroupSync). A reader may see a value a few milliseconds
+    before it is durable; the writer hears back only once it is.
     """
 
     kind = "files"
 
     def __init__(self, path: str | os.PathLike[str] = "./data", *, fsync: bool = True) -> None:
-        super().__init__()
         self.path = os.path.abspath(path)
+        self.location = f"in {self.path}"
         self.fsync = fsync
+        self._index = _Index()
         self._tmp = os.path.join(self.path, ".kvserver", "tmp")
         self._meta = os.path.join(self.path, ".kvserver", "meta")
+        self._temporary_names = itertools.count()  # unique: the tmp folder is emptied at start, and locked
         os.makedirs(self._tmp, exist_ok=True)
         os.makedirs(self._meta, exist_ok=True)
         # Held open, and so locked, until close().
@@ -791,7 +1293,14 @@ class FileStorage(MemoryStorage):
             raise DataDirLocked(
                 f"data dir {self.path} is in use by another kvserver; stop it or pick another"
             ) from None
+        self._syncs: list[_GroupSync] = []
         try:
+            self._values_synced = _GroupSync(self.path, fsync)
+            self._syncs.append(self._values_synced)
+            self._meta_synced = _GroupSync(self._meta, fsync)
+            self._syncs.append(self._meta_synced)
+            for name in os.listdir(self._tmp):  # left by a crash
+                os.unlink(os.path.join(self._tmp, name))
             self._check_file_system()
             self._load()
         except BaseException:
@@ -801,12 +1310,10 @@ class FileStorage(MemoryStorage):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.path!r}, fsync={self.fsync!r})"
 
-    @property
-    def location(self) -> str:  # type: ignore[override]
-        return f"in {self.path}"
-
     def close(self) -> None:
         super().close()
+        for sync in self._syncs:
+            sync.close()
         if self._lock_file is not None:
             self._lock_file.close()  # releases the flock: another server may own the folder from now on
             self._lock_file = None
@@ -816,12 +1323,13 @@ class FileStorage(MemoryStorage):
     def _check_file_system(self) -> None:
         """Refuse a file system that would break the format: one that rounds modification times
         (ETags could repeat) or ignores the case of names (keys 'A' and 'a' would share a file)."""
-        fd, path = tempfile.mkstemp(dir=self._tmp, prefix="probe-")
+        path = os.path.join(self._tmp, "probe-a")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             stamp = _new_stamp() | 1  # an odd number of nanoseconds does not survive rounding
             os.utime(fd, ns=(stamp, stamp))
             rounds = os.fstat(fd).st_mtime_ns != stamp
-            folds = os.path.exists(os.path.join(self._tmp, os.path.basename(path).swapcase()))
+            folds = os.path.exists(os.path.join(self._tmp, "PROBE-A"))
         finally:
             os.close(fd)
             os.unlink(path)
@@ -831,10 +1339,8 @@ class FileStorage(MemoryStorage):
             raise OSError(errno.EOPNOTSUPP, "its file system ignores the case of names; kvserver needs it kept")
 
     def _load(self) -> None:
-        """Build the index from the data dir; remove temporary files, expired values and
-        metadata no value file matches."""
-        for name in os.listdir(self._tmp):
-            os.unlink(os.path.join(self._tmp, name))
+        """Build the index from the data dir; remove expired values and metadata no value
+        file matches."""
         unused_metadata = set(os.listdir(self._meta))
         now = time.time()
         latest_stamp = 0
@@ -863,7 +1369,7 @@ class FileStorage(MemoryStorage):
             data = _read_small_file(dir_entry.path, size) if size <= SMALL_VALUE else None
             if content_type is None:
                 content_type = _sniff_content_type(data) if data is not None else _sniff_file(dir_entry.path)
-            self._index[key] = _Entry(size, sys.intern(content_type), stamp, expires_at, data)
+            self._index.put(key, _Entry(size, sys.intern(content_type), stamp, expires_at, data))
             latest_stamp = max(latest_stamp, stamp)
         _stamps_after(latest_stamp)
         for name in unused_metadata:
@@ -891,14 +1397,15 @@ class FileStorage(MemoryStorage):
 
     # Reads
 
+    def _stat(self, key: str) -> Stat:
+        return self._index.find(key).stat
+
     def _fetch(self, key: str) -> tuple[Stat, bytes | BinaryIO]:
-        entry = self._live(key)
+        entry = self._index.live(key)
         if entry is not None and entry.data is not None:
             return entry.stat, entry.data
-        with self._lock_for(key):  # so the file opened is the one the entry describes
-            entry = self._live(key)
-            if entry is None:
-                raise KeyError(key)
+        with self._index.lock_for(key):  # so the file opened is the one the entry describes
+            entry = self._index.find(key)
             if entry.data is not None:
                 return entry.stat, entry.data
             try:
@@ -906,62 +1413,145 @@ class FileStorage(MemoryStorage):
             except FileNotFoundError:
                 raise KeyError(key) from None  # removed by hand
 
-    # Writes: what a crash between any two steps leaves is said beside them
+    def _keys(self, prefix: str, after: str | None, limit: int | None) -> list[str]:
+        return self._index.keys(prefix, after, limit)
 
-    def _stage(self, chunks: Iterable[bytes]) -> _Staged:
-        fd, path = tempfile.mkstemp(dir=self._tmp)
-        try:
-            with open(fd, "wb") as file:
-                size = 0
-                head = []
-                for chunk in chunks:
-                    file.write(chunk)
-                    size += len(chunk)
-                    if size <= SMALL_VALUE:
-                        head.append(chunk)
-                file.flush()
-                stamp = _new_stamp()
-                os.utime(fd, ns=(stamp, stamp))
-                if self.fsync:
-                    os.fsync(fd)
-        except BaseException:
-            os.unlink(path)  # a crash before this leaves a temporary file, removed at start
-            raise
-        data = b"".join(head) if size <= SMALL_VALUE else None
-        return _Staged(size, stamp, data, path)
+    def totals(self) -> tuple[int, int]:
+        self._check_open()
+        return self._index.totals()
 
-    def _commit(self, key: str, staged: _Staged, entry: _Entry) -> None:
-        assert staged.path is not None
+    # Writes: what a crash between any two steps leaves is said beside them. A crash is a
+    # kill -9 or a power loss: after a kill -9 every rename and removal that was made is
+    # there; after a power loss, those that an ended fsync of their folder covered.
+
+    def _write(
+        self,
+        key: str,
+        pieces: _Pieces,
+        content_type: str,
+        expires_at: float | None,
+        precondition: _Precondition,
+    ) -> tuple[Stat, bool]:
         name = _file_name(key)
+        # Crash while staging, or before the rename: a temporary file, removed at start.
+        staged = self._stage(pieces)
+        entry = _Entry(staged.size, sys.intern(content_type), staged.stamp, expires_at, staged.data)
         needs_metadata = self._needs_metadata(key, name, entry)
-        if needs_metadata:
-            records = {entry.etag: self._record(key, entry)}
-            previous = self._index.get(key)  # expired or not: its file is in place until the rename
-            if previous is not None:
-                records[previous.etag] = self._record(key, previous)
-            # Crash before the next line: the old value and its metadata, as before.
-            self._write_durably(os.path.join(self._meta, name), json.dumps(records).encode())
-            # Crash here: the metadata knows both versions; the old value file is in place.
-        os.replace(staged.path, os.path.join(self.path, name))
-        self._sync_folder(self.path)
-        if not needs_metadata:
-            # Crash here: a stale metadata file matches no value file; removed at start.
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(self._meta, name))
-
-    def _discard(self, staged: _Staged) -> None:
-        if staged.path is not None:
-            with contextlib.suppress(FileNotFoundError):
+        try:
+            with self._index.lock_for(key):
+                current = self._index.live(key)
+                precondition.check(key, current and current.etag)
+                previous = self._index.get(key)  # expired or not: its file is in place until the rename
+                had_metadata = previous is not None and self._needs_metadata(key, name, previous)
+                if needs_metadata:
+                    records = {entry.etag: self._record(key, entry)}
+                    if previous is not None:
+                        records[previous.etag] = self._record(key, previous)
+                    if had_metadata:
+                        # The metadata file about to be replaced also knows the version before
+                        # `previous`, whose file may still be the one a power loss leaves in
+                        # place: wait until the rename of `previous` is durable.
+                        self._values_synced.wait(self._values_synced.latest())
+                    # Crash before the next line: the old value and its metadata, as before.
+                    self._write_metadata(name, records)
+                    # Crash here: the metadata knows both versions; the old value file is in place.
+                os.replace(staged.path, os.path.join(self.path, name))
+                # Crash here: the old or (once a folder fsync covers the rename) the new value,
+                # each with its metadata.
+                self._index.put(key, entry)  # the change takes effect: readers see the new value
+                ticket = self._values_synced.ticket()
+                if had_metadata and not needs_metadata:
+                    self._values_synced.wait(ticket)  # the old value may not come back without its metadata
+                    # Crash here: a stale metadata file matches no value file; removed at start.
+                    self._unlink_metadata(key)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):  # gone if it was renamed
                 os.unlink(staged.path)
+            raise
+        self._values_synced.wait(ticket)  # with the lock released, so writers share the fsync
+        return entry.stat, current is None
 
-    def _erase(self, key: str, entry: _Entry) -> None:
-        name = _file_name(key)
+    def _delete(self, key: str, precondition: _Precondition) -> bool:
+        with self._index.lock_for(key):
+            current = self._index.live(key)
+            precondition.check(key, current and current.etag)
+            entry = self._index.get(key)  # live or expired
+            if entry is None:
+                return False
+            ticket = self._unlink(key)
+            if self._needs_metadata(key, _file_name(key), entry):
+                self._values_synced.wait(ticket)  # the value may not come back without its metadata
+                # Crash here: the metadata file matches no value file; removed at start.
+                self._unlink_metadata(key)
+        self._values_synced.wait(ticket)
+        return current is not None
+
+    def sweep(self) -> int:
+        self._check_open()
+        swept: list[tuple[str, _Entry]] = []
+        tickets = [0]
+        for key, entry in self._index.lapsed():
+            with self._index.lock_for(key):
+                if self._index.get(key) is entry:  # not written again since
+                    tickets.append(self._unlink(key))
+                    swept.append((key, entry))
+        self._values_synced.wait(max(tickets))  # one folder fsync for them all
+        for key, entry in swept:
+            if self._needs_metadata(key, _file_name(key), entry):
+                with self._index.lock_for(key):
+                    if self._index.get(key) is None:  # else a new value owns the metadata file
+                        # Crash before this: the metadata file matches no value file; removed at start.
+                        self._unlink_metadata(key)
+        return len(swept)
+
+    def _unlink(self, key: str) -> int:
+        """Remove the value file of `key` and its entry (under the key's lock); return the
+        ticket of the folder fsync that makes it durable."""
+        with contextlib.suppress(FileNotFoundError):  # removed by hand
+            os.unlink(os.path.join(self.path, _file_name(key)))
+        self._index.pop(key)  # the change takes effect
+        return self._values_synced.ticket()
+
+    def _unlink_metadata(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(self.path, name))
-        self._sync_folder(self.path)
-        # Crash here: the metadata file matches no value file; removed at start.
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(self._meta, name))
+            os.unlink(os.path.join(self._meta, _file_name(key)))
+
+    def _stage(self, pieces: _Pieces) -> _Staged:
+        """Write a value into a new temporary file, stamp it, fsync it: all of it is on disk,
+        none of it visible. The file is removed if the pieces raise (an upload cut off)."""
+        path = os.path.join(self._tmp, str(next(self._temporary_names)))
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            size = 0
+            head: list[bytes] = []  # the pieces, while the value may still be small
+            for piece in pieces:
+                view = memoryview(piece).cast("B")
+                size += len(view)
+                if size <= SMALL_VALUE:
+                    head.append(piece if isinstance(piece, bytes) else view.tobytes())
+                while view:  # a regular file takes all in one call, but for a signal or a full disk
+                    view = view[os.write(fd, view) :]
+            stamp = _new_stamp()
+            os.utime(fd, ns=(stamp, stamp))
+            if self.fsync:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        os.close(fd)
+        data = (head[0] if len(head) == 1 else b"".join(head)) if size <= SMALL_VALUE else None
+        return _Staged(path, size, stamp, data)
+
+    def _write_metadata(self, name: str, records: dict[str, dict[str, Any]]) -> None:
+        """Replace the metadata file `name` with `records`, durably, in one step."""
+        staged = self._stage((json.dumps(records).encode(),))
+        try:
+            os.replace(staged.path, os.path.join(self._meta, name))
+        except BaseException:
+            os.unlink(staged.path)
+            raise
+        self._meta_synced.wait(self._meta_synced.ticket())
 
     @staticmethod
     def _needs_metadata(key: str, name: str, entry: _Entry) -> bool:
@@ -976,26 +1566,6 @@ class FileStorage(MemoryStorage):
     @staticmethod
     def _record(key: str, entry: _Entry) -> dict[str, Any]:
         return {"key": key, "content_type": entry.content_type, "expires_at": entry.expires_at}
-
-    def _write_durably(self, path: str, data: bytes) -> None:
-        """Replace the file at `path` with `data` in one step that survives a crash."""
-        staged = self._stage((data,))
-        assert staged.path is not None
-        try:
-            os.replace(staged.path, path)
-        except BaseException:
-            self._discard(staged)
-            raise
-        self._sync_folder(os.path.dirname(path))
-
-    def _sync_folder(self, path: str) -> None:
-        """Make the renames and removals in a folder durable."""
-        if self.fsync:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
 
 
 class RedisStorage(Storage):
@@ -1269,12 +1839,12 @@ return adopted
     def _write(
         self,
         key: str,
-        chunks: Iterable[bytes],
+        pieces: _Pieces,
         content_type: str,
         expires_at: float | None,
         precondition: _Precondition,
     ) -> tuple[Stat, bool]:
-        value = b"".join(chunks)
+        value = _join(pieces)
         if len(value) > self.MAX_VALUE:
             raise ValueError(f"Redis holds values of at most {self.MAX_VALUE} bytes, not {len(value)}")
         stat = Stat(len(value), content_type, f"{_etag(len(value), _new_stamp())}-{secrets.token_hex(4)}", expires_at)
@@ -1837,10 +2407,58 @@ def _human_size(size: int) -> str:
     return f"{size / 1024**exponent:.1f} {('KiB', 'MiB', 'GiB')[exponent - 1]}"
 
 
-def _render_page(storage: Storage, page: list[str], next_key: str | None, prefix: str, notice: str) -> bytes:
-    """The HTML page: a form to set a key, a prefix filter, and one page of keys."""
+class _KeyPage(NamedTuple):
+    """One page of a listing, as /keys and the HTML page show it."""
+
+    items: list[str]  # keys, and with a delimiter folders too, in code-point order
+    next: str | None  # the cursor for the next page; None on the last
+    prefix: str
+    delimiter: str | None
+
+    def is_folder(self, item: str) -> bool:
+        return self.delimiter is not None and _folder(item, self.prefix, self.delimiter) is not None
+
+    def split(self) -> tuple[list[str], list[str]]:
+        """The keys and the folders of the page."""
+        return [item for item in self.items if not self.is_folder(item)], list(filter(self.is_folder, self.items))
+
+
+def _page_href(prefix: str, delimiter: str, after: str | None = None) -> str:
+    """The address, HTML-escaped, of the page listing under `prefix` after `after`, by folders
+    of `delimiter` (the page's default, "/", goes without saying)."""
+    query = {"prefix": prefix} if prefix else {}
+    if delimiter != "/":
+        query["delimiter"] = delimiter
+    if after is not None:
+        query["after"] = after
+    return html.escape("/?" + urllib.parse.urlencode(query) if query else "/")
+
+
+def _breadcrumbs(prefix: str, delimiter: str) -> str:
+    """Links to the top level and to each folder the prefix goes through, then the rest of it."""
+    crumbs = [f'<a href="{_page_href("", delimiter)}">all keys</a>']
+    start = 0
+    while (cut := prefix.find(delimiter, start)) >= 0:
+        end = cut + len(delimiter)
+        crumbs.append(f'<a href="{_page_href(prefix[:end], delimiter)}">{html.escape(prefix[start:end])}</a>')
+        start = end
+    if prefix[start:]:
+        crumbs.append(f"<span>{html.escape(prefix[start:])}…</span>")
+    return f'<nav class="crumbs">{" ".join(crumbs)}</nav>'
+
+
+def _render_page(storage: Storage, page: _KeyPage, notice: str) -> bytes:
+    """The HTML page: a form to set a key, a prefix filter, and one page of keys and folders
+    (each folder a link to its own level)."""
+    delimiter = page.delimiter or "/"  # (the page always lists by folders)
     rows = []
-    for key in page:
+    for key in page.items:
+        if page.is_folder(key):
+            rows.append(
+                f'<tr class="folder"><td class="key"><a href="{_page_href(key, delimiter)}">'
+                f'{html.escape(key)}</a></td><td class="size"></td><td>folder</td><td></td></tr>'
+            )
+            continue
         try:
             stat = storage.stat(key)
         except KeyError:
@@ -1851,9 +2469,8 @@ def _render_page(storage: Storage, page: list[str], next_key: str | None, prefix
             f'<td><a class="delete" href="/delete?key={urllib.parse.quote(key, safe="")}">delete</a></td></tr>'
         )
     more = ""
-    if next_key is not None:
-        query = urllib.parse.urlencode({"prefix": prefix, "after": next_key})
-        more = f'<nav><a href="/?{html.escape(query)}">next page →</a></nav>'
+    if page.next is not None:
+        more = f'<nav><a href="{_page_href(page.prefix, delimiter, page.next)}">next page →</a></nav>'
     keys, size = storage.totals()
     table = (
         f'<table><thead><tr><th>Key</th><th class="size">Size</th><th>Media type</th><th></th></tr></thead>'
@@ -1872,8 +2489,9 @@ def _render_page(storage: Storage, page: list[str], next_key: str | None, prefix
 <label>Value <input name="value" size="40"></label>
 <button type="submit">Set</button></form>
 <form action="/" method="get">
-<label>Keys starting with <input name="prefix" value="{html.escape(prefix)}"></label>
+<label>Keys starting with <input name="prefix" value="{html.escape(page.prefix)}"></label>
 <button type="submit">Filter</button></form>
+{_breadcrumbs(page.prefix, delimiter) if page.prefix else ""}
 {table}
 {more}
 </body></html>
@@ -2305,24 +2923,33 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         else:
             self._send_json(HTTPStatus.OK, {"key": key, "deleted": True})
 
-    def _key_page(self, query: str, default_limit: int) -> tuple[list[str], str | None, str]:
-        """One page of keys as /keys and the HTML page take it: the keys, the cursor for the
-        next page (None on the last), and the prefix."""
-        usage = "?prefix=<p>&limit=<1-10000>&after=<key>"
-        fields = _fields(query, ("prefix", "limit", "after"), usage)
+    def _key_page(self, query: str, default_limit: int, default_delimiter: str | None = None) -> _KeyPage:
+        """One page of keys (and folders, with a delimiter) as /keys and the HTML page take it."""
+        usage = "?prefix=<p>&delimiter=<d>&limit=<1-10000>&after=<key>"
+        fields = _fields(query, ("prefix", "delimiter", "limit", "after"), usage)
         limit_field = fields.get("limit", b"%d" % default_limit)
         if not re.fullmatch(rb"[0-9]{1,5}", limit_field) or not 1 <= int(limit_field) <= 10000:
             raise _HTTPError(HTTPStatus.BAD_REQUEST, f"limit is a whole number from 1 to 10000, not {limit_field!r}")
         limit = int(limit_field)
         prefix = _text(fields.get("prefix", b""), "prefix")
         after = _text(fields["after"], "after") if "after" in fields else None
-        keys = self.storage.keys(prefix, after=after, limit=limit + 1)  # one more tells if a next page exists
-        page = keys[:limit]
-        return page, page[-1] if len(keys) > limit else None, prefix
+        delimiter = default_delimiter
+        if "delimiter" in fields:
+            if not 1 <= len(fields["delimiter"]) <= 16:
+                raise _HTTPError(HTTPStatus.BAD_REQUEST, "delimiter is 1 to 16 bytes, such as / or %2F")
+            delimiter = _text(fields["delimiter"], "delimiter")
+        # One more item than the page holds tells whether a next page exists.
+        items = self.storage.keys(prefix, delimiter=delimiter, after=after, limit=limit + 1)
+        page = items[:limit]
+        return _KeyPage(page, page[-1] if len(items) > limit else None, prefix, delimiter)
 
     def _route_keys(self, path: str, query: str) -> None:
-        page, next_key, _ = self._key_page(query, 1000)
-        self._send_json(HTTPStatus.OK, {"keys": page, "next": next_key})
+        page = self._key_page(query, 1000)
+        if page.delimiter is None:
+            self._send_json(HTTPStatus.OK, {"keys": page.items, "next": page.next})
+            return
+        keys, prefixes = page.split()
+        self._send_json(HTTPStatus.OK, {"keys": keys, "prefixes": prefixes, "next": page.next})
 
     # The page
 
@@ -2330,8 +2957,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         return _prefers_html(self.headers.get("Accept", ""))
 
     def _send_page(self, status: HTTPStatus, query: str, notice: str = "") -> None:
-        page, next_key, prefix = self._key_page(query, 100)
-        body = _render_page(self.storage, page, next_key, prefix, notice)
+        body = _render_page(self.storage, self._key_page(query, 100, "/"), notice)
         headers = {
             "Cache-Control": "no-store",
             "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'",
@@ -2344,16 +2970,9 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         if self._wants_page():
             self._send_page(HTTPStatus.OK, query)
             return
-        fields = {"Content-Type": "application/json"}
-        chunked = self.request_version != "HTTP/1.0"
-        if chunked:
-            fields["Transfer-Encoding"] = "chunked"
-        else:
-            self.close_connection = True  # the body ends where the connection does
-        self._write_head(HTTPStatus.OK, fields)
-        if self.command == "HEAD":
+        writer = self._stream("application/json")
+        if writer is None:
             return
-        writer = _ChunkedWriter(self.wfile, chunked)
         separator = b"{"
         for key in self.storage.keys():
             try:
@@ -2364,6 +2983,36 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             separator = b", "
         writer.write(b"}\n" if separator == b", " else b"{}\n")
         writer.close()
+
+    def _stream(self, content_type: str) -> _ChunkedWriter | None:
+        """Answer 200 with a body of unknown length, and return its writer (None for HEAD)."""
+        fields = {"Content-Type": content_type}
+        chunked = self.request_version != "HTTP/1.0"
+        if chunked:
+            fields["Transfer-Encoding"] = "chunked"
+        else:
+            self.close_connection = True  # the body ends where the connection does
+        self._write_head(HTTPStatus.OK, fields)
+        return _ChunkedWriter(self.wfile, chunked) if self.command != "HEAD" else None
+
+    def _route_export(self, path: str, query: str) -> None:
+        prefix = _text(_fields(query, ("prefix",), "/export?prefix=<p>").get("prefix", b""), "prefix")
+        writer = self._stream("application/x-ndjson")
+        if writer is None:
+            return
+        try:
+            self.storage.export(writer, prefix)
+        except BaseException:
+            self.close_connection = True  # the answer is cut short: only closing the connection says so
+            raise
+        writer.close()
+
+    def _route_import(self, path: str, query: str) -> None:
+        _fields(query, (), "POST /import with an export as the body")
+        body = self.body.read(sys.maxsize)  # a whole store; each value is held to --max-value
+        # A bad line is a ValueError naming it: a 400.
+        imported, skipped = self.storage.import_(body, max_value=self.server.max_value)
+        self._send_json(HTTPStatus.OK, {"imported": imported, "skipped": skipped})
 
     def _route_health(self, path: str, query: str) -> None:
         self._send_json(HTTPStatus.OK, {"status": "ok", "storage": self.storage.kind, "keys": len(self.storage)})
@@ -2448,6 +3097,8 @@ _ROUTES: dict[str, dict[str, _Route]] = {
     "/get": {"GET": KVRequestHandler._route_get, "HEAD": KVRequestHandler._route_get},
     "/delete": {"GET": KVRequestHandler._route_delete},
     "/keys": {"GET": KVRequestHandler._route_keys, "HEAD": KVRequestHandler._route_keys},
+    "/export": {"GET": KVRequestHandler._route_export, "HEAD": KVRequestHandler._route_export},
+    "/import": {"POST": KVRequestHandler._route_import},
     "/health": {"GET": KVRequestHandler._route_health, "HEAD": KVRequestHandler._route_health},
     "/metrics": {"GET": KVRequestHandler._route_metrics, "HEAD": KVRequestHandler._route_metrics},
     "/kv/": {
@@ -2934,11 +3585,13 @@ class KVServer(ThreadingHTTPServer):
         self._lingering: list[tuple[socket.socket, float]] = []
         self._closed = threading.Event()
         self._stop_requested = threading.Event()
+        self._housekeeper: threading.Thread | None = None
         super().__init__(address, KVRequestHandler)
         self.loopback = ipaddress.ip_address(self.host).is_loopback
         if ssl_context is not None:  # the handshake happens in the connection's thread, not in accept()
             self.socket = ssl_context.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
-        threading.Thread(target=self._housekeeping, name="kvserver-housekeeping", daemon=True).start()
+        self._housekeeper = threading.Thread(target=self._housekeeping, name="kvserver-housekeeping", daemon=True)
+        self._housekeeper.start()
 
     def server_bind(self) -> None:
         """Bind without HTTPServer's reverse DNS lookup of the address, which can stall start-up."""
@@ -2983,8 +3636,8 @@ class KVServer(ThreadingHTTPServer):
         connection.close()
 
     def _housekeeping(self) -> None:
-        """Twice a second: cut off clients whose request head is overdue, and close the
-        refused connections once their client had a moment to read the 503."""
+        """Twice a second: cut off clients whose request head is overdue, close the refused
+        connections once their client had a moment to read the 503, and sweep the storage."""
         while not self._closed.wait(0.5):
             _shut_down(self.connections.overdue())
             now = time.monotonic()
@@ -2993,6 +3646,10 @@ class KVServer(ThreadingHTTPServer):
                 self._lingering = [(connection, until) for connection, until in self._lingering if until >= now]
             for connection in done:
                 connection.close()
+            try:
+                self.storage.sweep()  # values whose TTL passed
+            except Exception:
+                traceback.print_exc()  # housekeeping goes on
 
     def stop_on_signals(self) -> None:
         """Make Ctrl-C and SIGTERM end serve_forever at its next turn; a second one raises
@@ -3018,6 +3675,8 @@ class KVServer(ThreadingHTTPServer):
         """Close the listening socket, wait for the connections' threads, end housekeeping."""
         super().server_close()
         self._closed.set()
+        if self._housekeeper is not None:  # (None if binding failed)
+            self._housekeeper.join()  # so that it does not sweep a storage being closed
 
 
 # main()
@@ -3034,6 +3693,74 @@ def _whole_number(args: dict[str, Any], option: str, low: int, high: int) -> int
         if low <= (value := int(args[option])) <= high:
             return value
     _fail(f"{option} takes a whole number from {low} to {high}, not {args[option]!r}", 2)
+
+
+class _Progress:
+    """The progress line of kvserver export and import on stderr: rewritten in place at most
+    twice a second while stderr is a terminal, and written once more at the end."""
+
+    def __init__(self, verb: str) -> None:
+        self.verb = verb
+        self.keys = self.size = 0
+        self._started = self._shown = time.monotonic()
+
+    def __call__(self, keys: int, size: int) -> None:
+        self.keys, self.size = keys, size
+        if sys.stderr.isatty() and time.monotonic() - self._shown >= 0.5:
+            self._shown = time.monotonic()
+            print(f"\r{self.line()}", end="", file=sys.stderr, flush=True)
+
+    def line(self) -> str:
+        return f"kvserver: {self.verb} {self.keys} key{'' if self.keys == 1 else 's'} ({_human_size(self.size)})"
+
+    def finish(self, more: str) -> None:
+        end = "\r" if sys.stderr.isatty() else ""
+        print(f"{end}{self.line()}{more} in {time.monotonic() - self._started:.1f} s", file=sys.stderr, flush=True)
+
+
+def _run_transfer(args: dict[str, Any]) -> None:
+    """kvserver export and kvserver import: between a storage and stdout or stdin."""
+    exporting = bool(args["export"])
+    if args["--prefix"] is not None and not exporting:
+        _fail("--prefix goes with kvserver export; see kvserver --help", 2)
+    if args["--storage"] == "memory":
+        _fail("export and import need files or redis storage: a memory storage starts empty and is lost at exit", 2)
+    files = args["--storage"] == "files"
+    if exporting and files and not os.path.isdir(args["--data-dir"]):
+        _fail(f"no data dir {args['--data-dir']} to export", 1)
+    try:
+        storage = open_storage(
+            f"files:{args['--data-dir']}" if files else args["--storage"], fsync=not args["--no-fsync"]
+        )
+    except DataDirLocked as error:
+        _fail(f"{error}, or export from it while it runs: curl http://<host>:<port>/export", 1)
+    except (StorageUnavailable, ImportError) as error:
+        _fail(str(error), 1)
+    except OSError as error:
+        _fail(f"cannot use data dir {args['--data-dir']}: {error.strerror or error}", 1)
+    where = f"{storage.kind} storage {storage.location}"
+    with storage:
+        try:
+            if exporting:
+                progress = _Progress("exported")
+                storage.export(sys.stdout.buffer, args["--prefix"] or "", progress=progress)
+                sys.stdout.buffer.flush()
+                progress.finish(f" from {where}")
+            else:
+                progress = _Progress("imported")
+                _, skipped = storage.import_(sys.stdin.buffer, progress=progress)
+                progress.finish(f" into {where}, skipped {skipped} already expired")
+        except ValueError as error:
+            _fail(f"import stopped at {error}", 1)
+        except StorageUnavailable as error:
+            _fail(str(error), 1)
+        except BrokenPipeError:  # (export | head): stdout closed early; as the Python docs advise,
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit does not flush into it
+            _fail("export stopped: its output was closed", 1)
+        except OSError as error:
+            _fail(f"{'export' if exporting else 'import'} failed: {error.strerror or error}", 1)
+        except KeyboardInterrupt:
+            _fail("interrupted; every key written so far is whole", 1)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -3058,6 +3785,9 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"--max-value: {error}", 2)
     if args["--storage"] not in ("files", "memory") and not args["--storage"].startswith(_REDIS_SCHEMES):
         _fail(f"--storage takes files, memory or a redis:// URL, not {args['--storage']!r}", 2)
+    if args["export"] or args["import"] or args["--prefix"] is not None:
+        _run_transfer(args)
+        return
     token = args["--token"] if args["--token"] is not None else os.environ.get("KV_TOKEN") or None
     if token == "":
         _fail("--token takes a secret, not an empty string", 2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
 import json
@@ -83,7 +84,8 @@ def raw_exchange(
     with socket.create_connection((host, port), timeout=timeout) as sock:
         sock.sendall(data)
         if half_close:
-            sock.shutdown(socket.SHUT_WR)
+            with contextlib.suppress(OSError):  # the server may have closed first (ENOTCONN)
+                sock.shutdown(socket.SHUT_WR)
         received = b""
         try:
             while chunk := sock.recv(65536):

@@ -239,11 +239,23 @@ def test_expired_keys_are_gone_after_a_reopen_and_their_files_removed(data_dir):
         assert meta_names(data_dir) == {"long"}
 
 
-def test_an_expired_key_listed_away_leaves_no_files(store, data_dir):
+def test_listing_and_counting_an_expired_key_leave_the_disk_as_it_was(store, data_dir):
     store.put("short", b"v", ttl=1)
     wait_for(lambda: store.keys() == [], timeout=5, interval=0.05, what="the key to expire")
-    assert value_files(data_dir) == {}
-    assert meta_names(data_dir) == set()
+    assert len(store) == 0
+    assert "short" not in store
+    assert value_files(data_dir) == {"short": b"v"}
+    assert meta_names(data_dir) == {"short"}
+
+
+def test_an_expired_key_swept_away_leaves_no_files(store, data_dir):
+    store.put("short", b"v", ttl=1)
+    store.put("short" * 200, b"v" * LARGE, ttl=1)
+    store.put("long", b"w", ttl=3600)
+    wait_for(lambda: store.keys() == ["long"], timeout=5, interval=0.05, what="the keys to expire")
+    assert store.sweep() == 2
+    assert value_files(data_dir) == {"long": b"w"}
+    assert meta_names(data_dir) == {"long"}
 
 
 # Files put there by hand
@@ -446,10 +458,10 @@ def test_large_values_are_not_held_in_memory_and_are_read_from_disk(store, data_
     store.put("edge", b"e" * (64 * 1024))
     store.put("over", b"o" * (64 * 1024 + 1))
     store.put("small", b"s")
-    assert store._index["big"].data is None
-    assert store._index["over"].data is None
-    assert store._index["edge"].data == b"e" * (64 * 1024)
-    assert store._index["small"].data == b"s"
+    assert store._index.get("big").data is None
+    assert store._index.get("over").data is None
+    assert store._index.get("edge").data == b"e" * (64 * 1024)
+    assert store._index.get("small").data == b"s"
     # Change the file behind the store's back, keeping its size: a read shows the disk.
     with open(data_dir / "big", "r+b") as file:
         file.write(b"CHANGED ON DISK")
@@ -463,8 +475,8 @@ def test_large_values_are_not_preloaded_at_open(data_dir):
         store.put("big", b"b" * LARGE, content_type="x/y")
     (data_dir / "hand-placed").write_bytes(b"h" * LARGE)
     with kvserver.FileStorage(data_dir, fsync=False) as store:
-        assert store._index["big"].data is None
-        assert store._index["hand-placed"].data is None
+        assert store._index.get("big").data is None
+        assert store._index.get("hand-placed").data is None
         assert store.get("big") == b"b" * LARGE
         assert store.get("hand-placed") == b"h" * LARGE
         assert store.stat("big").content_type == "x/y"

@@ -203,24 +203,51 @@ ODD_KEYS = {
 }
 
 
+def level_of(key: str) -> str:
+    """The page that lists `key`: the page browses the folders its slashes make."""
+    folder = key.rpartition("/")[0]
+    return f"/?prefix={q(folder + '/')}" if folder else "/"
+
+
 def test_keys_with_slashes_spaces_ampersands_and_non_ascii_work_through_their_links(tab: Tab) -> None:
     for key, value in ODD_KEYS.items():
         set_key(tab.server, key, value)
     tab.open("/")
-    assert tab.listed_keys() == sorted(ODD_KEYS)
+    assert tab.listed_keys() == sorted(["dir/", *(key for key in ODD_KEYS if "/" not in key)])
     wrong = []
     for key, value in ODD_KEYS.items():
+        tab.open(level_of(key))
         response = tab.follow(tab.key_link(key))
         if response.status != 200 or tab.body_text() != value:
             wrong.append(f"the link of {key!r} led to {response.url} ({response.status})")
-        tab.open("/")
     assert wrong == []
     for key in ODD_KEYS:
+        tab.open(level_of(key))
         assert_is_page(tab.follow(tab.row(key).get_by_role("link", name="delete")), 200)
         assert key in tab.page.locator(".notice").inner_text()
         assert key not in tab.listed_keys()
     assert tab.listed_keys() == []
     assert tab.server.get("/keys").json() == {"keys": [], "next": None}
+
+
+def test_folders_open_their_level_and_the_breadcrumbs_lead_back(tab: Tab) -> None:
+    for key in ["app/prod/db", "app/prod/url", "app/name", "readme"]:
+        set_key(tab.server, key, key.upper())
+    page = tab.page
+    tab.open("/")
+    assert tab.listed_keys() == ["app/", "readme"]
+    assert_is_page(tab.follow(page.get_by_role("link", name="app/", exact=True)), 200)
+    assert tab.listed_keys() == ["app/name", "app/prod/"]
+    tab.follow(page.get_by_role("link", name="app/prod/", exact=True))
+    assert tab.listed_keys() == ["app/prod/db", "app/prod/url"]
+    assert page.get_by_label("Keys starting with").input_value() == "app/prod/"
+    tab.follow(tab.key_link("app/prod/url"))
+    assert tab.body_text() == "APP/PROD/URL"
+    page.go_back()
+    tab.follow(page.locator("nav.crumbs").get_by_role("link", name="app/", exact=True))
+    assert tab.listed_keys() == ["app/name", "app/prod/"]
+    tab.follow(page.get_by_role("link", name="all keys"))
+    assert tab.listed_keys() == ["app/", "readme"]
 
 
 @pytest.fixture
@@ -345,7 +372,7 @@ def test_the_raw_page_escapes_keys_media_types_and_the_prefix(server: Server) ->
     key = '"><script>alert(1)</script>'
     response = server.request("PUT", f"/kv/{q(key)}", b"x", {"Content-Type": "text/x-<i>odd</i>"})
     assert response.status == 201
-    html = get_root(server, CHROME_ACCEPT).body.decode("utf-8")
+    html = get_root(server, CHROME_ACCEPT, level_of(key)).body.decode("utf-8")
     assert "<script>" not in html and "<i>" not in html
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert "text/x-&lt;i&gt;odd&lt;/i&gt;" in html

@@ -6,7 +6,9 @@ backend is a short subclass that supplies the `store` fixture.
 
 from __future__ import annotations
 
+import array
 import io
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -250,6 +252,48 @@ class StorageContract:
         assert stat.size == 80_001
         assert store.get("k") == b"".join(chunks)
 
+    def test_write_takes_chunks_that_are_views_of_one_reused_buffer(self, store):
+        buffer = bytearray(100_000)
+
+        def pieces():
+            for letter in b"abc":
+                buffer[:] = bytes([letter]) * len(buffer)
+                yield memoryview(buffer)
+
+        stat, _ = store.write("k", pieces())
+        assert stat.size == 300_000
+        assert store.get("k") == b"a" * 100_000 + b"b" * 100_000 + b"c" * 100_000
+
+    def test_a_value_larger_than_the_read_buffer_is_stored_whole_from_a_file_object(self, store):
+        value = os.urandom(kvserver.BUFFER * 2 + 12345)
+        store.put_file("k", io.BytesIO(value))
+        assert store.get("k") == value
+        assert store.stat("k").size == len(value)
+
+    def test_write_takes_an_object_that_only_reads_into_a_buffer_in_small_bites(self, store):
+        class Trickle:
+            """Fills at most 1,000 bytes per call, as a socket may."""
+
+            def __init__(self, data: bytes) -> None:
+                self.data = data
+
+            def readinto(self, buffer: memoryview) -> int:
+                count = min(len(buffer), 1000, len(self.data))
+                buffer[:count] = self.data[:count]
+                self.data = self.data[count:]
+                return count
+
+        value = os.urandom(70_000)
+        stat, created = store.write("k", Trickle(value), content_type="x/y")
+        assert (stat.size, created) == (70_000, True)
+        assert store.get("k") == value
+
+    def test_a_memoryview_of_wider_items_is_stored_as_its_bytes(self, store):
+        numbers = array.array("i", range(1000))
+        store.put("k", memoryview(numbers))
+        assert store.get("k") == numbers.tobytes()
+        assert store.stat("k").size == len(numbers.tobytes())
+
     def test_a_source_that_fails_half_way_stores_nothing(self, store):
         store.put("k", b"old")
 
@@ -354,26 +398,48 @@ class StorageContract:
         assert store.get("k") == b"new"
         assert stat.expires_at is None
 
-    def test_listing_keys_never_removes_a_value_written_after_the_old_one_expired(self, store):
+    def test_listing_and_counting_leave_out_an_expired_key_and_a_sweep_removes_it(self, store):
         store.put("k", b"old", ttl=1)
+        store.put("forever", b"stays")
         wait_for(lambda: "k" not in store, timeout=TTL_DEADLINE, interval=0.05, what="the key to expire")
-        # Another thread's write lands just as keys() gets round to sweeping the expired value.
-        real_lock_for = store._lock_for
-        armed = True
+        assert store.keys() == ["forever"]
+        assert store.totals() == (1, 5)
+        assert store.sweep() in (0, 1)  # 0: the backend (Redis) removed it itself
+        assert store.sweep() == 0
+        assert store.keys() == ["forever"]
+        assert store.totals() == (1, 5)
 
-        def lock_for(key):
-            nonlocal armed
-            if armed and key == "k":
-                armed = False
-                store.put("k", b"fresh")
-            return real_lock_for(key)
-
-        store._lock_for = lock_for
-        store.keys()
-        del store._lock_for
-        assert not armed, "keys() did not sweep the expired key"
+    def test_a_sweep_never_removes_a_value_written_after_the_old_one_expired(self, store):
+        store.put("k", b"old", ttl=1)
+        wait_for(lambda: len(store) == 0, timeout=TTL_DEADLINE, interval=0.05, what="the key to expire")
+        store.put("k", b"fresh")  # after the count saw the old value expire
+        assert store.sweep() == 0
         assert store.get("k") == b"fresh"
         assert store.keys() == ["k"]
+        assert store.totals() == (1, 5)
+
+    def test_sweeping_while_expired_keys_are_written_again_keeps_every_new_value(self, store):
+        keys = [f"k{number}" for number in range(40)]
+        for key in keys:
+            store.put(key, b"old", ttl=1)
+        wait_for(lambda: len(store) == 0, timeout=TTL_DEADLINE, interval=0.05, what="the keys to expire")
+        stop = threading.Event()
+
+        def sweep_all_the_time() -> None:
+            while not stop.is_set():
+                store.sweep()
+
+        sweeper = threading.Thread(target=sweep_all_the_time)
+        sweeper.start()
+        try:
+            for key in keys:
+                store.put(key, b"new " + key.encode())
+        finally:
+            stop.set()
+            sweeper.join(60)
+        store.sweep()
+        assert {key: store.get(key) for key in store} == {key: b"new " + key.encode() for key in keys}
+        assert store.totals() == (len(keys), sum(len(b"new " + key.encode()) for key in keys))
 
     @pytest.mark.parametrize("ttl", [0, -1, 1.5, True, False, "60", 60.0])
     def test_a_ttl_that_is_not_a_positive_whole_number_is_a_value_error(self, store, ttl):
@@ -431,6 +497,22 @@ class StorageContract:
         assert store.stat("a").etag != store.stat("b").etag
 
     # Compare-and-set
+
+    def test_check_precondition_says_before_a_write_what_the_write_would_find(self, store):
+        store.check_precondition("k")
+        store.check_precondition("k", if_none_match=True)
+        with pytest.raises(kvserver.PreconditionFailed):
+            store.check_precondition("k", if_match="*")
+        etag = store.write("k", b"v")[0].etag
+        store.check_precondition("k", if_match=etag)
+        store.check_precondition("k", if_match="*")
+        with pytest.raises(kvserver.PreconditionFailed):
+            store.check_precondition("k", if_none_match=True)
+        with pytest.raises(kvserver.PreconditionFailed):
+            store.check_precondition("k", if_match="1-1")
+        with pytest.raises(ValueError):
+            store.check_precondition("", if_match="*")
+        assert store.get("k") == b"v"
 
     def test_if_match_with_the_current_etag_writes(self, store, key):
         store.put(key, b"one")
@@ -660,8 +742,9 @@ class StorageContract:
             lambda store: store.keys(),
             lambda store: len(store),
             lambda store: "k" in store,
+            lambda store: store.sweep(),
         ],
-        ids=["get", "put", "put_file", "delete", "stat", "keys", "len", "in"],
+        ids=["get", "put", "put_file", "delete", "stat", "keys", "len", "in", "sweep"],
     )
     def test_a_closed_store_refuses_to_be_used_with_value_error(self, store, use):
         store.put("k", b"v")
@@ -746,3 +829,17 @@ class TestFileStorage(FileStorageContract):
 
 class TestFileStorageWithFsync(FileStorageContract):
     fsync = True
+
+
+def test_storage_is_abstract_and_a_backend_must_implement_its_four_hooks():
+    with pytest.raises(TypeError):
+        kvserver.Storage()  # type: ignore[abstract]
+
+    class Incomplete(kvserver.Storage):
+        kind, location = "incomplete", "nowhere"
+
+        def _fetch(self, key):
+            raise KeyError(key)
+
+    with pytest.raises(TypeError, match="_delete"):
+        Incomplete()

@@ -5,14 +5,27 @@ rename it over a key's file, fsync the folder. The threads share --keys keys in 
 benchmark's /set load does, so that renames replace existing files (freeing the old one is
 part of the cost). After --seconds (or --max-ops writes per
 thread) it prints one JSON line: ops, seconds, ops_per_s, p50_ms, p99_ms.
-Usage: python fsync_loop.py DIR [--threads 16] [--seconds 5] [--keys 1000] [--max-ops N]
+
+With --like-kvserver each write makes the system calls kvserver's files storage makes for a
+plain /set, in its order: create a temporary file named by a counter in a tmp sub-folder
+(O_CREAT | O_EXCL), write, set its modification time, fsync, close, rename it into the folder
+under a lock per stripe of keys, and wait for a folder fsync shared by the writers waiting at
+the time (kvserver's own group commit, imported from kvserver.py). What is left between this
+and kvserver is HTTP and Python bookkeeping.
+Usage: python fsync_loop.py DIR [--threads 16] [--seconds 5] [--keys 1000] [--max-ops N] [--like-kvserver]
 """
 
 import argparse
+import itertools
 import json
 import os
+import sys
 import threading
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import kvserver  # the repository root's kvserver.py
 
 
 def worker(folder: str, index: int, args: argparse.Namespace, deadline: float, latencies: list[float]) -> None:
@@ -36,6 +49,32 @@ def worker(folder: str, index: int, args: argparse.Namespace, deadline: float, l
         os.close(folder_fd)
 
 
+def worker_like_kvserver(
+    folder: str, index: int, args: argparse.Namespace, deadline: float, latencies: list[float], shared: dict
+) -> None:
+    names, locks, folder_synced = shared["names"], shared["locks"], shared["synced"]
+    tmp = os.path.join(folder, ".kvserver", "tmp")
+    for n in range(args.max_ops):
+        started = time.perf_counter()
+        if started >= deadline:
+            break
+        key = f"k{(n * args.threads + index) % args.keys}"
+        temporary = os.path.join(tmp, str(next(names)))
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, b"v%d" % n)
+            stamp = time.time_ns()
+            os.utime(fd, ns=(stamp, stamp))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        with locks[hash(key) % len(locks)]:
+            os.replace(temporary, os.path.join(folder, key))
+            ticket = folder_synced.ticket()
+        folder_synced.wait(ticket)
+        latencies.append(time.perf_counter() - started)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dir")
@@ -43,13 +82,24 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--keys", type=int, default=1000, help="distinct files, shared by the threads")
     parser.add_argument("--max-ops", type=int, default=10_000_000, help="per thread")
+    parser.add_argument("--like-kvserver", action="store_true", help="the system calls kvserver makes (see above)")
     args = parser.parse_args()
-    os.makedirs(args.dir, exist_ok=True)
+    os.makedirs(os.path.join(args.dir, ".kvserver", "tmp"), exist_ok=True)
     latencies: list[list[float]] = [[] for _ in range(args.threads)]
+    if args.like_kvserver:
+        shared = {
+            "names": itertools.count(),
+            "locks": [threading.Lock() for _ in range(64)],
+            "synced": kvserver._GroupSync(args.dir, True),
+        }
+        jobs = [(worker_like_kvserver, (shared,)) for _ in range(args.threads)]
+    else:
+        jobs = [(worker, ()) for _ in range(args.threads)]
     started = time.perf_counter()
     deadline = started + args.seconds
     threads = [
-        threading.Thread(target=worker, args=(args.dir, i, args, deadline, latencies[i])) for i in range(args.threads)
+        threading.Thread(target=target, args=(args.dir, i, args, deadline, latencies[i], *extra))
+        for i, (target, extra) in enumerate(jobs)
     ]
     for thread in threads:
         thread.start()

@@ -298,8 +298,9 @@ def wrk(url: str, connections: int, config: Config, script: Path, *script_args: 
     )
 
 
-def fsync_loop(folder: Path, config: Config) -> Run:
+def fsync_loop(folder: Path, config: Config, like_kvserver: bool = False) -> Run:
     argv = [PYTHON, str(HERE / "fsync_loop.py"), str(folder), "--threads", "16", "--seconds", str(config.duration)]
+    argv += ["--like-kvserver"] if like_kvserver else []
     done = subprocess.run(argv, capture_output=True, text=True, timeout=config.duration + 120, check=True)
     result = json.loads(done.stdout.strip().splitlines()[-1])
     return Run(rps=result["ops_per_s"], p50_ms=result["p50_ms"], p99_ms=result["p99_ms"])
@@ -509,11 +510,14 @@ def scenario_set(config: Config, report: Report, scripts: dict[str, Path]) -> No
             rows = peer_rows(f"16 conn, {mode}", [server.name for server in servers])
             if fsync:
                 rows.append(Row(rows[0].scenario, "bare fsync loop", note="16 threads"))
+                rows.append(Row(rows[0].scenario, "kvserver's system calls", note="16 threads, no HTTP"))
             loop_folder = config.work / folder / "loop"
 
             def measure(row: Row, by_name: dict[str, Server] = by_name, loop_folder: Path = loop_folder) -> Run:
                 if row.server == "bare fsync loop":
                     return fsync_loop(loop_folder, config)
+                if row.server == "kvserver's system calls":
+                    return fsync_loop(loop_folder.with_name("loop-like-kvserver"), config, like_kvserver=True)
                 return wrk(by_name[row.server].url + "/", 16, config, scripts["set"])
 
             alternate(config, rows, measure)

@@ -1,0 +1,150 @@
+"""Group commit of the folder fsync (SPEC section 7): concurrent writers share folder fsyncs,
+and each write is answered only after an fsync that began after its rename.
+
+One test counts the system calls of an in-process FileStorage under concurrent writers;
+the other kills a live server with SIGKILL right after a burst of concurrent writes was
+answered, and finds every answered value on disk after a restart.
+"""
+
+from __future__ import annotations
+
+import http.client
+import itertools
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+from conftest import wait_for
+
+import kvserver
+
+WRITERS = 24
+WRITES_PER_WRITER = 8
+
+
+def test_every_write_returns_after_a_folder_fsync_that_began_after_its_rename(tmp_path, monkeypatch):
+    data_dir = tmp_path / "data"
+    store = kvserver.FileStorage(data_dir, fsync=True)
+    folder = os.stat(data_dir)
+    clock = itertools.count()  # orders the events of all threads (next() is atomic)
+    events_lock = threading.Lock()
+    renamed: dict[str, int] = {}  # key -> when its value was renamed into place
+    folder_fsyncs: list[tuple[int, int]] = []  # (began, ended)
+    real_replace, real_fsync = os.replace, os.fsync
+
+    def replace(source, target):
+        real_replace(source, target)
+        renamed[os.path.basename(target)] = next(clock)
+
+    def fsync(fd):
+        began = next(clock)
+        time.sleep(0.005)  # a slow disk: writers pile up behind each fsync
+        real_fsync(fd)
+        if os.path.samestat(os.fstat(fd), folder):
+            with events_lock:
+                folder_fsyncs.append((began, next(clock)))
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "fsync", fsync)
+    answered: dict[str, int] = {}  # key -> when write() returned
+    errors: list[BaseException] = []
+    start = threading.Barrier(WRITERS)
+
+    def writer(number: int) -> None:
+        try:
+            start.wait(10)
+            for step in range(WRITES_PER_WRITER):
+                key = f"w{number}-{step}"
+                store.put(key, b"v")
+                answered[key] = next(clock)
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=writer, args=(number,)) for number in range(WRITERS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    monkeypatch.undo()
+    store.close()
+    assert not errors
+    assert len(answered) == WRITERS * WRITES_PER_WRITER
+    for key, returned in answered.items():
+        assert any(renamed[key] < began and ended < returned for began, ended in folder_fsyncs), (
+            f"{key} was answered with no folder fsync between its rename and its answer"
+        )
+    # Shared: far fewer folder fsyncs than writes (one each would be WRITERS * WRITES_PER_WRITER).
+    assert len(folder_fsyncs) <= len(answered) // 2, f"{len(folder_fsyncs)} folder fsyncs for {len(answered)} writes"
+
+
+def test_every_write_answered_before_a_kill_9_is_there_after_a_restart(make_server, tmp_path: Path):
+    data_dir = tmp_path / "data"
+    server = make_server("--quiet", data_dir=data_dir)
+    answered: dict[str, tuple[bytes, str]] = {}  # key -> the value and media type last answered
+    errors: list[BaseException] = []
+    start = threading.Barrier(WRITERS)
+
+    def writer(number: int) -> None:
+        connection = http.client.HTTPConnection(server.host, server.port, timeout=30)
+        try:
+            start.wait(10)
+            for step in range(WRITES_PER_WRITER):
+                key, value = f"w{number}-{step % 3}", f"writer-{number}-step-{step}"
+                if step % 2:  # a plain /set: no metadata file
+                    connection.request("GET", f"/set?{key}={value}")
+                    content_type = "text/plain; charset=utf-8"
+                else:  # a media type the bytes do not suggest: a metadata file too
+                    content_type = "text/x-test"
+                    connection.request("PUT", f"/kv/{key}", body=value, headers={"Content-Type": content_type})
+                response = connection.getresponse()
+                response.read()
+                assert response.status in (200, 201), response.status
+                answered[key] = (value.encode(), content_type)
+        except BaseException as error:
+            errors.append(error)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=writer, args=(number,)) for number in range(WRITERS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert server.stop(signal.SIGKILL) == -signal.SIGKILL  # at once, with the last answers just sent
+    assert not errors
+    assert len(answered) == WRITERS * 3
+    restarted = make_server("--quiet", data_dir=data_dir)
+    connection = restarted.connect()
+    for key, (value, content_type) in answered.items():
+        response = restarted.get(f"/kv/{key}", connection=connection)
+        assert (response.status, response.body) == (200, value), key
+        assert response.headers["Content-Type"] == content_type, key
+    assert list((data_dir / ".kvserver" / "tmp").iterdir()) == []
+    assert restarted.stop() == 0
+
+
+def test_a_sweep_of_many_expired_values_makes_one_folder_fsync(tmp_path, monkeypatch):
+    data_dir = tmp_path / "data"
+    store = kvserver.FileStorage(data_dir, fsync=True)
+    for number in range(20):
+        store.put(f"k{number}", b"v", ttl=1)
+    store.put("stays", b"v")
+    wait_for(lambda: len(store) == 1, timeout=5, interval=0.05, what="the values to expire")
+    folder = os.stat(data_dir)
+    folder_fsyncs = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        real_fsync(fd)
+        if os.path.samestat(os.fstat(fd), folder):
+            folder_fsyncs.append(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    assert store.sweep() == 20
+    monkeypatch.undo()
+    assert len(folder_fsyncs) == 1
+    assert sorted(path.name for path in data_dir.iterdir()) == [".kvserver", "stays"]
+    assert [path.name for path in (data_dir / ".kvserver" / "meta").iterdir()] == ["stays"]  # its media type
+    store.close()

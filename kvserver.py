@@ -12,11 +12,13 @@ Options:
   -b --bind=<addr>       Address to listen on, IPv4 or IPv6 [default: 127.0.0.1].
   -s --storage=<kind>    Where values live: files, memory, or a redis://,
                          rediss:// or unix:// URL [default: files].
-  -d --data-dir=<path>   Folder of the files storage [default: ./data].
+  -d --data-dir=<path>   Folder of the files storage (default: ./data).
   --prefix=<p>           kvserver export: only the keys that start with <p>.
   --token=<secret>       Require this secret on every request but /health, as
                          "Authorization: Bearer <secret>" or as the Basic auth
-                         password (default: the KV_TOKEN environment variable).
+                         password (default: the KV_TOKEN environment variable;
+                         on an address that is not loopback, a random one).
+  --no-token             Serve an address that is not loopback without a token.
   --max-value=<size>     Largest value accepted, in bytes or with a K, M or G
                          suffix (powers of 1024) [default: 1G].
   --max-connections=<n>  Connections served at once; more get 503 [default: 256].
@@ -250,6 +252,10 @@ class Stat(NamedTuple):
     content_type: str
     etag: str  # unquoted; changes with every write, survives restarts
     expires_at: float | None  # Unix time, or None for no TTL
+
+    def seconds_left(self) -> int | None:
+        """The whole seconds until the value expires, rounded up (at least 1); None without a TTL."""
+        return None if self.expires_at is None else max(1, math.ceil(self.expires_at - time.time()))
 
 
 def _etag(size: int, stamp: int) -> str:
@@ -568,6 +574,7 @@ class Storage(abc.ABC):
 
     kind: str  # "memory", "files", "redis"
     location: str  # "in memory", "in /srv/data", "at redis://…"
+    max_value: int | None = None  # the largest value the backend can hold, in bytes, if it has a limit
     _closed = False
 
     # The simplekv interface
@@ -830,7 +837,7 @@ class Storage(abc.ABC):
 
     def import_(
         self,
-        file: IO[bytes] | Iterable[bytes],
+        file: _SupportsReadinto | IO[bytes] | Iterable[bytes],
         *,
         max_value: int | None = None,
         progress: Callable[[int, int], object] | None = None,
@@ -1408,10 +1415,19 @@ class FileStorage(Storage):
             entry = self._index.find(key)
             if entry.data is not None:
                 return entry.stat, entry.data
+            path = os.path.join(self.path, _file_name(key))
             try:
-                return entry.stat, open(os.path.join(self.path, _file_name(key)), "rb")
+                file = open(path, "rb")  # noqa: SIM115 -- the caller closes it
             except FileNotFoundError:
                 raise KeyError(key) from None  # removed by hand
+            size = os.fstat(file.fileno()).st_size
+            if size != entry.size:  # changed by hand: what would be sent is not what the index promises
+                file.close()
+                raise RuntimeError(
+                    f"{_printable(path)} holds {size} bytes, not the {entry.size} of key {key!r}: it was changed "
+                    "while the server ran (data/ is the server's while it runs); restart the server to load it"
+                )
+            return entry.stat, file
 
     def _keys(self, prefix: str, after: str | None, limit: int | None) -> list[str]:
         return self._index.keys(prefix, after, limit)
@@ -1592,12 +1608,12 @@ class RedisStorage(Storage):
     follows. A store written by an older kvserver, without the index, is indexed when it is
     first opened. Needs one Redis (not Redis Cluster: a transaction spans a key and the index).
 
-    Values travel whole, so they are limited to MAX_VALUE (Redis strings stop at 512 MB).
+    Values travel whole, so they are limited to `max_value` (Redis strings stop at 512 MB).
     Needs the redis package: pip install 'kvserver[redis]'.
     """
 
     kind = "redis"
-    MAX_VALUE = 512 * 1024 * 1024 - 1
+    max_value = 512 * 1024 * 1024 - 1
     _FIELDS = (b"value", b"type", b"etag", b"expires")
     _STRUCTURES = (b"keys", b"expiries", b"sizes", b"totals")
     _BATCH = 1000  # keys per listing, sweeping or indexing step: a step holds Redis for well under 10 ms
@@ -1845,8 +1861,8 @@ return adopted
         precondition: _Precondition,
     ) -> tuple[Stat, bool]:
         value = _join(pieces)
-        if len(value) > self.MAX_VALUE:
-            raise ValueError(f"Redis holds values of at most {self.MAX_VALUE} bytes, not {len(value)}")
+        if len(value) > self.max_value:
+            raise ValueError(f"Redis holds values of at most {self.max_value} bytes, not {len(value)}")
         stat = Stat(len(value), content_type, f"{_etag(len(value), _new_stamp())}-{secrets.token_hex(4)}", expires_at)
         fields = {
             "value": value,
@@ -1963,7 +1979,9 @@ class _Fields:
         """The field's value; the values of a repeated field joined with ", " (RFC 9110
         section 5.3), so that a second Origin or If-Match cannot pass unseen."""
         values = self._values.get(name.lower())
-        return default if values is None else ", ".join(values)
+        if values is None:
+            return default
+        return values[0] if len(values) == 1 else ", ".join(values)
 
     def get_all(self, name: str) -> list[str]:
         return self._values.get(name.lower(), [])
@@ -2107,6 +2125,8 @@ def _request_line_error(line: bytes) -> _HTTPError:
 def _body_framing(fields: _Fields, version: str) -> tuple[int | None, bool]:
     """The Content-Length and whether the body is chunked (RFC 9112 section 6): a 400 for any
     framing two parsers could read two ways, a 501 for a transfer coding other than chunked."""
+    if "content-length" not in fields and "transfer-encoding" not in fields:
+        return None, False  # no body: the common case
     lengths = fields.get_all("Content-Length")
     codings = fields.get_all("Transfer-Encoding")
     if lengths and codings:
@@ -2152,20 +2172,27 @@ class _AnswerStream(socket.SocketIO):
 class _RequestBody:
     """The body of one request as its head frames it: Content-Length bytes, chunked, or none.
 
-    A route that takes a body calls `read(limit)`; until the body has been read to its end
-    (`unread` is False), the connection cannot carry another request and is closed after the
-    answer. Each byte must come within STALL_TIMEOUT of the one before.
+    A route that takes a body calls `open(limit)` and reads what it returns as a binary file
+    (`readinto`, which the storage calls with its reused buffer). Until the body has been read
+    to its end (`unread` is False), the connection cannot carry another request and is closed
+    after the answer. Each byte must come within STALL_TIMEOUT of the one before.
     """
+
+    __slots__ = ("_chunked_total", "_handler", "_head", "_left", "_limit", "unread")
 
     def __init__(self, handler: KVRequestHandler, head: _RequestHead) -> None:
         self._handler = handler
         self._head = head
         self.unread = head.chunked or bool(head.content_length)
+        self._left = 0 if head.chunked else head.content_length or 0  # of the body, or of the chunk read
+        self._limit = 0
+        self._chunked_total = 0
 
-    def read(self, limit: int) -> Iterator[bytes]:
-        """The body as chunks of bytes. 411 and 413 are raised here, before anything is read,
-        and only then is 100 Continue sent to a client that asked for it (RFC 9110 section
-        10.1.1): a client that waits for it sends no byte of a value we refuse."""
+    def open(self, limit: int) -> _RequestBody:
+        """Accept a body of at most `limit` bytes, to read from the object returned. 411 and
+        413 are raised here, before anything is read, and only then is 100 Continue sent to a
+        client that asked for it (RFC 9110 section 10.1.1): a client that waits for it sends no
+        byte of a value we refuse. A chunked body is held to `limit` as it arrives."""
         head = self._head
         if not head.chunked and head.content_length is None:
             raise _HTTPError(HTTPStatus.LENGTH_REQUIRED, "send a Content-Length field, or the body chunked")
@@ -2177,51 +2204,52 @@ class _RequestBody:
         if head.version == "HTTP/1.1" and (head.fields.get("Expect") or "").lower() == "100-continue":
             self._handler.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             self._handler.wfile.flush()
-        return self._chunks(limit)
+        self._limit = limit
+        return self
 
     def read_all(self, limit: int) -> bytes:
-        return b"".join(self.read(limit))
+        """`open(limit)`, and the whole body."""
+        return _join(_pieces(self.open(limit)))
 
-    def _chunks(self, limit: int) -> Iterator[bytes]:
-        if self._head.chunked:
-            yield from self._chunked_content(limit)
-        else:
-            yield from self._bytes(self._head.content_length or 0)
-        self.unread = False
+    def readinto(self, buffer: memoryview, /) -> int:
+        """Read the next bytes of the body into `buffer`, as a binary file does: how many, 0 at
+        the end. At most what one recv gives, so that each renews the stall deadline.
+        _IncompleteMessage if the client stops short; 400 or 413 for a bad chunked body."""
+        if self._left == 0 and self.unread and self._head.chunked:
+            self._left = self._next_chunk_size()
+        if self._left == 0:
+            self.unread = False
+            return 0
+        count = self._handler.rfile.readinto1(memoryview(buffer)[: self._left])
+        if not count:
+            raise _IncompleteMessage
+        self._handler.server.connections.moved(self._handler.connection)
+        self._left -= count
+        if self._left == 0 and self._head.chunked and self._handler.rfile.read(2) != b"\r\n":
+            raise _HTTPError(HTTPStatus.BAD_REQUEST, "chunk data is not followed by CRLF: the size line is wrong")
+        return count
 
-    def _bytes(self, length: int) -> Iterator[bytes]:
-        while length:
-            chunk = self._handler.rfile.read1(min(length, CHUNK))  # what one recv gives: each renews the deadline
-            if not chunk:
-                raise _IncompleteMessage
-            self._handler.server.connections.moved(self._handler.connection)
-            length -= len(chunk)
-            yield chunk
-
-    def _chunked_content(self, limit: int) -> Iterator[bytes]:
-        """The data of a chunked body (RFC 9112 section 7.1); its extensions and trailer fields
-        are checked and ignored. A chunk line or chunk data not ended by CRLF, a size that is
-        not hex digits, or an over-long line is a 400."""
-        too_long = (HTTPStatus.BAD_REQUEST, f"a chunk-size line is over {MAX_CHUNK_LINE} bytes")
-        total = 0
-        while True:
-            line = _read_line(self._handler.rfile, MAX_CHUNK_LINE, too_long)
-            match = _CHUNK_LINE.fullmatch(line)
-            if match is None:
-                raise _HTTPError(HTTPStatus.BAD_REQUEST, f"{_shown(line)} is not a chunk-size line")
-            size = int(match.group(1), 16)
-            if size == 0:
-                break
-            total += size
-            if total > limit:
-                raise _HTTPError(
-                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                    f"the value is over {limit} bytes, the most this server takes (--max-value)",
-                )
-            yield from self._bytes(size)
-            if self._handler.rfile.read(2) != b"\r\n":
-                raise _HTTPError(HTTPStatus.BAD_REQUEST, "chunk data is not followed by CRLF: the size line is wrong")
-        _read_field_lines(self._handler.rfile, _Fields(), "trailer fields")
+    def _next_chunk_size(self) -> int:
+        """Read a chunk-size line (RFC 9112 section 7.1) and return the size, its extensions
+        checked and ignored; at the last chunk (0), read the trailer section too, checked and
+        ignored. A size that is not hex digits or an over-long line is a 400."""
+        rfile = self._handler.rfile
+        line = _read_line(
+            rfile, MAX_CHUNK_LINE, (HTTPStatus.BAD_REQUEST, f"a chunk-size line is over {MAX_CHUNK_LINE} bytes")
+        )
+        match = _CHUNK_LINE.fullmatch(line)
+        if match is None:
+            raise _HTTPError(HTTPStatus.BAD_REQUEST, f"{_shown(line)} is not a chunk-size line")
+        size = int(match.group(1), 16)
+        if size == 0:
+            _read_field_lines(rfile, _Fields(), "trailer fields")
+        self._chunked_total += size
+        if self._chunked_total > self._limit:
+            raise _HTTPError(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                f"the value is over {self._limit} bytes, the most this server takes (--max-value)",
+            )
+        return size
 
 
 # HTTP
@@ -2293,7 +2321,7 @@ def _ttl(raw: bytes | None) -> int | None:
     if raw is None:
         return None
     if not re.fullmatch(rb"[1-9][0-9]{0,11}", raw):
-        raise _HTTPError(HTTPStatus.BAD_REQUEST, f"ttl is a positive whole number of seconds, not {raw!r}")
+        raise _HTTPError(HTTPStatus.BAD_REQUEST, f"ttl is a positive whole number of seconds, not {_shown(raw)}")
     return int(raw)
 
 
@@ -2301,10 +2329,17 @@ def _fields(query: str, allowed: tuple[str, ...], usage: str) -> dict[str, bytes
     """The query's fields, each named in `allowed` and given once with a value, else a 400."""
     fields: dict[str, bytes] = {}
     for name, value in _decode_query(query):
-        text_name = name.decode("utf-8", "replace")
-        if text_name not in allowed or text_name in fields or value is None:
-            raise _HTTPError(HTTPStatus.BAD_REQUEST, f"unexpected query field {text_name!r}; use {usage}")
-        fields[text_name] = value
+        shown = _shown(name)
+        if name.decode("utf-8", "replace") not in allowed:
+            problem = f"unexpected query field {shown}"
+        elif value is None:
+            problem = f"query field {shown} needs '=' and a value"
+        elif name.decode() in fields:
+            problem = f"query field {shown} is repeated"
+        else:
+            fields[name.decode()] = value
+            continue
+        raise _HTTPError(HTTPStatus.BAD_REQUEST, f"{problem}; use {usage}")
     return fields
 
 
@@ -2395,6 +2430,9 @@ th { font-size: .8rem; text-transform: uppercase; color: #666; }
 td.key { font-family: ui-monospace, monospace; overflow-wrap: anywhere; }
 .size { text-align: right; white-space: nowrap; }
 .notice { background: #e6f4ea; border: 1px solid #9ad0a6; padding: .5rem .75rem; border-radius: 4px; }
+.error, .confirm { background: #fdecea; border: 1px solid #f1a7a0; padding: .5rem .75rem; border-radius: 4px; }
+.confirm button { background: #b42318; border-color: #b42318; }
+nav { display: flex; gap: 1.5rem; margin-top: .8rem; }
 a { color: #2b6cb0; } a.delete { color: #b42318; }
 """
 
@@ -2407,6 +2445,43 @@ def _human_size(size: int) -> str:
     return f"{size / 1024**exponent:.1f} {('KiB', 'MiB', 'GiB')[exponent - 1]}"
 
 
+_PAGE_HEADERS = {
+    "Cache-Control": "no-store",
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'",
+}
+
+
+def _html_document(body: str) -> bytes:
+    """A whole HTML page around `body`: the page's style, and no script."""
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
+<title>kvserver</title><style>{_PAGE_STYLE}</style></head>
+<body>{body}</body></html>
+""".encode()
+
+
+def _render_error(status: HTTPStatus, detail: str) -> bytes:
+    """An error answer as a browser gets it: the problem+json fields as a page."""
+    return _html_document(
+        f'<header><h1>kvserver</h1></header><p class="error"><strong>{status.value} {status.phrase}</strong>: '
+        f'{html.escape(detail)}</p><nav><a href="/">back to the keys</a></nav>'
+    )
+
+
+def _notice(text: str) -> str:
+    """A line of news on top of the page ("Stored k.")."""
+    return f'<p class="notice">{html.escape(text)}</p>'
+
+
+def _confirm_delete(key: str) -> str:
+    """The question the page asks before it deletes: a form sending /delete?key=<key>&confirm=yes."""
+    return (
+        f'<form class="confirm" action="/delete" method="get"><span>Delete <code>{html.escape(key)}</code>? '
+        f'It cannot be undone.</span><input type="hidden" name="key" value="{html.escape(key)}">'
+        f'<button name="confirm" value="yes">Delete</button><a href="/">Cancel</a></form>'
+    )
+
+
 class _KeyPage(NamedTuple):
     """One page of a listing, as /keys and the HTML page show it."""
 
@@ -2414,6 +2489,7 @@ class _KeyPage(NamedTuple):
     next: str | None  # the cursor for the next page; None on the last
     prefix: str
     delimiter: str | None
+    after: str | None  # the cursor this page starts after; None on the first
 
     def is_folder(self, item: str) -> bool:
         return self.delimiter is not None and _folder(item, self.prefix, self.delimiter) is not None
@@ -2447,7 +2523,7 @@ def _breadcrumbs(prefix: str, delimiter: str) -> str:
     return f'<nav class="crumbs">{" ".join(crumbs)}</nav>'
 
 
-def _render_page(storage: Storage, page: _KeyPage, notice: str) -> bytes:
+def _render_page(storage: Storage, page: _KeyPage, notice_html: str) -> bytes:
     """The HTML page: a form to set a key, a prefix filter, and one page of keys and folders
     (each folder a link to its own level)."""
     delimiter = page.delimiter or "/"  # (the page always lists by folders)
@@ -2456,34 +2532,38 @@ def _render_page(storage: Storage, page: _KeyPage, notice: str) -> bytes:
         if page.is_folder(key):
             rows.append(
                 f'<tr class="folder"><td class="key"><a href="{_page_href(key, delimiter)}">'
-                f'{html.escape(key)}</a></td><td class="size"></td><td>folder</td><td></td></tr>'
+                f'{html.escape(key)}</a></td><td class="size"></td><td>folder</td><td></td><td></td></tr>'
             )
             continue
         try:
             stat = storage.stat(key)
         except KeyError:
             continue  # deleted or expired since the listing
+        seconds_left = stat.seconds_left()
         rows.append(
             f'<tr><td class="key"><a href="{_value_href(key)}">{html.escape(key)}</a></td>'
             f'<td class="size">{_human_size(stat.size)}</td><td>{html.escape(stat.content_type)}</td>'
+            f'<td class="size">{"" if seconds_left is None else f"{seconds_left} s"}</td>'
             f'<td><a class="delete" href="/delete?key={urllib.parse.quote(key, safe="")}">delete</a></td></tr>'
         )
-    more = ""
+    links = []
+    if page.after is not None:
+        links.append(f'<a href="{_page_href(page.prefix, delimiter)}">← first page</a>')
     if page.next is not None:
-        more = f'<nav><a href="{_page_href(page.prefix, delimiter, page.next)}">next page →</a></nav>'
+        links.append(f'<a href="{_page_href(page.prefix, delimiter, page.next)}">next page →</a>')
+    if rows:
+        table = (
+            '<table><thead><tr><th>Key</th><th class="size">Size</th><th>Media type</th>'
+            f'<th class="size">TTL</th><th></th></tr></thead><tbody>{"".join(rows)}</tbody></table>'
+        )
+    elif page.prefix:
+        table = f'<p class="empty">No keys start with <code>{html.escape(page.prefix)}</code>.</p>'
+    else:
+        table = f'<p class="empty">{"No more keys." if page.after is not None else "No keys here yet."}</p>'
     keys, size = storage.totals()
-    table = (
-        f'<table><thead><tr><th>Key</th><th class="size">Size</th><th>Media type</th><th></th></tr></thead>'
-        f"<tbody>{''.join(rows)}</tbody></table>"
-        if rows
-        else '<p class="empty">No keys here yet.</p>'
-    )
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">
-<title>kvserver</title><style>{_PAGE_STYLE}</style></head>
-<body><header><h1>kvserver</h1>
+    return _html_document(f"""<header><h1>kvserver</h1>
 <span>{keys} key{"" if keys == 1 else "s"}, {_human_size(size)}, {storage.kind} storage</span></header>
-{f'<p class="notice">{html.escape(notice)}</p>' if notice else ""}
+{notice_html}
 <form action="/set" method="get">
 <label>Key <input name="key" required></label>
 <label>Value <input name="value" size="40"></label>
@@ -2493,9 +2573,8 @@ def _render_page(storage: Storage, page: _KeyPage, notice: str) -> bytes:
 <button type="submit">Filter</button></form>
 {_breadcrumbs(page.prefix, delimiter) if page.prefix else ""}
 {table}
-{more}
-</body></html>
-""".encode()
+{f"<nav>{''.join(links)}</nav>" if links else ""}
+""")
 
 
 class _Metrics:
@@ -2565,19 +2644,30 @@ def _is_loopback_host(host: str) -> bool:
         return False
 
 
-_REDACTED_VALUE = re.compile(r"=[^&]*")
+_LOGGED_FIELDS = frozenset({"key", "ttl", "prefix", "delimiter", "limit", "after", "wait"})
 _LOG_ESCAPES = str.maketrans({c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)]})
 
 
 def _redact(request_line: str) -> str:
-    """The request line with every query value replaced by '…', for the access log."""
+    """The request line for the access log: values hidden as '…', keys shown as REST paths
+    show them. Only the query fields that name keys or settings keep their value (and
+    `key=` on /set only beside `value=`: /set?key=abc stores the value abc); every other
+    field's value may be a stored value, or a typo of one."""
     head, question, rest = request_line.partition("?")
     if not question:
         return request_line
     query, separator, version = rest.rpartition(" HTTP/")  # a bad request line's value may hold spaces
     if not separator:
         query, version = rest, ""
-    return head + "?" + _REDACTED_VALUE.sub("=…", query) + separator + version
+    fields = [field.partition("=") for field in query.split("&")]
+    shown = _LOGGED_FIELDS
+    if head.endswith("/set") and "value" not in {name for name, _, _ in fields}:
+        shown = shown - {"key"}
+    redacted = (name + equals + (value if name in shown or not equals else "…") for name, equals, value in fields)
+    return head + "?" + "&".join(redacted) + separator + version
+
+
+_STATUS_LINES = {status: f"HTTP/1.1 {status.value} {status.phrase}\r\n" for status in HTTPStatus}
 
 
 class KVRequestHandler(BaseHTTPRequestHandler):
@@ -2726,9 +2816,11 @@ class KVRequestHandler(BaseHTTPRequestHandler):
     def _check_access(self, route: str) -> None:
         """Refuse what a web page could make a browser send here (SPEC section 8), then
         requests without the token."""
-        if self.headers.get("Sec-Fetch-Site", "").strip().lower() == "cross-site":
+        if self.headers.get("Sec-Fetch-Site", "").strip().lower() in ("cross-site", "same-site"):
             raise _HTTPError(
-                HTTPStatus.FORBIDDEN, "cross-site requests are refused: a web page may not use this server"
+                HTTPStatus.FORBIDDEN,
+                "requests from other sites are refused (a page on another port of this host too): "
+                "a web page may not use this server",
             )
         host = self.headers.get("Host")
         origin = self.headers.get("Origin")
@@ -2796,9 +2888,9 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             fields["Connection"] = "close"
         elif self.request_version == "HTTP/1.0":
             fields["Connection"] = "keep-alive"
-        lines = "".join(f"{name}: {value}\r\n" for name, value in fields.items())
+        lines = "".join([f"{name}: {value}\r\n" for name, value in fields.items()])
         self.wfile.write(
-            f"HTTP/1.1 {status.value} {status.phrase}\r\nServer: {self.server_version}\r\n"
+            f"{_STATUS_LINES[status]}Server: {self.server_version}\r\n"
             f"Date: {self.date_time_string()}\r\n{lines}\r\n".encode("latin-1")
         )
 
@@ -2819,7 +2911,12 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         self._send(status, _json_bytes(document) + b"\n", "application/json", headers)
 
     def _send_problem(self, status: HTTPStatus, detail: str, headers: dict[str, str] | None = None) -> None:
-        self._send(status, _problem(status, detail), "application/problem+json", headers)
+        """An error answer: problem+json, or the same as a page for a browser."""
+        if self._wants_page():
+            page_headers = {**_PAGE_HEADERS, **(headers or {})}
+            self._send(status, _render_error(status, detail), "text/html; charset=utf-8", page_headers)
+        else:
+            self._send(status, _problem(status, detail), "application/problem+json", headers)
 
     def _send_value(self, stat: Stat, body: bytes | BinaryIO) -> None:
         """Answer with a stored value: 200 with its bytes, or 304 if the client has it."""
@@ -2837,6 +2934,9 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             "X-Content-Type-Options": "nosniff",
             "Content-Security-Policy": "sandbox",
         }
+        seconds_left = stat.seconds_left()
+        if seconds_left is not None:
+            fields["KV-TTL"] = str(seconds_left)
         if status == HTTPStatus.OK:
             fields["Content-Length"] = str(stat.size)
         self._write_head(status, fields)
@@ -2849,13 +2949,16 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         with body:
             if send:
                 self.wfile.flush()
-                self._sent = self._send_file(body)
+                self._sent = self._send_file(body, stat.size)
+                if self._sent < stat.size:  # the file shrank under us: end the answer where the bytes end
+                    self.close_connection = True
 
-    def _send_file(self, file: BinaryIO) -> int:
-        """Send a file's bytes with sendfile(2), a piece at a time, each renewing the stall
-        deadline (a slow reader of a big value is not cut off while bytes keep moving)."""
+    def _send_file(self, file: BinaryIO, size: int) -> int:
+        """Send the first `size` bytes of a file (fewer if it ends sooner) with sendfile(2), a
+        piece at a time, each renewing the stall deadline (a slow reader of a big value is not
+        cut off while bytes keep moving)."""
         sent = 0
-        while piece := self.connection.sendfile(file, sent, SENDFILE_PIECE):
+        while sent < size and (piece := self.connection.sendfile(file, sent, min(SENDFILE_PIECE, size - sent))):
             sent += piece
             self.server.connections.moved(self.connection)
         return sent
@@ -2896,7 +2999,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         stat, created = self.storage.write(key, value, content_type=_sniff_content_type(value), ttl=ttl)
         status = HTTPStatus.CREATED if created else HTTPStatus.OK
         if self._wants_page():
-            self._send_page(status, "", f"Stored {key}.")
+            self._send_page(status, "", _notice(f"Stored {key}."))
         else:
             self._send_json(status, {"key": key, "created": created}, {"ETag": f'"{stat.etag}"'})
 
@@ -2907,19 +3010,29 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             raise _HTTPError(HTTPStatus.NOT_FOUND, f"no key {key!r}") from None
 
     @staticmethod
-    def _query_key(path: str, query: str) -> str:
+    def _query_key(path: str, query: str, allowed: tuple[str, ...] = ("key",)) -> str:
         """The key of /get?key=<key> and /delete?key=<key>."""
-        return _key(_fields(query, ("key",), f"{path}?key=<key>").get("key", b""))
+        usage = f"{path}?key=<key>"
+        fields = _fields(query, allowed, usage)
+        if "key" not in fields:
+            raise _HTTPError(HTTPStatus.BAD_REQUEST, f"name the key: {usage}")
+        return _key(fields["key"])
 
     def _route_get(self, path: str, query: str) -> None:
         self._send_value(*self._fetch_or_404(self._query_key(path, query)))
 
     def _route_delete(self, path: str, query: str) -> None:
-        key = self._query_key(path, query)
+        """Delete at once, but a browser is asked first: its answer comes back with confirm=yes."""
+        key = self._query_key(path, query, ("key", "confirm"))
+        if self._wants_page() and (b"confirm", b"yes") not in _decode_query(query):
+            if key not in self.storage:
+                raise _HTTPError(HTTPStatus.NOT_FOUND, f"no key {key!r}")
+            self._send_page(HTTPStatus.OK, "", _confirm_delete(key))
+            return
         if not self.storage.remove(key):
             raise _HTTPError(HTTPStatus.NOT_FOUND, f"no key {key!r}")
         if self._wants_page():
-            self._send_page(HTTPStatus.OK, "", f"Deleted {key}.")
+            self._send_page(HTTPStatus.OK, "", _notice(f"Deleted {key}."))
         else:
             self._send_json(HTTPStatus.OK, {"key": key, "deleted": True})
 
@@ -2929,7 +3042,9 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         fields = _fields(query, ("prefix", "delimiter", "limit", "after"), usage)
         limit_field = fields.get("limit", b"%d" % default_limit)
         if not re.fullmatch(rb"[0-9]{1,5}", limit_field) or not 1 <= int(limit_field) <= 10000:
-            raise _HTTPError(HTTPStatus.BAD_REQUEST, f"limit is a whole number from 1 to 10000, not {limit_field!r}")
+            raise _HTTPError(
+                HTTPStatus.BAD_REQUEST, f"limit is a whole number from 1 to 10000, not {_shown(limit_field)}"
+            )
         limit = int(limit_field)
         prefix = _text(fields.get("prefix", b""), "prefix")
         after = _text(fields["after"], "after") if "after" in fields else None
@@ -2941,7 +3056,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         # One more item than the page holds tells whether a next page exists.
         items = self.storage.keys(prefix, delimiter=delimiter, after=after, limit=limit + 1)
         page = items[:limit]
-        return _KeyPage(page, page[-1] if len(items) > limit else None, prefix, delimiter)
+        return _KeyPage(page, page[-1] if len(items) > limit else None, prefix, delimiter, after)
 
     def _route_keys(self, path: str, query: str) -> None:
         page = self._key_page(query, 1000)
@@ -2954,15 +3069,12 @@ class KVRequestHandler(BaseHTTPRequestHandler):
     # The page
 
     def _wants_page(self) -> bool:
-        return _prefers_html(self.headers.get("Accept", ""))
+        # A head that could not be read leaves `command` empty, and its headers unknown: problem+json.
+        return bool(self.command) and _prefers_html(self.headers.get("Accept", ""))
 
-    def _send_page(self, status: HTTPStatus, query: str, notice: str = "") -> None:
-        body = _render_page(self.storage, self._key_page(query, 100, "/"), notice)
-        headers = {
-            "Cache-Control": "no-store",
-            "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'",
-        }
-        self._send(status, body, "text/html; charset=utf-8", headers)
+    def _send_page(self, status: HTTPStatus, query: str, notice_html: str = "") -> None:
+        body = _render_page(self.storage, self._key_page(query, 100, "/"), notice_html)
+        self._send(status, body, "text/html; charset=utf-8", _PAGE_HEADERS)
 
     def _route_dump(self, path: str, query: str) -> None:
         """Every live key and its value as one JSON object, written as it is read; the HTML
@@ -2970,11 +3082,12 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         if self._wants_page():
             self._send_page(HTTPStatus.OK, query)
             return
+        prefix = _text(_fields(query, ("prefix",), "/?prefix=<p>").get("prefix", b""), "prefix")
         writer = self._stream("application/json")
         if writer is None:
             return
         separator = b"{"
-        for key in self.storage.keys():
+        for key in self.storage.keys(prefix):
             try:
                 value = _dump_entry(self.storage, key)
             except KeyError:
@@ -3009,7 +3122,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
 
     def _route_import(self, path: str, query: str) -> None:
         _fields(query, (), "POST /import with an export as the body")
-        body = self.body.read(sys.maxsize)  # a whole store; each value is held to --max-value
+        body = self.body.open(sys.maxsize)  # a whole store; each value is held to --max-value
         # A bad line is a ValueError naming it: a 400.
         imported, skipped = self.storage.import_(body, max_value=self.server.max_value)
         self._send_json(HTTPStatus.OK, {"imported": imported, "skipped": skipped})
@@ -3049,17 +3162,14 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         key = self._path_key(path)
         ttl = _ttl(_fields(query, ("ttl",), "/kv/<key>?ttl=<seconds>").get("ttl"))
         if_match, if_none_match = self._precondition()
-        try:  # fail before the body is sent; the storage checks again, atomically, when it commits
-            current: Stat | None = self.storage.stat(key)
-        except KeyError:
-            current = None
-        _Precondition(if_match, if_none_match).check(key, current.etag if current else None)
+        # Fail before the body is sent; the storage checks again, atomically, when it commits.
+        self.storage.check_precondition(key, if_match=if_match, if_none_match=if_none_match)
         content_type = " ".join(self.headers.get("Content-Type", DEFAULT_CONTENT_TYPE).split())  # unfolds lines
         if not content_type or not _HEADER_VALUE.fullmatch(content_type):
             raise _HTTPError(
                 HTTPStatus.BAD_REQUEST, f"Content-Type {content_type!r} is not a printable ASCII media type"
             )
-        body = self.body.read(self.server.max_value)
+        body = self.body.open(self.server.max_value)
         stat, created = self.storage.write(
             key, body, content_type=content_type, ttl=ttl, if_match=if_match, if_none_match=if_none_match
         )
@@ -3529,6 +3639,11 @@ class _Connections:
         with self._lock:
             self._states[connection] = (self._SERVING, time.monotonic() + STALL_TIMEOUT)
 
+    def replaced(self, connection: socket.socket) -> None:
+        """The connection goes on as another socket object (wrapped in TLS): forget this one."""
+        with self._lock:
+            self._states.pop(connection, None)
+
     def overdue(self) -> list[socket.socket]:
         """The connections past their deadline, forgotten here (to cut off)."""
         now = time.monotonic()
@@ -3574,11 +3689,13 @@ class KVServer(ThreadingHTTPServer):
     ) -> None:
         self.address_family = socket.getaddrinfo(address[0], address[1], type=socket.SOCK_STREAM)[0][0]
         self.storage = storage
-        self.max_value = max_value
+        # The largest value taken: `max_value`, within what the storage can hold.
+        self.max_value = max_value if storage.max_value is None else min(max_value, storage.max_value)
         self.token = token.encode("utf-8") if token is not None else None
+        self.ssl_context = ssl_context
         self.scheme = "https" if ssl_context else "http"
         self.quiet = quiet
-        self.rpc = _XMLRPC(storage, max_value)
+        self.rpc = _XMLRPC(storage, self.max_value)
         self.metrics = _Metrics()
         self.connections = _Connections(max_connections)
         self._lingering_lock = threading.Lock()
@@ -3588,8 +3705,6 @@ class KVServer(ThreadingHTTPServer):
         self._housekeeper: threading.Thread | None = None
         super().__init__(address, KVRequestHandler)
         self.loopback = ipaddress.ip_address(self.host).is_loopback
-        if ssl_context is not None:  # the handshake happens in the connection's thread, not in accept()
-            self.socket = ssl_context.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
         self._housekeeper = threading.Thread(target=self._housekeeping, name="kvserver-housekeeping", daemon=True)
         self._housekeeper.start()
 
@@ -3617,15 +3732,42 @@ class KVServer(ThreadingHTTPServer):
             self._refuse(request)
 
     def process_request_thread(self, request: socket.socket, client_address: Any) -> None:  # type: ignore[override]
+        connection: socket.socket | None = request
         try:
-            super().process_request_thread(request, client_address)
+            if self.ssl_context is not None:
+                connection = self._start_tls(request)
+            if connection is not None:
+                super().process_request_thread(connection, client_address)
         finally:
-            self.connections.leave(request)
+            self.connections.leave(connection or request)
+
+    def _start_tls(self, connection: socket.socket) -> ssl.SSLSocket | None:
+        """The connection in TLS, in its own thread; None if the client spoke plain HTTP to this
+        port: it is answered 400 with a pointer to https:// (as nginx does) and closed."""
+        assert self.ssl_context is not None
+        first = b""
+        if self.connections.idle(connection):  # until its first byte: the idle deadline and stop() apply
+            with contextlib.suppress(OSError):
+                first = connection.recv(1, socket.MSG_PEEK)
+        if first == b"\x16":  # a TLS handshake record; the handshake itself happens on the first read
+            self.connections.replaced(connection)
+            return self.ssl_context.wrap_socket(connection, server_side=True, do_handshake_on_connect=False)
+        with contextlib.suppress(OSError):
+            if first:
+                detail = "this port speaks HTTPS: use an https:// URL"
+                connection.sendall(_problem_response(HTTPStatus.BAD_REQUEST, detail))
+                connection.shutdown(socket.SHUT_WR)
+                connection.settimeout(1.0)
+                deadline = time.monotonic() + 2.0
+                while time.monotonic() < deadline and connection.recv(CHUNK):  # lest closing reset the answer
+                    pass
+        connection.close()
+        return None
 
     def _refuse(self, connection: socket.socket) -> None:
         """Answer 503 at once, from the accepting thread, without starting a thread."""
         with contextlib.suppress(OSError):
-            if not isinstance(connection, ssl.SSLSocket):  # a TLS client gets only the close
+            if self.ssl_context is None:  # a TLS client gets only the close
                 connection.setblocking(False)
                 connection.send(self._BUSY)
             connection.shutdown(socket.SHUT_WR)
@@ -3693,6 +3835,34 @@ def _whole_number(args: dict[str, Any], option: str, low: int, high: int) -> int
         if low <= (value := int(args[option])) <= high:
             return value
     _fail(f"{option} takes a whole number from {low} to {high}, not {args[option]!r}", 2)
+
+
+def _command_line_problem(given: list[str]) -> str:
+    """What is wrong with a command line docopt refused, in words: the first unknown option,
+    option given twice, or argument that is neither a command nor an option's value."""
+    commands = re.findall(r"^  kvserver (\w+)", __doc__ or "", re.MULTILINE)
+    options: dict[str, tuple[str, bool]] = {}  # every spelling -> (long name, takes a value)
+    for short, long, value in re.findall(r"^  (-\w )?(--[\w-]+)(=<)?", __doc__ or "", re.MULTILINE):
+        options[long] = options[short.strip() or long] = (long, bool(value))
+    seen: set[str] = set()
+    arguments = iter(given)
+    for position, argument in enumerate(arguments):
+        if position == 0 and argument in commands:
+            continue
+        if not argument.startswith("-") or argument == "-":
+            return f"unexpected argument {argument!r}: every setting is an option such as --port 4000"
+        name, equals, _ = argument.partition("=")
+        if not name.startswith("--"):
+            name, equals = argument[:2], "=" if len(argument) > 2 else ""  # -p4000 holds its value
+        if name not in options:
+            return f"unknown option {name}"
+        long, takes_value = options[name]
+        if long in seen:
+            return f"option {long} is given twice"
+        seen.add(long)
+        if takes_value and not equals and next(arguments, None) is None:
+            return f"option {long} needs a value"
+    return "the command line does not match the usage"
 
 
 class _Progress:
@@ -3769,14 +3939,11 @@ def main(argv: list[str] | None = None) -> None:
         from docopt import DocoptExit, docopt
     except ImportError:
         _fail("needs the docopt-ng package: pip install docopt-ng", 1)
+    given = sys.argv[1:] if argv is None else argv
     try:
-        args = docopt(__doc__, argv, version=f"kvserver {__version__}")
-    except DocoptExit as error:
-        given = sys.argv[1:] if argv is None else argv
-        known = set(re.findall(r"(?<![\w-])(--?[\w-]+)", __doc__ or ""))
-        unknown = [arg for arg in given if arg.startswith("-") and arg.split("=")[0] not in known]
-        problem = f"unknown option {unknown[0]}" if unknown else str(error).splitlines()[0]
-        _fail(f"{problem}; see kvserver --help", 2)
+        args = docopt(__doc__, given, version=f"kvserver {__version__}")
+    except DocoptExit:
+        _fail(f"{_command_line_problem(given)}; see kvserver --help", 2)
     port = _whole_number(args, "--port", 0, 65535)
     max_connections = _whole_number(args, "--max-connections", 1, 65535)
     try:
@@ -3784,13 +3951,18 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as error:
         _fail(f"--max-value: {error}", 2)
     if args["--storage"] not in ("files", "memory") and not args["--storage"].startswith(_REDIS_SCHEMES):
-        _fail(f"--storage takes files, memory or a redis:// URL, not {args['--storage']!r}", 2)
+        _fail(f"--storage takes files, memory, or a redis://, rediss:// or unix:// URL, not {args['--storage']!r}", 2)
+    if args["--data-dir"] is not None and args["--storage"] != "files":
+        _fail(f"--data-dir is the folder of --storage files; {args['--storage']} storage keeps no files there", 2)
+    data_dir = args["--data-dir"] = args["--data-dir"] or "./data"
     if args["export"] or args["import"] or args["--prefix"] is not None:
         _run_transfer(args)
         return
     token = args["--token"] if args["--token"] is not None else os.environ.get("KV_TOKEN") or None
     if token == "":
         _fail("--token takes a secret, not an empty string", 2)
+    if token is not None and args["--no-token"]:
+        _fail("--no-token contradicts --token (or KV_TOKEN): give one or the other", 2)
     if (args["--certfile"] is None) != (args["--keyfile"] is None):
         _fail("--certfile and --keyfile go together: give both, or neither", 2)
     ssl_context = None
@@ -3806,14 +3978,13 @@ def main(argv: list[str] | None = None) -> None:
         if args["--storage"] == "memory":
             storage: Storage = MemoryStorage()
         elif args["--storage"] == "files":
-            storage = FileStorage(args["--data-dir"], fsync=not args["--no-fsync"])
+            storage = FileStorage(data_dir, fsync=not args["--no-fsync"])
         else:
             storage = RedisStorage(args["--storage"])
-            max_value = min(max_value, RedisStorage.MAX_VALUE)
     except (DataDirLocked, StorageUnavailable, ImportError) as error:
         _fail(str(error), 1)
     except OSError as error:
-        _fail(f"cannot use data dir {args['--data-dir']}: {error.strerror or error}", 1)
+        _fail(f"cannot use data dir {data_dir}: {error.strerror or error}", 1)
     loaded = time.perf_counter() - started
     try:
         server = KVServer(
@@ -3829,11 +4000,19 @@ def main(argv: list[str] | None = None) -> None:
         storage.close()
         _fail(f"cannot listen on {args['--bind']} port {port}: {error.strerror or error}", 1)
 
+    if token is not None:
+        access = "token required"
+    elif server.loopback or args["--no-token"]:
+        access = "no token"
+    else:  # the network would be served open: require a token made for this run (--no-token opts out)
+        token = secrets.token_urlsafe(16)
+        server.token = token.encode()
+        access = f"token required: {token} (made for this run; set --token or KV_TOKEN to choose one)"
     server.stop_on_signals()  # before the start line: a script may stop us as soon as it reads it
     with contextlib.suppress(KeyboardInterrupt):  # (only a second signal raises it)
         print(
             f"kvserver {__version__} serving {server.url} with {storage.kind} storage {storage.location}: "
-            f"{len(storage)} keys loaded in {loaded:.3f} s",
+            f"{len(storage)} keys loaded in {loaded:.3f} s; {access}, TLS {'on' if ssl_context else 'off'}",
             flush=True,
         )
         server.serve_forever()

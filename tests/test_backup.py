@@ -426,7 +426,7 @@ def test_kvserver_export_refuses_a_data_dir_a_running_server_holds_and_points_to
         (["import", "--prefix", "a"], 2, "--prefix goes with kvserver export"),
         (["--prefix", "a"], 2, "--prefix goes with kvserver export"),
         (["export", "--storage", "memory"], 2, "need files or redis storage"),
-        (["export", "--storage", "nowhere"], 2, "--storage takes files, memory or a redis:// URL"),
+        (["export", "--storage", "nowhere"], 2, "--storage takes files, memory, or a redis://, rediss:// or unix://"),
         (["import", "--storage", "redis://127.0.0.1:1/0"], 1, "cannot reach Redis"),
     ],
 )

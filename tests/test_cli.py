@@ -67,6 +67,13 @@ def test_the_start_line_gives_version_url_storage_keys_loaded_and_time(make_serv
     assert server.get("/get?key=beta").body == b"beta"
 
 
+def test_the_start_line_says_whether_a_token_and_tls_are_on(make_server):
+    assert make_server("--quiet").start_line.rstrip().endswith("; no token, TLS off")
+    line = make_server("--quiet", "--storage", "memory", "--token", "s3cret").start_line
+    assert line.rstrip().endswith("; token required, TLS off"), line
+    assert "s3cret" not in line
+
+
 def test_the_start_line_is_printed_at_once_while_the_server_runs(make_server):
     started = time.monotonic()
     server = make_server("--quiet")  # stdout is a pipe: the line arrives only if it is flushed
@@ -205,13 +212,35 @@ def test_a_request_in_flight_finishes_during_shutdown(make_server):
         (["--max-value", "12X"], "--max-value"),
         (["--max-value", "-5"], "--max-value"),
         (["--storage", "nosuch"], "--storage"),
+        (["extra-arg"], "'extra-arg'"),
+        (["--port", "4000", "extra-arg"], "'extra-arg'"),
+        (["-d", "a", "-d", "b"], "--data-dir"),
+        (["--data-dir=a", "-d", "b"], "--data-dir"),
+        (["--port", "1", "-p2"], "--port"),
+        (["--port"], "--port"),
+        (["--storage", "memory", "--data-dir", "elsewhere"], "--data-dir"),
+        (["--token", "t", "--no-token"], "--no-token"),
     ],
 )
 def test_a_bad_command_line_exits_2_with_one_line_naming_the_option(tmp_path, args, option):
     result = run(*args, cwd=tmp_path)
     assert result.returncode == 2, (result.stdout, result.stderr)
-    assert option in one_line(result)
+    line = one_line(result)
+    assert option in line
+    assert "Warning" not in line and "Option(" not in line and "Argument(" not in line, line
     assert not (tmp_path / "data").exists()
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_a_repeated_option_or_a_stray_argument_says_so_in_words(tmp_path):
+    assert "--data-dir is given twice" in one_line(run("-d", "a", "-d", "b", cwd=tmp_path))
+    assert "unexpected argument 'extra-arg'" in one_line(run("extra-arg", cwd=tmp_path))
+
+
+def test_an_unknown_storage_lists_every_kind_there_is(tmp_path):
+    line = one_line(run("--storage", "nosuch", cwd=tmp_path))
+    for kind in ["files", "memory", "redis://", "rediss://", "unix://"]:
+        assert kind in line, line
 
 
 # Start-up failures: exit 1, one line naming the problem

@@ -489,6 +489,14 @@ def test_a_large_value_file_removed_by_hand_reads_as_absent(store, data_dir):
         store.get("big")
 
 
+def test_a_large_value_file_whose_size_changed_by_hand_is_an_error_not_a_short_read(store, data_dir):
+    store.put("big", b"b" * LARGE)
+    (data_dir / "big").write_bytes(b"short")
+    with pytest.raises(RuntimeError, match="changed while the server ran"):
+        store.get("big")
+    assert store.stat("big").size == LARGE  # the index is left as it was, for a restart to put right
+
+
 # Durability
 
 

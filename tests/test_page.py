@@ -7,15 +7,17 @@ script, a strict Content-Security-Policy."""
 
 from __future__ import annotations
 
+import http.server
 import os
 import re
+import threading
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import Response, Server, require_service
+from conftest import Response, Server, require_service, wait_for
 
 try:
     from playwright.sync_api import Browser, Page, sync_playwright
@@ -101,6 +103,14 @@ class Tab:
     def body_text(self) -> str:
         return self.page.locator("body").inner_text()
 
+    def delete(self, key: str) -> PageResponse:
+        """Delete a key as a person does: its row's delete link, then the confirmation's button."""
+        response = self.follow(self.row(key).get_by_role("link", name="delete"))
+        assert_is_page(response, 200)
+        assert key in self.page.locator(".confirm").inner_text()
+        assert self.server.get(f"/get?key={q(key)}").status == 200, "deleted before it was confirmed"
+        return self.follow(self.page.get_by_role("button", name="Delete"))
+
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
@@ -165,7 +175,7 @@ def test_a_key_set_through_the_form_is_listed_opened_and_deleted(tab: Tab) -> No
 
     page.go_back()
     assert page.title() == "kvserver"
-    response = tab.follow(tab.row("greeting").get_by_role("link", name="delete"))
+    response = tab.delete("greeting")
     assert_is_page(response, 200)
     assert "greeting" in page.locator(".notice").inner_text()
     assert tab.key_link("greeting").count() == 0
@@ -223,7 +233,7 @@ def test_keys_with_slashes_spaces_ampersands_and_non_ascii_work_through_their_li
     assert wrong == []
     for key in ODD_KEYS:
         tab.open(level_of(key))
-        assert_is_page(tab.follow(tab.row(key).get_by_role("link", name="delete")), 200)
+        assert_is_page(tab.delete(key), 200)
         assert key in tab.page.locator(".notice").inner_text()
         assert key not in tab.listed_keys()
     assert tab.listed_keys() == []
@@ -292,6 +302,54 @@ def test_the_prefix_filter_lists_only_matching_keys_and_keeps_the_prefix_when_pa
     assert page.locator(".empty").count() == 1
 
 
+def test_a_filter_that_matches_nothing_says_so_and_not_that_the_store_is_empty(tab: Tab) -> None:
+    set_key(tab.server, "greeting", "hello")
+    assert_is_page(tab.open("/?prefix=nothing-like-this"), 200)
+    empty = tab.page.locator(".empty").inner_text()
+    assert "nothing-like-this" in empty and "No keys here yet" not in empty, empty
+    assert "1 key" in tab.page.locator("header").inner_text()
+
+
+def test_a_later_page_has_a_link_back_to_the_first(tab: Tab, many_keys: list[str]) -> None:
+    tab.open("/?prefix=key-")
+    assert tab.page.get_by_role("link", name=re.compile("first page")).count() == 0
+    tab.follow(tab.page.get_by_role("link", name=re.compile("next page")))
+    assert tab.listed_keys() == many_keys[100:130]
+    assert_is_page(tab.follow(tab.page.get_by_role("link", name=re.compile("first page"))), 200)
+    assert tab.listed_keys() == many_keys[:100], "the first page of the same filter"
+
+
+def test_delete_asks_first_and_cancel_keeps_the_key(tab: Tab) -> None:
+    set_key(tab.server, "keep me", "precious")
+    tab.open("/")
+    assert_is_page(tab.follow(tab.row("keep me").get_by_role("link", name="delete")), 200)
+    assert tab.server.get("/get?key=keep%20me").body == b"precious"
+    tab.follow(tab.page.get_by_role("link", name="Cancel"))
+    assert tab.listed_keys() == ["keep me"]
+    assert tab.server.get("/get?key=keep%20me").body == b"precious"
+    assert tab.dialogs == [], "no JavaScript dialog: the page asks by itself"
+
+
+def test_a_value_with_a_ttl_shows_the_seconds_it_has_left(tab: Tab) -> None:
+    assert tab.server.get("/set?key=session&value=abc&ttl=60").status == 201
+    set_key(tab.server, "forever", "x")
+    tab.open("/")
+    assert tab.page.get_by_role("columnheader", name="TTL").count() == 1
+    cells = tab.row("session").locator("td").all_inner_texts()
+    assert cells[3] in ("60 s", "59 s"), cells
+    assert tab.row("forever").locator("td").all_inner_texts()[3] == ""
+
+
+@pytest.mark.parametrize(
+    "path, status, detail",
+    [("/get?key=nosuch", 404, "no key 'nosuch'"), ("/keys?limit=0", 400, "limit"), ("/nowhere", 404, "no route")],
+)
+def test_an_error_is_shown_to_a_browser_as_a_page_not_as_json(tab: Tab, path: str, status: int, detail: str) -> None:
+    assert_is_page(tab.open(path), status)
+    assert detail in tab.page.locator(".error").inner_text()
+    assert tab.page.get_by_role("link", name=re.compile("back")).get_attribute("href") == "/"
+
+
 def test_the_page_with_a_few_keys_fits_its_window_and_is_saved_as_a_screenshot(tab: Tab) -> None:
     server = tab.server
     set_key(server, "greeting", "hello world")
@@ -320,6 +378,64 @@ def test_the_page_with_a_few_keys_fits_its_window_and_is_saved_as_a_screenshot(t
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     (ARTIFACTS / "page.png").write_bytes(png)
     (DOCS / "page.png").write_bytes(png)  # shown in the README
+
+
+# A page on another port of this host (same-site, not cross-site, to a browser)
+
+
+@pytest.fixture
+def other_site() -> Iterator[Callable[[str], str]]:
+    """other_site(html) serves `html` from a server on another port of 127.0.0.1 and gives its URL."""
+    pages: dict[str, bytes] = {}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = pages.get(self.path, b"")
+            self.send_response(200 if body else 404)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+
+    def serve(html: str) -> str:
+        pages["/attack.html"] = html.encode()
+        return f"http://127.0.0.1:{server.server_address[1]}/attack.html"
+
+    yield serve
+    server.shutdown()
+    server.server_close()
+    thread.join(10)
+
+
+def test_a_page_on_another_port_of_this_host_cannot_write_or_delete_through_the_browser(
+    tab: Tab, other_site: Callable[[str], str]
+) -> None:
+    server = tab.server
+    set_key(server, "victim", "kept")
+    base = server.url  # http://127.0.0.1:<port>, the same host as the other page: same-site
+    attack = other_site(
+        f'''<!doctype html><title>elsewhere</title>
+<img src="{base}/set?planted=1"><img src="{base}/set?key=planted2&value=2">
+<iframe src="{base}/set?planted3=3"></iframe><iframe src="{base}/delete?key=victim&confirm=yes"></iframe>
+<img src="{base}/delete?key=victim">'''
+    )
+    tab.page.goto(attack, wait_until="load")  # after the images and frames loaded, or failed to
+
+    def refused() -> int:
+        """How many requests kvserver answered 403, from its /metrics."""
+        metrics = server.get("/metrics").body.decode()
+        return sum(int(n) for n in re.findall(r'^kvserver_requests_total{.*status="403"} (\d+)$', metrics, re.M))
+
+    wait_for(lambda: refused() == 5, what="the five requests to kvserver, refused with 403")
+    assert server.get("/keys").json()["keys"] == ["victim"]
+    assert server.get("/get?key=victim").body == b"kept"
 
 
 # Without a browser: who gets the page, and what is in it
@@ -393,11 +509,16 @@ def test_a_browsers_set_and_delete_get_the_page_with_the_status_a_json_client_ge
     replaced = server.get("/set?key=greeting&value=hi", headers=browser)
     assert replaced.status == 200
     assert replaced.headers["Content-Type"] == "text/html; charset=utf-8"
-    deleted = server.get("/delete?key=greeting", headers=browser)
+    asked = server.get("/delete?key=greeting", headers=browser)
+    assert asked.status == 200
+    assert 'name="confirm" value="yes"' in asked.body.decode(), "a browser is asked before it deletes"
+    assert server.get("/get?key=greeting").body == b"hi"
+    deleted = server.get("/delete?key=greeting&confirm=yes", headers=browser)
     assert deleted.status == 200
     assert deleted.headers["Content-Type"] == "text/html; charset=utf-8"
     assert "No keys" in deleted.body.decode()
     assert server.get("/delete?key=greeting", headers=browser).status == 404
+    assert server.get("/delete?key=greeting&confirm=yes", headers=browser).status == 404
 
     assert server.get("/set?key=greeting&value=hello").json() == {"key": "greeting", "created": True}
     assert server.get("/delete?key=greeting").json() == {"key": "greeting", "deleted": True}

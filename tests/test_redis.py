@@ -529,7 +529,7 @@ def test_a_redis_storage_on_a_redis_that_is_not_there_is_storage_unavailable():
 
 
 def test_a_value_over_max_value_is_a_value_error_and_stores_nothing(store, monkeypatch):
-    monkeypatch.setattr(kvserver.RedisStorage, "MAX_VALUE", 10)
+    monkeypatch.setattr(kvserver.RedisStorage, "max_value", 10)
     store.put("k", b"old")
     store.put("exact", b"x" * 10)
     assert store.get("exact") == b"x" * 10
@@ -1033,3 +1033,25 @@ def test_the_scaling_benchmark_runs_end_to_end_on_small_stores():
     ], done.stdout
     assert "| 3,000 |" in done.stdout and "| 1,000 |" in done.stdout
     assert set(bench.parent.glob(".work-redis-*")) <= work_dirs, "redis_scale.py left its work dir behind"
+
+
+def test_an_embedded_server_on_redis_answers_a_value_over_what_redis_holds_with_413(store):
+    """The server takes the storage's own limit (512 MiB for Redis) into its --max-value."""
+    server = kvserver.KVServer(("127.0.0.1", 0), store, quiet=True)  # the default limit is 1 GiB
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        assert server.max_value == store.max_value == 512 * 1024 * 1024 - 1
+        with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10) as sock:
+            sock.sendall(
+                b"PUT /kv/huge HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n"
+                b"Expect: 100-continue\r\n\r\n" % (600 * 1024 * 1024)
+            )
+            answer = sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+        assert b"100 Continue" not in answer
+        assert "huge" not in store
+    finally:
+        server.shutdown()
+        server.stop()
+        thread.join(10)

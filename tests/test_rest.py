@@ -246,6 +246,29 @@ def test_a_value_put_with_a_ttl_expires_and_a_later_write_without_one_clears_it(
     assert server.get("/kv/kept").body == b"second"
 
 
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_a_value_with_a_ttl_carries_the_whole_seconds_it_has_left_rounded_up(server, method):
+    assert put(server, "/kv/big?ttl=60", b"x" * (100 * KiB)).status == 201  # served from its file
+    assert server.get("/set?key=small&value=v&ttl=3600").status == 201
+    assert put(server, "/kv/forever", b"v").status == 201
+    for path, ttl in [("/kv/big", 60), ("/get?key=big", 60), ("/kv/small", 3600), ("/get?key=small", 3600)]:
+        response = server.request(method, path)
+        assert response.status == 200, path
+        assert int(response.headers["KV-TTL"]) in (ttl, ttl - 1), (path, response.headers["KV-TTL"])
+    assert server.request(method, "/kv/forever").headers["KV-TTL"] is None
+    etag = server.get("/kv/big").headers["ETag"]
+    assert server.get("/kv/big", headers={"If-None-Match": etag}).headers["KV-TTL"] in ("60", "59")
+
+
+def test_kv_ttl_never_says_0_while_the_value_is_served(server):
+    assert put(server, "/kv/brief?ttl=1", b"soon gone").status == 201
+    answers = []
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and (response := server.get("/kv/brief")).status == 200:
+        answers.append(response.headers["KV-TTL"])
+    assert answers and set(answers) <= {"1"}, answers
+
+
 def test_a_ttl_expiry_holds_across_a_restart(server):
     put(server, "/kv/fleeting?ttl=2", b"gone after a restart")
     # Text stored as text: only the TTL tells this value from one a file on disk would give.
@@ -421,6 +444,25 @@ def test_head_then_get_on_one_connection_leaves_the_second_answer_intact(server)
         response = connection.response()
     assert response.status == 200
     assert response.body == b"body bytes"
+
+
+@pytest.mark.parametrize("change", ["truncated", "grown"])
+def test_a_value_file_changed_by_hand_is_a_quick_500_never_a_wrong_length(server, change):
+    value = os.urandom(151_344)
+    assert put(server, "/kv/big", value).status == 201
+    with open(server.data_dir / "big", "r+b") as file:
+        if change == "truncated":
+            file.truncate(6)
+        else:
+            file.seek(0, os.SEEK_END)
+            file.write(b"more")
+    started = time.monotonic()
+    assert server.request("HEAD", "/kv/big").status == 500
+    assert server.get("/kv/big").problem()["status"] == 500
+    assert time.monotonic() - started < 5, "the client waited for bytes that never came"
+    assert "changed while the server ran" in server.stderr()
+    assert put(server, "/kv/big", b"rewritten").status == 200  # a write puts it right
+    assert server.get("/kv/big").body == b"rewritten"
 
 
 def test_head_of_a_missing_key_is_a_404_without_a_body(server):

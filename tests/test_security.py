@@ -8,6 +8,7 @@ import hmac
 import html
 import http.client
 import os
+import re
 import shutil
 import socket
 import ssl
@@ -20,7 +21,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import KVSERVER, START_TIMEOUT, Response, raw_exchange, read_line, require_service, wait_for
+from conftest import (
+    KVSERVER,
+    START_TIMEOUT,
+    Response,
+    parse_response,
+    raw_exchange,
+    read_line,
+    require_service,
+    wait_for,
+)
 
 import kvserver
 
@@ -296,12 +306,43 @@ def test_the_token_never_appears_in_the_access_log(make_server):
     ]
     statuses = [server.get("/keys", headers=headers).status for headers in attempts]
     assert statuses == [200, 200, 401, 401, 401, 401]
-    assert server.get(f"/get?key={TOKEN}", headers=attempts[0]).status == 404
+    assert server.get(f"/set?stored={TOKEN}", headers=attempts[0]).status == 201  # a value is never logged
     wait_for(lambda: server.stderr().count('"GET /') >= len(attempts) + 1, what="the access log lines")
     log = server.stderr()
     for secret in [TOKEN, "wrong-guess-1", "wrong-guess-2", base64.b64encode(f"me:{TOKEN}".encode()).decode()]:
         assert secret not in log, log
     assert '"GET /keys HTTP/1.1" 401' in log
+
+
+def test_a_non_loopback_bind_without_a_token_makes_one_prints_it_and_requires_it(spawn):
+    env = {name: value for name, value in os.environ.items() if name != "KV_TOKEN"}
+    tokens = []
+    for _ in range(2):
+        server = spawn("--quiet", "--bind", "0.0.0.0", env=env)
+        match = re.search(r"; token required: ([A-Za-z0-9_-]+) \(", server.start_line)
+        assert match, server.start_line
+        token = match.group(1)
+        tokens.append(token)
+        assert len(token) >= 16
+        assert fetch(server.port, "GET", "/keys").status == 401
+        assert fetch(server.port, "GET", "/set?planted=1").status == 401
+        assert fetch(server.port, "GET", "/keys", headers={"Authorization": f"Bearer {token}"}).status == 200
+        assert fetch(server.port, "GET", "/keys", headers={"Authorization": basic("me", token)}).status == 200
+        assert fetch(server.port, "GET", "/health").status == 200
+    assert tokens[0] != tokens[1], "a new random token at each start"
+
+
+def test_no_token_serves_a_non_loopback_address_without_one(spawn):
+    env = {name: value for name, value in os.environ.items() if name != "KV_TOKEN"}
+    server = spawn("--quiet", "--bind", "0.0.0.0", "--no-token", env=env)
+    assert server.start_line.rstrip().endswith("; no token, TLS off"), server.start_line
+    assert fetch(server.port, "GET", "/keys").status == 200
+
+
+def test_a_token_given_for_a_non_loopback_bind_is_the_one_required(spawn):
+    server = spawn("--quiet", "--bind", "0.0.0.0", env={**os.environ, "KV_TOKEN": TOKEN})
+    assert "; token required, TLS off" in server.start_line and TOKEN not in server.start_line
+    assert fetch(server.port, "GET", "/keys", headers={"Authorization": f"Bearer {TOKEN}"}).status == 200
 
 
 # TLS
@@ -311,6 +352,7 @@ def test_tls_serves_https_with_the_given_certificate(spawn, certificate):
     cert, key = certificate
     server = spawn("--quiet", "--certfile", str(cert), "--keyfile", str(key))
     assert f"https://127.0.0.1:{server.port}/" in server.start_line
+    assert server.start_line.rstrip().endswith(", TLS on"), server.start_line
     context = ssl.create_default_context(cafile=str(cert))
     created = fetch(server.port, "GET", "/set?greeting=hello%20over%20tls", context=context)
     assert created.status == 201
@@ -326,7 +368,7 @@ def test_tls_serves_https_with_the_given_certificate(spawn, certificate):
     assert fetch(server.port, "GET", "/keys", headers=plain, context=context).status == 403
 
 
-def test_a_plain_http_client_on_the_tls_port_gets_nothing_and_the_server_goes_on(spawn, certificate):
+def test_a_plain_http_client_on_the_tls_port_is_told_to_use_https_and_the_server_goes_on(spawn, certificate):
     cert, key = certificate
     server = spawn("--certfile", str(cert), "--keyfile", str(key))
     context = ssl.create_default_context(cafile=str(cert))
@@ -334,7 +376,11 @@ def test_a_plain_http_client_on_the_tls_port_gets_nothing_and_the_server_goes_on
     for _ in range(3):
         answer = half_closed_exchange(server.port, b"GET /get?key=greeting HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert b"hello" not in answer
-        assert not answer.startswith(b"HTTP/1.1 200")
+        response = parse_response(answer)
+        assert response.status == 400
+        assert "https://" in response.problem()["detail"]
+    plain = fetch(server.port, "GET", "/get?key=greeting")  # http.client, as a user's script would
+    assert plain.status == 400 and "https://" in plain.problem()["detail"]
     assert server.process.poll() is None
     response = fetch(server.port, "GET", "/get?key=greeting", context=context)
     assert (response.status, response.body) == (200, b"hello")
@@ -375,21 +421,23 @@ def plain(make_server):
     return make_server("--quiet")
 
 
-def test_a_cross_site_request_is_403_and_stores_nothing(plain):
-    response = plain.get(f"/set?planted={SECRET}", headers={"Sec-Fetch-Site": "cross-site"})
+@pytest.mark.parametrize("site", ["cross-site", "same-site"])
+def test_a_cross_site_or_same_site_request_is_403_and_stores_nothing(plain, site):
+    response = plain.get(f"/set?planted={SECRET}", headers={"Sec-Fetch-Site": site})
     assert response.status == 403
     assert response.problem()["detail"]
     assert plain.get("/get?key=planted").status == 404
     assert not (plain.data_dir / "planted").exists()
 
 
-def test_a_cross_site_request_cannot_read_or_delete(plain):
+@pytest.mark.parametrize("site", ["Cross-Site", "Same-Site"])
+def test_a_cross_site_or_same_site_request_cannot_read_or_delete(plain, site):
     assert plain.get("/set?mine=kept").status == 201
     for path in ["/get?key=mine", "/delete?key=mine", "/", "/keys", "/kv/mine"]:
-        response = plain.get(path, headers={"Sec-Fetch-Site": "Cross-Site"})
+        response = plain.get(path, headers={"Sec-Fetch-Site": site})
         assert response.status == 403, path
         assert b"kept" not in response.body
-    assert plain.request("PUT", "/kv/mine", body=b"x", headers={"Sec-Fetch-Site": "cross-site"}).status == 403
+    assert plain.request("PUT", "/kv/mine", body=b"x", headers={"Sec-Fetch-Site": site.lower()}).status == 403
     assert plain.get("/get?key=mine").body == b"kept"
 
 
@@ -448,7 +496,7 @@ def test_a_loopback_host_is_served(plain, host):
 
 
 def test_any_host_is_served_when_bound_to_all_addresses(make_server):
-    server = make_server("--quiet", "--bind", "0.0.0.0")
+    server = make_server("--quiet", "--bind", "0.0.0.0", "--no-token")
     headers = {"Host": f"kv.example.org:{server.port}"}
     assert fetch(server.port, "GET", "/set?mine=ok", headers=headers).status == 201
     response = fetch(server.port, "GET", "/get?key=mine", headers=headers)
@@ -550,13 +598,19 @@ def wait_for_log(server, text: str) -> str:
     return server.stderr()
 
 
-def test_the_access_log_redacts_query_values(logged):
+def test_the_access_log_hides_values_and_shows_keys(logged):
     assert logged.get(f"/set?name={SECRET}").status == 201
     assert logged.get(f"/set?key=other&value={SECRET}2&ttl=60").status == 201
     assert logged.get("/get?key=name").body == SECRET.encode()
-    log = wait_for_log(logged, '"GET /get?key=… HTTP/1.1" 200')
+    assert logged.get(f"/set?key={SECRET}3").status == 201  # the first shape: key "key", value SECRET3
+    assert logged.get("/keys?prefix=na&limit=5").status == 200
+    assert logged.request("PUT", "/kv/photos/cat.jpg?ttl=60", body=SECRET.encode()).status == 201
+    log = wait_for_log(logged, '"PUT /kv/photos/cat.jpg?ttl=60 HTTP/1.1" 201')
+    assert '"GET /get?key=name HTTP/1.1" 200' in log
     assert '"GET /set?name=… HTTP/1.1" 201' in log
-    assert '"GET /set?key=…&value=…&ttl=… HTTP/1.1" 201' in log
+    assert '"GET /set?key=other&value=…&ttl=60 HTTP/1.1" 201' in log
+    assert '"GET /set?key=… HTTP/1.1" 201' in log
+    assert '"GET /keys?prefix=na&limit=5 HTTP/1.1" 200' in log
     assert SECRET not in log
 
 
@@ -576,7 +630,7 @@ def test_the_access_log_redacts_a_request_line_http_server_rejects(logged):
     log = wait_for_log(logged, "GET /set?name=… HTTP/1.1 junk")
     assert SECRET not in log
     assert logged.get(f"/get?key=name&x={SECRET}").status == 400
-    assert SECRET not in wait_for_log(logged, "GET /get?key=…&x=… HTTP/1.1")
+    assert SECRET not in wait_for_log(logged, "GET /get?key=name&x=… HTTP/1.1")
 
 
 def test_the_access_log_never_records_a_value_with_spaces_in_it(logged):

@@ -352,6 +352,36 @@ def test_get_with_a_bad_query_is_a_400_saying_how(shared, query):
     assert_problem(shared.get(f"/get{query}"), 400, "key")
 
 
+@pytest.mark.parametrize("path", ["/get", "/get?", "/delete", "/delete?"])
+def test_get_and_delete_without_a_query_answer_with_their_usage(shared, path):
+    route = path.rstrip("?")
+    detail = assert_problem(shared.get(path), 400)["detail"]
+    assert f"{route}?key=<key>" in detail, detail
+    assert "invalid key" not in detail and "not 0" not in detail, detail
+
+
+@pytest.mark.parametrize(
+    "path, words",
+    [
+        ("/keys?limit=0", ["limit", '"0"']),
+        ("/keys?limit=1.5", ["limit", '"1.5"']),
+        ("/set?key=k&value=v&ttl=1.5", ["ttl", '"1.5"']),
+        ("/kv/k?ttl=0", ["ttl", '"0"']),
+        ("/keys?prefix=a&prefix=b", ['"prefix" is repeated']),
+        ("/get?key=a&key=b", ['"key" is repeated']),
+        ("/keys?prefix", ["\"prefix\" needs '=' and a value"]),
+        ("/keys?bogus=1", ['unexpected query field "bogus"', "?prefix=<p>&delimiter=<d>&limit="]),
+        ("/?bogus=1", ['unexpected query field "bogus"', "/?prefix=<p>"]),
+    ],
+)
+def test_error_details_read_as_text_in_a_terminal(shared, path, words):
+    method = "PUT" if path.startswith("/kv/") else "GET"
+    detail = assert_problem(shared.request(method, path, b"v" if method == "PUT" else None), 400)["detail"]
+    for word in words:
+        assert word in detail, detail
+    assert "b'" not in detail and 'b"' not in detail, f"a Python bytes literal in {detail!r}"
+
+
 # /delete
 
 
@@ -559,6 +589,15 @@ def test_every_json_answer_is_utf8_and_ends_with_a_newline(server):
     assert problem.body.endswith(b"\n")
     assert "naïve".encode() in problem.body
     assert strict_json(problem.body)["status"] == 404
+
+
+def test_dump_with_a_prefix_holds_only_the_keys_under_it(server):
+    for key in ["a/1", "a/2", "b/1"]:
+        assert server.get(f"/set?{q(key)}=v").status == 201
+    response = server.get("/?prefix=a%2F")
+    assert response.status == 200
+    assert response.json() == {"a/1": "v", "a/2": "v"}
+    assert server.get("/?prefix=zzz").json() == {}
 
 
 def test_dump_keys_come_in_code_point_order(server):
@@ -784,7 +823,8 @@ def test_the_access_log_never_holds_a_set_value(make_server):
     for secret in ["hunter2", "correct", "horse", "s3cr3t"]:
         assert secret not in log
     assert '"GET /set?name=… HTTP/1.1" 201 ' in lines[0]
-    assert all(" 201 " in line for line in lines)
+    assert '"GET /set?key=password&value=…&ttl=60 HTTP/1.1" 201 ' in lines[1]
+    assert '"GET /set?token=… HTTP/1.1" 201 ' in lines[2]
 
 
 def test_quiet_turns_the_access_log_off(make_server):

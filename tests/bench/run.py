@@ -866,7 +866,7 @@ def main() -> int:
         for name in config.only:
             log(f"== {name}")
             groups[name]()
-        report.out("## Targets (issue 8)")
+        report.out("## Targets")
         report.out()
         verdict = {True: "PASS", False: "FAIL", None: "n/a"}
         report.out(table(["target", "measured", "result"], [[t, m, verdict[p]] for t, m, p in report.targets]))

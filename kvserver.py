@@ -2739,7 +2739,9 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             self.close_connection = True  # cut off, idle too long, gone, or no TLS: nothing carried out
             return
         if unread and self._status is not None:
-            self._drain()  # what follows on the connection is no request of ours
+            with contextlib.suppress(OSError):
+                self.wfile.flush()
+                _close_gently(self.connection)  # what follows on the connection is no request of ours
 
     def _start(self, head: _RequestHead) -> None:
         """Take a request's head as BaseHTTPRequestHandler's attributes, and its body."""
@@ -2962,19 +2964,6 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             sent += piece
             self.server.connections.moved(self.connection)
         return sent
-
-    def _drain(self) -> None:
-        """Read and drop what the client still sends, briefly, so closing does not reset the
-        connection before it has read our answer (RFC 9112 section 9.6)."""
-        try:
-            self.wfile.flush()
-            self.connection.shutdown(socket.SHUT_WR)
-            self.connection.settimeout(1.0)
-            deadline = time.monotonic() + 2.0
-            while time.monotonic() < deadline and self.connection.recv(CHUNK):
-                pass
-        except OSError:
-            pass
 
     # Seed routes
 
@@ -3552,6 +3541,17 @@ def _problem_response(status: HTTPStatus, detail: str) -> bytes:
     return head.encode() + body
 
 
+def _close_gently(connection: socket.socket) -> None:
+    """End our side, then read and drop what the client still sends, for 2 s at most, so that
+    closing does not reset the connection before the client has read our answer (RFC 9112
+    section 9.6). OSError if the connection is gone."""
+    connection.shutdown(socket.SHUT_WR)
+    connection.settimeout(1.0)
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline and connection.recv(CHUNK):
+        pass
+
+
 def _shut_down(connections: Iterable[socket.socket]) -> None:
     """End connections from another thread: a read blocked on one returns at once."""
     for connection in connections:
@@ -3756,11 +3756,7 @@ class KVServer(ThreadingHTTPServer):
             if first:
                 detail = "this port speaks HTTPS: use an https:// URL"
                 connection.sendall(_problem_response(HTTPStatus.BAD_REQUEST, detail))
-                connection.shutdown(socket.SHUT_WR)
-                connection.settimeout(1.0)
-                deadline = time.monotonic() + 2.0
-                while time.monotonic() < deadline and connection.recv(CHUNK):  # lest closing reset the answer
-                    pass
+                _close_gently(connection)
         connection.close()
         return None
 
@@ -3888,6 +3884,20 @@ class _Progress:
         print(f"{end}{self.line()}{more} in {time.monotonic() - self._started:.1f} s", file=sys.stderr, flush=True)
 
 
+def _open_storage(args: dict[str, Any], locked_hint: str = "") -> Storage:
+    """The storage the command line names, by open_storage; or exit 1 with one line saying why
+    it cannot be used (with `locked_hint` after the line for a data dir in use)."""
+    spec = f"files:{args['--data-dir']}" if args["--storage"] == "files" else args["--storage"]
+    try:
+        return open_storage(spec, fsync=not args["--no-fsync"])
+    except DataDirLocked as error:
+        _fail(f"{error}{locked_hint}", 1)
+    except (StorageUnavailable, ImportError) as error:
+        _fail(str(error), 1)
+    except OSError as error:
+        _fail(f"cannot use data dir {args['--data-dir']}: {error.strerror or error}", 1)
+
+
 def _run_transfer(args: dict[str, Any]) -> None:
     """kvserver export and kvserver import: between a storage and stdout or stdin."""
     exporting = bool(args["export"])
@@ -3898,16 +3908,7 @@ def _run_transfer(args: dict[str, Any]) -> None:
     files = args["--storage"] == "files"
     if exporting and files and not os.path.isdir(args["--data-dir"]):
         _fail(f"no data dir {args['--data-dir']} to export", 1)
-    try:
-        storage = open_storage(
-            f"files:{args['--data-dir']}" if files else args["--storage"], fsync=not args["--no-fsync"]
-        )
-    except DataDirLocked as error:
-        _fail(f"{error}, or export from it while it runs: curl http://<host>:<port>/export", 1)
-    except (StorageUnavailable, ImportError) as error:
-        _fail(str(error), 1)
-    except OSError as error:
-        _fail(f"cannot use data dir {args['--data-dir']}: {error.strerror or error}", 1)
+    storage = _open_storage(args, "; or export from it while it runs: curl http://<host>:<port>/export")
     where = f"{storage.kind} storage {storage.location}"
     with storage:
         try:
@@ -3954,7 +3955,7 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"--storage takes files, memory, or a redis://, rediss:// or unix:// URL, not {args['--storage']!r}", 2)
     if args["--data-dir"] is not None and args["--storage"] != "files":
         _fail(f"--data-dir is the folder of --storage files; {args['--storage']} storage keeps no files there", 2)
-    data_dir = args["--data-dir"] = args["--data-dir"] or "./data"
+    args["--data-dir"] = args["--data-dir"] or "./data"
     if args["export"] or args["import"] or args["--prefix"] is not None:
         _run_transfer(args)
         return
@@ -3974,17 +3975,7 @@ def main(argv: list[str] | None = None) -> None:
             _fail(f"cannot load --certfile/--keyfile: {error}", 1)
 
     started = time.perf_counter()
-    try:
-        if args["--storage"] == "memory":
-            storage: Storage = MemoryStorage()
-        elif args["--storage"] == "files":
-            storage = FileStorage(data_dir, fsync=not args["--no-fsync"])
-        else:
-            storage = RedisStorage(args["--storage"])
-    except (DataDirLocked, StorageUnavailable, ImportError) as error:
-        _fail(str(error), 1)
-    except OSError as error:
-        _fail(f"cannot use data dir {data_dir}: {error.strerror or error}", 1)
+    storage = _open_storage(args)
     loaded = time.perf_counter() - started
     try:
         server = KVServer(

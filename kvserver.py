@@ -3908,7 +3908,7 @@ def _run_transfer(args: dict[str, Any]) -> None:
     files = args["--storage"] == "files"
     if exporting and files and not os.path.isdir(args["--data-dir"]):
         _fail(f"no data dir {args['--data-dir']} to export", 1)
-    storage = _open_storage(args, "; or export from it while it runs: curl http://<host>:<port>/export")
+    storage = _open_storage(args, ", or export from it while it runs: curl http://<host>:<port>/export")
     where = f"{storage.kind} storage {storage.location}"
     with storage:
         try:

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import abc
 import base64
+import binascii
 import bisect
 import codecs
 import collections
@@ -70,6 +71,7 @@ import threading
 import time
 import traceback
 import urllib.parse
+import xml.parsers.expat
 import xmlrpc.client
 import xmlrpc.server
 from collections.abc import Callable, Iterable, Iterator
@@ -108,6 +110,9 @@ TEXT_CONTENT_TYPE = "text/plain; charset=utf-8"
 IDLE_TIMEOUT = 15.0  # seconds a keep-alive connection may wait for its next request
 HEAD_TIMEOUT = 10.0  # seconds from a request's first byte to the end of its headers
 STALL_TIMEOUT = 30.0  # seconds a request body, or an answer, may go without a byte moving
+MAX_RPC_VALUE = 16 * 1024 * 1024  # XML-RPC carries values up to this size either way; /kv/<key> any size
+MAX_RPC_DEPTH = 64  # levels of arrays and structs in an XML-RPC value
+MAX_RPC_ITEMS = 500_000  # items of the arrays and structs in an XML-RPC value, at any depth
 
 
 class PreconditionFailed(Exception):
@@ -131,7 +136,8 @@ _HEADER_VALUE = re.compile("[\x20-\x7e]*")
 def check_key(key: object) -> str:
     """Return `key` if it is a valid key, else raise ValueError saying which rule it breaks.
 
-    A key is 1 to 1024 bytes of UTF-8 without control characters (U+0000-U+001F, U+007F).
+    A key is 1 to 1024 bytes of UTF-8 without control characters (U+0000-U+001F, U+007F) and
+    without U+FFFE and U+FFFF, which XML 1.0 cannot carry (XML-RPC's keys() lists every key).
     """
     if not isinstance(key, str):
         raise ValueError(f"a key is a str, not {type(key).__name__}")
@@ -143,6 +149,8 @@ def check_key(key: object) -> str:
         raise ValueError(f"a key is 1 to {MAX_KEY_BYTES} bytes of UTF-8, not {size}")
     if _CONTROL_CHARACTER.search(key):
         raise ValueError(f"key {key!r} holds a control character (U+0000-U+001F or U+007F)")
+    if "\ufffe" in key or "\uffff" in key:
+        raise ValueError(f"key {key!r} holds U+FFFE or U+FFFF, which XML cannot carry")
     return key
 
 
@@ -164,17 +172,76 @@ def _is_text(content_type: str) -> bool:
     )
 
 
+class _JSONBeyondLimits(ValueError):
+    """JSON that is valid but beyond what other readers take: a number beyond the range of a
+    double (1e400, which most read as infinity), or nesting too deep for Python's parser."""
+
+
+def _excerpt(text: str) -> str:
+    """`text` quoted for a message, cut to its first 20 characters."""
+    return repr(text) if len(text) <= 20 else f"{text[:20]!r}... ({len(text)} characters)"
+
+
 def _parse_json(data: bytes) -> Any:
-    """A JSON value, strictly: ValueError for NaN and Infinity (not JSON, though Python's json
-    reads them) and for nesting too deep to parse."""
+    """A JSON value read strictly, so that it can be written back as JSON and XML: ValueError
+    if `data` is not UTF-8 JSON, holds NaN or Infinity (Python's json reads them), a number
+    beyond a double's range (1e400: Python reads it as inf, or as an int no other reader can
+    take), or a lone surrogate (\\ud800: not a character, cannot be written as UTF-8); its
+    subclass _JSONBeyondLimits for such numbers and for nesting too deep for Python's parser
+    (about 900 levels)."""
 
     def reject(constant: str) -> NoReturn:
         raise ValueError(f"{constant} is not JSON")
 
+    def finite_float(text: str) -> float:
+        number = float(text)
+        if math.isinf(number):
+            raise _JSONBeyondLimits(f"the value holds a number beyond the range of a double, {_excerpt(text)}")
+        return number
+
+    def finite_int(text: str) -> int:
+        if len(text) > 300:  # fewer digits always fit in a double
+            finite_float(text)
+        return int(text)
+
     try:
-        return json.loads(data, parse_constant=reject)
+        value = json.loads(data.decode("utf-8"), parse_constant=reject, parse_float=finite_float, parse_int=finite_int)
     except RecursionError:
-        raise ValueError("JSON nested too deeply") from None
+        raise _JSONBeyondLimits("the value nests deeper than Python's JSON parser goes") from None
+    if _SURROGATE_ESCAPE.search(data) and _holds_surrogate(value):
+        raise ValueError("a JSON string holds a lone surrogate")
+    return value
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _holds_surrogate(value: Any) -> bool:
+    """Whether a parsed JSON value holds a str with a surrogate (a key or a string, at any depth)."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return True
+        elif isinstance(item, list):
+            pending.extend(item)
+        elif isinstance(item, dict):
+            pending.extend(item)
+            pending.extend(item.values())
+    return False
+
+
+_JSON_STRING_LITERAL = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # unrolled: fast on long strings
+
+
+def _count_json_items(data: bytes) -> int:
+    """How many items the arrays and objects of a JSON text hold, at any depth, counted without
+    parsing it (exactly, if it is JSON): its commas, and one more in each non-empty container."""
+    skeleton = _JSON_STRING_LITERAL.sub(b"0", data).translate(None, b" \t\r\n")
+    containers = skeleton.count(b"[") + skeleton.count(b"{") - skeleton.count(b"[]") - skeleton.count(b"{}")
+    return skeleton.count(b",") + containers
 
 
 def _is_json(content_type: str) -> bool:
@@ -669,7 +736,7 @@ class _ExportReader:
             if b"\n" in self._buffer or len(self._buffer) > _MAX_LINE_HEAD or not self._fill():
                 raise ValueError(f"it is not {_LINE_SHAPE}, with the fields in this order")
         self._buffer = self._buffer[match.end() :]
-        key, content_type = json.loads(match[1]), json.loads(match[2])
+        key, content_type = _parse_json(match[1]), _parse_json(match[2])
         expires_at = None if match[3] == b"null" else float(match[3])
         if expires_at is not None and not math.isfinite(expires_at):
             raise ValueError(f"expires_at {match[3].decode()} is not a time")
@@ -1605,7 +1672,7 @@ class FileStorage(Storage):
         path = os.path.join(self._meta, name)
         try:
             with open(path, "rb") as file:
-                records = json.load(file)
+                records = _parse_json(file.read())
             if isinstance(records, dict) and all(
                 isinstance(record, dict)
                 and isinstance(record.get("key"), str)
@@ -2581,11 +2648,16 @@ class _RequestBody:
 # HTTP
 
 
+def _json_bytes(document: object) -> bytes:
+    """`document` as strict JSON in UTF-8, non-ASCII characters as themselves (not \\u escapes);
+    ValueError for a float that is not finite, which JSON has no form for."""
+    return json.dumps(document, ensure_ascii=False, allow_nan=False).encode("utf-8")
+
+
 def _problem(status: HTTPStatus, detail: str) -> bytes:
-    """The problem+json body (RFC 9457) of an error answer."""
-    return json.dumps(
-        {"type": "about:blank", "title": status.phrase, "status": status.value, "detail": detail}
-    ).encode()
+    """The problem+json body (RFC 9457) of an error answer, ending with a newline."""
+    document = {"type": "about:blank", "title": status.phrase, "status": status.value, "detail": detail}
+    return _json_bytes(document) + b"\n"
 
 
 def _answer_to(error: Exception) -> tuple[HTTPStatus, str, dict[str, str]]:
@@ -3281,7 +3353,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         return text
 
     def _send_json(self, status: HTTPStatus, document: object, headers: dict[str, str] | None = None) -> None:
-        self._send(status, json.dumps(document).encode(), "application/json", headers)
+        self._send(status, _json_bytes(document) + b"\n", "application/json", headers)
 
     def _send_problem(self, status: HTTPStatus, detail: str, headers: dict[str, str] | None = None) -> None:
         """An error answer: problem+json, or the same as a page for a browser."""
@@ -3462,9 +3534,9 @@ class KVRequestHandler(BaseHTTPRequestHandler):
                 value = _dump_entry(self.storage, key)
             except KeyError:
                 continue  # deleted or expired since the listing
-            writer.write(separator + json.dumps(key).encode() + b": " + json.dumps(value).encode())
+            writer.write(separator + _json_bytes(key) + b": " + _json_bytes(value))
             separator = b", "
-        writer.write(b"}" if separator == b", " else b"{}")
+        writer.write(b"}\n" if separator == b", " else b"{}\n")
         writer.close()
 
     def _stream(self, content_type: str, headers: dict[str, str] | None = None) -> _ChunkedWriter | None:
@@ -3621,8 +3693,14 @@ class KVRequestHandler(BaseHTTPRequestHandler):
     # XML-RPC
 
     def _route_rpc(self, path: str, query: str) -> None:
-        request = self.body.read_all(self.server.max_value * 2 + CHUNK)  # base64 and XML around a value
-        self._send(HTTPStatus.OK, self.server.rpc.dispatch(request), "text/xml")
+        try:
+            response = self.server.rpc.dispatch(self.body.read_all(_MAX_RPC_BODY))
+        except _HTTPError as error:
+            if error.status != HTTPStatus.REQUEST_ENTITY_TOO_LARGE:
+                raise
+            too_large = xmlrpc.client.Fault(413, f"the call is over {_MAX_RPC_BODY:,} bytes; {_RPC_TOO_LARGE}")
+            response = _XMLRPCWriter.fault(too_large)
+        self._send(HTTPStatus.OK, response, "text/xml")
 
 
 _Route = Callable[[KVRequestHandler, str, str], None]
@@ -3651,10 +3729,216 @@ _ROUTES: dict[str, dict[str, _Route]] = {
 }
 
 
+_INT32 = range(-(2**31), 2**31)
+_MAX_RPC_BODY = 2 * MAX_RPC_VALUE + CHUNK  # room for the value's base64 (4/3 of it) or escaped text, and XML
+_RPC_TOO_LARGE = (
+    f"XML-RPC carries values of at most {MAX_RPC_VALUE >> 20} MiB and {MAX_RPC_ITEMS:,} items: "
+    "PUT larger ones to /kv/<key> and GET them from there"
+)
+
+
+class _NotCarried(Exception):
+    """A value XML-RPC cannot carry: a Fault with `code` (400, or 413 for too large); the
+    message says what to do instead."""
+
+    def __init__(self, message: str, code: int = 400) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _CallReader(xmlrpc.client.Unmarshaller):
+    """xmlrpc.client's reader, keeping a call within what the server stores and gives back
+    (each refused as it is read, as _NotCarried): ints of 32 bits, finite doubles, and per
+    parameter at most MAX_RPC_DEPTH levels of arrays and structs and MAX_RPC_ITEMS items.
+    <base64> is decoded without an extra copy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.xml("", None)  # no encoding: expat gives str, with nothing to decode
+        self._items = 0  # <value>s in the parameter being read, but its own
+
+    def start(self, tag: str, attrs: dict[str, str]) -> None:
+        name = tag.rpartition(":")[2]
+        if name == "param":
+            self._items = -1
+        elif name == "value":
+            self._items += 1
+            if self._items > MAX_RPC_ITEMS:
+                raise _NotCarried(f"a parameter holds over {MAX_RPC_ITEMS:,} items; {_RPC_TOO_LARGE}", 413)
+        elif name in ("array", "struct") and len(self._marks) >= MAX_RPC_DEPTH:
+            raise _NotCarried(f"a parameter nests arrays and structs deeper than {MAX_RPC_DEPTH} levels; flatten it")
+        super().start(tag, attrs)
+
+    def end_int(self, data: str) -> None:
+        if not re.fullmatch(r"\s*[-+]?[0-9]{1,10}\s*", data) or int(data) not in _INT32:
+            raise _NotCarried(
+                f"an XML-RPC int is a whole number from {_INT32.start} to {_INT32.stop - 1}, not {_excerpt(data)}; "
+                "send larger numbers as a double or a string"
+            )
+        super().end_int(data)
+
+    def end_double(self, data: str) -> None:
+        try:
+            number = float(data)
+        except ValueError:
+            number = math.nan
+        if not math.isfinite(number):
+            raise _NotCarried(f"an XML-RPC double is a finite number, not {_excerpt(data)}")
+        super().end_double(data)
+
+    def end_base64(self, data: str) -> None:
+        try:
+            self.append(xmlrpc.client.Binary(binascii.a2b_base64(data)))  # reads the str in place
+        except ValueError:
+            raise _NotCarried("a <base64> value is not valid base64") from None
+        self._value = False
+
+    dispatch: dict[str, Callable[[Any, str], None]] = {  # noqa: RUF012 -- as in Unmarshaller: name -> end handler
+        **xmlrpc.client.Unmarshaller.dispatch,
+        **dict.fromkeys(["i1", "i2", "i4", "i8", "int", "biginteger"], end_int),
+        **dict.fromkeys(["double", "float"], end_double),
+        "base64": end_base64,
+    }
+
+
+def _read_call(request: bytes) -> tuple[str, tuple[Any, ...]]:
+    """The method name and parameters of an XML-RPC call; Fault 400 saying what is wrong if
+    `request` is not one, or holds a value beyond the limits _CallReader keeps."""
+    reader = _CallReader()
+    parser = xml.parsers.expat.ParserCreate()
+    parser.buffer_text = True  # text comes in pieces of buffer_size, not one per line
+    parser.buffer_size = CHUNK
+    parser.StartElementHandler = reader.start
+    parser.EndElementHandler = reader.end
+    parser.CharacterDataHandler = reader.data
+
+    def refuse_dtd(*args: object) -> NoReturn:  # its entities could make a small call expand
+        raise _NotCarried("an XML-RPC call has no document type declaration (<!DOCTYPE>)")
+
+    parser.StartDoctypeDeclHandler = refuse_dtd
+    try:
+        parser.Parse(request, True)
+        method = reader.getmethodname()
+        params = reader.close()
+    except _NotCarried as error:
+        raise xmlrpc.client.Fault(error.code, str(error)) from None
+    except xml.parsers.expat.ExpatError as error:
+        raise xmlrpc.client.Fault(
+            400, f"the request is not well-formed XML ({error}); send text with control characters as Binary"
+        ) from None
+    except Exception:  # anything else the reader meets: a response instead of a call, a misplaced element
+        method = None
+    if method is None:
+        raise xmlrpc.client.Fault(
+            400, "the request is not an XML-RPC call; send a <methodCall> with a <methodName> and <params>"
+        )
+    return method, params
+
+
+# What XML 1.0 cannot carry: control characters but tab, LF and CR; U+FFFE and U+FFFF (and
+# lone surrogates, which no str decoded from UTF-8 or read from XML holds).
+_NOT_XML_TEXT = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+_BASE64_PIECE = CHUNK * 3 // 4  # bytes encoded at a time: one line of 64 KiB of base64
+
+
+class _XMLRPCWriter:
+    """Writes XML-RPC responses as UTF-8 bytes that an XML 1.0 parser reads back as they were
+    meant: a str XML cannot carry (see _NOT_XML_TEXT) goes as <base64> of its UTF-8 bytes, and
+    CR as &#13; (a parser reads a raw CR as LF). Values are written a slice at a time into one
+    buffer, so a response costs the value and the response, not the four copies that
+    xmlrpc.client.dumps makes. _NotCarried for what XML-RPC has no form for (ints beyond 32
+    bits, nesting deeper than MAX_RPC_DEPTH, a struct member name XML cannot carry)."""
+
+    def __init__(self) -> None:
+        self._out = io.BytesIO()
+        self._write = self._out.write
+        self._write(b"<?xml version='1.0'?>\n<methodResponse>\n")
+
+    @classmethod
+    def result(cls, value: Any) -> bytes:
+        """The response that returns `value`."""
+        writer = cls()
+        writer._write(b"<params>\n<param>\n")
+        writer._value(value, 0)
+        writer._write(b"</param>\n</params>\n")
+        return writer._end()
+
+    @classmethod
+    def fault(cls, fault: xmlrpc.client.Fault) -> bytes:
+        """The response that reports `fault`."""
+        writer = cls()
+        writer._write(b"<fault>\n")
+        writer._value({"faultCode": fault.faultCode, "faultString": fault.faultString}, 0)
+        writer._write(b"</fault>\n")
+        return writer._end()
+
+    def _end(self) -> bytes:
+        self._write(b"</methodResponse>\n")
+        return self._out.getvalue()  # the buffer itself, not a copy
+
+    def _value(self, value: Any, depth: int) -> None:
+        write = self._write
+        if value is None:
+            write(b"<value><nil/></value>\n")
+        elif isinstance(value, bool):
+            write(b"<value><boolean>%d</boolean></value>\n" % value)
+        elif isinstance(value, int):
+            if not _INT32.start <= value < _INT32.stop:  # not `in`, which tests an IntEnum by iterating
+                raise _NotCarried(f"the value holds {value}, beyond XML-RPC's 32-bit ints; read it with GET /kv/<key>")
+            write(b"<value><int>%d</int></value>\n" % value)
+        elif isinstance(value, float):
+            write(b"<value><double>%r</double></value>\n" % value)
+        elif isinstance(value, str):
+            if _NOT_XML_TEXT.search(value):
+                self._base64(value.encode("utf-8"))
+            else:
+                write(b"<value><string>")
+                self._text(value)
+                write(b"</string></value>\n")
+        elif isinstance(value, xmlrpc.client.Binary):
+            self._base64(value.data)
+        elif depth == MAX_RPC_DEPTH and isinstance(value, (list, dict)):
+            raise _NotCarried(f"the value nests deeper than {MAX_RPC_DEPTH} levels; read it with GET /kv/<key>")
+        elif isinstance(value, list):
+            write(b"<value><array><data>\n")
+            for item in value:
+                self._value(item, depth + 1)
+            write(b"</data></array></value>\n")
+        elif isinstance(value, dict):
+            write(b"<value><struct>\n")
+            for name, item in value.items():
+                if _NOT_XML_TEXT.search(name):
+                    raise _NotCarried(
+                        f"the value has a member name XML cannot carry, {name!r}; read it with GET /kv/<key>"
+                    )
+                write(b"<member>\n<name>")
+                self._text(name)
+                write(b"</name>\n")
+                self._value(item, depth + 1)
+                write(b"</member>\n")
+            write(b"</struct></value>\n")
+        else:
+            raise TypeError(f"no XML-RPC form for {type(value).__name__}")
+
+    def _text(self, text: str) -> None:
+        """`text` as XML character data, CR too, which a parser would read as LF. (Replacing
+        in UTF-8 is safe: no byte of a multi-byte character is ASCII.)"""
+        for start in range(0, len(text), CHUNK):
+            data = text[start : start + CHUNK].encode("utf-8")
+            self._write(
+                data.replace(b"&", b"&amp;").replace(b"<", b"&lt;").replace(b">", b"&gt;").replace(b"\r", b"&#13;")
+            )
+
+    def _base64(self, data: bytes) -> None:
+        self._write(b"<value><base64>\n")
+        view = memoryview(data)
+        for start in range(0, len(data), _BASE64_PIECE):
+            self._write(binascii.b2a_base64(view[start : start + _BASE64_PIECE]))
+        self._write(b"</base64></value>\n")
+
+
 class _XMLRPC:
     """The XML-RPC methods; values keep their type through the media type they are stored with."""
-
-    _INT32 = range(-(2**31), 2**31)
 
     def __init__(self, storage: Storage, max_value: int) -> None:
         self._storage = storage
@@ -3667,8 +3951,15 @@ class _XMLRPC:
 
     def dispatch(self, request: bytes) -> bytes:
         """The XML-RPC response to a request: a result, or a Fault saying what was wrong."""
-        response = self._dispatcher._marshaled_dispatch(request, self._call)
-        return cast(bytes, response)  # typeshed says str; CPython returns the encoded bytes
+        try:
+            method, params = _read_call(request)
+            result = self._call(method, params)
+            try:
+                return _XMLRPCWriter.result(result)
+            except _NotCarried as error:
+                raise xmlrpc.client.Fault(error.code, f"{method}: {error}") from None
+        except xmlrpc.client.Fault as fault:
+            return _XMLRPCWriter.fault(fault)
 
     def _call(self, method: str, params: tuple[Any, ...]) -> Any:
         if method not in self._dispatcher.funcs:
@@ -3700,7 +3991,7 @@ class _XMLRPC:
             data, content_type = value.data, DEFAULT_CONTENT_TYPE
         else:
             try:
-                data, content_type = json.dumps(value).encode(), "application/json"
+                data, content_type = _json_bytes(value), "application/json"
             except TypeError:
                 raise xmlrpc.client.Fault(
                     400,
@@ -3709,24 +4000,43 @@ class _XMLRPC:
                 ) from None
         if len(data) > self._max_value:
             raise xmlrpc.client.Fault(413, f"the value is {len(data)} bytes; at most {self._max_value} (--max-value)")
+        if len(data) > MAX_RPC_VALUE:
+            raise xmlrpc.client.Fault(413, f"the value is {len(data):,} bytes; {_RPC_TOO_LARGE}")
         self._storage.write(key, data, content_type=content_type, ttl=ttl)
 
     def load(self, key: str) -> Any:
         """load(key): the value saved under key, or None if there is none."""
         try:
-            stat, body = self._storage.fetch(key)
+            data, content_type = self._read(key)
         except KeyError:
             return None
-        data = body if isinstance(body, bytes) else body.read()
-        if not isinstance(body, bytes):
-            body.close()
-        if _is_json(stat.content_type):
-            with contextlib.suppress(ValueError):
-                return self._check_ints(key, _parse_json(data))
-        if _is_text(stat.content_type):
+        if _is_json(content_type):
+            if _count_json_items(data) > MAX_RPC_ITEMS:  # checked first: parsing costs ~100 bytes an item
+                raise xmlrpc.client.Fault(413, f"key {key!r} holds over {MAX_RPC_ITEMS:,} items; {_RPC_TOO_LARGE}")
+            try:
+                return _parse_json(data)
+            except _JSONBeyondLimits as error:
+                raise xmlrpc.client.Fault(400, f"{error}; read it with GET /kv/<key>") from None
+            except ValueError:
+                pass  # not JSON after all: given as its bytes
+        if _is_text(content_type):
             with contextlib.suppress(UnicodeDecodeError):
                 return data.decode("utf-8")
         return xmlrpc.client.Binary(data)
+
+    def _read(self, key: str) -> tuple[bytes, str]:
+        """The bytes and media type of the value of `key`; KeyError if absent, Fault 413 if it
+        is over MAX_RPC_VALUE, found before reading it."""
+        size = self._storage.stat(key).size
+        if size <= MAX_RPC_VALUE:
+            stat, body = self._storage.fetch(key)
+            if not isinstance(body, bytes):
+                with body:
+                    body = body.read(MAX_RPC_VALUE + 1)  # it may have grown since
+            size = len(body)
+            if size <= MAX_RPC_VALUE:
+                return body, stat.content_type
+        raise xmlrpc.client.Fault(413, f"key {key!r} holds {size:,} bytes; {_RPC_TOO_LARGE}")
 
     def delete(self, key: str) -> None:
         """delete(key): remove key; no error if it is absent."""
@@ -3735,17 +4045,6 @@ class _XMLRPC:
     def keys(self, prefix: str = "") -> list[str]:
         """keys([prefix]): the keys that start with prefix, in code-point order."""
         return self._storage.keys(prefix)
-
-    def _check_ints(self, key: str, value: Any) -> Any:
-        items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else [value]
-        for item in items:
-            if isinstance(item, (dict, list)):
-                self._check_ints(key, item)
-            elif isinstance(item, int) and not isinstance(item, bool) and item not in self._INT32:
-                raise xmlrpc.client.Fault(
-                    400, f"key {key!r} holds {item}, too large for XML-RPC's 32-bit ints; read it with GET /kv/<key>"
-                )
-        return value
 
 
 # Server
@@ -4166,7 +4465,7 @@ def _run_transfer(args: dict[str, Any]) -> None:
     files = args["--storage"] == "files"
     if exporting and files and not os.path.isdir(args["--data-dir"]):
         _fail(f"no data dir {args['--data-dir']} to export", 1)
-    storage = _open_storage(args, "; or export from it while it runs: curl http://<host>:<port>/export")
+    storage = _open_storage(args, ", or export from it while it runs: curl http://<host>:<port>/export")
     where = f"{storage.kind} storage {storage.location}"
     with storage:
         try:

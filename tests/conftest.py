@@ -44,6 +44,14 @@ def wait_for(condition, timeout: float = 10.0, interval: float = 0.01, what: str
         time.sleep(interval)
 
 
+def vm_bytes(pid: int, field: str) -> int:
+    """A VmRSS / VmHWM line of /proc/<pid>/status, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
 @dataclass
 class Response:
     status: int

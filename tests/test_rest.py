@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import Server, assert_problem, require_service, wait_for
+from conftest import Server, assert_problem, require_service, vm_bytes, wait_for
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -160,14 +160,6 @@ def data_files(server: Server) -> dict[str, bytes]:
 
 def temporary_files(server: Server) -> list[Path]:
     return list((server.data_dir / ".kvserver" / "tmp").iterdir())
-
-
-def vm_bytes(pid: int, field: str) -> int:
-    """A VmRSS / VmHWM line of /proc/<pid>/status, in bytes."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no {field} in /proc/{pid}/status")
 
 
 # PUT
@@ -352,8 +344,8 @@ def test_any_valid_key_round_trips_through_its_percent_decoded_path(server, path
 
 @pytest.mark.parametrize(
     "path",
-    ["/kv/", "/kv/%FF", "/kv/%C3", "/kv/a%00b", "/kv/a%7Fb", "/kv/" + "k" * 1025],
-    ids=["no-key", "invalid-utf8", "truncated-utf8", "nul", "del", "1025-bytes"],
+    ["/kv/", "/kv/%FF", "/kv/%C3", "/kv/a%00b", "/kv/a%7Fb", "/kv/a%EF%BF%BEb", "/kv/%EF%BF%BF", "/kv/" + "k" * 1025],
+    ids=["no-key", "invalid-utf8", "truncated-utf8", "nul", "del", "U+FFFE", "U+FFFF", "1025-bytes"],
 )
 def test_a_missing_or_invalid_key_is_a_400_for_every_method(server, path):
     for method in ("GET", "HEAD", "PUT", "DELETE"):

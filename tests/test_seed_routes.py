@@ -543,6 +543,54 @@ def test_dump_shows_every_value_by_its_media_type(server):
     }
 
 
+def strict_json(body: bytes):
+    """`body` parsed as JSON that any reader takes: UTF-8, no NaN or Infinity, no lone surrogate,
+    and every number within a double's range."""
+
+    def refuse(constant: str):
+        raise AssertionError(f"{constant} is not JSON")
+
+    def finite(number: str) -> float:
+        assert abs(float(number)) != float("inf"), f"{number} is beyond a double"
+        return float(number)
+
+    document = json.loads(body.decode("utf-8"), parse_constant=refuse, parse_float=finite, parse_int=finite)
+    json.dumps(document, ensure_ascii=False).encode("utf-8")  # no lone surrogate anywhere
+    return document
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"1e400",
+        b"-1e400",
+        b"[1, 2.5e999]",
+        b'{"n": -1E+309}',
+        b"1" + b"0" * 400,  # an integer: Python reads it exactly, a double cannot hold it
+        b'"\\ud800"',
+        b'["\\udfff x"]',
+        b"NaN",
+        b"[Infinity]",
+    ],
+)
+def test_dump_shows_json_that_other_readers_cannot_take_as_its_text(server, body):
+    assert server.request("PUT", "/kv/v", body=body, headers={"Content-Type": "application/json"}).status == 201
+    assert server.request("PUT", "/kv/ok", body=b"[1e308, -5]", headers={"Content-Type": "application/json"}).status
+    assert strict_json(server.get("/").body) == {"ok": [1e308, -5], "v": body.decode()}
+
+
+def test_every_json_answer_is_utf8_and_ends_with_a_newline(server):
+    assert server.get(f"/set?{q('été')}={q('ünï')}").body == '{"key": "été", "created": true}\n'.encode()
+    assert server.get("/").body == '{"été": "ünï"}\n'.encode()
+    assert server.get("/keys").body == '{"keys": ["été"], "next": null}\n'.encode()
+    assert server.get(f"/delete?key={q('été')}").body == '{"key": "été", "deleted": true}\n'.encode()
+    assert server.get("/").body == b"{}\n"
+    problem = server.get(f"/get?key={q('naïve')}")
+    assert problem.body.endswith(b"\n")
+    assert "naïve".encode() in problem.body
+    assert strict_json(problem.body)["status"] == 404
+
+
 def test_dump_with_a_prefix_holds_only_the_keys_under_it(server):
     for key in ["a/1", "a/2", "b/1"]:
         assert server.get(f"/set?{q(key)}=v").status == 201

@@ -531,10 +531,10 @@ class Watch(Iterator[Event]):
 
     def __next__(self) -> Event:
         while not self._pending:
-            remaining = None if self._deadline is None else self._deadline - time.monotonic()
-            if self.closed or (remaining is not None and remaining <= 0):
+            remaining = None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+            self._pending = self.wait(remaining)  # (at the end of the time, what has come already)
+            if not self._pending and (self.closed or remaining == 0):
                 raise StopIteration
-            self._pending = self.wait(remaining)
         return self._pending.pop(0)
 
     def close(self) -> None:
@@ -806,17 +806,17 @@ class Storage(abc.ABC):
     Callers use the simplekv interface (`get`, `put`, `put_file`, `get_file`, `open`,
     `delete`, `keys`, `iter_keys`, `in`, `len`, iteration) and the extras: `stat`, `fetch`,
     `write` (streamed, with metadata and compare-and-set), `remove`, `check_precondition`,
-    `totals`, `sweep`, `close` (also as a context manager), and the attributes `kind` (the
-    name of the backend) and `location` (where values live, said for people).
+    `totals`, `sweep`, `watch`, `close` (also as a context manager), and the attributes `kind`
+    (the name of the backend) and `location` (where values live, said for people).
 
     The public methods check their arguments once (keys, TTLs, media types), then
     call the hooks. A backend must implement `_fetch`, `_write`, `_delete` and `_keys`, and
     set `kind` and `location`. It may override `_stat` (default: from `_fetch`), `totals`
     (default: the stat of every key; a backend with an index keeps running totals),
-    `sweep` (default: nothing to do) and `close` (calling this one). For `watch`, it
-    publishes every change (writes, deletes, and values that expire: sweeps) to `self._feed`
-    at the moment the change takes effect, under the key's lock, or gives the feed the
-    changes in their order (Redis storage).
+    `sweep` (default: nothing to do) and `close` (calling this one). Its `__init__` calls
+    this one's, which makes the change feed: for `watch`, the backend publishes every change
+    (writes, deletes, and values that expire: sweeps) to `self._feed` at the moment the change
+    takes effect, under the key's lock, or gives the feed the changes in their order (Redis).
     """
 
     kind: str  # "memory", "files", "redis"

@@ -118,6 +118,15 @@ class WatchContract:
         store.put("after", b"v")
         assert next(watch).key == "after"
 
+    def test_a_watch_with_no_time_left_yields_what_has_come_already(self, store):
+        with store.watch(timeout=10) as watch:
+            store.put("a", b"1")
+            first = next(watch).revision
+        store.put("b", b"2")
+        store.put("c", b"3")
+        wait_for(lambda: len(list(store.watch(after=first, timeout=0))) == 2, what="the events to be there")
+        assert [event.key for event in store.watch(after=first, timeout=0)] == ["b", "c"]
+
     def test_a_watch_ends_after_its_timeout(self, store):
         started = time.monotonic()
         assert list(store.watch(timeout=0.3)) == []

@@ -3681,13 +3681,14 @@ class KVRequestHandler(BaseHTTPRequestHandler):
                 events = self._wait(watch, HEARTBEAT)
                 if watch.closed:
                     break
-                messages = b"".join(map(_event_message, events))
-                writer.write(messages or b": keep-alive\n\n")
+                data = b"".join(map(_event_message, events)) or b": keep-alive\n\n"
+                writer.write(data)
                 writer.flush()
-                self._sent += len(messages)
-                if time.monotonic() - sent < COALESCE:  # changes keep coming: gather them
-                    time.sleep(COALESCE)
-                sent = time.monotonic()
+                self._sent += len(data)
+                if events:
+                    if time.monotonic() - sent < COALESCE:  # changes keep coming: gather them
+                        time.sleep(COALESCE)
+                    sent = time.monotonic()
             writer.close()
 
     # XML-RPC

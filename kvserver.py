@@ -72,7 +72,6 @@ import traceback
 import urllib.parse
 import xml.parsers.expat
 import xmlrpc.client
-import xmlrpc.server
 from collections.abc import Callable, Iterable, Iterator
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -2645,9 +2644,6 @@ def _is_loopback_host(host: str) -> bool:
 
 
 _LOGGED_FIELDS = frozenset({"key", "ttl", "prefix", "delimiter", "limit", "after", "wait"})
-_LOG_ESCAPES = str.maketrans({c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)]})
-
-
 def _redact(request_line: str) -> str:
     """The request line for the access log: values hidden as '…', keys shown as REST paths
     show them. Only the query fields that name keys or settings keep their value (and
@@ -2805,11 +2801,12 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         return time.strftime("%d/%b/%Y:%H:%M:%S %z")
 
     def log_message(self, format: str, *args: Any) -> None:
+        """BaseHTTPRequestHandler's log line, control characters escaped, unless --quiet."""
         if not self.server.quiet:
-            sys.stderr.write(f"{self.address_string()} - - [{self.log_date_time_string()}] {format % args}\n")
+            super().log_message(format, *args)
 
     def _log_access(self) -> None:
-        line = _redact(self.requestline).translate(_LOG_ESCAPES)
+        line = _redact(self.requestline)
         self.log_message('"%s" %s %s', line, self._status, self._sent or "-")
 
     # Routing
@@ -3445,11 +3442,14 @@ class _XMLRPC:
     def __init__(self, storage: Storage, max_value: int) -> None:
         self._storage = storage
         self._max_value = max_value
-        self._dispatcher = xmlrpc.server.SimpleXMLRPCDispatcher(allow_none=True, encoding="utf-8")
-        self._dispatcher.register_introspection_functions()
-        methods: list[Callable[..., Any]] = [self.save, self.load, self.delete, self.keys]
-        for method in methods:
-            self._dispatcher.register_function(method)
+        self._methods: dict[str, Callable[..., Any]] = {
+            "save": self.save,
+            "load": self.load,
+            "delete": self.delete,
+            "keys": self.keys,
+            "system.listMethods": self.list_methods,
+            "system.methodHelp": self.method_help,
+        }
 
     def dispatch(self, request: bytes) -> bytes:
         """The XML-RPC response to a request: a result, or a Fault saying what was wrong."""
@@ -3464,20 +3464,21 @@ class _XMLRPC:
             return _XMLRPCWriter.fault(fault)
 
     def _call(self, method: str, params: tuple[Any, ...]) -> Any:
-        if method not in self._dispatcher.funcs:
+        """Call a method; any failure becomes a Fault whose code is the HTTP status of the same
+        failure (_answer_to)."""
+        function = self._methods.get(method)
+        if function is None:
             raise xmlrpc.client.Fault(404, f"no method {method!r}; system.listMethods() lists them")
-        function = self._dispatcher.funcs[method]
         try:
             inspect.signature(function).bind(*params)
         except TypeError:
-            usage = (inspect.getdoc(function) or method).split(": ", 1)[0]  # 'save(key, value[, ttl])'
-            raise xmlrpc.client.Fault(400, f"call {usage}, not with {len(params)} argument(s)") from None
+            raise xmlrpc.client.Fault(
+                400, f"{method} does not take {len(params)} argument(s); {self.method_help(method)}"
+            ) from None
         try:
-            return self._dispatcher._dispatch(method, params)
+            return function(*params)
         except xmlrpc.client.Fault:
             raise
-        except (ValueError, TypeError) as error:  # bad arguments: what check_key and friends raise
-            raise xmlrpc.client.Fault(400, f"{method}: {error}") from None
         except Exception as error:
             status, detail, _ = _answer_to(error)
             if status == HTTPStatus.INTERNAL_SERVER_ERROR:
@@ -3543,6 +3544,16 @@ class _XMLRPC:
     def delete(self, key: str) -> None:
         """delete(key): remove key; no error if it is absent."""
         self._storage.delete(key)
+
+    def list_methods(self) -> list[str]:
+        """system.listMethods(): the names of the methods."""
+        return sorted(self._methods)
+
+    def method_help(self, name: str) -> str:
+        """system.methodHelp(name): how to call a method, and what it does."""
+        if name not in self._methods:
+            raise xmlrpc.client.Fault(404, f"no method {name!r}; system.listMethods() lists them")
+        return inspect.getdoc(self._methods[name]) or name
 
     def keys(self, prefix: str = "") -> list[str]:
         """keys([prefix]): the keys that start with prefix, in code-point order."""

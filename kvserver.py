@@ -73,11 +73,10 @@ import traceback
 import urllib.parse
 import xml.parsers.expat
 import xmlrpc.client
-import xmlrpc.server
 from collections.abc import Callable, Iterable, Iterator
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import IO, Any, BinaryIO, NamedTuple, NoReturn, Protocol, TypeVar, cast
+from typing import IO, Any, BinaryIO, ClassVar, NamedTuple, NoReturn, Protocol, TypeVar, cast
 
 __version__ = "0.1.0"
 __all__ = [
@@ -3088,7 +3087,6 @@ def _is_loopback_host(host: str) -> bool:
 
 
 _LOGGED_FIELDS = frozenset({"key", "ttl", "prefix", "delimiter", "limit", "after", "wait"})
-_LOG_ESCAPES = str.maketrans({c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)]})
 
 
 def _redact(request_line: str) -> str:
@@ -3110,17 +3108,46 @@ def _redact(request_line: str) -> str:
     return head + "?" + "&".join(redacted) + separator + version
 
 
+_Route = Callable[["KVRequestHandler", str, str], None]
+
+
+def _route(path: str, method: str, *, head: bool = True) -> Callable[[_Route], _Route]:
+    """Mark a handler method as the answer to `method` on `path` (as bottle's @route does);
+    "/kv/" stands for every /kv/<key>. A GET route answers HEAD too, unless `head` is False."""
+
+    def mark(handler: _Route) -> _Route:
+        methods = (method, "HEAD") if method == "GET" and head else (method,)
+        marks: list[tuple[str, tuple[str, ...]]] = getattr(handler, "routes", [])
+        setattr(handler, "routes", [*marks, (path, methods)])  # noqa: B010
+        return handler
+
+    return mark
+
+
+def _route_table(namespace: dict[str, Any]) -> dict[str, dict[str, _Route]]:
+    """The routes marked on the handlers of a class body: path -> method -> handler."""
+    table: dict[str, dict[str, _Route]] = {}
+    for handler in namespace.values():
+        for path, methods in getattr(handler, "routes", ()):
+            for method in methods:
+                table.setdefault(path, {})[method] = handler
+    return table
+
+
 _STATUS_LINES = {status: f"HTTP/1.1 {status.value} {status.phrase}\r\n" for status in HTTPStatus}
 
 
 class KVRequestHandler(BaseHTTPRequestHandler):
     """Serves one connection: the seed routes, REST, XML-RPC, the page, health and metrics.
 
-    Routes are looked up in _ROUTES by path (every /kv/<key> shares one entry) and then
-    by method. Handlers answer through `_send` (and `_send_json`, `_send_problem`,
+    A request's life: `handle_one_request` reads the head (`_read_head`), `_dispatch` checks
+    access and finds the handler in `routes` by path (every /kv/<key> shares one entry) and
+    method; a handler is marked with @_route where it is defined. Handlers read a body with
+    `self.body.open(limit)` and answer through `_send` (and `_send_json`, `_send_problem`,
     `_send_value`), which write the head with `_write_head`; anything they raise is turned
-    into a problem+json answer by `_dispatch`. A subclass may override `_check_access` to
-    guard the routes differently.
+    into a problem+json answer by `_dispatch`, through `_answer_to`. A subclass may override
+    `_check_access` to guard the routes differently, and add routes by marking handlers and
+    building its own `routes = _route_table(vars())`.
     """
 
     server: KVServer
@@ -3133,7 +3160,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
     body: _RequestBody
     _status: int | None = None
     _sent: int = 0
-    _route: str = "unmatched"
+    _metrics_route: str = "unmatched"  # the route as /metrics names it
     _started: float = 0.0
 
     @property
@@ -3157,7 +3184,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
                 return  # the client closed the connection
             if not connections.reading_head(self.connection):
                 return  # stop() closed this connection as idle just as a request arrived
-            self._status, self._sent, self._route, self._started = None, 0, "unmatched", time.perf_counter()
+            self._status, self._sent, self._metrics_route, self._started = None, 0, "unmatched", time.perf_counter()
             self.command, self.request_version, self.requestline = "", "HTTP/1.1", ""
             try:
                 line = _read_request_line(self.rfile)
@@ -3174,7 +3201,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
                 self._dispatch()
                 unread = self.body.unread
             if self._status is not None:  # logged before the answer leaves, so that the log keeps its order
-                self.server.metrics.observe(self._route, self._status, time.perf_counter() - self._started)
+                self.server.metrics.observe(self._metrics_route, self._status, time.perf_counter() - self._started)
                 if not self.server.quiet:
                     self._log_access()
             self.wfile.flush()
@@ -3219,11 +3246,12 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         return time.strftime("%d/%b/%Y:%H:%M:%S %z")
 
     def log_message(self, format: str, *args: Any) -> None:
+        """BaseHTTPRequestHandler's log line, control characters escaped, unless --quiet."""
         if not self.server.quiet:
-            sys.stderr.write(f"{self.address_string()} - - [{self.log_date_time_string()}] {format % args}\n")
+            super().log_message(format, *args)
 
     def _log_access(self) -> None:
-        line = _redact(self.requestline).translate(_LOG_ESCAPES)
+        line = _redact(self.requestline)
         self.log_message('"%s" %s %s', line, self._status, self._sent or "-")
 
     # Routing
@@ -3233,14 +3261,14 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         if path.startswith(("http://", "https://")):  # absolute form (RFC 9112 section 3.2.2)
             path = "/" + path.split("/", 3)[3] if path.count("/") >= 3 else "/"
         route = "/kv/" if path.startswith("/kv/") else path
-        methods = _ROUTES.get(route)
+        methods = self.routes.get(route)
         try:
             if self.command not in _KNOWN_METHODS:
                 raise _HTTPError(HTTPStatus.NOT_IMPLEMENTED, f"method {self.command!r} is not known to this server")
             self._check_access(route)
             if methods is None:
                 raise _HTTPError(HTTPStatus.NOT_FOUND, f"no route {path!r}; see the README for the routes")
-            self._route = "/kv/<key>" if route == "/kv/" else route
+            self._metrics_route = "/kv/<key>" if route == "/kv/" else route
             handler = methods.get(self.command)
             if handler is None:
                 allowed = ", ".join(methods)
@@ -3411,6 +3439,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
 
     # Seed routes
 
+    @_route("/set", "GET", head=False)  # it changes data: HEAD is a 405
     def _route_set(self, path: str, query: str) -> None:
         pairs = _decode_query(query)
         fields = {name: value for name, value in pairs if value is not None}
@@ -3451,9 +3480,11 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             raise _HTTPError(HTTPStatus.BAD_REQUEST, f"name the key: {usage}")
         return _key(fields["key"])
 
+    @_route("/get", "GET")
     def _route_get(self, path: str, query: str) -> None:
         self._send_value(*self._fetch_or_404(self._query_key(path, query)))
 
+    @_route("/delete", "GET", head=False)
     def _route_delete(self, path: str, query: str) -> None:
         """Delete at once, but a browser is asked first: its answer comes back with confirm=yes."""
         key = self._query_key(path, query, ("key", "confirm"))
@@ -3491,6 +3522,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         page = items[:limit]
         return _KeyPage(page, page[-1] if len(items) > limit else None, prefix, delimiter, after)
 
+    @_route("/keys", "GET")
     def _route_keys(self, path: str, query: str) -> None:
         page = self._key_page(query, 1000)
         if page.delimiter is None:
@@ -3518,6 +3550,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         policy = f"{_PAGE_HEADERS['Content-Security-Policy']}; script-src 'nonce-{nonce}'; connect-src 'self'"
         self._send(status, body, "text/html; charset=utf-8", {**_PAGE_HEADERS, "Content-Security-Policy": policy})
 
+    @_route("/", "GET")
     def _route_dump(self, path: str, query: str) -> None:
         """Every live key and its value as one JSON object, written as it is read; the HTML
         page for a browser."""
@@ -3550,6 +3583,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         self._write_head(HTTPStatus.OK, fields)
         return _ChunkedWriter(self.wfile, chunked) if self.command != "HEAD" else None
 
+    @_route("/export", "GET")
     def _route_export(self, path: str, query: str) -> None:
         prefix = _text(_fields(query, ("prefix",), "/export?prefix=<p>").get("prefix", b""), "prefix")
         writer = self._stream("application/x-ndjson")
@@ -3562,6 +3596,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             raise
         writer.close()
 
+    @_route("/import", "POST")
     def _route_import(self, path: str, query: str) -> None:
         _fields(query, (), "POST /import with an export as the body")
         body = self.body.open(sys.maxsize)  # a whole store; each value is held to --max-value
@@ -3569,9 +3604,11 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         imported, skipped = self.storage.import_(body, max_value=self.server.max_value)
         self._send_json(HTTPStatus.OK, {"imported": imported, "skipped": skipped})
 
+    @_route("/health", "GET")
     def _route_health(self, path: str, query: str) -> None:
         self._send_json(HTTPStatus.OK, {"status": "ok", "storage": self.storage.kind, "keys": len(self.storage)})
 
+    @_route("/metrics", "GET")
     def _route_metrics(self, path: str, query: str) -> None:
         body = self.server.metrics.render(self.storage, len(self.server.connections))
         self._send(HTTPStatus.OK, body, "text/plain; version=0.0.4; charset=utf-8")
@@ -3597,6 +3634,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             raise _HTTPError(HTTPStatus.BAD_REQUEST, 'If-Match takes one strong ETag, as "<etag>", or *')
         return tags[0], if_none_match is not None
 
+    @_route("/kv/", "GET")  # every /kv/<key>
     def _route_kv_get(self, path: str, query: str) -> None:
         key = self._path_key(path)
         wait = _fields(query, ("wait",), "/kv/<key>?wait=<seconds>").get("wait")
@@ -3635,6 +3673,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         finally:
             connections.serving(self.connection)
 
+    @_route("/kv/", "PUT")
     def _route_kv_put(self, path: str, query: str) -> None:
         key = self._path_key(path)
         ttl = _ttl(_fields(query, ("ttl",), "/kv/<key>?ttl=<seconds>").get("ttl"))
@@ -3653,6 +3692,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         status = HTTPStatus.CREATED if created else HTTPStatus.OK
         self._send_json(status, {"key": key, "created": created, "etag": stat.etag}, {"ETag": f'"{stat.etag}"'})
 
+    @_route("/kv/", "DELETE")
     def _route_kv_delete(self, path: str, query: str) -> None:
         key = self._path_key(path)
         if_match, if_none_match = self._precondition()
@@ -3660,6 +3700,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             raise _HTTPError(HTTPStatus.NOT_FOUND, f"no key {key!r}")
         self._send(HTTPStatus.NO_CONTENT)
 
+    @_route("/events", "GET", head=False)  # a stream: its head is all a HEAD would get
     def _route_events(self, path: str, query: str) -> None:
         """Server-Sent Events: each change under ?prefix=, from the revision in Last-Event-ID
         (a reconnecting EventSource sends it) or ?after= on; a comment line after HEARTBEAT
@@ -3693,6 +3734,8 @@ class KVRequestHandler(BaseHTTPRequestHandler):
 
     # XML-RPC
 
+    @_route("/RPC2", "POST")
+    @_route("/", "POST")  # as SimpleXMLRPCServer takes it
     def _route_rpc(self, path: str, query: str) -> None:
         try:
             response = self.server.rpc.dispatch(self.body.read_all(_MAX_RPC_BODY))
@@ -3703,31 +3746,8 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             response = _XMLRPCWriter.fault(too_large)
         self._send(HTTPStatus.OK, response, "text/xml")
 
-
-_Route = Callable[[KVRequestHandler, str, str], None]
-_ROUTES: dict[str, dict[str, _Route]] = {
-    "/": {  # POST: XML-RPC, at / as well as /RPC2, as SimpleXMLRPCServer takes it
-        "GET": KVRequestHandler._route_dump,
-        "HEAD": KVRequestHandler._route_dump,
-        "POST": KVRequestHandler._route_rpc,
-    },
-    "/set": {"GET": KVRequestHandler._route_set},
-    "/get": {"GET": KVRequestHandler._route_get, "HEAD": KVRequestHandler._route_get},
-    "/delete": {"GET": KVRequestHandler._route_delete},
-    "/keys": {"GET": KVRequestHandler._route_keys, "HEAD": KVRequestHandler._route_keys},
-    "/export": {"GET": KVRequestHandler._route_export, "HEAD": KVRequestHandler._route_export},
-    "/import": {"POST": KVRequestHandler._route_import},
-    "/health": {"GET": KVRequestHandler._route_health, "HEAD": KVRequestHandler._route_health},
-    "/metrics": {"GET": KVRequestHandler._route_metrics, "HEAD": KVRequestHandler._route_metrics},
-    "/kv/": {
-        "GET": KVRequestHandler._route_kv_get,
-        "HEAD": KVRequestHandler._route_kv_get,
-        "PUT": KVRequestHandler._route_kv_put,
-        "DELETE": KVRequestHandler._route_kv_delete,
-    },
-    "/RPC2": {"POST": KVRequestHandler._route_rpc},
-    "/events": {"GET": KVRequestHandler._route_events},
-}
+    # path -> method -> handler, from the @_route marks above
+    routes: ClassVar[dict[str, dict[str, _Route]]] = _route_table(vars())
 
 
 _INT32 = range(-(2**31), 2**31)
@@ -3944,11 +3964,14 @@ class _XMLRPC:
     def __init__(self, storage: Storage, max_value: int) -> None:
         self._storage = storage
         self._max_value = max_value
-        self._dispatcher = xmlrpc.server.SimpleXMLRPCDispatcher(allow_none=True, encoding="utf-8")
-        self._dispatcher.register_introspection_functions()
-        methods: list[Callable[..., Any]] = [self.save, self.load, self.delete, self.keys]
-        for method in methods:
-            self._dispatcher.register_function(method)
+        self._methods: dict[str, Callable[..., Any]] = {
+            "save": self.save,
+            "load": self.load,
+            "delete": self.delete,
+            "keys": self.keys,
+            "system.listMethods": self.list_methods,
+            "system.methodHelp": self.method_help,
+        }
 
     def dispatch(self, request: bytes) -> bytes:
         """The XML-RPC response to a request: a result, or a Fault saying what was wrong."""
@@ -3963,20 +3986,21 @@ class _XMLRPC:
             return _XMLRPCWriter.fault(fault)
 
     def _call(self, method: str, params: tuple[Any, ...]) -> Any:
-        if method not in self._dispatcher.funcs:
+        """Call a method; any failure becomes a Fault whose code is the HTTP status of the same
+        failure (_answer_to)."""
+        function = self._methods.get(method)
+        if function is None:
             raise xmlrpc.client.Fault(404, f"no method {method!r}; system.listMethods() lists them")
-        function = self._dispatcher.funcs[method]
         try:
             inspect.signature(function).bind(*params)
         except TypeError:
-            usage = (inspect.getdoc(function) or method).split(": ", 1)[0]  # 'save(key, value[, ttl])'
-            raise xmlrpc.client.Fault(400, f"call {usage}, not with {len(params)} argument(s)") from None
+            raise xmlrpc.client.Fault(
+                400, f"{method} does not take {len(params)} argument(s); {self.method_help(method)}"
+            ) from None
         try:
-            return self._dispatcher._dispatch(method, params)
+            return function(*params)
         except xmlrpc.client.Fault:
             raise
-        except (ValueError, TypeError) as error:  # bad arguments: what check_key and friends raise
-            raise xmlrpc.client.Fault(400, f"{method}: {error}") from None
         except Exception as error:
             status, detail, _ = _answer_to(error)
             if status == HTTPStatus.INTERNAL_SERVER_ERROR:
@@ -4042,6 +4066,16 @@ class _XMLRPC:
     def delete(self, key: str) -> None:
         """delete(key): remove key; no error if it is absent."""
         self._storage.delete(key)
+
+    def list_methods(self) -> list[str]:
+        """system.listMethods(): the names of the methods."""
+        return sorted(self._methods)
+
+    def method_help(self, name: str) -> str:
+        """system.methodHelp(name): how to call a method, and what it does."""
+        if name not in self._methods:
+            raise xmlrpc.client.Fault(404, f"no method {name!r}; system.listMethods() lists them")
+        return inspect.getdoc(self._methods[name]) or name
 
     def keys(self, prefix: str = "") -> list[str]:
         """keys([prefix]): the keys that start with prefix, in code-point order."""

@@ -555,6 +555,13 @@ def test_a_stream_or_a_waiting_get_the_client_left_lets_its_connection_go_within
     assert time.monotonic() - left < 2  # not the 15 s heartbeat, nor the 300 s wait
 
 
+@pytest.mark.parametrize(
+    "headers", [{"Origin": "http://evil.example"}, {"Sec-Fetch-Site": "cross-site"}, {"Origin": "null"}]
+)
+def test_another_sites_page_cannot_open_a_stream(server, headers):
+    assert server.get("/events", headers=headers).status == 403
+
+
 def test_streams_count_against_max_connections(make_server, streams):
     server = make_server("--quiet", "--storage", "memory", "--max-connections", "2")
     for _ in range(2):

@@ -469,13 +469,12 @@ class _ChangeFeed:
             reset, watch._reset = watch._reset, None
             return [Event(reset, "reset", None, None)]
         end = min(self._count, watch._next + _WATCH_BATCH)
-        events = []
-        for n in range(watch._next, end):
-            event = self._ring[n % len(self._ring)][1]  # type: ignore[index]
-            if event.key.startswith(watch.prefix):  # type: ignore[union-attr]
-                events.append(event)
+        ring = self._ring
+        events = [ring[n % len(ring)][1] for n in range(watch._next, end)]  # type: ignore[index]
         watch._next = end
-        return events
+        if not watch.prefix:
+            return events
+        return [event for event in events if event.key.startswith(watch.prefix)]  # type: ignore[union-attr]
 
     def gap(self, revision: str) -> None:
         """Changes before `revision` may have been missed (the Redis stream was trimmed past its

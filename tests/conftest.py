@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,11 @@ def wait_for(condition, timeout: float = 10.0, interval: float = 0.01, what: str
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
+
+
+def q(text: str) -> str:
+    """Percent-encode a key or value for a query string (every reserved byte escaped)."""
+    return urllib.parse.quote(text, safe="")
 
 
 def vm_bytes(pid: int, field: str) -> int:

@@ -7,12 +7,11 @@ import http.client
 import math
 import threading
 import time
-import urllib.parse
 from collections import Counter
 from dataclasses import dataclass
 
 import pytest
-from conftest import Server, require_service, wait_for
+from conftest import Server, q, require_service, wait_for
 
 import kvserver
 
@@ -107,10 +106,6 @@ def scrape(server: Server, connection: http.client.HTTPConnection | None = None)
     assert response.status == 200, (response.status, body)
     families = {family.name: family for family in text_string_to_metric_families(body.decode("utf-8"))}
     return Scrape(response.headers["Content-Type"], families)
-
-
-def q(text: str) -> str:
-    return urllib.parse.quote(text, safe="")
 
 
 def known_sequence(server: Server, connection: http.client.HTTPConnection) -> Counter:

@@ -10,19 +10,13 @@ import re
 import socket
 import statistics
 import time
-import urllib.parse
 from collections.abc import Iterator
 
 import pytest
-from conftest import Response, Server, wait_for
+from conftest import Response, Server, q, wait_for
 
 TEXT = "text/plain; charset=utf-8"
 BINARY = "application/octet-stream"
-
-
-def q(text: str) -> str:
-    """Percent-encode a key or value for a query string (every reserved byte escaped)."""
-    return urllib.parse.quote(text, safe="")
 
 
 def set_form(server: Server, key: str, value: str, **kwargs) -> Response:

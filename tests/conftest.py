@@ -118,6 +118,97 @@ def parse_response(data: bytes) -> Response:
         return Response(status, headers, rest[:length])
 
 
+# Raw HTTP: a request as bytes, and one response read off a socket
+
+
+@dataclass
+class RawResponse:
+    status: int
+    headers: dict[str, str]  # names in lower case
+    body: bytes
+
+    def problem(self) -> dict:
+        return assert_problem(self.status, self.headers.get("content-type"), self.body)
+
+    @property
+    def closes(self) -> bool:
+        return "close" in self.headers.get("connection", "").lower()
+
+
+def read_http(fp: io.BufferedIOBase, method: str = "GET") -> RawResponse:
+    """Read one response: status line, headers, and the body its framing announces."""
+    line = fp.readline()
+    assert line, "the server closed the connection without an answer"
+    version, status, _reason = line.rstrip(b"\r\n").split(b" ", 2)
+    assert version in (b"HTTP/1.1", b"HTTP/1.0"), line
+    headers: dict[str, str] = {}
+    while True:
+        line = fp.readline()
+        assert line, "the connection ended inside the headers"
+        if line in (b"\r\n", b"\n"):
+            break
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    code = int(status)
+    if method == "HEAD" or code in (204, 304) or 100 <= code < 200:
+        body = b""
+    elif "content-length" in headers:
+        body = fp.read(int(headers["content-length"]))
+        assert len(body) == int(headers["content-length"]), "the body ended before its Content-Length"
+    elif headers.get("transfer-encoding", "").lower() == "chunked":
+        body = b""
+        while size := int(fp.readline().split(b";")[0], 16):
+            body += fp.read(size)
+            assert fp.readline() == b"\r\n"
+        while fp.readline() not in (b"\r\n", b""):
+            pass
+    else:
+        body = fp.read()
+    return RawResponse(code, headers, body)
+
+
+def request_bytes(server: Server, method: str, path: str, headers: dict[str, str] | None = None) -> bytes:
+    """A request line and headers (with Host), ending in the blank line; the caller adds any body."""
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {server.host}:{server.port}"]
+    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+class RawConnection:
+    """A socket to the server; every read is bounded by `timeout` (TimeoutError fails the test)."""
+
+    def __init__(self, server: Server, timeout: float = 10.0) -> None:
+        self.server = server
+        self.sock = socket.create_connection((server.host, server.port), timeout=timeout)
+        self.file = self.sock.makefile("rb")
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def request(self, method: str, path: str, headers: dict[str, str] | None = None, body: bytes = b"") -> None:
+        self.send(request_bytes(self.server, method, path, headers) + body)
+
+    def response(self, method: str = "GET") -> RawResponse:
+        return read_http(self.file, method)
+
+    def read_to_eof(self) -> bytes:
+        """Everything until the server closes; a reset or a silence past the timeout fails."""
+        received = b""
+        while chunk := self.file.read1(65536):
+            received += chunk
+        return received
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+    def __enter__(self) -> RawConnection:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
 @dataclass
 class Server:
     """A kvserver subprocess; `url`, `port` and `data_dir` tell where it is."""

@@ -58,8 +58,13 @@ def vm_bytes(pid: int, field: str) -> int:
     raise AssertionError(f"no {field} in /proc/{pid}/status")
 
 
+# Raw HTTP: one response read off a socket or out of bytes (after waitress's functional tests)
+
+
 @dataclass
 class Response:
+    """One HTTP response; `headers` looks names up case-insensitively."""
+
     status: int
     headers: http.client.HTTPMessage
     body: bytes
@@ -68,94 +73,51 @@ class Response:
         return json.loads(self.body)
 
     def problem(self) -> dict:
-        return assert_problem(self.status, self.headers["Content-Type"], self.body)
-
-
-def assert_problem(status: int, content_type: str | None, body: bytes) -> dict:
-    """The problem+json body of an error, checked for the shape SPEC section 6 gives."""
-    assert content_type == "application/problem+json", content_type
-    document = json.loads(body)
-    assert document["type"] == "about:blank"
-    assert document["status"] == status
-    assert isinstance(document["title"], str) and document["title"]
-    assert isinstance(document["detail"], str) and document["detail"]
-    return document
-
-
-def raw_exchange(
-    port: int, data: bytes, timeout: float = 10.0, half_close: bool = False, host: str = "127.0.0.1"
-) -> bytes:
-    """Send raw bytes on a new connection and return all bytes the server sends back until
-    it closes the connection or goes quiet for `timeout` seconds."""
-    with socket.create_connection((host, port), timeout=timeout) as sock:
-        sock.sendall(data)
-        if half_close:
-            with contextlib.suppress(OSError):  # the server may have closed first (ENOTCONN)
-                sock.shutdown(socket.SHUT_WR)
-        received = b""
-        try:
-            while chunk := sock.recv(65536):
-                received += chunk
-        except (TimeoutError, ConnectionResetError):
-            pass
-        return received
-
-
-def parse_response(data: bytes) -> Response:
-    """The first final response in raw bytes from a socket (1xx interim responses skipped)."""
-    while True:
-        head, separator, rest = data.partition(b"\r\n\r\n")
-        assert separator, f"no complete response head in {data[:300]!r}"
-        status_line, _, header_block = head.partition(b"\r\n")
-        match = re.fullmatch(rb"HTTP/1\.[01] (\d{3}) [^\r\n]*", status_line)
-        assert match, f"not an HTTP/1.x status line: {status_line[:200]!r}"
-        headers = http.client.parse_headers(io.BytesIO(header_block + b"\r\n\r\n"))
-        status = int(match.group(1))
-        if 100 <= status < 200:
-            data = rest
-            continue
-        length = int(headers.get("Content-Length", len(rest)))
-        return Response(status, headers, rest[:length])
-
-
-# Raw HTTP: a request as bytes, and one response read off a socket
-
-
-@dataclass
-class RawResponse:
-    status: int
-    headers: dict[str, str]  # names in lower case
-    body: bytes
-
-    def problem(self) -> dict:
-        return assert_problem(self.status, self.headers.get("content-type"), self.body)
+        """The problem+json body of an error, checked for the shape SPEC section 6 gives."""
+        assert self.headers["Content-Type"] == "application/problem+json", self.headers["Content-Type"]
+        document = json.loads(self.body)
+        assert document["type"] == "about:blank"
+        assert document["status"] == self.status
+        assert isinstance(document["title"], str) and document["title"]
+        assert isinstance(document["detail"], str) and document["detail"]
+        return document
 
     @property
     def closes(self) -> bool:
-        return "close" in self.headers.get("connection", "").lower()
+        return "close" in (self.headers["Connection"] or "").lower()
 
 
-def read_http(fp: io.BufferedIOBase, method: str = "GET") -> RawResponse:
-    """Read one response: status line, headers, and the body its framing announces."""
+def assert_problem(response: Response, status: int, *words: str) -> dict:
+    """A problem+json error with `status` whose detail mentions each of `words`."""
+    assert response.status == status, (response.status, response.body)
+    problem = response.problem()
+    for word in words:
+        assert word.lower() in problem["detail"].lower(), problem
+    return problem
+
+
+def read_http(fp: io.BufferedIOBase, method: str = "GET") -> Response:
+    """Read one response (a 1xx too): status line, headers, and the body its framing announces
+    (none after HEAD, 1xx, 204 and 304; Content-Length; chunked; else up to the end)."""
     line = fp.readline()
     assert line, "the server closed the connection without an answer"
-    version, status, _reason = line.rstrip(b"\r\n").split(b" ", 2)
-    assert version in (b"HTTP/1.1", b"HTTP/1.0"), line
-    headers: dict[str, str] = {}
+    match = re.fullmatch(rb"HTTP/1\.[01] (\d{3}) [^\r\n]*", line.rstrip(b"\r\n"))
+    assert match, f"not an HTTP/1.x status line: {line[:200]!r}"
+    head = b""
     while True:
         line = fp.readline()
         assert line, "the connection ended inside the headers"
+        head += line
         if line in (b"\r\n", b"\n"):
             break
-        name, _, value = line.decode("latin-1").partition(":")
-        headers[name.strip().lower()] = value.strip()
-    code = int(status)
-    if method == "HEAD" or code in (204, 304) or 100 <= code < 200:
+    headers = http.client.parse_headers(io.BytesIO(head))
+    status = int(match.group(1))
+    if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
         body = b""
-    elif "content-length" in headers:
-        body = fp.read(int(headers["content-length"]))
-        assert len(body) == int(headers["content-length"]), "the body ended before its Content-Length"
-    elif headers.get("transfer-encoding", "").lower() == "chunked":
+    elif "Content-Length" in headers:
+        body = fp.read(int(headers["Content-Length"]))
+        assert len(body) == int(headers["Content-Length"]), "the body ended before its Content-Length"
+    elif (headers["Transfer-Encoding"] or "").lower() == "chunked":
         body = b""
         while size := int(fp.readline().split(b";")[0], 16):
             body += fp.read(size)
@@ -164,7 +126,46 @@ def read_http(fp: io.BufferedIOBase, method: str = "GET") -> RawResponse:
             pass
     else:
         body = fp.read()
-    return RawResponse(code, headers, body)
+    return Response(status, headers, body)
+
+
+def parse_response(data: bytes, method: str = "GET") -> Response:
+    """The first final response in raw bytes from a socket (1xx interim responses skipped)."""
+    fp = io.BytesIO(data)
+    while True:
+        response = read_http(fp, method)
+        if not 100 <= response.status < 200:
+            return response
+
+
+def raw_exchange(
+    port: int, data: bytes, timeout: float = 10.0, half_close: bool = False, host: str = "127.0.0.1"
+) -> bytes:
+    """Send raw bytes on a new connection and return all bytes the server sends back until
+    it closes the connection or goes quiet for `timeout` seconds."""
+    return raw_exchange_timed(port, data, timeout, half_close, host)[0]
+
+
+def raw_exchange_timed(
+    port: int, data: bytes, timeout: float = 10.0, half_close: bool = False, host: str = "127.0.0.1"
+) -> tuple[bytes, bool]:
+    """`raw_exchange`, telling also whether the server went quiet for `timeout` seconds instead of
+    closing: (bytes received, went quiet). A server that closes before reading all of `data` is
+    an answer like any other: what it sent is returned."""
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        with contextlib.suppress(OSError):  # the server may have answered and closed first (EPIPE, ENOTCONN)
+            sock.sendall(data)
+            if half_close:
+                sock.shutdown(socket.SHUT_WR)
+        received = b""
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except ConnectionResetError:
+            pass
+        except TimeoutError:
+            return received, True
+        return received, False
 
 
 def request_bytes(server: Server, method: str, path: str, headers: dict[str, str] | None = None) -> bytes:
@@ -188,7 +189,7 @@ class RawConnection:
     def request(self, method: str, path: str, headers: dict[str, str] | None = None, body: bytes = b"") -> None:
         self.send(request_bytes(self.server, method, path, headers) + body)
 
-    def response(self, method: str = "GET") -> RawResponse:
+    def response(self, method: str = "GET") -> Response:
         return read_http(self.file, method)
 
     def read_to_eof(self) -> bytes:

@@ -7,7 +7,6 @@ The data dir lives on a 4 MiB tmpfs the test mounts, so it needs root (CI runs a
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -16,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Response, Server, parse_response, require_service, wait_for
+from conftest import Response, Server, read_http, require_service, wait_for
 
 TMPFS_SIZE = 4 * 1024 * 1024
 
@@ -62,17 +61,7 @@ def put_raw(server: Server, key: str, size: int) -> Response:
                 sent += sock.send(block[: size - sent])
         except (BrokenPipeError, ConnectionResetError):
             pass
-        received = b""
-        try:
-            while chunk := sock.recv(65536):
-                received += chunk
-                if b"\r\n\r\n" in received and len(received.partition(b"\r\n\r\n")[2]) >= int(
-                    re.search(rb"Content-Length: (\d+)", received).group(1)
-                ):
-                    break
-        except ConnectionResetError:
-            pass
-    return parse_response(received)
+        return read_http(sock.makefile("rb"))
 
 
 def free_bytes(path: Path) -> int:

@@ -18,25 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import Response, Server, parse_response, wait_for
+from conftest import Response, Server, parse_response, read_http, wait_for
 
 HOST = b"Host: 127.0.0.1\r\n"
-
-
-def read_one_response(sock: socket.socket) -> Response:
-    """Read one whole response (with a Content-Length) from a keep-alive connection."""
-    received = b""
-    while b"\r\n\r\n" not in received:
-        chunk = sock.recv(65536)
-        assert chunk, f"closed before a whole response head: {received!r}"
-        received += chunk
-    head, _, body = received.partition(b"\r\n\r\n")
-    length = int(parse_response(head + b"\r\n\r\n").headers["Content-Length"])
-    while len(body) < length:
-        chunk = sock.recv(65536)
-        assert chunk, "closed before the whole body"
-        body += chunk
-    return parse_response(head + b"\r\n\r\n" + body)
 
 
 def exchange(server: Server, data: bytes, timeout: float = 5.0) -> Response:
@@ -107,7 +91,7 @@ def idle_keep_alive(port: int) -> Outcome:
     """One request on a keep-alive connection, then silence until the server closes (at most 25 s)."""
     with socket.create_connection(("127.0.0.1", port), timeout=25) as sock:
         sock.sendall(b"GET /health HTTP/1.1\r\n" + HOST + b"\r\n")
-        first = read_one_response(sock)
+        first = read_http(sock.makefile("rb"))
         started = time.monotonic()
         assert first.status == 200 and first.headers["Connection"] != "close", first
         rest = bytearray()
@@ -289,7 +273,7 @@ def test_a_declared_length_over_max_value_is_413_before_any_100_continue(small_v
     server = small_values
     with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
         sock.sendall(b"PUT /kv/big HTTP/1.1\r\n" + HOST + b"Content-Length: 1025\r\nExpect: 100-continue\r\n\r\n")
-        response = read_one_response(sock)
+        response = read_http(sock.makefile("rb"))
     assert response.status == 413
     assert "1024" in response.problem()["detail"]
     assert get_once(server, "/kv/big").status == 404
@@ -369,7 +353,7 @@ def test_refused_connections_start_no_threads(make_server):
         health = b"GET /health HTTP/1.1\r\n" + HOST + b"\r\n"
         for sock in idle:  # each is served, so each has its thread
             sock.sendall(health)
-            assert read_one_response(sock).status == 200
+            assert read_http(sock.makefile("rb")).status == 200
         admitted = thread_count(server)
         peak = admitted
         for _ in range(100):

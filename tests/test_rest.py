@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import RawConnection, RawResponse, Server, read_http, require_service, vm_bytes, wait_for
+from conftest import RawConnection, Response, Server, assert_problem, read_http, require_service, vm_bytes, wait_for
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -31,7 +31,7 @@ MiB = 1024 * KiB
 
 def exchange_and_close(
     server: Server, method: str, path: str, headers: dict[str, str] | None = None
-) -> tuple[RawResponse, bytes]:
+) -> tuple[Response, bytes]:
     """Send a request asking the server to close after it; return the answer's status and headers
     (its body not read) and every byte that followed the headers."""
     with RawConnection(server) as connection:
@@ -201,16 +201,14 @@ def test_a_ttl_expiry_holds_across_a_restart(server):
 @pytest.mark.parametrize("ttl", ["0", "-1", "1.5", "abc", "", "1e3", "%201"])
 def test_a_ttl_that_is_not_a_positive_whole_number_is_a_400_and_stores_nothing(server, ttl):
     response = put(server, f"/kv/k?ttl={ttl}", b"value")
-    assert response.status == 400
-    assert response.problem()
+    assert_problem(response, 400)
     assert server.get("/kv/k").status == 404
 
 
 @pytest.mark.parametrize("query", ["foo=1", "ttl=5&x=1", "ttl", "ttl=5&ttl=6"])
 def test_an_unknown_or_repeated_query_field_on_put_is_a_400_and_stores_nothing(server, query):
     response = put(server, f"/kv/k?{query}", b"value")
-    assert response.status == 400
-    assert response.problem()
+    assert_problem(response, 400)
     assert server.get("/kv/k").status == 404
 
 
@@ -389,8 +387,7 @@ def test_delete_answers_204_then_404(server):
     assert rest == b"", "a 204 has no body"
     assert server.get("/kv/doomed").status == 404
     again = server.request("DELETE", "/kv/doomed")
-    assert again.status == 404
-    assert again.problem()
+    assert_problem(again, 404)
 
 
 def test_delete_with_the_right_if_match_removes_the_value(server):
@@ -402,8 +399,7 @@ def test_delete_with_the_right_if_match_removes_the_value(server):
 def test_delete_with_a_wrong_if_match_is_a_412_and_keeps_the_value(server):
     etag = put(server, "/kv/k", b"keep me").headers["ETag"]
     response = server.request("DELETE", "/kv/k", headers={"If-Match": '"not-the-etag"'})
-    assert response.status == 412
-    assert response.problem()
+    assert_problem(response, 412)
     kept = server.get("/kv/k")
     assert kept.body == b"keep me"
     assert kept.headers["ETag"] == etag
@@ -412,8 +408,7 @@ def test_delete_with_a_wrong_if_match_is_a_412_and_keeps_the_value(server):
 def test_delete_with_if_none_match_star_on_an_existing_key_is_a_412(server):
     put(server, "/kv/k", b"still here")
     response = server.request("DELETE", "/kv/k", headers={"If-None-Match": "*"})
-    assert response.status == 412
-    assert response.problem()
+    assert_problem(response, 412)
     assert server.get("/kv/k").body == b"still here"
 
 
@@ -432,8 +427,7 @@ def test_put_with_the_right_if_match_answers_200_with_a_new_etag(server):
 def test_put_with_a_wrong_if_match_is_a_412_problem_and_changes_nothing(server):
     etag = put(server, "/kv/k", b"original", {"Content-Type": "text/plain"}).headers["ETag"]
     response = put(server, "/kv/k?ttl=1", b"intruder", {"If-Match": '"stale"', "Content-Type": "text/html"})
-    assert response.status == 412
-    assert response.problem()
+    assert_problem(response, 412)
     kept = server.get("/kv/k")
     assert (kept.body, kept.headers["ETag"], kept.headers["Content-Type"]) == (b"original", etag, "text/plain")
 
@@ -457,8 +451,7 @@ def test_put_with_if_none_match_star_creates_once_then_is_a_412(server):
     first = put(server, "/kv/once", b"first", {"If-None-Match": "*"})
     assert first.status == 201
     second = put(server, "/kv/once", b"second", {"If-None-Match": "*"})
-    assert second.status == 412
-    assert second.problem()
+    assert_problem(second, 412)
     kept = server.get("/kv/once")
     assert kept.body == b"first"
     assert kept.headers["ETag"] == first.headers["ETag"]
@@ -470,8 +463,7 @@ def test_a_failing_precondition_is_answered_before_100_continue(server):
     with RawConnection(server) as connection:
         connection.request("PUT", "/kv/k", headers)
         response = connection.response()
-    assert response.status == 412
-    assert response.problem()
+    assert_problem(response, 412)
     assert server.get("/kv/k").body == b"original"
 
 
@@ -482,8 +474,7 @@ def test_a_put_with_neither_content_length_nor_chunked_is_a_411(server):
     with RawConnection(server) as connection:
         connection.request("PUT", "/kv/k", {"Connection": "close"})
         response = connection.response()
-    assert response.status == 411
-    assert response.problem()
+    assert_problem(response, 411)
     assert server.get("/kv/k").status == 404
 
 
@@ -575,15 +566,13 @@ def test_a_body_framing_the_server_cannot_trust_is_refused_and_stores_nothing(se
     with RawConnection(server) as connection:
         connection.request("PUT", "/kv/k", {**headers, "Connection": "close"}, b"abc")
         response = connection.response()
-    assert response.status == status
-    assert response.problem()
+    assert_problem(response, status)
     assert server.get("/kv/k").status == 404
 
 
 def test_a_method_the_kv_route_does_not_take_is_a_405_with_allow_and_an_unknown_one_a_501(server):
     response = server.request("POST", "/kv/k", body=b"x")
-    assert response.status == 405
-    assert response.problem()
+    assert_problem(response, 405)
     allowed = {method.strip() for method in response.headers["Allow"].split(",")}
     assert {"GET", "HEAD", "PUT", "DELETE"} <= allowed
     assert "POST" not in allowed
@@ -855,7 +844,7 @@ ERROR_EXCHANGES = {
 }
 
 
-def assert_connection_does_what_the_answer_says(connection: RawConnection, response: RawResponse) -> None:
+def assert_connection_does_what_the_answer_says(connection: RawConnection, response: Response) -> None:
     """After `response`: if it says Connection: close, the server closes; else the connection
     takes the next request in step (no unread body left on it to be taken for a request)."""
     if response.closes:

@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from conftest import Response, Server, q, wait_for
+from conftest import Response, Server, assert_problem, parse_response, q, read_http, wait_for
 
 TEXT = "text/plain; charset=utf-8"
 BINARY = "application/octet-stream"
@@ -25,15 +25,6 @@ def set_form(server: Server, key: str, value: str, **kwargs) -> Response:
 
 def get_value(server: Server, key: str, **kwargs) -> Response:
     return server.get(f"/get?key={q(key)}", **kwargs)
-
-
-def assert_problem(response: Response, status: int, *words: str) -> dict:
-    """A problem+json error with `status` whose detail mentions each of `words`."""
-    assert response.status == status, (response.status, response.body)
-    problem = response.problem()
-    for word in words:
-        assert word.lower() in problem["detail"].lower(), problem
-    return problem
 
 
 def key_count(server: Server) -> int:
@@ -730,11 +721,10 @@ def test_several_requests_share_one_keep_alive_connection(shared):
 
 def test_an_http_1_0_request_is_served(shared):
     shared.get("/set?name10=Guido")
-    answer = shared.raw(b"GET /get?key=name10 HTTP/1.0\r\n\r\n", timeout=5)
-    head, _, body = answer.partition(b"\r\n\r\n")
-    assert re.match(rb"HTTP/1\.[01] 200 ", head), head
-    assert body == b"Guido"
-    assert b"content-length: 5" in head.lower()
+    response = parse_response(shared.raw(b"GET /get?key=name10 HTTP/1.0\r\n\r\n", timeout=5))
+    assert response.status == 200
+    assert response.body == b"Guido"
+    assert response.headers["Content-Length"] == "5"
 
 
 def test_an_http_1_0_request_for_the_dump_gets_a_body_without_chunks(server):
@@ -750,13 +740,9 @@ def test_an_http_1_0_keep_alive_client_gets_framed_responses(shared):
     shared.get("/set?ka10=1")
     with socket.create_connection((shared.host, shared.port), timeout=5) as sock:
         sock.sendall(b"GET /get?key=ka10 HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
-        reader = sock.makefile("rb")
-        assert re.match(rb"HTTP/1\.[01] 200 ", reader.readline())
-        headers = {}
-        while (line := reader.readline()) not in (b"\r\n", b""):
-            name, _, value = line.decode().partition(":")
-            headers[name.strip().lower()] = value.strip()
-        assert reader.read(int(headers["content-length"])) == b"1"
+        response = read_http(sock.makefile("rb"))
+    assert response.status == 200
+    assert response.headers["Content-Length"] == "1" and response.body == b"1"
 
 
 def test_a_keep_alive_round_trip_on_loopback_is_fast(shared):

@@ -210,8 +210,43 @@ class RawConnection:
         self.close()
 
 
+class Client:
+    """What tests use to talk to a kvserver at `host`:`port`, in this process or not; every
+    connection made through `connect` is closed when the server stops."""
+
+    host: str
+    port: int
+    _connections: list[http.client.HTTPConnection]
+
+    def connect(self, timeout: float = 30.0) -> http.client.HTTPConnection:
+        connection = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        self._connections.append(connection)
+        return connection
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        connection: http.client.HTTPConnection | None = None,
+    ) -> Response:
+        """One request, on `connection` if given (keep-alive), else on a fresh one."""
+        connection = connection or self.connect()
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return Response(response.status, response.headers, response.read())
+
+    def get(self, path: str, **kwargs) -> Response:
+        return self.request("GET", path, **kwargs)
+
+    def raw(self, data: bytes, timeout: float = 10.0, half_close: bool = False) -> bytes:
+        """Send raw bytes; all the server answers until it closes or goes quiet (raw_exchange)."""
+        return raw_exchange(self.port, data, timeout, half_close, self.host)
+
+
 @dataclass
-class Server:
+class Server(Client):
     """A kvserver subprocess; `url`, `port` and `data_dir` tell where it is."""
 
     args: list[str]
@@ -264,32 +299,6 @@ class Server:
 
     def stderr(self) -> str:
         return self.log_path.read_text(errors="replace")
-
-    def connect(self, timeout: float = 30.0) -> http.client.HTTPConnection:
-        connection = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
-        self._connections.append(connection)
-        return connection
-
-    def request(
-        self,
-        method: str,
-        path: str,
-        body: bytes | None = None,
-        headers: dict[str, str] | None = None,
-        connection: http.client.HTTPConnection | None = None,
-    ) -> Response:
-        """One request, on `connection` if given (keep-alive), else on a fresh one."""
-        connection = connection or self.connect()
-        connection.request(method, path, body=body, headers=headers or {})
-        response = connection.getresponse()
-        return Response(response.status, response.headers, response.read())
-
-    def get(self, path: str, **kwargs) -> Response:
-        return self.request("GET", path, **kwargs)
-
-    def raw(self, data: bytes, timeout: float = 10.0, half_close: bool = False) -> bytes:
-        """Send raw bytes; all the server answers until it closes or goes quiet (raw_exchange)."""
-        return raw_exchange(self.port, data, timeout, half_close, self.host)
 
 
 def read_line(process: subprocess.Popen, timeout: float) -> str:

@@ -13,13 +13,17 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+import kvserver
 
 KVSERVER = Path(__file__).resolve().parent.parent / "kvserver.py"
 START_TIMEOUT = 15.0
@@ -94,6 +98,12 @@ def assert_problem(response: Response, status: int, *words: str) -> dict:
     for word in words:
         assert word.lower() in problem["detail"].lower(), problem
     return problem
+
+
+def assert_no_traceback(capfd: pytest.CaptureFixture[str]) -> None:
+    """Nothing logged in this test so far (by an in-process server, say) is a traceback."""
+    logged = capfd.readouterr().err
+    assert "Traceback" not in logged, logged
 
 
 def read_http(fp: io.BufferedIOBase, method: str = "GET") -> Response:
@@ -218,6 +228,11 @@ class Client:
     port: int
     _connections: list[http.client.HTTPConnection]
 
+    def close_connections(self) -> None:
+        for connection in self._connections:
+            connection.close()
+        self._connections.clear()
+
     def connect(self, timeout: float = 30.0) -> http.client.HTTPConnection:
         connection = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
         self._connections.append(connection)
@@ -231,8 +246,11 @@ class Client:
         headers: dict[str, str] | None = None,
         connection: http.client.HTTPConnection | None = None,
     ) -> Response:
-        """One request, on `connection` if given (keep-alive), else on a fresh one."""
-        connection = connection or self.connect()
+        """One request, on `connection` if given (keep-alive), else on a fresh one closed after
+        the answer (so that one-off requests hold no idle connection on the server)."""
+        if connection is None:
+            with contextlib.closing(http.client.HTTPConnection(self.host, self.port, timeout=30)) as fresh:
+                return self.request(method, path, body, headers, fresh)
         connection.request(method, path, body=body, headers=headers or {})
         response = connection.getresponse()
         return Response(response.status, response.headers, response.read())
@@ -275,9 +293,7 @@ class Server(Client):
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         """Stop the server with `sig` and return its exit status."""
-        for connection in self._connections:
-            connection.close()
-        self._connections.clear()
+        self.close_connections()
         assert self.process is not None
         if self.process.poll() is None:
             self.process.send_signal(sig)
@@ -335,37 +351,82 @@ def make_server(tmp_path: Path) -> Iterator:
 
 
 @pytest.fixture
-def server(make_server) -> Server:
-    """A quiet kvserver with files storage in a fresh data dir."""
+def process_server(make_server) -> Server:
+    """A quiet kvserver subprocess with files storage in a fresh data dir, for tests about the
+    process itself (restarts, signals, its stderr, its memory)."""
     return make_server("--quiet")
 
 
 @dataclass
-class LiveServer:
-    """A KVServer running in this process on a free port (CPython's test_httpservers pattern):
-    `storage` is the store behind it, for checking what a request did or did not store."""
+class LiveServer(Client):
+    """A KVServer running in this process on a free port (CPython's test_httpservers pattern),
+    quiet, with the interface of `Server` that tests need besides the process: `storage` is the
+    store behind it, for checking what a request did or did not store; `data_dir` the folder of
+    its files storage (None for memory storage); `options` go to KVServer (max_value, token...).
+    What the server logs goes to this process's stderr (pytest's capfd reads it)."""
 
-    server: object
-    storage: object
-    port: int
+    storage: kvserver.Storage
+    data_dir: Path | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    host: str = "127.0.0.1"
+    port: int = 0
+    url: str = ""
+    _connections: list[http.client.HTTPConnection] = field(default_factory=list)
+    _thread: threading.Thread | None = None
 
-    def raw(self, data: bytes, timeout: float = 10.0, half_close: bool = False) -> bytes:
-        return raw_exchange(self.port, data, timeout, half_close)
+    def start(self) -> LiveServer:
+        self.server = kvserver.KVServer((self.host, 0), self.storage, quiet=True, **self.options)
+        self.port = self.server.server_address[1]
+        self.url = f"http://{self.host}:{self.port}"
+        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving (requests in flight finish) and close the storage; again is a no-op."""
+        if self._thread is None:
+            return
+        self.close_connections()
+        self.server.shutdown()
+        self.server.stop()
+        self._thread.join(STOP_TIMEOUT)
+        self._thread = None
+        self.storage.close()
+
+
+def live(data_dir: Path | None = None, *, fsync: bool = True, **options: Any) -> LiveServer:
+    """A started LiveServer: files storage in `data_dir` (with `fsync`), else memory storage."""
+    storage = kvserver.MemoryStorage() if data_dir is None else kvserver.FileStorage(data_dir, fsync=fsync)
+    return LiveServer(storage, data_dir, options).start()
+
+
+@pytest.fixture
+def make_live_server(tmp_path: Path) -> Iterator:
+    """A factory: make_live_server(storage="files", data_dir=None, fsync=True, **KVServer options)
+    starts an in-process kvserver (files storage in tmp_path/data unless `data_dir` says where,
+    or "memory"); all are stopped at the end."""
+    servers: list[LiveServer] = []
+
+    def make(storage: str = "files", data_dir: Path | None = None, **options: Any) -> LiveServer:
+        assert storage in ("files", "memory"), storage
+        folder = (data_dir or tmp_path / "data") if storage == "files" else None
+        servers.append(live(folder, **options))
+        return servers[-1]
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def server(make_live_server) -> LiveServer:
+    """A quiet kvserver in this process with files storage in a fresh data dir."""
+    return make_live_server()
 
 
 @pytest.fixture(scope="module")
 def live_server() -> Iterator[LiveServer]:
     """One in-process kvserver with memory storage for the whole module; tests clear what they stored."""
-    import threading
-
-    import kvserver
-
-    storage = kvserver.MemoryStorage()
-    server = kvserver.KVServer(("127.0.0.1", 0), storage, quiet=True)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield LiveServer(server, storage, server.server_address[1])
-    server.shutdown()
+    server = live()
+    yield server
     server.stop()
-    thread.join(STOP_TIMEOUT)
-    storage.close()

@@ -255,8 +255,8 @@ def test_start_time_is_when_the_server_started_and_info_names_the_version(make_s
     assert kvserver.__version__ in server.start_line
 
 
-def test_request_counters_stay_exact_under_concurrent_requests(make_server) -> None:
-    server = make_server("--quiet", "--storage", "memory")
+def test_request_counters_stay_exact_under_concurrent_requests(make_live_server) -> None:
+    server = make_live_server("memory")
     threads, per_thread = 8, 100
     before = scrape(server)
     errors: list[str] = []

@@ -102,14 +102,14 @@ def test_every_write_that_changes_bytes_or_media_type_changes_the_etag(server):
 
 
 @pytest.mark.parametrize("size", [10, 100 * KiB], ids=["small", "large"])
-def test_etags_stay_the_same_across_a_restart(server, size):
-    put(server, "/kv/plain", os.urandom(size))
-    put(server, "/kv/typed?ttl=3600", b"x" * size, {"Content-Type": "text/x-typed"})
-    before = {path: server.get(path).headers["ETag"] for path in ("/kv/plain", "/kv/typed")}
-    server.restart()
-    after = {path: server.get(path).headers["ETag"] for path in ("/kv/plain", "/kv/typed")}
+def test_etags_stay_the_same_across_a_restart(process_server, size):
+    put(process_server, "/kv/plain", os.urandom(size))
+    put(process_server, "/kv/typed?ttl=3600", b"x" * size, {"Content-Type": "text/x-typed"})
+    before = {path: process_server.get(path).headers["ETag"] for path in ("/kv/plain", "/kv/typed")}
+    process_server.restart()
+    after = {path: process_server.get(path).headers["ETag"] for path in ("/kv/plain", "/kv/typed")}
     assert after == before
-    assert server.get("/kv/typed").headers["Content-Type"] == "text/x-typed"
+    assert process_server.get("/kv/typed").headers["Content-Type"] == "text/x-typed"
 
 
 def test_the_content_type_sent_with_put_is_stored_and_served_back(server):
@@ -177,25 +177,25 @@ def test_kv_ttl_never_says_0_while_the_value_is_served(server):
     assert answers and set(answers) <= {"1"}, answers
 
 
-def test_a_ttl_expiry_holds_across_a_restart(server):
-    put(server, "/kv/fleeting?ttl=2", b"gone after a restart")
+def test_a_ttl_expiry_holds_across_a_restart(process_server):
+    put(process_server, "/kv/fleeting?ttl=2", b"gone after a restart")
     # Text stored as text: only the TTL tells this value from one a file on disk would give.
-    put(server, "/kv/fleeting-text?ttl=2", b"gone too", {"Content-Type": "text/plain; charset=utf-8"})
+    put(process_server, "/kv/fleeting-text?ttl=2", b"gone too", {"Content-Type": "text/plain; charset=utf-8"})
     written = time.time()
-    put(server, "/kv/lasting", b"stays")
-    put(server, "/kv/long?ttl=3600", b"stays too")
-    assert keys(server) == ["fleeting", "fleeting-text", "lasting", "long"]
+    put(process_server, "/kv/lasting", b"stays")
+    put(process_server, "/kv/long?ttl=3600", b"stays too")
+    assert keys(process_server) == ["fleeting", "fleeting-text", "lasting", "long"]
 
-    assert server.stop() == 0
+    assert process_server.stop() == 0
     wait_for(lambda: time.time() > written + 2.2, timeout=5, what="the TTL to pass while the server is down")
-    server.start()
+    process_server.start()
 
-    assert server.get("/kv/fleeting").status == 404
-    assert server.get("/kv/fleeting-text").status == 404
-    assert keys(server) == ["lasting", "long"]
-    assert "fleeting" not in server.get("/", headers={"Accept": "application/json"}).json()
-    assert server.get("/kv/lasting").body == b"stays"
-    assert server.get("/kv/long").body == b"stays too"
+    assert process_server.get("/kv/fleeting").status == 404
+    assert process_server.get("/kv/fleeting-text").status == 404
+    assert keys(process_server) == ["lasting", "long"]
+    assert "fleeting" not in process_server.get("/", headers={"Accept": "application/json"}).json()
+    assert process_server.get("/kv/lasting").body == b"stays"
+    assert process_server.get("/kv/long").body == b"stays too"
 
 
 @pytest.mark.parametrize("ttl", ["0", "-1", "1.5", "abc", "", "1e3", "%201"])
@@ -353,7 +353,7 @@ def test_head_then_get_on_one_connection_leaves_the_second_answer_intact(server)
 
 
 @pytest.mark.parametrize("change", ["truncated", "grown"])
-def test_a_value_file_changed_by_hand_is_a_quick_500_never_a_wrong_length(server, change):
+def test_a_value_file_changed_by_hand_is_a_quick_500_never_a_wrong_length(server, change, capfd):
     value = os.urandom(151_344)
     assert put(server, "/kv/big", value).status == 201
     with open(server.data_dir / "big", "r+b") as file:
@@ -366,7 +366,7 @@ def test_a_value_file_changed_by_hand_is_a_quick_500_never_a_wrong_length(server
     assert server.request("HEAD", "/kv/big").status == 500
     assert server.get("/kv/big").problem()["status"] == 500
     assert time.monotonic() - started < 5, "the client waited for bytes that never came"
-    assert "changed while the server ran" in server.stderr()
+    assert "changed while the server ran" in capfd.readouterr().err
     assert put(server, "/kv/big", b"rewritten").status == 200  # a write puts it right
     assert server.get("/kv/big").body == b"rewritten"
 
@@ -679,12 +679,12 @@ def test_an_upload_cut_off_half_way_stores_nothing_and_leaves_no_file(server, fr
 # Streaming: server memory stays flat
 
 
-def test_a_200_mib_value_streams_in_and_out_while_server_memory_stays_flat(server):
+def test_a_200_mib_value_streams_in_and_out_while_server_memory_stays_flat(process_server):
     size, block_size = 200 * MiB, MiB
     block = bytearray(os.urandom(block_size))
-    pid = server.process.pid
-    put(server, "/kv/warm-up", os.urandom(MiB))  # allocate what any large PUT and GET allocate
-    assert len(server.get("/kv/warm-up").body) == MiB
+    pid = process_server.process.pid
+    put(process_server, "/kv/warm-up", os.urandom(MiB))  # allocate what any large PUT and GET allocate
+    assert len(process_server.get("/kv/warm-up").body) == MiB
     rss_before = vm_bytes(pid, "VmRSS")
 
     sent = hashlib.sha256()
@@ -696,7 +696,7 @@ def test_a_200_mib_value_streams_in_and_out_while_server_memory_stays_flat(serve
             sent.update(chunk)
             yield chunk
 
-    connection = server.connect(timeout=120)
+    connection = process_server.connect(timeout=120)
     connection.request("PUT", "/kv/huge", body=body(), headers={"Content-Length": str(size)})
     response = connection.getresponse()
     assert response.status == 201, response.read()
@@ -715,7 +715,7 @@ def test_a_200_mib_value_streams_in_and_out_while_server_memory_stays_flat(serve
 
     growth = vm_bytes(pid, "VmHWM") - rss_before
     assert growth < 32 * MiB, f"the server's peak RSS rose by {growth / MiB:.1f} MiB"
-    assert (server.data_dir / "huge").stat().st_size == size
+    assert (process_server.data_dir / "huge").stat().st_size == size
 
 
 # Races: compare-and-set is atomic

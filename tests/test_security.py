@@ -166,8 +166,8 @@ def test_the_server_binds_to_127_0_0_1_by_default(make_server):
 
 
 @pytest.fixture
-def token_server(make_server):
-    return make_server("--quiet", "--token", TOKEN)
+def token_server(make_live_server):
+    return make_live_server(token=TOKEN)
 
 
 @pytest.mark.parametrize(
@@ -417,8 +417,8 @@ def test_a_certfile_without_a_keyfile_or_the_other_way_round_exits_2(tmp_path, o
 
 
 @pytest.fixture
-def plain(make_server):
-    return make_server("--quiet")
+def plain(make_live_server):
+    return make_live_server()
 
 
 @pytest.mark.parametrize("site", ["cross-site", "same-site"])

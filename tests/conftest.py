@@ -62,6 +62,80 @@ def vm_bytes(pid: int, field: str) -> int:
     raise AssertionError(f"no {field} in /proc/{pid}/status")
 
 
+# Storage races: one thread a contender, each with its store (the same one or a client each)
+
+
+def race_compare_and_set(stores: list[kvserver.Storage], rounds: int) -> None:
+    """Each round, every contender reads the ETag of "counter", waits until all have read it,
+    then writes with If-Match: all must have read the same ETag, and exactly one must win."""
+    contenders = len(stores)
+    stores[0].put("counter", b"start")
+    start = threading.Barrier(contenders + 1, timeout=30)
+    read = threading.Barrier(contenders, timeout=30)
+    done = threading.Barrier(contenders + 1, timeout=30)
+    wins: list[list[int]] = [[] for _ in range(rounds)]
+    etags_read: list[set[str]] = [set() for _ in range(rounds)]
+    errors: list[BaseException] = []
+
+    def contender(number: int) -> None:
+        store = stores[number]
+        try:
+            for round_number in range(rounds):
+                start.wait()
+                etag = store.stat("counter").etag
+                etags_read[round_number].add(etag)
+                read.wait()  # all have read the same ETag before anyone writes
+                try:
+                    store.put("counter", f"{round_number}:{number}".encode(), if_match=etag)
+                except kvserver.PreconditionFailed:
+                    pass
+                else:
+                    wins[round_number].append(number)
+                done.wait()
+        except BaseException as error:
+            errors.append(error)
+            for barrier in (start, read, done):
+                barrier.abort()
+
+    threads = [threading.Thread(target=contender, args=(number,)) for number in range(contenders)]
+    for thread in threads:
+        thread.start()
+    try:
+        for round_number in range(rounds):
+            start.wait()
+            done.wait()
+            assert len(etags_read[round_number]) == 1, etags_read[round_number]
+            assert len(wins[round_number]) == 1, f"round {round_number}: winners {wins[round_number]}"
+            assert stores[0].get("counter") == f"{round_number}:{wins[round_number][0]}".encode()
+    finally:
+        for thread in threads:
+            thread.join(30)
+    assert not errors, errors
+    assert not any(thread.is_alive() for thread in threads)
+
+
+def race_create_only(stores: list[kvserver.Storage]) -> None:
+    """Every contender creates "once" with If-None-Match at the same moment: exactly one wins."""
+    barrier = threading.Barrier(len(stores), timeout=30)
+    winners: list[int] = []
+
+    def create(number: int) -> None:
+        barrier.wait()
+        try:
+            stores[number].put("once", str(number).encode(), if_none_match=True)
+        except kvserver.PreconditionFailed:
+            return
+        winners.append(number)
+
+    threads = [threading.Thread(target=create, args=(number,)) for number in range(len(stores))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(winners) == 1, winners
+    assert stores[0].get("once") == str(winners[0]).encode()
+
+
 # Raw HTTP: one response read off a socket or out of bytes (after waitress's functional tests)
 
 

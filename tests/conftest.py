@@ -174,10 +174,10 @@ def assert_problem(response: Response, status: int, *words: str) -> dict:
     return problem
 
 
-def assert_no_traceback(capfd: pytest.CaptureFixture[str]) -> None:
-    """Nothing logged in this test so far (by an in-process server, say) is a traceback."""
-    logged = capfd.readouterr().err
-    assert "Traceback" not in logged, logged
+def assert_no_traceback(log: str) -> None:
+    """No traceback in `log`: a subprocess server's `stderr()`, or what an in-process one logged
+    during the test (`capfd.readouterr().err`)."""
+    assert "Traceback" not in log, log
 
 
 def read_http(fp: io.BufferedIOBase, method: str = "GET") -> Response:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Response, Server, read_http, require_service, wait_for
+from conftest import Response, Server, assert_no_traceback, read_http, require_service, wait_for
 
 TMPFS_SIZE = 4 * 1024 * 1024
 
@@ -77,11 +77,6 @@ def temporary_files(server: Server) -> list[Path]:
     return list((server.data_dir / ".kvserver" / "tmp").iterdir())
 
 
-def assert_no_traceback(server: Server) -> None:
-    log = server.stderr()
-    assert "Traceback" not in log, log
-
-
 def test_a_put_larger_than_the_free_space_is_507_and_leaves_nothing_behind(full_server):
     server = full_server
     assert server.get("/set?small=hello").status == 201
@@ -109,7 +104,7 @@ def test_a_put_larger_than_the_free_space_is_507_and_leaves_nothing_behind(full_
     assert server.get("/set?after=ok").status == 201
     assert server.get("/get?key=after").body == b"ok"
     assert server.get("/health").status == 200
-    assert_no_traceback(server)
+    assert_no_traceback(server.stderr())
 
 
 def test_filling_the_disk_with_set_ends_in_507_and_every_earlier_value_survives(full_server):
@@ -168,7 +163,7 @@ def test_filling_the_disk_with_set_ends_in_507_and_every_earlier_value_survives(
     assert get(f"/set?again={value}").status == 201
     assert get("/get?key=again").body == value.encode()
     assert get("/health").status == 200
-    assert_no_traceback(server)
+    assert_no_traceback(server.stderr())
 
     # And all of it is still there after a restart.
     server.restart()

@@ -509,7 +509,7 @@ def test_a_content_type_with_a_control_character_is_400_not_500(server, content_
     received = server.raw(request, timeout=5, half_close=True)
     assert received.startswith(b"HTTP/1.1 400 "), received[:300]
     assert server.get("/kv/typed").status == 404
-    assert_no_traceback(capfd)
+    assert_no_traceback(capfd.readouterr().err)
 
 
 def test_the_generator_is_seeded_and_covers_every_kind():

@@ -29,7 +29,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import KVSERVER, Response, Server, race_compare_and_set, race_create_only, require_service, wait_for
+from conftest import (
+    KVSERVER,
+    Response,
+    Server,
+    assert_no_traceback,
+    race_compare_and_set,
+    race_create_only,
+    require_service,
+    wait_for,
+)
 from test_storage import (  # noqa: F401  (the fixtures are imported so that the contract sees them)
     TTL_DEADLINE,
     StorageContract,
@@ -608,10 +617,6 @@ def test_a_ttl_set_through_one_kvserver_expires_in_the_other(two_servers):
     assert a.get("/health").json()["keys"] == 1
 
 
-def assert_no_traceback(server: Server) -> None:
-    assert "Traceback" not in server.stderr(), server.stderr()
-
-
 def test_kvserver_answers_503_while_redis_is_down_and_recovers_by_itself(make_server, make_redis):
     redis_server = make_redis()
     a = start_kvserver(make_server, redis_server)
@@ -642,7 +647,7 @@ def test_kvserver_answers_503_while_redis_is_down_and_recovers_by_itself(make_se
                 proxy.load("k")
             assert fault.value.faultCode == 503
         assert server.process.poll() is None
-        assert_no_traceback(server)
+        assert_no_traceback(server.stderr())
 
     redis_server.start(same_port=True)  # empty: this Redis keeps nothing on disk
     for server in (a, b):
@@ -654,7 +659,7 @@ def test_kvserver_answers_503_while_redis_is_down_and_recovers_by_itself(make_se
     assert a.get("/kv/rest").body == b"works"
     for server in (a, b):
         assert server.stop() == 0
-        assert_no_traceback(server)
+        assert_no_traceback(server.stderr())
 
 
 def test_kvserver_started_while_redis_is_down_exits_1_with_one_line_naming_redis():

@@ -1,4 +1,7 @@
-"""Shared fixtures: kvserver run as a real subprocess on a free port, and small HTTP clients."""
+"""Shared fixtures and helpers: kvserver on a free port, in this process (`server`, `live_server`,
+`make_live_server`: most HTTP tests) or as a real subprocess (`process_server`, `make_server`: what
+is about the process: CLI, signals, restarts, crashes, stderr, memory); one raw HTTP reader
+(`read_http`, `parse_response`), `q`, `assert_problem`, `assert_no_traceback`."""
 
 from __future__ import annotations
 

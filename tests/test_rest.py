@@ -1,9 +1,10 @@
 """The REST routes, SPEC section 4: PUT, GET, HEAD and DELETE on /kv/<key>, streamed both ways,
 with conditional requests; plus what sections 2, 3, 6 and 8 say about them.
 
-Most tests talk to a live kvserver through http.client (`server.request`); those that care about
-the bytes on the wire (100 Continue, no body after HEAD, chunk framing, a client that hangs up)
-use a raw socket and the tiny `read_http` below, after waitress's functional tests.
+Most tests talk to a kvserver running in this process through http.client (`server.request`);
+those that care about the bytes on the wire (100 Continue, no body after HEAD, chunk framing, a
+client that hangs up) use a raw socket and conftest's `read_http`, after waitress's functional
+tests. Restarts and the server's memory use a subprocess (`process_server`).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """The seed routes of SPEC section 3, with the key rules of section 2, the error bodies of
-section 6 and the transport promises of section 9, tested on a live kvserver subprocess."""
+section 6 and the transport promises of section 9, tested on a kvserver running in this process
+(a subprocess for restarts and the access log on stderr)."""
 
 from __future__ import annotations
 

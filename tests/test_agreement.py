@@ -285,8 +285,8 @@ class AgreementMachine(RuleBasedStateMachine):
             assert {key: storage.stat(key).etag for key in self.model} == self.etags[name]
 
 
-def test_memory_files_and_http_agree_with_a_dict_model(make_server, tmp_path):
-    AgreementMachine.server = make_server("--quiet", "--no-fsync")
+def test_memory_files_and_http_agree_with_a_dict_model(make_live_server, tmp_path):
+    AgreementMachine.server = make_live_server(fsync=False)
     AgreementMachine.tmp_path = tmp_path
     run_state_machine_as_test(
         AgreementMachine,

@@ -318,8 +318,8 @@ def test_post_import_needs_a_body_and_takes_no_query(server: Server):
     assert server.get("/import").status == 405
 
 
-def test_a_value_over_max_value_in_post_import_is_a_400(make_server):
-    small = make_server("--quiet", "--max-value", "4")
+def test_a_value_over_max_value_in_post_import_is_a_400(make_live_server):
+    small = make_live_server(max_value=4)
     response = small.request("POST", "/import", line("ok", b"1234") + line("big", b"12345"))
     assert response.status == 400
     assert response.problem()["detail"].startswith("line 2: the value is over 4 bytes")

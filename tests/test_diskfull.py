@@ -7,7 +7,6 @@ The data dir lives on a 4 MiB tmpfs the test mounts, so it needs root (CI runs a
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -16,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Response, Server, parse_response, require_service, wait_for
+from conftest import Response, Server, assert_no_traceback, read_http, require_service, wait_for
 
 TMPFS_SIZE = 4 * 1024 * 1024
 
@@ -62,17 +61,7 @@ def put_raw(server: Server, key: str, size: int) -> Response:
                 sent += sock.send(block[: size - sent])
         except (BrokenPipeError, ConnectionResetError):
             pass
-        received = b""
-        try:
-            while chunk := sock.recv(65536):
-                received += chunk
-                if b"\r\n\r\n" in received and len(received.partition(b"\r\n\r\n")[2]) >= int(
-                    re.search(rb"Content-Length: (\d+)", received).group(1)
-                ):
-                    break
-        except ConnectionResetError:
-            pass
-    return parse_response(received)
+        return read_http(sock.makefile("rb"))
 
 
 def free_bytes(path: Path) -> int:
@@ -86,11 +75,6 @@ def value_files(server: Server) -> set[str]:
 
 def temporary_files(server: Server) -> list[Path]:
     return list((server.data_dir / ".kvserver" / "tmp").iterdir())
-
-
-def assert_no_traceback(server: Server) -> None:
-    log = server.stderr()
-    assert "Traceback" not in log, log
 
 
 def test_a_put_larger_than_the_free_space_is_507_and_leaves_nothing_behind(full_server):
@@ -120,7 +104,7 @@ def test_a_put_larger_than_the_free_space_is_507_and_leaves_nothing_behind(full_
     assert server.get("/set?after=ok").status == 201
     assert server.get("/get?key=after").body == b"ok"
     assert server.get("/health").status == 200
-    assert_no_traceback(server)
+    assert_no_traceback(server.stderr())
 
 
 def test_filling_the_disk_with_set_ends_in_507_and_every_earlier_value_survives(full_server):
@@ -179,7 +163,7 @@ def test_filling_the_disk_with_set_ends_in_507_and_every_earlier_value_survives(
     assert get(f"/set?again={value}").status == 201
     assert get("/get?key=again").body == value.encode()
     assert get("/health").status == 200
-    assert_no_traceback(server)
+    assert_no_traceback(server.stderr())
 
     # And all of it is still there after a restart.
     server.restart()

@@ -18,7 +18,7 @@ import urllib.request
 import xmlrpc.client
 
 import pytest
-from conftest import LiveServer, assert_problem, parse_response
+from conftest import LiveServer, parse_response
 
 HOST = b"Host: 127.0.0.1\r\n"
 STATUS_LINE = re.compile(rb"HTTP/1\.1 (\d{3}) ")
@@ -35,7 +35,7 @@ def refused(live_server: LiveServer, message: bytes) -> tuple[int, bytes]:
     assert len(STATUS_LINE.findall(received)) == 1, f"not exactly one answer: {received[:400]!r}"
     response = parse_response(received)
     assert response.headers["Connection"] == "close", received[:400]
-    assert_problem(response.status, response.headers["Content-Type"], response.body)
+    response.problem()
     assert list(live_server.storage) == [], f"stored {list(live_server.storage)} from {message!r}"
     return response.status, response.body
 

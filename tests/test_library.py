@@ -591,7 +591,9 @@ LIBRARY_VALUES = [
 ]
 
 
-def test_values_written_by_the_library_are_served_by_a_kvserver_started_on_the_same_data_dir(tmp_path, make_server):
+def test_values_written_by_the_library_are_served_by_a_kvserver_started_on_the_same_data_dir(
+    tmp_path, make_live_server
+):
     data_dir = tmp_path / "data"
     etags = {}
     with FileStorage(data_dir) as store:
@@ -601,7 +603,7 @@ def test_values_written_by_the_library_are_served_by_a_kvserver_started_on_the_s
         store.put("expiring", b"soon", ttl=3600)
         store.put("deleted", b"gone")
         store.delete("deleted")
-    server = make_server("--quiet", data_dir=data_dir)
+    server = make_live_server(data_dir=data_dir)
     keys = sorted([key for key, *_ in LIBRARY_VALUES] + ["expiring"])
     assert server.get("/keys").json() == {"keys": keys, "next": None}
     for key, value, content_type, _ in LIBRARY_VALUES:

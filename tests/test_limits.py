@@ -8,7 +8,6 @@ parallel from the first test that needs them; each test then checks its own scen
 from __future__ import annotations
 
 import concurrent.futures
-import http.client
 import re
 import select
 import socket
@@ -18,25 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import Response, Server, parse_response, wait_for
+from conftest import Response, Server, parse_response, raw_exchange_timed, read_http, wait_for
 
 HOST = b"Host: 127.0.0.1\r\n"
-
-
-def read_one_response(sock: socket.socket) -> Response:
-    """Read one whole response (with a Content-Length) from a keep-alive connection."""
-    received = b""
-    while b"\r\n\r\n" not in received:
-        chunk = sock.recv(65536)
-        assert chunk, f"closed before a whole response head: {received!r}"
-        received += chunk
-    head, _, body = received.partition(b"\r\n\r\n")
-    length = int(parse_response(head + b"\r\n\r\n").headers["Content-Length"])
-    while len(body) < length:
-        chunk = sock.recv(65536)
-        assert chunk, "closed before the whole body"
-        body += chunk
-    return parse_response(head + b"\r\n\r\n" + body)
 
 
 def exchange(server: Server, data: bytes, timeout: float = 5.0) -> Response:
@@ -45,25 +28,14 @@ def exchange(server: Server, data: bytes, timeout: float = 5.0) -> Response:
     return parse_response(received)
 
 
-def get_once(server: Server, path: str) -> Response:
-    """A GET on a connection of its own, closed at once so that it holds no connection slot."""
-    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
-    try:
-        connection.request("GET", path)
-        response = connection.getresponse()
-        return Response(response.status, response.headers, response.read())
-    finally:
-        connection.close()
-
-
 def open_connections(server: Server) -> int:
     """The server's kvserver_open_connections gauge (counting the connection that asks)."""
-    metrics = get_once(server, "/metrics").body.decode()
+    metrics = server.get("/metrics").body.decode()
     return int(float(re.search(r"^kvserver_open_connections (\S+)$", metrics, re.MULTILINE).group(1)))
 
 
 def health_is_served(server: Server) -> None:
-    response = get_once(server, "/health")
+    response = server.get("/health")
     assert response.status == 200, response
 
 
@@ -107,7 +79,7 @@ def idle_keep_alive(port: int) -> Outcome:
     """One request on a keep-alive connection, then silence until the server closes (at most 25 s)."""
     with socket.create_connection(("127.0.0.1", port), timeout=25) as sock:
         sock.sendall(b"GET /health HTTP/1.1\r\n" + HOST + b"\r\n")
-        first = read_one_response(sock)
+        first = read_http(sock.makefile("rb"))
         started = time.monotonic()
         assert first.status == 200 and first.headers["Connection"] != "close", first
         rest = bytearray()
@@ -181,7 +153,7 @@ def test_a_request_head_not_complete_within_10_s_is_cut_off(slow_clients):
     # counted until the server is done with it: of the three slow clients, at most the idle
     # and the stalled-body ones are still open, plus the connection asking.
     wait_for(lambda: open_connections(server) <= 3, timeout=10, what="the cut-off connection to be done with")
-    assert get_once(server, "/get?key=slowloris").status == 404
+    assert server.get("/get?key=slowloris").status == 404
     health_is_served(server)
 
 
@@ -202,7 +174,7 @@ def test_a_body_with_no_byte_for_30_s_is_abandoned_and_stores_nothing(slow_clien
     assert outcome.seconds > 27, f"a stalled body was abandoned after only {outcome.seconds:.1f} s"
     if outcome.received:
         assert parse_response(outcome.received).status == 408, outcome.received
-    assert get_once(server, "/kv/stalled").status == 404
+    assert server.get("/kv/stalled").status == 404
     assert not (server.data_dir / "stalled").exists()
     assert list((server.data_dir / ".kvserver" / "tmp").iterdir()) == []
     health_is_served(server)
@@ -228,14 +200,14 @@ def test_a_request_line_over_64_kib_is_414_pointing_to_put(server):
     response = exchange(server, line + HOST + b"\r\n")
     assert response.status == 414
     assert "PUT /kv/" in response.problem()["detail"]
-    assert get_once(server, "/get?key=big").status == 404
+    assert server.get("/get?key=big").status == 404
     health_is_served(server)
 
 
 def test_a_request_line_just_under_64_kib_is_served(server):
     value = "v" * 65_000
     assert server.get(f"/set?big={value}").status == 201
-    assert get_once(server, "/get?key=big").body == value.encode()
+    assert server.get("/get?key=big").body == value.encode()
 
 
 # Headers
@@ -260,7 +232,7 @@ def test_header_fields_totalling_over_64_kib_are_431(server):
     response = exchange(server, b"GET /set?planted=1 HTTP/1.1\r\n" + HOST + fields + b"\r\n")
     assert response.status == 431
     assert response.problem()["detail"]
-    assert get_once(server, "/get?key=planted").status == 404
+    assert server.get("/get?key=planted").status == 404
     health_is_served(server)
 
 
@@ -281,18 +253,18 @@ def test_one_header_line_over_64_kib_is_431(server):
 
 
 @pytest.fixture
-def small_values(make_server):
-    return make_server("--quiet", "--max-value", "1K")
+def small_values(make_live_server):
+    return make_live_server(max_value=1024)
 
 
 def test_a_declared_length_over_max_value_is_413_before_any_100_continue(small_values):
     server = small_values
     with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
         sock.sendall(b"PUT /kv/big HTTP/1.1\r\n" + HOST + b"Content-Length: 1025\r\nExpect: 100-continue\r\n\r\n")
-        response = read_one_response(sock)
+        response = read_http(sock.makefile("rb"))
     assert response.status == 413
     assert "1024" in response.problem()["detail"]
-    assert get_once(server, "/kv/big").status == 404
+    assert server.get("/kv/big").status == 404
 
 
 def test_a_value_of_exactly_max_value_is_stored(small_values):
@@ -307,15 +279,15 @@ def test_a_chunked_body_over_max_value_is_413_and_stores_nothing(small_values):
     response = exchange(server, request)
     assert response.status == 413
     assert response.problem()["detail"]
-    assert get_once(server, "/kv/big").status == 404
+    assert server.get("/kv/big").status == 404
     wait_for(lambda: not list((server.data_dir / ".kvserver" / "tmp").iterdir()), timeout=5, what="no temporary file")
 
 
 def test_a_set_value_over_max_value_is_413_and_stores_nothing(small_values):
-    response = get_once(small_values, "/set?big=" + "v" * 1025)
+    response = small_values.get("/set?big=" + "v" * 1025)
     assert response.status == 413
     assert response.problem()["detail"]
-    assert get_once(small_values, "/get?key=big").status == 404
+    assert small_values.get("/get?key=big").status == 404
 
 
 # The connection cap
@@ -330,22 +302,15 @@ def thread_count(server: Server) -> int:
     return int(re.search(r"^Threads:\s+(\d+)", status, re.MULTILINE).group(1))
 
 
-def test_beyond_max_connections_a_client_gets_503_at_once_and_is_served_once_others_leave(make_server):
-    server = make_server("--quiet", "--max-connections", "4")
+def test_beyond_max_connections_a_client_gets_503_at_once_and_is_served_once_others_leave(make_live_server):
+    server = make_live_server(max_connections=4)
     idle = open_idle(server, 4)
     try:
-        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as fifth:
-            started = time.monotonic()
-            fifth.settimeout(1.0)
-            received = b""
-            try:
-                while chunk := fifth.recv(65536):
-                    received += chunk
-            except TimeoutError:
-                pass
-            elapsed = time.monotonic() - started
+        started = time.monotonic()
+        received, went_quiet = raw_exchange_timed(server.port, b"", timeout=1.0)
+        elapsed = time.monotonic() - started
         assert received, "the fifth connection got no answer within 1 s"
-        assert elapsed < 1.0
+        assert not went_quiet and elapsed < 1.0, "the fifth connection was not closed within 1 s"
         response = parse_response(received)
         assert response.status == 503
         assert response.problem()["detail"]
@@ -357,7 +322,7 @@ def test_beyond_max_connections_a_client_gets_503_at_once_and_is_served_once_oth
     finally:
         for sock in idle:
             sock.close()
-    wait_for(lambda: get_once(server, "/health").status == 200, timeout=5, what="a connection slot to free up")
+    wait_for(lambda: server.get("/health").status == 200, timeout=5, what="a connection slot to free up")
     for _ in range(5):
         health_is_served(server)
 
@@ -369,7 +334,7 @@ def test_refused_connections_start_no_threads(make_server):
         health = b"GET /health HTTP/1.1\r\n" + HOST + b"\r\n"
         for sock in idle:  # each is served, so each has its thread
             sock.sendall(health)
-            assert read_one_response(sock).status == 200
+            assert read_http(sock.makefile("rb")).status == 200
         admitted = thread_count(server)
         peak = admitted
         for _ in range(100):
@@ -380,4 +345,4 @@ def test_refused_connections_start_no_threads(make_server):
     finally:
         for sock in idle:
             sock.close()
-    wait_for(lambda: get_once(server, "/health").status == 200, timeout=5, what="a connection slot to free up")
+    wait_for(lambda: server.get("/health").status == 200, timeout=5, what="a connection slot to free up")

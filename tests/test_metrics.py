@@ -7,12 +7,11 @@ import http.client
 import math
 import threading
 import time
-import urllib.parse
 from collections import Counter
 from dataclasses import dataclass
 
 import pytest
-from conftest import Server, require_service, wait_for
+from conftest import Server, q, require_service, wait_for
 
 import kvserver
 
@@ -107,10 +106,6 @@ def scrape(server: Server, connection: http.client.HTTPConnection | None = None)
     assert response.status == 200, (response.status, body)
     families = {family.name: family for family in text_string_to_metric_families(body.decode("utf-8"))}
     return Scrape(response.headers["Content-Type"], families)
-
-
-def q(text: str) -> str:
-    return urllib.parse.quote(text, safe="")
 
 
 def known_sequence(server: Server, connection: http.client.HTTPConnection) -> Counter:
@@ -260,8 +255,8 @@ def test_start_time_is_when_the_server_started_and_info_names_the_version(make_s
     assert kvserver.__version__ in server.start_line
 
 
-def test_request_counters_stay_exact_under_concurrent_requests(make_server) -> None:
-    server = make_server("--quiet", "--storage", "memory")
+def test_request_counters_stay_exact_under_concurrent_requests(make_live_server) -> None:
+    server = make_live_server("memory")
     threads, per_thread = 8, 100
     before = scrape(server)
     errors: list[str] = []

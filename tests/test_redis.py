@@ -29,7 +29,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import KVSERVER, Response, Server, require_service, wait_for
+from conftest import (
+    KVSERVER,
+    Response,
+    Server,
+    assert_no_traceback,
+    race_compare_and_set,
+    race_create_only,
+    require_service,
+    wait_for,
+)
 from test_storage import (  # noqa: F401  (the fixtures are imported so that the contract sees them)
     TTL_DEADLINE,
     StorageContract,
@@ -331,76 +340,18 @@ def test_an_etag_read_through_one_connection_works_for_compare_and_set_through_a
 
 
 def test_compare_and_set_from_16_connections_lets_exactly_one_writer_win_each_etag(redis_db):
-    contenders, rounds = 16, 8
-    stores = [kvserver.RedisStorage(redis_db.url()) for _ in range(contenders)]
-    stores[0].put("counter", b"start")
-    start = threading.Barrier(contenders + 1, timeout=30)
-    read = threading.Barrier(contenders, timeout=30)
-    done = threading.Barrier(contenders + 1, timeout=30)
-    wins: list[list[int]] = [[] for _ in range(rounds)]
-    etags_read: list[set[str]] = [set() for _ in range(rounds)]
-    errors: list[BaseException] = []
-
-    def contender(number: int) -> None:
-        store = stores[number]
-        try:
-            for round_number in range(rounds):
-                start.wait()
-                etag = store.stat("counter").etag
-                etags_read[round_number].add(etag)
-                read.wait()  # all have read the same ETag before anyone writes
-                try:
-                    store.put("counter", f"{round_number}:{number}".encode(), if_match=etag)
-                except kvserver.PreconditionFailed:
-                    pass
-                else:
-                    wins[round_number].append(number)
-                done.wait()
-        except BaseException as error:
-            errors.append(error)
-            for barrier in (start, read, done):
-                barrier.abort()
-
-    threads = [threading.Thread(target=contender, args=(number,)) for number in range(contenders)]
-    for thread in threads:
-        thread.start()
+    stores = [kvserver.RedisStorage(redis_db.url()) for _ in range(16)]
     try:
-        for round_number in range(rounds):
-            start.wait()
-            done.wait()
-            assert len(etags_read[round_number]) == 1, etags_read[round_number]
-            assert len(wins[round_number]) == 1, f"round {round_number}: winners {wins[round_number]}"
-            assert stores[0].get("counter") == f"{round_number}:{wins[round_number][0]}".encode()
+        race_compare_and_set(stores, rounds=8)
     finally:
-        for thread in threads:
-            thread.join(30)
         for store in stores:
             store.close()
-    assert not errors, errors
-    assert not any(thread.is_alive() for thread in threads)
 
 
 def test_create_only_from_16_connections_creates_the_key_once(redis_db):
     stores = [kvserver.RedisStorage(redis_db.url()) for _ in range(16)]
-    barrier = threading.Barrier(16, timeout=30)
-    winners: list[int] = []
-
-    def create(number: int) -> None:
-        barrier.wait()
-        try:
-            stores[number].put("once", str(number).encode(), if_none_match=True)
-        except kvserver.PreconditionFailed:
-            return
-        winners.append(number)
-
-    threads = [threading.Thread(target=create, args=(number,)) for number in range(16)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
     try:
-        assert len(winners) == 1, winners
-        assert stores[0].get("once") == str(winners[0]).encode()
+        race_create_only(stores)
     finally:
         for store in stores:
             store.close()
@@ -668,10 +619,6 @@ def test_a_ttl_set_through_one_kvserver_expires_in_the_other(two_servers):
     assert a.get("/health").json()["keys"] == 1
 
 
-def assert_no_traceback(server: Server) -> None:
-    assert "Traceback" not in server.stderr(), server.stderr()
-
-
 def test_kvserver_answers_503_while_redis_is_down_and_recovers_by_itself(make_server, make_redis):
     redis_server = make_redis()
     a = start_kvserver(make_server, redis_server)
@@ -702,7 +649,7 @@ def test_kvserver_answers_503_while_redis_is_down_and_recovers_by_itself(make_se
                 proxy.load("k")
             assert fault.value.faultCode == 503
         assert server.process.poll() is None
-        assert_no_traceback(server)
+        assert_no_traceback(server.stderr())
 
     redis_server.start(same_port=True)  # empty: this Redis keeps nothing on disk
     for server in (a, b):
@@ -714,7 +661,7 @@ def test_kvserver_answers_503_while_redis_is_down_and_recovers_by_itself(make_se
     assert a.get("/kv/rest").body == b"works"
     for server in (a, b):
         assert server.stop() == 0
-        assert_no_traceback(server)
+        assert_no_traceback(server.stderr())
 
 
 def test_kvserver_started_while_redis_is_down_exits_1_with_one_line_naming_redis():

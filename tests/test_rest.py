@@ -1,9 +1,10 @@
 """The REST routes, SPEC section 4: PUT, GET, HEAD and DELETE on /kv/<key>, streamed both ways,
 with conditional requests; plus what sections 2, 3, 6 and 8 say about them.
 
-Most tests talk to a live kvserver through http.client (`server.request`); those that care about
-the bytes on the wire (100 Continue, no body after HEAD, chunk framing, a client that hangs up)
-use a raw socket and the tiny `read_http` below, after waitress's functional tests.
+Most tests talk to a kvserver running in this process through http.client (`server.request`);
+those that care about the bytes on the wire (100 Continue, no body after HEAD, chunk framing, a
+client that hangs up) use a raw socket and conftest's `read_http`, after waitress's functional
+tests. Restarts and the server's memory use a subprocess (`process_server`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -24,71 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import Server, assert_problem, require_service, vm_bytes, wait_for
+from conftest import RawConnection, Response, Server, assert_problem, read_http, require_service, vm_bytes, wait_for
 
 KiB = 1024
 MiB = 1024 * KiB
 
 
-# Raw HTTP: a request as bytes, and one response read off a socket
-
-
-@dataclass
-class RawResponse:
-    status: int
-    headers: dict[str, str]  # names in lower case
-    body: bytes
-
-    def problem(self) -> dict:
-        return assert_problem(self.status, self.headers.get("content-type"), self.body)
-
-    @property
-    def closes(self) -> bool:
-        return "close" in self.headers.get("connection", "").lower()
-
-
-def read_http(fp: io.BufferedIOBase, method: str = "GET") -> RawResponse:
-    """Read one response: status line, headers, and the body its framing announces."""
-    line = fp.readline()
-    assert line, "the server closed the connection without an answer"
-    version, status, _reason = line.rstrip(b"\r\n").split(b" ", 2)
-    assert version in (b"HTTP/1.1", b"HTTP/1.0"), line
-    headers: dict[str, str] = {}
-    while True:
-        line = fp.readline()
-        assert line, "the connection ended inside the headers"
-        if line in (b"\r\n", b"\n"):
-            break
-        name, _, value = line.decode("latin-1").partition(":")
-        headers[name.strip().lower()] = value.strip()
-    code = int(status)
-    if method == "HEAD" or code in (204, 304) or 100 <= code < 200:
-        body = b""
-    elif "content-length" in headers:
-        body = fp.read(int(headers["content-length"]))
-        assert len(body) == int(headers["content-length"]), "the body ended before its Content-Length"
-    elif headers.get("transfer-encoding", "").lower() == "chunked":
-        body = b""
-        while size := int(fp.readline().split(b";")[0], 16):
-            body += fp.read(size)
-            assert fp.readline() == b"\r\n"
-        while fp.readline() not in (b"\r\n", b""):
-            pass
-    else:
-        body = fp.read()
-    return RawResponse(code, headers, body)
-
-
-def request_bytes(server: Server, method: str, path: str, headers: dict[str, str] | None = None) -> bytes:
-    """A request line and headers (with Host), ending in the blank line; the caller adds any body."""
-    lines = [f"{method} {path} HTTP/1.1", f"Host: {server.host}:{server.port}"]
-    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-
-
 def exchange_and_close(
     server: Server, method: str, path: str, headers: dict[str, str] | None = None
-) -> tuple[RawResponse, bytes]:
+) -> tuple[Response, bytes]:
     """Send a request asking the server to close after it; return the answer's status and headers
     (its body not read) and every byte that followed the headers."""
     with RawConnection(server) as connection:
@@ -97,41 +41,6 @@ def exchange_and_close(
     head, separator, rest = received.partition(b"\r\n\r\n")
     assert separator, f"no complete head in {received[:200]!r}"
     return read_http(io.BytesIO(head + separator), "HEAD"), rest
-
-
-class RawConnection:
-    """A socket to the server; every read is bounded by `timeout` (TimeoutError fails the test)."""
-
-    def __init__(self, server: Server, timeout: float = 10.0) -> None:
-        self.server = server
-        self.sock = socket.create_connection((server.host, server.port), timeout=timeout)
-        self.file = self.sock.makefile("rb")
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def request(self, method: str, path: str, headers: dict[str, str] | None = None, body: bytes = b"") -> None:
-        self.send(request_bytes(self.server, method, path, headers) + body)
-
-    def response(self, method: str = "GET") -> RawResponse:
-        return read_http(self.file, method)
-
-    def read_to_eof(self) -> bytes:
-        """Everything until the server closes; a reset or a silence past the timeout fails."""
-        received = b""
-        while chunk := self.file.read1(65536):
-            received += chunk
-        return received
-
-    def close(self) -> None:
-        self.file.close()
-        self.sock.close()
-
-    def __enter__(self) -> RawConnection:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
 
 # Helpers over http.client
@@ -194,14 +103,14 @@ def test_every_write_that_changes_bytes_or_media_type_changes_the_etag(server):
 
 
 @pytest.mark.parametrize("size", [10, 100 * KiB], ids=["small", "large"])
-def test_etags_stay_the_same_across_a_restart(server, size):
-    put(server, "/kv/plain", os.urandom(size))
-    put(server, "/kv/typed?ttl=3600", b"x" * size, {"Content-Type": "text/x-typed"})
-    before = {path: server.get(path).headers["ETag"] for path in ("/kv/plain", "/kv/typed")}
-    server.restart()
-    after = {path: server.get(path).headers["ETag"] for path in ("/kv/plain", "/kv/typed")}
+def test_etags_stay_the_same_across_a_restart(process_server, size):
+    put(process_server, "/kv/plain", os.urandom(size))
+    put(process_server, "/kv/typed?ttl=3600", b"x" * size, {"Content-Type": "text/x-typed"})
+    before = {path: process_server.get(path).headers["ETag"] for path in ("/kv/plain", "/kv/typed")}
+    process_server.restart()
+    after = {path: process_server.get(path).headers["ETag"] for path in ("/kv/plain", "/kv/typed")}
     assert after == before
-    assert server.get("/kv/typed").headers["Content-Type"] == "text/x-typed"
+    assert process_server.get("/kv/typed").headers["Content-Type"] == "text/x-typed"
 
 
 def test_the_content_type_sent_with_put_is_stored_and_served_back(server):
@@ -269,40 +178,38 @@ def test_kv_ttl_never_says_0_while_the_value_is_served(server):
     assert answers and set(answers) <= {"1"}, answers
 
 
-def test_a_ttl_expiry_holds_across_a_restart(server):
-    put(server, "/kv/fleeting?ttl=2", b"gone after a restart")
+def test_a_ttl_expiry_holds_across_a_restart(process_server):
+    put(process_server, "/kv/fleeting?ttl=2", b"gone after a restart")
     # Text stored as text: only the TTL tells this value from one a file on disk would give.
-    put(server, "/kv/fleeting-text?ttl=2", b"gone too", {"Content-Type": "text/plain; charset=utf-8"})
+    put(process_server, "/kv/fleeting-text?ttl=2", b"gone too", {"Content-Type": "text/plain; charset=utf-8"})
     written = time.time()
-    put(server, "/kv/lasting", b"stays")
-    put(server, "/kv/long?ttl=3600", b"stays too")
-    assert keys(server) == ["fleeting", "fleeting-text", "lasting", "long"]
+    put(process_server, "/kv/lasting", b"stays")
+    put(process_server, "/kv/long?ttl=3600", b"stays too")
+    assert keys(process_server) == ["fleeting", "fleeting-text", "lasting", "long"]
 
-    assert server.stop() == 0
+    assert process_server.stop() == 0
     wait_for(lambda: time.time() > written + 2.2, timeout=5, what="the TTL to pass while the server is down")
-    server.start()
+    process_server.start()
 
-    assert server.get("/kv/fleeting").status == 404
-    assert server.get("/kv/fleeting-text").status == 404
-    assert keys(server) == ["lasting", "long"]
-    assert "fleeting" not in server.get("/", headers={"Accept": "application/json"}).json()
-    assert server.get("/kv/lasting").body == b"stays"
-    assert server.get("/kv/long").body == b"stays too"
+    assert process_server.get("/kv/fleeting").status == 404
+    assert process_server.get("/kv/fleeting-text").status == 404
+    assert keys(process_server) == ["lasting", "long"]
+    assert "fleeting" not in process_server.get("/", headers={"Accept": "application/json"}).json()
+    assert process_server.get("/kv/lasting").body == b"stays"
+    assert process_server.get("/kv/long").body == b"stays too"
 
 
 @pytest.mark.parametrize("ttl", ["0", "-1", "1.5", "abc", "", "1e3", "%201"])
 def test_a_ttl_that_is_not_a_positive_whole_number_is_a_400_and_stores_nothing(server, ttl):
     response = put(server, f"/kv/k?ttl={ttl}", b"value")
-    assert response.status == 400
-    assert response.problem()
+    assert_problem(response, 400)
     assert server.get("/kv/k").status == 404
 
 
 @pytest.mark.parametrize("query", ["foo=1", "ttl=5&x=1", "ttl", "ttl=5&ttl=6"])
 def test_an_unknown_or_repeated_query_field_on_put_is_a_400_and_stores_nothing(server, query):
     response = put(server, f"/kv/k?{query}", b"value")
-    assert response.status == 400
-    assert response.problem()
+    assert_problem(response, 400)
     assert server.get("/kv/k").status == 404
 
 
@@ -447,7 +354,7 @@ def test_head_then_get_on_one_connection_leaves_the_second_answer_intact(server)
 
 
 @pytest.mark.parametrize("change", ["truncated", "grown"])
-def test_a_value_file_changed_by_hand_is_a_quick_500_never_a_wrong_length(server, change):
+def test_a_value_file_changed_by_hand_is_a_quick_500_never_a_wrong_length(server, change, capfd):
     value = os.urandom(151_344)
     assert put(server, "/kv/big", value).status == 201
     with open(server.data_dir / "big", "r+b") as file:
@@ -460,7 +367,7 @@ def test_a_value_file_changed_by_hand_is_a_quick_500_never_a_wrong_length(server
     assert server.request("HEAD", "/kv/big").status == 500
     assert server.get("/kv/big").problem()["status"] == 500
     assert time.monotonic() - started < 5, "the client waited for bytes that never came"
-    assert "changed while the server ran" in server.stderr()
+    assert "changed while the server ran" in capfd.readouterr().err
     assert put(server, "/kv/big", b"rewritten").status == 200  # a write puts it right
     assert server.get("/kv/big").body == b"rewritten"
 
@@ -481,8 +388,7 @@ def test_delete_answers_204_then_404(server):
     assert rest == b"", "a 204 has no body"
     assert server.get("/kv/doomed").status == 404
     again = server.request("DELETE", "/kv/doomed")
-    assert again.status == 404
-    assert again.problem()
+    assert_problem(again, 404)
 
 
 def test_delete_with_the_right_if_match_removes_the_value(server):
@@ -494,8 +400,7 @@ def test_delete_with_the_right_if_match_removes_the_value(server):
 def test_delete_with_a_wrong_if_match_is_a_412_and_keeps_the_value(server):
     etag = put(server, "/kv/k", b"keep me").headers["ETag"]
     response = server.request("DELETE", "/kv/k", headers={"If-Match": '"not-the-etag"'})
-    assert response.status == 412
-    assert response.problem()
+    assert_problem(response, 412)
     kept = server.get("/kv/k")
     assert kept.body == b"keep me"
     assert kept.headers["ETag"] == etag
@@ -504,8 +409,7 @@ def test_delete_with_a_wrong_if_match_is_a_412_and_keeps_the_value(server):
 def test_delete_with_if_none_match_star_on_an_existing_key_is_a_412(server):
     put(server, "/kv/k", b"still here")
     response = server.request("DELETE", "/kv/k", headers={"If-None-Match": "*"})
-    assert response.status == 412
-    assert response.problem()
+    assert_problem(response, 412)
     assert server.get("/kv/k").body == b"still here"
 
 
@@ -524,8 +428,7 @@ def test_put_with_the_right_if_match_answers_200_with_a_new_etag(server):
 def test_put_with_a_wrong_if_match_is_a_412_problem_and_changes_nothing(server):
     etag = put(server, "/kv/k", b"original", {"Content-Type": "text/plain"}).headers["ETag"]
     response = put(server, "/kv/k?ttl=1", b"intruder", {"If-Match": '"stale"', "Content-Type": "text/html"})
-    assert response.status == 412
-    assert response.problem()
+    assert_problem(response, 412)
     kept = server.get("/kv/k")
     assert (kept.body, kept.headers["ETag"], kept.headers["Content-Type"]) == (b"original", etag, "text/plain")
 
@@ -549,8 +452,7 @@ def test_put_with_if_none_match_star_creates_once_then_is_a_412(server):
     first = put(server, "/kv/once", b"first", {"If-None-Match": "*"})
     assert first.status == 201
     second = put(server, "/kv/once", b"second", {"If-None-Match": "*"})
-    assert second.status == 412
-    assert second.problem()
+    assert_problem(second, 412)
     kept = server.get("/kv/once")
     assert kept.body == b"first"
     assert kept.headers["ETag"] == first.headers["ETag"]
@@ -562,8 +464,7 @@ def test_a_failing_precondition_is_answered_before_100_continue(server):
     with RawConnection(server) as connection:
         connection.request("PUT", "/kv/k", headers)
         response = connection.response()
-    assert response.status == 412
-    assert response.problem()
+    assert_problem(response, 412)
     assert server.get("/kv/k").body == b"original"
 
 
@@ -574,8 +475,7 @@ def test_a_put_with_neither_content_length_nor_chunked_is_a_411(server):
     with RawConnection(server) as connection:
         connection.request("PUT", "/kv/k", {"Connection": "close"})
         response = connection.response()
-    assert response.status == 411
-    assert response.problem()
+    assert_problem(response, 411)
     assert server.get("/kv/k").status == 404
 
 
@@ -667,15 +567,13 @@ def test_a_body_framing_the_server_cannot_trust_is_refused_and_stores_nothing(se
     with RawConnection(server) as connection:
         connection.request("PUT", "/kv/k", {**headers, "Connection": "close"}, b"abc")
         response = connection.response()
-    assert response.status == status
-    assert response.problem()
+    assert_problem(response, status)
     assert server.get("/kv/k").status == 404
 
 
 def test_a_method_the_kv_route_does_not_take_is_a_405_with_allow_and_an_unknown_one_a_501(server):
     response = server.request("POST", "/kv/k", body=b"x")
-    assert response.status == 405
-    assert response.problem()
+    assert_problem(response, 405)
     allowed = {method.strip() for method in response.headers["Allow"].split(",")}
     assert {"GET", "HEAD", "PUT", "DELETE"} <= allowed
     assert "POST" not in allowed
@@ -782,12 +680,12 @@ def test_an_upload_cut_off_half_way_stores_nothing_and_leaves_no_file(server, fr
 # Streaming: server memory stays flat
 
 
-def test_a_200_mib_value_streams_in_and_out_while_server_memory_stays_flat(server):
+def test_a_200_mib_value_streams_in_and_out_while_server_memory_stays_flat(process_server):
     size, block_size = 200 * MiB, MiB
     block = bytearray(os.urandom(block_size))
-    pid = server.process.pid
-    put(server, "/kv/warm-up", os.urandom(MiB))  # allocate what any large PUT and GET allocate
-    assert len(server.get("/kv/warm-up").body) == MiB
+    pid = process_server.process.pid
+    put(process_server, "/kv/warm-up", os.urandom(MiB))  # allocate what any large PUT and GET allocate
+    assert len(process_server.get("/kv/warm-up").body) == MiB
     rss_before = vm_bytes(pid, "VmRSS")
 
     sent = hashlib.sha256()
@@ -799,7 +697,7 @@ def test_a_200_mib_value_streams_in_and_out_while_server_memory_stays_flat(serve
             sent.update(chunk)
             yield chunk
 
-    connection = server.connect(timeout=120)
+    connection = process_server.connect(timeout=120)
     connection.request("PUT", "/kv/huge", body=body(), headers={"Content-Length": str(size)})
     response = connection.getresponse()
     assert response.status == 201, response.read()
@@ -818,7 +716,7 @@ def test_a_200_mib_value_streams_in_and_out_while_server_memory_stays_flat(serve
 
     growth = vm_bytes(pid, "VmHWM") - rss_before
     assert growth < 32 * MiB, f"the server's peak RSS rose by {growth / MiB:.1f} MiB"
-    assert (server.data_dir / "huge").stat().st_size == size
+    assert (process_server.data_dir / "huge").stat().st_size == size
 
 
 # Races: compare-and-set is atomic
@@ -947,7 +845,7 @@ ERROR_EXCHANGES = {
 }
 
 
-def assert_connection_does_what_the_answer_says(connection: RawConnection, response: RawResponse) -> None:
+def assert_connection_does_what_the_answer_says(connection: RawConnection, response: Response) -> None:
     """After `response`: if it says Connection: close, the server closes; else the connection
     takes the next request in step (no unread body left on it to be taken for a request)."""
     if response.closes:

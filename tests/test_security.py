@@ -25,6 +25,7 @@ from conftest import (
     KVSERVER,
     START_TIMEOUT,
     Response,
+    assert_no_traceback,
     parse_response,
     raw_exchange,
     read_line,
@@ -166,8 +167,8 @@ def test_the_server_binds_to_127_0_0_1_by_default(make_server):
 
 
 @pytest.fixture
-def token_server(make_server):
-    return make_server("--quiet", "--token", TOKEN)
+def token_server(make_live_server):
+    return make_live_server(token=TOKEN)
 
 
 @pytest.mark.parametrize(
@@ -384,7 +385,7 @@ def test_a_plain_http_client_on_the_tls_port_is_told_to_use_https_and_the_server
     assert server.process.poll() is None
     response = fetch(server.port, "GET", "/get?key=greeting", context=context)
     assert (response.status, response.body) == (200, b"hello")
-    assert "Traceback" not in server.stderr()
+    assert_no_traceback(server.stderr())
 
 
 def test_a_client_that_never_starts_the_tls_handshake_does_not_hold_up_others(spawn, certificate):
@@ -417,8 +418,8 @@ def test_a_certfile_without_a_keyfile_or_the_other_way_round_exits_2(tmp_path, o
 
 
 @pytest.fixture
-def plain(make_server):
-    return make_server("--quiet")
+def plain(make_live_server):
+    return make_live_server()
 
 
 @pytest.mark.parametrize("site", ["cross-site", "same-site"])

@@ -1,28 +1,22 @@
 """The seed routes of SPEC section 3, with the key rules of section 2, the error bodies of
-section 6 and the transport promises of section 9, tested on a live kvserver subprocess."""
+section 6 and the transport promises of section 9, tested on a kvserver running in this process
+(a subprocess for restarts and the access log on stderr)."""
 
 from __future__ import annotations
 
 import base64
-import http.client
 import json
 import re
 import socket
 import statistics
 import time
-import urllib.parse
 from collections.abc import Iterator
 
 import pytest
-from conftest import Response, Server, wait_for
+from conftest import LiveServer, Response, Server, assert_problem, live, parse_response, q, read_http, wait_for
 
 TEXT = "text/plain; charset=utf-8"
 BINARY = "application/octet-stream"
-
-
-def q(text: str) -> str:
-    """Percent-encode a key or value for a query string (every reserved byte escaped)."""
-    return urllib.parse.quote(text, safe="")
 
 
 def set_form(server: Server, key: str, value: str, **kwargs) -> Response:
@@ -33,45 +27,19 @@ def get_value(server: Server, key: str, **kwargs) -> Response:
     return server.get(f"/get?key={q(key)}", **kwargs)
 
 
-def assert_problem(response: Response, status: int, *words: str) -> dict:
-    """A problem+json error with `status` whose detail mentions each of `words`."""
-    assert response.status == status, (response.status, response.body)
-    problem = response.problem()
-    for word in words:
-        assert word.lower() in problem["detail"].lower(), problem
-    return problem
-
-
 def key_count(server: Server) -> int:
     response = server.get("/health")
     assert response.status == 200
     return response.json()["keys"]
 
 
-class _ClosingServer(Server):
-    """A Server whose one-off requests close their connection, so that hundreds of them do
-    not pile up as idle keep-alive connections on a server that lives for the whole module."""
-
-    def request(self, method, path, body=None, headers=None, connection=None) -> Response:
-        if connection is not None:
-            return super().request(method, path, body, headers, connection)
-        connection = http.client.HTTPConnection(self.host, self.port, timeout=30)
-        try:
-            return super().request(method, path, body, headers, connection)
-        finally:
-            connection.close()
-
-
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory) -> Iterator[Server]:
+def shared(tmp_path_factory) -> Iterator[LiveServer]:
     """One quiet server for the many tests that leave the store as they found it (refused
     requests, reads), so that the module runs in seconds. Each such test checks the key count."""
-    folder = tmp_path_factory.mktemp("shared")
-    server = _ClosingServer(["--quiet", "--data-dir", str(folder / "data")], folder / "data", folder / "server.log")
-    server.start()
+    server = live(tmp_path_factory.mktemp("shared") / "data")
     yield server
-    if server.process is not None and server.process.poll() is None:
-        assert server.stop() == 0
+    server.stop()
 
 
 def dump(server: Server) -> dict:
@@ -215,12 +183,12 @@ def test_set_without_ttl_clears_an_earlier_ttl(server):
     assert server.get("/get?key=kept").body == b"2"
 
 
-def test_expired_keys_stay_absent_after_a_restart(server):
-    assert server.get("/set?key=brief&value=v&ttl=1").status == 201
-    wait_for(lambda: server.get("/get?key=brief").status == 404, timeout=5, what="the key to expire")
-    server.restart()
-    assert server.get("/get?key=brief").status == 404
-    assert all_keys(server) == []
+def test_expired_keys_stay_absent_after_a_restart(process_server):
+    assert process_server.get("/set?key=brief&value=v&ttl=1").status == 201
+    wait_for(lambda: process_server.get("/get?key=brief").status == 404, timeout=5, what="the key to expire")
+    process_server.restart()
+    assert process_server.get("/get?key=brief").status == 404
+    assert all_keys(process_server) == []
 
 
 @pytest.mark.parametrize("ttl", ["0", "-1", "1.5", "abc", "", "1e3", "%201"])
@@ -250,14 +218,16 @@ def test_keys_of_1_to_1024_bytes_may_hold_anything_but_control_characters(shared
     assert get_value(shared, key).status == 404
 
 
-def test_keys_are_stored_inside_the_data_dir_whatever_they_hold(server):
+def test_keys_are_stored_inside_the_data_dir_whatever_they_hold(process_server):
     for key in ["../escape", "../../escape", "/tmp/escape", "a/../../escape", "..", "."]:
-        assert set_form(server, key, "x").status == 201
-    parent = server.data_dir.parent
+        assert set_form(process_server, key, "x").status == 201
+    parent = process_server.data_dir.parent
     assert not (parent / "escape").exists()
     assert not (parent.parent / "escape").exists()
-    server.restart()
-    assert sorted(all_keys(server)) == sorted(["../escape", "../../escape", "/tmp/escape", "a/../../escape", "..", "."])
+    process_server.restart()
+    assert sorted(all_keys(process_server)) == sorted(
+        ["../escape", "../../escape", "/tmp/escape", "a/../../escape", "..", "."]
+    )
 
 
 def test_a_one_byte_key_is_allowed(server):
@@ -302,8 +272,8 @@ def test_control_characters_are_allowed_in_values(shared):
 # Value size (--max-value)
 
 
-def test_a_set_value_over_max_value_is_a_413_and_stores_nothing(make_server):
-    server = make_server("--quiet", "--max-value", "10")
+def test_a_set_value_over_max_value_is_a_413_and_stores_nothing(make_live_server):
+    server = make_live_server(max_value=10)
     assert_problem(server.get("/set?big=" + "x" * 11), 413, "10")
     assert server.get("/get?key=big").status == 404
     assert_problem(server.get("/set?key=big&value=" + "x" * 11), 413)
@@ -314,8 +284,8 @@ def test_a_set_value_over_max_value_is_a_413_and_stores_nothing(make_server):
     assert all_keys(server) == ["big"]
 
 
-def test_max_value_counts_decoded_bytes_not_query_characters(make_server):
-    server = make_server("--quiet", "--max-value", "4")
+def test_max_value_counts_decoded_bytes_not_query_characters(make_live_server):
+    server = make_live_server(max_value=4)
     assert server.get("/set?k=%E2%98%83").status == 201  # 9 characters, 3 bytes
     assert_problem(server.get("/set?k=%E2%98%83%E2%98%83"), 413)  # 6 bytes
     assert server.get("/get?key=k").body == "☃".encode()
@@ -385,16 +355,16 @@ def test_error_details_read_as_text_in_a_terminal(shared, path, words):
 # /delete
 
 
-def test_delete_answers_200_json_then_404(server):
-    server.get("/set?name=Guido")
-    response = server.get("/delete?key=name")
+def test_delete_answers_200_json_then_404(process_server):
+    process_server.get("/set?name=Guido")
+    response = process_server.get("/delete?key=name")
     assert response.status == 200
     assert response.headers["Content-Type"] == "application/json"
     assert response.json() == {"key": "name", "deleted": True}
-    assert server.get("/get?key=name").status == 404
-    assert_problem(server.get("/delete?key=name"), 404, "name")
-    server.restart()
-    assert server.get("/get?key=name").status == 404
+    assert process_server.get("/get?key=name").status == 404
+    assert_problem(process_server.get("/delete?key=name"), 404, "name")
+    process_server.restart()
+    assert process_server.get("/get?key=name").status == 404
 
 
 def test_delete_of_a_key_never_set_is_a_404(shared):
@@ -436,8 +406,8 @@ def test_keys_with_prefix_lists_only_keys_starting_with_it(server):
     )
 
 
-def test_keys_cursor_walk_gives_every_key_exactly_once_in_code_point_order(make_server):
-    server = make_server("--quiet", "--no-fsync")
+def test_keys_cursor_walk_gives_every_key_exactly_once_in_code_point_order(make_live_server):
+    server = make_live_server(fsync=False)
     keys = [f"key{i:02d}" for i in range(18)] + ["Zed", "ångström", "é", "日本", "🎉", "a b", "~tilde"]
     assert len(keys) == 25
     connection = server.connect()
@@ -484,8 +454,8 @@ def test_keys_combines_prefix_limit_and_after(server):
     assert server.get("/keys?prefix=p&after=p3&limit=2").json() == {"keys": ["p4"], "next": None}
 
 
-def test_keys_limit_defaults_to_1000_and_reaches_10000(make_server):
-    server = make_server("--quiet", "--storage", "memory")
+def test_keys_limit_defaults_to_1000_and_reaches_10000(make_live_server):
+    server = make_live_server("memory")
     connection = server.connect()
     for i in range(1001):
         assert server.get(f"/set?k{i:04d}=v", connection=connection).status == 201
@@ -645,8 +615,8 @@ def test_health_reports_status_storage_and_key_count(server):
     assert server.get("/health").json() == {"status": "ok", "storage": "files", "keys": 2}
 
 
-def test_health_names_memory_storage(make_server):
-    server = make_server("--quiet", "--storage", "memory")
+def test_health_names_memory_storage(make_live_server):
+    server = make_live_server("memory")
     assert server.get("/health").json() == {"status": "ok", "storage": "memory", "keys": 0}
 
 
@@ -736,11 +706,10 @@ def test_several_requests_share_one_keep_alive_connection(shared):
 
 def test_an_http_1_0_request_is_served(shared):
     shared.get("/set?name10=Guido")
-    answer = shared.raw(b"GET /get?key=name10 HTTP/1.0\r\n\r\n", timeout=5)
-    head, _, body = answer.partition(b"\r\n\r\n")
-    assert re.match(rb"HTTP/1\.[01] 200 ", head), head
-    assert body == b"Guido"
-    assert b"content-length: 5" in head.lower()
+    response = parse_response(shared.raw(b"GET /get?key=name10 HTTP/1.0\r\n\r\n", timeout=5))
+    assert response.status == 200
+    assert response.body == b"Guido"
+    assert response.headers["Content-Length"] == "5"
 
 
 def test_an_http_1_0_request_for_the_dump_gets_a_body_without_chunks(server):
@@ -756,13 +725,9 @@ def test_an_http_1_0_keep_alive_client_gets_framed_responses(shared):
     shared.get("/set?ka10=1")
     with socket.create_connection((shared.host, shared.port), timeout=5) as sock:
         sock.sendall(b"GET /get?key=ka10 HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
-        reader = sock.makefile("rb")
-        assert re.match(rb"HTTP/1\.[01] 200 ", reader.readline())
-        headers = {}
-        while (line := reader.readline()) not in (b"\r\n", b""):
-            name, _, value = line.decode().partition(":")
-            headers[name.strip().lower()] = value.strip()
-        assert reader.read(int(headers["content-length"])) == b"1"
+        response = read_http(sock.makefile("rb"))
+    assert response.status == 200
+    assert response.headers["Content-Length"] == "1" and response.body == b"1"
 
 
 def test_a_keep_alive_round_trip_on_loopback_is_fast(shared):

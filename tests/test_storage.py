@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import wait_for
+from conftest import race_compare_and_set, race_create_only, wait_for
 
 import kvserver
 
@@ -589,67 +589,10 @@ class StorageContract:
             store.delete("absent", if_match="1-1")
 
     def test_concurrent_compare_and_set_lets_exactly_one_writer_win_each_round(self, store):
-        threads_count, rounds = 16, 12
-        store.put("counter", b"start")
-        start = threading.Barrier(threads_count + 1, timeout=30)
-        read = threading.Barrier(threads_count, timeout=30)
-        done = threading.Barrier(threads_count + 1, timeout=30)
-        wins: list[list[int]] = [[] for _ in range(rounds)]
-        errors: list[BaseException] = []
-
-        def contender(number: int) -> None:
-            try:
-                for round_number in range(rounds):
-                    start.wait()
-                    etag = store.stat("counter").etag
-                    read.wait()  # every contender has read the same ETag before anyone writes
-                    try:
-                        store.put("counter", f"{round_number}:{number}".encode(), if_match=etag)
-                    except kvserver.PreconditionFailed:
-                        pass
-                    else:
-                        wins[round_number].append(number)
-                    done.wait()
-            except BaseException as error:
-                errors.append(error)
-                start.abort()
-                read.abort()
-                done.abort()
-
-        threads = [threading.Thread(target=contender, args=(number,)) for number in range(threads_count)]
-        for thread in threads:
-            thread.start()
-        try:
-            for round_number in range(rounds):
-                start.wait()
-                done.wait()
-                assert len(wins[round_number]) == 1, f"round {round_number}: winners {wins[round_number]}"
-                assert store.get("counter") == f"{round_number}:{wins[round_number][0]}".encode()
-        finally:
-            for thread in threads:
-                thread.join(30)
-        assert not errors, errors
-        assert not any(thread.is_alive() for thread in threads)
+        race_compare_and_set([store] * 16, rounds=12)
 
     def test_concurrent_if_none_match_creates_the_key_once(self, store):
-        barrier = threading.Barrier(16, timeout=30)
-        winners = []
-
-        def create(number: int) -> None:
-            barrier.wait()
-            try:
-                store.put("once", str(number).encode(), if_none_match=True)
-            except kvserver.PreconditionFailed:
-                return
-            winners.append(number)
-
-        threads = [threading.Thread(target=create, args=(number,)) for number in range(16)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(30)
-        assert len(winners) == 1, winners
-        assert store.get("once") == str(winners[0]).encode()
+        race_create_only([store] * 16)
 
     # repr and close
 

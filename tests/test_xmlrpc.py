@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Server, vm_bytes, wait_for
+from conftest import LiveServer, assert_no_traceback, live, vm_bytes, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -43,12 +43,11 @@ def rpc(server) -> Iterator[xmlrpc.client.ServerProxy]:
 
 
 @pytest.fixture(scope="module")
-def shared_server(tmp_path_factory) -> Iterator[Server]:
+def shared_server(tmp_path_factory) -> Iterator[LiveServer]:
     """One server for the many parametrised cases that each use keys of their own (see `key`)."""
-    folder = tmp_path_factory.mktemp("shared")
-    server = Server(["--data-dir", str(folder / "data"), "--quiet"], folder / "data", folder / "server.log").start()
+    server = live(tmp_path_factory.mktemp("shared") / "data")
     yield server
-    assert server.stop() == 0, server.stderr()
+    server.stop()
 
 
 @pytest.fixture
@@ -215,13 +214,13 @@ def test_a_saved_value_loads_back_with_its_type_and_is_served_over_http_with_its
         assert json.loads(response.body) == value
 
 
-def test_every_type_keeps_its_type_across_a_server_restart(server):
+def test_every_type_keeps_its_type_across_a_server_restart(process_server):
     values = {param.id: param.values[0] for param in ROUND_TRIPS}
-    with proxy(server, allow_none=True) as rpc:
+    with proxy(process_server, allow_none=True) as rpc:
         for key, value in values.items():
             rpc.save(key, value)
-    server.restart()
-    with proxy(server) as rpc:
+    process_server.restart()
+    with proxy(process_server) as rpc:
         for key, value in values.items():
             assert_same_typed(rpc.load(key), value)
 
@@ -602,10 +601,6 @@ def assert_plain(fault: xmlrpc.client.Fault) -> xmlrpc.client.Fault:
     return fault
 
 
-def assert_no_traceback(server) -> None:
-    assert "Traceback" not in server.stderr(), server.stderr()
-
-
 def set_raw(server, key: str, raw: bytes) -> None:
     """Store `raw` under `key` with the seed route, as a browser or curl would."""
     query = f"key={urllib.parse.quote(key)}&value={urllib.parse.quote_from_bytes(raw)}"
@@ -694,12 +689,12 @@ def nested_call(depth: int) -> bytes:
 
 
 @pytest.mark.parametrize("depth", [65, 980, 3000])
-def test_a_save_nested_deeper_than_64_levels_is_a_fault_400_and_stores_nothing(server, rpc, depth):
+def test_a_save_nested_deeper_than_64_levels_is_a_fault_400_and_stores_nothing(server, rpc, depth, capfd):
     fault = post_call(server, nested_call(depth))
     assert fault.faultCode == 400
     assert "64" in fault.faultString
     assert rpc.keys() == []
-    assert_no_traceback(server)
+    assert_no_traceback(capfd.readouterr().err)
 
 
 def test_values_nested_64_levels_deep_round_trip(rpc, server):
@@ -716,14 +711,16 @@ def test_values_nested_64_levels_deep_round_trip(rpc, server):
 
 
 @pytest.mark.parametrize("depth", [65, 500, 980, 5000])
-def test_loading_a_stored_json_value_nested_deeper_than_64_levels_is_a_fault_pointing_to_http(server, rpc, depth):
+def test_loading_a_stored_json_value_nested_deeper_than_64_levels_is_a_fault_pointing_to_http(
+    server, rpc, depth, capfd
+):
     body = b"[" * depth + b"]" * depth
     assert server.request("PUT", "/kv/deep", body=body, headers={"Content-Type": JSON}).status == 201
     fault = assert_plain(fault_of(rpc.load, "deep"))
     assert fault.faultCode == 400
     assert "GET /kv/" in fault.faultString
     assert_still_serving(rpc)
-    assert_no_traceback(server)
+    assert_no_traceback(capfd.readouterr().err)
 
 
 MALFORMED_CALLS = {
@@ -790,12 +787,12 @@ MALFORMED_CALLS = {
 
 
 @pytest.mark.parametrize(("body", "says"), MALFORMED_CALLS.values(), ids=MALFORMED_CALLS.keys())
-def test_a_malformed_call_is_a_fault_400_that_says_what_to_do(shared_server, body, says):
+def test_a_malformed_call_is_a_fault_400_that_says_what_to_do(shared_server, body, says, capfd):
     fault = post_call(shared_server, body)
     assert fault.faultCode == 400
     assert says in fault.faultString
     assert "k" not in set(xmlrpc.client.loads(shared_server.request("POST", "/RPC2", body=keys_call()).body)[0][0])
-    assert_no_traceback(shared_server)
+    assert_no_traceback(capfd.readouterr().err)
 
 
 def keys_call() -> bytes:
@@ -818,13 +815,13 @@ def test_saving_a_value_over_16_mib_is_a_fault_413_pointing_to_put(rpc, server):
     assert_still_serving(rpc)
 
 
-def test_a_call_over_the_body_limit_is_a_fault_413_whatever_max_value_says(server, rpc):
+def test_a_call_over_the_body_limit_is_a_fault_413_whatever_max_value_says(server, rpc, capfd):
     value = xmlrpc.client.Binary(os.urandom(40 * MiB))  # 54 MiB of base64: over the 32 MiB a call may take
     fault = assert_plain(fault_of(rpc.save, "big", value))
     assert fault.faultCode == 413
     assert "/kv/<key>" in fault.faultString
     assert rpc.keys() == []
-    assert_no_traceback(server)
+    assert_no_traceback(capfd.readouterr().err)
 
 
 def test_a_16_mib_binary_round_trips(rpc):
@@ -833,14 +830,17 @@ def test_a_16_mib_binary_round_trips(rpc):
     assert rpc.load("big") == value
 
 
-def test_loading_a_value_over_16_mib_is_a_fault_413_pointing_to_get_without_reading_it(server, rpc):
+def test_loading_a_value_over_16_mib_is_a_fault_413_pointing_to_get_without_reading_it(process_server):
     size = 64 * MiB
-    response = server.request("PUT", "/kv/big", body=iter([b"\x00" * MiB] * 64), headers={"Content-Length": str(size)})
+    response = process_server.request(
+        "PUT", "/kv/big", body=iter([b"\x00" * MiB] * 64), headers={"Content-Length": str(size)}
+    )
     assert response.status == 201
-    pid = server.process.pid
+    pid = process_server.process.pid
     Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM starts again from the current RSS
     rss_before = vm_bytes(pid, "VmRSS")
-    fault = assert_plain(fault_of(rpc.load, "big"))
+    with proxy(process_server, allow_none=True) as rpc:
+        fault = assert_plain(fault_of(rpc.load, "big"))
     assert fault.faultCode == 413
     assert "GET" in fault.faultString and "/kv/<key>" in fault.faultString
     assert vm_bytes(pid, "VmHWM") - rss_before < 4 * MiB
@@ -853,13 +853,14 @@ def test_loading_a_value_over_16_mib_is_a_fault_413_pointing_to_get_without_read
         pytest.param(TEXT, lambda size: b"a" * size, id="text"),
     ],
 )
-def test_loading_a_16_mib_value_raises_server_memory_by_under_4_times_the_value(server, rpc, content_type, make):
+def test_loading_a_16_mib_value_raises_server_memory_by_under_4_times_the_value(process_server, content_type, make):
     value = make(MAX_RPC_VALUE)
-    server.request("PUT", "/kv/big", body=value, headers={"Content-Type": content_type})
-    pid = server.process.pid
+    process_server.request("PUT", "/kv/big", body=value, headers={"Content-Type": content_type})
+    pid = process_server.process.pid
     Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM starts again from the current RSS
     rss_before = vm_bytes(pid, "VmRSS")
-    loaded = rpc.load("big")
+    with proxy(process_server, allow_none=True) as rpc:
+        loaded = rpc.load("big")
     growth = vm_bytes(pid, "VmHWM") - rss_before
     assert (loaded.data if content_type == BYTES else loaded.encode()) == value
     assert growth < 4 * MAX_RPC_VALUE, f"peak RSS rose by {growth / MiB:.1f} MiB"

@@ -98,7 +98,45 @@ __all__ = [
     "revision_order",
 ]
 
-# Constants and errors
+# How this file is built
+#
+# Layers, top to bottom, each using only those above it:
+#
+#   Keys and values   check_key, Stat, ETags and their stamps, strict JSON.
+#   Watching          _ChangeFeed: each storage's changes with revisions, and the watches reading them.
+#   Storage           Storage, the interface (simplekv's names plus metadata, compare-and-set, listing
+#                     by folder, export/import, watch); then three backends, each one whole class:
+#                     MemoryStorage, FileStorage (an _Index in memory, a file per key), RedisStorage.
+#                     The HTTP and XML-RPC layers use only the Storage interface.
+#   HTTP              message framing (_read_head, _RequestBody: RFC 9112, strictly); the answers and
+#                     the one mapping from exceptions to statuses (_answer_to); the HTML page; the
+#                     metrics; XML-RPC; KVRequestHandler, whose handlers carry their routes (@_route).
+#   Server            KVServer: a thread per connection; _Connections, what each connection is
+#                     doing and by when it must move on.
+#   main()            the command line: serve, export, import.
+#
+# Threads. The main thread accepts connections (serve_forever) and answers those beyond
+# --max-connections with a 503 itself. Each connection has a thread that reads its requests and
+# answers them in turn; a waiting GET or an event stream holds it while it waits. The housekeeping
+# thread, twice a second, cuts off connections past their deadline (sockets have no timeouts),
+# frees waits whose client hung up, closes refused connections, and sweeps expired values (which
+# publishes their expire events). With Redis storage, one more thread reads the shared event
+# stream for the local watches.
+#
+# Locks, and what each guards: an _Index's 64 stripe locks serialise the changes of a key (so
+# compare-and-set is atomic; readers take none) and its books lock the running totals and the
+# expiry heap; a _GroupSync's condition its fsync tickets; a _ChangeFeed's lock the history ring
+# and its watches' wake-ups; _Connections' lock the connections' states; _Metrics' lock the
+# counters; _stamp_lock the last stamp. Writers never wait for watchers or for readers.
+#
+# A request's life: handle_one_request marks the connection idle until a byte comes, reads the
+# head (a refusal is a 400 that closes the connection, and nothing runs), _dispatch checks the
+# request's origin and token and finds the handler by path and method; the handler reads a body
+# through _RequestBody, calls the storage, and answers through _send*, whose head and small body
+# leave in one write; the access log and the metrics are written before it is flushed.
+
+
+# Keys and values
 
 MAX_KEY_BYTES = 1024
 SMALL_VALUE = 64 * 1024  # held in memory by FileStorage, inlined in the / dump
@@ -106,27 +144,6 @@ CHUNK = 64 * 1024  # unit of every streamed read and write
 SENDFILE_PIECE = 16 * CHUNK  # a value served from its file goes out in pieces of this size
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 TEXT_CONTENT_TYPE = "text/plain; charset=utf-8"
-IDLE_TIMEOUT = 15.0  # seconds a keep-alive connection may wait for its next request
-HEAD_TIMEOUT = 10.0  # seconds from a request's first byte to the end of its headers
-STALL_TIMEOUT = 30.0  # seconds a request body, or an answer, may go without a byte moving
-MAX_RPC_VALUE = 16 * 1024 * 1024  # XML-RPC carries values up to this size either way; /kv/<key> any size
-MAX_RPC_DEPTH = 64  # levels of arrays and structs in an XML-RPC value
-MAX_RPC_ITEMS = 500_000  # items of the arrays and structs in an XML-RPC value, at any depth
-
-
-class PreconditionFailed(Exception):
-    """A conditional write or delete found the value not as the caller expected."""
-
-
-class DataDirLocked(RuntimeError):
-    """Another FileStorage (often another kvserver process) holds the data dir."""
-
-
-class StorageUnavailable(RuntimeError):
-    """The storage cannot be reached (Redis down); the same call may work later."""
-
-
-# Keys and values
 
 _CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f]")
 _HEADER_VALUE = re.compile("[\x20-\x7e]*")
@@ -296,14 +313,6 @@ def _expiry(ttl: int | None) -> float | None:
     if isinstance(ttl, bool) or not isinstance(ttl, int) or not 0 < ttl < 10**12:
         raise ValueError(f"a TTL is a whole number of seconds from 1 to 10**12 - 1, not {ttl!r}")
     return time.time() + ttl
-
-
-def _parse_size(text: str) -> int:
-    """Bytes in '512', '64K', '10M' or '1G' (powers of 1024); ValueError otherwise."""
-    match = re.fullmatch(r"(\d+)([KMG]?)", text.strip(), re.IGNORECASE)
-    if not match:
-        raise ValueError(f"a size is a whole number of bytes with an optional K, M or G suffix, not {text!r}")
-    return int(match.group(1)) << 10 * " KMG".index(match.group(2).upper() or " ")
 
 
 # Watching for changes
@@ -545,7 +554,16 @@ class Watch(Iterator[Event]):
         self.close()
 
 
-# Storage
+# Storage: the interface every backend offers
+
+
+class PreconditionFailed(Exception):
+    """A conditional write or delete found the value not as the caller expected."""
+
+
+class StorageUnavailable(RuntimeError):
+    """The storage cannot be reached (Redis down); the same call may work later."""
+
 
 BUFFER = 1024 * 1024  # what a streamed value is read into before it is written, in one call
 
@@ -1172,6 +1190,9 @@ class Storage(abc.ABC):
         return stat
 
 
+# Memory storage
+
+
 class _Entry(NamedTuple):
     """An index entry, one small tuple per key (its Stat is made when asked for): the value's
     size, media type, stamp (of its ETag) and expiry, and its bytes if held in memory."""
@@ -1410,6 +1431,13 @@ class MemoryStorage(Storage):
             if self._index.get(key) is not None:  # live or expired
                 _announce(self._feed, key, self._index.pop(key), None)  # the change takes effect
         return current is not None
+
+
+# Files storage
+
+
+class DataDirLocked(RuntimeError):
+    """Another FileStorage (often another kvserver process) holds the data dir."""
 
 
 # File names: a plain key is its own name, others are percent-escaped, long ones hashed.
@@ -1865,6 +1893,9 @@ class FileStorage(Storage):
     @staticmethod
     def _record(key: str, entry: _Entry) -> dict[str, Any]:
         return {"key": key, "content_type": entry.content_type, "expires_at": entry.expires_at}
+
+
+# Redis storage
 
 
 class RedisStorage(Storage):
@@ -2643,7 +2674,7 @@ class _RequestBody:
         return size
 
 
-# HTTP
+# HTTP answers: JSON, problem+json, the one mapping from errors to statuses, query fields
 
 
 def _json_bytes(document: object) -> bytes:
@@ -2808,6 +2839,9 @@ def _dump_entry(storage: Storage, key: str) -> object:
                 return {"base64": base64.b64encode(body).decode("ascii")}
         body.close()  # it grew since
     return {"size": stat.size, "href": _value_href(key)}
+
+
+# The HTML page
 
 
 def _prefers_html(accept: str) -> bool:
@@ -3018,6 +3052,9 @@ def _render_page(storage: Storage, page: _KeyPage, notice_html: str, script: str
 """)
 
 
+# Metrics
+
+
 class _Metrics:
     """Request counts and durations for /metrics, safe to update from every connection's thread."""
 
@@ -3067,6 +3104,345 @@ class _Metrics:
         lines += ["# HELP kvserver_info The running version.", "# TYPE kvserver_info gauge"]
         lines.append(f'kvserver_info{{version="{__version__}"}} 1')
         return ("\n".join(lines) + "\n").encode()
+
+
+# XML-RPC
+
+MAX_RPC_VALUE = 16 * 1024 * 1024  # XML-RPC carries values up to this size either way; /kv/<key> any size
+MAX_RPC_DEPTH = 64  # levels of arrays and structs in an XML-RPC value
+MAX_RPC_ITEMS = 500_000  # items of the arrays and structs in an XML-RPC value, at any depth
+_MAX_RPC_BODY = 2 * MAX_RPC_VALUE + CHUNK  # room for the value's base64 (4/3 of it) or escaped text, and XML
+_RPC_TOO_LARGE = (
+    f"XML-RPC carries values of at most {MAX_RPC_VALUE >> 20} MiB and {MAX_RPC_ITEMS:,} items: "
+    "PUT larger ones to /kv/<key> and GET them from there"
+)
+
+
+class _NotCarried(Exception):
+    """A value XML-RPC cannot carry: a Fault with `code` (400, or 413 for too large); the
+    message says what to do instead."""
+
+    def __init__(self, message: str, code: int = 400) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _CallReader(xmlrpc.client.Unmarshaller):
+    """xmlrpc.client's reader, keeping a call within what the server stores and gives back
+    (each refused as it is read, as _NotCarried): ints of 32 bits, finite doubles, and per
+    parameter at most MAX_RPC_DEPTH levels of arrays and structs and MAX_RPC_ITEMS items.
+    <base64> is decoded without an extra copy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.xml("", None)  # no encoding: expat gives str, with nothing to decode
+        self._items = 0  # <value>s in the parameter being read, but its own
+
+    def start(self, tag: str, attrs: dict[str, str]) -> None:
+        name = tag.rpartition(":")[2]
+        if name == "param":
+            self._items = -1
+        elif name == "value":
+            self._items += 1
+            if self._items > MAX_RPC_ITEMS:
+                raise _NotCarried(f"a parameter holds over {MAX_RPC_ITEMS:,} items; {_RPC_TOO_LARGE}", 413)
+        elif name in ("array", "struct") and len(self._marks) >= MAX_RPC_DEPTH:
+            raise _NotCarried(f"a parameter nests arrays and structs deeper than {MAX_RPC_DEPTH} levels; flatten it")
+        super().start(tag, attrs)
+
+    def end_int(self, data: str) -> None:
+        if not re.fullmatch(r"\s*[-+]?[0-9]{1,10}\s*", data) or int(data) not in _INT32:
+            raise _NotCarried(
+                f"an XML-RPC int is a whole number from {_INT32.start} to {_INT32.stop - 1}, not {_excerpt(data)}; "
+                "send larger numbers as a double or a string"
+            )
+        super().end_int(data)
+
+    def end_double(self, data: str) -> None:
+        try:
+            number = float(data)
+        except ValueError:
+            number = math.nan
+        if not math.isfinite(number):
+            raise _NotCarried(f"an XML-RPC double is a finite number, not {_excerpt(data)}")
+        super().end_double(data)
+
+    def end_base64(self, data: str) -> None:
+        try:
+            self.append(xmlrpc.client.Binary(binascii.a2b_base64(data)))  # reads the str in place
+        except ValueError:
+            raise _NotCarried("a <base64> value is not valid base64") from None
+        self._value = False
+
+    dispatch: dict[str, Callable[[Any, str], None]] = {  # noqa: RUF012 -- as in Unmarshaller: name -> end handler
+        **xmlrpc.client.Unmarshaller.dispatch,
+        **dict.fromkeys(["i1", "i2", "i4", "i8", "int", "biginteger"], end_int),
+        **dict.fromkeys(["double", "float"], end_double),
+        "base64": end_base64,
+    }
+
+
+def _read_call(request: bytes) -> tuple[str, tuple[Any, ...]]:
+    """The method name and parameters of an XML-RPC call; Fault 400 saying what is wrong if
+    `request` is not one, or holds a value beyond the limits _CallReader keeps."""
+    reader = _CallReader()
+    parser = xml.parsers.expat.ParserCreate()
+    parser.buffer_text = True  # text comes in pieces of buffer_size, not one per line
+    parser.buffer_size = CHUNK
+    parser.StartElementHandler = reader.start
+    parser.EndElementHandler = reader.end
+    parser.CharacterDataHandler = reader.data
+
+    def refuse_dtd(*args: object) -> NoReturn:  # its entities could make a small call expand
+        raise _NotCarried("an XML-RPC call has no document type declaration (<!DOCTYPE>)")
+
+    parser.StartDoctypeDeclHandler = refuse_dtd
+    try:
+        parser.Parse(request, True)
+        method = reader.getmethodname()
+        params = reader.close()
+    except _NotCarried as error:
+        raise xmlrpc.client.Fault(error.code, str(error)) from None
+    except xml.parsers.expat.ExpatError as error:
+        raise xmlrpc.client.Fault(
+            400, f"the request is not well-formed XML ({error}); send text with control characters as Binary"
+        ) from None
+    except Exception:  # anything else the reader meets: a response instead of a call, a misplaced element
+        method = None
+    if method is None:
+        raise xmlrpc.client.Fault(
+            400, "the request is not an XML-RPC call; send a <methodCall> with a <methodName> and <params>"
+        )
+    return method, params
+
+
+# What XML 1.0 cannot carry: control characters but tab, LF and CR; U+FFFE and U+FFFF (and
+# lone surrogates, which no str decoded from UTF-8 or read from XML holds).
+_NOT_XML_TEXT = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+_BASE64_PIECE = CHUNK * 3 // 4  # bytes encoded at a time: one line of 64 KiB of base64
+
+
+class _XMLRPCWriter:
+    """Writes XML-RPC responses as UTF-8 bytes that an XML 1.0 parser reads back as they were
+    meant: a str XML cannot carry (see _NOT_XML_TEXT) goes as <base64> of its UTF-8 bytes, and
+    CR as &#13; (a parser reads a raw CR as LF). Values are written a slice at a time into one
+    buffer, so a response costs the value and the response, not the four copies that
+    xmlrpc.client.dumps makes. _NotCarried for what XML-RPC has no form for (ints beyond 32
+    bits, nesting deeper than MAX_RPC_DEPTH, a struct member name XML cannot carry)."""
+
+    def __init__(self) -> None:
+        self._out = io.BytesIO()
+        self._write = self._out.write
+        self._write(b"<?xml version='1.0'?>\n<methodResponse>\n")
+
+    @classmethod
+    def result(cls, value: Any) -> bytes:
+        """The response that returns `value`."""
+        writer = cls()
+        writer._write(b"<params>\n<param>\n")
+        writer._value(value, 0)
+        writer._write(b"</param>\n</params>\n")
+        return writer._end()
+
+    @classmethod
+    def fault(cls, fault: xmlrpc.client.Fault) -> bytes:
+        """The response that reports `fault`."""
+        writer = cls()
+        writer._write(b"<fault>\n")
+        writer._value({"faultCode": fault.faultCode, "faultString": fault.faultString}, 0)
+        writer._write(b"</fault>\n")
+        return writer._end()
+
+    def _end(self) -> bytes:
+        self._write(b"</methodResponse>\n")
+        return self._out.getvalue()  # the buffer itself, not a copy
+
+    def _value(self, value: Any, depth: int) -> None:
+        write = self._write
+        if value is None:
+            write(b"<value><nil/></value>\n")
+        elif isinstance(value, bool):
+            write(b"<value><boolean>%d</boolean></value>\n" % value)
+        elif isinstance(value, int):
+            if not _INT32.start <= value < _INT32.stop:  # not `in`, which tests an IntEnum by iterating
+                raise _NotCarried(f"the value holds {value}, beyond XML-RPC's 32-bit ints; read it with GET /kv/<key>")
+            write(b"<value><int>%d</int></value>\n" % value)
+        elif isinstance(value, float):
+            write(b"<value><double>%r</double></value>\n" % value)
+        elif isinstance(value, str):
+            if _NOT_XML_TEXT.search(value):
+                self._base64(value.encode("utf-8"))
+            else:
+                write(b"<value><string>")
+                self._text(value)
+                write(b"</string></value>\n")
+        elif isinstance(value, xmlrpc.client.Binary):
+            self._base64(value.data)
+        elif depth == MAX_RPC_DEPTH and isinstance(value, (list, dict)):
+            raise _NotCarried(f"the value nests deeper than {MAX_RPC_DEPTH} levels; read it with GET /kv/<key>")
+        elif isinstance(value, list):
+            write(b"<value><array><data>\n")
+            for item in value:
+                self._value(item, depth + 1)
+            write(b"</data></array></value>\n")
+        elif isinstance(value, dict):
+            write(b"<value><struct>\n")
+            for name, item in value.items():
+                if _NOT_XML_TEXT.search(name):
+                    raise _NotCarried(
+                        f"the value has a member name XML cannot carry, {name!r}; read it with GET /kv/<key>"
+                    )
+                write(b"<member>\n<name>")
+                self._text(name)
+                write(b"</name>\n")
+                self._value(item, depth + 1)
+                write(b"</member>\n")
+            write(b"</struct></value>\n")
+        else:
+            raise TypeError(f"no XML-RPC form for {type(value).__name__}")
+
+    def _text(self, text: str) -> None:
+        """`text` as XML character data, CR too, which a parser would read as LF. (Replacing
+        in UTF-8 is safe: no byte of a multi-byte character is ASCII.)"""
+        for start in range(0, len(text), CHUNK):
+            data = text[start : start + CHUNK].encode("utf-8")
+            self._write(
+                data.replace(b"&", b"&amp;").replace(b"<", b"&lt;").replace(b">", b"&gt;").replace(b"\r", b"&#13;")
+            )
+
+    def _base64(self, data: bytes) -> None:
+        self._write(b"<value><base64>\n")
+        view = memoryview(data)
+        for start in range(0, len(data), _BASE64_PIECE):
+            self._write(binascii.b2a_base64(view[start : start + _BASE64_PIECE]))
+        self._write(b"</base64></value>\n")
+
+
+class _XMLRPC:
+    """The XML-RPC methods; values keep their type through the media type they are stored with."""
+
+    def __init__(self, storage: Storage, max_value: int) -> None:
+        self._storage = storage
+        self._max_value = max_value
+        self._methods: dict[str, Callable[..., Any]] = {
+            "save": self.save,
+            "load": self.load,
+            "delete": self.delete,
+            "keys": self.keys,
+            "system.listMethods": self.list_methods,
+            "system.methodHelp": self.method_help,
+        }
+
+    def dispatch(self, request: bytes) -> bytes:
+        """The XML-RPC response to a request: a result, or a Fault saying what was wrong."""
+        try:
+            method, params = _read_call(request)
+            result = self._call(method, params)
+            try:
+                return _XMLRPCWriter.result(result)
+            except _NotCarried as error:
+                raise xmlrpc.client.Fault(error.code, f"{method}: {error}") from None
+        except xmlrpc.client.Fault as fault:
+            return _XMLRPCWriter.fault(fault)
+
+    def _call(self, method: str, params: tuple[Any, ...]) -> Any:
+        """Call a method; any failure becomes a Fault whose code is the HTTP status of the same
+        failure (_answer_to)."""
+        function = self._methods.get(method)
+        if function is None:
+            raise xmlrpc.client.Fault(404, f"no method {method!r}; system.listMethods() lists them")
+        try:
+            inspect.signature(function).bind(*params)
+        except TypeError:
+            raise xmlrpc.client.Fault(
+                400, f"{method} does not take {len(params)} argument(s); {self.method_help(method)}"
+            ) from None
+        try:
+            return function(*params)
+        except xmlrpc.client.Fault:
+            raise
+        except Exception as error:
+            status, detail, _ = _answer_to(error)
+            if status == HTTPStatus.INTERNAL_SERVER_ERROR:
+                traceback.print_exc(file=sys.stderr)
+            raise xmlrpc.client.Fault(status.value, detail) from None
+
+    def save(self, key: str, value: Any, ttl: int | None = None) -> None:
+        """save(key, value[, ttl]): store value under key (str as text, Binary as bytes,
+        anything else as JSON), for ttl seconds if given."""
+        if isinstance(value, str):
+            data, content_type = value.encode("utf-8"), TEXT_CONTENT_TYPE
+        elif isinstance(value, xmlrpc.client.Binary):
+            data, content_type = value.data, DEFAULT_CONTENT_TYPE
+        else:
+            try:
+                data, content_type = _json_bytes(value), "application/json"
+            except TypeError:
+                raise xmlrpc.client.Fault(
+                    400,
+                    "save stores str, Binary, int, float, bool, None, list and struct values; not dateTime "
+                    "(send it as an ISO 8601 string), nor Binary inside a list or struct",
+                ) from None
+        if len(data) > self._max_value:
+            raise xmlrpc.client.Fault(413, f"the value is {len(data)} bytes; at most {self._max_value} (--max-value)")
+        if len(data) > MAX_RPC_VALUE:
+            raise xmlrpc.client.Fault(413, f"the value is {len(data):,} bytes; {_RPC_TOO_LARGE}")
+        self._storage.write(key, data, content_type=content_type, ttl=ttl)
+
+    def load(self, key: str) -> Any:
+        """load(key): the value saved under key, or None if there is none."""
+        try:
+            data, content_type = self._read(key)
+        except KeyError:
+            return None
+        if _is_json(content_type):
+            if _count_json_items(data) > MAX_RPC_ITEMS:  # checked first: parsing costs ~100 bytes an item
+                raise xmlrpc.client.Fault(413, f"key {key!r} holds over {MAX_RPC_ITEMS:,} items; {_RPC_TOO_LARGE}")
+            try:
+                return _parse_json(data)
+            except _JSONBeyondLimits as error:
+                raise xmlrpc.client.Fault(400, f"{error}; read it with GET /kv/<key>") from None
+            except ValueError:
+                pass  # not JSON after all: given as its bytes
+        if _is_text(content_type):
+            with contextlib.suppress(UnicodeDecodeError):
+                return data.decode("utf-8")
+        return xmlrpc.client.Binary(data)
+
+    def _read(self, key: str) -> tuple[bytes, str]:
+        """The bytes and media type of the value of `key`; KeyError if absent, Fault 413 if it
+        is over MAX_RPC_VALUE, found before reading it."""
+        size = self._storage.stat(key).size
+        if size <= MAX_RPC_VALUE:
+            stat, body = self._storage.fetch(key)
+            if not isinstance(body, bytes):
+                with body:
+                    body = body.read(MAX_RPC_VALUE + 1)  # it may have grown since
+            size = len(body)
+            if size <= MAX_RPC_VALUE:
+                return body, stat.content_type
+        raise xmlrpc.client.Fault(413, f"key {key!r} holds {size:,} bytes; {_RPC_TOO_LARGE}")
+
+    def delete(self, key: str) -> None:
+        """delete(key): remove key; no error if it is absent."""
+        self._storage.delete(key)
+
+    def list_methods(self) -> list[str]:
+        """system.listMethods(): the names of the methods."""
+        return sorted(self._methods)
+
+    def method_help(self, name: str) -> str:
+        """system.methodHelp(name): how to call a method, and what it does."""
+        if name not in self._methods:
+            raise xmlrpc.client.Fault(404, f"no method {name!r}; system.listMethods() lists them")
+        return inspect.getdoc(self._methods[name]) or name
+
+    def keys(self, prefix: str = "") -> list[str]:
+        """keys([prefix]): the keys that start with prefix, in code-point order."""
+        return self._storage.keys(prefix)
+
+
+# The request handler: access checks, routes, and each route's handler
 
 
 @functools.lru_cache(maxsize=256)  # a client sends the same Host again and again; parsing it is ~8% of a /get
@@ -3750,338 +4126,13 @@ class KVRequestHandler(BaseHTTPRequestHandler):
 
 
 _INT32 = range(-(2**31), 2**31)
-_MAX_RPC_BODY = 2 * MAX_RPC_VALUE + CHUNK  # room for the value's base64 (4/3 of it) or escaped text, and XML
-_RPC_TOO_LARGE = (
-    f"XML-RPC carries values of at most {MAX_RPC_VALUE >> 20} MiB and {MAX_RPC_ITEMS:,} items: "
-    "PUT larger ones to /kv/<key> and GET them from there"
-)
 
 
-class _NotCarried(Exception):
-    """A value XML-RPC cannot carry: a Fault with `code` (400, or 413 for too large); the
-    message says what to do instead."""
+# Server: connections, their deadlines, and the threads
 
-    def __init__(self, message: str, code: int = 400) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class _CallReader(xmlrpc.client.Unmarshaller):
-    """xmlrpc.client's reader, keeping a call within what the server stores and gives back
-    (each refused as it is read, as _NotCarried): ints of 32 bits, finite doubles, and per
-    parameter at most MAX_RPC_DEPTH levels of arrays and structs and MAX_RPC_ITEMS items.
-    <base64> is decoded without an extra copy."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.xml("", None)  # no encoding: expat gives str, with nothing to decode
-        self._items = 0  # <value>s in the parameter being read, but its own
-
-    def start(self, tag: str, attrs: dict[str, str]) -> None:
-        name = tag.rpartition(":")[2]
-        if name == "param":
-            self._items = -1
-        elif name == "value":
-            self._items += 1
-            if self._items > MAX_RPC_ITEMS:
-                raise _NotCarried(f"a parameter holds over {MAX_RPC_ITEMS:,} items; {_RPC_TOO_LARGE}", 413)
-        elif name in ("array", "struct") and len(self._marks) >= MAX_RPC_DEPTH:
-            raise _NotCarried(f"a parameter nests arrays and structs deeper than {MAX_RPC_DEPTH} levels; flatten it")
-        super().start(tag, attrs)
-
-    def end_int(self, data: str) -> None:
-        if not re.fullmatch(r"\s*[-+]?[0-9]{1,10}\s*", data) or int(data) not in _INT32:
-            raise _NotCarried(
-                f"an XML-RPC int is a whole number from {_INT32.start} to {_INT32.stop - 1}, not {_excerpt(data)}; "
-                "send larger numbers as a double or a string"
-            )
-        super().end_int(data)
-
-    def end_double(self, data: str) -> None:
-        try:
-            number = float(data)
-        except ValueError:
-            number = math.nan
-        if not math.isfinite(number):
-            raise _NotCarried(f"an XML-RPC double is a finite number, not {_excerpt(data)}")
-        super().end_double(data)
-
-    def end_base64(self, data: str) -> None:
-        try:
-            self.append(xmlrpc.client.Binary(binascii.a2b_base64(data)))  # reads the str in place
-        except ValueError:
-            raise _NotCarried("a <base64> value is not valid base64") from None
-        self._value = False
-
-    dispatch: dict[str, Callable[[Any, str], None]] = {  # noqa: RUF012 -- as in Unmarshaller: name -> end handler
-        **xmlrpc.client.Unmarshaller.dispatch,
-        **dict.fromkeys(["i1", "i2", "i4", "i8", "int", "biginteger"], end_int),
-        **dict.fromkeys(["double", "float"], end_double),
-        "base64": end_base64,
-    }
-
-
-def _read_call(request: bytes) -> tuple[str, tuple[Any, ...]]:
-    """The method name and parameters of an XML-RPC call; Fault 400 saying what is wrong if
-    `request` is not one, or holds a value beyond the limits _CallReader keeps."""
-    reader = _CallReader()
-    parser = xml.parsers.expat.ParserCreate()
-    parser.buffer_text = True  # text comes in pieces of buffer_size, not one per line
-    parser.buffer_size = CHUNK
-    parser.StartElementHandler = reader.start
-    parser.EndElementHandler = reader.end
-    parser.CharacterDataHandler = reader.data
-
-    def refuse_dtd(*args: object) -> NoReturn:  # its entities could make a small call expand
-        raise _NotCarried("an XML-RPC call has no document type declaration (<!DOCTYPE>)")
-
-    parser.StartDoctypeDeclHandler = refuse_dtd
-    try:
-        parser.Parse(request, True)
-        method = reader.getmethodname()
-        params = reader.close()
-    except _NotCarried as error:
-        raise xmlrpc.client.Fault(error.code, str(error)) from None
-    except xml.parsers.expat.ExpatError as error:
-        raise xmlrpc.client.Fault(
-            400, f"the request is not well-formed XML ({error}); send text with control characters as Binary"
-        ) from None
-    except Exception:  # anything else the reader meets: a response instead of a call, a misplaced element
-        method = None
-    if method is None:
-        raise xmlrpc.client.Fault(
-            400, "the request is not an XML-RPC call; send a <methodCall> with a <methodName> and <params>"
-        )
-    return method, params
-
-
-# What XML 1.0 cannot carry: control characters but tab, LF and CR; U+FFFE and U+FFFF (and
-# lone surrogates, which no str decoded from UTF-8 or read from XML holds).
-_NOT_XML_TEXT = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
-_BASE64_PIECE = CHUNK * 3 // 4  # bytes encoded at a time: one line of 64 KiB of base64
-
-
-class _XMLRPCWriter:
-    """Writes XML-RPC responses as UTF-8 bytes that an XML 1.0 parser reads back as they were
-    meant: a str XML cannot carry (see _NOT_XML_TEXT) goes as <base64> of its UTF-8 bytes, and
-    CR as &#13; (a parser reads a raw CR as LF). Values are written a slice at a time into one
-    buffer, so a response costs the value and the response, not the four copies that
-    xmlrpc.client.dumps makes. _NotCarried for what XML-RPC has no form for (ints beyond 32
-    bits, nesting deeper than MAX_RPC_DEPTH, a struct member name XML cannot carry)."""
-
-    def __init__(self) -> None:
-        self._out = io.BytesIO()
-        self._write = self._out.write
-        self._write(b"<?xml version='1.0'?>\n<methodResponse>\n")
-
-    @classmethod
-    def result(cls, value: Any) -> bytes:
-        """The response that returns `value`."""
-        writer = cls()
-        writer._write(b"<params>\n<param>\n")
-        writer._value(value, 0)
-        writer._write(b"</param>\n</params>\n")
-        return writer._end()
-
-    @classmethod
-    def fault(cls, fault: xmlrpc.client.Fault) -> bytes:
-        """The response that reports `fault`."""
-        writer = cls()
-        writer._write(b"<fault>\n")
-        writer._value({"faultCode": fault.faultCode, "faultString": fault.faultString}, 0)
-        writer._write(b"</fault>\n")
-        return writer._end()
-
-    def _end(self) -> bytes:
-        self._write(b"</methodResponse>\n")
-        return self._out.getvalue()  # the buffer itself, not a copy
-
-    def _value(self, value: Any, depth: int) -> None:
-        write = self._write
-        if value is None:
-            write(b"<value><nil/></value>\n")
-        elif isinstance(value, bool):
-            write(b"<value><boolean>%d</boolean></value>\n" % value)
-        elif isinstance(value, int):
-            if not _INT32.start <= value < _INT32.stop:  # not `in`, which tests an IntEnum by iterating
-                raise _NotCarried(f"the value holds {value}, beyond XML-RPC's 32-bit ints; read it with GET /kv/<key>")
-            write(b"<value><int>%d</int></value>\n" % value)
-        elif isinstance(value, float):
-            write(b"<value><double>%r</double></value>\n" % value)
-        elif isinstance(value, str):
-            if _NOT_XML_TEXT.search(value):
-                self._base64(value.encode("utf-8"))
-            else:
-                write(b"<value><string>")
-                self._text(value)
-                write(b"</string></value>\n")
-        elif isinstance(value, xmlrpc.client.Binary):
-            self._base64(value.data)
-        elif depth == MAX_RPC_DEPTH and isinstance(value, (list, dict)):
-            raise _NotCarried(f"the value nests deeper than {MAX_RPC_DEPTH} levels; read it with GET /kv/<key>")
-        elif isinstance(value, list):
-            write(b"<value><array><data>\n")
-            for item in value:
-                self._value(item, depth + 1)
-            write(b"</data></array></value>\n")
-        elif isinstance(value, dict):
-            write(b"<value><struct>\n")
-            for name, item in value.items():
-                if _NOT_XML_TEXT.search(name):
-                    raise _NotCarried(
-                        f"the value has a member name XML cannot carry, {name!r}; read it with GET /kv/<key>"
-                    )
-                write(b"<member>\n<name>")
-                self._text(name)
-                write(b"</name>\n")
-                self._value(item, depth + 1)
-                write(b"</member>\n")
-            write(b"</struct></value>\n")
-        else:
-            raise TypeError(f"no XML-RPC form for {type(value).__name__}")
-
-    def _text(self, text: str) -> None:
-        """`text` as XML character data, CR too, which a parser would read as LF. (Replacing
-        in UTF-8 is safe: no byte of a multi-byte character is ASCII.)"""
-        for start in range(0, len(text), CHUNK):
-            data = text[start : start + CHUNK].encode("utf-8")
-            self._write(
-                data.replace(b"&", b"&amp;").replace(b"<", b"&lt;").replace(b">", b"&gt;").replace(b"\r", b"&#13;")
-            )
-
-    def _base64(self, data: bytes) -> None:
-        self._write(b"<value><base64>\n")
-        view = memoryview(data)
-        for start in range(0, len(data), _BASE64_PIECE):
-            self._write(binascii.b2a_base64(view[start : start + _BASE64_PIECE]))
-        self._write(b"</base64></value>\n")
-
-
-class _XMLRPC:
-    """The XML-RPC methods; values keep their type through the media type they are stored with."""
-
-    def __init__(self, storage: Storage, max_value: int) -> None:
-        self._storage = storage
-        self._max_value = max_value
-        self._methods: dict[str, Callable[..., Any]] = {
-            "save": self.save,
-            "load": self.load,
-            "delete": self.delete,
-            "keys": self.keys,
-            "system.listMethods": self.list_methods,
-            "system.methodHelp": self.method_help,
-        }
-
-    def dispatch(self, request: bytes) -> bytes:
-        """The XML-RPC response to a request: a result, or a Fault saying what was wrong."""
-        try:
-            method, params = _read_call(request)
-            result = self._call(method, params)
-            try:
-                return _XMLRPCWriter.result(result)
-            except _NotCarried as error:
-                raise xmlrpc.client.Fault(error.code, f"{method}: {error}") from None
-        except xmlrpc.client.Fault as fault:
-            return _XMLRPCWriter.fault(fault)
-
-    def _call(self, method: str, params: tuple[Any, ...]) -> Any:
-        """Call a method; any failure becomes a Fault whose code is the HTTP status of the same
-        failure (_answer_to)."""
-        function = self._methods.get(method)
-        if function is None:
-            raise xmlrpc.client.Fault(404, f"no method {method!r}; system.listMethods() lists them")
-        try:
-            inspect.signature(function).bind(*params)
-        except TypeError:
-            raise xmlrpc.client.Fault(
-                400, f"{method} does not take {len(params)} argument(s); {self.method_help(method)}"
-            ) from None
-        try:
-            return function(*params)
-        except xmlrpc.client.Fault:
-            raise
-        except Exception as error:
-            status, detail, _ = _answer_to(error)
-            if status == HTTPStatus.INTERNAL_SERVER_ERROR:
-                traceback.print_exc(file=sys.stderr)
-            raise xmlrpc.client.Fault(status.value, detail) from None
-
-    def save(self, key: str, value: Any, ttl: int | None = None) -> None:
-        """save(key, value[, ttl]): store value under key (str as text, Binary as bytes,
-        anything else as JSON), for ttl seconds if given."""
-        if isinstance(value, str):
-            data, content_type = value.encode("utf-8"), TEXT_CONTENT_TYPE
-        elif isinstance(value, xmlrpc.client.Binary):
-            data, content_type = value.data, DEFAULT_CONTENT_TYPE
-        else:
-            try:
-                data, content_type = _json_bytes(value), "application/json"
-            except TypeError:
-                raise xmlrpc.client.Fault(
-                    400,
-                    "save stores str, Binary, int, float, bool, None, list and struct values; not dateTime "
-                    "(send it as an ISO 8601 string), nor Binary inside a list or struct",
-                ) from None
-        if len(data) > self._max_value:
-            raise xmlrpc.client.Fault(413, f"the value is {len(data)} bytes; at most {self._max_value} (--max-value)")
-        if len(data) > MAX_RPC_VALUE:
-            raise xmlrpc.client.Fault(413, f"the value is {len(data):,} bytes; {_RPC_TOO_LARGE}")
-        self._storage.write(key, data, content_type=content_type, ttl=ttl)
-
-    def load(self, key: str) -> Any:
-        """load(key): the value saved under key, or None if there is none."""
-        try:
-            data, content_type = self._read(key)
-        except KeyError:
-            return None
-        if _is_json(content_type):
-            if _count_json_items(data) > MAX_RPC_ITEMS:  # checked first: parsing costs ~100 bytes an item
-                raise xmlrpc.client.Fault(413, f"key {key!r} holds over {MAX_RPC_ITEMS:,} items; {_RPC_TOO_LARGE}")
-            try:
-                return _parse_json(data)
-            except _JSONBeyondLimits as error:
-                raise xmlrpc.client.Fault(400, f"{error}; read it with GET /kv/<key>") from None
-            except ValueError:
-                pass  # not JSON after all: given as its bytes
-        if _is_text(content_type):
-            with contextlib.suppress(UnicodeDecodeError):
-                return data.decode("utf-8")
-        return xmlrpc.client.Binary(data)
-
-    def _read(self, key: str) -> tuple[bytes, str]:
-        """The bytes and media type of the value of `key`; KeyError if absent, Fault 413 if it
-        is over MAX_RPC_VALUE, found before reading it."""
-        size = self._storage.stat(key).size
-        if size <= MAX_RPC_VALUE:
-            stat, body = self._storage.fetch(key)
-            if not isinstance(body, bytes):
-                with body:
-                    body = body.read(MAX_RPC_VALUE + 1)  # it may have grown since
-            size = len(body)
-            if size <= MAX_RPC_VALUE:
-                return body, stat.content_type
-        raise xmlrpc.client.Fault(413, f"key {key!r} holds {size:,} bytes; {_RPC_TOO_LARGE}")
-
-    def delete(self, key: str) -> None:
-        """delete(key): remove key; no error if it is absent."""
-        self._storage.delete(key)
-
-    def list_methods(self) -> list[str]:
-        """system.listMethods(): the names of the methods."""
-        return sorted(self._methods)
-
-    def method_help(self, name: str) -> str:
-        """system.methodHelp(name): how to call a method, and what it does."""
-        if name not in self._methods:
-            raise xmlrpc.client.Fault(404, f"no method {name!r}; system.listMethods() lists them")
-        return inspect.getdoc(self._methods[name]) or name
-
-    def keys(self, prefix: str = "") -> list[str]:
-        """keys([prefix]): the keys that start with prefix, in code-point order."""
-        return self._storage.keys(prefix)
-
-
-# Server
+IDLE_TIMEOUT = 15.0  # seconds a keep-alive connection may wait for its next request
+HEAD_TIMEOUT = 10.0  # seconds from a request's first byte to the end of its headers
+STALL_TIMEOUT = 30.0  # seconds a request body, or an answer, may go without a byte moving
 
 
 def _problem_response(status: HTTPStatus, detail: str) -> bytes:
@@ -4408,7 +4459,15 @@ class KVServer(ThreadingHTTPServer):
             self._housekeeper.join()  # so that it does not sweep a storage being closed
 
 
-# main()
+# main(): the command line
+
+
+def _parse_size(text: str) -> int:
+    """Bytes in '512', '64K', '10M' or '1G' (powers of 1024); ValueError otherwise."""
+    match = re.fullmatch(r"(\d+)([KMG]?)", text.strip(), re.IGNORECASE)
+    if not match:
+        raise ValueError(f"a size is a whole number of bytes with an optional K, M or G suffix, not {text!r}")
+    return int(match.group(1)) << 10 * " KMG".index(match.group(2).upper() or " ")
 
 
 def _fail(message: str, status: int) -> NoReturn:

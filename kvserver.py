@@ -848,8 +848,6 @@ class Storage(abc.ABC):
     def get(self, key: str) -> bytes:
         """The value of `key`; KeyError if absent."""
         _, body = self.fetch(key)
-        if isinstance(body, bytes):
-            return body
         with body:
             return body.read()
 
@@ -899,8 +897,7 @@ class Storage(abc.ABC):
 
     def open(self, key: str) -> BinaryIO:
         """The value of `key` as a binary file object to read; KeyError if absent."""
-        _, body = self.fetch(key)
-        return io.BytesIO(body) if isinstance(body, bytes) else body
+        return self.fetch(key)[1]
 
     def delete(self, key: str, *, if_match: str | None = None, if_none_match: bool = False) -> None:
         """Remove `key`; no error if it is absent (unless a precondition says otherwise)."""
@@ -1022,14 +1019,14 @@ class Storage(abc.ABC):
         self._check_open()
         return self._stat(key)
 
-    def fetch(self, key: str) -> tuple[Stat, bytes | BinaryIO]:
-        """The value of `key` with its Stat, both of one version; KeyError if absent.
-
-        Small values come as bytes, large ones as an open file the caller must close.
-        """
+    def fetch(self, key: str) -> tuple[Stat, BinaryIO]:
+        """The value of `key` with its Stat, both of one version, as a binary file the caller
+        must close (a value held in memory comes as a BytesIO over its bytes, not a copy);
+        KeyError if absent."""
         check_key(key)
         self._check_open()
-        return self._fetch(key)
+        stat, body = self._fetch(key)
+        return stat, io.BytesIO(body) if isinstance(body, bytes) else body
 
     def write(
         self,
@@ -1107,7 +1104,7 @@ class Storage(abc.ABC):
                     stat, body = self.fetch(key)
                 except KeyError:
                     continue  # deleted or expired since the listing
-                with io.BytesIO(body) if isinstance(body, bytes) else body as source:
+                with body as source:
                     file.write(_export_head(key, stat))
                     for piece in _base64_pieces(source):
                         file.write(piece)
@@ -1184,9 +1181,8 @@ class Storage(abc.ABC):
         raise NotImplementedError(f"{type(self).__name__}._keys")
 
     def _stat(self, key: str) -> Stat:
-        stat, body = self._fetch(key)
-        if not isinstance(body, bytes):
-            body.close()
+        stat, body = self.fetch(key)
+        body.close()
         return stat
 
 
@@ -2829,15 +2825,16 @@ def _dump_entry(storage: Storage, key: str) -> object:
     stat = storage.stat(key)  # first, so that a large value is not even opened
     if stat.size <= SMALL_VALUE:
         stat, body = storage.fetch(key)
-        if isinstance(body, bytes):
+        with body:
+            data = body.read(SMALL_VALUE + 1)
+        if len(data) <= SMALL_VALUE:  # (else it grew since)
             if _is_json(stat.content_type):
                 with contextlib.suppress(ValueError):
-                    return _parse_json(body)
+                    return _parse_json(data)
             try:
-                return body.decode("utf-8")
+                return data.decode("utf-8")
             except UnicodeDecodeError:
-                return {"base64": base64.b64encode(body).decode("ascii")}
-        body.close()  # it grew since
+                return {"base64": base64.b64encode(data).decode("ascii")}
     return {"size": stat.size, "href": _value_href(key)}
 
 
@@ -3415,12 +3412,11 @@ class _XMLRPC:
         size = self._storage.stat(key).size
         if size <= MAX_RPC_VALUE:
             stat, body = self._storage.fetch(key)
-            if not isinstance(body, bytes):
-                with body:
-                    body = body.read(MAX_RPC_VALUE + 1)  # it may have grown since
-            size = len(body)
+            with body:
+                data = body.read(MAX_RPC_VALUE + 1)  # it may have grown since
+            size = len(data)
             if size <= MAX_RPC_VALUE:
-                return body, stat.content_type
+                return data, stat.content_type
         raise xmlrpc.client.Fault(413, f"key {key!r} holds {size:,} bytes; {_RPC_TOO_LARGE}")
 
     def delete(self, key: str) -> None:
@@ -3766,7 +3762,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         else:
             self._send(status, _problem(status, detail), "application/problem+json", headers)
 
-    def _send_value(self, stat: Stat, body: bytes | BinaryIO) -> None:
+    def _send_value(self, stat: Stat, body: BinaryIO) -> None:
         """Answer with a stored value: 200 with its bytes, or 304 if the client has it."""
         status = HTTPStatus.NOT_MODIFIED if self._client_has(stat.etag) else HTTPStatus.OK
         fields = {
@@ -3783,13 +3779,10 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             fields["Content-Length"] = str(stat.size)
         self._write_head(status, fields)
         send = status == HTTPStatus.OK and self.command != "HEAD"
-        if isinstance(body, bytes):
-            if send:
-                self.wfile.write(body)
-                self._sent = len(body)
-            return
         with body:
-            if send:
+            if send and isinstance(body, io.BytesIO):  # held in memory: it leaves with the head, in one send
+                self._sent = self.wfile.write(body.getvalue())
+            elif send:
                 self.wfile.flush()
                 self._sent = self._send_file(body, stat.size)
                 if self._sent < stat.size:  # the file shrank under us: end the answer where the bytes end
@@ -3840,7 +3833,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         else:
             self._send_json(status, {"key": key, "created": created}, {"ETag": f'"{stat.etag}"'})
 
-    def _fetch_or_404(self, key: str) -> tuple[Stat, bytes | BinaryIO]:
+    def _fetch_or_404(self, key: str) -> tuple[Stat, BinaryIO]:
         try:
             return self.storage.fetch(key)
         except KeyError:
@@ -4020,7 +4013,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         else:
             self._send_value(*self._wait_for_change(key, int(wait)))
 
-    def _wait_for_change(self, key: str, seconds: int) -> tuple[Stat, bytes | BinaryIO]:
+    def _wait_for_change(self, key: str, seconds: int) -> tuple[Stat, BinaryIO]:
         """The value of `key` once it differs from what the client holds (the value its
         If-None-Match names; without one, no value), or after `seconds`, or at once when the
         server stops; 404 if there is none then."""
@@ -4035,8 +4028,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
                 else:
                     if not self._client_has(stat.etag) or watch.closed or time.monotonic() >= deadline:
                         return stat, body
-                    if not isinstance(body, bytes):
-                        body.close()
+                    body.close()
                 self._wait(watch, deadline - time.monotonic())  # wakes at a change of a key that starts with it
 
     def _wait(self, watch: Watch, timeout: float) -> list[Event]:

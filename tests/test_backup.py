@@ -50,9 +50,8 @@ def contents(store: kvserver.Storage) -> dict[str, tuple[bytes, str, float | Non
     result = {}
     for key in store:
         stat, body = store.fetch(key)
-        data = body if isinstance(body, bytes) else body.read()
-        if not isinstance(body, bytes):
-            body.close()
+        with body:
+            data = body.read()
         result[key] = (data, stat.content_type, stat.expires_at)
     return result
 

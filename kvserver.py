@@ -66,7 +66,9 @@ import signal
 import socket
 import socketserver
 import ssl
+import struct
 import sys
+import termios
 import threading
 import time
 import traceback
@@ -141,7 +143,6 @@ __all__ = [
 MAX_KEY_BYTES = 1024
 SMALL_VALUE = 64 * 1024  # held in memory by FileStorage, inlined in the / dump
 CHUNK = 64 * 1024  # unit of every streamed read and write
-SENDFILE_PIECE = 16 * CHUNK  # a value served from its file goes out in pieces of this size
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 TEXT_CONTENT_TYPE = "text/plain; charset=utf-8"
 
@@ -2365,14 +2366,13 @@ _REQUEST_TARGET = re.compile(rb"[\x21-\x7e]+")  # RFC 3986 characters, percent-e
 _TOKEN_PATTERN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 _QUOTED_STRING = rb'"(?:[\t\x20\x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t\x20-\x7e\x80-\xff])*"'
 _TOKEN = re.compile(_TOKEN_PATTERN)  # RFC 9110 section 5.6.2
-# field-name ":" OWS field-value OWS CRLF, the value visible characters with single spaces or tabs
-# inside: no control character (NUL, CR, LF, ...) and no obs-fold (RFC 9112 section 5).
-_FIELD_LINE = re.compile(
-    rb"(%b):[ \t]*((?:[\x21-\x7e\x80-\xff]+(?:[ \t]+[\x21-\x7e\x80-\xff]+)*)?)[ \t]*\r\n" % _TOKEN_PATTERN
-)
+# field-name ":" OWS field-value OWS CRLF: no control character but tab in the value (no NUL, CR,
+# LF, ...), and no obs-fold (RFC 9112 section 5); the value is trimmed of space and tab after the
+# match. (No whitespace on both sides of the value in the pattern: that backtracks quadratically.)
+_FIELD_LINE = re.compile(rb"(%b):([\t\x20-\x7e\x80-\xff]*)\r\n" % _TOKEN_PATTERN)
 _REQUEST_LINE = re.compile(rb"(%b) ([\x21-\x7e]+) HTTP/([0-9])\.([0-9])" % _TOKEN_PATTERN)  # section 3
 _CHUNK_LINE = re.compile(  # chunk-size [ chunk-ext ] (RFC 9112 section 7.1.1)
-    rb"([0-9A-Fa-f]{1,15})(?:[ \t]*;[ \t]*%b(?:[ \t]*=[ \t]*(?:%b|%b))?)*"
+    rb"(0*[0-9A-Fa-f]{1,15})(?:[ \t]*;[ \t]*%b(?:[ \t]*=[ \t]*(?:%b|%b))?)*"
     % (_TOKEN_PATTERN, _TOKEN_PATTERN, _QUOTED_STRING)
 )
 # Methods of RFC 9110 section 9 and PATCH (RFC 5789): a route that does not take one answers 405,
@@ -2442,7 +2442,7 @@ def _read_field_lines(rfile: io.BufferedIOBase, fields: _Fields, what: str) -> N
         if match is None:
             raise _field_line_error(line, budget, what)
         budget -= len(line)
-        fields.add(match[1].decode("ascii"), match[2].decode("latin-1"))
+        fields.add(match[1].decode("ascii"), match[2].strip(b" \t").decode("latin-1"))
     raise _HTTPError(*_too_many_fields(what))
 
 
@@ -2582,7 +2582,10 @@ class _AnswerStream(socket.SocketIO):
         self._connections = connections
 
     def write(self, data: Any) -> int | None:
-        sent = super().write(data)
+        # At most CHUNK a send (the BufferedWriter above sends the rest): a blocking send
+        # returns only once all it was given has left, so a slow reader of a big answer would
+        # otherwise look stalled while its bytes keep moving.
+        sent = super().write(memoryview(data)[:CHUNK])
         self._connections.moved(self._connection)
         return sent
 
@@ -3789,12 +3792,18 @@ class KVRequestHandler(BaseHTTPRequestHandler):
                     self.close_connection = True
 
     def _send_file(self, file: BinaryIO, size: int) -> int:
-        """Send the first `size` bytes of a file (fewer if it ends sooner) with sendfile(2), a
-        piece at a time, each renewing the stall deadline (a slow reader of a big value is not
-        cut off while bytes keep moving)."""
+        """Send the first `size` bytes of a file (fewer if it ends sooner), a piece of at most
+        CHUNK at a time, each renewing the stall deadline (so a slow reader of a big value is not
+        cut off while bytes keep moving): with sendfile(2), or through wfile over TLS."""
         sent = 0
-        while sent < size and (piece := self.connection.sendfile(file, sent, min(SENDFILE_PIECE, size - sent))):
-            sent += piece
+        if isinstance(self.connection, ssl.SSLSocket):  # TLS is done in user space: no sendfile
+            while sent < size and (piece := file.read(min(CHUNK, size - sent))):
+                self.wfile.write(piece)
+                sent += len(piece)
+            return sent
+        out, source = self.connection.fileno(), file.fileno()
+        while sent < size and (piece_size := os.sendfile(out, source, sent, min(CHUNK, size - sent))):
+            sent += piece_size
             self.server.connections.moved(self.connection)
         return sent
 
@@ -4125,6 +4134,7 @@ _INT32 = range(-(2**31), 2**31)
 IDLE_TIMEOUT = 15.0  # seconds a keep-alive connection may wait for its next request
 HEAD_TIMEOUT = 10.0  # seconds from a request's first byte to the end of its headers
 STALL_TIMEOUT = 30.0  # seconds a request body, or an answer, may go without a byte moving
+STALL_GRACE = 5.0  # seconds between looks at an answer in the send queue, once STALL_TIMEOUT has passed
 
 
 def _problem_response(status: HTTPStatus, detail: str) -> bytes:
@@ -4155,12 +4165,21 @@ def _shut_down(connections: Iterable[socket.socket]) -> None:
             connection.shutdown(socket.SHUT_RDWR)
 
 
+def _unsent_bytes(connection: socket.socket) -> int:
+    """The bytes in a connection's send queue that the client has not yet acknowledged
+    (Linux's SIOCOUTQ); 0 where that cannot be known."""
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(connection.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0])
+    except (OSError, ValueError):
+        return 0
+
+
 class _Connections:
     """The server's open connections, what each one is doing, and by when it must move on.
 
     A connection is idle (waiting for its next request, for at most IDLE_TIMEOUT), reading a
     request head (complete within HEAD_TIMEOUT of its first byte), serving a request (no
-    STALL_TIMEOUT without a byte of its body or answer moving), or watching for a change (no
+    STALL_TIMEOUT without a byte of its body or answer moving: see `overdue`), or watching for a change (no
     deadline: a long-poll or an event stream). Sockets have no timeout of their own, because a
     timeout makes CPython poll() before every recv and send; instead the housekeeping thread
     cuts off every connection past its deadline, so that a client that stops sending or
@@ -4178,6 +4197,8 @@ class _Connections:
         # Each connection's state and deadline (monotonic seconds; inf while watching).
         self._states: dict[socket.socket, tuple[str, float]] = {}
         self._watches: dict[socket.socket, Watch] = {}  # what the watching connections wait on
+        # For a connection given STALL_GRACE: that deadline, and the bytes unsent when it was set.
+        self._unsent_seen: dict[socket.socket, tuple[float, int]] = {}
 
     def __len__(self) -> int:
         return self._count
@@ -4196,6 +4217,7 @@ class _Connections:
             self._count -= 1
             self._states.pop(connection, None)
             self._watches.pop(connection, None)
+            self._unsent_seen.pop(connection, None)
 
     def idle(self, connection: socket.socket) -> bool:
         """The connection waits for its next request; False once stopping (close it)."""
@@ -4205,8 +4227,11 @@ class _Connections:
 
     def reading_head(self, connection: socket.socket) -> bool:
         """A request's first byte arrived: its head must be complete within HEAD_TIMEOUT.
-        False if stopping, which has closed the connection as idle."""
+        False if stopping, which has closed the connection as idle, or if the idle deadline
+        cut it off first."""
         with self._lock:
+            if self._states.get(connection, ("",))[0] != self._IDLE:
+                return False  # the idle deadline cut it off as the byte came
             self._states[connection] = (self._READING_HEAD, time.monotonic() + HEAD_TIMEOUT)
             return not self.stopping
 
@@ -4248,12 +4273,32 @@ class _Connections:
             self._states.pop(connection, None)
 
     def overdue(self) -> list[socket.socket]:
-        """The connections past their deadline, forgotten here (to cut off)."""
+        """The connections past their deadline, forgotten here (to cut off).
+
+        A connection whose answer still waits in the kernel's send queue is cut off only once
+        the client has taken none of it for STALL_GRACE seconds: a blocked send wakes only when
+        a third of its (several MiB) buffer has drained, so a slow reader's bytes can keep
+        moving for minutes while the sending thread sees no progress."""
         now = time.monotonic()
         with self._lock:
-            overdue = [connection for connection, (_, deadline) in self._states.items() if deadline < now]
-            for connection in overdue:
+            late = [
+                (connection, state, deadline)
+                for connection, (state, deadline) in self._states.items()
+                if deadline < now
+            ]
+        overdue = []
+        for connection, state, deadline in late:
+            unsent = _unsent_bytes(connection) if state == self._SERVING else 0
+            with self._lock:
+                if self._states.get(connection) != (state, deadline):
+                    continue  # it moved on meanwhile
+                if unsent and self._unsent_seen.pop(connection, None) != (deadline, unsent):
+                    renewed = now + STALL_GRACE  # the client took bytes since the last look: look again
+                    self._states[connection] = (state, renewed)
+                    self._unsent_seen[connection] = (renewed, unsent)
+                    continue
                 del self._states[connection]  # so head_read says the head was cut off
+            overdue.append(connection)
         return overdue
 
     def hung_up(self) -> None:
@@ -4358,7 +4403,11 @@ class KVServer(ThreadingHTTPServer):
 
     def process_request(self, request: socket.socket, client_address: Any) -> None:  # type: ignore[override]
         if self.connections.admit():
-            super().process_request(request, client_address)
+            try:
+                super().process_request(request, client_address)
+            except BaseException:  # no thread: the connection is not served
+                self.connections.leave(request)
+                raise
         else:
             self._refuse(request)
 

@@ -191,6 +191,27 @@ def test_a_junk_line_before_if_match_does_not_turn_a_conditional_delete_into_an_
     assert "canary" not in live_server.storage
 
 
+@pytest.mark.parametrize(
+    "field_line",
+    [b"X:" + b" " * 65_000 + b"\x00\r\n", b"X:" + b" \t" * 30_000 + b"a\x00\r\n", b"X:" + b" " * 70_000 + b"\r\n"],
+    ids=["spaces then NUL", "blanks then NUL", "spaces to the limit"],
+)
+def test_a_field_line_made_to_backtrack_is_refused_at_once_and_stalls_no_one(live_server, field_line):
+    """Matching a field line takes time linear in its length: no line can hold the GIL for seconds."""
+    started = time.monotonic()
+    received = live_server.raw(b"GET /set?planted=1 HTTP/1.1\r\n" + HOST + field_line + b"\r\n", timeout=10)
+    assert parse_response(received).status in (400, 431)
+    assert time.monotonic() - started < 1.0, f"took {time.monotonic() - started:.1f} s"
+    assert "planted" not in live_server.storage
+
+
+def test_leading_zeros_of_a_chunk_size_are_read(live_server):
+    body = b"0000000000000000003\r\nabc\r\n0\r\n\r\n"
+    message = b"PUT /kv/zeros HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: chunked\r\n\r\n" + body
+    assert parse_response(live_server.raw(message, timeout=5, half_close=True)).status == 201
+    assert live_server.storage.get("zeros") == b"abc"
+
+
 def test_a_malformed_head_is_answered_at_once_not_after_the_head_deadline(live_server):
     started = time.monotonic()
     with socket.create_connection(("127.0.0.1", live_server.port), timeout=5) as sock:

@@ -116,6 +116,26 @@ def stalled_reader(port: int) -> Outcome:
         return Outcome(time.monotonic() - started, bytes(received))
 
 
+SLOW_ANSWER = 32 * 1024 * 1024  # more than the socket buffers hold, so the server's sends block
+
+
+def slow_reader(port: int) -> Outcome:
+    """A GET of a big value read at about 10 KB/s for 45 s, then at full speed: all of it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET /kv/slow-answer HTTP/1.1\r\n" + HOST + b"Connection: close\r\n\r\n")
+        started = time.monotonic()
+        received = bytearray()
+        while time.monotonic() - started < 45:  # a slow but steady reader: bytes keep moving
+            chunk = sock.recv(1024)
+            if not chunk:
+                break
+            received += chunk
+            time.sleep(0.05)
+        while chunk := sock.recv(65536):
+            received += chunk
+        return Outcome(time.monotonic() - started, bytes(received))
+
+
 @pytest.fixture(scope="module")
 def slow_clients(tmp_path_factory) -> Iterator[tuple[Server, dict[str, concurrent.futures.Future]]]:
     folder = tmp_path_factory.mktemp("slow")
@@ -124,12 +144,14 @@ def slow_clients(tmp_path_factory) -> Iterator[tuple[Server, dict[str, concurren
         big.truncate(BIG_ANSWER)
     with (folder / "big").open("rb") as big:
         assert server.request("PUT", "/kv/big-answer", body=big).status == 201
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=4)
+    assert server.request("PUT", "/kv/slow-answer", body=b"s" * SLOW_ANSWER).status == 201
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=5)
     futures = {
         "head": pool.submit(slow_head, server.port),
         "idle": pool.submit(idle_keep_alive, server.port),
         "body": pool.submit(stalled_body, server.port),
         "reader": pool.submit(stalled_reader, server.port),
+        "slow reader": pool.submit(slow_reader, server.port),
     }
     yield server, futures
     for future in futures.values():
@@ -150,9 +172,9 @@ def test_a_request_head_not_complete_within_10_s_is_cut_off(slow_clients):
     if outcome.received:
         assert parse_response(outcome.received).status == 408, outcome.received
     # A request cut off before its head was complete is not carried out. Its connection is
-    # counted until the server is done with it: of the three slow clients, at most the idle
-    # and the stalled-body ones are still open, plus the connection asking.
-    wait_for(lambda: open_connections(server) <= 3, timeout=10, what="the cut-off connection to be done with")
+    # counted until the server is done with it: of the five slow clients, at most the idle,
+    # stalled-body, stalled-reader and slow-reader ones are still open, plus the connection asking.
+    wait_for(lambda: open_connections(server) <= 5, timeout=10, what="the cut-off connection to be done with")
     assert server.get("/get?key=slowloris").status == 404
     health_is_served(server)
 
@@ -190,6 +212,15 @@ def test_an_answer_the_client_stops_reading_is_abandoned_after_30_s(slow_clients
     # stalled body's if it is still there.
     wait_for(lambda: open_connections(server) <= 2, timeout=10, what="the stalled reader's connection to close")
     health_is_served(server)
+
+
+def test_an_answer_read_slowly_but_steadily_is_not_cut_off(slow_clients):
+    _, futures = slow_clients
+    outcome = futures["slow reader"].result(timeout=120)
+    head, _, body = outcome.received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), outcome.received[:200]
+    assert len(body) == SLOW_ANSWER, f"cut off after {len(body)} of {SLOW_ANSWER} bytes, {outcome.seconds:.0f} s in"
+    assert body == b"s" * SLOW_ANSWER
 
 
 # Request line

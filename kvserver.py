@@ -3557,7 +3557,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             if not cast(io.BufferedReader, self.rfile).peek(1):
                 return  # the client closed the connection
             if not connections.reading_head(self.connection):
-                return  # stop() closed this connection as idle just as a request arrived
+                return  # stop() or the idle deadline closed it as the request's first byte arrived
             self._status, self._sent, self._metrics_route, self._started = None, 0, "unmatched", time.perf_counter()
             self.command, self.request_version, self.requestline = "", "HTTP/1.1", ""
             try:
@@ -3584,7 +3584,6 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             return
         if unread and self._status is not None:
             with contextlib.suppress(OSError):
-                self.wfile.flush()
                 _close_gently(self.connection)  # what follows on the connection is no request of ours
 
     def _start(self, head: _RequestHead) -> None:

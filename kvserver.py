@@ -2370,7 +2370,7 @@ _TOKEN = re.compile(_TOKEN_PATTERN)  # RFC 9110 section 5.6.2
 # LF, ...), and no obs-fold (RFC 9112 section 5); the value is trimmed of space and tab after the
 # match. (No whitespace on both sides of the value in the pattern: that backtracks quadratically.)
 _FIELD_LINE = re.compile(rb"(%b):([\t\x20-\x7e\x80-\xff]*)\r\n" % _TOKEN_PATTERN)
-_REQUEST_LINE = re.compile(rb"(%b) ([\x21-\x7e]+) HTTP/([0-9])\.([0-9])" % _TOKEN_PATTERN)  # section 3
+_REQUEST_LINE = re.compile(rb"(%b) (%b) HTTP/([0-9])\.([0-9])" % (_TOKEN_PATTERN, _REQUEST_TARGET.pattern))
 _CHUNK_LINE = re.compile(  # chunk-size [ chunk-ext ] (RFC 9112 section 7.1.1)
     rb"(0*[0-9A-Fa-f]{1,15})(?:[ \t]*;[ \t]*%b(?:[ \t]*=[ \t]*(?:%b|%b))?)*"
     % (_TOKEN_PATTERN, _TOKEN_PATTERN, _QUOTED_STRING)
@@ -2562,8 +2562,6 @@ def _body_framing(fields: _Fields, version: str) -> tuple[int | None, bool]:
         if len(names) > 1:
             raise _HTTPError(HTTPStatus.BAD_REQUEST, "Transfer-Encoding names chunked more than once")
         return None, True
-    if not lengths:
-        return None, False
     if len(lengths) > 1:
         raise _HTTPError(HTTPStatus.BAD_REQUEST, "send one Content-Length field, not several")
     if not lengths[0].isascii() or not lengths[0].isdigit():
@@ -3446,8 +3444,9 @@ class _XMLRPC:
 
 @functools.lru_cache(maxsize=256)  # a client sends the same Host again and again; parsing it is ~8% of a /get
 def _is_loopback_host(host: str) -> bool:
-    """Whether a Host header names this machine: localhost, *.localhost, 127.0.0.0/8 or ::1."""
-    name = host.strip().lower()
+    """Whether a Host header names this machine: localhost, *.localhost, 127.0.0.0/8 or ::1.
+    (Field values come trimmed of space and tab from the head reader.)"""
+    name = host.lower()
     if name.startswith("["):
         name = name[1 : name.find("]")]
     elif name.count(":") == 1:
@@ -3662,7 +3661,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
     def _check_access(self, route: str) -> None:
         """Refuse what a web page could make a browser send here (SPEC section 8), then
         requests without the token."""
-        if self.headers.get("Sec-Fetch-Site", "").strip().lower() in ("cross-site", "same-site"):
+        if self.headers.get("Sec-Fetch-Site", "").lower() in ("cross-site", "same-site"):
             raise _HTTPError(
                 HTTPStatus.FORBIDDEN,
                 "requests from other sites are refused (a page on another port of this host too): "
@@ -3670,7 +3669,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             )
         host = self.headers.get("Host")
         origin = self.headers.get("Origin")
-        if origin is not None and (host is None or origin.strip().lower() != f"{self.server.scheme}://{host}".lower()):
+        if origin is not None and (host is None or origin.lower() != f"{self.server.scheme}://{host}".lower()):
             raise _HTTPError(
                 HTTPStatus.FORBIDDEN, f"requests from origin {origin!r} are refused: it is not this server's"
             )
@@ -3687,10 +3686,10 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             )
 
     def _has_token(self, token: bytes) -> bool:
-        scheme, _, credentials = self.headers.get("Authorization", "").strip().partition(" ")
-        credentials = credentials.strip()
+        scheme, _, credentials = self.headers.get("Authorization", "").partition(" ")
+        credentials = credentials.lstrip(" ")  # auth-scheme 1*SP token68 (RFC 9110 section 11.4)
         if scheme.lower() == "bearer":
-            given = credentials.encode("latin-1")  # undoes http.client's decoding: the bytes sent
+            given = credentials.encode("latin-1")  # field values are Latin-1 text: the bytes sent
         elif scheme.lower() == "basic":
             try:
                 given = base64.b64decode(credentials, validate=True).partition(b":")[2]
@@ -3810,7 +3809,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         """Whether the request's If-None-Match names the value with `etag` (or any, with *)."""
         if_none_match = self.headers.get("If-None-Match")
         return if_none_match is not None and (
-            if_none_match.strip() == "*" or etag in (tag.removeprefix("W/") for tag in _etags(if_none_match))
+            if_none_match == "*" or etag in (tag.removeprefix("W/") for tag in _etags(if_none_match))
         )
 
     # Seed routes
@@ -4001,9 +4000,9 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         """If-Match and If-None-Match of a PUT or DELETE, as storage arguments."""
         if_match = self.headers.get("If-Match")
         if_none_match = self.headers.get("If-None-Match")
-        if if_none_match is not None and if_none_match.strip() != "*":
+        if if_none_match is not None and if_none_match != "*":
             raise _HTTPError(HTTPStatus.BAD_REQUEST, 'on PUT and DELETE, If-None-Match takes only "*" (create only)')
-        if if_match is None or if_match.strip() == "*":
+        if if_match is None or if_match == "*":
             return ("*" if if_match is not None else None), if_none_match is not None
         tags = _etags(if_match)
         if len(tags) != 1 or tags[0].startswith("W/"):
@@ -4083,7 +4082,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         fields = _fields(query, ("prefix", "after"), "/events?prefix=<prefix>&after=<revision>")
         prefix = _text(fields.get("prefix", b""), "prefix")
         after = _text(fields["after"], "after") if "after" in fields else None
-        after = self.headers.get("Last-Event-ID", "").strip() or after  # a reconnecting EventSource's is newer
+        after = self.headers.get("Last-Event-ID") or after  # a reconnecting EventSource's is newer
         try:
             watch = self.storage.watch(prefix, after=after)  # before the head is sent: no change slips by
         except ValueError as error:

@@ -308,3 +308,12 @@ def test_http_client_urllib_and_xmlrpc_client_work_against_the_strict_parser(liv
     proxy = xmlrpc.client.ServerProxy(f"http://127.0.0.1:{live_server.port}")
     proxy.save("via-xmlrpc", "yes")
     assert proxy.load("via-xmlrpc") == "yes"
+
+
+def test_field_values_are_trimmed_of_space_and_tab_only_so_a_disguised_origin_is_refused(live_server):
+    """NBSP (obs-text in Latin-1) is part of the value, as RFC 9112 reads it: not whitespace."""
+    host = b"127.0.0.1:%d" % live_server.port
+    fields = b"Host: " + host + b"\r\nOrigin: \xa0http://" + host + b"\r\nConnection: close\r\n"
+    received = live_server.raw(b"GET /set?planted=1 HTTP/1.1\r\n" + fields + b"\r\n")
+    assert parse_response(received).status == 403
+    assert "planted" not in live_server.storage

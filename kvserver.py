@@ -4228,7 +4228,7 @@ class _Connections:
         False if stopping, which has closed the connection as idle, or if the idle deadline
         cut it off first."""
         with self._lock:
-            if self._states.get(connection, ("",))[0] != self._IDLE:
+            if self._state(connection) != self._IDLE:
                 return False  # the idle deadline cut it off as the byte came
             self._states[connection] = (self._READING_HEAD, time.monotonic() + HEAD_TIMEOUT)
             return not self.stopping
@@ -4237,7 +4237,7 @@ class _Connections:
         """The head was read, and the request is served from now on; False if the head
         deadline cut the connection off first, so that what was read may be only part of it."""
         with self._lock:
-            if self._states.get(connection, ("",))[0] != self._READING_HEAD:
+            if self._state(connection) != self._READING_HEAD:
                 return False
             self._states[connection] = (self._SERVING, time.monotonic() + STALL_TIMEOUT)
             return True
@@ -4245,7 +4245,7 @@ class _Connections:
     def moved(self, connection: socket.socket) -> None:
         """Bytes of a body or an answer moved: the stall deadline starts again."""
         with self._lock:
-            if self._states.get(connection, ("",))[0] == self._SERVING:
+            if self._state(connection) == self._SERVING:
                 self._states[connection] = (self._SERVING, time.monotonic() + STALL_TIMEOUT)
 
     def watching(self, connection: socket.socket, watch: Watch) -> bool:
@@ -4269,6 +4269,10 @@ class _Connections:
         """The connection goes on as another socket object (wrapped in TLS): forget this one."""
         with self._lock:
             self._states.pop(connection, None)
+
+    def _state(self, connection: socket.socket) -> str:
+        """What the connection is doing ("" once forgotten: cut off, or left); under the lock."""
+        return self._states.get(connection, ("", 0.0))[0]
 
     def overdue(self) -> list[socket.socket]:
         """The connections past their deadline, forgotten here (to cut off).

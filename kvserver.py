@@ -2721,19 +2721,12 @@ def _decode_query(query: str) -> list[tuple[bytes, bytes | None]]:
 
 
 def _text(raw: bytes, what: str) -> str:
-    """Decode a query or path field that must be UTF-8 text."""
+    """Decode a query or path field that must be UTF-8 text. (A key's other rules are the
+    storage's to check: its ValueError is answered 400 like this one.)"""
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
         raise _HTTPError(HTTPStatus.BAD_REQUEST, f"the {what} is not valid UTF-8 once percent-decoded") from None
-
-
-def _key(raw: bytes) -> str:
-    """A key from the request, or a 400 saying what rule it breaks."""
-    try:
-        return check_key(_text(raw, "key"))
-    except ValueError as error:
-        raise _HTTPError(HTTPStatus.BAD_REQUEST, f"invalid key: {error}") from None
 
 
 def _ttl(raw: bytes | None) -> int | None:
@@ -3819,10 +3812,10 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         pairs = _decode_query(query)
         fields = {name: value for name, value in pairs if value is not None}
         if len(fields) == len(pairs) and sorted(fields) in ([b"key", b"value"], [b"key", b"ttl", b"value"]):
-            key, value, ttl = _key(fields[b"key"]), fields[b"value"], _ttl(fields.get(b"ttl"))
+            key, value, ttl = _text(fields[b"key"], "key"), fields[b"value"], _ttl(fields.get(b"ttl"))
         elif len(fields) == len(pairs) == 1:
             [(name, value)] = fields.items()
-            key, ttl = _key(name), None
+            key, ttl = _text(name, "key"), None
         else:
             raise _HTTPError(
                 HTTPStatus.BAD_REQUEST,
@@ -3853,7 +3846,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         fields = _fields(query, allowed, usage)
         if "key" not in fields:
             raise _HTTPError(HTTPStatus.BAD_REQUEST, f"name the key: {usage}")
-        return _key(fields["key"])
+        return _text(fields["key"], "key")
 
     @_route("/get", "GET")
     def _route_get(self, path: str, query: str) -> None:
@@ -3994,7 +3987,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         raw = urllib.parse.unquote_to_bytes(path.removeprefix("/kv/").encode("latin-1"))
         if not raw:
             raise _HTTPError(HTTPStatus.BAD_REQUEST, "name the key: /kv/<key>")
-        return _key(raw)
+        return _text(raw, "key")
 
     def _precondition(self) -> tuple[str | None, bool]:
         """If-Match and If-None-Match of a PUT or DELETE, as storage arguments."""

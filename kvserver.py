@@ -1206,7 +1206,7 @@ class _Entry(NamedTuple):
 
     @property
     def stat(self) -> Stat:
-        return Stat(self.size, self.content_type, self.etag, self.expires_at)
+        return Stat(self.size, self.content_type, _etag(self.size, self.stamp), self.expires_at)
 
     def expired(self, now: float) -> bool:
         return self.expires_at is not None and self.expires_at <= now
@@ -2387,11 +2387,8 @@ class _Fields:
 
     __slots__ = ("_values",)
 
-    def __init__(self) -> None:
-        self._values: dict[str, list[str]] = {}
-
-    def add(self, name: str, value: str) -> None:
-        self._values.setdefault(name.lower(), []).append(value)
+    def __init__(self, values: dict[str, list[str]]) -> None:
+        self._values = values  # by lower-case name: the values of its field lines, in order
 
     def get(self, name: str, default: str | None = None) -> str | None:
         """The field's value; the values of a repeated field joined with ", " (RFC 9110
@@ -2404,8 +2401,8 @@ class _Fields:
     def get_all(self, name: str) -> list[str]:
         return self._values.get(name.lower(), [])
 
-    def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name.lower() in self._values
+    def __contains__(self, name: str) -> bool:
+        return name.lower() in self._values
 
     def items(self) -> list[tuple[str, str]]:
         return [(name, value) for name, values in self._values.items() for value in values]
@@ -2429,20 +2426,22 @@ def _line_error(line: bytes, limit: int, too_long: tuple[HTTPStatus, str]) -> Ex
     return _IncompleteMessage()
 
 
-def _read_field_lines(rfile: io.BufferedIOBase, fields: _Fields, what: str) -> None:
-    """Read field lines up to the empty line that ends them (a head's, or a chunked body's
-    trailer section) into `fields`; 400 for anything RFC 9112 section 5 does not allow, 431
-    past MAX_FIELDS or MAX_HEADER_BYTES."""
+def _read_field_lines(rfile: io.BufferedIOBase, what: str) -> _Fields:
+    """The field lines up to the empty line that ends them (a head's, or a chunked body's
+    trailer section); 400 for anything RFC 9112 section 5 does not allow, 431 past MAX_FIELDS
+    or MAX_HEADER_BYTES."""
+    values: dict[str, list[str]] = {}
     budget = MAX_HEADER_BYTES
     for _ in range(MAX_FIELDS + 1):
         line = rfile.readline(budget + 1)
         if line == b"\r\n":
-            return
+            return _Fields(values)
         match = _FIELD_LINE.fullmatch(line)
         if match is None:
             raise _field_line_error(line, budget, what)
         budget -= len(line)
-        fields.add(match[1].decode("ascii"), match[2].strip(b" \t").decode("latin-1"))
+        name, value = match.groups()
+        values.setdefault(name.lower().decode("ascii"), []).append(value.strip(b" \t").decode("latin-1"))
     raise _HTTPError(*_too_many_fields(what))
 
 
@@ -2512,8 +2511,7 @@ def _read_head(line: bytes, rfile: io.BufferedIOBase) -> _RequestHead:
     if major != b"1":
         raise _HTTPError(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED, "this server speaks HTTP/1.1 and HTTP/1.0")
     http_version = "HTTP/1.0" if minor == b"0" else "HTTP/1.1"
-    fields = _Fields()
-    _read_field_lines(rfile, fields, "header fields")
+    fields = _read_field_lines(rfile, "header fields")
     hosts = fields.get_all("Host")
     if len(hosts) > 1 or (not hosts and http_version == "HTTP/1.1"):
         raise _HTTPError(HTTPStatus.BAD_REQUEST, "send exactly one Host field (RFC 9112 section 3.2)")
@@ -2571,20 +2569,30 @@ def _body_framing(fields: _Fields, version: str) -> tuple[int | None, bool]:
     return int(lengths[0]), False
 
 
-class _AnswerStream(socket.SocketIO):
-    """The raw stream under a handler's wfile: every send renews the connection's stall deadline."""
+class _AnswerStream(io.RawIOBase):
+    """The raw stream under a handler's wfile: one send per write, and sends renew the
+    connection's stall deadline (at most once a second: a request's deadline is STALL_TIMEOUT
+    away when it starts, and a renewal per send would cost a lock round trip on every small
+    answer)."""
 
     def __init__(self, connection: socket.socket, connections: _Connections) -> None:
-        super().__init__(connection, "wb")
+        super().__init__()
         self._connection = connection
         self._connections = connections
+        self._renewed = time.monotonic()
 
-    def write(self, data: Any) -> int | None:
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
         # At most CHUNK a send (the BufferedWriter above sends the rest): a blocking send
         # returns only once all it was given has left, so a slow reader of a big answer would
         # otherwise look stalled while its bytes keep moving.
-        sent = super().write(memoryview(data)[:CHUNK])
-        self._connections.moved(self._connection)
+        sent = self._connection.send(memoryview(data)[:CHUNK])
+        now = time.monotonic()
+        if now - self._renewed >= 1.0:
+            self._renewed = now
+            self._connections.moved(self._connection)
         return sent
 
 
@@ -2661,7 +2669,7 @@ class _RequestBody:
             raise _HTTPError(HTTPStatus.BAD_REQUEST, f"{_shown(line)} is not a chunk-size line")
         size = int(match.group(1), 16)
         if size == 0:
-            _read_field_lines(rfile, _Fields(), "trailer fields")
+            _read_field_lines(rfile, "trailer fields")
         self._chunked_total += size
         if self._chunked_total > self._limit:
             raise _HTTPError(
@@ -2740,18 +2748,18 @@ def _ttl(raw: bytes | None) -> int | None:
 def _fields(query: str, allowed: tuple[str, ...], usage: str) -> dict[str, bytes]:
     """The query's fields, each named in `allowed` and given once with a value, else a 400."""
     fields: dict[str, bytes] = {}
-    for name, value in _decode_query(query):
-        shown = _shown(name)
-        if name.decode("utf-8", "replace") not in allowed:
-            problem = f"unexpected query field {shown}"
+    for raw_name, value in _decode_query(query):
+        name = raw_name.decode("utf-8", "replace")
+        if name not in allowed:
+            problem = "unexpected query field {}"
         elif value is None:
-            problem = f"query field {shown} needs '=' and a value"
-        elif name.decode() in fields:
-            problem = f"query field {shown} is repeated"
+            problem = "query field {} needs '=' and a value"
+        elif name in fields:
+            problem = "query field {} is repeated"
         else:
-            fields[name.decode()] = value
+            fields[name] = value
             continue
-        raise _HTTPError(HTTPStatus.BAD_REQUEST, f"{problem}; use {usage}")
+        raise _HTTPError(HTTPStatus.BAD_REQUEST, f"{problem.format(_shown(raw_name))}; use {usage}")
     return fields
 
 
@@ -3054,16 +3062,19 @@ class _Metrics:
     def __init__(self) -> None:
         self.started = time.time()
         self._lock = threading.Lock()
-        self._requests: dict[tuple[str, int], int] = {}
+        self._requests: collections.Counter[tuple[str, int]] = collections.Counter()
         self._buckets: dict[str, list[int]] = {}  # per route: counts per bucket, the last one +Inf
-        self._seconds: dict[str, float] = {}
+        self._seconds: collections.defaultdict[str, float] = collections.defaultdict(float)
 
     def observe(self, route: str, status: int, seconds: float) -> None:
         bucket = bisect.bisect_left(self.BUCKETS, seconds)
         with self._lock:
-            self._requests[route, status] = self._requests.get((route, status), 0) + 1
-            self._buckets.setdefault(route, [0] * (len(self.BUCKETS) + 1))[bucket] += 1
-            self._seconds[route] = self._seconds.get(route, 0.0) + seconds
+            self._requests[route, status] += 1
+            self._seconds[route] += seconds
+            counts = self._buckets.get(route)
+            if counts is None:
+                counts = self._buckets[route] = [0] * (len(self.BUCKETS) + 1)
+            counts[bucket] += 1
 
     def render(self, storage: Storage, connections: int) -> bytes:
         """The Prometheus text exposition format (version 0.0.4)."""
@@ -3739,10 +3750,10 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         if timestamp is not None:
             return super().date_time_string(timestamp)
         second, text = KVRequestHandler._date
-        if second != int(time.time()):
-            second = int(time.time())
-            text = super().date_time_string(second)
-            KVRequestHandler._date = (second, text)
+        now = int(time.time())
+        if second != now:
+            text = super().date_time_string(now)
+            KVRequestHandler._date = (now, text)
         return text
 
     def _send_json(self, status: HTTPStatus, document: object, headers: dict[str, str] | None = None) -> None:
@@ -3758,7 +3769,8 @@ class KVRequestHandler(BaseHTTPRequestHandler):
 
     def _send_value(self, stat: Stat, body: BinaryIO) -> None:
         """Answer with a stored value: 200 with its bytes, or 304 if the client has it."""
-        status = HTTPStatus.NOT_MODIFIED if self._client_has(stat.etag) else HTTPStatus.OK
+        modified = not self._client_has(stat.etag)
+        status = HTTPStatus.OK if modified else HTTPStatus.NOT_MODIFIED
         fields = {
             "Content-Type": stat.content_type,
             "ETag": f'"{stat.etag}"',
@@ -3766,13 +3778,12 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             "X-Content-Type-Options": "nosniff",
             "Content-Security-Policy": "sandbox",
         }
-        seconds_left = stat.seconds_left()
-        if seconds_left is not None:
-            fields["KV-TTL"] = str(seconds_left)
-        if status == HTTPStatus.OK:
+        if stat.expires_at is not None:
+            fields["KV-TTL"] = str(stat.seconds_left())
+        if modified:
             fields["Content-Length"] = str(stat.size)
         self._write_head(status, fields)
-        send = status == HTTPStatus.OK and self.command != "HEAD"
+        send = modified and self.command != "HEAD"
         with body:
             if send and isinstance(body, io.BytesIO):  # held in memory: it leaves with the head, in one send
                 self._sent = self.wfile.write(body.getvalue())

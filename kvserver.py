@@ -374,8 +374,11 @@ class _ChangeFeed:
     def __init__(self, begin: Callable[[], tuple[str, list[Event]]] | None = None, capacity: int = HISTORY) -> None:
         self._lock = threading.Lock()
         self._begin = begin or (lambda: (str(_new_stamp()), []))
-        self._ring: list[tuple[tuple[int, ...], Event] | None] = [None] * capacity
-        self._count = 0  # events published; event n is in _ring[n % capacity] while n >= _count - capacity
+        # The ring, as two lists: event n and its revision_order are at [n % capacity] while
+        # n >= _count - capacity (so that a batch of events is a slice).
+        self._events: list[Event | None] = [None] * capacity
+        self._orders: list[tuple[int, ...]] = [()] * capacity
+        self._count = 0  # events published
         self._floor: tuple[int, ...] | None = None  # every change after this revision is in the ring
         self._last = ""  # the latest revision: of the last event, else the floor
         self._last_order: tuple[int, ...] = ()
@@ -411,11 +414,10 @@ class _ChangeFeed:
             return event
 
     def _append(self, order: tuple[int, ...], event: Event) -> int:
-        slot = self._count % len(self._ring)
-        evicted = self._ring[slot]
-        if evicted is not None:
-            self._floor = evicted[0]
-        self._ring[slot] = (order, event)
+        slot = self._count % len(self._events)
+        if self._events[slot] is not None:
+            self._floor = self._orders[slot]  # the event it replaces leaves the history
+        self._events[slot], self._orders[slot] = event, order
         self._last, self._last_order = event.revision, order
         self._count += 1
         return self._count - 1
@@ -431,9 +433,9 @@ class _ChangeFeed:
                 return self._count, None
             if not self._floor <= order <= self._last_order:
                 return self._count, self._last
-            kept = range(max(0, self._count - len(self._ring)), self._count)
-            ring = self._ring
-            index = bisect.bisect_right(kept, order, key=lambda n: ring[n % len(ring)][0])  # type: ignore[index]
+            orders = self._orders
+            kept = range(max(0, self._count - len(orders)), self._count)
+            index = bisect.bisect_right(kept, order, key=lambda n: orders[n % len(orders)])
             return kept.start + index, None
 
     def read(self, watch: Watch, timeout: float | None) -> list[Event]:
@@ -473,15 +475,20 @@ class _ChangeFeed:
 
     def _take(self, watch: Watch) -> list[Event]:
         """The events for `watch` in the next batch it has not read (called under the lock)."""
-        if watch._next < self._count - len(self._ring):
+        capacity = len(self._events)
+        if watch._next < self._count - capacity:
             watch._reset, watch._next = self._last, self._count
         if watch._reset is not None:
             reset, watch._reset = watch._reset, None
             return [Event(reset, "reset", None, None)]
-        end = min(self._count, watch._next + _WATCH_BATCH)
-        ring = self._ring
-        events = [ring[n % len(ring)][1] for n in range(watch._next, end)]  # type: ignore[index]
-        watch._next = end
+        count = min(self._count - watch._next, _WATCH_BATCH)
+        start = watch._next % capacity
+        if start + count <= capacity:
+            batch = self._events[start : start + count]
+        else:  # the batch wraps around the ring's end
+            batch = self._events[start:] + self._events[: start + count - capacity]
+        events = cast(list[Event], batch)  # (no None in the kept part of the ring)
+        watch._next += count
         if not watch.prefix:
             return events
         return [event for event in events if event.key.startswith(watch.prefix)]  # type: ignore[union-attr]
@@ -491,8 +498,8 @@ class _ChangeFeed:
         reader): every watch gets a reset, and the history begins again at `revision`."""
         with self._lock:
             self._start()
-            self._ring = [None] * len(self._ring)
-            self._count += len(self._ring)  # every watch is now a whole ring behind
+            self._events = [None] * len(self._events)
+            self._count += len(self._events)  # every watch is now a whole ring behind
             self._floor = self._last_order = revision_order(revision)
             self._last = revision
             for watches in self._waiting.values():  # (the others find themselves behind)
@@ -2801,7 +2808,10 @@ class _ChunkedWriter:
             self._wfile.write(b"0\r\n\r\n")
 
 
-@functools.lru_cache(maxsize=1024)  # every open stream sends the same events: format each once
+# Every open stream sends the same recent events: each is formatted once. (As many as the
+# history holds: a stream gathers COALESCE seconds of them, which under a flood of writes
+# are thousands, and a smaller cache would format them again for every stream.)
+@functools.lru_cache(maxsize=HISTORY)
 def _event_message(event: Event) -> bytes:
     """An event as a Server-Sent Events message: its revision as id, its type, JSON data."""
     if event.type == "reset":
@@ -4095,18 +4105,22 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             writer = self._stream("text/event-stream; charset=utf-8", {"Cache-Control": "no-cache"})
             assert writer is not None  # (GET only)
             writer.flush()
-            sent = 0.0
+            sent = -math.inf  # when events last left
             while True:
                 events = self._wait(watch, HEARTBEAT)
                 if watch.closed:
                     break
+                if events and time.monotonic() - sent < COALESCE:  # changes keep coming: gather them
+                    time.sleep(COALESCE)
+                    for _ in range(HISTORY // _WATCH_BATCH + 1):  # all that came meanwhile, a batch at a time
+                        if not (more := watch.wait(0)):
+                            break
+                        events += more
                 data = b"".join(map(_event_message, events)) or b": keep-alive\n\n"
                 writer.write(data)
                 writer.flush()
                 self._sent += len(data)
                 if events:
-                    if time.monotonic() - sent < COALESCE:  # changes keep coming: gather them
-                        time.sleep(COALESCE)
                     sent = time.monotonic()
             writer.close()
 

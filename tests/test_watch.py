@@ -505,6 +505,34 @@ def test_an_http_1_0_stream_ends_with_the_connection(server):
         assert body.startswith(b"id: ") and b"event: put\n" in body
 
 
+def test_a_flood_of_changes_reaches_a_stream_whole_after_its_pause_not_a_batch_per_pause(make_live_server):
+    # A busy stream pauses COALESCE seconds between sends; what came meanwhile must all go in the
+    # next send. (It once sent one batch of 1,000 per pause: under 5,000 changes a second a stream
+    # fell behind a client that read as fast as it could, and was reset.)
+    server = make_live_server("memory")
+    with socket.create_connection((server.host, server.port), timeout=10) as sock:
+        reader = sock.makefile("rb")
+        sock.sendall(b"GET /events HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        while reader.readline() != b"\r\n":
+            pass
+
+        def chunk() -> bytes:
+            size = int(reader.readline(), 16)
+            data = reader.read(size + 2)
+            assert data.endswith(b"\r\n")
+            return data[:-2]
+
+        server.storage.put("first", b"v")
+        assert chunk().count(b"event: put\n") == 1  # sent at once: the stream was quiet
+        changes = 3 * kvserver._WATCH_BATCH
+        for n in range(changes):  # in well under COALESCE seconds: the stream is pausing meanwhile
+            server.storage.put(f"k{n}", b"v")
+        sizes = []
+        while sum(sizes) < changes:
+            sizes.append(chunk().count(b"event: put\n"))
+        assert sum(sizes) == changes and max(sizes) > kvserver._WATCH_BATCH, sizes
+
+
 def test_a_stream_sends_a_comment_after_silence_and_is_not_closed_as_idle(monkeypatch):
     monkeypatch.setattr(kvserver, "HEARTBEAT", 0.2)
     monkeypatch.setattr(kvserver, "IDLE_TIMEOUT", 0.5)  # the limits that close connections, shortened too

@@ -583,7 +583,7 @@ class _SupportsReadinto(Protocol):
     def readinto(self, buffer: memoryview, /) -> int | None: ...
 
 
-_Pieces = Iterable[bytes | bytearray | memoryview]  # what a backend's _write gets: see _pieces
+_Pieces = Iterable[bytes | bytearray | memoryview]  # a value as a backend's _write gets it: see _pieces
 _Source = bytes | bytearray | memoryview | _Pieces | _SupportsReadinto | IO[bytes] | str | os.PathLike[str]
 _spare_buffers: list[bytearray] = []  # BUFFER-sized, for reuse (list.pop and .append are atomic)
 
@@ -643,6 +643,14 @@ def _join(pieces: _Pieces) -> bytes:
     for piece in pieces:
         value += piece
     return bytes(value)
+
+
+class _NewValue(NamedTuple):
+    """What a write stores: the value, as pieces to read once, with its metadata."""
+
+    pieces: _Pieces
+    content_type: str
+    expires_at: float | None  # Unix time, or None for no TTL
 
 
 class _Precondition(NamedTuple):
@@ -1059,7 +1067,8 @@ class Storage(abc.ABC):
             raise ValueError(f"a media type is printable ASCII, as in an HTTP header, not {content_type!r}")
         expires_at = _expiry(ttl)
         self._check_open()
-        return self._write(key, _pieces(source), content_type, expires_at, _Precondition(if_match, if_none_match))
+        new = _NewValue(_pieces(source), content_type, expires_at)
+        return self._write(key, new, _Precondition(if_match, if_none_match))
 
     def remove(self, key: str, *, if_match: str | None = None, if_none_match: bool = False) -> bool:
         """Like `delete`, and return whether there was a value to remove."""
@@ -1165,17 +1174,9 @@ class Storage(abc.ABC):
         raise NotImplementedError(f"{type(self).__name__}._fetch")
 
     @abc.abstractmethod
-    def _write(
-        self,
-        key: str,
-        pieces: _Pieces,
-        content_type: str,
-        expires_at: float | None,
-        precondition: _Precondition,
-    ) -> tuple[Stat, bool]:
-        """Store the value made of `pieces` if `precondition` holds for the current value,
-        atomically, and durably before returning; the Stat of the new value and whether the
-        key had none."""
+    def _write(self, key: str, new: _NewValue, precondition: _Precondition) -> tuple[Stat, bool]:
+        """Store `new` if `precondition` holds for the current value, atomically, and durably
+        before returning; the Stat of the new value and whether the key had none."""
         raise NotImplementedError(f"{type(self).__name__}._write")
 
     @abc.abstractmethod
@@ -1412,19 +1413,12 @@ class MemoryStorage(Storage):
                     removed += 1
         return removed
 
-    def _write(
-        self,
-        key: str,
-        pieces: _Pieces,
-        content_type: str,
-        expires_at: float | None,
-        precondition: _Precondition,
-    ) -> tuple[Stat, bool]:
-        data = _join(pieces)
+    def _write(self, key: str, new: _NewValue, precondition: _Precondition) -> tuple[Stat, bool]:
+        data = _join(new.pieces)
         with self._index.lock_for(key):
             current = self._index.live(key)
             precondition.check(key, current and current.etag)
-            entry = _Entry(len(data), sys.intern(content_type), _new_stamp(), expires_at, data)
+            entry = _Entry(len(data), sys.intern(new.content_type), _new_stamp(), new.expires_at, data)
             _announce(self._feed, key, self._index.put(key, entry), entry)  # the change takes effect
         return entry.stat, current is None
 
@@ -1754,18 +1748,11 @@ class FileStorage(Storage):
     # kill -9 or a power loss: after a kill -9 every rename and removal that was made is
     # there; after a power loss, those that an ended fsync of their folder covered.
 
-    def _write(
-        self,
-        key: str,
-        pieces: _Pieces,
-        content_type: str,
-        expires_at: float | None,
-        precondition: _Precondition,
-    ) -> tuple[Stat, bool]:
+    def _write(self, key: str, new: _NewValue, precondition: _Precondition) -> tuple[Stat, bool]:
         name = _file_name(key)
         # Crash while staging, or before the rename: a temporary file, removed at start.
-        staged = self._stage(pieces)
-        entry = _Entry(staged.size, sys.intern(content_type), staged.stamp, expires_at, staged.data)
+        staged = self._stage(new.pieces)
+        entry = _Entry(staged.size, sys.intern(new.content_type), staged.stamp, new.expires_at, staged.data)
         needs_metadata = self._needs_metadata(key, name, entry)
         try:
             with self._index.lock_for(key):
@@ -2215,14 +2202,8 @@ return adopted
                 if swept < self._BATCH:
                     return removed, keys, size
 
-    def _write(
-        self,
-        key: str,
-        pieces: _Pieces,
-        content_type: str,
-        expires_at: float | None,
-        precondition: _Precondition,
-    ) -> tuple[Stat, bool]:
+    def _write(self, key: str, new: _NewValue, precondition: _Precondition) -> tuple[Stat, bool]:
+        pieces, content_type, expires_at = new
         value = _join(pieces)
         if len(value) > self.max_value:
             raise ValueError(f"Redis holds values of at most {self.max_value} bytes, not {len(value)}")

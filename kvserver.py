@@ -2558,16 +2558,13 @@ def _body_framing(fields: _Fields, version: str) -> tuple[int | None, bool]:
 
 
 class _AnswerStream(io.RawIOBase):
-    """The raw stream under a handler's wfile: one send per write, and sends renew the
-    connection's stall deadline (at most once a second: a request's deadline is STALL_TIMEOUT
-    away when it starts, and a renewal per send would cost a lock round trip on every small
-    answer)."""
+    """The raw stream under a handler's wfile: one send per write, and each send renews the
+    connection's stall deadline."""
 
     def __init__(self, connection: socket.socket, connections: _Connections) -> None:
         super().__init__()
         self._connection = connection
         self._connections = connections
-        self._renewed = time.monotonic()
 
     def writable(self) -> bool:
         return True
@@ -2577,10 +2574,7 @@ class _AnswerStream(io.RawIOBase):
         # returns only once all it was given has left, so a slow reader of a big answer would
         # otherwise look stalled while its bytes keep moving.
         sent = self._connection.send(memoryview(data)[:CHUNK])
-        now = time.monotonic()
-        if now - self._renewed >= 1.0:
-            self._renewed = now
-            self._connections.moved(self._connection)
+        self._connections.moved(self._connection)
         return sent
 
 
@@ -3595,7 +3589,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         super().setup()
         # Buffered, so that the head and a small body leave in one send at the flush after each
-        # request; through a raw stream whose every send renews the connection's stall deadline.
+        # request; through a raw stream whose sends renew the connection's stall deadline.
         self.wfile = io.BufferedWriter(_AnswerStream(self.connection, self.server.connections), CHUNK)
 
     def finish(self) -> None:
@@ -4242,10 +4236,17 @@ class _Connections:
             return True
 
     def moved(self, connection: socket.socket) -> None:
-        """Bytes of a body or an answer moved: the stall deadline starts again."""
+        """Bytes of a body or an answer moved: the stall deadline starts again, unless it
+        did within the last tenth of STALL_TIMEOUT (a lock round trip on every send of every
+        small answer costs more than that tenth of the deadline is worth). The look without
+        the lock can only skip a renewal whose deadline is still most of STALL_TIMEOUT away,
+        or one of a connection that is no longer serving."""
+        now = time.monotonic()
+        if self._states.get(connection, ("", 0.0))[1] - now > 0.9 * STALL_TIMEOUT:
+            return
         with self._lock:
             if self._state(connection) == self._SERVING:
-                self._states[connection] = (self._SERVING, time.monotonic() + STALL_TIMEOUT)
+                self._states[connection] = (self._SERVING, now + STALL_TIMEOUT)
 
     def watching(self, connection: socket.socket, watch: Watch) -> bool:
         """The request waits on `watch` for a change, with no deadline, until `serving` again

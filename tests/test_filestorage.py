@@ -11,6 +11,7 @@ import os
 import re
 import stat as stat_module
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Iterator
@@ -531,6 +532,77 @@ def test_without_fsync_nothing_is_synced(data_dir, monkeypatch):
     assert synced == []
 
 
+# Swapped files: with fsync, a small value's file is swapped out and rewritten by a later write
+
+
+def inode(path: Path) -> int:
+    return path.stat().st_ino
+
+
+def test_with_fsync_a_small_value_is_swapped_out_and_its_file_rewritten_by_the_next_write(data_dir):
+    with kvserver.FileStorage(data_dir, fsync=True) as store:
+        store.put("k", b"a long first value", content_type=TEXT)
+        first = inode(data_dir / "k")
+        store.put("k", b"second", content_type=TEXT)
+        assert value_files(data_dir) == {"k": b"second"}
+        [spare] = (data_dir / ".kvserver" / "tmp").iterdir()
+        assert (spare.read_bytes(), inode(spare)) == (b"a long first value", first)
+        store.put("k", b"3", content_type=TEXT)  # shorter than what the spare held: cut to size
+        assert value_files(data_dir) == {"k": b"3"}
+        assert inode(data_dir / "k") == first
+        assert [path.read_bytes() for path in (data_dir / ".kvserver" / "tmp").iterdir()] == [b"second"]
+        assert etag_of(data_dir / "k") == store.stat("k").etag.strip('"')
+    with kvserver.FileStorage(data_dir, fsync=True) as store:
+        assert (store.get("k"), store.stat("k").content_type) == (b"3", TEXT)
+        assert tmp_names(data_dir) == set()
+
+
+def test_a_large_value_being_read_is_never_rewritten_by_later_writes(data_dir):
+    large = os.urandom(LARGE)
+    with kvserver.FileStorage(data_dir, fsync=True) as store:
+        store.put("big", large)
+        with store.open("big") as reader:
+            for n in range(5):  # large to small, then small to small: spares go round
+                store.put("big", b"small %d" % n)
+                store.put("other", b"other %d" % n)
+            assert reader.read() == large
+        assert store.get("big") == b"small 4"
+
+
+@pytest.mark.parametrize("fsync", [False, True], ids=["no-fsync", "no-renameat2"])
+def test_without_fsync_or_a_way_to_swap_each_write_renames_a_new_file(data_dir, monkeypatch, fsync):
+    if fsync:
+        monkeypatch.setattr(kvserver, "_renameat2", None)
+    with kvserver.FileStorage(data_dir, fsync=fsync) as store:
+        inodes = set()
+        for n in range(5):
+            store.put("k", b"value %d" % n, content_type=TEXT)
+            inodes.add(inode(data_dir / "k"))
+            assert value_files(data_dir) == {"k": b"value %d" % n}
+            assert tmp_names(data_dir) == set()
+    assert len(inodes) >= 2  # a freed inode may come back, but not every time
+
+
+def test_concurrent_writers_with_fsync_leave_every_file_whole_and_few_spares(data_dir):
+    values = [b"x" * size for size in (1, 7, 300, 4097, 65536)]  # spares of every size meet every value
+    with kvserver.FileStorage(data_dir, fsync=True) as store:
+
+        def writer(worker: int) -> None:
+            for n in range(60):
+                store.put(f"k{(worker + n) % 12}", values[(worker * 7 + n) % len(values)] + b"%d" % worker)
+
+        threads = [threading.Thread(target=writer, args=(worker,)) for worker in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert value_files(data_dir) == {key: store.get(key) for key in store}
+        assert len(tmp_names(data_dir)) <= 8  # a spare for each writer at most
+        expected = {key: (store.get(key), store.stat(key)) for key in store}
+    with kvserver.FileStorage(data_dir, fsync=True) as store:
+        assert {key: (store.get(key), store.stat(key)) for key in store} == expected
+
+
 # Crash states, built by hand as the FileStorage docstring describes them
 
 
@@ -631,7 +703,9 @@ def test_a_value_file_of_a_hashed_name_without_its_record_is_skipped_not_guessed
 # Crash states made by a real crash: a child process dies at every step of one write
 
 
-CRASH_POINTS = ("replace", "unlink", "fsync", "utime")
+# Every call that changes the disk: a crash can come before or after each.
+CRASH_POINTS = [(os, name) for name in ("write", "ftruncate", "utime", "fsync", "replace", "unlink")]
+CRASH_POINTS.append((kvserver, "_exchange"))
 
 
 def run_until_crash(data_dir: Path, step: int, action, expire_first: float | None = None) -> bool:
@@ -657,8 +731,8 @@ def run_until_crash(data_dir: Path, step: int, action, expire_first: float | Non
 
                 return call
 
-            for name in CRASH_POINTS:
-                setattr(os, name, dying(getattr(os, name)))
+            for module, name in CRASH_POINTS:
+                setattr(module, name, dying(getattr(module, name)))
             action(store)
             status = 0
         except BaseException:
@@ -743,6 +817,34 @@ def test_a_crash_at_any_step_of_a_write_leaves_the_old_or_the_new_value_with_its
     assert outcomes[0] == ("absent" if old is None else "old"), outcomes
     assert outcomes[-1] == ("absent" if new is None else "new"), outcomes
     assert len(outcomes) >= 3, outcomes
+
+
+def test_a_crash_at_any_step_of_writes_that_rewrite_swapped_out_files_leaves_a_whole_value(tmp_path):
+    values = [b"the old value", b"two", b"the third value", b"4"]  # each write after the first reuses a file
+
+    def action(store):
+        for value in values[1:]:
+            store.put("k", value, content_type=TEXT)
+
+    outcomes = []
+    for step in range(1, 60):
+        data_dir = tmp_path / f"step-{step}"
+        with kvserver.FileStorage(data_dir, fsync=False) as store:
+            store.put("k", values[0], content_type=TEXT)
+        finished = run_until_crash(data_dir, step, action)
+        with kvserver.FileStorage(data_dir, fsync=False) as store:
+            value = store.get("k")
+            assert value in values, f"step {step}: {value!r}"
+            assert store.stat("k").size == len(value)
+            assert value_files(data_dir) == {"k": value}
+            assert tmp_names(data_dir) == set()
+            outcomes.append(values.index(value))
+        if finished:
+            break
+    else:
+        raise AssertionError("the writes never finished")
+    assert outcomes == sorted(outcomes), "a crash brought an older value back"
+    assert set(outcomes) == {0, 1, 2, 3}
 
 
 def test_a_crash_while_rewriting_a_key_whose_ttl_just_passed_does_not_bring_the_old_value_back(data_dir):

@@ -7,11 +7,13 @@ part of the cost). After --seconds (or --max-ops writes per
 thread) it prints one JSON line: ops, seconds, ops_per_s, p50_ms, p99_ms.
 
 With --like-kvserver each write makes the system calls kvserver's files storage makes for a
-plain /set, in its order: create a temporary file named by a counter in a tmp sub-folder
-(O_CREAT | O_EXCL), write, set its modification time, fsync, close, rename it into the folder
-under a lock per stripe of keys, and wait for a folder fsync shared by the writers waiting at
-the time (kvserver's own group commit, imported from kvserver.py). What is left between this
-and kvserver is HTTP and Python bookkeeping.
+plain /set that replaces a small value, in its order: open a spare temporary file in a tmp
+sub-folder (one that an earlier write swapped out, or a new one named by a counter), write,
+set its modification time, fsync, close, swap it with the key's file (renameat2
+RENAME_EXCHANGE) under a lock per stripe of keys, wait for a folder fsync shared by the
+writers waiting at the time (kvserver's own group commit), and keep the swapped-out file as
+a spare. The swap and the group commit are imported from kvserver.py. What is left between
+this and kvserver is HTTP and Python bookkeeping.
 Usage: python fsync_loop.py DIR [--threads 16] [--seconds 5] [--keys 1000] [--max-ops N] [--like-kvserver]
 """
 
@@ -52,26 +54,38 @@ def worker(folder: str, index: int, args: argparse.Namespace, deadline: float, l
 def worker_like_kvserver(
     folder: str, index: int, args: argparse.Namespace, deadline: float, latencies: list[float], shared: dict
 ) -> None:
-    names, locks, folder_synced = shared["names"], shared["locks"], shared["synced"]
+    names, locks, folder_synced, spares = shared["names"], shared["locks"], shared["synced"], shared["spares"]
     tmp = os.path.join(folder, ".kvserver", "tmp")
     for n in range(args.max_ops):
         started = time.perf_counter()
         if started >= deadline:
             break
         key = f"k{(n * args.threads + index) % args.keys}"
-        temporary = os.path.join(tmp, str(next(names)))
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            os.write(fd, b"v%d" % n)
+            temporary = spares.pop()
+        except IndexError:
+            temporary = os.path.join(tmp, str(next(names)))
+        value = b"v%d" % n
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, value)
+            os.ftruncate(fd, len(value))  # kvserver does this only if the old value was longer
             stamp = time.time_ns()
             os.utime(fd, ns=(stamp, stamp))
             os.fsync(fd)
         finally:
             os.close(fd)
         with locks[hash(key) % len(locks)]:
-            os.replace(temporary, os.path.join(folder, key))
+            try:
+                kvserver._exchange(temporary, os.path.join(folder, key))
+                spare = temporary
+            except FileNotFoundError:  # the key's first write
+                os.replace(temporary, os.path.join(folder, key))
+                spare = None
             ticket = folder_synced.ticket()
         folder_synced.wait(ticket)
+        if spare is not None:
+            spares.append(spare)
         latencies.append(time.perf_counter() - started)
 
 
@@ -91,6 +105,7 @@ def main() -> None:
             "names": itertools.count(),
             "locks": [threading.Lock() for _ in range(64)],
             "synced": kvserver._GroupSync(args.dir, True),
+            "spares": [],
         }
         jobs = [(worker_like_kvserver, (shared,)) for _ in range(args.threads)]
     else:

@@ -356,6 +356,23 @@ def revision_order(revision: str) -> tuple[int, ...]:
     return tuple(int(part) for part in revision.split("-"))
 
 
+# Every open stream sends the same recent events: each is formatted once. (As many as the
+# history holds: a stream gathers COALESCE seconds of them, which under a flood of writes
+# are thousands, and a smaller cache would format them again for every stream.)
+@functools.lru_cache(maxsize=HISTORY)
+def _event_message(event: Event) -> bytes:
+    """An event as a Server-Sent Events message: its revision as id, its type, JSON data."""
+    if event.type == "reset":
+        data: dict[str, object] = {"revision": event.revision}
+    elif event.stat is not None:
+        stat = event.stat
+        data = {"key": event.key, "etag": stat.etag, "size": stat.size, "content_type": stat.content_type}
+    else:
+        data = {"key": event.key}
+    text = f"id: {event.revision}\nevent: {event.type}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+    return text.encode()
+
+
 class _ChangeFeed:
     """A storage's changes in the order they took effect: the last HISTORY of them in a ring,
     and the watches reading them.
@@ -2852,23 +2869,6 @@ class _ChunkedWriter:
         self._flush()
         if self._chunked:
             self._wfile.write(b"0\r\n\r\n")
-
-
-# Every open stream sends the same recent events: each is formatted once. (As many as the
-# history holds: a stream gathers COALESCE seconds of them, which under a flood of writes
-# are thousands, and a smaller cache would format them again for every stream.)
-@functools.lru_cache(maxsize=HISTORY)
-def _event_message(event: Event) -> bytes:
-    """An event as a Server-Sent Events message: its revision as id, its type, JSON data."""
-    if event.type == "reset":
-        data: dict[str, object] = {"revision": event.revision}
-    elif event.stat is not None:
-        stat = event.stat
-        data = {"key": event.key, "etag": stat.etag, "size": stat.size, "content_type": stat.content_type}
-    else:
-        data = {"key": event.key}
-    text = f"id: {event.revision}\nevent: {event.type}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
-    return text.encode()
 
 
 def _value_href(key: str) -> str:

@@ -76,7 +76,7 @@ import traceback
 import urllib.parse
 import xml.parsers.expat
 import xmlrpc.client
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import IO, Any, BinaryIO, ClassVar, NamedTuple, NoReturn, Protocol, TypeVar, cast
@@ -356,12 +356,9 @@ def revision_order(revision: str) -> tuple[int, ...]:
     return tuple(int(part) for part in revision.split("-"))
 
 
-# Every open stream sends the same recent events: each is formatted once. (As many as the
-# history holds: a stream gathers COALESCE seconds of them, which under a flood of writes
-# are thousands, and a smaller cache would format them again for every stream.)
-@functools.lru_cache(maxsize=HISTORY)
 def _event_message(event: Event) -> bytes:
-    """An event as a Server-Sent Events message: its revision as id, its type, JSON data."""
+    """An event as a Server-Sent Events message: its revision as id, its type, JSON data.
+    (The feed keeps each event's message for every stream: see _ChangeFeed.messages.)"""
     if event.type == "reset":
         data: dict[str, object] = {"revision": event.revision}
     elif event.stat is not None:
@@ -371,6 +368,18 @@ def _event_message(event: Event) -> bytes:
         data = {"key": event.key}
     text = f"id: {event.revision}\nevent: {event.type}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
     return text.encode()
+
+
+_Entries = TypeVar("_Entries")
+
+
+class _Batch(NamedTuple):
+    """What a watch reads at once: its events; the numbers of those that are in the feed's
+    ring (none for a reset); their event-stream messages, or None where none is made yet."""
+
+    numbers: Sequence[int]
+    events: list[Event]
+    messages: list[bytes | None]
 
 
 class _ChangeFeed:
@@ -392,10 +401,12 @@ class _ChangeFeed:
     def __init__(self, begin: Callable[[], tuple[str, list[Event]]] | None = None, capacity: int = HISTORY) -> None:
         self._lock = threading.Lock()
         self._begin = begin or (lambda: (str(_new_stamp()), []))
-        # The ring, as two lists: event n and its revision_order are at [n % capacity] while
-        # n >= _count - capacity (so that a batch of events is a slice).
+        # The ring, as three lists: event n, its revision_order and its event-stream message
+        # (once a stream has made it) are at [n % capacity] while n >= _count - capacity, so
+        # that a batch of events, or of messages, is a slice.
         self._events: list[Event | None] = [None] * capacity
         self._orders: list[tuple[int, ...]] = [()] * capacity
+        self._messages: list[bytes | None] = [None] * capacity
         self._count = 0  # events published
         self._floor: tuple[int, ...] | None = None  # every change after this revision is in the ring
         self._last = ""  # the latest revision: of the last event, else the floor
@@ -435,7 +446,7 @@ class _ChangeFeed:
         slot = self._count % len(self._events)
         if self._events[slot] is not None:
             self._floor = self._orders[slot]  # the event it replaces leaves the history
-        self._events[slot], self._orders[slot] = event, order
+        self._events[slot], self._orders[slot], self._messages[slot] = event, order, None
         self._last, self._last_order = event.revision, order
         self._count += 1
         return self._count - 1
@@ -456,18 +467,18 @@ class _ChangeFeed:
             index = bisect.bisect_right(kept, order, key=lambda n: orders[n % len(orders)])
             return kept.start + index, None
 
-    def read(self, watch: Watch, timeout: float | None) -> list[Event]:
+    def read(self, watch: Watch, timeout: float | None) -> _Batch:
         """The watch's next events, waiting up to `timeout` seconds (None: no limit) for one;
-        [] when the time is up or the watch is closed."""
+        none when the time is up or the watch is closed."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             while not watch.closed:
                 if self._closed:
                     watch.closed = True
                     break
-                events = self._take(watch)
-                if events:
-                    return events
+                batch = self._take(watch)
+                if batch.events:
+                    return batch
                 if watch._next < self._count:
                     continue  # a batch held none for this watch; there is more
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -483,7 +494,7 @@ class _ChangeFeed:
                         watch._next = self._count
                     else:  # what came before the change that woke it was not for it
                         watch._next = max(watch._next, watch._woken_by)
-            return []
+            return _Batch((), [], [])
 
     def _stop_waiting(self, watch: Watch) -> None:
         waiting = self._waiting.get(watch.prefix, set())
@@ -491,25 +502,47 @@ class _ChangeFeed:
         if not waiting:
             self._waiting.pop(watch.prefix, None)
 
-    def _take(self, watch: Watch) -> list[Event]:
+    def _take(self, watch: Watch) -> _Batch:
         """The events for `watch` in the next batch it has not read (called under the lock)."""
-        capacity = len(self._events)
-        if watch._next < self._count - capacity:
+        if watch._next < self._count - len(self._events):
             watch._reset, watch._next = self._last, self._count
         if watch._reset is not None:
             reset, watch._reset = watch._reset, None
-            return [Event(reset, "reset", None, None)]
-        count = min(self._count - watch._next, _WATCH_BATCH)
-        start = watch._next % capacity
-        if start + count <= capacity:
-            batch = self._events[start : start + count]
-        else:  # the batch wraps around the ring's end
-            batch = self._events[start:] + self._events[: start + count - capacity]
-        events = cast(list[Event], batch)  # (no None in the kept part of the ring)
-        watch._next += count
+            return _Batch((), [Event(reset, "reset", None, None)], [None])
+        numbers = range(watch._next, watch._next + min(self._count - watch._next, _WATCH_BATCH))
+        watch._next = numbers.stop
+        events = cast(list[Event], self._slice(self._events, numbers))  # (no None in the kept part)
+        messages = self._slice(self._messages, numbers)
         if not watch.prefix:
-            return events
-        return [event for event in events if event.key.startswith(watch.prefix)]  # type: ignore[union-attr]
+            return _Batch(numbers, events, messages)
+        kept = [i for i, event in enumerate(events) if event.key.startswith(watch.prefix)]  # type: ignore[union-attr]
+        return _Batch([numbers[i] for i in kept], [events[i] for i in kept], [messages[i] for i in kept])
+
+    @staticmethod
+    def _slice(ring: list[_Entries], numbers: range) -> list[_Entries]:
+        """The entries of `numbers` (consecutive, and no more than the ring holds) in one of
+        the ring's lists."""
+        start = numbers.start % len(ring)
+        stop = start + len(numbers)
+        if stop <= len(ring):
+            return ring[start:stop]
+        return ring[start:] + ring[: stop - len(ring)]  # the batch wraps around the ring's end
+
+    def messages(self, batch: _Batch) -> bytes:
+        """The batch's events as event-stream messages, joined. Every open stream sends the
+        same recent events, so each message is made once, by the first stream that sends it,
+        and kept in the ring beside its event for the others: they only join a slice."""
+        if None not in batch.messages:
+            return b"".join(cast(list[bytes], batch.messages))
+        made = [message or _event_message(event) for event, message in zip(batch.events, batch.messages, strict=True)]
+        with self._lock:
+            for number, event, message in zip(
+                batch.numbers, batch.events, made, strict=False
+            ):  # (a reset has no number)
+                slot = number % len(self._events)
+                if self._events[slot] is event:  # still in the ring
+                    self._messages[slot] = message
+        return b"".join(made)
 
     def gap(self, revision: str) -> None:
         """Changes before `revision` may have been missed (the Redis stream was trimmed past its
@@ -517,6 +550,7 @@ class _ChangeFeed:
         with self._lock:
             self._start()
             self._events = [None] * len(self._events)
+            self._messages = [None] * len(self._events)
             self._count += len(self._events)  # every watch is now a whole ring behind
             self._floor = self._last_order = revision_order(revision)
             self._last = revision
@@ -560,7 +594,11 @@ class Watch(Iterator[Event]):
     def wait(self, timeout: float | None) -> list[Event]:
         """The events that came since the last call, in revision order, waiting up to `timeout`
         seconds (None: no limit) for one; [] if the time is up or the watch is closed."""
-        return self._feed.read(self, timeout)
+        return self._feed.read(self, timeout).events
+
+    def wait_messages(self, timeout: float | None) -> bytes:
+        """Like `wait`, the events as Server-Sent Events messages, joined; b"" if none came."""
+        return self._feed.messages(self._feed.read(self, timeout))
 
     def __next__(self) -> Event:
         while not self._pending:
@@ -4096,16 +4134,18 @@ class KVRequestHandler(BaseHTTPRequestHandler):
                     if not self._client_has(stat.etag) or watch.closed or time.monotonic() >= deadline:
                         return stat, body
                     body.close()
-                self._wait(watch, deadline - time.monotonic())  # wakes at a change of a key that starts with it
+                with self._waiting(watch):
+                    watch.wait(deadline - time.monotonic())  # wakes at a change of a key that starts with it
 
-    def _wait(self, watch: Watch, timeout: float) -> list[Event]:
-        """The next events of `watch`, waiting up to `timeout` seconds with no deadline on the
-        connection; [] at once, and the watch closed, when the server stops."""
-        connections = self.server.connections
+    @contextlib.contextmanager
+    def _waiting(self, watch: Watch) -> Iterator[None]:
+        """Around a wait on `watch`: no deadline on the connection meanwhile, and the watch
+        closed (so that the wait ends at once) when the server stops."""
+        self.server.connections.watching(self.connection, watch)
         try:
-            return watch.wait(timeout) if connections.watching(self.connection, watch) else []
+            yield
         finally:
-            connections.serving(self.connection)
+            self.server.connections.serving(self.connection)
 
     @_route("/kv/", "PUT")
     def _route_kv_put(self, path: str, query: str) -> None:
@@ -4153,20 +4193,21 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             writer.flush()
             sent = -math.inf  # when events last left
             while True:
-                events = self._wait(watch, HEARTBEAT)
+                with self._waiting(watch):
+                    messages = [watch.wait_messages(HEARTBEAT)]
                 if watch.closed:
                     break
-                if events and time.monotonic() - sent < COALESCE:  # changes keep coming: gather them
+                if messages[0] and time.monotonic() - sent < COALESCE:  # changes keep coming: gather them
                     time.sleep(COALESCE)
                     for _ in range(HISTORY // _WATCH_BATCH + 1):  # all that came meanwhile, a batch at a time
-                        if not (more := watch.wait(0)):
+                        if not (more := watch.wait_messages(0)):
                             break
-                        events += more
-                data = b"".join(map(_event_message, events)) or b": keep-alive\n\n"
+                        messages.append(more)
+                data = b"".join(messages) or b": keep-alive\n\n"
                 writer.write(data)
                 writer.flush()
                 self._sent += len(data)
-                if events:
+                if messages[0]:
                     sent = time.monotonic()
             writer.close()
 
@@ -4319,16 +4360,16 @@ class _Connections:
             if self._state(connection) == self._SERVING:
                 self._states[connection] = (self._SERVING, now + STALL_TIMEOUT)
 
-    def watching(self, connection: socket.socket, watch: Watch) -> bool:
+    def watching(self, connection: socket.socket, watch: Watch) -> None:
         """The request waits on `watch` for a change, with no deadline, until `serving` again
-        (to answer); False if stopping (answer at once). `stop` closes the watch."""
+        (to answer). `stop` closes the watch, and so ends the wait; if stopping, it is closed
+        at once."""
         with self._lock:
             self._states[connection] = (self._WATCHING, math.inf)
             self._watches[connection] = watch
             stopping = self.stopping
         if stopping:
             watch.close()
-        return not stopping
 
     def serving(self, connection: socket.socket) -> None:
         """The request goes on after `watching`: it is answered within STALL_TIMEOUT again."""

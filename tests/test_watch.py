@@ -207,6 +207,56 @@ def test_a_watch_more_than_the_history_behind_gets_a_reset_and_goes_on_from_ther
         assert event.key == "next" and order(event.revision) > order(reset.revision)
 
 
+def drain(watch: kvserver.Watch) -> bytes:
+    """Every event-stream message a watch has ready, as a stream sends them."""
+    return b"".join(iter(lambda: watch.wait_messages(0), b""))
+
+
+def test_streams_send_the_same_messages_and_each_event_is_formatted_once(monkeypatch):
+    made: list[kvserver.Event] = []
+    real = kvserver._event_message
+    monkeypatch.setattr(kvserver, "_event_message", lambda event: made.append(event) or real(event))
+    with kvserver.MemoryStorage() as store:
+        library, streams, evens = store.watch(), [store.watch() for _ in range(3)], store.watch("even/")
+        for n in range(30):
+            store.put(f"{('odd', 'even')[n % 2 == 0]}/{n}", b"v")
+        store.delete("even/0")
+        sent = [drain(stream) for stream in streams]
+        sent_even = drain(evens)
+        events = library.wait(0)
+    assert len(events) == 31
+    assert sent == [b"".join(map(real, events))] * 3
+    assert sent_even == b"".join(real(event) for event in events if event.key.startswith("even/"))
+    assert made == events  # once each, for every stream
+
+
+def test_a_message_made_for_an_event_the_ring_no_longer_holds_is_not_kept_for_its_slot():
+    feed = kvserver._ChangeFeed(capacity=4)
+    old = kvserver.Watch(feed, "", None, None)
+    for key in "abc":
+        feed.publish("delete", key)
+    batch = feed.read(old, 0)  # a, b, c, whose messages no stream has made yet
+    new, library = kvserver.Watch(feed, "", None, None), kvserver.Watch(feed, "", None, None)
+    for key in "wxyz":  # w, x, y, z now fill the ring, in the slots of a, b, c too
+        feed.publish("put", key)
+    assert feed.messages(batch) == b"".join(map(kvserver._event_message, batch.events))
+    assert drain(new) == b"".join(map(kvserver._event_message, library.wait(0)))
+    assert drain(new) == b""
+
+
+def test_a_stream_more_than_the_ring_behind_sends_a_reset_then_goes_on_across_its_end():
+    feed = kvserver._ChangeFeed(capacity=4)
+    behind, library = kvserver.Watch(feed, "", None, None), kvserver.Watch(feed, "", None, None)
+    for key in "abcde":
+        feed.publish("delete", key)
+    [reset] = library.wait(0)
+    assert reset.type == "reset"
+    assert drain(behind) == kvserver._event_message(reset)
+    for key in "fgh":  # wrapping around the ring's end
+        feed.publish("put", key)
+    assert drain(behind) == b"".join(map(kvserver._event_message, library.wait(0)))
+
+
 def test_a_watch_under_a_prefix_is_not_reset_by_more_than_the_history_of_other_keys():
     with kvserver.MemoryStorage() as store:
         watch = store.watch("mine/")

@@ -326,7 +326,9 @@ HEARTBEAT = 15.0  # seconds of silence after which an event stream sends a comme
 # then costs the server a few sends a second, not one per write.
 COALESCE = 0.2
 MAX_WAIT = 300  # seconds a GET /kv/<key>?wait=<s> may wait for a change
-_WATCH_BATCH = 1_000  # most events handed to a watcher at once, so that the feed's lock is held briefly
+# Most events handed to a watcher at once: the feed's lock is held briefly, and an event
+# stream sends them as one piece of tens of KiB (joining larger ones costs more per byte).
+_WATCH_BATCH = 250
 _REVISION = re.compile(r"[0-9]{1,20}(-[0-9]{1,20})?")
 
 
@@ -528,12 +530,12 @@ class _ChangeFeed:
             return ring[start:stop]
         return ring[start:] + ring[: stop - len(ring)]  # the batch wraps around the ring's end
 
-    def messages(self, batch: _Batch) -> bytes:
-        """The batch's events as event-stream messages, joined. Every open stream sends the
-        same recent events, so each message is made once, by the first stream that sends it,
-        and kept in the ring beside its event for the others: they only join a slice."""
+    def messages(self, batch: _Batch) -> list[bytes]:
+        """The batch's events as event-stream messages. Every open stream sends the same
+        recent events, so each message is made once, by the first stream that sends it, and
+        kept in the ring beside its event for the others: they only take a slice."""
         if None not in batch.messages:
-            return b"".join(cast(list[bytes], batch.messages))
+            return cast(list[bytes], batch.messages)
         made = [message or _event_message(event) for event, message in zip(batch.events, batch.messages, strict=True)]
         with self._lock:
             for number, event, message in zip(
@@ -542,7 +544,7 @@ class _ChangeFeed:
                 slot = number % len(self._events)
                 if self._events[slot] is event:  # still in the ring
                     self._messages[slot] = message
-        return b"".join(made)
+        return made
 
     def gap(self, revision: str) -> None:
         """Changes before `revision` may have been missed (the Redis stream was trimmed past its
@@ -596,8 +598,8 @@ class Watch(Iterator[Event]):
         seconds (None: no limit) for one; [] if the time is up or the watch is closed."""
         return self._feed.read(self, timeout).events
 
-    def wait_messages(self, timeout: float | None) -> bytes:
-        """Like `wait`, the events as Server-Sent Events messages, joined; b"" if none came."""
+    def wait_messages(self, timeout: float | None) -> list[bytes]:
+        """Like `wait`, the events as Server-Sent Events messages."""
         return self._feed.messages(self._feed.read(self, timeout))
 
     def __next__(self) -> Event:
@@ -2884,10 +2886,18 @@ class _ChunkedWriter:
         self._chunked = chunked
         self._buffer: list[bytes] = []
         self._buffered = 0
+        self.written = 0  # bytes of the body, without the chunk framing
 
     def write(self, data: bytes) -> None:
         self._buffer.append(data)
         self._buffered += len(data)
+        if self._buffered >= CHUNK:
+            self._flush()
+
+    def writelines(self, pieces: list[bytes]) -> None:
+        """Write each of `pieces`, in one call (an event stream's messages)."""
+        self._buffer += pieces
+        self._buffered += sum(map(len, pieces))
         if self._buffered >= CHUNK:
             self._flush()
 
@@ -2897,11 +2907,14 @@ class _ChunkedWriter:
         self._wfile.flush()
 
     def _flush(self) -> None:
-        data = b"".join(self._buffer)
+        if self._buffered:
+            if self._chunked:  # chunk-size, data, CRLF (RFC 9112 section 7.1), joined in one copy
+                self._buffer.insert(0, b"%x\r\n" % self._buffered)
+                self._buffer.append(b"\r\n")
+            self._wfile.write(b"".join(self._buffer))
+            self.written += self._buffered
         self._buffer.clear()
         self._buffered = 0
-        if data:
-            self._wfile.write(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
 
     def close(self) -> None:
         self._flush()
@@ -4194,22 +4207,22 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             sent = -math.inf  # when events last left
             while True:
                 with self._waiting(watch):
-                    messages = [watch.wait_messages(HEARTBEAT)]
+                    messages = watch.wait_messages(HEARTBEAT)
                 if watch.closed:
                     break
-                if messages[0] and time.monotonic() - sent < COALESCE:  # changes keep coming: gather them
+                came = bool(messages)
+                if came and time.monotonic() - sent < COALESCE:  # changes keep coming: gather them
                     time.sleep(COALESCE)
                     for _ in range(HISTORY // _WATCH_BATCH + 1):  # all that came meanwhile, a batch at a time
-                        if not (more := watch.wait_messages(0)):
+                        writer.writelines(messages)
+                        if not (messages := watch.wait_messages(0)):
                             break
-                        messages.append(more)
-                data = b"".join(messages) or b": keep-alive\n\n"
-                writer.write(data)
+                writer.writelines(messages if came else [b": keep-alive\n\n"])
                 writer.flush()
-                self._sent += len(data)
-                if messages[0]:
+                if came:
                     sent = time.monotonic()
             writer.close()
+            self._sent = writer.written
 
     # XML-RPC
 

@@ -3664,9 +3664,13 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         if not connections.idle(self.connection):
             return
         try:
-            if not cast(io.BufferedReader, self.rfile).peek(1):
+            arrived = cast(io.BufferedReader, self.rfile).peek(1)
+            if not arrived:
                 return  # the client closed the connection
-            if not connections.reading_head(self.connection):
+            # A head that is all here already cannot stall: it needs no head deadline. (After
+            # empty lines, which the request line may follow, the head's end is looked for.)
+            whole_head = arrived.find(b"\r\n\r\n") > 0
+            if not connections.reading_head(self.connection, whole_head):
                 return  # stop() or the idle deadline closed it as the request's first byte arrived
             self._status, self._sent, self._metrics_route, self._started = None, 0, "unmatched", time.perf_counter()
             self.command, self.request_version, self.requestline = "", "HTTP/1.1", ""
@@ -3676,10 +3680,10 @@ class KVRequestHandler(BaseHTTPRequestHandler):
                 head = _read_head(line, self.rfile)
             except _HTTPError as error:  # close_connection stays set: where the message ends is unknown
                 unread = True
-                if connections.head_read(self.connection):
+                if whole_head or connections.head_read(self.connection):
                     self._send_problem(error.status, error.detail, error.headers)
             else:
-                if not connections.head_read(self.connection):
+                if not whole_head and not connections.head_read(self.connection):
                     return  # the head deadline cut the connection off as the head arrived
                 self._start(head)
                 self._dispatch()
@@ -4341,14 +4345,18 @@ class _Connections:
             self._states[connection] = (self._IDLE, time.monotonic() + IDLE_TIMEOUT)
             return not self.stopping
 
-    def reading_head(self, connection: socket.socket) -> bool:
-        """A request's first byte arrived: its head must be complete within HEAD_TIMEOUT.
-        False if stopping, which has closed the connection as idle, or if the idle deadline
-        cut it off first."""
+    def reading_head(self, connection: socket.socket, whole_head: bool) -> bool:
+        """A request's first byte arrived: its head must be complete within HEAD_TIMEOUT,
+        unless all of it has (`whole_head`): the request is then served from now on, with no
+        `head_read`. False if stopping, which has closed the connection as idle, or if the
+        idle deadline cut it off first."""
         with self._lock:
             if self._state(connection) != self._IDLE:
                 return False  # the idle deadline cut it off as the byte came
-            self._states[connection] = (self._READING_HEAD, time.monotonic() + HEAD_TIMEOUT)
+            if whole_head:
+                self._states[connection] = (self._SERVING, time.monotonic() + STALL_TIMEOUT)
+            else:
+                self._states[connection] = (self._READING_HEAD, time.monotonic() + HEAD_TIMEOUT)
             return not self.stopping
 
     def head_read(self, connection: socket.socket) -> bool:

@@ -2950,6 +2950,7 @@ def _dump_entry(storage: Storage, key: str) -> object:
 # The HTML page
 
 
+@functools.lru_cache(maxsize=256)  # a client sends the same Accept again and again; parsing it is ~10% of a /set
 def _prefers_html(accept: str) -> bool:
     """Whether an Accept header names text/html and ranks it at least as high as JSON, as
     a browser's does (curl's */* gets JSON)."""

@@ -1649,6 +1649,7 @@ class FileStorage(Storage):
       <name>                   a value's bytes, exactly (`cat data/greeting` works)
       .kvserver/lock           held with flock while a FileStorage is open
       .kvserver/tmp/           values and metadata being written; emptied at start
+      .kvserver/spare/         files that writes swapped out, for later writes to rewrite; emptied at start
       .kvserver/meta/<name>    metadata that cannot be derived from the value file
 
     A value file's fingerprint, its size and modification time (which kvserver sets to a
@@ -1679,11 +1680,13 @@ class FileStorage(Storage):
         self.fsync = fsync
         self._index = _Index()
         self._tmp = os.path.join(self.path, ".kvserver", "tmp")
+        self._spare = os.path.join(self.path, ".kvserver", "spare")
         self._meta = os.path.join(self.path, ".kvserver", "meta")
-        self._temporary_names = itertools.count()  # unique: the tmp folder is emptied at start, and locked
-        self._spares: list[tuple[str, int]] = []  # temporary files to rewrite, and their sizes (_stage)
-        os.makedirs(self._tmp, exist_ok=True)
-        os.makedirs(self._meta, exist_ok=True)
+        # Unique names in tmp and spare: both are emptied at start, and the data dir is locked.
+        self._temporary_names = itertools.count()
+        self._spares: list[tuple[str, int]] = []  # files in spare, and the size of the value each holds
+        for folder in (self._tmp, self._spare, self._meta):
+            os.makedirs(folder, exist_ok=True)
         # Held open, and so locked, until close().
         self._lock_file: IO[bytes] | None = open(os.path.join(self.path, ".kvserver", "lock"), "wb")  # noqa: SIM115
         try:
@@ -1699,8 +1702,9 @@ class FileStorage(Storage):
             self._syncs.append(self._values_synced)
             self._meta_synced = _GroupSync(self._meta, fsync)
             self._syncs.append(self._meta_synced)
-            for name in os.listdir(self._tmp):  # left by a crash
-                os.unlink(os.path.join(self._tmp, name))
+            for folder in (self._tmp, self._spare):  # left by a crash, or by the last run
+                for name in os.listdir(folder):
+                    os.unlink(os.path.join(folder, name))
             # A swap saves more than rewriting the file costs only if the file is not emptied
             # first, and only fsync makes that safe (see _stage).
             self._swaps = self._check_file_system() and fsync
@@ -1886,7 +1890,7 @@ class FileStorage(Storage):
             raise
         self._values_synced.wait(ticket)  # with the lock released, so writers share the fsync
         if spare is not None:
-            self._spares.append(spare)  # now that the swap is durable (see _stage)
+            self._keep_spare(*spare)  # now that the swap is durable (see _stage)
         return entry.stat, current is None
 
     def _delete(self, key: str, precondition: _Precondition) -> bool:
@@ -1936,6 +1940,14 @@ class FileStorage(Storage):
                 return temporary, previous.size
         os.replace(temporary, target)
         return None
+
+    def _keep_spare(self, path: str, size: int) -> None:
+        """Add the file at `path`, holding a value of `size` bytes, to the spares; a new one is
+        moved from tmp to spare first (tmp holds only writes in progress)."""
+        if os.path.dirname(path) == self._tmp:
+            os.rename(path, spare := os.path.join(self._spare, os.path.basename(path)))
+            path = spare
+        self._spares.append((path, size))
 
     def _unlink(self, key: str) -> int:
         """Remove the value file of `key` and its entry (under the key's lock); return the

@@ -80,6 +80,11 @@ def tmp_names(data_dir: Path) -> set[str]:
     return {path.name for path in (data_dir / ".kvserver" / "tmp").iterdir()}
 
 
+def spares(data_dir: Path) -> list[bytes]:
+    """What the files in .kvserver/spare hold, in order."""
+    return sorted(path.read_bytes() for path in (data_dir / ".kvserver" / "spare").iterdir())
+
+
 def etag_of(path: Path) -> str:
     """The fingerprint FileStorage gives a value file: its size and modification time."""
     file_stat = path.stat()
@@ -545,16 +550,33 @@ def test_with_fsync_a_small_value_is_swapped_out_and_its_file_rewritten_by_the_n
         first = inode(data_dir / "k")
         store.put("k", b"second", content_type=TEXT)
         assert value_files(data_dir) == {"k": b"second"}
-        [spare] = (data_dir / ".kvserver" / "tmp").iterdir()
+        [spare] = (data_dir / ".kvserver" / "spare").iterdir()
         assert (spare.read_bytes(), inode(spare)) == (b"a long first value", first)
+        assert tmp_names(data_dir) == set()
         store.put("k", b"3", content_type=TEXT)  # shorter than what the spare held: cut to size
         assert value_files(data_dir) == {"k": b"3"}
         assert inode(data_dir / "k") == first
-        assert [path.read_bytes() for path in (data_dir / ".kvserver" / "tmp").iterdir()] == [b"second"]
+        assert spares(data_dir) == [b"second"]
         assert etag_of(data_dir / "k") == store.stat("k").etag.strip('"')
     with kvserver.FileStorage(data_dir, fsync=True) as store:
         assert (store.get("k"), store.stat("k").content_type) == (b"3", TEXT)
-        assert tmp_names(data_dir) == set()
+        assert (tmp_names(data_dir), spares(data_dir)) == (set(), [])
+
+
+def test_a_write_that_fails_in_a_spare_leaves_neither_it_nor_a_temporary_file(data_dir):
+    with kvserver.FileStorage(data_dir, fsync=True) as store:
+        store.put("k", b"one")
+        store.put("k", b"two")
+        assert spares(data_dir) == [b"one"]
+
+        def cut_off():
+            yield b"half a val"
+            raise ConnectionResetError
+
+        with pytest.raises(ConnectionResetError):
+            store.write("other", cut_off())
+        assert (tmp_names(data_dir), spares(data_dir)) == (set(), [])
+        assert value_files(data_dir) == {"k": b"two"}
 
 
 def test_a_large_value_being_read_is_never_rewritten_by_later_writes(data_dir):
@@ -579,7 +601,7 @@ def test_without_fsync_or_a_way_to_swap_each_write_renames_a_new_file(data_dir, 
             store.put("k", b"value %d" % n, content_type=TEXT)
             inodes.add(inode(data_dir / "k"))
             assert value_files(data_dir) == {"k": b"value %d" % n}
-            assert tmp_names(data_dir) == set()
+            assert (tmp_names(data_dir), spares(data_dir)) == (set(), [])
     assert len(inodes) >= 2  # a freed inode may come back, but not every time
 
 
@@ -597,7 +619,8 @@ def test_concurrent_writers_with_fsync_leave_every_file_whole_and_few_spares(dat
         for thread in threads:
             thread.join()
         assert value_files(data_dir) == {key: store.get(key) for key in store}
-        assert len(tmp_names(data_dir)) <= 8  # a spare for each writer at most
+        assert tmp_names(data_dir) == set()
+        assert len(spares(data_dir)) <= 8  # one for each writer at most
         expected = {key: (store.get(key), store.stat(key)) for key in store}
     with kvserver.FileStorage(data_dir, fsync=True) as store:
         assert {key: (store.get(key), store.stat(key)) for key in store} == expected

@@ -461,7 +461,7 @@ def test_malformed_requests_write_nothing_outside_the_data_dir(fuzz_server, tmp_
     assert sorted(path.name for path in (tmp_path / "l1" / "l2").iterdir()) == ["l3"]
     assert sorted(path.name for path in (tmp_path / "l1" / "l2" / "l3").iterdir()) == ["data"]
     internal = data / ".kvserver"
-    allowed_folders = {data, internal, internal / "tmp", internal / "meta"}
+    allowed_folders = {data, internal, internal / "tmp", internal / "spare", internal / "meta"}
     for path in data.rglob("*"):
         if path.is_dir():
             assert path in allowed_folders, f"a folder in the data dir: {path}"
@@ -469,7 +469,7 @@ def test_malformed_requests_write_nothing_outside_the_data_dir(fuzz_server, tmp_
             assert path.parent in allowed_folders, f"a file outside the data dir's two levels: {path}"
             assert not path.is_symlink(), path
     assert [path.name for path in data.iterdir() if path.name.startswith(".")] == [".kvserver"]
-    assert sorted(path.name for path in internal.iterdir()) == ["lock", "meta", "tmp"]
+    assert sorted(path.name for path in internal.iterdir()) == ["lock", "meta", "spare", "tmp"]
     assert (internal / "lock").stat().st_size == 0, "a value was written over the lock file"
     wait_for(lambda: not list((internal / "tmp").iterdir()), timeout=5, what="the temporary folder to empty")
     # Some traversal keys were stored, as keys: they read back from inside the data dir.

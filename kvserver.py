@@ -1656,11 +1656,10 @@ class FileStorage(Storage):
     unique stamp), is its ETag. A value whose media type is the one its bytes suggest, with
     no TTL and a name that decodes to its key, needs no metadata file: a plain `/set` costs
     one file write, its fsync, a rename (or a swap, below) and a share of a folder fsync.
-    Otherwise the metadata
-    file maps fingerprints to metadata, and holds both the old and the new value's entries
-    while a write is under way, so after a crash at any instant whichever value file is in
-    place finds its own. Files with no matching entry (put there by hand) load with derived
-    metadata.
+    Otherwise the metadata file maps fingerprints to metadata, and holds both the old and the
+    new value's entries while a write is under way, so after a crash at any instant whichever
+    value file is in place finds its own. Files with no matching entry (put there by hand)
+    load with derived metadata.
 
     A write stages its value in a temporary file (written and fsynced) before it takes the
     key's lock; under the lock it checks the precondition, renames the file into place and
@@ -1943,9 +1942,15 @@ class FileStorage(Storage):
 
     def _keep_spare(self, path: str, size: int) -> None:
         """Add the file at `path`, holding a value of `size` bytes, to the spares; a new one is
-        moved from tmp to spare first (tmp holds only writes in progress)."""
+        moved from tmp to spare first (tmp holds only writes in progress). Never raises: the
+        write is done, and a spare only saves a later one some work (a file left in tmp is
+        removed at the next start)."""
         if os.path.dirname(path) == self._tmp:
-            os.rename(path, spare := os.path.join(self._spare, os.path.basename(path)))
+            spare = os.path.join(self._spare, os.path.basename(path))
+            try:
+                os.rename(path, spare)
+            except OSError:
+                return
             path = spare
         self._spares.append((path, size))
 

@@ -79,6 +79,7 @@ import xmlrpc.client
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from stat import S_ISREG
 from typing import IO, Any, BinaryIO, ClassVar, NamedTuple, NoReturn, Protocol, TypeVar, cast
 
 __version__ = "0.1.0"
@@ -553,7 +554,7 @@ class _ChangeFeed:
             self._start()
             self._events = [None] * len(self._events)
             self._messages = [None] * len(self._events)
-            self._count += len(self._events)  # every watch is now a whole ring behind
+            self._count += len(self._events) + 1  # every watch is now more than a whole ring behind
             self._floor = self._last_order = revision_order(revision)
             self._last = revision
             for watches in self._waiting.values():  # (the others find themselves behind)
@@ -1584,7 +1585,9 @@ class _GroupSync:
     tickets while it runs wait for it to end, and then one of them runs the next fsync for
     all of them. Sixteen concurrent writers pay two or three folder fsyncs, not sixteen, and
     each still hears back only after an fsync that began after its change. If an fsync fails,
-    its leader raises, and the next waiter tries again. Without fsync, waiting returns at once.
+    its leader raises, and the next waiter tries again (`failed` stays True from then on: an
+    fsync that succeeds after one that failed may not have written what the first did not).
+    Without fsync, waiting returns at once.
     """
 
     def __init__(self, path: str, enabled: bool) -> None:
@@ -1593,6 +1596,7 @@ class _GroupSync:
         self._issued = 0  # the last ticket handed out
         self._synced = 0  # every change up to this ticket is durable
         self._running = False  # an fsync is under way
+        self.failed = False  # an fsync has failed
 
     def ticket(self) -> int:
         """A ticket for a change just made in the folder."""
@@ -1620,6 +1624,9 @@ class _GroupSync:
                 self._changes.release()
                 try:
                     os.fsync(self._fd)
+                except BaseException:
+                    self.failed = True
+                    raise
                 finally:
                     self._changes.acquire()
                     self._running = False
@@ -1683,7 +1690,7 @@ class FileStorage(Storage):
         self._meta = os.path.join(self.path, ".kvserver", "meta")
         # Unique names in tmp and spare: both are emptied at start, and the data dir is locked.
         self._temporary_names = itertools.count()
-        self._spares: list[tuple[str, int]] = []  # files in spare, and the size of the value each holds
+        self._spares: list[str] = []  # the files in spare (see _stage)
         for folder in (self._tmp, self._spare, self._meta):
             os.makedirs(folder, exist_ok=True)
         # Held open, and so locked, until close().
@@ -1887,9 +1894,11 @@ class FileStorage(Storage):
             with contextlib.suppress(FileNotFoundError):  # gone if it was renamed
                 os.unlink(staged.path)
             raise
-        self._values_synced.wait(ticket)  # with the lock released, so writers share the fsync
-        if spare is not None:
-            self._keep_spare(*spare)  # now that the swap is durable (see _stage)
+        try:
+            self._values_synced.wait(ticket)  # with the lock released, so writers share the fsync
+        finally:
+            if spare is not None:
+                self._keep_spare(spare)  # if the swap is durable now (see _stage)
         return entry.stat, current is None
 
     def _delete(self, key: str, precondition: _Precondition) -> bool:
@@ -1925,10 +1934,10 @@ class FileStorage(Storage):
                         self._unlink_metadata(key)
         return len(swept)
 
-    def _move_into_place(self, temporary: str, target: str, previous: _Entry | None) -> tuple[str, int] | None:
+    def _move_into_place(self, temporary: str, target: str, previous: _Entry | None) -> str | None:
         """Rename `temporary` over `target`, whose value is `previous`; or swap the two, and
-        return the spare this leaves: `temporary` and the size of the previous value it now
-        holds, for a later write to rewrite (_stage) once the swap is durable.
+        return the spare this leaves: `temporary`, which now holds the previous value's file,
+        for a later write to rewrite (_stage) once the swap is durable.
 
         Only with fsync (see _stage), and only a small value's file: the server never opens
         one (it serves the bytes from memory), so no reader of the server can be reading a
@@ -1936,23 +1945,25 @@ class FileStorage(Storage):
         if self._swaps and previous is not None and previous.data is not None:
             with contextlib.suppress(FileNotFoundError):  # its file was removed by hand
                 _exchange(temporary, target)
-                return temporary, previous.size
+                return temporary
         os.replace(temporary, target)
         return None
 
-    def _keep_spare(self, path: str, size: int) -> None:
-        """Add the file at `path`, holding a value of `size` bytes, to the spares; a new one is
-        moved from tmp to spare first (tmp holds only writes in progress). Never raises: the
-        write is done, and a spare only saves a later one some work (a file left in tmp is
-        removed at the next start)."""
-        if os.path.dirname(path) == self._tmp:
-            spare = os.path.join(self._spare, os.path.basename(path))
-            try:
-                os.rename(path, spare)
-            except OSError:
+    def _keep_spare(self, path: str) -> None:
+        """Add the file a swap left at `path` to the spares, moving a new one from tmp to spare
+        first (tmp holds only writes in progress); or, if an fsync of the folder has failed
+        (the swap may not be durable), remove it. Never raises: the write is done, and a spare
+        only saves a later one some work (a file left behind is removed at the next start)."""
+        try:
+            if self._values_synced.failed:
+                os.unlink(path)
                 return
-            path = spare
-        self._spares.append((path, size))
+            if os.path.dirname(path) == self._tmp:
+                os.rename(path, spare := os.path.join(self._spare, os.path.basename(path)))
+                path = spare
+        except OSError:
+            return
+        self._spares.append(path)
 
     def _unlink(self, key: str) -> int:
         """Remove the value file of `key` and its entry (under the key's lock); return the
@@ -1976,12 +1987,15 @@ class FileStorage(Storage):
         before it became a spare, and its new bytes are durable before it is swapped in.
         (Without fsync there are no spares: bytes rewritten in place may reach the disk before
         the swap that hides them, and a power loss would then leave them under another key.
-        Emptying the file first would prevent it, at the cost of making a new one.)"""
-        try:
-            path, stale = self._spares.pop()  # the size of the old value it holds
-        except IndexError:
+        Emptying the file first would prevent it, at the cost of making a new one.) A spare
+        that is not a regular file of one link is not rewritten but removed: a hard link made
+        by hand (a snapshot with `cp -al`, a deduplicating tool) may be another key's value."""
+        spare = self._open_spare()
+        if spare is not None:
+            path, fd, stale = spare
+        else:
             path, stale = os.path.join(self._tmp, str(next(self._temporary_names))), 0
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             size = 0
             head: list[bytes] = []  # the pieces, while the value may still be small
@@ -2005,6 +2019,23 @@ class FileStorage(Storage):
         os.close(fd)
         data = (head[0] if len(head) == 1 else b"".join(head)) if size <= SMALL_VALUE else None
         return _Staged(path, size, stamp, data)
+
+    def _open_spare(self) -> tuple[str, int, int] | None:
+        """A spare to rewrite: its path, a descriptor open for writing, and the size of what it
+        holds; None if there is none. Spares unfit to rewrite (see _stage) are removed."""
+        while True:  # each turn takes one spare out of the list
+            try:
+                path = self._spares.pop()
+            except IndexError:
+                return None
+            with contextlib.suppress(OSError):  # a symbolic link, or a folder, put in the key's place by hand
+                fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                info = os.fstat(fd)
+                if S_ISREG(info.st_mode) and info.st_nlink == 1:
+                    return path, fd, info.st_size
+                os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
     def _write_metadata(self, name: str, records: dict[str, dict[str, Any]]) -> None:
         """Replace the metadata file `name` with `records`, durably, in one step."""

@@ -6,6 +6,7 @@ FileStorage docstring says a crash can leave.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -577,6 +578,56 @@ def test_a_write_that_fails_in_a_spare_leaves_neither_it_nor_a_temporary_file(da
             store.write("other", cut_off())
         assert (tmp_names(data_dir), spares(data_dir)) == (set(), [])
         assert value_files(data_dir) == {"k": b"two"}
+
+
+def test_a_file_with_a_second_hard_link_is_never_rewritten(data_dir):
+    data_dir.mkdir(parents=True)
+    (data_dir / "a").write_bytes(b"shared value")
+    os.link(data_dir / "a", data_dir / "b")  # as a deduplicating tool, or a `cp -al` snapshot, leaves them
+    os.link(data_dir / "a", data_dir.parent / "snapshot")
+    with kvserver.FileStorage(data_dir, fsync=True) as store:
+        store.put("a", b"new a")  # swaps the shared file out
+        for n in range(3):
+            store.put(f"other{n}", b"first")
+            store.put(f"other{n}", b"second %d" % n)
+        assert value_files(data_dir)["b"] == b"shared value"
+    assert (data_dir.parent / "snapshot").read_bytes() == b"shared value"
+    with kvserver.FileStorage(data_dir, fsync=True) as store:
+        assert (store.get("a"), store.get("b")) == (b"new a", b"shared value")
+
+
+def test_a_symbolic_link_put_in_a_keys_place_is_not_written_through(data_dir, tmp_path):
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"not the server's")
+    with kvserver.FileStorage(data_dir, fsync=True) as store:
+        store.put("k", b"one")
+        (data_dir / "k").unlink()
+        (data_dir / "k").symlink_to(outside)  # by hand, while the store is open
+        store.put("k", b"two")  # swaps the link out
+        store.put("other", b"first")
+        store.put("other", b"second")
+        assert value_files(data_dir) == {"k": b"two", "other": b"second"}
+    assert outside.read_bytes() == b"not the server's"
+
+
+def test_after_a_folder_fsync_fails_no_swapped_out_file_is_rewritten(data_dir, monkeypatch):
+    real_fsync = os.fsync
+    failures = [OSError(errno.EIO, "Input/output error")]
+
+    def failing_fsync(fd):
+        if stat_module.S_ISDIR(os.fstat(fd).st_mode) and failures:
+            raise failures.pop()
+        real_fsync(fd)
+
+    with kvserver.FileStorage(data_dir, fsync=True) as store:
+        store.put("k", b"one", content_type=TEXT)
+        monkeypatch.setattr(os, "fsync", failing_fsync)
+        with pytest.raises(OSError, match="Input/output"):
+            store.put("k", b"two", content_type=TEXT)  # its swap may not be durable
+        store.put("k", b"three", content_type=TEXT)
+        store.put("k", b"four", content_type=TEXT)
+        assert (tmp_names(data_dir), spares(data_dir)) == (set(), [])
+        assert value_files(data_dir) == {"k": b"four"}
 
 
 def test_a_large_value_being_read_is_never_rewritten_by_later_writes(data_dir):

@@ -257,6 +257,17 @@ def test_a_stream_more_than_the_ring_behind_sends_a_reset_then_goes_on_across_it
     assert drain(behind) == b"".join(map(kvserver._event_message, library.wait(0)))
 
 
+def test_a_gap_resets_a_watch_that_had_read_everything_and_was_not_waiting():
+    feed = kvserver._ChangeFeed(capacity=8)
+    for n in range(3):
+        feed.publish("put", f"k{n}", None, revision=f"{n + 1}-0")
+    watch = kvserver.Watch(feed, "", None, None)  # caught up, and not waiting (a stream in its pause)
+    feed.gap("10-0")
+    assert [(event.type, event.revision) for event in watch.wait(0)] == [("reset", "10-0")]
+    feed.publish("put", "x", None, revision="11-0")
+    assert [(event.type, event.key) for event in watch.wait(0)] == [("put", "x")]
+
+
 def test_a_watch_under_a_prefix_is_not_reset_by_more_than_the_history_of_other_keys():
     with kvserver.MemoryStorage() as store:
         watch = store.watch("mine/")

@@ -538,10 +538,8 @@ class _ChangeFeed:
         if None not in batch.messages:
             return cast(list[bytes], batch.messages)
         made = [message or _event_message(event) for event, message in zip(batch.events, batch.messages, strict=True)]
-        with self._lock:
-            for number, event, message in zip(
-                batch.numbers, batch.events, made, strict=False
-            ):  # (a reset has no number)
+        with self._lock:  # (a reset has no number: it is in no slot)
+            for number, event, message in zip(batch.numbers, batch.events, made, strict=False):
                 slot = number % len(self._events)
                 if self._events[slot] is event:  # still in the ring
                     self._messages[slot] = message

@@ -1892,11 +1892,13 @@ class FileStorage(Storage):
             with contextlib.suppress(FileNotFoundError):  # gone if it was renamed
                 os.unlink(staged.path)
             raise
+        durable = False
         try:
             self._values_synced.wait(ticket)  # with the lock released, so writers share the fsync
+            durable = True
         finally:
             if spare is not None:
-                self._keep_spare(spare)  # if the swap is durable now (see _stage)
+                self._keep_spare(spare, durable)
         return entry.stat, current is None
 
     def _delete(self, key: str, precondition: _Precondition) -> bool:
@@ -1947,13 +1949,14 @@ class FileStorage(Storage):
         os.replace(temporary, target)
         return None
 
-    def _keep_spare(self, path: str) -> None:
+    def _keep_spare(self, path: str, durable: bool) -> None:
         """Add the file a swap left at `path` to the spares, moving a new one from tmp to spare
-        first (tmp holds only writes in progress); or, if an fsync of the folder has failed
-        (the swap may not be durable), remove it. Never raises: the write is done, and a spare
-        only saves a later one some work (a file left behind is removed at the next start)."""
+        first (tmp holds only writes in progress); or remove it, unless the folder fsync that
+        covers the swap ended (`durable`) and no fsync of the folder has ever failed: only then
+        is the swap known to be on disk (see _stage). Never raises: the write is done, and a
+        spare only saves a later one some work (a file left behind is removed at the next start)."""
         try:
-            if self._values_synced.failed:
+            if not durable or self._values_synced.failed:
                 os.unlink(path)
                 return
             if os.path.dirname(path) == self._tmp:

@@ -630,6 +630,19 @@ def test_after_a_folder_fsync_fails_no_swapped_out_file_is_rewritten(data_dir, m
         assert value_files(data_dir) == {"k": b"four"}
 
 
+def test_a_write_whose_fsync_wait_is_interrupted_keeps_no_spare(data_dir, monkeypatch):
+    with kvserver.FileStorage(data_dir, fsync=True) as store:
+        store.put("k", b"one", content_type=TEXT)
+
+        def interrupted(ticket):
+            raise KeyboardInterrupt  # before any fsync covered the swap
+
+        monkeypatch.setattr(store._values_synced, "wait", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            store.put("k", b"two", content_type=TEXT)
+        assert (tmp_names(data_dir), spares(data_dir), store._spares) == (set(), [], [])
+
+
 def test_a_large_value_being_read_is_never_rewritten_by_later_writes(data_dir):
     large = os.urandom(LARGE)
     with kvserver.FileStorage(data_dir, fsync=True) as store:

@@ -8,12 +8,13 @@ thread) it prints one JSON line: ops, seconds, ops_per_s, p50_ms, p99_ms.
 
 With --like-kvserver each write makes the system calls kvserver's files storage makes for a
 plain /set that replaces a small value, in its order: open a spare temporary file in a tmp
-sub-folder (one that an earlier write swapped out, or a new one named by a counter), write,
-set its modification time, fsync, close, swap it with the key's file (renameat2
-RENAME_EXCHANGE) under a lock per stripe of keys, wait for a folder fsync shared by the
-writers waiting at the time (kvserver's own group commit), and keep the swapped-out file as
-a spare. The swap and the group commit are imported from kvserver.py. What is left between
-this and kvserver is HTTP and Python bookkeeping.
+sub-folder (one that an earlier write swapped out, or a new one named by a counter), look at
+its size and links, write, cut it to size if it was longer, set its modification time,
+fsync, close, swap it with the key's file (renameat2 RENAME_EXCHANGE) under a lock per
+stripe of keys, wait for a folder fsync shared by the writers waiting at the time
+(kvserver's own group commit), and keep the swapped-out file as a spare. The swap and the
+group commit are imported from kvserver.py. What is left between this and kvserver is HTTP
+and Python bookkeeping.
 Usage: python fsync_loop.py DIR [--threads 16] [--seconds 5] [--keys 1000] [--max-ops N] [--like-kvserver]
 """
 
@@ -68,8 +69,10 @@ def worker_like_kvserver(
         value = b"v%d" % n
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
+            old_size = os.fstat(fd).st_size  # kvserver checks a spare's links and size, a new file's not
             os.write(fd, value)
-            os.ftruncate(fd, len(value))  # kvserver does this only if the old value was longer
+            if len(value) < old_size:
+                os.ftruncate(fd, len(value))
             stamp = time.time_ns()
             os.utime(fd, ns=(stamp, stamp))
             os.fsync(fd)

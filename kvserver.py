@@ -2573,6 +2573,9 @@ class _Fields:
         return [(name, value) for name, values in self._values.items() for value in values]
 
 
+_NO_FIELDS = _Fields({})
+
+
 def _read_line(rfile: io.BufferedIOBase, limit: int, too_long: tuple[HTTPStatus, str]) -> bytes:
     """One CRLF-terminated line without its CRLF: the error `too_long` past `limit` bytes, a 400
     for a bare LF (RFC 9112 section 2.2: we take no other line ending), _IncompleteMessage at EOF."""
@@ -2664,25 +2667,30 @@ def _read_request_line(rfile: io.BufferedIOBase) -> bytes:
     return line
 
 
-def _read_head(line: bytes, rfile: io.BufferedIOBase) -> _RequestHead:
-    """Parse a request line and read the header fields after it, by RFC 9112 sections 2-6:
-    every rule that decides where the message ends is checked before anything of it is
-    carried out. A 400 (or 414, 431, 501, 505) for a head to refuse; _IncompleteMessage if
-    the client ends it before its empty line."""
+def _parse_request_line(line: bytes) -> tuple[str, str, str]:
+    """A request line's method, target (Latin-1 text: encoding it gives back the bytes sent)
+    and version, by RFC 9112 section 3: a 400 for a line to refuse, 505 for a version this
+    server does not speak."""
     request_line = _REQUEST_LINE.fullmatch(line)
     if request_line is None:
         raise _request_line_error(line)
     method, target, major, minor = request_line.groups()
     if major != b"1":
         raise _HTTPError(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED, "this server speaks HTTP/1.1 and HTTP/1.0")
-    http_version = "HTTP/1.0" if minor == b"0" else "HTTP/1.1"
+    return method.decode("ascii"), target.decode("latin-1"), "HTTP/1.0" if minor == b"0" else "HTTP/1.1"
+
+
+def _read_head(request_line: tuple[str, str, str], rfile: io.BufferedIOBase) -> _RequestHead:
+    """Read the header fields after a request line (method, target, version), by RFC 9112
+    sections 2-6: every rule that decides where the message ends is checked before anything
+    of it is carried out. A 400 (or 431, 501) for a head to refuse; _IncompleteMessage if the
+    client ends it before its empty line."""
     fields = _read_field_lines(rfile, "header fields")
+    http_version = request_line[2]
     hosts = fields.get_all("Host")
     if len(hosts) > 1 or (not hosts and http_version == "HTTP/1.1"):
         raise _HTTPError(HTTPStatus.BAD_REQUEST, "send exactly one Host field (RFC 9112 section 3.2)")
-    return _RequestHead(
-        method.decode("ascii"), target.decode("latin-1"), http_version, fields, *_body_framing(fields, http_version)
-    )
+    return _RequestHead(*request_line, fields, *_body_framing(fields, http_version))
 
 
 def _request_line_error(line: bytes) -> _HTTPError:
@@ -3724,10 +3732,13 @@ class KVRequestHandler(BaseHTTPRequestHandler):
                 return  # stop() or the idle deadline closed it as the request's first byte arrived
             self._status, self._sent, self._metrics_route, self._started = None, 0, "unmatched", time.perf_counter()
             self.command, self.request_version, self.requestline = "", "HTTP/1.1", ""
+            self.headers = _NO_FIELDS  # type: ignore[assignment]  # until the head's are read
             try:
                 line = _read_request_line(self.rfile)
                 self.requestline = line.decode("latin-1")
-                head = _read_head(line, self.rfile)
+                request_line = _parse_request_line(line)
+                self.command = request_line[0]  # (an answer to HEAD has no body, though it refuses the head)
+                head = _read_head(request_line, self.rfile)
             except _HTTPError as error:  # close_connection stays set: where the message ends is unknown
                 unread = True
                 if whole_head or connections.head_read(self.connection):
@@ -4074,8 +4085,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
     # The page
 
     def _wants_page(self) -> bool:
-        # A head that could not be read leaves `command` empty, and its headers unknown: problem+json.
-        return bool(self.command) and _prefers_html(self.headers.get("Accept", ""))
+        return _prefers_html(self.headers.get("Accept", ""))  # (none known if the head was refused)
 
     def _send_page(self, status: HTTPStatus, query: str, notice_html: str = "") -> None:
         page = self._key_page(query, 100, "/")

@@ -1585,7 +1585,8 @@ class _GroupSync:
     each still hears back only after an fsync that began after its change. If an fsync fails,
     its leader raises, and the next waiter tries again (`failed` stays True from then on: an
     fsync that succeeds after one that failed may not have written what the first did not).
-    Without fsync, waiting returns at once.
+    Without fsync, waiting returns at once; once closed, a wait for a change not yet durable
+    raises ValueError, so that no write that may be lost is reported done.
     """
 
     def __init__(self, path: str, enabled: bool) -> None:
@@ -1594,6 +1595,7 @@ class _GroupSync:
         self._issued = 0  # the last ticket handed out
         self._synced = 0  # every change up to this ticket is durable
         self._running = False  # an fsync is under way
+        self._closed = False
         self.failed = False  # an fsync has failed
 
     def ticket(self) -> int:
@@ -1609,7 +1611,8 @@ class _GroupSync:
         return self._issued
 
     def wait(self, ticket: int) -> None:
-        """Return once the change of `ticket`, and every change before it, is durable."""
+        """Return once the change of `ticket`, and every change before it, is durable.
+        ValueError if the storage closed before it was."""
         if self._fd is None:
             return
         with self._changes:
@@ -1617,6 +1620,8 @@ class _GroupSync:
                 if self._running:
                     self._changes.wait()
                     continue
+                if self._closed:
+                    raise ValueError("the storage was closed before this change was made durable")
                 self._running = True
                 covered = self._issued  # each of these was taken after its change: this fsync covers them
                 self._changes.release()
@@ -1632,9 +1637,13 @@ class _GroupSync:
                 self._synced = max(self._synced, covered)
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        with self._changes:
+            while self._running:  # the fsync under way uses the descriptor
+                self._changes.wait()
+            if self._fd is not None and not self._closed:
+                os.close(self._fd)
+            self._closed = True
+            self._changes.notify_all()
 
 
 class _Staged(NamedTuple):

@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from conftest import wait_for
 
 import kvserver
@@ -148,3 +149,20 @@ def test_a_sweep_of_many_expired_values_makes_one_folder_fsync(tmp_path, monkeyp
     assert sorted(path.name for path in data_dir.iterdir()) == [".kvserver", "stays"]
     assert [path.name for path in (data_dir / ".kvserver" / "meta").iterdir()] == ["stays"]  # its media type
     store.close()
+
+
+def test_a_write_that_the_storage_closes_under_is_not_reported_done(tmp_path, monkeypatch):
+    """A write whose folder fsync never ran, because the storage closed after its rename,
+    raises rather than return as if it were durable."""
+    store = kvserver.FileStorage(tmp_path / "data", fsync=True)
+    synced = store._values_synced
+    take_ticket = synced.ticket
+
+    def ticket_then_close() -> int:
+        ticket = take_ticket()
+        store.close()  # (from another thread in real life: it happens between the rename and the wait)
+        return ticket
+
+    monkeypatch.setattr(synced, "ticket", ticket_then_close)
+    with pytest.raises(ValueError, match="closed before this change was made durable"):
+        store.put("k", b"v")

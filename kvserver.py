@@ -44,7 +44,6 @@ import bisect
 import codecs
 import collections
 import contextlib
-import ctypes
 import errno
 import fcntl
 import functools
@@ -1542,8 +1541,10 @@ def _read_small_file(path: str, size: int) -> bytes:
 # uses it to put its value in place and keep the old value's file as its next temporary file: on
 # ext4, creating a file and freeing another cost several times the system time of rewriting one.
 try:
+    import ctypes  # (not in every build of Python)
+
     _renameat2: Any = ctypes.CDLL(None, use_errno=True).renameat2
-except AttributeError:  # not Linux, or a C library without it
+except (ImportError, AttributeError):  # no ctypes, not Linux, or a C library without it
     _renameat2 = None
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import stat as stat_module
+import subprocess
 import sys
 import threading
 import time
@@ -19,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import wait_for
+from conftest import KVSERVER, wait_for
 
 import kvserver
 
@@ -578,6 +579,22 @@ def test_a_write_that_fails_in_a_spare_leaves_neither_it_nor_a_temporary_file(da
             store.write("other", cut_off())
         assert (tmp_names(data_dir), spares(data_dir)) == (set(), [])
         assert value_files(data_dir) == {"k": b"two"}
+
+
+def test_without_ctypes_writes_rename_instead_of_swapping(data_dir):
+    """Some builds of Python have no ctypes; kvserver needs nothing but the standard library."""
+    script = (
+        "import sys; sys.modules['ctypes'] = None  # import ctypes raises ImportError\n"
+        "import kvserver\n"
+        f"with kvserver.FileStorage({str(data_dir)!r}, fsync=True) as store:\n"
+        "    store.put('k', b'one'); store.put('k', b'two')\n"
+        "    print(store.get('k'), store._swaps)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=KVSERVER.parent, capture_output=True, text=True, timeout=60
+    )
+    assert result.stdout == "b'two' False\n", result.stderr
+    assert value_files(data_dir) == {"k": b"two"}
 
 
 def test_a_file_with_a_second_hard_link_is_never_rewritten(data_dir):

@@ -3639,13 +3639,14 @@ def _is_loopback_host(host: str) -> bool:
 
 
 _LOGGED_FIELDS = frozenset({"key", "ttl", "prefix", "delimiter", "limit", "after", "wait"})
+_SET_SETTINGS = frozenset({"key", "ttl"})  # of /set?key=<key>&value=<value>&ttl=<seconds>
 
 
 def _redact(request_line: str) -> str:
     """The request line for the access log: values hidden as '…', keys shown as REST paths
-    show them. Only the query fields that name keys or settings keep their value (and
-    `key=` on /set only beside `value=`: /set?key=abc stores the value abc); every other
-    field's value may be a stored value, or a typo of one."""
+    show them. Only the query fields that name keys or settings keep their value (on /set
+    only `key=` and `ttl=` beside `value=`: /set?key=abc and /set?ttl=abc store the value
+    abc); every other field's value may be a stored value, or a typo of one."""
     head, question, rest = request_line.partition("?")
     if not question:
         return request_line
@@ -3654,8 +3655,8 @@ def _redact(request_line: str) -> str:
         query, version = rest, ""
     fields = [field.partition("=") for field in query.split("&")]
     shown = _LOGGED_FIELDS
-    if head.endswith("/set") and "value" not in {name for name, _, _ in fields}:
-        shown = shown - {"key"}
+    if head.endswith("/set"):
+        shown = _SET_SETTINGS if "value" in {name for name, _, _ in fields} else frozenset()
     redacted = (name + equals + (value if name in shown or not equals else "…") for name, equals, value in fields)
     return head + "?" + "&".join(redacted) + separator + version
 

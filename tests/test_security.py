@@ -615,6 +615,17 @@ def test_the_access_log_hides_values_and_shows_keys(logged):
     assert SECRET not in log
 
 
+def test_the_access_log_hides_a_value_stored_under_a_key_named_like_a_setting(logged):
+    """/set?<key>=<value> stores a value whatever the key is called: prefix=, ttl=, wait=..."""
+    names = ["key", "ttl", "prefix", "delimiter", "limit", "after", "wait"]
+    for name in names:
+        assert logged.get(f"/set?{name}={SECRET}-{name}").status in (200, 201)
+    log = wait_for_log(logged, '"GET /set?wait=… HTTP/1.1"')
+    for name in names:
+        assert f'"GET /set?{name}=… HTTP/1.1"' in log
+    assert SECRET not in log
+
+
 def test_the_access_log_redacts_a_malformed_set_answered_400(logged):
     assert logged.get(f"/set?name={SECRET}&also={SECRET}").status == 400
     assert logged.get(f"/set?name={SECRET}&bare").status == 400

@@ -3841,7 +3841,9 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             status, detail, headers = _answer_to(error)
             if status == HTTPStatus.INTERNAL_SERVER_ERROR:
                 traceback.print_exc(file=sys.stderr)
-            if status in (HTTPStatus.INTERNAL_SERVER_ERROR, HTTPStatus.NOT_IMPLEMENTED):
+            # After a fault of ours, or in an answer already under way (which is then cut short:
+            # only closing the connection says so), what follows on the connection is not to be trusted.
+            if status in (HTTPStatus.INTERNAL_SERVER_ERROR, HTTPStatus.NOT_IMPLEMENTED) or self._status is not None:
                 self.close_connection = True
             self._send_problem(status, detail, headers)
 
@@ -4150,11 +4152,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         writer = self._stream("application/x-ndjson")
         if writer is None:
             return
-        try:
-            self.storage.export(writer, prefix)
-        except BaseException:
-            self.close_connection = True  # the answer is cut short: only closing the connection says so
-            raise
+        self.storage.export(writer, prefix)
         writer.close()
 
     @_route("/import", "POST")

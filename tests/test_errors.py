@@ -6,7 +6,7 @@ import xmlrpc.client
 from collections.abc import Iterator
 
 import pytest
-from conftest import LiveServer, assert_no_traceback, assert_problem
+from conftest import LiveServer, assert_no_traceback, assert_problem, raw_exchange_timed
 
 import kvserver
 
@@ -38,3 +38,34 @@ def test_a_storage_value_error_is_a_fault_400_over_xmlrpc(refusing_server, capfd
     assert fault.value.faultCode == 400
     assert "this backend takes no value named like that" in fault.value.faultString
     assert_no_traceback(capfd.readouterr().err)
+
+
+class FailingStorage(kvserver.MemoryStorage):
+    """A backend that fails partway through a listing, as Redis going away does."""
+
+    def fetch(self, key):  # type: ignore[override]
+        if key == "b":
+            raise kvserver.StorageUnavailable("the backend went away")
+        return super().fetch(key)
+
+
+@pytest.fixture
+def failing_server() -> Iterator[LiveServer]:
+    server = LiveServer(FailingStorage()).start()
+    for key in ("a", "b", "c"):
+        server.storage.put(key, b"v")
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("path", ["/", "/export"])
+def test_an_answer_that_a_storage_failure_cuts_short_closes_the_connection(failing_server, path):
+    """RFC 9112 section 7.1: a chunked body ends with its last chunk; one that cannot end so is
+    cut short by closing the connection, not left open for the next answer to land in."""
+    health = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode() + health
+    received, went_quiet = raw_exchange_timed(failing_server.port, request, timeout=5)
+    assert not went_quiet, received
+    assert received.startswith(b"HTTP/1.1 200 ") and b"\r\nTransfer-Encoding: chunked\r\n" in received
+    assert not received.endswith(b"0\r\n\r\n")  # no last chunk: the client can tell the body is cut short
+    assert received.count(b"HTTP/1.1 ") == 1  # the pipelined /health is not answered inside it

@@ -148,7 +148,7 @@ DEFAULT_CONTENT_TYPE = "application/octet-stream"
 TEXT_CONTENT_TYPE = "text/plain; charset=utf-8"
 
 _CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f]")
-_HEADER_VALUE = re.compile("[\x20-\x7e]*")
+_MEDIA_TYPE = re.compile("[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?")  # an HTTP field value, trimmed
 
 
 def check_key(key: object) -> str:
@@ -170,6 +170,18 @@ def check_key(key: object) -> str:
     if "\ufffe" in key or "\uffff" in key:
         raise ValueError(f"key {key!r} holds U+FFFE or U+FFFF, which XML cannot carry")
     return key
+
+
+def _check_media_type(content_type: object) -> str:
+    """Return `content_type` if a value may be stored with it, else raise ValueError: it is
+    sent back as a Content-Type field, so it is printable ASCII, not empty, with no space at
+    either end."""
+    if not isinstance(content_type, str) or not _MEDIA_TYPE.fullmatch(content_type):
+        raise ValueError(
+            f"a media type is printable ASCII, as an HTTP field value, not empty and without spaces around it; "
+            f"not {content_type!r}"
+        )
+    return content_type
 
 
 def _sniff_content_type(data: bytes) -> str:
@@ -1119,8 +1131,7 @@ class Storage(abc.ABC):
         upload cut off half way) stores nothing.
         """
         check_key(key)
-        if not isinstance(content_type, str) or not _HEADER_VALUE.fullmatch(content_type):
-            raise ValueError(f"a media type is printable ASCII, as in an HTTP header, not {content_type!r}")
+        _check_media_type(content_type)
         expires_at = _expiry(ttl)
         self._check_open()
         new = _NewValue(_pieces(source), content_type, expires_at)
@@ -4240,11 +4251,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         if_match, if_none_match = self._precondition()
         # Fail before the body is sent; the storage checks again, atomically, when it commits.
         self.storage.check_precondition(key, if_match=if_match, if_none_match=if_none_match)
-        content_type = " ".join(self.headers.get("Content-Type", DEFAULT_CONTENT_TYPE).split())  # unfolds lines
-        if not content_type or not _HEADER_VALUE.fullmatch(content_type):
-            raise _HTTPError(
-                HTTPStatus.BAD_REQUEST, f"Content-Type {content_type!r} is not a printable ASCII media type"
-            )
+        content_type = _check_media_type(self.headers.get("Content-Type", DEFAULT_CONTENT_TYPE))
         body = self.body.open(self.server.max_value)
         stat, created = self.storage.write(
             key, body, content_type=content_type, ttl=ttl, if_match=if_match, if_none_match=if_none_match

@@ -181,6 +181,8 @@ BAD_LINES = {
     "invalid-key": b'{"key": "a\\nb", "content_type": "t", "expires_at": null, "value": ""}\n',
     "empty-key": b'{"key": "", "content_type": "t", "expires_at": null, "value": ""}\n',
     "bad-media-type": b'{"key": "k", "content_type": "t\\u00e9", "expires_at": null, "value": ""}\n',
+    "empty-media-type": b'{"key": "k", "content_type": "", "expires_at": null, "value": ""}\n',
+    "media-type-with-spaces-around": b'{"key": "k", "content_type": " t ", "expires_at": null, "value": ""}\n',
     "expires-at-text": b'{"key": "k", "content_type": "t", "expires_at": "soon", "value": ""}\n',
     "not-base64": b'{"key": "k", "content_type": "t", "expires_at": null, "value": "a*b="}\n',
     "base64-cut": b'{"key": "k", "content_type": "t", "expires_at": null, "value": "YWJ"}\n',

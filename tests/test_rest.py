@@ -134,6 +134,19 @@ def test_a_content_type_with_a_control_character_is_a_400_and_stores_nothing(ser
     assert server.get("/kv/k").status == 404
 
 
+@pytest.mark.parametrize(
+    "content_type", [b"", b"text/html\xa0", b"text/html\xa0 \xa0x"], ids=["empty", "nbsp", "nbsps"]
+)
+def test_a_content_type_that_is_not_printable_ascii_is_a_400_not_trimmed_or_collapsed(server, content_type):
+    """Field values are Latin-1: a no-break space (0xA0) is not whitespace to trim or collapse."""
+    answer = server.raw(
+        b"PUT /kv/k HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: " + content_type + b"\r\nContent-Length: 3\r\n\r\nabc"
+    )
+    assert answer.startswith(b"HTTP/1.1 400 "), answer
+    assert b"media type" in answer
+    assert server.get("/kv/k").status == 404
+
+
 def test_an_empty_body_stores_the_empty_value(server):
     assert put(server, "/kv/empty", b"").status == 201
     response = server.get("/kv/empty")

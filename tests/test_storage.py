@@ -330,6 +330,13 @@ class StorageContract:
         assert store.stat(key).content_type == "application/json"
         assert store.fetch(key)[0].content_type == "application/json"
 
+    @pytest.mark.parametrize("content_type", ["", " text/html", "text/html ", "text/html\xa0", "tëxt/plain", None])
+    def test_a_media_type_that_cannot_be_sent_back_as_a_content_type_is_a_value_error(self, store, content_type):
+        store.put("k", b"untouched", content_type="text/plain")
+        with pytest.raises(ValueError, match="media type"):
+            store.put("k", b"new", content_type=content_type)
+        assert (store.get("k"), store.stat("k").content_type) == (b"untouched", "text/plain")
+
     # Stat
 
     def test_stat_gives_size_media_type_etag_and_expiry(self, store, key, value):

@@ -3620,6 +3620,8 @@ class _XMLRPC:
 
     def method_help(self, name: str) -> str:
         """system.methodHelp(name): how to call a method, and what it does."""
+        if not isinstance(name, str):
+            raise xmlrpc.client.Fault(400, f"a method name is a str, not {type(name).__name__}")
         if name not in self._methods:
             raise xmlrpc.client.Fault(404, f"no method {name!r}; system.listMethods() lists them")
         return inspect.getdoc(self._methods[name]) or name

@@ -328,6 +328,14 @@ def test_method_help_says_how_to_call_each_method(shared_rpc, method):
     assert f"{method}(" in help_text
 
 
+@pytest.mark.parametrize("name", [["save"], {"name": "save"}, 1, "nosuch"], ids=["array", "struct", "int", "unknown"])
+def test_method_help_of_anything_but_a_method_name_is_a_fault_not_a_server_error(shared_rpc, name, capfd):
+    with pytest.raises(xmlrpc.client.Fault) as fault:
+        shared_rpc.system.methodHelp(name)
+    assert fault.value.faultCode == (404 if name == "nosuch" else 400), fault.value.faultString
+    assert "Traceback" not in capfd.readouterr().err
+
+
 # The other interfaces' values, loaded over XML-RPC by their media type
 
 

@@ -4670,6 +4670,7 @@ class KVServer(ThreadingHTTPServer):
         """Twice a second: cut off clients whose request head is overdue, end the waits of
         clients that hung up, close the refused connections once their client had a moment to
         read the 503, and sweep the storage."""
+        unavailable = False  # the last sweep found the storage unavailable (it was said once)
         while not self._closed.wait(0.5):
             _shut_down(self.connections.overdue())
             self.connections.hung_up()
@@ -4681,8 +4682,16 @@ class KVServer(ThreadingHTTPServer):
                 connection.close()
             try:
                 self.storage.sweep()  # values whose TTL passed
+            except StorageUnavailable as error:
+                if not unavailable:
+                    print(f"kvserver: expired values are not swept for now: {error}", file=sys.stderr)
+                unavailable = True
             except Exception:
                 traceback.print_exc()  # housekeeping goes on
+            else:
+                if unavailable:
+                    print("kvserver: expired values are swept again", file=sys.stderr)
+                unavailable = False
 
     def stop_on_signals(self) -> None:
         """Make Ctrl-C and SIGTERM end serve_forever at its next turn; a second one raises

@@ -6,7 +6,7 @@ import xmlrpc.client
 from collections.abc import Iterator
 
 import pytest
-from conftest import LiveServer, assert_no_traceback, assert_problem, raw_exchange_timed
+from conftest import LiveServer, assert_no_traceback, assert_problem, raw_exchange_timed, wait_for
 
 import kvserver
 
@@ -69,3 +69,32 @@ def test_an_answer_that_a_storage_failure_cuts_short_closes_the_connection(faili
     assert received.startswith(b"HTTP/1.1 200 ") and b"\r\nTransfer-Encoding: chunked\r\n" in received
     assert not received.endswith(b"0\r\n\r\n")  # no last chunk: the client can tell the body is cut short
     assert received.count(b"HTTP/1.1 ") == 1  # the pipelined /health is not answered inside it
+
+
+class UnreachableStorage(kvserver.MemoryStorage):
+    """A backend whose sweeps fail while `reachable` is False, as Redis's do while it is away."""
+
+    reachable = False
+    sweeps = 0
+
+    def sweep(self) -> int:
+        self.sweeps += 1
+        if not self.reachable:
+            raise kvserver.StorageUnavailable("cannot reach the backend")
+        return super().sweep()
+
+
+def test_a_storage_unavailable_to_the_sweep_is_said_once_not_twice_a_second(capfd):
+    storage = UnreachableStorage()
+    server = LiveServer(storage).start()
+    try:
+        wait_for(lambda: storage.sweeps >= 4, timeout=10, what="four sweeps")
+        storage.reachable = True
+        swept = storage.sweeps
+        wait_for(lambda: storage.sweeps >= swept + 2, timeout=10, what="two more sweeps")
+    finally:
+        server.stop()
+    err = capfd.readouterr().err
+    assert err.count("expired values are not swept for now: cannot reach the backend") == 1, err
+    assert err.count("expired values are swept again") == 1, err
+    assert_no_traceback(err)

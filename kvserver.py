@@ -3830,14 +3830,17 @@ class KVRequestHandler(BaseHTTPRequestHandler):
 
     def _dispatch(self) -> None:
         path, _, query = self.path.partition("?")
-        if path.startswith(("http://", "https://")):  # absolute form (RFC 9112 section 3.2.2)
-            path = "/" + path.split("/", 3)[3] if path.count("/") >= 3 else "/"
+        host = self.headers.get("Host")
+        scheme, absolute, rest = path.partition("://")
+        if absolute and scheme.lower() in ("http", "https"):  # absolute form (RFC 9112 section 3.2.2):
+            host, _, path = rest.partition("/")  # the host is its authority, whatever Host says
+            path = "/" + path
         route = "/kv/" if path.startswith("/kv/") else path
         methods = self.routes.get(route)
         try:
             if self.command not in _KNOWN_METHODS:
                 raise _HTTPError(HTTPStatus.NOT_IMPLEMENTED, f"method {self.command!r} is not known to this server")
-            self._check_access(route)
+            self._check_access(route, host)
             if methods is None:
                 raise _HTTPError(HTTPStatus.NOT_FOUND, f"no route {path!r}; see the README for the routes")
             self._metrics_route = "/kv/<key>" if route == "/kv/" else route
@@ -3860,16 +3863,16 @@ class KVRequestHandler(BaseHTTPRequestHandler):
                 self.close_connection = True
             self._send_problem(status, detail, headers)
 
-    def _check_access(self, route: str) -> None:
+    def _check_access(self, route: str, host: str | None) -> None:
         """Refuse what a web page could make a browser send here (SPEC section 8), then
-        requests without the token."""
+        requests without the token. `host` is the request's: its Host field, or the
+        authority of an absolute-form target."""
         if self.headers.get("Sec-Fetch-Site", "").lower() in ("cross-site", "same-site"):
             raise _HTTPError(
                 HTTPStatus.FORBIDDEN,
                 "requests from other sites are refused (a page on another port of this host too): "
                 "a web page may not use this server",
             )
-        host = self.headers.get("Host")
         origin = self.headers.get("Origin")
         if origin is not None and (host is None or origin.lower() != f"{self.server.scheme}://{host}".lower()):
             raise _HTTPError(

@@ -496,6 +496,21 @@ def test_a_loopback_host_is_served(plain, host):
     assert plain.get("/get?key=mine", headers=headers).body == b"ok"
 
 
+def test_an_absolute_form_target_is_checked_by_its_own_host_not_the_host_field(plain):
+    """RFC 9112 section 3.2.2: the server ignores Host and uses the target's authority."""
+    loopback = f"127.0.0.1:{plain.port}".encode()
+
+    def status(target: bytes, host: bytes) -> bytes:
+        answer = plain.raw(b"GET " + target + b" HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
+        return answer[9:12]
+
+    assert status(b"http://evil.example/set?planted=1", loopback) == b"403"
+    assert status(b"http://" + loopback + b"/set?served=1", b"evil.example") == b"201"
+    assert status(b"HTTP://" + loopback + b"/health", loopback) == b"200"  # a scheme is case-insensitive
+    assert status(b"hTTps://localhost/health", loopback) == b"200"
+    assert plain.get("/get?key=planted").status == 404
+
+
 def test_any_host_is_served_when_bound_to_all_addresses(make_server):
     server = make_server("--quiet", "--bind", "0.0.0.0", "--no-token")
     headers = {"Host": f"kv.example.org:{server.port}"}

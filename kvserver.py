@@ -3628,7 +3628,14 @@ class _XMLRPC:
 
     def keys(self, prefix: str = "") -> list[str]:
         """keys([prefix]): the keys that start with prefix, in code-point order."""
-        return self._storage.keys(prefix)
+        keys = self._storage.keys(prefix)
+        if len(keys) > MAX_RPC_ITEMS or sum(map(len, keys)) > MAX_RPC_VALUE:
+            raise xmlrpc.client.Fault(
+                413,
+                f"the keys under {prefix!r} are over {MAX_RPC_ITEMS:,} or {MAX_RPC_VALUE >> 20} MiB, more than "
+                "XML-RPC carries: list them a page at a time with GET /keys?prefix=<prefix>",
+            )
+        return keys
 
 
 # The request handler: access checks, routes, and each route's handler

@@ -23,6 +23,8 @@ from conftest import LiveServer, assert_no_traceback, live, vm_bytes, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import kvserver
+
 TEXT = "text/plain; charset=utf-8"
 BYTES = "application/octet-stream"
 JSON = "application/json"
@@ -933,3 +935,21 @@ def test_any_xmlrpc_value_within_the_limits_loads_back_equal_and_of_the_same_typ
     key = f"key-{uuid.uuid4().hex}"
     shared_rpc.save(key, value)
     assert_same_typed(shared_rpc.load(key), value)
+
+
+def test_keys_over_what_xml_rpc_carries_are_a_fault_413_pointing_to_the_paged_listing(shared_server, monkeypatch):
+    """One call costs the server at most a small multiple of MAX_RPC_VALUE in memory."""
+    prefix = f"many-{uuid.uuid4().hex}/"
+    for n in range(4):
+        shared_server.storage.put(f"{prefix}{n}", b"v")
+    monkeypatch.setattr(kvserver, "MAX_RPC_ITEMS", 4)
+    with proxy(shared_server) as rpc:
+        assert rpc.keys(prefix) == [f"{prefix}{n}" for n in range(4)]
+        shared_server.storage.put(f"{prefix}4", b"v")
+        fault = fault_of(rpc.keys, prefix)
+        monkeypatch.setattr(kvserver, "MAX_RPC_ITEMS", 5)
+        monkeypatch.setattr(kvserver, "MAX_RPC_VALUE", 5 * len(prefix))
+        fault_by_size = fault_of(rpc.keys, prefix)
+    for raised in (fault, fault_by_size):
+        assert raised.faultCode == 413
+        assert "GET /keys?prefix=" in raised.faultString

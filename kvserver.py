@@ -1595,20 +1595,27 @@ class _GroupSync:
     tickets while it runs wait for it to end, and then one of them runs the next fsync for
     all of them. Sixteen concurrent writers pay two or three folder fsyncs, not sixteen, and
     each still hears back only after an fsync that began after its change. If an fsync fails,
-    its leader raises, and the next waiter tries again (`failed` stays True from then on: an
-    fsync that succeeds after one that failed may not have written what the first did not).
-    Without fsync, waiting returns at once; once closed, a wait for a change not yet durable
-    raises ValueError, so that no write that may be lost is reported done.
+    every change it covered may never be durable, even once a later fsync succeeds (it may not
+    write what the failed one did not): each of their waits raises, the leader's with the
+    fsync's error and the others' with EIO, and `failed` stays True. Later changes are synced
+    by the next fsync as usual. Without fsync, waiting returns at once; once closed, a wait
+    for a change not yet durable raises ValueError. So no change that may be lost is reported
+    durable.
     """
 
     def __init__(self, path: str, enabled: bool) -> None:
         self._fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY) if enabled else None
-        self._changes = threading.Condition(threading.Lock())  # guards the three below
+        self._changes = threading.Condition(threading.Lock())  # guards the others below
         self._issued = 0  # the last ticket handed out
-        self._synced = 0  # every change up to this ticket is durable
+        self._synced = 0  # every change up to this ticket is durable, but those of _failures
+        self._failures: list[range] = []  # the tickets each failed fsync covered
         self._running = False  # an fsync is under way
         self._closed = False
-        self.failed = False  # an fsync has failed
+
+    @property
+    def failed(self) -> bool:
+        """Whether an fsync of the folder has failed."""
+        return bool(self._failures)
 
     def ticket(self) -> int:
         """A ticket for a change just made in the folder."""
@@ -1623,12 +1630,15 @@ class _GroupSync:
         return self._issued
 
     def wait(self, ticket: int) -> None:
-        """Return once the change of `ticket`, and every change before it, is durable.
-        ValueError if the storage closed before it was."""
+        """Return once the change of `ticket`, and every change before it (but those of
+        failed fsyncs), is durable. OSError if an fsync that covered it failed; ValueError if
+        the storage closed before it was durable."""
         if self._fd is None:
             return
         with self._changes:
-            while self._synced < ticket:
+            while not any(ticket in failure for failure in self._failures):
+                if self._synced >= ticket:
+                    return
                 if self._running:
                     self._changes.wait()
                     continue
@@ -1636,17 +1646,20 @@ class _GroupSync:
                     raise ValueError("the storage was closed before this change was made durable")
                 self._running = True
                 covered = self._issued  # each of these was taken after its change: this fsync covers them
+                ended = False  # the fsync ended without an error
                 self._changes.release()
                 try:
                     os.fsync(self._fd)
-                except BaseException:
-                    self.failed = True
-                    raise
-                finally:
+                    ended = True
+                finally:  # (on an error, this leader raises it)
                     self._changes.acquire()
                     self._running = False
+                    if ended:
+                        self._synced = max(self._synced, covered)
+                    else:
+                        self._failures.append(range(self._synced + 1, covered + 1))
                     self._changes.notify_all()
-                self._synced = max(self._synced, covered)
+            raise OSError(errno.EIO, "the folder fsync that was to make this change durable failed")
 
     def close(self) -> None:
         with self._changes:

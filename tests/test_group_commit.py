@@ -8,6 +8,7 @@ answered, and finds every answered value on disk after a restart.
 
 from __future__ import annotations
 
+import errno
 import http.client
 import itertools
 import os
@@ -166,3 +167,29 @@ def test_a_write_that_the_storage_closes_under_is_not_reported_done(tmp_path, mo
     monkeypatch.setattr(synced, "ticket", ticket_then_close)
     with pytest.raises(ValueError, match="closed before this change was made durable"):
         store.put("k", b"v")
+
+
+def test_a_change_that_a_failed_folder_fsync_covered_is_never_reported_durable(tmp_path, monkeypatch):
+    """Not even once a later fsync of the folder succeeds: it may not write what the failed one
+    did not. A writer whose rename the failed fsync covered, and who waits after it, raises."""
+    sync = kvserver._GroupSync(str(tmp_path), True)
+    real_fsync = os.fsync
+    failures = [OSError(errno.EIO, "Input/output error")]
+
+    def fsync(fd):
+        if failures:
+            raise failures.pop()
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    covered = [sync.ticket(), sync.ticket()]  # two renames; the first waiter leads the fsync, which fails
+    with pytest.raises(OSError, match="Input/output error"):
+        sync.wait(covered[0])
+    later = sync.ticket()
+    sync.wait(later)  # a later change is synced as usual
+    for ticket in covered:  # the second writer waits only now, after a successful fsync
+        with pytest.raises(OSError) as raised:
+            sync.wait(ticket)
+        assert raised.value.errno == errno.EIO
+    assert sync.failed
+    sync.close()

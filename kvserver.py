@@ -1742,7 +1742,14 @@ class FileStorage(Storage):
             self._syncs.append(self._meta_synced)
             for folder in (self._tmp, self._spare):  # left by a crash, or by the last run
                 for name in os.listdir(folder):
-                    os.unlink(os.path.join(folder, name))
+                    path = os.path.join(folder, name)
+                    try:
+                        os.unlink(path)
+                    except IsADirectoryError:  # put in a key's place by hand, and swapped out (see _stage)
+                        print(
+                            f"kvserver: leaving {_printable(path)}: a folder, not a file kvserver wrote",
+                            file=sys.stderr,
+                        )
             # A swap saves more than rewriting the file costs only if the file is not emptied
             # first, and only fsync makes that safe (see _stage).
             self._swaps = self._check_file_system() and fsync
@@ -2063,8 +2070,8 @@ class FileStorage(Storage):
                 path = self._spares.pop()
             except IndexError:
                 return None
-            with contextlib.suppress(OSError):  # a symbolic link, or a folder, put in the key's place by hand
-                fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with contextlib.suppress(OSError):  # a symbolic link, folder or FIFO put in the key's place by hand
+                fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)  # (a FIFO: ENXIO)
                 info = os.fstat(fd)
                 if S_ISREG(info.st_mode) and info.st_nlink == 1:
                     return path, fd, info.st_size

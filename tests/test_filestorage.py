@@ -627,6 +627,40 @@ def test_a_symbolic_link_put_in_a_keys_place_is_not_written_through(data_dir, tm
     assert outside.read_bytes() == b"not the server's"
 
 
+def test_a_folder_put_in_a_keys_place_is_kept_and_does_not_stop_the_next_start(data_dir, capfd):
+    with kvserver.FileStorage(data_dir, fsync=True) as store:
+        store.put("k", b"one")
+        (data_dir / "k").unlink()
+        (data_dir / "k").mkdir()  # by hand, while the store is open
+        (data_dir / "k" / "notes.txt").write_bytes(b"someone's file")
+        store.put("k", b"two")  # swaps the folder out
+        store.put("other", b"first")
+        store.put("other", b"second")  # a spare is wanted: the folder is not one
+    with kvserver.FileStorage(data_dir, fsync=True) as store:
+        assert (store.get("k"), store.get("other")) == (b"two", b"second")
+    [kept] = (data_dir / ".kvserver").glob("*/*/notes.txt")
+    assert kept.read_bytes() == b"someone's file"
+    assert f"leaving {kept.parent}: a folder" in capfd.readouterr().err
+
+
+def test_a_fifo_put_in_a_keys_place_does_not_make_a_later_write_wait_for_a_reader(data_dir):
+    store = kvserver.FileStorage(data_dir, fsync=True)
+    store.put("k", b"one")
+    (data_dir / "k").unlink()
+    os.mkfifo(data_dir / "k")  # by hand, while the store is open
+    store.put("k", b"two")  # swaps the FIFO out
+    writer = threading.Thread(target=store.put, args=("other", b"value"), daemon=True)
+    writer.start()
+    writer.join(10)
+    if writer.is_alive():  # let it end: a reader opens the FIFO
+        [fifo] = (data_dir / ".kvserver" / "spare").iterdir()
+        os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
+        writer.join(10)
+        pytest.fail("a write waited for a reader of a FIFO put in a key's place")
+    assert value_files(data_dir) == {"k": b"two", "other": b"value"}
+    store.close()
+
+
 def test_after_a_folder_fsync_fails_no_swapped_out_file_is_rewritten(data_dir, monkeypatch):
     real_fsync = os.fsync
     failures = [OSError(errno.EIO, "Input/output error")]

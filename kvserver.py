@@ -1833,6 +1833,8 @@ class FileStorage(Storage):
             self._index.put(key, _Entry(size, sys.intern(content_type), stamp, expires_at, data))
             latest_stamp = max(latest_stamp, stamp)
         _stamps_after(latest_stamp)
+        if unused_metadata:  # the removals of the value files they knew are durable first
+            self._values_synced.wait(self._values_synced.ticket())
         for name in unused_metadata:
             os.unlink(os.path.join(self._meta, name))
 
@@ -1910,10 +1912,11 @@ class FileStorage(Storage):
                     records = {entry.etag: self._record(key, entry)}
                     if previous is not None:
                         records[previous.etag] = self._record(key, previous)
-                    if had_metadata:
+                    if had_metadata or (previous is None and os.path.lexists(os.path.join(self._meta, name))):
                         # The metadata file about to be replaced also knows the version before
-                        # `previous`, whose file may still be the one a power loss leaves in
-                        # place: wait until the rename of `previous` is durable.
+                        # `previous` (or a value a sweep has just removed), whose file may still
+                        # be the one a power loss leaves in place: wait until the rename of
+                        # `previous` (or the removal) is durable.
                         self._values_synced.wait(self._values_synced.latest())
                     # Crash before the next line: the old value and its metadata, as before.
                     self._write_metadata(name, records)

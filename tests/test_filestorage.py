@@ -627,6 +627,81 @@ def test_a_symbolic_link_put_in_a_keys_place_is_not_written_through(data_dir, tm
     assert outside.read_bytes() == b"not the server's"
 
 
+def trace_folder_changes(monkeypatch, data_dir: Path, gate: threading.Event | None = None) -> list[tuple[str, str]]:
+    """Log, in order, the removals and renames in the data dir's top folder and in its metadata
+    folder, and the beginning and end of each fsync of the top folder (which waits for `gate`,
+    if given, before it begins)."""
+    log: list[tuple[str, str]] = []
+    real_fsync, real_unlink, real_replace = os.fsync, os.unlink, os.replace
+    top, meta = str(data_dir), str(data_dir / ".kvserver" / "meta")
+
+    def where(path) -> str:
+        folder = os.path.dirname(os.fspath(path))
+        return "top" if folder == top else "meta" if folder == meta else ""
+
+    def fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}") != top:
+            return real_fsync(fd)
+        if gate is not None:
+            gate.wait(10)
+        log.append(("fsync begins", "top"))
+        real_fsync(fd)
+        log.append(("fsync ends", "top"))
+
+    def unlink(path):
+        real_unlink(path)
+        log.append(("unlink", where(path)))
+
+    def replace(source, target):
+        real_replace(source, target)
+        log.append(("replace", where(target)))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "unlink", unlink)
+    monkeypatch.setattr(os, "replace", replace)
+    return log
+
+
+def durable_before(log: list[tuple[str, str]], change: tuple[str, str], then: tuple[str, str]) -> bool:
+    """Whether an fsync of the top folder that began after `change` ended before `then`."""
+    after = log[log.index(change) :]
+    before_then = after[: after.index(then)] if then in after else after
+    began = before_then.index(("fsync begins", "top")) if ("fsync begins", "top") in before_then else len(after)
+    return ("fsync ends", "top") in before_then[began:]
+
+
+def test_an_expired_value_removed_at_start_is_durably_gone_before_its_metadata_goes(data_dir, monkeypatch):
+    """Else a power loss could bring the value back without its metadata: with no TTL, forever."""
+    with kvserver.FileStorage(data_dir, fsync=True) as store:
+        store.put("k", b"<old/>", content_type="text/html", ttl=1)
+        expires_at = store.stat("k").expires_at
+    wait_for(lambda: time.time() > expires_at, what="the value's expiry")
+    log = trace_folder_changes(monkeypatch, data_dir)
+    with kvserver.FileStorage(data_dir, fsync=True) as store:
+        assert "k" not in store
+    assert durable_before(log, ("unlink", "top"), ("unlink", "meta")), log
+
+
+def test_a_write_after_a_sweep_replaces_the_metadata_only_once_the_swept_value_is_durably_gone(data_dir, monkeypatch):
+    with kvserver.FileStorage(data_dir, fsync=True) as store:
+        store.put("k", b"<old/>", content_type="text/html", ttl=1)
+        expires_at = store.stat("k").expires_at
+        wait_for(lambda: time.time() > expires_at, what="the value's expiry")
+        gate = threading.Event()
+        log = trace_folder_changes(monkeypatch, data_dir, gate)
+        sweeper = threading.Thread(target=store.sweep)  # its folder fsync waits for the gate
+        sweeper.start()
+        wait_for(lambda: ("unlink", "top") in log, what="the sweep's removal")
+        writer = threading.Thread(target=store.put, args=("k", b"<new/>"), kwargs={"content_type": "text/html"})
+        writer.start()
+        writer.join(0.5)  # it may not replace the metadata yet: the swept value's removal is not durable
+        gate.set()
+        for thread in (sweeper, writer):
+            thread.join(10)
+        assert store.get("k") == b"<new/>"
+    assert durable_before(log, ("unlink", "top"), ("replace", "meta")), log
+
+
 def test_a_folder_put_in_a_keys_place_is_kept_and_does_not_stop_the_next_start(data_dir, capfd):
     with kvserver.FileStorage(data_dir, fsync=True) as store:
         store.put("k", b"one")

@@ -1618,16 +1618,12 @@ class _GroupSync:
         return bool(self._failures)
 
     def ticket(self) -> int:
-        """A ticket for a change just made in the folder."""
+        """A ticket for a change just made in the folder (or for every change so far)."""
         if self._fd is None:
             return 0  # nothing to wait for
         with self._changes:
             self._issued += 1
             return self._issued
-
-    def latest(self) -> int:
-        """The ticket of the last change made in the folder."""
-        return self._issued
 
     def wait(self, ticket: int) -> None:
         """Return once the change of `ticket`, and every change before it (but those of
@@ -1916,8 +1912,8 @@ class FileStorage(Storage):
                         # The metadata file about to be replaced also knows the version before
                         # `previous` (or a value a sweep has just removed), whose file may still
                         # be the one a power loss leaves in place: wait until the rename of
-                        # `previous` (or the removal) is durable.
-                        self._values_synced.wait(self._values_synced.latest())
+                        # `previous` (or the removal) is durable, with a folder fsync from now.
+                        self._values_synced.wait(self._values_synced.ticket())
                     # Crash before the next line: the old value and its metadata, as before.
                     self._write_metadata(name, records)
                     # Crash here: the metadata knows both versions; the old value file is in place.

@@ -193,3 +193,25 @@ def test_a_change_that_a_failed_folder_fsync_covered_is_never_reported_durable(t
         assert raised.value.errno == errno.EIO
     assert sync.failed
     sync.close()
+
+
+def test_after_a_failed_folder_fsync_a_key_with_metadata_can_be_written_again(tmp_path, monkeypatch):
+    """The failure refuses the changes it covered, not later writes of other keys."""
+    data_dir = tmp_path / "data"
+    store = kvserver.FileStorage(data_dir, fsync=True)
+    store.put("a", b"one", ttl=3600)  # a TTL: replacing it replaces its metadata file
+    real_fsync = os.fsync
+    failures = [OSError(errno.EIO, "Input/output error")]
+
+    def fsync(fd):
+        if failures and os.readlink(f"/proc/self/fd/{fd}") == str(data_dir):
+            raise failures.pop()
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError):
+        store.put("b", b"x")  # its folder fsync fails
+    for n in range(3):
+        store.put("a", b"two %d" % n, ttl=3600)
+    assert store.get("a") == b"two 2"
+    store.close()

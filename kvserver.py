@@ -1686,6 +1686,7 @@ class FileStorage(Storage):
       .kvserver/tmp/           values and metadata being written; emptied at start
       .kvserver/spare/         files that writes swapped out, for later writes to rewrite; emptied at start
       .kvserver/meta/<name>    metadata that cannot be derived from the value file
+      .kvserver/kept/          folders put in a key's place by hand, once a write swapped them out
 
     A value file's fingerprint, its size and modification time (which kvserver sets to a
     unique stamp), is its ETag. A value whose media type is the one its bytes suggest, with
@@ -1742,10 +1743,7 @@ class FileStorage(Storage):
                     try:
                         os.unlink(path)
                     except IsADirectoryError:  # put in a key's place by hand, and swapped out (see _stage)
-                        print(
-                            f"kvserver: leaving {_printable(path)}: a folder, not a file kvserver wrote",
-                            file=sys.stderr,
-                        )
+                        self._keep_folder(path)
             # A swap saves more than rewriting the file costs only if the file is not emptied
             # first, and only fsync makes that safe (see _stage).
             self._swaps = self._check_file_system() and fsync
@@ -1766,6 +1764,17 @@ class FileStorage(Storage):
             self._lock_file = None
 
     # Start-up
+
+    def _keep_folder(self, path: str) -> None:
+        """Move a folder out of tmp or spare, whose names are kvserver's, into kept."""
+        kept = os.path.join(self.path, ".kvserver", "kept")
+        os.makedirs(kept, exist_ok=True)
+        target = os.path.join(kept, f"{_new_stamp()}-{os.path.basename(path)}")
+        os.rename(path, target)
+        print(
+            f"kvserver: moved {_printable(path)} to {_printable(target)}: a folder put in a key's place by hand",
+            file=sys.stderr,
+        )
 
     def _check_file_system(self) -> bool:
         """Refuse a file system that would break the format: one that rounds modification times

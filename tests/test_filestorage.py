@@ -713,9 +713,15 @@ def test_a_folder_put_in_a_keys_place_is_kept_and_does_not_stop_the_next_start(d
         store.put("other", b"second")  # a spare is wanted: the folder is not one
     with kvserver.FileStorage(data_dir, fsync=True) as store:
         assert (store.get("k"), store.get("other")) == (b"two", b"second")
-    [kept] = (data_dir / ".kvserver").glob("*/*/notes.txt")
+        for n in range(4):  # temporary files and spares take the names the folder had
+            store.put(f"new{n}", b"first")
+            store.put(f"new{n}", b"second")
+        for folder in ("tmp", "spare"):
+            assert all(path.is_file() for path in (data_dir / ".kvserver" / folder).iterdir())
+        assert len(list((data_dir / ".kvserver" / "spare").iterdir())) >= 1
+    [kept] = (data_dir / ".kvserver" / "kept").glob("*/notes.txt")
     assert kept.read_bytes() == b"someone's file"
-    assert f"leaving {kept.parent}: a folder" in capfd.readouterr().err
+    assert f"to {kept.parent}: a folder put in a key's place by hand" in capfd.readouterr().err
 
 
 def test_a_fifo_put_in_a_keys_place_does_not_make_a_later_write_wait_for_a_reader(data_dir):

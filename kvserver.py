@@ -148,7 +148,7 @@ DEFAULT_CONTENT_TYPE = "application/octet-stream"
 TEXT_CONTENT_TYPE = "text/plain; charset=utf-8"
 
 _CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f]")
-_MEDIA_TYPE = re.compile("[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?")  # an HTTP field value, trimmed
+_MEDIA_TYPE = re.compile("[\x21-\x7e]([\t\x20-\x7e]*[\x21-\x7e])?")  # an HTTP field value of ASCII, trimmed
 
 
 def check_key(key: object) -> str:
@@ -174,12 +174,12 @@ def check_key(key: object) -> str:
 
 def _check_media_type(content_type: object) -> str:
     """Return `content_type` if a value may be stored with it, else raise ValueError: it is
-    sent back as a Content-Type field, so it is printable ASCII, not empty, with no space at
-    either end."""
+    sent back as a Content-Type field, so it is printable ASCII (tabs too, as between the
+    parameters of a media type), not empty, with no space or tab at either end."""
     if not isinstance(content_type, str) or not _MEDIA_TYPE.fullmatch(content_type):
         raise ValueError(
-            f"a media type is printable ASCII, as an HTTP field value, not empty and without spaces around it; "
-            f"not {content_type!r}"
+            "a media type is printable ASCII (and tabs), as an HTTP field value, not empty and without "
+            f"whitespace around it; not {content_type!r}"
         )
     return content_type
 

@@ -134,6 +134,16 @@ def test_a_content_type_with_a_control_character_is_a_400_and_stores_nothing(ser
     assert server.get("/kv/k").status == 404
 
 
+def test_a_content_type_with_a_tab_between_its_parameters_is_stored_as_sent(server):
+    """OWS between media-type parameters is space or tab (RFC 9110 sections 5.6.3, 8.3.1)."""
+    answer = server.raw(
+        b"PUT /kv/tabbed HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/plain;\tcharset=utf-8\r\n"
+        b"Content-Length: 3\r\nConnection: close\r\n\r\nabc"
+    )
+    assert answer.startswith(b"HTTP/1.1 201 "), answer
+    assert server.get("/kv/tabbed").headers["Content-Type"] == "text/plain;\tcharset=utf-8"
+
+
 @pytest.mark.parametrize(
     "content_type", [b"", b"text/html\xa0", b"text/html\xa0 \xa0x"], ids=["empty", "nbsp", "nbsps"]
 )

@@ -330,7 +330,9 @@ class StorageContract:
         assert store.stat(key).content_type == "application/json"
         assert store.fetch(key)[0].content_type == "application/json"
 
-    @pytest.mark.parametrize("content_type", ["", " text/html", "text/html ", "text/html\xa0", "tëxt/plain", None])
+    @pytest.mark.parametrize(
+        "content_type", ["", " text/html", "text/html ", "\ttext/html", "text/html\xa0", "tëxt/plain", None]
+    )
     def test_a_media_type_that_cannot_be_sent_back_as_a_content_type_is_a_value_error(self, store, content_type):
         store.put("k", b"untouched", content_type="text/plain")
         with pytest.raises(ValueError, match="media type"):

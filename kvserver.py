@@ -3686,6 +3686,17 @@ def _is_loopback_host(host: str) -> bool:
         return False
 
 
+def _split_target(path: str) -> tuple[str | None, str]:
+    """The authority and the path of a request target (its part before '?'): the authority is
+    None in origin form ('/kv/a'); an absolute-form target ('http://localhost:4000/kv/a')
+    names its host itself (RFC 9112 section 3.2.2), its scheme matched without regard to case."""
+    scheme, absolute, rest = path.partition("://")
+    if absolute and scheme.lower() in ("http", "https"):
+        authority, _, path = rest.partition("/")
+        return authority, "/" + path
+    return None, path
+
+
 _LOGGED_FIELDS = frozenset({"key", "ttl", "prefix", "delimiter", "limit", "after", "wait"})
 _SET_SETTINGS = frozenset({"key", "ttl"})  # of /set?key=<key>&value=<value>&ttl=<seconds>
 
@@ -3703,7 +3714,7 @@ def _redact(request_line: str) -> str:
         query, version = rest, ""
     fields = [field.partition("=") for field in query.split("&")]
     shown = _LOGGED_FIELDS
-    if head.endswith("/set"):
+    if _split_target(head.partition(" ")[2])[1] == "/set":
         shown = _SET_SETTINGS if "value" in {name for name, _, _ in fields} else frozenset()
     redacted = (name + equals + (value if name in shown or not equals else "…") for name, equals, value in fields)
     return head + "?" + "&".join(redacted) + separator + version
@@ -3864,17 +3875,19 @@ class KVRequestHandler(BaseHTTPRequestHandler):
     # Routing
 
     def _dispatch(self) -> None:
-        path, _, query = self.path.partition("?")
-        host = self.headers.get("Host")
-        scheme, absolute, rest = path.partition("://")
-        if absolute and scheme.lower() in ("http", "https"):  # absolute form (RFC 9112 section 3.2.2):
-            host, _, path = rest.partition("/")  # the host is its authority, whatever Host says
-            path = "/" + path
+        target, _, query = self.path.partition("?")
+        authority, path = _split_target(target)
+        host = self.headers.get("Host") if authority is None else authority  # whatever Host says
         route = "/kv/" if path.startswith("/kv/") else path
         methods = self.routes.get(route)
         try:
             if self.command not in _KNOWN_METHODS:
                 raise _HTTPError(HTTPStatus.NOT_IMPLEMENTED, f"method {self.command!r} is not known to this server")
+            if authority is not None and (not authority or "@" in authority):
+                raise _HTTPError(
+                    HTTPStatus.BAD_REQUEST,
+                    f"an absolute-form target names its host, and no user (RFC 9110 section 4.2), not {authority!r}",
+                )
             self._check_access(route, host)
             if methods is None:
                 raise _HTTPError(HTTPStatus.NOT_FOUND, f"no route {path!r}; see the README for the routes")

@@ -508,6 +508,8 @@ def test_an_absolute_form_target_is_checked_by_its_own_host_not_the_host_field(p
     assert status(b"http://" + loopback + b"/set?served=1", b"evil.example") == b"201"
     assert status(b"HTTP://" + loopback + b"/health", loopback) == b"200"  # a scheme is case-insensitive
     assert status(b"hTTps://localhost/health", loopback) == b"200"
+    assert status(b"http://localhost:1@evil.example/set?planted=3", b"evil.example") == b"400"  # user information
+    assert status(b"http:///set?planted=4", loopback) == b"400"  # no host (RFC 9110 section 4.2.1)
     assert plain.get("/get?key=planted").status == 404
 
 
@@ -635,7 +637,8 @@ def test_the_access_log_hides_a_value_stored_under_a_key_named_like_a_setting(lo
     names = ["key", "ttl", "prefix", "delimiter", "limit", "after", "wait"]
     for name in names:
         assert logged.get(f"/set?{name}={SECRET}-{name}").status in (200, 201)
-    log = wait_for_log(logged, '"GET /set?wait=… HTTP/1.1"')
+    assert logged.request("PUT", "/kv/set?ttl=60", body=b"v").status == 201  # a key named "set": ttl is shown
+    log = wait_for_log(logged, '"PUT /kv/set?ttl=60 HTTP/1.1" 201')
     for name in names:
         assert f'"GET /set?{name}=… HTTP/1.1"' in log
     assert SECRET not in log

@@ -2718,28 +2718,28 @@ def _read_request_line(rfile: io.BufferedIOBase) -> bytes:
 
 def _parse_request_line(line: bytes) -> tuple[str, str, str]:
     """A request line's method, target (Latin-1 text: encoding it gives back the bytes sent)
-    and version, by RFC 9112 section 3: a 400 for a line to refuse, 505 for a version this
-    server does not speak."""
+    and version ('HTTP/1.1', as sent), by RFC 9112 section 3; a 400 for a line to refuse."""
     request_line = _REQUEST_LINE.fullmatch(line)
     if request_line is None:
         raise _request_line_error(line)
     method, target, major, minor = request_line.groups()
-    if major != b"1":
-        raise _HTTPError(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED, "this server speaks HTTP/1.1 and HTTP/1.0")
-    return method.decode("ascii"), target.decode("latin-1"), "HTTP/1.0" if minor == b"0" else "HTTP/1.1"
+    return method.decode("ascii"), target.decode("latin-1"), f"HTTP/{major.decode()}.{minor.decode()}"
 
 
 def _read_head(request_line: tuple[str, str, str], rfile: io.BufferedIOBase) -> _RequestHead:
     """Read the header fields after a request line (method, target, version), by RFC 9112
     sections 2-6: every rule that decides where the message ends is checked before anything
-    of it is carried out. A 400 (or 431, 501) for a head to refuse; _IncompleteMessage if the
-    client ends it before its empty line."""
+    of it is carried out. A 400 (or 431, 501, 505) for a head to refuse; _IncompleteMessage if
+    the client ends it before its empty line."""
+    method, target, version = request_line
+    if not version.startswith("HTTP/1."):
+        raise _HTTPError(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED, "this server speaks HTTP/1.1 and HTTP/1.0")
+    http_version = "HTTP/1.0" if version == "HTTP/1.0" else "HTTP/1.1"
     fields = _read_field_lines(rfile, "header fields")
-    http_version = request_line[2]
     hosts = fields.get_all("Host")
     if len(hosts) > 1 or (not hosts and http_version == "HTTP/1.1"):
         raise _HTTPError(HTTPStatus.BAD_REQUEST, "send exactly one Host field (RFC 9112 section 3.2)")
-    return _RequestHead(*request_line, fields, *_body_framing(fields, http_version))
+    return _RequestHead(method, target, http_version, fields, *_body_framing(fields, http_version))
 
 
 def _request_line_error(line: bytes) -> _HTTPError:

@@ -221,12 +221,17 @@ def test_a_malformed_head_is_answered_at_once_not_after_the_head_deadline(live_s
     assert time.monotonic() - started < 2
 
 
-def test_a_head_request_that_is_refused_is_answered_without_content(live_server):
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [(b"HEAD /health HTTP/1.1\r\n" + HOST + b"X-Junk\r\n", b"400"), (b"HEAD /health HTTP/2.0\r\n" + HOST, b"505")],
+    ids=["bad-field", "version"],
+)
+def test_a_head_request_that_is_refused_is_answered_without_content(live_server, head, status):
     """RFC 9110 section 9.3.2: no answer to HEAD has content, a refusal of its head neither."""
     canary = b"GET /set?canary=1 HTTP/1.1\r\n" + HOST + b"\r\n"
-    received = live_server.raw(b"HEAD /health HTTP/1.1\r\n" + HOST + b"X-Junk\r\n\r\n" + canary, timeout=5)
+    received = live_server.raw(head + b"\r\n" + canary, timeout=5)
     head, separator, content = received.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 400 ") and b"\r\nConnection: close" in head, received
+    assert head.startswith(b"HTTP/1.1 " + status + b" ") and b"\r\nConnection: close" in head, received
     assert b"\r\nContent-Type: application/problem+json" in head
     assert (separator, content) == (b"\r\n\r\n", b"")
     assert list(live_server.storage) == []

@@ -3660,8 +3660,8 @@ class _XMLRPC:
         if len(keys) > MAX_RPC_ITEMS or sum(map(len, keys)) > MAX_RPC_VALUE:
             raise xmlrpc.client.Fault(
                 413,
-                f"the keys under {prefix!r} are over {MAX_RPC_ITEMS:,} or {MAX_RPC_VALUE >> 20} MiB, more than "
-                "XML-RPC carries: list them a page at a time with GET /keys?prefix=<prefix>",
+                f"the keys under {prefix!r} are over {MAX_RPC_ITEMS:,} or {MAX_RPC_VALUE >> 20} Mi characters, "
+                "more than XML-RPC carries: list them a page at a time with GET /keys?prefix=<prefix>",
             )
         return keys
 

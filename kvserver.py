@@ -2584,7 +2584,7 @@ _TOKEN = re.compile(_TOKEN_PATTERN)  # RFC 9110 section 5.6.2
 # LF, ...), and no obs-fold (RFC 9112 section 5); the value is trimmed of space and tab after the
 # match. (No whitespace on both sides of the value in the pattern: that backtracks quadratically.)
 _FIELD_LINE = re.compile(rb"(%b):([\t\x20-\x7e\x80-\xff]*)\r\n" % _TOKEN_PATTERN)
-_REQUEST_LINE = re.compile(rb"(%b) (%b) HTTP/([0-9])\.([0-9])" % (_TOKEN_PATTERN, _REQUEST_TARGET.pattern))
+_REQUEST_LINE = re.compile(rb"(%b) (%b) (HTTP/[0-9]\.[0-9])" % (_TOKEN_PATTERN, _REQUEST_TARGET.pattern))
 _CHUNK_LINE = re.compile(  # chunk-size [ chunk-ext ] (RFC 9112 section 7.1.1)
     rb"(0*[0-9A-Fa-f]{1,15})(?:[ \t]*;[ \t]*%b(?:[ \t]*=[ \t]*(?:%b|%b))?)*"
     % (_TOKEN_PATTERN, _TOKEN_PATTERN, _QUOTED_STRING)
@@ -2722,8 +2722,8 @@ def _parse_request_line(line: bytes) -> tuple[str, str, str]:
     request_line = _REQUEST_LINE.fullmatch(line)
     if request_line is None:
         raise _request_line_error(line)
-    method, target, major, minor = request_line.groups()
-    return method.decode("ascii"), target.decode("latin-1"), f"HTTP/{major.decode()}.{minor.decode()}"
+    method, target, version = request_line.groups()
+    return method.decode("ascii"), target.decode("latin-1"), version.decode("ascii")
 
 
 def _read_head(request_line: tuple[str, str, str], rfile: io.BufferedIOBase) -> _RequestHead:

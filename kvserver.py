@@ -4483,7 +4483,7 @@ class _Connections:
             if self._state(connection) != self._IDLE:
                 return False  # the idle deadline cut it off as the byte came
             if whole_head:
-                self._states[connection] = (self._SERVING, time.monotonic() + STALL_TIMEOUT)
+                self._serve(connection)
             else:
                 self._states[connection] = (self._READING_HEAD, time.monotonic() + HEAD_TIMEOUT)
             return not self.stopping
@@ -4494,7 +4494,7 @@ class _Connections:
         with self._lock:
             if self._state(connection) != self._READING_HEAD:
                 return False
-            self._states[connection] = (self._SERVING, time.monotonic() + STALL_TIMEOUT)
+            self._serve(connection)
             return True
 
     def moved(self, connection: socket.socket) -> None:
@@ -4524,13 +4524,17 @@ class _Connections:
     def serving(self, connection: socket.socket) -> None:
         """The request goes on after `watching`: it is answered within STALL_TIMEOUT again."""
         with self._lock:
-            self._states[connection] = (self._SERVING, time.monotonic() + STALL_TIMEOUT)
+            self._serve(connection)
             self._watches.pop(connection, None)
 
     def replaced(self, connection: socket.socket) -> None:
         """The connection goes on as another socket object (wrapped in TLS): forget this one."""
         with self._lock:
             self._states.pop(connection, None)
+
+    def _serve(self, connection: socket.socket) -> None:
+        """The connection is serving a request, to answer within STALL_TIMEOUT; under the lock."""
+        self._states[connection] = (self._SERVING, time.monotonic() + STALL_TIMEOUT)
 
     def _state(self, connection: socket.socket) -> str:
         """What the connection is doing ("" once forgotten: cut off, or left); under the lock."""

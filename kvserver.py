@@ -2995,10 +2995,7 @@ class _ChunkedWriter:
         self.written = 0  # bytes of the body, without the chunk framing
 
     def write(self, data: bytes) -> None:
-        self._buffer.append(data)
-        self._buffered += len(data)
-        if self._buffered >= CHUNK:
-            self._flush()
+        self.writelines([data])
 
     def writelines(self, pieces: list[bytes]) -> None:
         """Write each of `pieces`, in one call (an event stream's messages)."""

@@ -1618,12 +1618,17 @@ class _GroupSync:
         return bool(self._failures)
 
     def ticket(self) -> int:
-        """A ticket for a change just made in the folder (or for every change so far)."""
+        """A ticket for a change just made in the folder."""
         if self._fd is None:
             return 0  # nothing to wait for
         with self._changes:
             self._issued += 1
             return self._issued
+
+    def wait_for_all(self) -> None:
+        """Return once every change made in the folder so far is durable, by an fsync that
+        begins from now (see `wait`)."""
+        self.wait(self.ticket())
 
     def wait(self, ticket: int) -> None:
         """Return once the change of `ticket`, and every change before it (but those of
@@ -1839,7 +1844,7 @@ class FileStorage(Storage):
             latest_stamp = max(latest_stamp, stamp)
         _stamps_after(latest_stamp)
         if unused_metadata:  # the removals of the value files they knew are durable first
-            self._values_synced.wait(self._values_synced.ticket())
+            self._values_synced.wait_for_all()
         for name in unused_metadata:
             os.unlink(os.path.join(self._meta, name))
 
@@ -1922,7 +1927,7 @@ class FileStorage(Storage):
                         # `previous` (or a value a sweep has just removed), whose file may still
                         # be the one a power loss leaves in place: wait until the rename of
                         # `previous` (or the removal) is durable, with a folder fsync from now.
-                        self._values_synced.wait(self._values_synced.ticket())
+                        self._values_synced.wait_for_all()
                     # Crash before the next line: the old value and its metadata, as before.
                     self._write_metadata(name, records)
                     # Crash here: the metadata knows both versions; the old value file is in place.

@@ -2521,13 +2521,18 @@ return adopted
         stream still holds what follows `last`; if not, the feed has a gap."""
         stream = self._structures[4]
         behind = True
+        unavailable = False  # the last read could not reach Redis (which was said once)
         while not self._closed:
             try:
-                if behind and last != "0-0":  # (from an empty stream, any first entry follows)
-                    oldest = self._reader.xrange(stream, count=1)
-                    if oldest and revision_order(oldest[0][0].decode()) > revision_order(last):
-                        self._feed.gap(oldest[0][0].decode())
-                answer = self._reader.xread({stream: last}, count=_WATCH_BATCH, block=1000)
+                with self._reachable():
+                    if behind and last != "0-0":  # (from an empty stream, any first entry follows)
+                        oldest = self._reader.xrange(stream, count=1)
+                        if oldest and revision_order(oldest[0][0].decode()) > revision_order(last):
+                            self._feed.gap(oldest[0][0].decode())
+                    answer = self._reader.xread({stream: last}, count=_WATCH_BATCH, block=1000)
+                if unavailable:
+                    print(f"kvserver: the events from Redis {self.location} are read again", file=sys.stderr)
+                    unavailable = False
                 entries = answer[0][1] if answer else []
                 behind = len(entries) == _WATCH_BATCH
                 for revision, fields in entries:
@@ -2537,9 +2542,13 @@ return adopted
             except Exception as error:
                 if self._closed:
                     return  # (close() closed the connection under the XREAD)
-                print(f"kvserver: cannot read the events from Redis {self.location}: {error}", file=sys.stderr)
+                if not isinstance(error, StorageUnavailable):
+                    traceback.print_exc()  # a fault of ours: said every time
+                elif not unavailable:
+                    print(f"kvserver: events are not read for now: {error}", file=sys.stderr)
+                    unavailable = True
                 behind = True
-                time.sleep(1)  # Redis is away; once back, XREAD goes on from `last`
+                time.sleep(1)  # once Redis is back, XREAD goes on from `last`
 
 
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")

@@ -664,6 +664,28 @@ def test_kvserver_answers_503_while_redis_is_down_and_recovers_by_itself(make_se
         assert_no_traceback(server.stderr())
 
 
+def test_events_unreadable_while_redis_is_away_are_said_once_and_their_return_once(store, monkeypatch, capfd):
+    with store.watch("") as watch:  # (the first watch starts the thread that reads the stream)
+        store.put("before", b"1")
+        assert [event.key for event in watch.wait(10)] == ["before"]
+        reader, reads = store._reader, []
+        xread = reader.xread
+
+        def away(*args, **kwargs):
+            reads.append(1)
+            raise redis.ConnectionError("Connection refused")
+
+        monkeypatch.setattr(reader, "xread", away)
+        wait_for(lambda: len(reads) >= 3, timeout=10, what="three reads while Redis is away")
+        monkeypatch.setattr(reader, "xread", xread)
+        store.put("after", b"2")
+        assert [event.key for event in watch.wait(10)] == ["after"]
+    err = capfd.readouterr().err
+    assert err.count("events are not read for now: cannot reach Redis at redis://") == 1, err
+    assert err.count("are read again") == 1, err
+    assert_no_traceback(err)
+
+
 def test_kvserver_started_while_redis_is_down_exits_1_with_one_line_naming_redis():
     result = run_kvserver("--storage", f"redis://127.0.0.1:{free_port()}/0")
     assert result.returncode == 1, result

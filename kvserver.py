@@ -2239,6 +2239,16 @@ end
 """
     )
 
+    # A write's or delete's look at the key's hash KEYS[1], under WATCH: {its type, its etag} if
+    # it is a hash, else {its type} ('none' if there is no such key).
+    _CURRENT = """
+local kind = redis.call('TYPE', KEYS[1]).ok
+if kind == 'hash' then
+  return {kind, redis.call('HGET', KEYS[1], 'etag')}
+end
+return {kind}
+"""
+
     # Sweep at most ARGV[2] keys, then read the totals: {swept, keys, bytes}. The totals are
     # exact when fewer than ARGV[2] were swept (nothing expired is left in them).
     _SWEEP_AND_COUNT = (
@@ -2306,6 +2316,7 @@ return adopted
         self.prefix = prefix if prefix is not None else (url_prefixes or ["kvserver:"])[-1]
         self._structures = [self._name("") + b"\xff" + name for name in self._STRUCTURES]
         self._redis_errors = (redis.ConnectionError, redis.TimeoutError)
+        self._response_error = redis.ResponseError
         self._watch_error = redis.WatchError
         self._connect = functools.partial(  # a new client (loosely typed)
             redis.Redis.from_url,
@@ -2381,20 +2392,32 @@ return adopted
         return Stat(size, content_type.decode(), etag.decode(), float(expires) if expires else None)
 
     def _fetch(self, key: str) -> tuple[Stat, bytes | BinaryIO]:
-        with self._reachable():
+        with self._reachable(), self._no_value_if_foreign(key):
             value, content_type, etag, expires = self._client.hmget(self._name(key), self._FIELDS)
         if value is None:
             raise KeyError(key)
         return self._stat_of(len(value), content_type, etag, expires), value
 
     def _stat(self, key: str) -> Stat:
-        with self._reachable(), self._client.pipeline() as pipe:
+        with self._reachable(), self._no_value_if_foreign(key), self._client.pipeline() as pipe:
             pipe.hstrlen(self._name(key), "value")
             pipe.hmget(self._name(key), self._FIELDS[1:])
             size, (content_type, etag, expires) = pipe.execute()
         if etag is None:
             raise KeyError(key)
         return self._stat_of(size, content_type, etag, expires)
+
+    @contextlib.contextmanager
+    def _no_value_if_foreign(self, key: str) -> Iterator[None]:
+        """Around reading a key's hash: another program's value of another type under the
+        prefix (Redis answers WRONGTYPE) is not a value of kvserver's: KeyError, as it is not
+        listed either. (Writes refuse to replace it: see _transaction.)"""
+        try:
+            yield
+        except self._response_error as error:
+            if "WRONGTYPE" not in str(error):
+                raise
+            raise KeyError(key) from None
 
     def _keys(self, prefix: str, after: str | None, limit: int | None) -> list[str]:
         """Read the index from `prefix` (or just after `after`) in steps of at most _BATCH keys;
@@ -2455,7 +2478,8 @@ return adopted
     ) -> str | None:
         """If the precondition holds, replace the key's hash with `fields` expiring at `expires_at`
         (None: delete it) and keep the index and totals in step, in one transaction; return the
-        ETag the key had (None: it had no value)."""
+        ETag the key had (None: it had no value). ValueError if another program's value is
+        under the key's name: kvserver does not replace what it did not write."""
         name = self._name(key)
         expires_ms = "" if expires_at is None else int(expires_at * 1000)
         size = "" if fields is None else len(fields["value"])
@@ -2463,8 +2487,14 @@ return adopted
             while True:
                 try:
                     pipe.watch(name)
-                    etag = pipe.hget(name, "etag")
-                    current = etag.decode() if etag is not None else None
+                    kind, *etag = pipe.eval(self._CURRENT, 1, name)
+                    if kind != b"none" and not (etag and etag[0]):
+                        raise ValueError(
+                            f"Redis holds another program's value ({kind.decode()}) under {name!r}, where the key"
+                            f" {key!r} would be: kvserver does not replace it; remove it from Redis, or give"
+                            " kvserver a prefix of its own (?prefix= in the Redis URL)"
+                        )
+                    current = etag[0].decode() if etag else None
                     precondition.check(key, current)
                     pipe.multi()
                     self._run(pipe, self._ACCOUNT, key, size, expires_ms, self._SWEEP_ON_WRITE)

@@ -257,6 +257,54 @@ def test_each_key_is_one_redis_hash_under_the_default_prefix_beside_the_index_an
     assert fields[b"etag"].decode() == store.stat("greeting").etag
 
 
+@pytest.mark.parametrize(
+    "write_foreign",
+    [
+        lambda client, name: client.set(name, "another program's"),
+        lambda client, name: client.rpush(name, "another program's"),
+        lambda client, name: client.hset(name, "field", "another program's"),  # a hash, without kvserver's fields
+    ],
+    ids=["string", "list", "hash"],
+)
+def test_another_programs_value_under_the_prefix_is_no_key_and_is_never_replaced(store, redis_db, write_foreign):
+    name = b"kvserver:theirs"
+    with redis_db.client() as client:
+        write_foreign(client, name)
+        before = client.dump(name)
+    with pytest.raises(KeyError):
+        store.get("theirs")
+    with pytest.raises(KeyError):
+        store.stat("theirs")
+    assert "theirs" not in store
+    assert list(store.keys()) == []
+    for change in (
+        lambda: store.put("theirs", b"mine"),
+        lambda: store.put("theirs", b"mine", if_none_match=True),
+        lambda: store.delete("theirs"),
+    ):
+        with pytest.raises(ValueError, match=r"another program's value .* kvserver does not replace it"):
+            change()
+    with redis_db.client() as client:
+        assert client.dump(name) == before
+    store.put("mine", b"ours")  # the other keys are served as before
+    assert store.get("mine") == b"ours"
+
+
+def test_another_programs_value_under_the_prefix_is_a_404_to_read_and_a_400_to_write(make_server, redis_db):
+    with redis_db.client() as client:
+        client.set(b"kvserver:theirs", "another program's")
+    server = start_kvserver(make_server, redis_db)
+    assert server.get("/kv/theirs").status == 404
+    assert server.get("/get?key=theirs").status == 404
+    for response in (server.request("PUT", "/kv/theirs", body=b"mine"), server.get("/set?theirs=mine")):
+        assert response.status == 400
+        assert "another program's value (string)" in response.problem()["detail"]
+    assert server.request("DELETE", "/kv/theirs").status == 400
+    with redis_db.client() as client:
+        assert client.get(b"kvserver:theirs") == b"another program's"
+    assert_no_traceback(server.stderr())
+
+
 def test_a_ttl_is_a_redis_expiry_and_the_value_disappears_everywhere(store, redis_db):
     store.put("short", b"lived", ttl=1)
     store.put("forever", b"stays")

@@ -3288,6 +3288,9 @@ def _render_page(storage: Storage, page: _KeyPage, notice_html: str, script: str
         table = f'<p class="empty">No keys start with <code>{html.escape(page.prefix)}</code>.</p>'
     else:
         table = f'<p class="empty">{"No more keys." if page.after is not None else "No keys here yet."}</p>'
+    kept_delimiter = (  # (as its links keep it: see _page_href)
+        "" if delimiter == "/" else f'<input type="hidden" name="delimiter" value="{html.escape(delimiter)}">'
+    )
     keys, size = storage.totals()
     return _html_document(f"""<header><h1>kvserver</h1>
 <span>{keys} key{"" if keys == 1 else "s"}, {_human_size(size)}, {storage.kind} storage</span></header>
@@ -3297,7 +3300,7 @@ def _render_page(storage: Storage, page: _KeyPage, notice_html: str, script: str
 <label>Value <input name="value" size="40"></label>
 <button type="submit">Set</button></form>
 <form action="/" method="get">
-<label>Keys starting with <input name="prefix" value="{html.escape(page.prefix)}"></label>
+<label>Keys starting with <input name="prefix" value="{html.escape(page.prefix)}"></label>{kept_delimiter}
 <button type="submit">Filter</button></form>
 {_breadcrumbs(page.prefix, delimiter) if page.prefix else ""}
 {table}

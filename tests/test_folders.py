@@ -330,3 +330,22 @@ def test_the_page_keeps_another_delimiter_in_its_links(server):
     level = page(server, "/?prefix=a%3A%3A&delimiter=%3A%3A")
     assert listed(level) == [("/?prefix=a%3A%3Ab%3A%3A&delimiter=%3A%3A", "a::b::"), ("/kv/a%3A%3Ad", "a::d")]
     assert 'href="/?delimiter=%3A%3A">all keys</a>' in level
+
+
+@pytest.mark.parametrize("path", ["/?delimiter=%3A%3A", "/?prefix=a%3A%3A&delimiter=%3A%3A"])
+def test_the_pages_filter_keeps_another_delimiter(server, path):
+    server.get("/set?a%3A%3Ab%3A%3Ac=v")
+    form = re.search(r'<form action="/" method="get">(.*?)</form>', page(server, path), re.DOTALL)
+    assert form is not None
+    fields = dict(re.findall(r'<input (?:type="hidden" )?name="([^"]*)" value="([^"]*)">', form.group(1)))
+    assert {name: html.unescape(value) for name, value in fields.items()} == {
+        "prefix": "a::" if "prefix" in path else "",
+        "delimiter": "::",
+    }
+    filtered = "/?" + urllib.parse.urlencode({"prefix": "a::", "delimiter": "::"})  # what submitting it asks for
+    assert listed(page(server, filtered)) == [("/?prefix=a%3A%3Ab%3A%3A&delimiter=%3A%3A", "a::b::")]
+
+
+def test_the_pages_filter_has_no_delimiter_field_for_the_usual_slash(server):
+    assert 'name="delimiter"' not in page(server, "/")
+    assert 'name="delimiter"' not in page(server, "/?delimiter=%2F")

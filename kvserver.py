@@ -1608,7 +1608,7 @@ class _GroupSync:
         self._changes = threading.Condition(threading.Lock())  # guards the others below
         self._issued = 0  # the last ticket handed out
         self._synced = 0  # every change up to this ticket is durable, but those of _failures
-        self._failures: list[range] = []  # the tickets each failed fsync covered
+        self._failures: list[range] = []  # the tickets failed fsyncs covered (one range per run of them)
         self._running = False  # an fsync is under way
         self._closed = False
 
@@ -1657,6 +1657,8 @@ class _GroupSync:
                     self._running = False
                     if ended:
                         self._synced = max(self._synced, covered)
+                    elif self._failures and self._failures[-1].start == self._synced + 1:
+                        self._failures[-1] = range(self._synced + 1, covered + 1)  # no fsync ended since: one range
                     else:
                         self._failures.append(range(self._synced + 1, covered + 1))
                     self._changes.notify_all()

@@ -195,6 +195,30 @@ def test_a_change_that_a_failed_folder_fsync_covered_is_never_reported_durable(t
     sync.close()
 
 
+def test_a_folder_whose_fsync_keeps_failing_refuses_every_change_and_keeps_one_failed_range(tmp_path, monkeypatch):
+    """A disk that fails every fsync: each change is refused, and what the waits look through
+    stays one range of tickets (not one more per failed fsync, which each wait would scan)."""
+    sync = kvserver._GroupSync(str(tmp_path), True)
+
+    def fsync(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    tickets = []
+    for _ in range(1000):
+        tickets.append(sync.ticket())
+        with pytest.raises(OSError):
+            sync.wait(tickets[-1])
+    assert sync._failures == [range(1, 1001)]
+    monkeypatch.undo()
+    later = sync.ticket()
+    sync.wait(later)  # a later change is synced as usual
+    for ticket in (tickets[0], tickets[500], tickets[-1]):
+        with pytest.raises(OSError):
+            sync.wait(ticket)
+    sync.close()
+
+
 def test_after_a_failed_folder_fsync_a_key_with_metadata_can_be_written_again(tmp_path, monkeypatch):
     """The failure refuses the changes it covered, not later writes of other keys."""
     data_dir = tmp_path / "data"

@@ -2242,11 +2242,14 @@ end
     )
 
     # A write's or delete's look at the key's hash KEYS[1], under WATCH: {its type, its etag} if
-    # it is a hash, else {its type} ('none' if there is no such key).
+    # it holds a value of kvserver's (all of _FIELDS), else {its type} ('none' if no such key).
     _CURRENT = """
 local kind = redis.call('TYPE', KEYS[1]).ok
-if kind == 'hash' then
-  return {kind, redis.call('HGET', KEYS[1], 'etag')}
+if kind == 'hash' and redis.call('HEXISTS', KEYS[1], 'value') == 1 then
+  local fields = redis.call('HMGET', KEYS[1], 'type', 'etag', 'expires')
+  if fields[1] and fields[2] and fields[3] then
+    return {kind, fields[2]}
+  end
 end
 return {kind}
 """
@@ -2396,16 +2399,17 @@ return adopted
     def _fetch(self, key: str) -> tuple[Stat, bytes | BinaryIO]:
         with self._reachable(), self._no_value_if_foreign(key):
             value, content_type, etag, expires = self._client.hmget(self._name(key), self._FIELDS)
-        if value is None:
+        if None in (value, content_type, etag, expires):  # no hash, or another program's
             raise KeyError(key)
         return self._stat_of(len(value), content_type, etag, expires), value
 
     def _stat(self, key: str) -> Stat:
         with self._reachable(), self._no_value_if_foreign(key), self._client.pipeline() as pipe:
+            pipe.hexists(self._name(key), "value")
             pipe.hstrlen(self._name(key), "value")
             pipe.hmget(self._name(key), self._FIELDS[1:])
-            size, (content_type, etag, expires) = pipe.execute()
-        if etag is None:
+            has_value, size, (content_type, etag, expires) = pipe.execute()
+        if not has_value or None in (content_type, etag, expires):  # no hash, or another program's
             raise KeyError(key)
         return self._stat_of(size, content_type, etag, expires)
 
@@ -2413,7 +2417,8 @@ return adopted
     def _no_value_if_foreign(self, key: str) -> Iterator[None]:
         """Around reading a key's hash: another program's value of another type under the
         prefix (Redis answers WRONGTYPE) is not a value of kvserver's: KeyError, as it is not
-        listed either. (Writes refuse to replace it: see _transaction.)"""
+        listed either; nor is a hash without all of _FIELDS (the reader checks that). Writes
+        refuse to replace either: see _transaction."""
         try:
             yield
         except self._response_error as error:
@@ -2490,13 +2495,13 @@ return adopted
                 try:
                     pipe.watch(name)
                     kind, *etag = pipe.eval(self._CURRENT, 1, name)
-                    if kind != b"none" and not (etag and etag[0]):
+                    if kind != b"none" and not etag:
                         raise ValueError(
                             f"Redis holds another program's value ({kind.decode()}) under {name!r}, where the key"
                             f" {key!r} would be: kvserver does not replace it; remove it from Redis, or give"
                             " kvserver a prefix of its own (?prefix= in the Redis URL)"
                         )
-                    current = etag[0].decode() if etag else None
+                    current = etag[0].decode() if etag else None  # (a value of kvserver's has an etag)
                     precondition.check(key, current)
                     pipe.multi()
                     self._run(pipe, self._ACCOUNT, key, size, expires_ms, self._SWEEP_ON_WRITE)

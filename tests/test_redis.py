@@ -263,8 +263,11 @@ def test_each_key_is_one_redis_hash_under_the_default_prefix_beside_the_index_an
         lambda client, name: client.set(name, "another program's"),
         lambda client, name: client.rpush(name, "another program's"),
         lambda client, name: client.hset(name, "field", "another program's"),  # a hash, without kvserver's fields
+        lambda client, name: client.hset(name, "value", "42"),  # a hash with some of them
+        lambda client, name: client.hset(name, mapping={"etag": "1-2", "body": "cached"}),
+        lambda client, name: client.hset(name, mapping={"value": "v", "etag": "1-2", "type": "text/plain"}),
     ],
-    ids=["string", "list", "hash"],
+    ids=["string", "list", "hash", "hash with a value field", "hash with an etag field", "hash with three fields"],
 )
 def test_another_programs_value_under_the_prefix_is_no_key_and_is_never_replaced(store, redis_db, write_foreign):
     name = b"kvserver:theirs"
@@ -293,9 +296,12 @@ def test_another_programs_value_under_the_prefix_is_no_key_and_is_never_replaced
 def test_another_programs_value_under_the_prefix_is_a_404_to_read_and_a_400_to_write(make_server, redis_db):
     with redis_db.client() as client:
         client.set(b"kvserver:theirs", "another program's")
+        client.hset(b"kvserver:half", "value", "42")  # a hash with one of kvserver's fields
     server = start_kvserver(make_server, redis_db)
-    assert server.get("/kv/theirs").status == 404
-    assert server.get("/get?key=theirs").status == 404
+    for key in ("theirs", "half"):
+        assert server.get(f"/kv/{key}").status == 404
+        assert server.request("HEAD", f"/kv/{key}").status == 404
+        assert server.get(f"/get?key={key}").status == 404
     for response in (server.request("PUT", "/kv/theirs", body=b"mine"), server.get("/set?theirs=mine")):
         assert response.status == 400
         assert "another program's value (string)" in response.problem()["detail"]

@@ -556,6 +556,14 @@ class _ChangeFeed:
                     self._messages[slot] = message
         return made
 
+    def catch_up(self, revision: str, timeout: float) -> None:
+        """Return once this feed has the change of `revision`, or a later one, or after
+        `timeout` seconds (its source is out of reach, or the storage closed)."""
+        order, deadline = revision_order(revision), time.monotonic() + timeout
+        with Watch(self, "", None, None) as watch:
+            while self._last_order < order and not watch.closed and (remaining := deadline - time.monotonic()) > 0:
+                watch.wait(remaining)
+
     def gap(self, revision: str) -> None:
         """Changes before `revision` may have been missed (the Redis stream was trimmed past its
         reader): every watch gets a reset, and the history begins again at `revision`."""
@@ -2166,6 +2174,7 @@ class RedisStorage(Storage):
     _STRUCTURES = (b"keys", b"expiries", b"sizes", b"totals", b"events")
     _BATCH = 1000  # keys per listing, sweeping or indexing step: a step holds Redis for well under 10 ms
     _SWEEP_ON_WRITE = 2  # expired keys each write sweeps, more than it can add: the index cannot fill with them
+    _CATCH_UP = 5.0  # seconds a new watch waits for the feed to read the stream's newest entry (see watch)
 
     # Lua shared by the scripts. Every script gets the five structures as KEYS[1..5] and the
     # prefix as ARGV[1]. A Lua script runs whole, with no other command in between.
@@ -2531,6 +2540,17 @@ return adopted
                     continue  # another client changed the key between WATCH and EXEC: look again
 
     # Watching: the events stream, read by one thread into the change feed
+
+    def watch(self, prefix: str = "", after: str | None = None, timeout: float | None = None) -> Watch:
+        """As Storage.watch. The stream may hold changes that this kvserver's feed does not have
+        yet (made through another kvserver, or just now through this one): the watch begins
+        once the feed has the stream's newest entry, so that it begins after it, and so that
+        a revision `after` that another kvserver gave is one the feed knows, not a reset."""
+        with self._reachable():
+            newest = self._client.xrevrange(self._structures[4], count=1)
+        if newest:
+            self._feed.catch_up(newest[0][0].decode(), self._CATCH_UP)
+        return super().watch(prefix, after, timeout)
 
     def _announce(self, pipe: Any, fields: dict[str, Any]) -> None:
         """Queue the event of a change in its transaction (the fields are those _event reads)."""

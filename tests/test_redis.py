@@ -724,20 +724,12 @@ def test_events_trimmed_before_a_watching_kvserver_read_them_give_a_reset_not_a_
     """The stream keeps about HISTORY entries: a kvserver whose reader falls further behind
     (stopped, swapped out) must not skip what was trimmed unseen. Its watches get a reset."""
     with store.watch("") as watch:
-        reader = store._reader
-        xread, paused, go_on = reader.xread, threading.Event(), threading.Event()
-
-        def held_xread(*args, **kwargs):
-            paused.set()
-            assert go_on.wait(30)
-            return xread(*args, **kwargs)
-
         store.put("a", b"1")
         assert [event.key for event in watch.wait(10)] == ["a"]
-        reader.xread = held_xread  # (the XREAD under way returns with "b"; the next one waits)
+        waiting, go_on = hold_reader(store)
         store.put("b", b"2")
         assert [event.key for event in watch.wait(10)] == ["b"]
-        wait_for(paused.is_set, timeout=10, what="the reader to wait")
+        wait_for(waiting.is_set, timeout=10, what="the reader to wait")
         for key in ("c", "d", "e"):
             store.put(key, b"3")
         with redis_db.client() as client:
@@ -749,6 +741,53 @@ def test_events_trimmed_before_a_watching_kvserver_read_them_give_a_reset_not_a_
         assert [(event.type, event.key) for event in following] == [("put", "e")]
         store.put("f", b"4")
         assert [(event.type, event.key) for event in watch.wait(10)] == [("put", "f")]  # and on as usual
+
+
+def hold_reader(store: kvserver.RedisStorage) -> tuple[threading.Event, threading.Event]:
+    """Make the next XREAD of `store`'s events reader wait (until the second Event is set), as
+    a reader that is behind does; the first Event is set once it waits. The XREAD under way
+    goes on: write something to end it."""
+    xread, waiting, go_on = store._reader.xread, threading.Event(), threading.Event()
+
+    def held_xread(*args, **kwargs):
+        waiting.set()
+        assert go_on.wait(30)
+        return xread(*args, **kwargs)
+
+    store._reader.xread = held_xread
+    return waiting, go_on
+
+
+def test_a_watch_through_a_kvserver_whose_reader_is_behind_waits_for_it(store, redis_db):
+    """Without a revision, a watch begins after the newest change in Redis, even one its own
+    kvserver has not read yet; with a revision another kvserver gave, it goes on from there
+    (not a reset, and nothing twice)."""
+    with kvserver.RedisStorage(redis_db.url()) as other, store.watch("") as running:
+        store.put("first", b"1")
+        assert [event.key for event in running.wait(10)] == ["first"]
+        waiting, go_on = hold_reader(store)
+        store.put("ends the XREAD under way", b"2")
+        wait_for(waiting.is_set, timeout=10, what="the reader to wait")
+        with other.watch("") as on_other:  # (its own reader is up to date)
+            other.put("made elsewhere", b"3")  # answered before the watches below begin
+            [seen] = on_other.wait(10)
+            other.put("later", b"4")
+            watches: dict[str, kvserver.Watch] = {}
+            begun = [
+                threading.Thread(target=lambda: watches.update(new=store.watch(""))),
+                threading.Thread(target=lambda: watches.update(resumed=store.watch("", after=seen.revision))),
+            ]
+            for thread in begun:
+                thread.start()
+            go_on.set()
+            for thread in begun:
+                thread.join(10)
+            store.put("after the watch", b"5")
+            with watches["new"] as new, watches["resumed"] as resumed:
+                assert [event.key for event in new.wait(10)] == ["after the watch"]
+                events = resumed.wait(10)
+                events += [] if len(events) > 1 else resumed.wait(10)
+                assert [(event.type, event.key) for event in events] == [("put", "later"), ("put", "after the watch")]
 
 
 def test_events_unreadable_while_redis_is_away_are_said_once_and_their_return_once(store, monkeypatch, capfd):

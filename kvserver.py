@@ -783,6 +783,7 @@ _LINE_HEAD = re.compile(
 )
 _LINE_TAIL = re.compile(rb"[ \t]*\}[ \t]*\r?\n")
 _LAST_LINE_TAIL = re.compile(rb"[ \t]*\}[ \t]*\r?")  # the last line may end without a newline
+_BLANKS = re.compile(rb"[ \t\r]*")
 _MAX_LINE_HEAD = 64 * 1024
 _LINE_SHAPE = '{"key": k, "content_type": t, "expires_at": <Unix seconds> or null, "value": "<base64>"}'
 
@@ -817,33 +818,40 @@ class _ExportReader:
     def __init__(self, chunks: _Pieces) -> None:
         self._chunks = iter(chunks)  # each copied into the buffer before the next is read
         self._buffer = b""
+        self._at = 0  # where the part of the buffer not read yet begins
         self.number = 0  # of the line being read
 
     def _fill(self) -> bool:
-        """Append the next chunk of input to the buffer; False at the end of the input."""
+        """Append the next chunk of input to what is left of the buffer (what was read goes
+        here, once a chunk, not line by line); False at the end of the input."""
         for chunk in self._chunks:
             if chunk:
-                self._buffer += chunk
+                self._buffer = self._buffer[self._at :] + chunk
+                self._at = 0
                 return True
         return False
+
+    def _left(self) -> int:
+        """How many bytes of the buffer are not read yet."""
+        return len(self._buffer) - self._at
 
     def head(self) -> tuple[str, str, float | None] | None:
         """The key, media type and expiry of the next line; None at the end of the input.
         Blank lines are skipped."""
         while True:
-            self._buffer = self._buffer.lstrip(b" \t\r")
-            if self._buffer.startswith(b"\n"):  # a blank line
+            self._at = _BLANKS.match(self._buffer, self._at).end()  # type: ignore[union-attr]  # (it matches '')
+            if self._buffer.startswith(b"\n", self._at):  # a blank line
                 self.number += 1
-                self._buffer = self._buffer[1:]
-            elif self._buffer:
+                self._at += 1
+            elif self._left():
                 break
             elif not self._fill():
                 return None
         self.number += 1
-        while (match := _LINE_HEAD.match(self._buffer)) is None:
-            if b"\n" in self._buffer or len(self._buffer) > _MAX_LINE_HEAD or not self._fill():
+        while (match := _LINE_HEAD.match(self._buffer, self._at)) is None:
+            if self._buffer.find(b"\n", self._at) >= 0 or self._left() > _MAX_LINE_HEAD or not self._fill():
                 raise ValueError(f"it is not {_LINE_SHAPE}, with the fields in this order")
-        self._buffer = self._buffer[match.end() :]
+        self._at = match.end()
         key, content_type = _parse_json(match[1]), _parse_json(match[2])
         expires_at = None if match[3] == b"null" else float(match[3])
         if expires_at is not None and not math.isfinite(expires_at):
@@ -855,26 +863,26 @@ class _ExportReader:
         before the last piece is given, so that a write fed from here stores nothing of a
         bad or cut-off line."""
         pending = b""  # base64 not decoded yet: it ends with the last group, which may be padded
-        while (end := self._buffer.find(b'"')) < 0:
-            pending += self._buffer
-            self._buffer = b""
+        while (end := self._buffer.find(b'"', self._at)) < 0:
+            pending += self._buffer[self._at :]
+            self._at = len(self._buffer)
             whole = (len(pending) - 1) // 4 * 4
             if whole > 0:
                 yield self._decode(pending[:whole], last=False)
                 pending = pending[whole:]
             if not self._fill():
                 raise ValueError("the line is cut off inside its value")
-        last = self._decode(pending + self._buffer[:end], last=True)
-        self._buffer = self._buffer[end + 1 :]
-        while (match := _LINE_TAIL.match(self._buffer)) is None:
-            if b"\n" in self._buffer or len(self._buffer) > _MAX_LINE_HEAD:
+        last = self._decode(pending + self._buffer[self._at : end], last=True)
+        self._at = end + 1
+        while (match := _LINE_TAIL.match(self._buffer, self._at)) is None:
+            if self._buffer.find(b"\n", self._at) >= 0 or self._left() > _MAX_LINE_HEAD:
                 raise ValueError('the value is not followed by "}" and the end of the line')
             if not self._fill():
-                match = _LAST_LINE_TAIL.fullmatch(self._buffer)
+                match = _LAST_LINE_TAIL.fullmatch(self._buffer, self._at)
                 if match is None:
                     raise ValueError('the line is cut off after its value: "}" is missing')
                 break
-        self._buffer = self._buffer[match.end() :]
+        self._at = match.end()
         yield last
 
     @staticmethod

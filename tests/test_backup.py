@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 from conftest import KVSERVER, Server
+from test_readme import console_examples
 from test_redis import redis_db, redis_server  # noqa: F401  (the fixtures redis_url uses)
 
 import kvserver
@@ -531,6 +532,20 @@ def test_kvserver_export_and_import_refuse_an_option_that_does_not_apply_with_ex
     assert done.stderr.decode() == f"kvserver: {option} does not go with kvserver {args[0]}; see kvserver --help\n"
     with kvserver.FileStorage(tmp_path / "data") as store:
         assert list(store) == ["k"]
+
+
+def test_the_readme_pipeline_into_redis_fails_when_its_export_fails(tmp_path, redis_url):
+    """Run as the README shows it, in a folder without ./data: the export fails, the import
+    takes its empty output well, and the pipeline must still fail."""
+    [example] = [example for example in console_examples() if "| kvserver import" in str(example)]
+    commands = [command.command for command in example.commands if not command.starts_server]
+    assert "| kvserver import" in commands[-1]
+    script = "\n".join([f'kvserver() {{ "{sys.executable}" "{KVSERVER}" "$@"; }}', *commands])
+    done = subprocess.run(
+        ["bash", "-c", script.replace("redis://localhost:6379/0", redis_url)], capture_output=True, cwd=tmp_path
+    )
+    assert b"kvserver: no data dir ./data to export\n" in done.stderr
+    assert done.returncode == 1
 
 
 # A 1 GiB value: memory stays flat in the server and in the command line

@@ -250,7 +250,9 @@ def test_each_key_is_one_redis_hash_under_the_default_prefix_beside_the_index_an
         assert sorted(client.keys("*")) == [b"kvserver:greeting", EVENTS, INDEX, TOTALS]
         assert client.type(b"kvserver:greeting") == b"hash"
         assert client.zrange(INDEX, 0, -1, withscores=True) == [(b"greeting", 0.0)]
-        assert client.hgetall(TOTALS) == {b"keys": b"1", b"bytes": b"5", b"indexed": b"1"}
+        assert client.hgetall(TOTALS) == {b"keys": b"1", b"bytes": b"5", b"indexed": b"1", b"events": b"1"}
+        [(_, event)] = client.xrange(EVENTS)
+        assert event[b"number"] == b"1" and event[b"type"] == b"put" and event[b"key"] == b"greeting"
         fields = client.hgetall(b"kvserver:greeting")
     assert fields[b"value"] == b"hello"
     assert fields[b"type"] == b"text/plain"
@@ -263,8 +265,11 @@ def test_each_key_is_one_redis_hash_under_the_default_prefix_beside_the_index_an
         lambda client, name: client.set(name, "another program's"),
         lambda client, name: client.rpush(name, "another program's"),
         lambda client, name: client.hset(name, "field", "another program's"),  # a hash, without kvserver's fields
+        lambda client, name: client.hset(name, "value", "42"),  # a hash with some of them
+        lambda client, name: client.hset(name, mapping={"etag": "1-2", "body": "cached"}),
+        lambda client, name: client.hset(name, mapping={"value": "v", "etag": "1-2", "type": "text/plain"}),
     ],
-    ids=["string", "list", "hash"],
+    ids=["string", "list", "hash", "hash with a value field", "hash with an etag field", "hash with three fields"],
 )
 def test_another_programs_value_under_the_prefix_is_no_key_and_is_never_replaced(store, redis_db, write_foreign):
     name = b"kvserver:theirs"
@@ -293,9 +298,12 @@ def test_another_programs_value_under_the_prefix_is_no_key_and_is_never_replaced
 def test_another_programs_value_under_the_prefix_is_a_404_to_read_and_a_400_to_write(make_server, redis_db):
     with redis_db.client() as client:
         client.set(b"kvserver:theirs", "another program's")
+        client.hset(b"kvserver:half", "value", "42")  # a hash with one of kvserver's fields
     server = start_kvserver(make_server, redis_db)
-    assert server.get("/kv/theirs").status == 404
-    assert server.get("/get?key=theirs").status == 404
+    for name in ("theirs", "half"):
+        assert server.get(f"/kv/{name}").status == 404
+        assert server.request("HEAD", f"/kv/{name}").status == 404
+        assert server.get(f"/get?key={name}").status == 404
     for response in (server.request("PUT", "/kv/theirs", body=b"mine"), server.get("/set?theirs=mine")):
         assert response.status == 400
         assert "another program's value (string)" in response.problem()["detail"]
@@ -710,6 +718,37 @@ def test_kvserver_answers_503_while_redis_is_down_and_recovers_by_itself(make_se
     for server in (a, b):
         assert server.stop() == 0
         assert_no_traceback(server.stderr())
+
+
+def test_events_trimmed_before_a_watching_kvserver_read_them_give_a_reset_not_a_silent_gap(store, redis_db):
+    """The stream keeps about HISTORY entries: a kvserver whose reader falls further behind
+    (stopped, swapped out) must not skip what was trimmed unseen. Its watches get a reset."""
+    with store.watch("") as watch:
+        reader = store._reader
+        xread, paused, go_on = reader.xread, threading.Event(), threading.Event()
+
+        def held_xread(*args, **kwargs):
+            paused.set()
+            assert go_on.wait(30)
+            return xread(*args, **kwargs)
+
+        store.put("a", b"1")
+        assert [event.key for event in watch.wait(10)] == ["a"]
+        reader.xread = held_xread  # (the XREAD under way returns with "b"; the next one waits)
+        store.put("b", b"2")
+        assert [event.key for event in watch.wait(10)] == ["b"]
+        wait_for(paused.is_set, timeout=10, what="the reader to wait")
+        for key in ("c", "d", "e"):
+            store.put(key, b"3")
+        with redis_db.client() as client:
+            assert client.xtrim(EVENTS, maxlen=1, approximate=False) == 4  # a, b, c and d go unseen by the reader
+        go_on.set()
+        events = watch.wait(10)
+        assert [(event.type, event.key) for event in events[:1]] == [("reset", None)], events
+        following = events[1:] or watch.wait(10)
+        assert [(event.type, event.key) for event in following] == [("put", "e")]
+        store.put("f", b"4")
+        assert [(event.type, event.key) for event in watch.wait(10)] == [("put", "f")]  # and on as usual
 
 
 def test_events_unreadable_while_redis_is_away_are_said_once_and_their_return_once(store, monkeypatch, capfd):

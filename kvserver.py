@@ -1521,6 +1521,15 @@ class DataDirLocked(RuntimeError):
     """Another FileStorage (often another kvserver process) holds the data dir."""
 
 
+class _ValueFileChanged(RuntimeError):
+    """A value file was changed by another program while the FileStorage held the data dir:
+    what it holds is not what the index promises. `key` is the key whose file it is."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
 # File names: a plain key is its own name, others are percent-escaped, long ones hashed.
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 _HASHED_PREFIX = "%+"  # never made by escaping: '%' is always followed by two hex digits there
@@ -1907,9 +1916,10 @@ class FileStorage(Storage):
             size = os.fstat(file.fileno()).st_size
             if size != entry.size:  # changed by hand: what would be sent is not what the index promises
                 file.close()
-                raise RuntimeError(
+                raise _ValueFileChanged(
+                    key,
                     f"{_printable(path)} holds {size} bytes, not the {entry.size} of key {key!r}: it was changed "
-                    "while the server ran (data/ is the server's while it runs); restart the server to load it"
+                    "while the server ran (data/ is the server's while it runs); restart the server to load it",
                 )
             return entry.stat, file
 
@@ -4892,6 +4902,16 @@ def _whole_number(args: dict[str, Any], option: str, low: int, high: int) -> int
     _fail(f"{option} takes a whole number from {low} to {high}, not {args[option]!r}", 2)
 
 
+def _text_option(option: str, value: str) -> None:
+    """Exit 2 naming `option` unless `value` is UTF-8 text. (Bytes of the command line or the
+    environment that are not UTF-8 reach Python as lone surrogates, PEP 383: no key, URL,
+    address or token holds one.)"""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        _fail(f"{option} takes UTF-8 text, not the bytes {os.fsencode(value)!r}", 2)
+
+
 def _command_line_problem(given: list[str]) -> str:
     """What is wrong with a command line docopt refused, in words: the first unknown option,
     option given twice, or argument that is neither a command nor an option's value."""
@@ -4957,13 +4977,25 @@ def _open_storage(args: dict[str, Any], locked_hint: str = "") -> Storage:
         _fail(f"cannot use data dir {args['--data-dir']}: {error.strerror or error}", 1)
 
 
-def _run_transfer(args: dict[str, Any]) -> None:
-    """kvserver export and kvserver import: between a storage and stdout or stdin."""
+def _run_transfer(args: dict[str, Any], unset: dict[str, Any]) -> None:
+    """kvserver export and kvserver import: between a storage and stdout or stdin. `unset` is
+    what docopt gives for options not on the command line: any other option that does not
+    apply to the command is refused (the usage lists every option for it, as docopt needs)."""
     exporting = bool(args["export"])
+    command = "export" if exporting else "import"
     if args["--prefix"] is not None and not exporting:
         _fail("--prefix goes with kvserver export; see kvserver --help", 2)
+    applies = {"--storage", "--data-dir", "--prefix" if exporting else "--no-fsync"}
+    for option, value in args.items():
+        if option.startswith("--") and option not in applies and value != unset[option]:
+            _fail(f"{option} does not go with kvserver {command}; see kvserver --help", 2)
     if args["--storage"] == "memory":
         _fail("export and import need files or redis storage: a memory storage starts empty and is lost at exit", 2)
+    # A shell's `>&-` or `<&-` leaves Python no sys.stdout or sys.stdin (exit 1, as an output
+    # closed part way: the command line is right, the place it was run from is not)
+    if (sys.stdout if exporting else sys.stdin) is None:
+        stream = "its output (stdout)" if exporting else "its input (stdin)"
+        _fail(f"{command} needs {stream} open, and it is closed", 1)
     files = args["--storage"] == "files"
     if exporting and files and not os.path.isdir(args["--data-dir"]):
         _fail(f"no data dir {args['--data-dir']} to export", 1)
@@ -4981,7 +5013,13 @@ def _run_transfer(args: dict[str, Any]) -> None:
                 _, skipped = storage.import_(sys.stdin.buffer, progress=progress)
                 progress.finish(f" into {where}, skipped {skipped} already expired")
         except ValueError as error:
-            _fail(f"import stopped at {error}", 1)
+            _fail(f"export stopped: {error}" if exporting else f"import stopped at {error}", 1)  # (its line)
+        except _ValueFileChanged as error:  # (files: the data dir is locked, so not by a kvserver)
+            _fail(
+                f"export stopped at key {error.key!r}: its file {storage.location} was changed by another "
+                "program during the export; run the export again once nothing else writes there",
+                1,
+            )
         except StorageUnavailable as error:
             _fail(str(error), 1)
         except BrokenPipeError:  # (export | head): stdout closed early; as the Python docs advise,
@@ -4995,6 +5033,8 @@ def _run_transfer(args: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Run the server from the command line: exit 0 when stopped, 1 if it cannot start, 2 on a bad command line."""
+    if sys.stderr is None:  # started with `2>&-`: its lines are dropped, not printed to stdout
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 -- for the life of the process
     try:
         from docopt import DocoptExit, docopt
     except ImportError:
@@ -5004,6 +5044,9 @@ def main(argv: list[str] | None = None) -> None:
         args = docopt(__doc__, given, version=f"kvserver {__version__}")
     except DocoptExit:
         _fail(f"{_command_line_problem(given)}; see kvserver --help", 2)
+    for option, value in args.items():  # paths are bytes to the OS; every other value is text
+        if isinstance(value, str) and option not in ("--data-dir", "--certfile", "--keyfile"):
+            _text_option(option, value)
     port = _whole_number(args, "--port", 0, 65535)
     max_connections = _whole_number(args, "--max-connections", 1, 65535)
     try:
@@ -5016,9 +5059,11 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"--data-dir is the folder of --storage files; {args['--storage']} storage keeps no files there", 2)
     args["--data-dir"] = args["--data-dir"] or "./data"
     if args["export"] or args["import"] or args["--prefix"] is not None:
-        _run_transfer(args)
+        _run_transfer(args, docopt(__doc__, []))
         return
     token = args["--token"] if args["--token"] is not None else os.environ.get("KV_TOKEN") or None
+    if args["--token"] is None and token is not None:
+        _text_option("KV_TOKEN", token)
     if token == "":
         _fail("--token takes a secret, not an empty string", 2)
     if token is not None and args["--no-token"]:

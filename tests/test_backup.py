@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 from conftest import KVSERVER, Server
+from test_readme import console_examples
 from test_redis import redis_db, redis_server  # noqa: F401  (the fixtures redis_url uses)
 
 import kvserver
@@ -446,6 +447,105 @@ def test_kvserver_import_stops_at_a_bad_line_with_exit_1_naming_it(tmp_path):
     assert done.stderr.decode().startswith("kvserver: import stopped at line 2: ")
     with kvserver.FileStorage(tmp_path / "data") as copy:
         assert list(copy) == ["a"]
+
+
+def test_kvserver_export_stops_with_one_line_naming_a_key_whose_file_another_program_changed(tmp_path):
+    with kvserver.FileStorage(tmp_path / "data", fsync=False) as store:
+        store.put("a", b"a" * MiB)  # its base64 overfills the pipe: the export waits on it while b changes
+        store.put("b", b"b" * (kvserver.SMALL_VALUE + 1))  # read from its file when exported
+    export = subprocess.Popen(
+        [sys.executable, str(KVSERVER), "export", "--data-dir", str(tmp_path / "data")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        bufsize=0,  # read(1) reads one byte, not a buffer's worth that communicate() would miss
+    )
+    first = export.stdout.read(1)  # the export is under way, on key a
+    with open(tmp_path / "data" / "b", "ab") as file:
+        file.write(b"more\n")
+    out, err = export.communicate(timeout=60)
+    assert export.returncode == 1
+    assert [json.loads(text)["key"] for text in (first + out).splitlines()] == ["a"]
+    assert err.decode() == (
+        f"kvserver: export stopped at key 'b': its file in {tmp_path / 'data'} was changed by another program "
+        "during the export; run the export again once nothing else writes there\n"
+    )
+
+
+@pytest.mark.parametrize("storage", ["files", "redis"])
+def test_kvserver_export_refuses_a_prefix_that_is_not_utf_8_with_exit_2(tmp_path, request, storage):
+    where = ["--data-dir", str(tmp_path)] if storage == "files" else ["--storage", request.getfixturevalue("redis_url")]
+    done = run("export", *where, "--prefix", os.fsdecode(b"app/\xff"))
+    assert done.returncode == 2
+    assert done.stdout == b""
+    assert done.stderr == b"kvserver: --prefix takes UTF-8 text, not the bytes b'app/\\xff'\n"
+
+
+@pytest.mark.parametrize(
+    ("command", "redirection", "message"),
+    [
+        ("export", ">&-", "export needs its output (stdout) open"),
+        ("import", "<&-", "import needs its input (stdin) open"),
+    ],
+)
+def test_kvserver_export_and_import_with_their_stream_closed_exit_1_with_one_line(
+    tmp_path, command, redirection, message
+):
+    (tmp_path / "data").mkdir()
+    script = f'"$0" "$1" {command} --data-dir data {redirection}'
+    done = subprocess.run(["bash", "-c", script, sys.executable, str(KVSERVER)], capture_output=True, cwd=tmp_path)
+    assert done.returncode == 1
+    assert done.stderr.decode() == f"kvserver: {message}, and it is closed\n"
+    assert list((tmp_path / "data").iterdir()) == []  # not even opened
+
+
+def test_kvserver_export_with_stderr_closed_still_exports_every_key_and_only_them(tmp_path):
+    with kvserver.FileStorage(tmp_path / "data", fsync=False) as source:
+        fill(source)
+    script = '"$0" "$1" export --data-dir data 2>&-'
+    done = subprocess.run(["bash", "-c", script, sys.executable, str(KVSERVER)], capture_output=True, cwd=tmp_path)
+    assert done.returncode == 0
+    assert [json.loads(text)["key"] for text in done.stdout.splitlines()] == sorted(SAMPLE)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["import", "--max-value", "1"],
+        ["import", "--port", "5"],
+        ["import", "--token", "secret"],
+        ["import", "--no-token"],
+        ["import", "-q"],
+        ["export", "--no-fsync"],
+        ["export", "--bind", "::1"],
+        ["export", "--max-connections=9"],
+        ["export", "--certfile", "c.pem", "--keyfile", "k.pem"],
+    ],
+)
+def test_kvserver_export_and_import_refuse_an_option_that_does_not_apply_with_exit_2(tmp_path, args):
+    (tmp_path / "data").mkdir()
+    with kvserver.FileStorage(tmp_path / "data") as store:
+        store.put("k", b"v")
+    done = run(*args, "--data-dir", str(tmp_path / "data"), stdin=line("new", b"v"))
+    assert done.returncode == 2
+    assert done.stdout == b""
+    option = {"-q": "--quiet"}.get(args[1], args[1].partition("=")[0])
+    assert done.stderr.decode() == f"kvserver: {option} does not go with kvserver {args[0]}; see kvserver --help\n"
+    with kvserver.FileStorage(tmp_path / "data") as store:
+        assert list(store) == ["k"]
+
+
+def test_the_readme_pipeline_into_redis_fails_when_its_export_fails(tmp_path, redis_url):
+    """Run as the README shows it, in a folder without ./data: the export fails, the import
+    takes its empty output well, and the pipeline must still fail."""
+    [example] = [example for example in console_examples() if "| kvserver import" in str(example)]
+    commands = [command.command for command in example.commands if not command.starts_server]
+    assert "| kvserver import" in commands[-1]
+    script = "\n".join([f'kvserver() {{ "{sys.executable}" "{KVSERVER}" "$@"; }}', *commands])
+    done = subprocess.run(
+        ["bash", "-c", script.replace("redis://localhost:6379/0", redis_url)], capture_output=True, cwd=tmp_path
+    )
+    assert b"kvserver: no data dir ./data to export\n" in done.stderr
+    assert done.returncode == 1
 
 
 # A 1 GiB value: memory stays flat in the server and in the command line

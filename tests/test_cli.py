@@ -220,6 +220,9 @@ def test_a_request_in_flight_finishes_during_shutdown(make_server):
         (["--port"], "--port"),
         (["--storage", "memory", "--data-dir", "elsewhere"], "--data-dir"),
         (["--token", "t", "--no-token"], "--no-token"),
+        (["--token", os.fsdecode(b"\xff")], "--token takes UTF-8 text, not the bytes b'\\xff'"),
+        (["--bind", os.fsdecode(b"h\xffst")], "--bind takes UTF-8 text"),
+        (["--storage", os.fsdecode(b"redis://\xff")], "--storage takes UTF-8 text"),
     ],
 )
 def test_a_bad_command_line_exits_2_with_one_line_naming_the_option(tmp_path, args, option):
@@ -235,6 +238,21 @@ def test_a_bad_command_line_exits_2_with_one_line_naming_the_option(tmp_path, ar
 def test_a_repeated_option_or_a_stray_argument_says_so_in_words(tmp_path):
     assert "--data-dir is given twice" in one_line(run("-d", "a", "-d", "b", cwd=tmp_path))
     assert "unexpected argument 'extra-arg'" in one_line(run("extra-arg", cwd=tmp_path))
+
+
+def test_a_kv_token_that_is_not_utf_8_exits_2_naming_it(tmp_path):
+    env = {**os.environ, "KV_TOKEN": os.fsdecode(b"\xff")}
+    result = subprocess.run(
+        [sys.executable, str(KVSERVER), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert result.returncode == 2
+    assert one_line(result) == "kvserver: KV_TOKEN takes UTF-8 text, not the bytes b'\\xff'"
+    assert not (tmp_path / "data").exists()
 
 
 def test_an_unknown_storage_lists_every_kind_there_is(tmp_path):

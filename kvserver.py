@@ -557,6 +557,14 @@ class _ChangeFeed:
                     self._messages[slot] = message
         return made
 
+    def catch_up(self, revision: str, timeout: float) -> None:
+        """Return once this feed has the change of `revision`, or a later one, or after
+        `timeout` seconds (its source is out of reach, or the storage closed)."""
+        order, deadline = revision_order(revision), time.monotonic() + timeout
+        with Watch(self, "", None, None) as watch:
+            while self._last_order < order and not watch.closed and (remaining := deadline - time.monotonic()) > 0:
+                watch.wait(remaining)
+
     def gap(self, revision: str) -> None:
         """Changes before `revision` may have been missed (the Redis stream was trimmed past its
         reader): every watch gets a reset, and the history begins again at `revision`."""
@@ -2148,12 +2156,13 @@ class RedisStorage(Storage):
       order, which for UTF-8 is code-point order: the ordered index;
     - `expiries`: a sorted set of the keys that have a TTL, scored by their Redis expiry in ms;
     - `sizes`: a hash of the sizes of those keys (their Redis hash may already be gone);
-    - `totals`: a hash of the fields keys and bytes (what the index holds) and indexed (set
-      once every value in Redis is in the index);
+    - `totals`: a hash of the fields keys and bytes (what the index holds), indexed (set
+      once every value in Redis is in the index) and events (the number of the last event);
     - `events`: a stream of the changes, for `watch` in every kvserver on this Redis: put
       (with the value's etag, size, content_type and expires), delete and expire, each with
-      its key; trimmed to about (never fewer than) HISTORY entries. Its entry IDs are the
-      revisions.
+      its key and a number one past the one before (so that a reader can tell when entries
+      it did not read were trimmed); trimmed to about (never fewer than) HISTORY entries. Its
+      entry IDs are the revisions.
 
     Every write and delete changes the key's hash, the index and the totals and appends its
     event in one WATCH/MULTI transaction (the bookkeeping is the Lua script _ACCOUNT inside
@@ -2179,6 +2188,7 @@ class RedisStorage(Storage):
     _STRUCTURES = (b"keys", b"expiries", b"sizes", b"totals", b"events")
     _BATCH = 1000  # keys per listing, sweeping or indexing step: a step holds Redis for well under 10 ms
     _SWEEP_ON_WRITE = 2  # expired keys each write sweeps, more than it can add: the index cannot fill with them
+    _CATCH_UP = 5.0  # seconds a new watch waits for the feed to read the stream's newest entry (see watch)
 
     # Lua shared by the scripts. Every script gets the five structures as KEYS[1..5] and the
     # prefix as ARGV[1]. A Lua script runs whole, with no other command in between.
@@ -2209,11 +2219,18 @@ local function forget(key)
   return false
 end
 
+-- Append an event (its fields and values) to the stream, numbered one past the one before it:
+-- a reader that finds a number skipped knows that entries it had not read were trimmed.
+local function announce(...)
+  local number = redis.call('HINCRBY', totals, 'events', 1)
+  redis.call('XADD', events, 'MAXLEN', '~', history, '*', 'number', number, ...)
+end
+
 -- Forget `key`, announcing an expire event if its value had expired.
 local function forget_or_expire(key)
   local expires = redis.call('ZSCORE', expiries, key)
   if forget(key) and expires and tonumber(expires) < now_ms() then
-    redis.call('XADD', events, 'MAXLEN', '~', history, '*', 'type', 'expire', 'key', key)
+    announce('type', 'expire', 'key', key)
   end
 end
 
@@ -2256,14 +2273,20 @@ end
     )
 
     # A write's or delete's look at the key's hash KEYS[1], under WATCH: {its type, its etag} if
-    # it is a hash, else {its type} ('none' if there is no such key).
+    # it holds a value of kvserver's (all of _FIELDS), else {its type} ('none' if no such key).
     _CURRENT = """
 local kind = redis.call('TYPE', KEYS[1]).ok
-if kind == 'hash' then
-  return {kind, redis.call('HGET', KEYS[1], 'etag')}
+if kind == 'hash' and redis.call('HEXISTS', KEYS[1], 'value') == 1 then
+  local fields = redis.call('HMGET', KEYS[1], 'type', 'etag', 'expires')
+  if fields[1] and fields[2] and fields[3] then
+    return {kind, fields[2]}
+  end
 end
 return {kind}
 """
+
+    # Append the event whose fields and values are ARGV[2..] (in a write's or delete's transaction).
+    _ANNOUNCE = _LUA + "announce(unpack(ARGV, 2))"
 
     # Sweep at most ARGV[2] keys, then read the totals: {swept, keys, bytes}. The totals are
     # exact when fewer than ARGV[2] were swept (nothing expired is left in them).
@@ -2465,16 +2488,17 @@ return adopted
     def _fetch(self, key: str) -> tuple[Stat, bytes | BinaryIO]:
         with self._reachable(), self._no_value_if_foreign(key):
             value, content_type, etag, expires = self._client.hmget(self._name(key), self._FIELDS)
-        if value is None:
+        if None in (value, content_type, etag, expires):  # no hash, or another program's
             raise KeyError(key)
         return self._stat_of(len(value), content_type, etag, expires), value
 
     def _stat(self, key: str) -> Stat:
         with self._reachable(), self._no_value_if_foreign(key), self._client.pipeline() as pipe:
+            pipe.hexists(self._name(key), "value")
             pipe.hstrlen(self._name(key), "value")
             pipe.hmget(self._name(key), self._FIELDS[1:])
-            size, (content_type, etag, expires) = pipe.execute()
-        if etag is None:
+            has_value, size, (content_type, etag, expires) = pipe.execute()
+        if not has_value or None in (content_type, etag, expires):  # no hash, or another program's
             raise KeyError(key)
         return self._stat_of(size, content_type, etag, expires)
 
@@ -2482,7 +2506,8 @@ return adopted
     def _no_value_if_foreign(self, key: str) -> Iterator[None]:
         """Around reading a key's hash: another program's value of another type under the
         prefix (Redis answers WRONGTYPE) is not a value of kvserver's: KeyError, as it is not
-        listed either. (Writes refuse to replace it: see _transaction.)"""
+        listed either; nor is a hash without all of _FIELDS (the reader checks that). Writes
+        refuse to replace either: see _transaction."""
         try:
             yield
         except self._response_error as error:
@@ -2559,13 +2584,13 @@ return adopted
                 try:
                     pipe.watch(name)
                     kind, *etag = pipe.eval(self._CURRENT, 1, name)
-                    if kind != b"none" and not (etag and etag[0]):
+                    if kind != b"none" and not etag:
                         raise ValueError(
                             f"Redis holds another program's value ({kind.decode()}) under {name!r}, where the key"
                             f" {key!r} would be: kvserver does not replace it; remove it from Redis, or give"
                             " kvserver a prefix of its own (?prefix= in the Redis URL)"
                         )
-                    current = etag[0].decode() if etag else None
+                    current = etag[0].decode() if etag else None  # (a value of kvserver's has an etag)
                     precondition.check(key, current)
                     pipe.multi()
                     self._run(pipe, self._ACCOUNT, key, size, expires_ms, self._SWEEP_ON_WRITE)
@@ -2585,9 +2610,20 @@ return adopted
 
     # Watching: the events stream, read by one thread into the change feed
 
+    def watch(self, prefix: str = "", after: str | None = None, timeout: float | None = None) -> Watch:
+        """As Storage.watch. The stream may hold changes that this kvserver's feed does not have
+        yet (made through another kvserver, or just now through this one): the watch begins
+        once the feed has the stream's newest entry, so that it begins after it, and so that
+        a revision `after` that another kvserver gave is one the feed knows, not a reset."""
+        with self._reachable():
+            newest = self._client.xrevrange(self._structures[4], count=1)
+        if newest:
+            self._feed.catch_up(newest[0][0].decode(), self._CATCH_UP)
+        return super().watch(prefix, after, timeout)
+
     def _announce(self, pipe: Any, fields: dict[str, Any]) -> None:
         """Queue the event of a change in its transaction (the fields are those _event reads)."""
-        pipe.xadd(self._structures[4], fields, maxlen=HISTORY, approximate=True)
+        self._run(pipe, self._ANNOUNCE, *itertools.chain.from_iterable(fields.items()))
 
     @staticmethod
     def _event(revision: bytes, fields: dict[bytes, bytes]) -> Event:
@@ -2608,38 +2644,40 @@ return adopted
         """The feed's start (at the first watch): the last HISTORY events of the stream, and a
         thread that reads the ones that follow."""
         with self._reachable():
-            entries = self._client.xrevrange(self._structures[4], count=HISTORY)
-        events = [self._event(revision, fields) for revision, fields in reversed(entries)]
+            entries = self._client.xrevrange(self._structures[4], count=HISTORY)[::-1]
+        events = [self._event(revision, fields) for revision, fields in entries]
         floor = events[0].revision if events else "0-0"  # (what came before the first is not known)
         self._reader = self._connect()
-        last = events[-1].revision if events else floor
-        threading.Thread(target=self._read_changes, args=(last,), name="kvserver-events", daemon=True).start()
+        last, number = (events[-1].revision, self._number(entries[-1][1])) if events else (floor, None)
+        threading.Thread(target=self._read_changes, args=(last, number), name="kvserver-events", daemon=True).start()
         return floor, events
 
-    def _read_changes(self, last: str) -> None:
-        """Publish each new entry of the stream to the feed, until the storage closes. After
-        Redis was away, or when it reads a full batch (it may be behind), it checks that the
-        stream still holds what follows `last`; if not, the feed has a gap."""
+    @staticmethod
+    def _number(fields: dict[bytes, bytes]) -> int | None:
+        """A stream entry's number (None for one an older kvserver wrote, unnumbered)."""
+        number = fields.get(b"number")
+        return None if number is None else int(number)
+
+    def _read_changes(self, last: str, number: int | None) -> None:
+        """Publish each entry of the stream after `last` (whose number is `number`) to the feed,
+        until the storage closes. An entry whose number is not one past the one before follows
+        entries that were trimmed before this thread read them (it fell behind, or Redis came
+        back from an older snapshot, or none): the feed has a gap there."""
         stream = self._structures[4]
-        behind = True
         unavailable = False  # the last read could not reach Redis (which was said once)
         while not self._closed:
             try:
                 with self._reachable():
-                    if behind and last != "0-0":  # (from an empty stream, any first entry follows)
-                        oldest = self._reader.xrange(stream, count=1)
-                        if oldest and revision_order(oldest[0][0].decode()) > revision_order(last):
-                            self._feed.gap(oldest[0][0].decode())
                     answer = self._reader.xread({stream: last}, count=_WATCH_BATCH, block=1000)
                 if unavailable:
                     print(f"kvserver: the events from Redis {self.location} are read again", file=sys.stderr)
                     unavailable = False
-                entries = answer[0][1] if answer else []
-                behind = len(entries) == _WATCH_BATCH
-                for revision, fields in entries:
-                    event = self._event(revision, fields)
+                for revision, fields in answer[0][1] if answer else []:
+                    event, following = self._event(revision, fields), self._number(fields)
+                    if number is not None and following is not None and following != number + 1:
+                        self._feed.gap(event.revision)
                     self._feed.publish(event.type, event.key, event.stat, event.revision)  # type: ignore[arg-type]
-                    last = event.revision
+                    last, number = event.revision, following
             except Exception as error:
                 if self._closed:
                     return  # (close() closed the connection under the XREAD)
@@ -2648,7 +2686,6 @@ return adopted
                 elif not unavailable:
                     print(f"kvserver: events are not read for now: {error}", file=sys.stderr)
                     unavailable = True
-                behind = True
                 time.sleep(1)  # once Redis is back, XREAD goes on from `last`
 
 

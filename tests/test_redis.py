@@ -251,7 +251,9 @@ def test_each_key_is_one_redis_hash_under_the_default_prefix_beside_the_index_an
         assert sorted(client.keys("*")) == [b"kvserver:greeting", EVENTS, INDEX, TOTALS]
         assert client.type(b"kvserver:greeting") == b"hash"
         assert client.zrange(INDEX, 0, -1, withscores=True) == [(b"greeting", 0.0)]
-        assert client.hgetall(TOTALS) == {b"keys": b"1", b"bytes": b"5", b"indexed": b"1"}
+        assert client.hgetall(TOTALS) == {b"keys": b"1", b"bytes": b"5", b"indexed": b"1", b"events": b"1"}
+        [(_, event)] = client.xrange(EVENTS)
+        assert event[b"number"] == b"1" and event[b"type"] == b"put" and event[b"key"] == b"greeting"
         fields = client.hgetall(b"kvserver:greeting")
     assert fields[b"value"] == b"hello"
     assert fields[b"type"] == b"text/plain"
@@ -264,8 +266,11 @@ def test_each_key_is_one_redis_hash_under_the_default_prefix_beside_the_index_an
         lambda client, name: client.set(name, "another program's"),
         lambda client, name: client.rpush(name, "another program's"),
         lambda client, name: client.hset(name, "field", "another program's"),  # a hash, without kvserver's fields
+        lambda client, name: client.hset(name, "value", "42"),  # a hash with some of them
+        lambda client, name: client.hset(name, mapping={"etag": "1-2", "body": "cached"}),
+        lambda client, name: client.hset(name, mapping={"value": "v", "etag": "1-2", "type": "text/plain"}),
     ],
-    ids=["string", "list", "hash"],
+    ids=["string", "list", "hash", "hash with a value field", "hash with an etag field", "hash with three fields"],
 )
 def test_another_programs_value_under_the_prefix_is_no_key_and_is_never_replaced(store, redis_db, write_foreign):
     name = b"kvserver:theirs"
@@ -294,9 +299,12 @@ def test_another_programs_value_under_the_prefix_is_no_key_and_is_never_replaced
 def test_another_programs_value_under_the_prefix_is_a_404_to_read_and_a_400_to_write(make_server, redis_db):
     with redis_db.client() as client:
         client.set(b"kvserver:theirs", "another program's")
+        client.hset(b"kvserver:half", "value", "42")  # a hash with one of kvserver's fields
     server = start_kvserver(make_server, redis_db)
-    assert server.get("/kv/theirs").status == 404
-    assert server.get("/get?key=theirs").status == 404
+    for name in ("theirs", "half"):
+        assert server.get(f"/kv/{name}").status == 404
+        assert server.request("HEAD", f"/kv/{name}").status == 404
+        assert server.get(f"/get?key={name}").status == 404
     for response in (server.request("PUT", "/kv/theirs", body=b"mine"), server.get("/set?theirs=mine")):
         assert response.status == 400
         assert "another program's value (string)" in response.problem()["detail"]
@@ -912,6 +920,76 @@ def test_each_refusal_of_redis_is_storage_unavailable_or_full_naming_why(store, 
 def test_another_redis_error_is_a_fault_of_ours_raised_as_it_is(store, message):
     with pytest.raises(redis.ResponseError, match=re.escape(message)), store._reachable():
         raise redis.ResponseError(message)
+
+
+def test_events_trimmed_before_a_watching_kvserver_read_them_give_a_reset_not_a_silent_gap(store, redis_db):
+    """The stream keeps about HISTORY entries: a kvserver whose reader falls further behind
+    (stopped, swapped out) must not skip what was trimmed unseen. Its watches get a reset."""
+    with store.watch("") as watch:
+        store.put("a", b"1")
+        assert [event.key for event in watch.wait(10)] == ["a"]
+        waiting, go_on = hold_reader(store)
+        store.put("b", b"2")
+        assert [event.key for event in watch.wait(10)] == ["b"]
+        wait_for(waiting.is_set, timeout=10, what="the reader to wait")
+        for key in ("c", "d", "e"):
+            store.put(key, b"3")
+        with redis_db.client() as client:
+            assert client.xtrim(EVENTS, maxlen=1, approximate=False) == 4  # a, b, c and d go unseen by the reader
+        go_on.set()
+        events = watch.wait(10)
+        assert [(event.type, event.key) for event in events[:1]] == [("reset", None)], events
+        following = events[1:] or watch.wait(10)
+        assert [(event.type, event.key) for event in following] == [("put", "e")]
+        store.put("f", b"4")
+        assert [(event.type, event.key) for event in watch.wait(10)] == [("put", "f")]  # and on as usual
+
+
+def hold_reader(store: kvserver.RedisStorage) -> tuple[threading.Event, threading.Event]:
+    """Make the next XREAD of `store`'s events reader wait (until the second Event is set), as
+    a reader that is behind does; the first Event is set once it waits. The XREAD under way
+    goes on: write something to end it."""
+    xread, waiting, go_on = store._reader.xread, threading.Event(), threading.Event()
+
+    def held_xread(*args, **kwargs):
+        waiting.set()
+        assert go_on.wait(30)
+        return xread(*args, **kwargs)
+
+    store._reader.xread = held_xread
+    return waiting, go_on
+
+
+def test_a_watch_through_a_kvserver_whose_reader_is_behind_waits_for_it(store, redis_db):
+    """Without a revision, a watch begins after the newest change in Redis, even one its own
+    kvserver has not read yet; with a revision another kvserver gave, it goes on from there
+    (not a reset, and nothing twice)."""
+    with kvserver.RedisStorage(redis_db.url()) as other, store.watch("") as running:
+        store.put("first", b"1")
+        assert [event.key for event in running.wait(10)] == ["first"]
+        waiting, go_on = hold_reader(store)
+        store.put("ends the XREAD under way", b"2")
+        wait_for(waiting.is_set, timeout=10, what="the reader to wait")
+        with other.watch("") as on_other:  # (its own reader is up to date)
+            other.put("made elsewhere", b"3")  # answered before the watches below begin
+            [seen] = on_other.wait(10)
+            other.put("later", b"4")
+            watches: dict[str, kvserver.Watch] = {}
+            begun = [
+                threading.Thread(target=lambda: watches.update(new=store.watch(""))),
+                threading.Thread(target=lambda: watches.update(resumed=store.watch("", after=seen.revision))),
+            ]
+            for thread in begun:
+                thread.start()
+            go_on.set()
+            for thread in begun:
+                thread.join(10)
+            store.put("after the watch", b"5")
+            with watches["new"] as new, watches["resumed"] as resumed:
+                assert [event.key for event in new.wait(10)] == ["after the watch"]
+                events = resumed.wait(10)
+                events += [] if len(events) > 1 else resumed.wait(10)
+                assert [(event.type, event.key) for event in events] == [("put", "later"), ("put", "after the watch")]
 
 
 def test_events_unreadable_while_redis_is_away_are_said_once_and_their_return_once(store, monkeypatch, capfd):

@@ -1263,7 +1263,7 @@ def test_health_metrics_and_a_page_of_keys_cost_redis_the_same_with_ten_times_th
             commands.append({route: commands_redis_runs_for(client, request) for route, request in requests.items()})
     small, large = commands
     assert large == small, "a request ran more Redis commands in a larger store"
-    assert sum(small["/health"].values()) <= 5, small["/health"]
+    assert sum(small["/health"].values()) <= 6, small["/health"]  # (one is its write that changes nothing)
     assert sum(small["/metrics"].values()) <= 5, small["/metrics"]
     assert "scan" not in str(small)
 

@@ -93,6 +93,7 @@ __all__ = [
     "RedisStorage",
     "Stat",
     "Storage",
+    "StorageFull",
     "StorageUnavailable",
     "Watch",
     "check_key",
@@ -646,7 +647,13 @@ class PreconditionFailed(Exception):
 
 
 class StorageUnavailable(RuntimeError):
-    """The storage cannot be reached (Redis down); the same call may work later."""
+    """The storage cannot serve the call now (Redis down, loading its data, a read-only
+    replica, busy running a script); nothing was changed, and the same call may work later."""
+
+
+class StorageFull(StorageUnavailable):
+    """The storage has no room for the write (Redis at its maxmemory); nothing was stored,
+    and reads go on working."""
 
 
 BUFFER = 1024 * 1024  # what a streamed value is read into before it is written, in one call
@@ -922,17 +929,18 @@ class Storage(abc.ABC):
     Callers use the simplekv interface (`get`, `put`, `put_file`, `get_file`, `open`,
     `delete`, `keys`, `iter_keys`, `in`, `len`, iteration) and the extras: `stat`, `fetch`,
     `write` (streamed, with metadata and compare-and-set), `remove`, `check_precondition`,
-    `totals`, `sweep`, `watch`, `close` (also as a context manager), and the attributes `kind`
-    (the name of the backend) and `location` (where values live, said for people).
+    `totals`, `sweep`, `check_writable`, `watch`, `close` (also as a context manager), and the
+    attributes `kind` (the name of the backend) and `location` (where values live, said for people).
 
     The public methods check their arguments once (keys, TTLs, media types), then
     call the hooks. A backend must implement `_fetch`, `_write`, `_delete` and `_keys`, and
     set `kind` and `location`. It may override `_stat` (default: from `_fetch`), `totals`
     (default: the stat of every key; a backend with an index keeps running totals),
-    `sweep` (default: nothing to do) and `close` (calling this one). Its `__init__` calls
-    this one's, which makes the change feed: for `watch`, the backend publishes every change
-    (writes, deletes, and values that expire: sweeps) to `self._feed` at the moment the change
-    takes effect, under the key's lock, or gives the feed the changes in their order (Redis).
+    `sweep` (default: nothing to do), `check_writable` (default: nothing to check) and `close`
+    (calling this one). Its `__init__` calls this one's, which makes the change feed: for
+    `watch`, the backend publishes every change (writes, deletes, and values that expire:
+    sweeps) to `self._feed` at the moment the change takes effect, under the key's lock, or
+    gives the feed the changes in their order (Redis).
     """
 
     kind: str  # "memory", "files", "redis"
@@ -1094,6 +1102,12 @@ class Storage(abc.ABC):
         many went. The server calls it twice a second."""
         self._check_open()
         return 0
+
+    def check_writable(self) -> None:
+        """Raise what a write would raise now if the storage cannot take one, as far as one
+        cheap check tells (StorageUnavailable, StorageFull); /health calls it. Memory and files
+        storage check nothing here (a full disk shows at the write)."""
+        self._check_open()
 
     def close(self) -> None:
         """Release what the storage holds (FileStorage: the data-dir lock); using it
@@ -2358,7 +2372,44 @@ return adopted
         self.url = url
         self.prefix = prefix if prefix is not None else (url_prefixes or ["kvserver:"])[-1]
         self._structures = [self._name("") + b"\xff" + name for name in self._STRUCTURES]
-        self._redis_errors = (redis.ConnectionError, redis.TimeoutError)
+        self._redis_error = redis.RedisError
+        # redis-py's errors of a Redis that cannot take a call now, what _reachable raises
+        # instead and its message, in the order checked (AuthenticationError and
+        # BusyLoadingError are ConnectionErrors) ...
+        self._refusals: tuple[tuple[type[Exception] | tuple[type[Exception], ...], type[Exception], str], ...] = (
+            (
+                redis.exceptions.OutOfMemoryError,
+                StorageFull,
+                "Redis {location} is out of memory (its maxmemory): nothing was stored; free memory in"
+                " Redis or raise its maxmemory",
+            ),
+            (
+                redis.AuthenticationError,
+                StorageUnavailable,
+                "Redis {location} does not take kvserver's password (NOAUTH or WRONGPASS): give kvserver"
+                " the password in its Redis URL",
+            ),
+            (redis.exceptions.BusyLoadingError, StorageUnavailable, "Redis {location} is loading its data (LOADING)"),
+            ((redis.ConnectionError, redis.TimeoutError), StorageUnavailable, "cannot reach Redis {location}: {error}"),
+            (
+                redis.exceptions.ReadOnlyError,
+                StorageUnavailable,
+                "Redis {location} is a read-only replica (READONLY): nothing was stored",
+            ),
+            (
+                redis.exceptions.MasterDownError,
+                StorageUnavailable,
+                "Redis {location} is a replica that lost its primary (MASTERDOWN)",
+            ),
+        )
+        # ... and the refusals redis-py has no class for (a ResponseError), by the code that
+        # starts Redis's reply: StorageUnavailable with this message.
+        self._refused_replies = {
+            "BUSY": "Redis {location} is busy running a script (BUSY)",
+            "MISCONF": "Redis {location} refuses writes as it cannot save to its disk (MISCONF): nothing was stored",
+            "NOREPLICAS": "Redis {location} refuses writes as too few replicas are connected (NOREPLICAS):"
+            " nothing was stored",
+        }
         self._response_error = redis.ResponseError
         self._watch_error = redis.WatchError
         self._connect = functools.partial(  # a new client (loosely typed)
@@ -2391,12 +2442,30 @@ return adopted
 
     @contextlib.contextmanager
     def _reachable(self) -> Iterator[None]:
-        """Turn redis-py's connection errors into StorageUnavailable (and refuse once closed)."""
+        """Turn redis-py's errors of a Redis that cannot take the call now (away, loading, a
+        read-only replica, busy, out of memory, ...) into StorageUnavailable, or StorageFull,
+        saying why; and refuse once closed. Nothing was half done: Redis discards a transaction
+        with a refused command whole (EXECABORT). Other errors are faults of ours, raised as they are."""
         self._check_open()
         try:
             yield
-        except self._redis_errors as error:
-            raise StorageUnavailable(f"cannot reach Redis {self.location}: {error}") from None
+        except self._redis_error as error:
+            for kinds, instead, message in self._refusals:
+                if isinstance(error, kinds):
+                    raise instead(message.format(location=self.location, error=error)) from None
+            # (In a transaction, redis-py puts the command before the reply: "Command # 2 (DEL ...)
+            # of pipeline caused error: BUSY ...".)
+            code = str(error).rpartition(" of pipeline caused error: ")[2].partition(" ")[0]
+            if isinstance(error, self._response_error) and code in self._refused_replies:
+                raise StorageUnavailable(self._refused_replies[code].format(location=self.location)) from None
+            raise
+
+    def check_writable(self) -> None:
+        """A write that changes nothing, which Redis refuses as it refuses any write when it
+        cannot take one (read-only, out of memory, loading, busy...): SETRANGE of no bytes at a
+        name no value or structure has (Redis then creates nothing)."""
+        with self._reachable():
+            self._client.setrange(self._name("") + b"\xffprobe", 0, b"")
 
     def _name(self, key: str) -> bytes:
         return (self.prefix + key).encode("utf-8")
@@ -3023,6 +3092,8 @@ def _answer_to(error: Exception) -> tuple[HTTPStatus, str, dict[str, str]]:
         return HTTPStatus.NOT_FOUND, f"no key {error.args[0]!r}", {}
     if isinstance(error, ValueError):  # the storage refused an argument: a bad key, TTL, size or media type
         return HTTPStatus.BAD_REQUEST, str(error), {}
+    if isinstance(error, StorageFull):  # (a StorageUnavailable, of its own status)
+        return HTTPStatus.INSUFFICIENT_STORAGE, str(error), {}
     if isinstance(error, StorageUnavailable):
         return HTTPStatus.SERVICE_UNAVAILABLE, f"{error}; try again later", {}
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -4330,6 +4401,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
 
     @_route("/health", "GET")
     def _route_health(self, path: str, query: str) -> None:
+        self.storage.check_writable()  # (a 503 or 507 when it cannot take a write, as a write would get)
         self._send_json(HTTPStatus.OK, {"status": "ok", "storage": self.storage.kind, "keys": len(self.storage)})
 
     @_route("/metrics", "GET")

@@ -34,6 +34,7 @@ from conftest import (
     Response,
     Server,
     assert_no_traceback,
+    assert_problem,
     race_compare_and_set,
     race_create_only,
     require_service,
@@ -135,7 +136,7 @@ class RedisServer:
                 reply = sock.recv(64)
         except OSError:
             return False
-        return reply.startswith((b"+PONG", b"-NOAUTH"))  # NOAUTH: up, with a password
+        return reply.startswith((b"+PONG", b"-NOAUTH", b"-LOADING"))  # up, with a password; up, reading its data
 
     def kill(self) -> None:
         """SIGKILL, as a crash would."""
@@ -720,6 +721,207 @@ def test_kvserver_answers_503_while_redis_is_down_and_recovers_by_itself(make_se
         assert_no_traceback(server.stderr())
 
 
+# Redis refusing calls for a while (out of memory, a replica, busy, loading, a new password):
+# a 507 or 503 naming the reason, no traceback, nothing half done, and back to work by itself
+
+
+def assert_refused(server: Server, status: int, words: list[str], health_words: list[str]) -> None:
+    """Every write through every interface, and /health, answer `status` with `words` in the detail."""
+    for method, path in [("PUT", "/kv/k"), ("PUT", "/kv/new"), ("DELETE", "/kv/k"), ("GET", "/set?new=x")]:
+        response = server.request(method, path, body=b"during" if method == "PUT" else None)
+        assert_problem(response, status, *words)
+    assert_problem(server.get("/health"), status, *health_words)
+    with xmlrpc.client.ServerProxy(server.url + "/RPC2") as proxy, pytest.raises(xmlrpc.client.Fault) as fault:
+        proxy.save("new", "x")
+    assert fault.value.faultCode == status
+    assert words[0] in fault.value.faultString
+
+
+def assert_recovered_with_nothing_changed(server: Server) -> None:
+    """Once Redis takes writes again: the values are those from before, and writes work."""
+    wait_for(lambda: server.get("/health").status == 200, timeout=15, what="/health to recover")
+    assert server.get("/health").json()["keys"] == 1
+    assert server.get("/kv/k").body == b"before"
+    assert server.get("/kv/new").status == 404
+    assert server.get("/keys").json()["keys"] == ["k"]
+    assert server.request("PUT", "/kv/k", body=b"after").status == 200
+    assert server.get("/kv/k").body == b"after"
+    assert server.request("DELETE", "/kv/k").status == 204
+    assert server.stop() == 0
+    assert_no_traceback(server.stderr())
+
+
+@pytest.mark.parametrize(
+    ("enter", "leave", "status", "words", "health_words", "reads_work"),
+    [
+        pytest.param(
+            [("config", "set", "maxmemory", "1")],
+            [("config", "set", "maxmemory", "0")],
+            507,
+            ["out of memory", "maxmemory", "nothing was stored"],
+            ["out of memory"],
+            True,
+            id="out of memory",
+        ),
+        pytest.param(
+            [("replicaof", "127.0.0.1", "1")],
+            [("replicaof", "no", "one")],
+            503,
+            ["read-only replica", "nothing was stored", "try again later"],
+            ["read-only replica", "try again later"],
+            True,
+            id="read-only replica after a failover",
+        ),
+        pytest.param(
+            [("config", "set", "replica-serve-stale-data", "no"), ("replicaof", "127.0.0.1", "1")],
+            [("replicaof", "no", "one")],
+            503,
+            ["lost its primary", "MASTERDOWN", "try again later"],
+            ["read-only replica", "try again later"],
+            False,
+            id="replica without its primary",
+        ),
+        pytest.param(
+            [("config", "set", "min-replicas-to-write", "1")],
+            [("config", "set", "min-replicas-to-write", "0")],
+            503,
+            ["too few replicas", "nothing was stored", "try again later"],
+            ["too few replicas"],
+            True,
+            id="too few replicas",
+        ),
+    ],
+)
+def test_redis_refusing_writes_is_a_507_or_503_naming_why_and_changes_nothing(
+    make_server, make_redis, enter, leave, status, words, health_words, reads_work
+):
+    redis_server = make_redis()
+    server = start_kvserver(make_server, redis_server)
+    assert server.request("PUT", "/kv/k", body=b"before").status == 201
+    with redis_server.client() as client:
+        for command in enter:
+            client.execute_command(*command)
+        assert_refused(server, status, words, health_words)
+        if reads_work:
+            assert server.get("/kv/k").body == b"before"
+            assert server.get("/keys").json()["keys"] == ["k"]
+            assert client.hget("kvserver:k", "value") == b"before"
+            assert client.zrange(INDEX, 0, -1) == [b"k"]
+        else:
+            assert_problem(server.get("/kv/k"), status, *words)
+        for command in leave:
+            client.execute_command(*command)
+    assert_recovered_with_nothing_changed(server)
+
+
+BUSY_SCRIPT = """
+local function microseconds()
+  local now = redis.call('TIME')
+  return tonumber(now[1]) * 1000000 + tonumber(now[2])
+end
+local ends = microseconds() + tonumber(ARGV[1])
+while microseconds() < ends do end
+return 1
+"""
+
+
+def test_a_script_keeping_redis_busy_is_a_503_until_it_ends(make_server, make_redis):
+    redis_server = make_redis("--busy-reply-threshold", "100")  # (BUSY after 0.1 s, not 5 s)
+    server = start_kvserver(make_server, redis_server)
+    assert server.request("PUT", "/kv/k", body=b"before").status == 201
+
+    def run_script() -> None:
+        with redis_server.client() as client:
+            client.eval(BUSY_SCRIPT, 0, 3_000_000)  # 3 s
+
+    script = threading.Thread(target=run_script)
+    script.start()
+    try:
+        wait_for(lambda: server.get("/health").status == 503, timeout=5, what="Redis to be busy")
+        assert_refused(server, 503, ["busy running a script", "try again later"], ["busy running a script"])
+        assert_problem(server.get("/kv/k"), 503, "busy running a script")
+    finally:
+        script.join(timeout=15)
+    assert not script.is_alive()
+    assert_recovered_with_nothing_changed(server)
+
+
+def test_redis_loading_its_data_after_a_restart_is_a_503_until_it_has(make_server, make_redis):
+    redis_server = make_redis("--rdbcompression", "no")
+    server = start_kvserver(make_server, redis_server)
+    big = bytes(range(256)) * 12  # 3 KiB: Redis answers while loading once every KiB it reads
+    for number in range(20):
+        assert server.request("PUT", f"/kv/v{number}", body=big).status == 201
+    with redis_server.client() as client:
+        client.save()
+    redis_server.kill()
+    redis_server.extra_args += ("--key-load-delay", "100000", "--loading-process-events-interval-bytes", "1024")
+    redis_server.start(same_port=True)  # loads for 0.1 s a key: 2.5 s
+    assert_problem(server.get("/kv/v0"), 503, "loading its data", "try again later")
+    assert_problem(server.request("PUT", "/kv/new", body=b"x"), 503, "loading its data")
+    assert_problem(server.get("/health"), 503, "loading its data")
+    wait_for(lambda: server.get("/health").status == 200, timeout=15, what="Redis to load its data")
+    assert server.get("/health").json()["keys"] == 20
+    assert server.get("/kv/v0").body == big
+    assert server.get("/kv/new").status == 404
+    assert server.stop() == 0
+    assert_no_traceback(server.stderr())
+
+
+def test_a_password_set_on_redis_while_kvserver_runs_is_a_503_naming_the_password(make_server, make_redis):
+    redis_server = make_redis()
+    server = start_kvserver(make_server, redis_server)
+    assert server.request("PUT", "/kv/k", body=b"before").status == 201
+    with redis_server.client() as client:
+        client.config_set("requirepass", "a-new-password")
+        client.client_kill_filter(_type="normal", skipme=True)  # (kvserver connects again: NOAUTH)
+        words = ["does not take kvserver's password", "try again later"]
+        assert_refused(server, 503, words, words)
+        assert_problem(server.get("/kv/k"), 503, *words)
+        client.config_set("requirepass", "")
+    assert_recovered_with_nothing_changed(server)
+
+
+@pytest.mark.parametrize(
+    ("kind", "message", "refusal", "words"),
+    [
+        ("OutOfMemoryError", "command not allowed when used memory > 'maxmemory'.", "StorageFull", "out of memory"),
+        ("ReadOnlyError", "You can't write against a read only replica.", "StorageUnavailable", "read-only"),
+        ("BusyLoadingError", "Redis is loading the dataset in memory", "StorageUnavailable", "loading its data"),
+        ("AuthenticationError", "Authentication required.", "StorageUnavailable", "password"),
+        ("MasterDownError", "Link with MASTER is down", "StorageUnavailable", "lost its primary"),
+        ("ConnectionError", "Connection refused.", "StorageUnavailable", "cannot reach Redis"),
+        ("TimeoutError", "Timeout reading from socket", "StorageUnavailable", "cannot reach Redis"),
+        ("ResponseError", "BUSY Redis is busy running a script.", "StorageUnavailable", "busy running a script"),
+        (
+            "ResponseError",
+            "MISCONF Redis is configured to save RDB snapshots",
+            "StorageUnavailable",
+            "save to its disk",
+        ),
+        (
+            "ResponseError",
+            "Command # 2 (DEL kvserver:BUSY x) of pipeline caused error: NOREPLICAS Not enough good replicas to write.",
+            "StorageUnavailable",
+            "too few replicas",
+        ),
+    ],
+)
+def test_each_refusal_of_redis_is_storage_unavailable_or_full_naming_why(store, kind, message, refusal, words):
+    with pytest.raises(getattr(kvserver, refusal), match=re.escape(words)) as raised, store._reachable():
+        raise getattr(redis.exceptions, kind)(message)
+    assert type(raised.value) is getattr(kvserver, refusal)
+    assert "kvserver:BUSY" not in str(raised.value)  # (what redis-py says of the command stays out)
+
+
+@pytest.mark.parametrize(
+    "message", ["ERR unknown command 'NOPE'", "Command # 1 (BUSY x) of pipeline caused error: ERR syntax error"]
+)
+def test_another_redis_error_is_a_fault_of_ours_raised_as_it_is(store, message):
+    with pytest.raises(redis.ResponseError, match=re.escape(message)), store._reachable():
+        raise redis.ResponseError(message)
+
+
 def test_events_trimmed_before_a_watching_kvserver_read_them_give_a_reset_not_a_silent_gap(store, redis_db):
     """The stream keeps about HISTORY entries: a kvserver whose reader falls further behind
     (stopped, swapped out) must not skip what was trimmed unseen. Its watches get a reset."""
@@ -1061,7 +1263,7 @@ def test_health_metrics_and_a_page_of_keys_cost_redis_the_same_with_ten_times_th
             commands.append({route: commands_redis_runs_for(client, request) for route, request in requests.items()})
     small, large = commands
     assert large == small, "a request ran more Redis commands in a larger store"
-    assert sum(small["/health"].values()) <= 5, small["/health"]
+    assert sum(small["/health"].values()) <= 6, small["/health"]  # (one is its write that changes nothing)
     assert sum(small["/metrics"].values()) <= 5, small["/metrics"]
     assert "scan" not in str(small)
 

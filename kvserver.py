@@ -2180,12 +2180,15 @@ class RedisStorage(Storage):
       (with the value's etag, size, content_type and expires), delete and expire, each with
       its key and a number one past the one before (so that a reader can tell when entries
       it did not read were trimmed); trimmed to about (never fewer than) HISTORY entries. Its
-      entry IDs are the revisions.
+      entry IDs are the revisions;
+    - and `probe`, a name that never holds anything: a write to it that changes nothing tells
+      whether Redis takes writes now (`check_writable`, and each write before its first change).
 
     Every write and delete changes the key's hash, the index and the totals and appends its
-    event in one WATCH/MULTI transaction (the bookkeeping is the Lua script _ACCOUNT inside
-    it), so compare-and-set is atomic across processes, the index never disagrees with the
-    values and the events are in the order the changes took effect. Redis expires a hash by
+    event in one Lua script (_CHANGE), which does nothing if the key changed since the write
+    checked its precondition (see _change), so compare-and-set is atomic across processes,
+    the index never disagrees with the values and the events are in the order the changes
+    took effect. Redis expires a hash by
     itself; its key stays in the index until a sweep (_SWEEP_AND_COUNT, and a few keys on
     every write) takes it out and appends its expire event, and until then listing skips it
     by its expiry and the totals are read only after sweeping. A kvserver sweeps twice a
@@ -2193,8 +2196,8 @@ class RedisStorage(Storage):
     keys. A thread per RedisStorage, started by the first watch, reads the stream (XREAD
     BLOCK) into the storage's change feed. The scripts read Redis's clock (TIME), the one
     its expiry follows. A store written by an older kvserver, without the index, is indexed
-    when it is first opened. Needs one Redis (not Redis Cluster: a transaction spans a key
-    and the index).
+    when it is first opened. Needs one Redis (not Redis Cluster: a script spans a key and the
+    index).
 
     Values travel whole, so they are limited to `max_value` (Redis strings stop at 512 MB).
     Needs the redis package: pip install 'kvserver[redis]'.
@@ -2203,16 +2206,16 @@ class RedisStorage(Storage):
     kind = "redis"
     max_value = 512 * 1024 * 1024 - 1
     _FIELDS = (b"value", b"type", b"etag", b"expires")
-    _STRUCTURES = (b"keys", b"expiries", b"sizes", b"totals", b"events")
+    _STRUCTURES = (b"keys", b"expiries", b"sizes", b"totals", b"events", b"probe")
     _BATCH = 1000  # keys per listing, sweeping or indexing step: a step holds Redis for well under 10 ms
     _SWEEP_ON_WRITE = 2  # expired keys each write sweeps, more than it can add: the index cannot fill with them
     _CATCH_UP = 5.0  # seconds a new watch waits for the feed to read the stream's newest entry (see watch)
 
-    # Lua shared by the scripts. Every script gets the five structures as KEYS[1..5] and the
+    # Lua shared by the scripts. Every script gets the structures as KEYS[1..6] and the
     # prefix as ARGV[1]. A Lua script runs whole, with no other command in between.
     _LUA = (
         """
-local index, expiries, sizes, totals, events = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local index, expiries, sizes, totals, events, probe = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local prefix = ARGV[1]
 local history = """
         + str(HISTORY)
@@ -2263,6 +2266,27 @@ local function remember(key, size, expires_ms)
   end
 end
 
+-- A write that changes nothing (SETRANGE of no bytes creates no key), which Redis refuses as it
+-- refuses any write it cannot take now (out of memory): a script that writes a value calls it
+-- before its first change, so that such a refusal leaves nothing half done. (Once a script has
+-- changed something, Redis lets it finish.)
+local function check_writable()
+  redis.call('SETRANGE', probe, 0, '')
+end
+
+-- The type of the Redis key `name`, and the etag of the value of kvserver's it holds (a hash with
+-- all of _FIELDS), or false if it holds none ('none': no such key; else another program's value).
+local function look(name)
+  local kind = redis.call('TYPE', name).ok
+  if kind == 'hash' and redis.call('HEXISTS', name, 'value') == 1 then
+    local fields = redis.call('HMGET', name, 'type', 'etag', 'expires')
+    if fields[1] and fields[2] and fields[3] then
+      return kind, fields[2]
+    end
+  end
+  return kind, false
+end
+
 -- Forget at most `count` keys whose expiry has passed, with their expire events, and delete
 -- their hashes (Redis has, or is about to: it deletes a key once the time is past its expiry);
 -- return how many. A key written again since has a new expiry, or none, so it is not among them.
@@ -2277,34 +2301,44 @@ end
 """
     )
 
-    # In a write's or delete's transaction, before the hash changes. ARGV: prefix, key, the new
-    # size ('' to delete), the new expiry in ms ('' for none), how many expired keys to sweep.
-    _ACCOUNT = (
+    # A write's or delete's first look at the key ARGV[2]: {its type, the etag of its value, nil
+    # if it holds no value of kvserver's} (see look).
+    _CURRENT = _LUA + "return {look(prefix .. ARGV[2])}"
+
+    # A write or delete of the key ARGV[2], if its value's etag is still ARGV[3] ('' for none:
+    # the one its precondition was checked against). ARGV[4]: how many expired keys to sweep on
+    # the way; then for a write ARGV[5..10]: the size, the expiry in ms ('' for none), and the
+    # hash's value, type, etag and expires fields (none for a delete). Returns 1 if done, 0 if
+    # the key changed since the look (nothing is done: look again).
+    _CHANGE = (
         _LUA
         + """
-sweep(tonumber(ARGV[5]))
-forget_or_expire(ARGV[2])
-if ARGV[3] ~= '' then
-  remember(ARGV[2], tonumber(ARGV[3]), ARGV[4] ~= '' and ARGV[4] or nil)
+local key, expected = ARGV[2], ARGV[3]
+local name = prefix .. key
+local kind, etag = look(name)
+if (etag or '') ~= expected or (kind ~= 'none' and not etag) then
+  return 0
 end
+if ARGV[5] then
+  check_writable()  -- (a delete goes on when Redis is out of memory: it frees some)
+end
+sweep(tonumber(ARGV[4]))
+forget_or_expire(key)
+redis.call('DEL', name)
+if ARGV[5] then
+  local expires_ms = ARGV[6] ~= '' and ARGV[6] or nil
+  remember(key, tonumber(ARGV[5]), expires_ms)
+  redis.call('HSET', name, 'value', ARGV[7], 'type', ARGV[8], 'etag', ARGV[9], 'expires', ARGV[10])
+  if expires_ms then
+    redis.call('PEXPIREAT', name, expires_ms)
+  end
+  announce('type', 'put', 'key', key, 'etag', ARGV[9], 'size', ARGV[5], 'content_type', ARGV[8], 'expires', ARGV[10])
+elseif etag then
+  announce('type', 'delete', 'key', key)
+end
+return 1
 """
     )
-
-    # A write's or delete's look at the key's hash KEYS[1], under WATCH: {its type, its etag} if
-    # it holds a value of kvserver's (all of _FIELDS), else {its type} ('none' if no such key).
-    _CURRENT = """
-local kind = redis.call('TYPE', KEYS[1]).ok
-if kind == 'hash' and redis.call('HEXISTS', KEYS[1], 'value') == 1 then
-  local fields = redis.call('HMGET', KEYS[1], 'type', 'etag', 'expires')
-  if fields[1] and fields[2] and fields[3] then
-    return {kind, fields[2]}
-  end
-end
-return {kind}
-"""
-
-    # Append the event whose fields and values are ARGV[2..] (in a write's or delete's transaction).
-    _ANNOUNCE = _LUA + "announce(unpack(ARGV, 2))"
 
     # Sweep at most ARGV[2] keys, then read the totals: {swept, keys, bytes}. The totals are
     # exact when fewer than ARGV[2] were swept (nothing expired is left in them).
@@ -2411,7 +2445,6 @@ return adopted
             " nothing was stored",
         }
         self._response_error = redis.ResponseError
-        self._watch_error = redis.WatchError
         self._connect = functools.partial(  # a new client (loosely typed)
             redis.Redis.from_url,
             f"{address}?{client_query}" if client_query else address,
@@ -2444,8 +2477,8 @@ return adopted
     def _reachable(self) -> Iterator[None]:
         """Turn redis-py's errors of a Redis that cannot take the call now (away, loading, a
         read-only replica, busy, out of memory, ...) into StorageUnavailable, or StorageFull,
-        saying why; and refuse once closed. Nothing was half done: Redis discards a transaction
-        with a refused command whole (EXECABORT). Other errors are faults of ours, raised as they are."""
+        saying why; and refuse once closed. Nothing was half done: Redis refuses a script whole
+        (see _change). Other errors are faults of ours, raised as they are."""
         self._check_open()
         try:
             yield
@@ -2453,7 +2486,7 @@ return adopted
             for kinds, instead, message in self._refusals:
                 if isinstance(error, kinds):
                     raise instead(message.format(location=self.location, error=error)) from None
-            # (In a transaction, redis-py puts the command before the reply: "Command # 2 (DEL ...)
+            # (In a pipeline, redis-py puts the command before the reply: "Command # 2 (DEL ...)
             # of pipeline caused error: BUSY ...".)
             code = str(error).rpartition(" of pipeline caused error: ")[2].partition(" ")[0]
             if isinstance(error, self._response_error) and code in self._refused_replies:
@@ -2462,17 +2495,17 @@ return adopted
 
     def check_writable(self) -> None:
         """A write that changes nothing, which Redis refuses as it refuses any write when it
-        cannot take one (read-only, out of memory, loading, busy...): SETRANGE of no bytes at a
-        name no value or structure has (Redis then creates nothing)."""
+        cannot take one (read-only, out of memory, loading, busy...): SETRANGE of no bytes at
+        `probe` (Redis then creates nothing)."""
         with self._reachable():
-            self._client.setrange(self._name("") + b"\xffprobe", 0, b"")
+            self._client.setrange(self._structures[5], 0, b"")
 
     def _name(self, key: str) -> bytes:
         return (self.prefix + key).encode("utf-8")
 
-    def _run(self, client: Any, script: str, *args: object) -> Any:
-        """Run one of the Lua scripts on `client` (the connection, or a transaction to queue it in)."""
-        return client.eval(script, len(self._structures), *self._structures, self._name(""), *args)
+    def _run(self, script: str, *args: object) -> Any:
+        """Run one of the Lua scripts, with the structures as its KEYS and the prefix and `args` as its ARGV."""
+        return self._client.eval(script, len(self._structures), *self._structures, self._name(""), *args)
 
     def _index_older_values(self) -> None:
         """Index the values in Redis that are not in the index: a store an older kvserver wrote.
@@ -2489,7 +2522,7 @@ return adopted
             for name in batch:
                 with contextlib.suppress(UnicodeDecodeError, ValueError):  # not a key: the structures, say
                     keys.append(check_key(name[start:].decode("utf-8")))
-            if keys and (found := self._run(self._client, self._ADOPT, *keys)):
+            if keys and (found := self._run(self._ADOPT, *keys)):
                 if not adopted:
                     print(
                         f"kvserver: indexing the keys an older kvserver wrote in Redis {self.location} "
@@ -2525,7 +2558,7 @@ return adopted
         """Around reading a key's hash: another program's value of another type under the
         prefix (Redis answers WRONGTYPE) is not a value of kvserver's: KeyError, as it is not
         listed either; nor is a hash without all of _FIELDS (the reader checks that). Writes
-        refuse to replace either: see _transaction."""
+        refuse to replace either: see _change."""
         try:
             yield
         except self._response_error as error:
@@ -2543,7 +2576,7 @@ return adopted
         wanted = self._BATCH if limit is None else min(self._BATCH, limit)
         with self._reachable():
             while True:
-                seen, last, live = self._run(self._client, self._LIST, low, high, wanted)
+                seen, last, live = self._run(self._LIST, low, high, wanted)
                 keys += (key.decode("utf-8") for key in live)
                 if seen < wanted or (limit is not None and len(keys) >= limit):
                     return keys[:limit]
@@ -2565,7 +2598,7 @@ return adopted
         removed = 0
         with self._reachable():
             while True:
-                swept, keys, size = self._run(self._client, self._SWEEP_AND_COUNT, self._BATCH)
+                swept, keys, size = self._run(self._SWEEP_AND_COUNT, self._BATCH)
                 removed += swept
                 if swept < self._BATCH:
                     return removed, keys, size
@@ -2576,55 +2609,37 @@ return adopted
         if len(value) > self.max_value:
             raise ValueError(f"Redis holds values of at most {self.max_value} bytes, not {len(value)}")
         stat = Stat(len(value), content_type, f"{_etag(len(value), _new_stamp())}-{secrets.token_hex(4)}", expires_at)
-        fields = {
-            "value": value,
-            "type": content_type,
-            "etag": stat.etag,
-            "expires": "" if expires_at is None else repr(expires_at),
-        }
-        return stat, self._transaction(key, precondition, fields, expires_at) is None
+        expires_ms = "" if expires_at is None else int(expires_at * 1000)
+        expires = "" if expires_at is None else repr(expires_at)
+        written = (len(value), expires_ms, value, content_type, stat.etag, expires)
+        return stat, self._change(key, precondition, written) is None
 
     def _delete(self, key: str, precondition: _Precondition) -> bool:
-        return self._transaction(key, precondition, None, None) is not None
+        return self._change(key, precondition, ()) is not None
 
-    def _transaction(
-        self, key: str, precondition: _Precondition, fields: dict[str, Any] | None, expires_at: float | None
-    ) -> str | None:
-        """If the precondition holds, replace the key's hash with `fields` expiring at `expires_at`
-        (None: delete it) and keep the index and totals in step, in one transaction; return the
-        ETag the key had (None: it had no value). ValueError if another program's value is
-        under the key's name: kvserver does not replace what it did not write."""
-        name = self._name(key)
-        expires_ms = "" if expires_at is None else int(expires_at * 1000)
-        size = "" if fields is None else len(fields["value"])
-        with self._reachable(), self._client.pipeline() as pipe:
+    def _change(self, key: str, precondition: _Precondition, written: tuple[object, ...]) -> str | None:
+        """If the precondition holds, replace the key's hash (`written`: _CHANGE's ARGV[5..10];
+        none to delete it), keeping the index and totals in step and appending the event, in one
+        script; return the ETag the key had (None: it had no value). ValueError if another
+        program's value is under the key's name: kvserver does not replace what it did not write.
+
+        The precondition is checked in Python against a first look at the key; the script then
+        changes the key only if it is still as seen, else the write looks again, as a
+        compare-and-set. (One script, not MULTI: Redis discards a refused script whole, while a
+        transaction whose MULTI a busy or loading Redis refused could run its commands one by one.)"""
+        with self._reachable():
             while True:
-                try:
-                    pipe.watch(name)
-                    kind, *etag = pipe.eval(self._CURRENT, 1, name)
-                    if kind != b"none" and not etag:
-                        raise ValueError(
-                            f"Redis holds another program's value ({kind.decode()}) under {name!r}, where the key"
-                            f" {key!r} would be: kvserver does not replace it; remove it from Redis, or give"
-                            " kvserver a prefix of its own (?prefix= in the Redis URL)"
-                        )
-                    current = etag[0].decode() if etag else None  # (a value of kvserver's has an etag)
-                    precondition.check(key, current)
-                    pipe.multi()
-                    self._run(pipe, self._ACCOUNT, key, size, expires_ms, self._SWEEP_ON_WRITE)
-                    pipe.delete(name)
-                    if fields is not None:
-                        pipe.hset(name, mapping=fields)
-                        if expires_at is not None:
-                            pipe.pexpireat(name, expires_ms)
-                        value = {"etag": fields["etag"], "size": size, "content_type": fields["type"]}
-                        self._announce(pipe, {"type": "put", "key": key, **value, "expires": fields["expires"]})
-                    elif current is not None:
-                        self._announce(pipe, {"type": "delete", "key": key})
-                    pipe.execute()
+                kind, etag = self._run(self._CURRENT, key)
+                if kind != b"none" and etag is None:
+                    raise ValueError(
+                        f"Redis holds another program's value ({kind.decode()}) under {self._name(key)!r}, where the"
+                        f" key {key!r} would be: kvserver does not replace it; remove it from Redis, or give"
+                        " kvserver a prefix of its own (?prefix= in the Redis URL)"
+                    )
+                current = None if etag is None else etag.decode()
+                precondition.check(key, current)
+                if self._run(self._CHANGE, key, current or "", self._SWEEP_ON_WRITE, *written):
                     return current
-                except self._watch_error:
-                    continue  # another client changed the key between WATCH and EXEC: look again
 
     # Watching: the events stream, read by one thread into the change feed
 
@@ -2638,10 +2653,6 @@ return adopted
         if newest:
             self._feed.catch_up(newest[0][0].decode(), self._CATCH_UP)
         return super().watch(prefix, after, timeout)
-
-    def _announce(self, pipe: Any, fields: dict[str, Any]) -> None:
-        """Queue the event of a change in its transaction (the fields are those _event reads)."""
-        self._run(pipe, self._ANNOUNCE, *itertools.chain.from_iterable(fields.items()))
 
     @staticmethod
     def _event(revision: bytes, fields: dict[bytes, bytes]) -> Event:

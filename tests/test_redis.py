@@ -726,8 +726,10 @@ def test_kvserver_answers_503_while_redis_is_down_and_recovers_by_itself(make_se
 
 
 def assert_refused(server: Server, status: int, words: list[str], health_words: list[str]) -> None:
-    """Every write through every interface, and /health, answer `status` with `words` in the detail."""
-    for method, path in [("PUT", "/kv/k"), ("PUT", "/kv/new"), ("DELETE", "/kv/k"), ("GET", "/set?new=x")]:
+    """Every write through every interface, and /health, answer `status` with `words` in the detail;
+    deletes too, but when Redis is out of memory (507: they free some)."""
+    changes = [("PUT", "/kv/k"), ("PUT", "/kv/new"), ("GET", "/set?new=x")] + [("DELETE", "/kv/k")] * (status != 507)
+    for method, path in changes:
         response = server.request(method, path, body=b"during" if method == "PUT" else None)
         assert_problem(response, status, *words)
     assert_problem(server.get("/health"), status, *health_words)
@@ -811,6 +813,28 @@ def test_redis_refusing_writes_is_a_507_or_503_naming_why_and_changes_nothing(
             assert_problem(server.get("/kv/k"), status, *words)
         for command in leave:
             client.execute_command(*command)
+    assert_recovered_with_nothing_changed(server)
+
+
+def test_redis_out_of_memory_still_takes_deletes_which_free_some(make_server, make_redis):
+    redis_server = make_redis()
+    server = start_kvserver(make_server, redis_server)
+    assert server.request("PUT", "/kv/k", body=b"before").status == 201
+    assert server.request("PUT", "/kv/gone", body=b"soon").status == 201
+    with redis_server.client() as client:
+        client.config_set("maxmemory", 1)
+        try:
+            assert_problem(server.request("PUT", "/kv/gone", body=b"again"), 507, "out of memory")
+            assert server.request("DELETE", "/kv/gone").status == 204
+            assert server.get("/kv/gone").status == 404
+            assert server.get("/keys").json()["keys"] == ["k"]
+            assert client.exists(b"kvserver:gone") == 0
+            assert client.zrange(INDEX, 0, -1) == [b"k"]
+            assert client.hmget(TOTALS, "keys", "bytes") == [b"1", b"6"]
+            [(_, event)] = client.xrevrange(EVENTS, count=1)
+            assert (event[b"type"], event[b"key"]) == (b"delete", b"gone")
+        finally:
+            client.config_set("maxmemory", 0)
     assert_recovered_with_nothing_changed(server)
 
 

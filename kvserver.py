@@ -653,7 +653,7 @@ class StorageUnavailable(RuntimeError):
 
 class StorageFull(StorageUnavailable):
     """The storage has no room for the write (Redis at its maxmemory); nothing was stored,
-    and reads go on working."""
+    and reads and deletes go on working."""
 
 
 BUFFER = 1024 * 1024  # what a streamed value is read into before it is written, in one call
@@ -790,7 +790,7 @@ _LINE_HEAD = re.compile(
 )
 _LINE_TAIL = re.compile(rb"[ \t]*\}[ \t]*\r?\n")
 _LAST_LINE_TAIL = re.compile(rb"[ \t]*\}[ \t]*\r?")  # the last line may end without a newline
-_BLANKS = re.compile(rb"[ \t\r]*")
+_NOT_BLANK = re.compile(rb"[^ \t\r]")
 _MAX_LINE_HEAD = 64 * 1024
 _LINE_SHAPE = '{"key": k, "content_type": t, "expires_at": <Unix seconds> or null, "value": "<base64>"}'
 
@@ -846,7 +846,8 @@ class _ExportReader:
         """The key, media type and expiry of the next line; None at the end of the input.
         Blank lines are skipped."""
         while True:
-            self._at = _BLANKS.match(self._buffer, self._at).end()  # type: ignore[union-attr]  # (it matches '')
+            not_blank = _NOT_BLANK.search(self._buffer, self._at)
+            self._at = len(self._buffer) if not_blank is None else not_blank.start()
             if self._buffer.startswith(b"\n", self._at):  # a blank line
                 self.number += 1
                 self._at += 1
@@ -2188,10 +2189,10 @@ class RedisStorage(Storage):
     event in one Lua script (_CHANGE), which does nothing if the key changed since the write
     checked its precondition (see _change), so compare-and-set is atomic across processes,
     the index never disagrees with the values and the events are in the order the changes
-    took effect. Redis expires a hash by
-    itself; its key stays in the index until a sweep (_SWEEP_AND_COUNT, and a few keys on
-    every write) takes it out and appends its expire event, and until then listing skips it
-    by its expiry and the totals are read only after sweeping. A kvserver sweeps twice a
+    took effect. Redis expires a hash by itself; its key stays in the index until a sweep
+    (_SWEEP_AND_COUNT, and a few keys on every write) takes it out and appends its expire
+    event, and until then listing skips it by its expiry and the totals are read only after
+    sweeping. A kvserver sweeps twice a
     second (`sweep`), so that expire events come on time whether or not anyone reads the
     keys. A thread per RedisStorage, started by the first watch, reads the stream (XREAD
     BLOCK) into the storage's change feed. The scripts read Redis's clock (TIME), the one

@@ -2453,6 +2453,7 @@ return adopted
             socket_connect_timeout=5,
         )
         self._client: Any = self._connect()
+        self._scripts: dict[str, Any] = {}  # the Lua scripts as redis-py has them, registered at first use
         self._feed = _ChangeFeed(self._begin_changes)
         self._reader: Any = None  # the connection of the thread that reads the events, once started
         with self._reachable():
@@ -2505,8 +2506,12 @@ return adopted
         return (self.prefix + key).encode("utf-8")
 
     def _run(self, script: str, *args: object) -> Any:
-        """Run one of the Lua scripts, with the structures as its KEYS and the prefix and `args` as its ARGV."""
-        return self._client.eval(script, len(self._structures), *self._structures, self._name(""), *args)
+        """Run one of the Lua scripts, with the structures as its KEYS and the prefix and `args`
+        as its ARGV: by its SHA1 (EVALSHA), so that its text goes to Redis once, not each time."""
+        registered = self._scripts.get(script)
+        if registered is None:  # (redis-py loads it into Redis if Redis does not have it)
+            registered = self._scripts[script] = self._client.register_script(script)
+        return registered(keys=self._structures, args=[self._name(""), *args])
 
     def _index_older_values(self) -> None:
         """Index the values in Redis that are not in the index: a store an older kvserver wrote.

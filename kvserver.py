@@ -872,7 +872,7 @@ class _ExportReader:
         bad or cut-off line."""
         pending = b""  # base64 not decoded yet: it ends with the last group, which may be padded
         while (end := self._buffer.find(b'"', self._at)) < 0:
-            pending += self._buffer[self._at :]
+            pending = self._unescaped(pending + self._buffer[self._at :])  # (a '\' left at its end waits for its '/')
             self._at = len(self._buffer)
             whole = (len(pending) - 1) // 4 * 4
             if whole > 0:
@@ -880,7 +880,7 @@ class _ExportReader:
                 pending = pending[whole:]
             if not self._fill():
                 raise ValueError("the line is cut off inside its value")
-        last = self._decode(pending + self._buffer[self._at : end], last=True)
+        last = self._decode(self._unescaped(pending + self._buffer[self._at : end]), last=True)
         self._at = end + 1
         while (match := _LINE_TAIL.match(self._buffer, self._at)) is None:
             if self._buffer.find(b"\n", self._at) >= 0 or self._left() > _MAX_LINE_HEAD:
@@ -892,6 +892,11 @@ class _ExportReader:
                 break
         self._at = match.end()
         yield last
+
+    @staticmethod
+    def _unescaped(text: bytes) -> bytes:
+        """Base64 text as JSON may escape it: '/' as '\\/' (PHP's json_encode does so)."""
+        return text.replace(b"\\/", b"/")
 
     @staticmethod
     def _decode(text: bytes, last: bool) -> bytes:

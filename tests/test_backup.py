@@ -170,6 +170,18 @@ def test_import_parses_the_same_whatever_the_chunks_it_is_given(memory, size):
     assert_same(memory, contents(source))
 
 
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 4096])
+def test_import_takes_slashes_escaped_as_json_may_escape_them_whatever_the_chunks(memory, size):
+    """PHP's json_encode writes '/' as '\\/' by default, in the value's base64 too."""
+    value = bytes(range(256)) * 3  # its base64 holds many '/'
+    data = line("a/b", value, "image/png").replace(b"/", b"\\/")
+    assert data.count(b"\\/") > 10
+    chunks = (data[start : start + size] for start in range(0, len(data), size))
+    assert memory.import_(chunks) == (1, 0)
+    assert memory.get("a/b") == value
+    assert memory.stat("a/b").content_type == "image/png"
+
+
 GOOD = line("first", b"stored")
 BAD_LINES = {
     "not-json": b"hello\n",
@@ -186,6 +198,7 @@ BAD_LINES = {
     "media-type-with-spaces-around": b'{"key": "k", "content_type": " t ", "expires_at": null, "value": ""}\n',
     "expires-at-text": b'{"key": "k", "content_type": "t", "expires_at": "soon", "value": ""}\n',
     "not-base64": b'{"key": "k", "content_type": "t", "expires_at": null, "value": "a*b="}\n',
+    "backslash-in-base64": b'{"key": "k", "content_type": "t", "expires_at": null, "value": "YW\\\\Jj"}\n',
     "base64-cut": b'{"key": "k", "content_type": "t", "expires_at": null, "value": "YWJ"}\n',
     "padding-inside": b'{"key": "k", "content_type": "t", "expires_at": null, "value": "YQ==YWJj"}\n',
     "no-closing-brace": b'{"key": "k", "content_type": "t", "expires_at": null, "value": "YQ=="\n',

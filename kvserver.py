@@ -150,6 +150,7 @@ TEXT_CONTENT_TYPE = "text/plain; charset=utf-8"
 
 _CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f]")
 _MEDIA_TYPE = re.compile("[\x21-\x7e]([\t\x20-\x7e]*[\x21-\x7e])?")  # an HTTP field value of ASCII, trimmed
+MAX_MEDIA_TYPE = 1024  # characters: so an export line's head always fits in what import reads of it at once
 
 
 def check_key(key: object) -> str:
@@ -176,12 +177,15 @@ def check_key(key: object) -> str:
 def _check_media_type(content_type: object) -> str:
     """Return `content_type` if a value may be stored with it, else raise ValueError: it is
     sent back as a Content-Type field, so it is printable ASCII (tabs too, as between the
-    parameters of a media type), not empty, with no space or tab at either end."""
+    parameters of a media type), not empty, with no space or tab at either end, and at most
+    MAX_MEDIA_TYPE characters."""
     if not isinstance(content_type, str) or not _MEDIA_TYPE.fullmatch(content_type):
         raise ValueError(
             "a media type is printable ASCII (and tabs), as an HTTP field value, not empty and without "
             f"whitespace around it; not {content_type!r}"
         )
+    if len(content_type) > MAX_MEDIA_TYPE:
+        raise ValueError(f"a media type is at most {MAX_MEDIA_TYPE} characters, not {len(content_type)}")
     return content_type
 
 

@@ -196,6 +196,7 @@ BAD_LINES = {
     "bad-media-type": b'{"key": "k", "content_type": "t\\u00e9", "expires_at": null, "value": ""}\n',
     "empty-media-type": b'{"key": "k", "content_type": "", "expires_at": null, "value": ""}\n',
     "media-type-with-spaces-around": b'{"key": "k", "content_type": " t ", "expires_at": null, "value": ""}\n',
+    "media-type-too-long": b'{"key": "k", "content_type": "' + b"t" * 1025 + b'", "expires_at": null, "value": ""}\n',
     "expires-at-text": b'{"key": "k", "content_type": "t", "expires_at": "soon", "value": ""}\n',
     "not-base64": b'{"key": "k", "content_type": "t", "expires_at": null, "value": "a*b="}\n',
     "backslash-in-base64": b'{"key": "k", "content_type": "t", "expires_at": null, "value": "YW\\\\Jj"}\n',

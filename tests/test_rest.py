@@ -145,7 +145,9 @@ def test_a_content_type_with_a_tab_between_its_parameters_is_stored_as_sent(serv
 
 
 @pytest.mark.parametrize(
-    "content_type", [b"", b"text/html\xa0", b"text/html\xa0 \xa0x"], ids=["empty", "nbsp", "nbsps"]
+    "content_type",
+    [b"", b"text/html\xa0", b"text/html\xa0 \xa0x", b"t/x" * 342],
+    ids=["empty", "nbsp", "nbsps", "over 1,024 characters"],
 )
 def test_a_content_type_that_is_not_printable_ascii_is_a_400_not_trimmed_or_collapsed(server, content_type):
     """Field values are Latin-1: a no-break space (0xA0) is not whitespace to trim or collapse."""

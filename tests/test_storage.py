@@ -330,8 +330,14 @@ class StorageContract:
         assert store.stat(key).content_type == "application/json"
         assert store.fetch(key)[0].content_type == "application/json"
 
+    def test_a_media_type_of_max_media_type_characters_is_kept(self, store):
+        content_type = "text/plain; x=" + "y" * (kvserver.MAX_MEDIA_TYPE - 14)
+        store.put("k", b"v", content_type=content_type)
+        assert store.stat("k").content_type == content_type
+
     @pytest.mark.parametrize(
-        "content_type", ["", " text/html", "text/html ", "\ttext/html", "text/html\xa0", "tëxt/plain", None]
+        "content_type",
+        ["", " text/html", "text/html ", "\ttext/html", "text/html\xa0", "tëxt/plain", None, "t/x" * 342],
     )
     def test_a_media_type_that_cannot_be_sent_back_as_a_content_type_is_a_value_error(self, store, content_type):
         store.put("k", b"untouched", content_type="text/plain")

@@ -2388,7 +2388,7 @@ local adopted = 0
 for i = 2, #ARGV do
   local key = ARGV[i]
   local hash = prefix .. key
-  if not redis.call('ZSCORE', index, key) and redis.call('HEXISTS', hash, 'etag') == 1 then
+  if not redis.call('ZSCORE', index, key) and select(2, look(hash)) then
     local expires = redis.call('HGET', hash, 'expires') or ''
     remember(key, redis.call('HSTRLEN', hash, 'value'), expires ~= '' and math.floor(tonumber(expires) * 1000) or nil)
     adopted = adopted + 1
@@ -2417,43 +2417,16 @@ return adopted
         self.prefix = prefix if prefix is not None else (url_prefixes or ["kvserver:"])[-1]
         self._structures = [self._name("") + b"\xff" + name for name in self._STRUCTURES]
         self._redis_error = redis.RedisError
-        # redis-py's errors of a Redis that cannot take a call now, what _reachable raises
-        # instead and its message, in the order checked (AuthenticationError and
-        # BusyLoadingError are ConnectionErrors) ...
-        self._refusals: tuple[tuple[type[Exception] | tuple[type[Exception], ...], type[Exception], str], ...] = (
-            (
-                redis.exceptions.OutOfMemoryError,
-                StorageFull,
-                "Redis {location} is out of memory (its maxmemory): nothing was stored; free memory in"
-                " Redis or raise its maxmemory",
-            ),
-            (
-                redis.AuthenticationError,
-                StorageUnavailable,
-                "Redis {location} does not take kvserver's password (NOAUTH or WRONGPASS): give kvserver"
-                " the password in its Redis URL",
-            ),
-            (redis.exceptions.BusyLoadingError, StorageUnavailable, "Redis {location} is loading its data (LOADING)"),
-            ((redis.ConnectionError, redis.TimeoutError), StorageUnavailable, "cannot reach Redis {location}: {error}"),
-            (
-                redis.exceptions.ReadOnlyError,
-                StorageUnavailable,
-                "Redis {location} is a read-only replica (READONLY): nothing was stored",
-            ),
-            (
-                redis.exceptions.MasterDownError,
-                StorageUnavailable,
-                "Redis {location} is a replica that lost its primary (MASTERDOWN)",
-            ),
+        self._connection_errors = (redis.ConnectionError, redis.TimeoutError)
+        # The reply codes of the refusals that redis-py raises as errors of their own class
+        # (the others are ResponseErrors whose text holds the code: see _refusal_code).
+        self._refusal_classes = (
+            (redis.exceptions.OutOfMemoryError, "OOM"),
+            (redis.AuthenticationError, "NOAUTH"),  # (before ConnectionError: it is one, as the next is)
+            (redis.exceptions.BusyLoadingError, "LOADING"),
+            (redis.exceptions.ReadOnlyError, "READONLY"),
+            (redis.exceptions.MasterDownError, "MASTERDOWN"),
         )
-        # ... and the refusals redis-py has no class for (a ResponseError), by the code that
-        # starts Redis's reply: StorageUnavailable with this message.
-        self._refused_replies = {
-            "BUSY": "Redis {location} is busy running a script (BUSY)",
-            "MISCONF": "Redis {location} refuses writes as it cannot save to its disk (MISCONF): nothing was stored",
-            "NOREPLICAS": "Redis {location} refuses writes as too few replicas are connected (NOREPLICAS):"
-            " nothing was stored",
-        }
         self._response_error = redis.ResponseError
         self._connect = functools.partial(  # a new client (loosely typed)
             redis.Redis.from_url,
@@ -2494,15 +2467,28 @@ return adopted
         try:
             yield
         except self._redis_error as error:
-            for kinds, instead, message in self._refusals:
-                if isinstance(error, kinds):
-                    raise instead(message.format(location=self.location, error=error)) from None
-            # (In a pipeline, redis-py puts the command before the reply: "Command # 2 (DEL ...)
-            # of pipeline caused error: BUSY ...".)
-            code = str(error).rpartition(" of pipeline caused error: ")[2].partition(" ")[0]
-            if isinstance(error, self._response_error) and code in self._refused_replies:
-                raise StorageUnavailable(self._refused_replies[code].format(location=self.location)) from None
+            code = self._refusal_code(error)
+            if code is not None:
+                refusal, reason = _REDIS_REFUSALS[code]
+                raise refusal(f"Redis {self.location} {reason}") from None
+            if isinstance(error, self._connection_errors):
+                raise StorageUnavailable(f"cannot reach Redis {self.location}: {error}") from None
             raise
+
+    def _refusal_code(self, error: Exception) -> str | None:
+        """The code of the reply by which Redis refused a call, if it is one of _REDIS_REFUSALS:
+        from redis-py's class for it, or from the text of a ResponseError. That text may put the
+        command first ("Command # 2 (DEL ...) of pipeline caused error: BUSY ..."), or, from
+        Redis 6, wrap a refusal inside a script ("Error running script ...: -OOM ..."). What
+        redis-py says of the command stays out of the message: it may hold a key or a value."""
+        for kind, code in self._refusal_classes:
+            if isinstance(error, kind):
+                return code
+        if isinstance(error, self._response_error):
+            codes: list[str] = _REPLY_CODE.findall(str(error))
+            if codes and codes[-1] in _REDIS_REFUSALS:
+                return codes[-1]
+        return None
 
     def check_writable(self) -> None:
         """A write that changes nothing, which Redis refuses as it refuses any write when it
@@ -2706,17 +2692,25 @@ return adopted
         """Publish each entry of the stream after `last` (whose number is `number`) to the feed,
         until the storage closes. An entry whose number is not one past the one before follows
         entries that were trimmed before this thread read them (it fell behind, or Redis came
-        back from an older snapshot, or none): the feed has a gap there."""
+        back from an older snapshot, or none): the feed has a gap there. Where numbers cannot
+        tell (an older kvserver's entries have none), it looks after the read whether the
+        stream's oldest entry is past `last`, so that entries after `last` may have gone unread:
+        then the feed has a gap before what it read."""
         stream = self._structures[4]
         unavailable = False  # the last read could not reach Redis (which was said once)
         while not self._closed:
             try:
                 with self._reachable():
                     answer = self._reader.xread({stream: last}, count=_WATCH_BATCH, block=1000)
+                    entries = answer[0][1] if answer else []
+                    unnumbered = number is None or any(self._number(fields) is None for _, fields in entries)
+                    oldest = self._reader.xrange(stream, count=1) if entries and unnumbered and last != "0-0" else []
                 if unavailable:
                     print(f"kvserver: the events from Redis {self.location} are read again", file=sys.stderr)
                     unavailable = False
-                for revision, fields in answer[0][1] if answer else []:
+                if oldest and revision_order(oldest[0][0].decode()) > revision_order(last):
+                    self._feed.gap(entries[0][0].decode())
+                for revision, fields in entries:
                     event, following = self._event(revision, fields), self._number(fields)
                     if number is not None and following is not None and following != number + 1:
                         self._feed.gap(event.revision)
@@ -2732,6 +2726,29 @@ return adopted
                     unavailable = True
                 time.sleep(1)  # once Redis is back, XREAD goes on from `last`
 
+
+# Redis's refusals of a call it cannot take now, by the code its reply begins with: what
+# RedisStorage raises instead (StorageFull: 507; StorageUnavailable: 503) and why, in words.
+_REDIS_REFUSALS: dict[str, tuple[type[StorageUnavailable], str]] = {
+    "OOM": (
+        StorageFull,
+        "is out of memory (its maxmemory): nothing was stored; free memory in Redis or raise its maxmemory",
+    ),
+    "NOAUTH": (
+        StorageUnavailable,
+        "does not take kvserver's password (NOAUTH or WRONGPASS): give kvserver the password in its Redis URL",
+    ),
+    "LOADING": (StorageUnavailable, "is loading its data (LOADING)"),
+    "READONLY": (StorageUnavailable, "is a read-only replica (READONLY): nothing was stored"),
+    "MASTERDOWN": (StorageUnavailable, "is a replica that lost its primary (MASTERDOWN)"),
+    "BUSY": (StorageUnavailable, "is busy running a script (BUSY)"),
+    "MISCONF": (StorageUnavailable, "refuses writes as it cannot save to its disk (MISCONF): nothing was stored"),
+    "NOREPLICAS": (
+        StorageUnavailable,
+        "refuses writes as too few replicas are connected (NOREPLICAS): nothing was stored",
+    ),
+}
+_REPLY_CODE = re.compile(r"(?:^|caused error: |: -)([A-Z]+)\b")  # where a reply's code stands in redis-py's text
 
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 

@@ -929,6 +929,20 @@ def test_a_password_set_on_redis_while_kvserver_runs_is_a_503_naming_the_passwor
             "StorageUnavailable",
             "too few replicas",
         ),
+        (  # Redis 6 wraps a refusal inside a script
+            "ResponseError",
+            "Error running script (call to f_0123): @user_script:56: @user_script: 56: -OOM command not allowed when"
+            " used memory > 'maxmemory'.",
+            "StorageFull",
+            "out of memory",
+        ),
+        (
+            "ResponseError",
+            "Error running script (call to f_0123): @user_script:12: @user_script: 12: -READONLY You can't write"
+            " against a read only replica.",
+            "StorageUnavailable",
+            "read-only",
+        ),
     ],
 )
 def test_each_refusal_of_redis_is_storage_unavailable_or_full_naming_why(store, kind, message, refusal, words):
@@ -939,7 +953,12 @@ def test_each_refusal_of_redis_is_storage_unavailable_or_full_naming_why(store, 
 
 
 @pytest.mark.parametrize(
-    "message", ["ERR unknown command 'NOPE'", "Command # 1 (BUSY x) of pipeline caused error: ERR syntax error"]
+    "message",
+    [
+        "ERR unknown command 'NOPE'",
+        "Command # 1 (BUSY x) of pipeline caused error: ERR syntax error",
+        "Error running script (call to f_0123): @user_script:3: Script attempted to access nonexistent global 'x'",
+    ],
 )
 def test_another_redis_error_is_a_fault_of_ours_raised_as_it_is(store, message):
     with pytest.raises(redis.ResponseError, match=re.escape(message)), store._reachable():
@@ -1016,6 +1035,28 @@ def test_a_watch_through_a_kvserver_whose_reader_is_behind_waits_for_it(store, r
                 assert [(event.type, event.key) for event in events] == [("put", "later"), ("put", "after the watch")]
 
 
+def test_events_trimmed_after_an_older_kvservers_entry_give_a_reset_too(store, redis_db):
+    """An older kvserver appends entries with no number: where numbers cannot tell, the reader
+    looks whether the stream's oldest entry is past the last it read."""
+    older_put = {"type": "put", "key": "older", "etag": "1-2", "size": "1", "content_type": "t/x", "expires": ""}
+    with store.watch("") as watch:
+        store.put("a", b"1")
+        assert [event.key for event in watch.wait(10)] == ["a"]
+        waiting, go_on = hold_reader(store)
+        with redis_db.client() as client:
+            client.xadd(EVENTS, older_put)  # (ends the XREAD under way: the last entry read has no number)
+            assert [event.key for event in watch.wait(10)] == ["older"]
+            wait_for(waiting.is_set, timeout=10, what="the reader to wait")
+            for key in ("c", "d", "e"):
+                store.put(key, b"3")
+            client.xtrim(EVENTS, maxlen=1, approximate=False)  # c and d go unseen
+        go_on.set()
+        events = watch.wait(10)
+        assert [(event.type, event.key) for event in events[:1]] == [("reset", None)], events
+        following = events[1:] or watch.wait(10)
+        assert [(event.type, event.key) for event in following] == [("put", "e")]
+
+
 def test_events_unreadable_while_redis_is_away_are_said_once_and_their_return_once(store, monkeypatch, capfd):
     with store.watch("") as watch:  # (the first watch starts the thread that reads the stream)
         store.put("before", b"1")
@@ -1086,11 +1127,12 @@ def redis_now_ms(client) -> int:
 
 
 def values_found_by_scan(client, prefix: bytes = b"kvserver:") -> dict[str, int]:
-    """Every value hash under `prefix` a full SCAN finds (not the structures beside them), with its size."""
+    """Every value hash under `prefix` a full SCAN finds (not the structures beside them, nor
+    another program's hash, without all four fields of a value), with its size."""
     pattern = re.sub(rb"([*?\[\]\\])", rb"\\\1", prefix) + b"*"
     sizes = {}
     for name in client.scan_iter(match=pattern, count=1000, _type="HASH"):
-        if b"\xff" not in name and client.hexists(name, "etag"):
+        if b"\xff" not in name and {b"value", b"type", b"etag", b"expires"} <= set(client.hkeys(name)):
             sizes[name[len(prefix) :].decode()] = client.hstrlen(name, "value")
     return sizes
 
@@ -1303,6 +1345,7 @@ def test_a_store_written_without_the_index_is_indexed_once_by_two_kvservers_star
         write_older_layout(client, values)
         client.set("kvserver:a-string", "not a value of ours")
         client.hset("kvserver:another-hash", "field", "not a value either")
+        client.hset("kvserver:a-cache", mapping={"etag": "1-2", "owner": "another program"})  # (one of our fields)
         write_older_layout(client, {"k": (b"in another namespace", None)}, prefix="other:")
 
         servers = [start_kvserver(make_server, redis_db, start=False) for _ in range(2)]

@@ -2462,12 +2462,16 @@ return adopted
         """Turn redis-py's errors of a Redis that cannot take the call now (away, loading, a
         read-only replica, busy, out of memory, ...) into StorageUnavailable, or StorageFull,
         saying why; and refuse once closed. Nothing was half done: Redis refuses a script whole
-        (see _change). Other errors are faults of ours, raised as they are."""
+        (see _change). Other errors are faults of ours, raised as they are. After READONLY, the
+        idle connections are closed, so that the next call connects again: where a failover
+        moved the URL's host name to the new primary, writes then go there."""
         self._check_open()
         try:
             yield
         except self._redis_error as error:
             code = self._refusal_code(error)
+            if code == "READONLY":  # a primary turned replica (a failover): connect again, maybe to the new one
+                self._client.connection_pool.disconnect(inuse_connections=False)
             if code is not None:
                 refusal, reason = _REDIS_REFUSALS[code]
                 raise refusal(f"Redis {self.location} {reason}") from None

@@ -816,6 +816,25 @@ def test_redis_refusing_writes_is_a_507_or_503_naming_why_and_changes_nothing(
     assert_recovered_with_nothing_changed(server)
 
 
+def test_after_a_read_only_refusal_kvserver_connects_again(make_redis):
+    """A failover turns the old primary into a replica: kvserver's connections to it are closed,
+    so that the next call connects again (to the new primary, where DNS now names it)."""
+    redis_server = make_redis()
+    with kvserver.RedisStorage(redis_server.url()) as store, redis_server.client() as client:
+        store.put("k", b"before")
+        connection = store._client.client_id()
+        assert store._client.client_id() == connection  # (one connection, reused)
+        client.replicaof("127.0.0.1", 1)
+        try:
+            with pytest.raises(kvserver.StorageUnavailable, match="read-only replica"):
+                store.put("k", b"during")
+        finally:
+            client.replicaof("no", "one")
+        assert store._client.client_id() != connection
+        store.put("k", b"after")
+        assert store.get("k") == b"after"
+
+
 def test_redis_out_of_memory_still_takes_deletes_which_free_some(make_server, make_redis):
     redis_server = make_redis()
     server = start_kvserver(make_server, redis_server)

@@ -2220,6 +2220,7 @@ class RedisStorage(Storage):
     _BATCH = 1000  # keys per listing, sweeping or indexing step: a step holds Redis for well under 10 ms
     _SWEEP_ON_WRITE = 2  # expired keys each write sweeps, more than it can add: the index cannot fill with them
     _CATCH_UP = 5.0  # seconds a new watch waits for the feed to read the stream's newest entry (see watch)
+    _TIMEOUT = 5  # seconds to connect to Redis, and for each of its answers
 
     # Lua shared by the scripts. Every script gets the structures as KEYS[1..6] and the
     # prefix as ARGV[1]. A Lua script runs whole, with no other command in between.
@@ -2417,7 +2418,8 @@ return adopted
         self.prefix = prefix if prefix is not None else (url_prefixes or ["kvserver:"])[-1]
         self._structures = [self._name("") + b"\xff" + name for name in self._STRUCTURES]
         self._redis_error = redis.RedisError
-        self._connection_errors = (redis.ConnectionError, redis.TimeoutError)
+        self._connection_error = redis.ConnectionError
+        self._timeout_error = redis.TimeoutError
         # The reply codes of the refusals that redis-py raises as errors of their own class
         # (the others are ResponseErrors whose text holds the code: see _refusal_code).
         self._refusal_classes = (
@@ -2431,8 +2433,8 @@ return adopted
         self._connect = functools.partial(  # a new client (loosely typed)
             redis.Redis.from_url,
             f"{address}?{client_query}" if client_query else address,
-            socket_timeout=5,
-            socket_connect_timeout=5,
+            socket_timeout=self._TIMEOUT,
+            socket_connect_timeout=self._TIMEOUT,
         )
         self._client: Any = self._connect()
         self._scripts: dict[str, Any] = {}  # the Lua scripts as redis-py has them, registered at first use
@@ -2475,7 +2477,12 @@ return adopted
             if code is not None:
                 refusal, reason = _REDIS_REFUSALS[code]
                 raise refusal(f"Redis {self.location} {reason}") from None
-            if isinstance(error, self._connection_errors):
+            if isinstance(error, self._timeout_error):  # (the call may have been carried out all the same)
+                raise StorageUnavailable(
+                    f"Redis {self.location} did not answer within {self._TIMEOUT} s: a write may have been made all"
+                    " the same, so read the key before writing it again"
+                ) from None
+            if isinstance(error, self._connection_error):
                 raise StorageUnavailable(f"cannot reach Redis {self.location}: {error}") from None
             raise
 

@@ -934,7 +934,7 @@ def test_a_password_set_on_redis_while_kvserver_runs_is_a_503_naming_the_passwor
         ("AuthenticationError", "Authentication required.", "StorageUnavailable", "password"),
         ("MasterDownError", "Link with MASTER is down", "StorageUnavailable", "lost its primary"),
         ("ConnectionError", "Connection refused.", "StorageUnavailable", "cannot reach Redis"),
-        ("TimeoutError", "Timeout reading from socket", "StorageUnavailable", "cannot reach Redis"),
+        ("TimeoutError", "Timeout reading from socket", "StorageUnavailable", "did not answer within 5 s: a write may"),
         ("ResponseError", "BUSY Redis is busy running a script.", "StorageUnavailable", "busy running a script"),
         (
             "ResponseError",

@@ -2424,7 +2424,7 @@ return adopted
         # (the others are ResponseErrors whose text holds the code: see _refusal_code).
         self._refusal_classes = (
             (redis.exceptions.OutOfMemoryError, "OOM"),
-            (redis.AuthenticationError, "NOAUTH"),  # (before ConnectionError: it is one, as the next is)
+            (redis.AuthenticationError, "NOAUTH"),  # (a ConnectionError, as the next is: looked for first)
             (redis.exceptions.BusyLoadingError, "LOADING"),
             (redis.exceptions.ReadOnlyError, "READONLY"),
             (redis.exceptions.MasterDownError, "MASTERDOWN"),

@@ -2201,10 +2201,9 @@ class RedisStorage(Storage):
     took effect. Redis expires a hash by itself; its key stays in the index until a sweep
     (_SWEEP_AND_COUNT, and a few keys on every write) takes it out and appends its expire
     event, and until then listing skips it by its expiry and the totals are read only after
-    sweeping. A kvserver sweeps twice a
-    second (`sweep`), so that expire events come on time whether or not anyone reads the
-    keys. A thread per RedisStorage, started by the first watch, reads the stream (XREAD
-    BLOCK) into the storage's change feed. The scripts read Redis's clock (TIME), the one
+    sweeping. A kvserver sweeps twice a second (`sweep`), so that expire events come on time
+    whether or not anyone reads the keys. A thread per RedisStorage, started by the first
+    watch, reads the stream (XREAD BLOCK) into the storage's change feed. The scripts read Redis's clock (TIME), the one
     its expiry follows. A store written by an older kvserver, without the index, is indexed
     when it is first opened. Needs one Redis (not Redis Cluster: a script spans a key and the
     index).
@@ -2714,15 +2713,16 @@ return adopted
                 with self._reachable():
                     answer = self._reader.xread({stream: last}, count=_WATCH_BATCH, block=1000)
                     entries = answer[0][1] if answer else []
-                    unnumbered = number is None or any(self._number(fields) is None for _, fields in entries)
+                    numbers = [self._number(fields) for _, fields in entries]
+                    unnumbered = number is None or None in numbers
                     oldest = self._reader.xrange(stream, count=1) if entries and unnumbered and last != "0-0" else []
                 if unavailable:
                     print(f"kvserver: the events from Redis {self.location} are read again", file=sys.stderr)
                     unavailable = False
                 if oldest and revision_order(oldest[0][0].decode()) > revision_order(last):
                     self._feed.gap(entries[0][0].decode())
-                for revision, fields in entries:
-                    event, following = self._event(revision, fields), self._number(fields)
+                for (revision, fields), following in zip(entries, numbers, strict=True):
+                    event = self._event(revision, fields)
                     if number is not None and following is not None and following != number + 1:
                         self._feed.gap(event.revision)
                     self._feed.publish(event.type, event.key, event.stat, event.revision)  # type: ignore[arg-type]

@@ -1206,7 +1206,12 @@ class Storage(abc.ABC):
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0):
             raise ValueError(f"a timeout is a number of seconds, at least 0, or None; not {timeout!r}")
         self._check_open()
-        return Watch(self._feed, prefix, after, timeout)
+        return Watch(self._feed, prefix, after, self._catch_up(timeout))
+
+    def _catch_up(self, timeout: float | None) -> float | None:
+        """Before a watch begins: wait, within its `timeout`, until the feed has every change
+        made so far (only a feed read from elsewhere can be behind); the time left of it."""
+        return timeout
 
     # Backup and moving between storages: the export format
 
@@ -2218,7 +2223,7 @@ class RedisStorage(Storage):
     _STRUCTURES = (b"keys", b"expiries", b"sizes", b"totals", b"events", b"probe")
     _BATCH = 1000  # keys per listing, sweeping or indexing step: a step holds Redis for well under 10 ms
     _SWEEP_ON_WRITE = 2  # expired keys each write sweeps, more than it can add: the index cannot fill with them
-    _CATCH_UP = 5.0  # seconds a new watch waits for the feed to read the stream's newest entry (see watch)
+    _CATCH_UP = 5.0  # seconds a new watch waits for the feed to read the stream's newest entry (see _catch_up)
     _TIMEOUT = 5  # seconds to connect to Redis, and for each of its answers
 
     # Lua shared by the scripts. Every script gets the structures as KEYS[1..6] and the
@@ -2654,16 +2659,18 @@ return adopted
 
     # Watching: the events stream, read by one thread into the change feed
 
-    def watch(self, prefix: str = "", after: str | None = None, timeout: float | None = None) -> Watch:
-        """As Storage.watch. The stream may hold changes that this kvserver's feed does not have
-        yet (made through another kvserver, or just now through this one): the watch begins
-        once the feed has the stream's newest entry, so that it begins after it, and so that
-        a revision `after` that another kvserver gave is one the feed knows, not a reset."""
+    def _catch_up(self, timeout: float | None) -> float | None:
+        """The stream may hold changes that this kvserver's feed does not have yet (made
+        through another kvserver, or just now through this one): a watch begins once the feed
+        has the stream's newest entry, so that it begins after it, and so that a revision
+        `after` that another kvserver gave is one the feed knows, not a reset. It waits at
+        most _CATCH_UP seconds, and no longer than the watch's `timeout`."""
+        started = time.monotonic()
         with self._reachable():
             newest = self._client.xrevrange(self._structures[4], count=1)
         if newest:
-            self._feed.catch_up(newest[0][0].decode(), self._CATCH_UP)
-        return super().watch(prefix, after, timeout)
+            self._feed.catch_up(newest[0][0].decode(), min(self._CATCH_UP, math.inf if timeout is None else timeout))
+        return None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
 
     @staticmethod
     def _event(revision: bytes, fields: dict[bytes, bytes]) -> Event:
@@ -4499,8 +4506,8 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         """The value of `key` once it differs from what the client holds (the value its
         If-None-Match names; without one, no value), or after `seconds`, or at once when the
         server stops; 404 if there is none then."""
-        with self.storage.watch(key) as watch:  # before the first read, so that no change slips by
-            deadline = time.monotonic() + seconds
+        deadline = time.monotonic() + seconds
+        with self.storage.watch(key, timeout=seconds) as watch:  # before the first read: no change slips by
             while True:
                 try:
                     stat, body = self.storage.fetch(key)

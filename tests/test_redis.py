@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 from conftest import (
     KVSERVER,
+    LiveServer,
     Response,
     Server,
     assert_no_traceback,
@@ -1052,6 +1053,33 @@ def test_a_watch_through_a_kvserver_whose_reader_is_behind_waits_for_it(store, r
                 events = resumed.wait(10)
                 events += [] if len(events) > 1 else resumed.wait(10)
                 assert [(event.type, event.key) for event in events] == [("put", "later"), ("put", "after the watch")]
+
+
+def test_a_watch_or_long_poll_waits_for_a_reader_that_is_behind_no_longer_than_its_own_time(store, redis_db):
+    """Waiting for the reader to catch up is part of a watch's timeout, and of a long-poll's
+    wait: neither takes the 5 s the catching up may take at most."""
+    server = LiveServer(store).start()
+    with store.watch(""):  # (the reader starts with the first watch)
+        waiting, go_on = hold_reader(store)
+    try:
+        with kvserver.RedisStorage(redis_db.url()) as other:
+            store.put("ends the XREAD under way", b"1")
+            wait_for(waiting.is_set, timeout=10, what="the reader to wait")
+            other.put("unread", b"2")  # in the stream, not yet in the feed of `store`
+            started = time.monotonic()
+            with store.watch("", timeout=0.5) as watch:
+                assert list(watch) == []
+            assert time.monotonic() - started < 2.5
+            started = time.monotonic()
+            response = server.get("/kv/unread?wait=1", headers={"If-None-Match": '"other"'})
+            assert (response.status, response.body) == (200, b"2")  # not the value the client named
+            assert time.monotonic() - started < 2.5
+            started = time.monotonic()
+            assert server.get("/kv/absent?wait=1").status == 404
+            assert 1 <= time.monotonic() - started < 3.0
+    finally:
+        go_on.set()
+        server.stop()
 
 
 def test_events_trimmed_after_an_older_kvservers_entry_give_a_reset_too(store, redis_db):

@@ -5129,6 +5129,8 @@ def _run_transfer(args: dict[str, Any], unset: dict[str, Any]) -> None:
     if (sys.stdout if exporting else sys.stdin) is None:
         stream = "its output (stdout)" if exporting else "its input (stdin)"
         _fail(f"{command} needs {stream} open, and it is closed", 1)
+    if not exporting and sys.stdin.isatty():  # (as gzip will not read compressed data from one)
+        _fail("import reads an export from its input (stdin), which is a terminal: pipe one in or use < file", 1)
     files = args["--storage"] == "files"
     if exporting and files and not os.path.isdir(args["--data-dir"]):
         _fail(f"no data dir {args['--data-dir']} to export", 1)
@@ -5190,6 +5192,8 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"--storage takes files, memory, or a redis://, rediss:// or unix:// URL, not {args['--storage']!r}", 2)
     if args["--data-dir"] is not None and args["--storage"] != "files":
         _fail(f"--data-dir is the folder of --storage files; {args['--storage']} storage keeps no files there", 2)
+    if args["--no-fsync"] and args["--storage"] != "files":
+        _fail(f"--no-fsync is for --storage files; {args['--storage']} storage makes no fsync of kvserver's", 2)
     args["--data-dir"] = args["--data-dir"] or "./data"
     if args["export"] or args["import"] or args["--prefix"] is not None:
         _run_transfer(args, docopt(__doc__, []))

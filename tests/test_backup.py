@@ -12,6 +12,7 @@ import io
 import itertools
 import json
 import os
+import pty
 import random
 import subprocess
 import sys
@@ -510,6 +511,26 @@ def test_kvserver_export_and_import_with_their_stream_closed_exit_1_with_one_lin
     assert done.returncode == 1
     assert done.stderr.decode() == f"kvserver: {message}, and it is closed\n"
     assert list((tmp_path / "data").iterdir()) == []  # not even opened
+
+
+def test_kvserver_import_from_a_terminal_exits_1_at_once_rather_than_wait_for_typed_lines(tmp_path):
+    controller, terminal = pty.openpty()
+    try:
+        done = subprocess.run(
+            [sys.executable, str(KVSERVER), "import", "--data-dir", "data"],
+            stdin=terminal,
+            capture_output=True,
+            cwd=tmp_path,
+            timeout=15,
+        )
+    finally:
+        os.close(terminal)
+        os.close(controller)
+    assert done.returncode == 1
+    assert done.stderr.decode() == (
+        "kvserver: import reads an export from its input (stdin), which is a terminal: pipe one in or use < file\n"
+    )
+    assert not (tmp_path / "data").exists()  # not even opened
 
 
 def test_kvserver_export_with_stderr_closed_still_exports_every_key_and_only_them(tmp_path):

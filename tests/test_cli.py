@@ -219,6 +219,8 @@ def test_a_request_in_flight_finishes_during_shutdown(make_server):
         (["--port", "1", "-p2"], "--port"),
         (["--port"], "--port"),
         (["--storage", "memory", "--data-dir", "elsewhere"], "--data-dir"),
+        (["--storage", "memory", "--no-fsync"], "--no-fsync is for --storage files"),
+        (["--storage", "redis://127.0.0.1:1/0", "--no-fsync"], "--no-fsync is for --storage files"),
         (["--token", "t", "--no-token"], "--no-token"),
         (["--token", os.fsdecode(b"\xff")], "--token takes UTF-8 text, not the bytes b'\\xff'"),
         (["--bind", os.fsdecode(b"h\xffst")], "--bind takes UTF-8 text"),

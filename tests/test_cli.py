@@ -237,6 +237,16 @@ def test_a_bad_command_line_exits_2_with_one_line_naming_the_option(tmp_path, ar
     assert not (tmp_path / "elsewhere").exists()
 
 
+@pytest.mark.parametrize("option", [["--no-fsync"], ["--data-dir", "d"]])
+def test_an_option_refused_with_a_redis_url_does_not_show_its_password(tmp_path, option):
+    result = run("--storage", "redis://:s3cret@127.0.0.1:1/0", *option, cwd=tmp_path)
+    assert result.returncode == 2
+    line = one_line(result)
+    assert f"{option[0]} is for" in line or f"{option[0]} is the folder" in line
+    assert "redis storage" in line
+    assert "s3cret" not in line
+
+
 def test_a_repeated_option_or_a_stray_argument_says_so_in_words(tmp_path):
     assert "--data-dir is given twice" in one_line(run("-d", "a", "-d", "b", cwd=tmp_path))
     assert "unexpected argument 'extra-arg'" in one_line(run("extra-arg", cwd=tmp_path))

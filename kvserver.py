@@ -2487,8 +2487,9 @@ return adopted
                 raise refusal(f"Redis {self.location} {reason}") from None
             if isinstance(error, self._timeout_error):
                 what = f"did not answer within {self._TIMEOUT} s"
+            # (" connecting to " is how redis-py words a connection that failed to open: nothing was sent)
             elif isinstance(error, self._connection_error) and changing and " connecting to " not in str(error):
-                what = f"lost the connection during a write ({error})"  # (redis-py's words for a failed connect)
+                what = f"lost the connection during a write ({error})"
             elif isinstance(error, self._connection_error):
                 raise StorageUnavailable(f"cannot reach Redis {self.location}: {error}") from None
             else:

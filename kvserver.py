@@ -2432,6 +2432,7 @@ return adopted
             (redis.exceptions.BusyLoadingError, "LOADING"),
             (redis.exceptions.ReadOnlyError, "READONLY"),
             (redis.exceptions.MasterDownError, "MASTERDOWN"),
+            (redis.exceptions.NoPermissionError, "NOPERM"),
         )
         self._response_error = redis.ResponseError
         self._connect = functools.partial(  # a new client (loosely typed)
@@ -2503,7 +2504,8 @@ return adopted
         """The code of the reply by which Redis refused a call, if it is one of _REDIS_REFUSALS:
         from redis-py's class for it, or from the text of a ResponseError. That text may put the
         command first ("Command # 2 (DEL ...) of pipeline caused error: BUSY ..."), or, from
-        Redis 6, wrap a refusal inside a script ("Error running script ...: -OOM ..."). What
+        Redis 6, wrap a refusal inside a script ("Error running script ...: -OOM ..."); an ACL's
+        refusal inside a script has no code at all (Redis 6.2 and 7.0), only its words. What
         redis-py says of the command stays out of the message: it may hold a key or a value."""
         for kind, code in self._refusal_classes:
             if isinstance(error, kind):
@@ -2512,6 +2514,8 @@ return adopted
             codes: list[str] = _REPLY_CODE.findall(str(error))
             if codes and codes[-1] in _REDIS_REFUSALS:
                 return codes[-1]
+            if "The user executing the script can't" in str(error):  # an ACL's refusal in a script (Redis 6.2, 7.0)
+                return "NOPERM"
         return None
 
     def check_writable(self) -> None:
@@ -2779,6 +2783,11 @@ _REDIS_REFUSALS: dict[str, tuple[type[StorageUnavailable], str]] = {
     "NOREPLICAS": (
         StorageUnavailable,
         "refuses writes as too few replicas are connected (NOREPLICAS): nothing was stored",
+    ),
+    "NOPERM": (
+        StorageUnavailable,
+        "refuses kvserver's user a command or a key (NOPERM, by its ACL): nothing was stored; allow that user"
+        " every command on the keys under kvserver's prefix",
     ),
 }
 _REPLY_CODE = re.compile(r"(?:^|caused error: |: -)([A-Z]+)\b")  # where a reply's code stands in redis-py's text

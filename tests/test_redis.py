@@ -838,6 +838,15 @@ def assert_recovered_with_nothing_changed(server: Server) -> None:
             True,
             id="too few replicas",
         ),
+        pytest.param(
+            [("acl", "setuser", "default", "-@write")],
+            [("acl", "setuser", "default", "+@all")],
+            503,
+            ["kvserver's user", "NOPERM", "nothing was stored", "try again later"],
+            ["NOPERM"],
+            True,
+            id="an ACL that takes writes away",
+        ),
     ],
 )
 @pytest.mark.parametrize("version", [None, 6], ids=["redis-server", "Redis 6"])
@@ -981,6 +990,20 @@ def test_a_password_set_on_redis_while_kvserver_runs_is_a_503_naming_the_passwor
         ("BusyLoadingError", "Redis is loading the dataset in memory", "StorageUnavailable", "loading its data"),
         ("AuthenticationError", "Authentication required.", "StorageUnavailable", "password"),
         ("MasterDownError", "Link with MASTER is down", "StorageUnavailable", "lost its primary"),
+        ("NoPermissionError", "this user has no permissions to run the 'hset' command", "StorageUnavailable", "ACL"),
+        (
+            "ResponseError",
+            "The user executing the script can't run this command or subcommand script: 4a15, on @user_script:1.",
+            "StorageUnavailable",
+            "NOPERM",
+        ),
+        (
+            "ResponseError",
+            "Error running script (call to f_6d9d): @user_script:1: @user_script: 1: The user executing the script"
+            " can't run this command or subcommand",
+            "StorageUnavailable",
+            "NOPERM",
+        ),
         ("ConnectionError", "Connection refused.", "StorageUnavailable", "cannot reach Redis"),
         ("TimeoutError", "Timeout reading from socket", "StorageUnavailable", "did not answer within 5 s: a write may"),
         ("ResponseError", "BUSY Redis is busy running a script.", "StorageUnavailable", "busy running a script"),

@@ -2786,8 +2786,8 @@ _REDIS_REFUSALS: dict[str, tuple[type[StorageUnavailable], str]] = {
     ),
     "NOPERM": (
         StorageUnavailable,
-        "refuses kvserver's user a command or a key (NOPERM, by its ACL): nothing was stored; allow that user"
-        " every command on the keys under kvserver's prefix",
+        "refuses kvserver's user a command or a key (NOPERM, by its ACL): allow that user every command on the"
+        " keys under kvserver's prefix (where it allows some of a write's commands, a write may be half made)",
     ),
 }
 _REPLY_CODE = re.compile(r"(?:^|caused error: |: -)([A-Z]+)\b")  # where a reply's code stands in redis-py's text

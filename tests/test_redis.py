@@ -842,7 +842,7 @@ def assert_recovered_with_nothing_changed(server: Server) -> None:
             [("acl", "setuser", "default", "-@write")],
             [("acl", "setuser", "default", "+@all")],
             503,
-            ["kvserver's user", "NOPERM", "nothing was stored", "try again later"],
+            ["kvserver's user", "NOPERM", "allow that user every command", "try again later"],
             ["NOPERM"],
             True,
             id="an ACL that takes writes away",

@@ -4531,7 +4531,12 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         If-None-Match names; without one, no value), or after `seconds`, or at once when the
         server stops; 404 if there is none then."""
         deadline = time.monotonic() + seconds
-        with self.storage.watch(key, timeout=seconds) as watch:  # before the first read: no change slips by
+        # The watch begins before the first read, so that no change slips by. It is waited on
+        # with explicit timeouts, not iterated: timeout=0 only spares it the wait for Redis
+        # storage's events reader to catch up, which a long-poll does not need (a change from
+        # before it began wakes it at worst, and it reads the key again), and which a server
+        # stop could not end.
+        with self.storage.watch(key, timeout=0) as watch:
             while True:
                 try:
                     stat, body = self.storage.fetch(key)

@@ -1183,6 +1183,32 @@ def test_a_watch_or_long_poll_waits_for_a_reader_that_is_behind_no_longer_than_i
         server.stop()
 
 
+def test_a_long_poll_on_a_kvserver_whose_reader_is_behind_ends_at_once_when_the_server_stops(store, redis_db):
+    server = LiveServer(store).start()
+    with store.watch(""):  # (the reader starts with the first watch)
+        waiting, go_on = hold_reader(store)
+    answers: list[int] = []
+    try:
+        with kvserver.RedisStorage(redis_db.url()) as other:
+            store.put("ends the XREAD under way", b"1")
+            wait_for(waiting.is_set, timeout=10, what="the reader to wait")
+            other.put("unread", b"2")  # in the stream, not yet in the feed of `store`
+            poll = threading.Thread(target=lambda: answers.append(server.get("/kv/absent?wait=30").status))
+            poll.start()
+            wait_for(
+                lambda: b"kvserver_open_connections 2" in server.get("/metrics").body, what="the long-poll to begin"
+            )
+            started = time.monotonic()
+            server.server.shutdown()
+            server.server.stop()
+            assert time.monotonic() - started < 2.5
+            poll.join(10)
+            assert answers == [404]  # the answer it would have had
+    finally:
+        go_on.set()
+        server.stop()
+
+
 def test_events_trimmed_after_an_older_kvservers_entry_give_a_reset_too(store, redis_db):
     """An older kvserver appends entries with no number: where numbers cannot tell, the reader
     looks whether the stream's oldest entry is past the last it read."""

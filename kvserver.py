@@ -652,7 +652,9 @@ class PreconditionFailed(Exception):
 
 class StorageUnavailable(RuntimeError):
     """The storage cannot serve the call now (Redis down, loading its data, a read-only
-    replica, busy running a script); nothing was changed, and the same call may work later."""
+    replica, busy running a script); nothing was changed, and the same call may work later.
+    Where a change may have been made all the same (Redis did not answer, or an ACL allowed
+    only some of a write's commands), the message says so: read the key before writing again."""
 
 
 class StorageFull(StorageUnavailable):
@@ -2455,8 +2457,9 @@ return adopted
 
     @property
     def location(self) -> str:  # type: ignore[override]
-        """The URL without its password, if it has one."""
-        return "at " + re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1…@", self.url)
+        """The URL without its password, if it has one (before the host, or as ?password=)."""
+        url = re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1…@", self.url)
+        return "at " + re.sub(r"([?&]password=)[^&#]*", r"\1…", url)
 
     def close(self) -> None:
         super().close()
@@ -2469,9 +2472,10 @@ return adopted
         """Turn redis-py's errors of a Redis that cannot take the call now (away, loading, a
         read-only replica, busy, out of memory, ...) into StorageUnavailable, or StorageFull,
         saying why; and refuse once closed. Nothing was half done: Redis refuses a script whole
-        (see _change). Other errors are faults of ours, raised as they are. After READONLY, the
-        idle connections are closed, so that the next call connects again: where a failover
-        moved the URL's host name to the new primary, writes then go there.
+        (see _change), unless its ACL allows some of the script's commands and not others. Other
+        errors are faults of ours, raised as they are. After READONLY, the idle connections are
+        closed, so that the next call connects again: where a failover moved the URL's host name
+        to the new primary, writes then go there.
 
         A call that Redis does not answer in time, or a change (`changing`) whose connection was
         lost after it was made (not while connecting), may have been carried out all the same:
@@ -2787,7 +2791,8 @@ _REDIS_REFUSALS: dict[str, tuple[type[StorageUnavailable], str]] = {
     "NOPERM": (
         StorageUnavailable,
         "refuses kvserver's user a command or a key (NOPERM, by its ACL): allow that user every command on the"
-        " keys under kvserver's prefix (where it allows some of a write's commands, a write may be half made)",
+        " keys under kvserver's prefix; where the ACL allows some of a write's commands, the write may have been"
+        " made in part, so read the key before writing it again",
     ),
 }
 _REPLY_CODE = re.compile(r"(?:^|caused error: |: -)([A-Z]+)\b")  # where a reply's code stands in redis-py's text

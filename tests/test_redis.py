@@ -1273,10 +1273,11 @@ def test_kvserver_with_an_unknown_storage_scheme_exits_2_naming_the_option(spec)
     assert "Traceback" not in result.stderr
 
 
-def test_a_redis_password_reaches_neither_clients_nor_the_log(make_server, make_redis):
+@pytest.mark.parametrize("form", ["redis://:{password}@{host}/0", "redis://{host}/0?password={password}"])
+def test_a_redis_password_reaches_neither_clients_nor_the_log(make_server, make_redis, form):
     password = "s3cret-pw"
     redis_server = make_redis("--requirepass", password)
-    url = f"redis://:{password}@127.0.0.1:{redis_server.port}/0"
+    url = form.format(password=password, host=f"127.0.0.1:{redis_server.port}")
     server = make_server("--storage", url)  # with the access log
     assert password not in server.start_line
     assert server.get("/set?k=v").status == 201

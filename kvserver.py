@@ -2210,10 +2210,10 @@ class RedisStorage(Storage):
     event, and until then listing skips it by its expiry and the totals are read only after
     sweeping. A kvserver sweeps twice a second (`sweep`), so that expire events come on time
     whether or not anyone reads the keys. A thread per RedisStorage, started by the first
-    watch, reads the stream (XREAD BLOCK) into the storage's change feed. The scripts read Redis's clock (TIME), the one
-    its expiry follows. A store written by an older kvserver, without the index, is indexed
-    when it is first opened. Needs one Redis (not Redis Cluster: a script spans a key and the
-    index).
+    watch, reads the stream (XREAD BLOCK) into the storage's change feed. The scripts read
+    Redis's clock (TIME), the one its expiry follows. A store written by an older kvserver,
+    without the index, is indexed when it is first opened. Needs one Redis (not Redis
+    Cluster: a script spans a key and the index).
 
     Values travel whole, so they are limited to `max_value` (Redis strings stop at 512 MB).
     Needs the redis package: pip install 'kvserver[redis]'.

@@ -470,21 +470,31 @@ class _ChangeFeed:
         self._count += 1
         return self._count - 1
 
-    def position(self, after: str | None) -> tuple[int, str | None]:
-        """Where a watch starts: the number of its first event, and the revision of the reset
-        it starts with if `after` is a revision this feed does not remember changes since."""
+    def position(self, after: str | None, newest: str | None) -> tuple[int, str | None, tuple[int, ...]]:
+        """Where a watch starts: the number of its first event; the revision of the reset it
+        starts with if `after` is a revision this feed does not remember changes since; and
+        the revision_order up to which it skips the events it reads (() for none).
+
+        `newest` is the newest revision of the feed's source as the watch is made, when the
+        feed may not have read that far yet (Redis storage: other kvservers write the stream
+        too). The watch then starts at the end of what the feed has, and skips what comes up
+        to `newest` (without `after`) or up to `after` (if the feed has not read that far): it
+        sees every change after its start once, without waiting for the feed to catch up."""
         order = None if after is None else revision_order(after)
+        newest_order = () if newest is None else revision_order(newest)
         with self._lock:
             self._start()
             assert self._floor is not None
             if order is None:
-                return self._count, None
+                return self._count, None, newest_order
+            if self._last_order < order <= newest_order:
+                return self._count, None, order
             if not self._floor <= order <= self._last_order:
-                return self._count, self._last
+                return self._count, self._last, ()
             orders = self._orders
             kept = range(max(0, self._count - len(orders)), self._count)
             index = bisect.bisect_right(kept, order, key=lambda n: orders[n % len(orders)])
-            return kept.start + index, None
+            return kept.start + index, None, ()
 
     def read(self, watch: Watch, timeout: float | None) -> _Batch:
         """The watch's next events, waiting up to `timeout` seconds (None: no limit) for one;
@@ -532,9 +542,15 @@ class _ChangeFeed:
         watch._next = numbers.stop
         events = cast(list[Event], self._slice(self._events, numbers))  # (no None in the kept part)
         messages = self._slice(self._messages, numbers)
-        if not watch.prefix:
+        skip = watch._skip_through
+        if not watch.prefix and not skip:
             return _Batch(numbers, events, messages)
         kept = [i for i, event in enumerate(events) if event.key.startswith(watch.prefix)]  # type: ignore[union-attr]
+        if skip:  # changes from before the watch began, which the feed read after it
+            orders = self._slice(self._orders, numbers)
+            kept = [i for i in kept if orders[i] > skip]
+            if orders and orders[-1] >= skip:
+                watch._skip_through = ()  # the feed is past them
         return _Batch([numbers[i] for i in kept], [events[i] for i in kept], [messages[i] for i in kept])
 
     @staticmethod
@@ -560,14 +576,6 @@ class _ChangeFeed:
                 if self._events[slot] is event:  # still in the ring
                     self._messages[slot] = message
         return made
-
-    def catch_up(self, revision: str, timeout: float) -> None:
-        """Return once this feed has the change of `revision`, or a later one, or after
-        `timeout` seconds (its source is out of reach, or the storage closed)."""
-        order, deadline = revision_order(revision), time.monotonic() + timeout
-        with Watch(self, "", None, None) as watch:
-            while self._last_order < order and not watch.closed and (remaining := deadline - time.monotonic()) > 0:
-                watch.wait(remaining)
 
     def gap(self, revision: str) -> None:
         """Changes before `revision` may have been missed (the Redis stream was trimmed past its
@@ -606,13 +614,15 @@ class Watch(Iterator[Event]):
     `wait(timeout)` is the step underneath, for a caller that does something between events.
     """
 
-    def __init__(self, feed: _ChangeFeed, prefix: str, after: str | None, timeout: float | None) -> None:
+    def __init__(
+        self, feed: _ChangeFeed, prefix: str, after: str | None, timeout: float | None, newest: str | None = None
+    ) -> None:
         self.prefix = prefix
         self.closed = False
         self._feed = feed
         self._wake = threading.Condition(feed._lock)
         self._woken_by: int | None = None  # the number of the event that ended its last wait
-        self._next, self._reset = feed.position(after)
+        self._next, self._reset, self._skip_through = feed.position(after, newest)  # (see there)
         self._deadline = None if timeout is None else time.monotonic() + timeout
         self._pending: list[Event] = []
 
@@ -1208,12 +1218,12 @@ class Storage(abc.ABC):
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0):
             raise ValueError(f"a timeout is a number of seconds, at least 0, or None; not {timeout!r}")
         self._check_open()
-        return Watch(self._feed, prefix, after, self._catch_up(after, timeout))
+        return Watch(self._feed, prefix, after, timeout, self._newest_revision())
 
-    def _catch_up(self, after: str | None, timeout: float | None) -> float | None:
-        """Before a watch begins: wait until the feed has every change made so far (only a feed
-        read from elsewhere can be behind); return what is left of the watch's `timeout`."""
-        return timeout
+    def _newest_revision(self) -> str | None:
+        """The revision of the newest change, if the feed may not have it yet (only a feed
+        read from elsewhere can be behind: see _ChangeFeed.position); else None."""
+        return None
 
     # Backup and moving between storages: the export format
 
@@ -2225,7 +2235,6 @@ class RedisStorage(Storage):
     _STRUCTURES = (b"keys", b"expiries", b"sizes", b"totals", b"events", b"probe")
     _BATCH = 1000  # keys per listing, sweeping or indexing step: a step holds Redis for well under 10 ms
     _SWEEP_ON_WRITE = 2  # expired keys each write sweeps, more than it can add: the index cannot fill with them
-    _CATCH_UP = 5.0  # seconds a new watch waits for the feed to read the stream's newest entry (see _catch_up)
     _TIMEOUT = 5  # seconds to connect to Redis, and for each of its answers
 
     # Lua shared by the scripts. Every script gets the structures as KEYS[1..6] and the
@@ -2676,24 +2685,12 @@ return adopted
 
     # Watching: the events stream, read by one thread into the change feed
 
-    def _catch_up(self, after: str | None, timeout: float | None) -> float | None:
-        """The stream may hold changes that this kvserver's feed does not have yet (made
-        through another kvserver, or just now through this one). A watch without `after`
-        begins once the feed has the stream's newest entry, so that it begins after it: it
-        waits for that no longer than its `timeout`. A watch from a revision `after` (which
-        another kvserver may have given) waits until the feed has that revision, or the
-        newest entry if `after` is past it, for it would otherwise begin with a reset that
-        the stream's history does not call for. Each waits at most _CATCH_UP seconds."""
-        started = time.monotonic()
+    def _newest_revision(self) -> str | None:
+        """The stream's newest entry: this kvserver's feed may not have read it yet (a change
+        made through another kvserver, or just now through this one)."""
         with self._reachable():
             newest = self._client.xrevrange(self._structures[4], count=1)
-        if newest:
-            revision = newest[0][0].decode()
-            if after is not None:
-                self._feed.catch_up(min(after, revision, key=revision_order), self._CATCH_UP)
-            else:
-                self._feed.catch_up(revision, min(self._CATCH_UP, math.inf if timeout is None else timeout))
-        return None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
+        return newest[0][0].decode() if newest else None
 
     @staticmethod
     def _event(revision: bytes, fields: dict[bytes, bytes]) -> Event:
@@ -4536,12 +4533,8 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         If-None-Match names; without one, no value), or after `seconds`, or at once when the
         server stops; 404 if there is none then."""
         deadline = time.monotonic() + seconds
-        # The watch begins before the first read, so that no change slips by. It is waited on
-        # with explicit timeouts, not iterated: timeout=0 only spares it the wait for Redis
-        # storage's events reader to catch up, which a long-poll does not need (a change from
-        # before it began wakes it at worst, and it reads the key again), and which a server
-        # stop could not end.
-        with self.storage.watch(key, timeout=0) as watch:
+        # The watch begins before the first read, so that no change slips by.
+        with self.storage.watch(key) as watch:
             while True:
                 try:
                     stat, body = self.storage.fetch(key)

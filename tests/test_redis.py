@@ -11,6 +11,8 @@ empty Redis (FLUSHALL); the tests that kill Redis get a Redis of their own.
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import io
 import json
 import os
@@ -1112,10 +1114,12 @@ def hold_reader(store: kvserver.RedisStorage) -> tuple[threading.Event, threadin
 
 
 @pytest.mark.parametrize("resumed_timeout", [None, 0.1])
-def test_a_watch_through_a_kvserver_whose_reader_is_behind_waits_for_it(store, redis_db, resumed_timeout):
+def test_a_watch_through_a_kvserver_whose_reader_is_behind_begins_at_once_and_in_the_right_place(
+    store, redis_db, resumed_timeout
+):
     """Without a revision, a watch begins after the newest change in Redis, even one its own
     kvserver has not read yet; with a revision another kvserver gave, it goes on from there
-    (not a reset, and nothing twice), even with a timeout shorter than the reader's delay."""
+    (not a reset, and nothing twice). Neither waits for the reader to read that far."""
     with kvserver.RedisStorage(redis_db.url()) as other, store.watch("") as running:
         store.put("first", b"1")
         assert [event.key for event in running.wait(10)] == ["first"]
@@ -1133,13 +1137,13 @@ def test_a_watch_through_a_kvserver_whose_reader_is_behind_waits_for_it(store, r
                     target=lambda: watches.update(resumed=store.watch("", after=seen.revision, timeout=resumed_timeout))
                 ),
             ]
+            started = time.monotonic()
             for thread in begun:
                 thread.start()
-            begun[1].join(0.5)
-            assert begun[1].is_alive(), "the resumed watch did not wait for the reader (past its own timeout)"
-            go_on.set()
             for thread in begun:
                 thread.join(10)
+            assert time.monotonic() - started < 2.5, "a watch waited for the reader"
+            go_on.set()
             store.put("after the watch", b"5")
             with watches["new"] as new, watches["resumed"] as resumed:
                 assert [event.key for event in new.wait(10)] == ["after the watch"]
@@ -1166,9 +1170,9 @@ def server_behind(store, redis_db) -> Iterator[LiveServer]:
         server.stop()
 
 
-def test_a_watch_or_long_poll_waits_for_a_reader_that_is_behind_no_longer_than_its_own_time(store, server_behind):
-    """Waiting for the reader to catch up is part of a watch's timeout, and of a long-poll's
-    wait: neither takes the 5 s the catching up may take at most."""
+def test_a_watch_or_long_poll_on_a_kvserver_whose_reader_is_behind_takes_no_longer_than_its_own_time(
+    store, server_behind
+):
     started = time.monotonic()
     with store.watch("", timeout=0.5) as watch:
         assert list(watch) == []
@@ -1195,6 +1199,30 @@ def test_a_long_poll_on_a_kvserver_whose_reader_is_behind_ends_at_once_when_the_
     assert time.monotonic() - started < 2.5
     poll.join(10)
     assert answers == [404]  # the answer it would have had
+
+
+@pytest.mark.parametrize("after", [None, "newest"])
+def test_an_event_stream_on_a_kvserver_whose_reader_is_behind_ends_at_once_when_the_server_stops(
+    server_behind, redis_db, after
+):
+    """A stream opened while the reader is behind, with or without a revision to resume from
+    that the reader has not read yet, is open at once and ends at once at a stop."""
+    path = "/events"
+    if after is not None:
+        with redis_db.client() as client:
+            [(newest, _)] = client.xrevrange(EVENTS, count=1)
+        path += f"?after={newest.decode()}"
+    started = time.monotonic()
+    with contextlib.closing(http.client.HTTPConnection(server_behind.host, server_behind.port, timeout=10)) as stream:
+        stream.request("GET", path)
+        response = stream.getresponse()
+        assert response.status == 200
+        assert time.monotonic() - started < 1.0
+        stopped = time.monotonic()
+        server_behind.server.shutdown()
+        server_behind.server.stop()
+        assert time.monotonic() - stopped < 1.0
+        assert response.read() == b""  # its end: no change from before it began
 
 
 def test_events_trimmed_after_an_older_kvservers_entry_give_a_reset_too(store, redis_db):

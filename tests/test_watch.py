@@ -268,6 +268,23 @@ def test_a_gap_resets_a_watch_that_had_read_everything_and_was_not_waiting():
     assert [(event.type, event.key) for event in watch.wait(0)] == [("put", "x")]
 
 
+@pytest.mark.parametrize("prefix", ["", "k"])
+def test_a_watch_on_a_feed_behind_its_source_skips_what_came_before_it_and_no_more(prefix):
+    """A feed read from elsewhere (Redis) may not have the source's newest change yet: a watch
+    made then skips the changes up to that one (without `after`) or up to `after` as the feed
+    reads them, and sees each later one, with no reset."""
+    feed = kvserver._ChangeFeed(lambda: ("1-0", []), capacity=8)
+    feed.publish("put", "k1", None, revision="2-0")
+    new = kvserver.Watch(feed, prefix, None, None, newest="4-0")
+    resumed = kvserver.Watch(feed, prefix, "3-0", None, newest="4-0")
+    past_the_source = kvserver.Watch(feed, prefix, "5-0", None, newest="4-0")
+    for n in range(3, 7):  # the feed reads 3-0 and 4-0, which came before the watches, then two more
+        feed.publish("put", f"k{n}", None, revision=f"{n}-0")
+    assert [event.key for event in new.wait(0)] == ["k5", "k6"]
+    assert [event.key for event in resumed.wait(0)] == ["k4", "k5", "k6"]
+    assert [event.type for event in past_the_source.wait(0)] == ["reset"]  # no such revision
+
+
 def test_a_watch_under_a_prefix_is_not_reset_by_more_than_the_history_of_other_keys():
     with kvserver.MemoryStorage() as store:
         watch = store.watch("mine/")

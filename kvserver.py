@@ -2527,7 +2527,7 @@ return adopted
             codes: list[str] = _REPLY_CODE.findall(str(error))
             if codes and codes[-1] in _REDIS_REFUSALS:
                 return codes[-1]
-            if "The user executing the script can't" in str(error):  # an ACL's refusal in a script (Redis 6.2, 7.0)
+            if _ACL_REFUSAL_IN_SCRIPT.search(str(error)):
                 return "NOPERM"
         return None
 
@@ -2793,6 +2793,9 @@ _REDIS_REFUSALS: dict[str, tuple[type[StorageUnavailable], str]] = {
     ),
 }
 _REPLY_CODE = re.compile(r"(?:^|caused error: |: -)([A-Z]+)\b")  # where a reply's code stands in redis-py's text
+# An ACL's refusal of a command inside a script, which has no code (Redis 6.2 and 7.0): its
+# words where a reply's text stands, first or after the script's line ("@user_script: 1: ").
+_ACL_REFUSAL_IN_SCRIPT = re.compile(r"(?:^|@user_script: [0-9]+: )The user executing the script can't")
 
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 

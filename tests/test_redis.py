@@ -1068,6 +1068,8 @@ def test_a_write_whose_connection_was_lost_after_it_was_sent_may_have_been_made_
         "ERR unknown command 'NOPE'",
         "Command # 1 (BUSY x) of pipeline caused error: ERR syntax error",
         "Error running script (call to f_0123): @user_script:3: Script attempted to access nonexistent global 'x'",
+        # The words of an ACL's refusal in a script, but in a key that redis-py names, not where a reply's text stands
+        "Command # 1 (DEL kvserver:The user executing the script can't) of pipeline caused error: WRONGTYPE x",
     ],
 )
 def test_another_redis_error_is_a_fault_of_ours_raised_as_it_is(store, message):

@@ -421,12 +421,13 @@ class _ChangeFeed:
         self._lock = threading.Lock()
         self._begin = begin or (lambda: (str(_new_stamp()), []))
         # The ring, as three lists: event n, its revision_order and its event-stream message
-        # (once a stream has made it) are at [n % capacity] while n >= _count - capacity, so
-        # that a batch of events, or of messages, is a slice.
+        # (once a stream has made it) are at [n % capacity] while n >= _oldest, so that a batch
+        # of events, or of messages, is a slice.
         self._events: list[Event | None] = [None] * capacity
         self._orders: list[tuple[int, ...]] = [()] * capacity
         self._messages: list[bytes | None] = [None] * capacity
         self._count = 0  # events published
+        self._oldest = 0  # the number of the oldest event in the ring
         self._floor: tuple[int, ...] | None = None  # every change after this revision is in the ring
         self._last = ""  # the latest revision: of the last event, else the floor
         self._last_order: tuple[int, ...] = ()
@@ -463,8 +464,9 @@ class _ChangeFeed:
 
     def _append(self, order: tuple[int, ...], event: Event) -> int:
         slot = self._count % len(self._events)
-        if self._events[slot] is not None:
-            self._floor = self._orders[slot]  # the event it replaces leaves the history
+        if self._events[slot] is not None:  # the oldest event, which leaves the history
+            self._floor = self._orders[slot]
+            self._oldest += 1
         self._events[slot], self._orders[slot], self._messages[slot] = event, order, None
         self._last, self._last_order = event.revision, order
         self._count += 1
@@ -477,9 +479,10 @@ class _ChangeFeed:
 
         `newest` is the newest revision of the feed's source as the watch is made, when the
         feed may not have read that far yet (Redis storage: other kvservers write the stream
-        too). The watch then starts at the end of what the feed has, and skips what comes up
-        to `newest` (without `after`) or up to `after` (if the feed has not read that far): it
-        sees every change after its start once, without waiting for the feed to catch up."""
+        too). Instead of waiting for the feed to catch up, the watch then starts at the end of
+        what the feed has, and skips what comes up to `newest` (without `after`, or with a
+        reset) or up to `after` (if the feed has not read that far): it sees each change after
+        its start once. Changes it would skip do not make it fall behind (see _take)."""
         order = None if after is None else revision_order(after)
         newest_order = () if newest is None else revision_order(newest)
         with self._lock:
@@ -489,10 +492,12 @@ class _ChangeFeed:
                 return self._count, None, newest_order
             if self._last_order < order <= newest_order:
                 return self._count, None, order
-            if not self._floor <= order <= self._last_order:
+            if not self._floor <= order <= self._last_order:  # forgotten, or never made
+                if newest_order > self._last_order:  # (the reset is then at the source's newest)
+                    return self._count, newest, newest_order
                 return self._count, self._last, ()
             orders = self._orders
-            kept = range(max(0, self._count - len(orders)), self._count)
+            kept = range(self._oldest, self._count)
             index = bisect.bisect_right(kept, order, key=lambda n: orders[n % len(orders)])
             return kept.start + index, None, ()
 
@@ -532,9 +537,13 @@ class _ChangeFeed:
             self._waiting.pop(watch.prefix, None)
 
     def _take(self, watch: Watch) -> _Batch:
-        """The events for `watch` in the next batch it has not read (called under the lock)."""
-        if watch._next < self._count - len(self._events):
-            watch._reset, watch._next = self._last, self._count
+        """The events for `watch` in the next batch it has not read, but those it skips (see
+        position); a reset if it missed changes (called under the lock)."""
+        if watch._next < self._oldest:  # the history moved on without it (a whole ring, or a gap)
+            if self._missed(watch):
+                watch._reset, watch._next = self._last, self._count
+            else:
+                watch._next = self._oldest
         if watch._reset is not None:
             reset, watch._reset = watch._reset, None
             return _Batch((), [Event(reset, "reset", None, None)], [None])
@@ -546,12 +555,18 @@ class _ChangeFeed:
         if not watch.prefix and not skip:
             return _Batch(numbers, events, messages)
         kept = [i for i, event in enumerate(events) if event.key.startswith(watch.prefix)]  # type: ignore[union-attr]
-        if skip:  # changes from before the watch began, which the feed read after it
+        if skip:  # changes from before the watch began (or up to its `after`) that the feed read since
             orders = self._slice(self._orders, numbers)
             kept = [i for i in kept if orders[i] > skip]
             if orders and orders[-1] >= skip:
                 watch._skip_through = ()  # the feed is past them
         return _Batch([numbers[i] for i in kept], [events[i] for i in kept], [messages[i] for i in kept])
+
+    def _missed(self, watch: Watch) -> bool:
+        """Whether `watch`, behind the history, missed changes it would not have skipped
+        (called under the lock)."""
+        assert self._floor is not None
+        return watch._skip_through < self._floor
 
     @staticmethod
     def _slice(ring: list[_Entries], numbers: range) -> list[_Entries]:
@@ -579,17 +594,21 @@ class _ChangeFeed:
 
     def gap(self, revision: str) -> None:
         """Changes before `revision` may have been missed (the Redis stream was trimmed past its
-        reader): every watch gets a reset, and the history begins again at `revision`."""
+        reader): every watch gets a reset (but one that skips every change up to `revision`:
+        see position), and the history begins again at `revision`."""
         with self._lock:
             self._start()
             self._events = [None] * len(self._events)
             self._messages = [None] * len(self._events)
-            self._count += len(self._events) + 1  # every watch is now more than a whole ring behind
+            self._count += 1  # a number no event has: every watch is now behind the history (see _take)
+            self._oldest = self._count
             self._floor = self._last_order = revision_order(revision)
             self._last = revision
-            for watches in self._waiting.values():  # (the others find themselves behind)
+            for watches in self._waiting.values():  # (the others find themselves behind: see _take)
                 for watch in watches:
-                    watch._woken_by, watch._reset = self._count, revision
+                    if self._missed(watch):
+                        watch._reset = revision
+                    watch._woken_by = self._count
                     watch._wake.notify()
             self._waiting.clear()
 
@@ -622,7 +641,9 @@ class Watch(Iterator[Event]):
         self._feed = feed
         self._wake = threading.Condition(feed._lock)
         self._woken_by: int | None = None  # the number of the event that ended its last wait
-        self._next, self._reset, self._skip_through = feed.position(after, newest)  # (see there)
+        # Its next event's number; the reset it is to get first; the revision_order up to
+        # which it skips changes (from before it began, which the feed read after it began).
+        self._next, self._reset, self._skip_through = feed.position(after, newest)
         self._deadline = None if timeout is None else time.monotonic() + timeout
         self._pending: list[Event] = []
 

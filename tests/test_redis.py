@@ -1155,21 +1155,72 @@ def test_a_watch_through_a_kvserver_whose_reader_is_behind_begins_at_once_and_in
 
 
 @pytest.fixture
-def server_behind(store, redis_db) -> Iterator[LiveServer]:
-    """An in-process kvserver on `store` whose events reader is held back just after another
-    kvserver wrote the key `unread`: the change is in the stream, not yet in the feed of `store`."""
-    server = LiveServer(store).start()
+def reader_held(store) -> Iterator[threading.Event]:
+    """The events reader of `store` held back, as one that is behind: what is written from now
+    on is in the stream, not in the feed of `store`, until the Event is set."""
     with store.watch(""):  # (the reader starts with the first watch)
         waiting, go_on = hold_reader(store)
     try:
         store.put("ends the XREAD under way", b"1")
         wait_for(waiting.is_set, timeout=10, what="the reader to wait")
+        yield go_on
+    finally:
+        go_on.set()
+
+
+@pytest.fixture
+def server_behind(store, redis_db, reader_held) -> Iterator[LiveServer]:
+    """An in-process kvserver on `store` whose events reader is held back just after another
+    kvserver wrote the key `unread`: the change is in the stream, not yet in the feed of `store`."""
+    server = LiveServer(store).start()
+    try:
         with kvserver.RedisStorage(redis_db.url()) as other:
             other.put("unread", b"2")
         yield server
     finally:
-        go_on.set()
+        reader_held.set()
         server.stop()
+
+
+def events_through(watch: kvserver.Watch, last_key: str) -> list[tuple[str, str | None]]:
+    """The events of `watch` (type and key) up to the first of `last_key`, within 10 s."""
+    events: list[kvserver.Event] = []
+    deadline = time.monotonic() + 10
+    while not any(event.key == last_key for event in events):
+        assert time.monotonic() < deadline, f"no event of {last_key!r} in {events}"
+        events += watch.wait(1)
+    return [(event.type, event.key) for event in events]
+
+
+@pytest.mark.parametrize("resumed", [False, True])
+def test_a_watch_made_while_the_reader_is_behind_gets_no_reset_for_a_gap_in_what_it_skips(
+    store, redis_db, reader_held, resumed
+):
+    """The stream trimmed past a reader that is behind: a watch made then that asks for nothing
+    before the gap (a new one, or one resumed from the first entry after it) gets no reset."""
+    for name in ("c", "d", "e"):
+        store.put(name, b"1")
+    with redis_db.client() as client:
+        client.xtrim(EVENTS, maxlen=2, approximate=False)  # c goes unread
+        [(d, _), _] = client.xrange(EVENTS)
+    with store.watch("", after=d.decode() if resumed else None) as watch:
+        reader_held.set()
+        store.put("f", b"2")
+        assert events_through(watch, "f") == ([("put", "e")] if resumed else []) + [("put", "f")]
+
+
+def test_a_watch_from_a_revision_past_the_stream_gets_a_reset_then_only_what_came_after_it(
+    store, redis_db, reader_held
+):
+    """A revision Redis never gave (from a Redis since restored from an older snapshot, say),
+    while the reader is behind: a reset, and none of the changes the reader had not read."""
+    with kvserver.RedisStorage(redis_db.url()) as other:
+        other.put("x", b"1")
+    future = f"{int(time.time() * 1000) + 10**9}-0"
+    with store.watch("", after=future) as watch:
+        reader_held.set()
+        store.put("z", b"2")
+        assert events_through(watch, "z") == [("reset", None), ("put", "z")]
 
 
 def test_a_watch_or_long_poll_on_a_kvserver_whose_reader_is_behind_takes_no_longer_than_its_own_time(

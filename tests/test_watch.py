@@ -269,20 +269,39 @@ def test_a_gap_resets_a_watch_that_had_read_everything_and_was_not_waiting():
 
 
 @pytest.mark.parametrize("prefix", ["", "k"])
-def test_a_watch_on_a_feed_behind_its_source_skips_what_came_before_it_and_no_more(prefix):
+@pytest.mark.parametrize(
+    ("after", "newest", "gap", "read", "expected"),
+    [
+        (None, "4-0", None, range(3, 7), ["k5", "k6"]),  # a new watch: from after the source's newest
+        ("3-0", "4-0", None, range(3, 7), ["k4", "k5", "k6"]),  # resumed from a revision the feed has not read
+        ("4-0", "4-0", None, range(3, 7), ["k5", "k6"]),
+        ("9-0", "4-0", None, range(3, 7), ["reset 4-0", "k5", "k6"]),  # no such revision: reset at the newest
+        ("0-5", "4-0", None, range(3, 7), ["reset 4-0", "k5", "k6"]),  # forgotten
+        (None, "4-0", "4-0", range(4, 7), ["k5", "k6"]),  # a gap only in what it skips
+        ("4-0", "5-0", "4-0", range(4, 7), ["k5", "k6"]),
+        (None, "4-0", "6-0", range(6, 8), ["reset 7-0"]),  # a gap in what it asked for
+        (None, "12-0", None, range(3, 14), ["k13"]),  # more than the ring (8) behind, all of it skipped
+        ("11-0", "12-0", None, range(3, 14), ["k12", "k13"]),
+        ("4-0", "12-0", None, range(3, 14), ["reset 13-0"]),  # more than the ring behind what it asked for
+    ],
+)
+def test_a_watch_on_a_feed_behind_its_source_skips_what_came_before_it_and_no_more(
+    prefix, after, newest, gap, read, expected
+):
     """A feed read from elsewhere (Redis) may not have the source's newest change yet: a watch
-    made then skips the changes up to that one (without `after`) or up to `after` as the feed
-    reads them, and sees each later one, with no reset."""
+    made then skips the changes up to that one (or up to its `after`) as the feed reads them,
+    without a reset for a gap in them or for their number, and sees each later one once."""
     feed = kvserver._ChangeFeed(lambda: ("1-0", []), capacity=8)
-    feed.publish("put", "k1", None, revision="2-0")
-    new = kvserver.Watch(feed, prefix, None, None, newest="4-0")
-    resumed = kvserver.Watch(feed, prefix, "3-0", None, newest="4-0")
-    past_the_source = kvserver.Watch(feed, prefix, "5-0", None, newest="4-0")
-    for n in range(3, 7):  # the feed reads 3-0 and 4-0, which came before the watches, then two more
+    feed.publish("put", "k2", None, revision="2-0")
+    watch = kvserver.Watch(feed, prefix, after, None, newest=newest)
+    if gap is not None:
+        feed.gap(gap)  # the source was trimmed past the feed: it reads on from `gap`
+    for n in read:
         feed.publish("put", f"k{n}", None, revision=f"{n}-0")
-    assert [event.key for event in new.wait(0)] == ["k5", "k6"]
-    assert [event.key for event in resumed.wait(0)] == ["k4", "k5", "k6"]
-    assert [event.type for event in past_the_source.wait(0)] == ["reset"]  # no such revision
+    events = []
+    for _ in range(10):
+        events += watch.wait(0)
+    assert [f"reset {event.revision}" if event.type == "reset" else event.key for event in events] == expected
 
 
 def test_a_watch_under_a_prefix_is_not_reset_by_more_than_the_history_of_other_keys():

@@ -438,9 +438,12 @@ class Config:
 
 
 def alternate(config: Config, rows: list[Row], measure: Callable[[Row], Run]) -> None:
-    """Round after round, one run of each row in turn: A B C A B C ..."""
+    """Round after round, one run of each row in turn, in a new order each round: A B C, B C A,
+    C A B... (so that no row always follows the same one: a run can leave the machine slower
+    for the next, as the files a run of writes frees do on ext4)."""
     for round_number in range(config.rounds):
-        for row in rows:
+        turn = round_number % len(rows)
+        for row in rows[turn:] + rows[:turn]:
             if row.note == "not installed":
                 continue
             log(f"  round {round_number + 1}/{config.rounds}: {row.scenario}, {row.server}")

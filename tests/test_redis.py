@@ -1400,16 +1400,23 @@ def assert_index_agrees_with_a_full_scan(client, prefix: bytes = b"kvserver:") -
     return sizes
 
 
-def commands_redis_runs_for(client, action: Callable[[], object]) -> dict[str, int]:
-    """How many times Redis ran each command (also those a Lua script calls) during `action`."""
-    client.config_resetstat()
-    action()
-    stats = client.info("commandstats")
-    return {
-        name.removeprefix("cmdstat_"): fields["calls"]
-        for name, fields in stats.items()
-        if name not in ("cmdstat_config", "cmdstat_info")  # the counting itself
-    }
+def commands_redis_runs_for(client, action: Callable[[], object], tries: int = 3) -> dict[str, int]:
+    """How many times Redis ran each command (also those a Lua script calls) during `action`:
+    the fewest of `tries` runs, for the sweep that a kvserver runs twice a second may fall
+    into one of them."""
+    counted = []
+    for _ in range(tries):
+        client.config_resetstat()
+        action()
+        stats = client.info("commandstats")
+        counted.append(
+            {
+                name.removeprefix("cmdstat_"): fields["calls"]
+                for name, fields in stats.items()
+                if name not in ("cmdstat_config", "cmdstat_info")  # the counting itself
+            }
+        )
+    return min(counted, key=lambda counts: sum(counts.values()))
 
 
 def write_older_layout(client, values: dict[str, tuple[bytes, float | None]], prefix: str = "kvserver:") -> None:

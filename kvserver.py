@@ -410,7 +410,9 @@ class _ChangeFeed:
     feed's lock, so revision order is publication order. Writers never wait for watchers:
     publishing stores the event and wakes the watches waiting for one under their prefix
     (its cost grows with the number of different prefixes waited on, not of watches); each
-    watch reads at its own pace, and one that falls a whole ring behind gets a reset.
+    watch reads at its own pace, and one that falls a whole ring behind, or behind a gap in
+    the feed's source (see gap), gets a reset, unless it would have skipped all it missed
+    (see position).
 
     The history begins at the first publication or watch (so after FileStorage has loaded):
     `begin` then gives the revision before the first change this feed knows, and the events
@@ -525,7 +527,7 @@ class _ChangeFeed:
                 finally:
                     if watch._woken_by is None:  # no change under its prefix came: skip what did
                         self._stop_waiting(watch)
-                        watch._next = self._count
+                        watch._next = self._count  # (a skip still pending is below every later event)
                     else:  # what came before the change that woke it was not for it
                         watch._next = max(watch._next, watch._woken_by)
             return _Batch((), [], [])
@@ -541,7 +543,8 @@ class _ChangeFeed:
         position); a reset if it missed changes (called under the lock)."""
         if watch._next < self._oldest:  # the history moved on without it (a whole ring, or a gap)
             if self._missed(watch):
-                watch._reset, watch._next = self._last, self._count
+                self._reset_at_last(watch)
+                watch._next = self._count
             else:
                 watch._next = self._oldest
         if watch._reset is not None:
@@ -562,9 +565,16 @@ class _ChangeFeed:
                 watch._skip_through = ()  # the feed is past them
         return _Batch([numbers[i] for i in kept], [events[i] for i in kept], [messages[i] for i in kept])
 
+    def _reset_at_last(self, watch: Watch) -> None:
+        """Give `watch` a reset at the latest revision, after which it reads only the changes
+        after that one (called under the lock): the listing a reset calls for holds the rest,
+        even the change of that revision when a gap's (see gap) is published after it."""
+        watch._reset, watch._skip_through = self._last, self._last_order
+
     def _missed(self, watch: Watch) -> bool:
         """Whether `watch`, behind the history, missed changes it would not have skipped
-        (called under the lock)."""
+        (called under the lock). What it missed is at most the floor: the newest change that
+        left the ring, or, after a gap, the changes before the gap's revision."""
         assert self._floor is not None
         return watch._skip_through < self._floor
 
@@ -594,8 +604,9 @@ class _ChangeFeed:
 
     def gap(self, revision: str) -> None:
         """Changes before `revision` may have been missed (the Redis stream was trimmed past its
-        reader): every watch gets a reset (but one that skips every change up to `revision`:
-        see position), and the history begins again at `revision`."""
+        reader), and the history begins again at `revision`, whose change comes next: every
+        watch gets a reset at `revision` (and then the changes after it), but one that skips
+        every change up to `revision` anyway (see position) goes on without one."""
         with self._lock:
             self._start()
             self._events = [None] * len(self._events)
@@ -607,7 +618,7 @@ class _ChangeFeed:
             for watches in self._waiting.values():  # (the others find themselves behind: see _take)
                 for watch in watches:
                     if self._missed(watch):
-                        watch._reset = revision
+                        self._reset_at_last(watch)
                     watch._woken_by = self._count
                     watch._wake.notify()
             self._waiting.clear()

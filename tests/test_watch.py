@@ -304,6 +304,33 @@ def test_a_watch_on_a_feed_behind_its_source_skips_what_came_before_it_and_no_mo
     assert [f"reset {event.revision}" if event.type == "reset" else event.key for event in events] == expected
 
 
+@pytest.mark.parametrize(("read", "reset_at"), [("waiting", "6-0"), ("between", "6-0"), ("after", "7-0")])
+def test_after_a_gap_a_watch_gets_a_reset_and_then_only_the_changes_after_its_revision(read, reset_at):
+    """The change of the gap's revision, which the reader publishes next, is in the listing
+    the reset calls for: a watch goes on after it, whether it was waiting at the gap, read
+    between the gap and that change, or read after it (nothing twice)."""
+    feed = kvserver._ChangeFeed(lambda: ("1-0", []), capacity=4)
+    feed.publish("put", "k2", None, revision="2-0")
+    watch = kvserver.Watch(feed, "", None, None)
+    events: list[kvserver.Event] = []
+    waiting = threading.Thread(target=lambda: events.extend(watch.wait(10)))
+    if read == "waiting":
+        waiting.start()
+        wait_for(lambda: watch in feed._waiting.get("", ()), what="the watch to wait")
+    feed.gap("6-0")  # the source lost 3-0 to 5-0
+    if read == "between":
+        events += watch.wait(0)
+    feed.publish("put", "k6", None, revision="6-0")
+    feed.publish("put", "k7", None, revision="7-0")
+    if read == "waiting":
+        waiting.join(10)
+    for _ in range(3):
+        events += watch.wait(0)
+    reset, *following = events
+    assert (reset.type, reset.revision) == ("reset", reset_at)
+    assert [event.key for event in following] == (["k7"] if reset_at == "6-0" else [])
+
+
 def test_a_watch_under_a_prefix_is_not_reset_by_more_than_the_history_of_other_keys():
     with kvserver.MemoryStorage() as store:
         watch = store.watch("mine/")
@@ -334,9 +361,11 @@ def test_a_redis_watch_gets_a_reset_when_redis_comes_back_without_the_changes(tm
                 return False
 
             wait_for(put_b, timeout=10, what="Redis to take a write again")
-            events = [next(watch) for _ in range(2)]
-        assert [(event.type, event.key) for event in events] == [("reset", None), ("put", "b")]
-        assert order(events[0].revision) <= order(events[1].revision)
+            reset = next(watch)  # (at b's revision, the first after the loss: b is in the listing it calls for)
+            store.put("c", b"3")
+            following = next(watch)
+        assert [(event.type, event.key) for event in (reset, following)] == [("reset", None), ("put", "c")]
+        assert order(reset.revision) < order(following.revision)
     finally:
         redis.stop()
 

@@ -2556,10 +2556,11 @@ return adopted
             if isinstance(error, kind):
                 return code
         if isinstance(error, self._response_error):
-            codes: list[str] = _REPLY_CODE.findall(str(error))
+            text = str(error)
+            codes: list[str] = _REPLY_CODE.findall(text)
             if codes and codes[-1] in _REDIS_REFUSALS:
                 return codes[-1]
-            if _ACL_REFUSAL_IN_SCRIPT.search(str(error)):
+            if _ACL_REFUSAL_IN_SCRIPT.search(text):
                 return "NOPERM"
         return None
 

@@ -5253,7 +5253,7 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"--max-value: {error}", 2)
     if args["--storage"] not in ("files", "memory") and not args["--storage"].startswith(_REDIS_SCHEMES):
         _fail(f"--storage takes files, memory, or a redis://, rediss:// or unix:// URL, not {args['--storage']!r}", 2)
-    kind = {"files": "files", "memory": "memory"}.get(args["--storage"], "redis")  # (a URL may hold a password)
+    kind = args["--storage"] if args["--storage"] in ("files", "memory") else "redis"  # (a URL may hold a password)
     if args["--data-dir"] is not None and kind != "files":
         _fail(f"--data-dir is the folder of --storage files; {kind} storage keeps no files there", 2)
     if args["--no-fsync"] and kind != "files" and not args["export"]:  # (export takes no --no-fsync at all)

@@ -338,9 +338,11 @@ def _expiry(ttl: int | None) -> float | None:
 
 HISTORY = 10_000  # changes a storage remembers, for watchers that resume or fall behind
 HEARTBEAT = 15.0  # seconds of silence after which an event stream sends a comment line
-# An event stream sends a change as soon as it comes, but then sends at most once in this many
-# seconds while changes keep coming, gathering them: under a flood of writes each open stream
-# then costs the server a few sends a second, not one per write.
+# An event stream sends at most once in this many seconds: a change that comes later than that
+# after its last send leaves at once, one that comes sooner when they are up, with every change
+# that came meanwhile. Under a flood of writes each open stream then costs the server a few
+# sends a second, not one per write, and it waits for no change: a stream that waited for one
+# would be woken by every write under its prefix, together with every other stream waiting.
 COALESCE = 0.2
 MAX_WAIT = 300  # seconds a GET /kv/<key>?wait=<s> may wait for a change
 # Most events handed to a watcher at once: the feed's lock is held briefly, and an event
@@ -4636,21 +4638,21 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             writer.flush()
             sent = -math.inf  # when events last left
             while True:
+                if (gathering := sent + COALESCE - time.monotonic()) > 0:
+                    time.sleep(gathering)  # (the changes that come meanwhile leave together)
                 with self._waiting(watch):
                     messages = watch.wait_messages(HEARTBEAT)
                 if watch.closed:
                     break
-                came = bool(messages)
-                if came and time.monotonic() - sent < COALESCE:  # changes keep coming: gather them
-                    time.sleep(COALESCE)
-                    for _ in range(HISTORY // _WATCH_BATCH + 1):  # all that came meanwhile, a batch at a time
-                        writer.writelines(messages)
-                        if not (messages := watch.wait_messages(0)):
-                            break
-                writer.writelines(messages if came else [b": keep-alive\n\n"])
-                writer.flush()
-                if came:
+                if not messages:
+                    writer.writelines([b": keep-alive\n\n"])
+                for _ in range(HISTORY // _WATCH_BATCH + 1):  # all that has come, a batch at a time
+                    if not messages:
+                        break
+                    writer.writelines(messages)
                     sent = time.monotonic()
+                    messages = watch.wait_messages(0)
+                writer.flush()
             writer.close()
             self._sent = writer.written
 

@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -631,11 +631,9 @@ def test_an_http_1_0_stream_ends_with_the_connection(server):
         assert body.startswith(b"id: ") and b"event: put\n" in body
 
 
-def test_a_flood_of_changes_reaches_a_stream_whole_after_its_pause_not_a_batch_per_pause(make_live_server):
-    # A busy stream pauses COALESCE seconds between sends; what came meanwhile must all go in the
-    # next send. (It once sent one batch of 1,000 per pause: under 5,000 changes a second a stream
-    # fell behind a client that read as fast as it could, and was reset.)
-    server = make_live_server("memory")
+@contextlib.contextmanager
+def event_chunks(server) -> Iterator[Callable[[], bytes]]:
+    """An open GET /events on `server`: a function that reads its next chunk (one send's events)."""
     with socket.create_connection((server.host, server.port), timeout=10) as sock:
         reader = sock.makefile("rb")
         sock.sendall(b"GET /events HTTP/1.1\r\nHost: localhost\r\n\r\n")
@@ -648,6 +646,15 @@ def test_a_flood_of_changes_reaches_a_stream_whole_after_its_pause_not_a_batch_p
             assert data.endswith(b"\r\n")
             return data[:-2]
 
+        yield chunk
+
+
+def test_a_flood_of_changes_reaches_a_stream_whole_after_its_pause_not_a_batch_per_pause(make_live_server):
+    # A busy stream pauses COALESCE seconds between sends; what came meanwhile must all go in the
+    # next send. (It once sent one batch of 1,000 per pause: under 5,000 changes a second a stream
+    # fell behind a client that read as fast as it could, and was reset.)
+    server = make_live_server("memory")
+    with event_chunks(server) as chunk:
         server.storage.put("first", b"v")
         assert chunk().count(b"event: put\n") == 1  # sent at once: the stream was quiet
         changes = 3 * kvserver._WATCH_BATCH
@@ -657,6 +664,22 @@ def test_a_flood_of_changes_reaches_a_stream_whole_after_its_pause_not_a_batch_p
         while sum(sizes) < changes:
             sizes.append(chunk().count(b"event: put\n"))
         assert sum(sizes) == changes and max(sizes) > kvserver._WATCH_BATCH, sizes
+
+
+def test_a_change_during_a_streams_pause_leaves_when_the_pause_since_its_last_send_is_up(make_live_server, monkeypatch):
+    # A stream sends at most once in COALESCE seconds, counted from its last send. It once waited
+    # for the next change and then paused COALESCE seconds from that change: later by up to that,
+    # and every stream waiting then was woken by each write of a flood.
+    monkeypatch.setattr(kvserver, "COALESCE", 2.0)
+    server = make_live_server("memory")
+    with event_chunks(server) as chunk:
+        server.storage.put("first", b"v")
+        assert b'"key": "first"' in chunk()  # sent at once: the stream was quiet
+        sent = time.monotonic()
+        time.sleep(1.0)  # (the input: a change halfway through the pause, not a wait for anything)
+        server.storage.put("second", b"v")
+        assert b'"key": "second"' in chunk()
+        assert 1.9 <= time.monotonic() - sent < 2.6
 
 
 def test_a_stream_sends_a_comment_after_silence_and_is_not_closed_as_idle(monkeypatch):

@@ -132,6 +132,32 @@ def test_a_large_value_is_a_file_holding_exactly_the_bytes(store, data_dir):
     assert value_files(data_dir) == {"big": value}
 
 
+@pytest.mark.parametrize("fsync", [True, False])
+def test_a_large_value_starts_going_to_disk_as_it_arrives_when_writes_are_fsynced(data_dir, monkeypatch, fsync):
+    # With fsync, the writeback of every _WRITEBACK_STEP bytes begins at once, so that the disk
+    # works while the rest arrives and the fsync at the end has little left to write. Without
+    # fsync the kernel writes when it will.
+    step, pieces = kvserver._WRITEBACK_STEP, []
+    started: list[tuple[int, int, int]] = []  # (bytes arrived, offset, length)
+
+    def posix_fadvise(fd: int, offset: int, length: int, advice: int) -> None:
+        assert advice == os.POSIX_FADV_DONTNEED
+        started.append((sum(map(len, pieces)), offset, length))
+
+    class Arriving:  # 2.5 steps, an eighth of a step at a time
+        def read(self, size: int) -> bytes:
+            if len(pieces) == 20:
+                return b""
+            pieces.append(bytes([len(pieces)]) * (step // 8))
+            return pieces[-1]
+
+    monkeypatch.setattr(kvserver.os, "posix_fadvise", posix_fadvise, raising=False)
+    with kvserver.FileStorage(data_dir, fsync=fsync) as store:
+        store.put_file("big", Arriving())
+    assert value_files(data_dir) == {"big": b"".join(pieces)}
+    assert started == ([(step, 0, step), (2 * step, step, step)] if fsync else [])
+
+
 @pytest.mark.parametrize("key", ODD_KEYS, ids=range(len(ODD_KEYS)))
 def test_a_key_that_is_not_plain_is_escaped_into_one_file_inside_the_data_dir(store, data_dir, tmp_path, key):
     # Guard first, so that a regression cannot write over a real file such as /etc/passwd.

@@ -158,6 +158,18 @@ def test_a_large_value_starts_going_to_disk_as_it_arrives_when_writes_are_fsynce
     assert started == ([(step, 0, step), (2 * step, step, step)] if fsync else [])
 
 
+def test_a_file_system_that_refuses_the_writeback_advice_still_stores_a_large_value(data_dir, monkeypatch):
+    def posix_fadvise(fd: int, offset: int, length: int, advice: int) -> None:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(kvserver.os, "posix_fadvise", posix_fadvise, raising=False)
+    value = os.urandom(2 * kvserver._WRITEBACK_STEP + 1)
+    with kvserver.FileStorage(data_dir, fsync=True) as store:
+        store.put("big", value)
+        assert store.get("big") == value
+    assert value_files(data_dir) == {"big": value}
+
+
 @pytest.mark.parametrize("key", ODD_KEYS, ids=range(len(ODD_KEYS)))
 def test_a_key_that_is_not_plain_is_escaped_into_one_file_inside_the_data_dir(store, data_dir, tmp_path, key):
     # Guard first, so that a regression cannot write over a real file such as /etc/passwd.

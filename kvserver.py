@@ -505,11 +505,15 @@ class _ChangeFeed:
             index = bisect.bisect_right(kept, order, key=lambda n: orders[n % len(orders)])
             return kept.start + index, None, ()
 
-    def read(self, watch: Watch, timeout: float | None) -> _Batch:
-        """The watch's next events, waiting up to `timeout` seconds (None: no limit) for one;
-        none when the time is up or the watch is closed."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+    def read(self, watch: Watch, timeout: float | None, pause: float = 0.0) -> _Batch:
+        """The watch's next events, waiting up to `timeout` seconds (None: no limit) for one,
+        after `pause` seconds in which it reads none (what comes meanwhile is read together);
+        none when the time is up or the watch is closed (which also ends a pause)."""
+        paused = time.monotonic() + pause
+        deadline = None if timeout is None else paused + timeout
         with self._lock:
+            while not watch.closed and not self._closed and (left := paused - time.monotonic()) > 0:
+                watch._wake.wait(left)  # (a watch not waiting for events is woken only by close_watch)
             while not watch.closed:
                 if self._closed:
                     watch.closed = True
@@ -665,9 +669,10 @@ class Watch(Iterator[Event]):
         seconds (None: no limit) for one; [] if the time is up or the watch is closed."""
         return self._feed.read(self, timeout).events
 
-    def wait_messages(self, timeout: float | None) -> list[bytes]:
-        """Like `wait`, the events as Server-Sent Events messages."""
-        return self._feed.messages(self._feed.read(self, timeout))
+    def wait_messages(self, timeout: float | None, pause: float = 0.0) -> list[bytes]:
+        """Like `wait`, the events as Server-Sent Events messages, after `pause` seconds in
+        which it reads none: what comes meanwhile is read together (`close()` ends it at once)."""
+        return self._feed.messages(self._feed.read(self, timeout, pause))
 
     def __next__(self) -> Event:
         while not self._pending:
@@ -4657,10 +4662,8 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             writer.flush()
             sent = -math.inf  # when events last left
             while True:
-                if (gathering := sent + COALESCE - time.monotonic()) > 0:
-                    time.sleep(gathering)  # (the changes that come meanwhile leave together)
                 with self._waiting(watch):
-                    messages = watch.wait_messages(HEARTBEAT)
+                    messages = watch.wait_messages(HEARTBEAT, pause=max(0.0, sent + COALESCE - time.monotonic()))
                 if watch.closed:
                     break
                 if not messages:

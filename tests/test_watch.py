@@ -682,6 +682,21 @@ def test_a_change_during_a_streams_pause_leaves_when_the_pause_since_its_last_se
         assert 1.9 <= time.monotonic() - sent < 2.6
 
 
+def test_a_stream_pausing_between_sends_ends_at_once_when_the_server_stops(make_live_server, monkeypatch):
+    monkeypatch.setattr(kvserver, "COALESCE", 60.0)
+    server = make_live_server("memory")
+    with event_chunks(server) as chunk:
+        server.storage.put("first", b"v")
+        assert b'"key": "first"' in chunk()  # sent: the stream now pauses for a minute
+        server.storage.put("second", b"v")  # (what the pause is gathering)
+        started = time.monotonic()
+        stopping = threading.Thread(target=server.server.stop)
+        stopping.start()
+        stopping.join(10)
+        assert not stopping.is_alive() and time.monotonic() - started < 2, "the stop waited for the pause"
+        assert chunk() == b""  # the last chunk: the stream ended
+
+
 def test_a_stream_sends_a_comment_after_silence_and_is_not_closed_as_idle(monkeypatch):
     monkeypatch.setattr(kvserver, "HEARTBEAT", 0.2)
     monkeypatch.setattr(kvserver, "IDLE_TIMEOUT", 0.5)  # the limits that close connections, shortened too

@@ -338,11 +338,11 @@ def _expiry(ttl: int | None) -> float | None:
 
 HISTORY = 10_000  # changes a storage remembers, for watchers that resume or fall behind
 HEARTBEAT = 15.0  # seconds of silence after which an event stream sends a comment line
-# An event stream sends at most once in this many seconds: a change that comes later than that
-# after its last send leaves at once, one that comes sooner when they are up, with every change
-# that came meanwhile. Under a flood of writes each open stream then costs the server a few
-# sends a second, not one per write, and it waits for no change: a stream that waited for one
-# would be woken by every write under its prefix, together with every other stream waiting.
+# An event stream sends at most once in this many seconds: after a send it pauses this long, and
+# then sends all that came meanwhile (a change after a longer quiet spell leaves at once). Under
+# a flood of writes each open stream then costs the server a few sends a second, not one per
+# write; and a busy stream finds changes after each pause, so it never waits for one (each write
+# wakes every stream waiting under its prefix).
 COALESCE = 0.2
 MAX_WAIT = 300  # seconds a GET /kv/<key>?wait=<s> may wait for a change
 # Most events handed to a watcher at once: the feed's lock is held briefly, and an event
@@ -436,6 +436,7 @@ class _ChangeFeed:
         self._last = ""  # the latest revision: of the last event, else the floor
         self._last_order: tuple[int, ...] = ()
         self._waiting: dict[str, set[Watch]] = {}  # by prefix: the watches waiting for a change under it
+        self._pausing: set[Watch] = set()  # the watches in a pause before they read (see read)
         self._closed = False
 
     def _start(self) -> None:
@@ -512,8 +513,8 @@ class _ChangeFeed:
         paused = time.monotonic() + pause
         deadline = None if timeout is None else paused + timeout
         with self._lock:
-            while not watch.closed and not self._closed and (left := paused - time.monotonic()) > 0:
-                watch._wake.wait(left)  # (a watch not waiting for events is woken only by close_watch)
+            if pause > 0:
+                self._pause(watch, paused)
             while not watch.closed:
                 if self._closed:
                     watch.closed = True
@@ -537,6 +538,16 @@ class _ChangeFeed:
                     else:  # what came before the change that woke it was not for it
                         watch._next = max(watch._next, watch._woken_by)
             return _Batch((), [], [])
+
+    def _pause(self, watch: Watch, until: float) -> None:
+        """Wait until the monotonic time `until`, unless the watch or the feed is closed first
+        (called under the lock; no change wakes it)."""
+        self._pausing.add(watch)
+        try:
+            while not watch.closed and not self._closed and (left := until - time.monotonic()) > 0:
+                watch._wake.wait(left)
+        finally:
+            self._pausing.discard(watch)
 
     def _stop_waiting(self, watch: Watch) -> None:
         waiting = self._waiting.get(watch.prefix, set())
@@ -638,9 +649,8 @@ class _ChangeFeed:
         """End every watch (the storage closes)."""
         with self._lock:
             self._closed = True
-            for watches in self._waiting.values():
-                for watch in watches:
-                    watch._wake.notify()
+            for watch in self._pausing.union(*self._waiting.values()):
+                watch._wake.notify()
 
 
 class Watch(Iterator[Event]):
@@ -4662,18 +4672,20 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             writer.flush()
             sent = -math.inf  # when events last left
             while True:
+                pause = max(0.0, sent + COALESCE - time.monotonic())
                 with self._waiting(watch):
-                    messages = watch.wait_messages(HEARTBEAT, pause=max(0.0, sent + COALESCE - time.monotonic()))
+                    messages = watch.wait_messages(HEARTBEAT - pause, pause=pause)
                 if watch.closed:
                     break
                 if not messages:
                     writer.writelines([b": keep-alive\n\n"])
-                for _ in range(HISTORY // _WATCH_BATCH + 1):  # all that has come, a batch at a time
+                for turn in range(HISTORY // _WATCH_BATCH + 1):  # all that has come, a batch at a time
+                    if turn:
+                        messages = watch.wait_messages(0)
                     if not messages:
                         break
                     writer.writelines(messages)
                     sent = time.monotonic()
-                    messages = watch.wait_messages(0)
                 writer.flush()
             writer.close()
             self._sent = writer.written

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import re
 import signal
 import socket
 import threading
@@ -666,6 +667,24 @@ def test_a_flood_of_changes_reaches_a_stream_whole_after_its_pause_not_a_batch_p
         assert sum(sizes) == changes and max(sizes) > kvserver._WATCH_BATCH, sizes
 
 
+def test_a_stream_that_gathered_more_batches_than_one_send_takes_loses_none(make_live_server, monkeypatch):
+    # A send takes at most HISTORY // _WATCH_BATCH + 1 batches (here 3 of 1 event); the rest
+    # leave with the next send. (A stream once read a batch on its last turn and never sent it:
+    # under a flood, 250 events lost every 41 batches, without a reset.)
+    monkeypatch.setattr(kvserver, "_WATCH_BATCH", 1)
+    monkeypatch.setattr(kvserver, "HISTORY", 2)
+    server = make_live_server("memory")
+    with event_chunks(server) as chunk:
+        server.storage.put("first", b"v")
+        assert b'"key": "first"' in chunk()  # sent at once: the stream now pauses
+        for n in range(5):
+            server.storage.put(f"k{n}", b"v")
+        received = b""
+        while b'"key": "k4"' not in received:
+            received += chunk()
+        assert re.findall(rb'"key": "(k[0-9])"', received) == [b"k0", b"k1", b"k2", b"k3", b"k4"]
+
+
 def test_a_change_during_a_streams_pause_leaves_when_the_pause_since_its_last_send_is_up(make_live_server, monkeypatch):
     # A stream sends at most once in COALESCE seconds, counted from its last send. It once waited
     # for the next change and then paused COALESCE seconds from that change: later by up to that,
@@ -695,6 +714,38 @@ def test_a_stream_pausing_between_sends_ends_at_once_when_the_server_stops(make_
         stopping.join(10)
         assert not stopping.is_alive() and time.monotonic() - started < 2, "the stop waited for the pause"
         assert chunk() == b""  # the last chunk: the stream ended
+
+
+@pytest.mark.parametrize("end", ["close the watch", "close the storage"])
+def test_a_wait_in_its_pause_ends_at_once_when_its_watch_or_storage_closes(end):
+    store = kvserver.MemoryStorage()
+    watch = store.watch("")
+    waited: list[list[bytes]] = []
+    waiting = threading.Thread(target=lambda: waited.append(watch.wait_messages(60, pause=60)))
+    waiting.start()
+    wait_for(lambda: watch in store._feed._pausing, timeout=10, what="the wait to pause")
+    store.put("k", b"v")  # wakes no pause
+    started = time.monotonic()
+    if end == "close the watch":
+        watch.close()
+    else:
+        store.close()
+    waiting.join(10)
+    assert not waiting.is_alive() and time.monotonic() - started < 2
+    assert waited == [[]]
+    store.close()
+
+
+def test_the_comment_after_silence_counts_the_silence_from_the_last_event_sent(make_live_server, monkeypatch):
+    monkeypatch.setattr(kvserver, "HEARTBEAT", 1.0)
+    monkeypatch.setattr(kvserver, "COALESCE", 0.6)  # the pause after a send is part of the silence
+    server = make_live_server("memory")
+    with event_chunks(server) as chunk:
+        server.storage.put("k", b"v")
+        assert b'"key": "k"' in chunk()
+        sent = time.monotonic()
+        assert chunk() == b": keep-alive\n\n"
+        assert 0.9 <= time.monotonic() - sent < 1.4
 
 
 def test_a_stream_sends_a_comment_after_silence_and_is_not_closed_as_idle(monkeypatch):

@@ -158,6 +158,20 @@ def test_a_large_value_starts_going_to_disk_as_it_arrives_when_writes_are_fsynce
     assert started == ([(step, 0, step), (2 * step, step, step)] if fsync else [])
 
 
+def test_a_large_value_given_in_one_piece_goes_to_disk_a_step_at_a_time_too(data_dir, monkeypatch):
+    step, started = kvserver._WRITEBACK_STEP, []
+
+    def posix_fadvise(fd: int, offset: int, length: int, advice: int) -> None:
+        started.append((offset, length))
+
+    monkeypatch.setattr(kvserver.os, "posix_fadvise", posix_fadvise, raising=False)
+    value = os.urandom(2 * step + step // 2)
+    with kvserver.FileStorage(data_dir, fsync=True) as store:
+        store.put("big", value)
+    assert value_files(data_dir) == {"big": value}
+    assert started == [(0, step), (step, step)]
+
+
 def test_a_file_system_that_refuses_the_writeback_advice_still_stores_a_large_value(data_dir, monkeypatch):
     def posix_fadvise(fd: int, offset: int, length: int, advice: int) -> None:
         raise OSError(errno.EINVAL, "Invalid argument")

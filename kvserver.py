@@ -189,6 +189,16 @@ def _check_media_type(content_type: object) -> str:
     return content_type
 
 
+def _stored_media_type(content_type: str) -> str:
+    """A media type as a backend reads it back: one that kvserver would refuse now (an empty
+    one, which earlier versions stored) reads as DEFAULT_CONTENT_TYPE, as a message without one
+    is taken (RFC 9110 section 8.3), so that it is sent, watched and exported as import takes it."""
+    try:
+        return _check_media_type(content_type)
+    except ValueError:
+        return DEFAULT_CONTENT_TYPE
+
+
 def _sniff_content_type(data: bytes) -> str:
     """The media type of a value that came without one: text if it is UTF-8, else bytes."""
     try:
@@ -1961,7 +1971,8 @@ class FileStorage(Storage):
             record = self._read_metadata(name).get(_etag(size, stamp)) if name in unused_metadata else None
             if record is not None:
                 unused_metadata.discard(name)
-                key, content_type, expires_at = record["key"], record["content_type"], record["expires_at"]
+                key, expires_at = record["key"], record["expires_at"]
+                content_type = _stored_media_type(record["content_type"])
             else:
                 key, content_type, expires_at = _key_from_name(name), None, None
                 if key is None:
@@ -2647,7 +2658,9 @@ return adopted
 
     @staticmethod
     def _stat_of(size: int, content_type: bytes, etag: bytes, expires: bytes) -> Stat:
-        return Stat(size, content_type.decode(), etag.decode(), float(expires) if expires else None)
+        return Stat(
+            size, _stored_media_type(content_type.decode("latin-1")), etag.decode(), float(expires) if expires else None
+        )
 
     def _fetch(self, key: str) -> tuple[Stat, bytes | BinaryIO]:
         with self._reachable(), self._no_value_if_foreign(key):
@@ -2772,7 +2785,7 @@ return adopted
             expires = fields[b"expires"]
             stat = Stat(
                 int(fields[b"size"]),
-                fields[b"content_type"].decode(),
+                _stored_media_type(fields[b"content_type"].decode("latin-1")),
                 fields[b"etag"].decode(),
                 float(expires) if expires else None,
             )

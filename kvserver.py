@@ -190,11 +190,13 @@ def _check_media_type(content_type: object) -> str:
 
 
 def _stored_media_type(content_type: str) -> str:
-    """A media type as a backend reads it back: one that kvserver would refuse now (an empty
-    one, which earlier versions stored) reads as DEFAULT_CONTENT_TYPE, as a message without one
-    is taken (RFC 9110 section 8.3), so that it is sent, watched and exported as import takes it."""
+    """A media type as a backend reads it back, in the form kvserver takes now, so that it is
+    sent, watched and exported as import takes it. Earlier versions stored it as given: space
+    or tab around it is trimmed, and an empty one (or one still refused: longer than
+    MAX_MEDIA_TYPE, or another program's, in Redis) reads as DEFAULT_CONTENT_TYPE, as a message
+    without one is taken (RFC 9110 section 8.3)."""
     try:
-        return _check_media_type(content_type)
+        return _check_media_type(content_type.strip(" \t"))
     except ValueError:
         return DEFAULT_CONTENT_TYPE
 
@@ -520,7 +522,7 @@ class _ChangeFeed:
         """The watch's next events, waiting up to `timeout` seconds (None: no limit) for one,
         after `pause` seconds in which it reads none (what comes meanwhile is read together);
         none when the time is up or the watch is closed (which also ends a pause)."""
-        paused = time.monotonic() + pause
+        paused = time.monotonic() + max(0.0, pause)
         deadline = None if timeout is None else paused + timeout
         with self._lock:
             if pause > 0:

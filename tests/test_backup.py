@@ -279,30 +279,34 @@ def test_each_pair_of_backends_round_trips(tmp_path, redis_url, source_kind, tar
         assert_same(source, contents(target))
 
 
+@pytest.mark.parametrize(
+    ("stored", "read"), [("", "application/octet-stream"), (" text/html ", "text/html"), ("\ttext/html", "text/html")]
+)
 @pytest.mark.parametrize("kind", ["files", "redis"])
-def test_a_value_an_earlier_version_stored_with_an_empty_media_type_is_bytes_and_exports_as_such(
-    tmp_path, redis_url, kind
+def test_a_media_type_an_earlier_version_stored_as_given_reads_as_one_import_takes(
+    tmp_path, redis_url, kind, stored, read
 ):
-    # Earlier versions took an empty media type, which import (and every write) now refuses: a
-    # backup of such a store stopped at that key. It now reads as application/octet-stream.
+    # Earlier versions stored a media type as given, empty or with space around it, which
+    # import (and every write) now refuse: a backup of such a store stopped at that key. An
+    # empty one now reads as application/octet-stream, one with space around it trimmed.
     if kind == "files":
         with kvserver.FileStorage(tmp_path / "old", fsync=False) as old:
             old.put("k", b"\x00value", content_type="x/placeholder")  # (a media type of its own: a metadata file)
         [metadata] = (tmp_path / "old" / ".kvserver" / "meta").iterdir()
-        metadata.write_text(metadata.read_text().replace("x/placeholder", ""))
+        metadata.write_text(metadata.read_text().replace("x/placeholder", json.dumps(stored)[1:-1]))
         store: kvserver.Storage = kvserver.FileStorage(tmp_path / "old", fsync=False)
     else:
         store = kvserver.RedisStorage(redis_url)
         store.put("k", b"\x00value", content_type="x/placeholder")
-        store._client.hset(store._name("k"), "type", "")
+        store._client.hset(store._name("k"), "type", stored)
     with store, kvserver.MemoryStorage() as copy:
-        assert store.stat("k").content_type == "application/octet-stream"
+        assert store.stat("k").content_type == read
         assert copy.import_(io.BytesIO(exported(store))) == (1, 0)
-        assert (copy.get("k"), copy.stat("k").content_type) == (b"\x00value", "application/octet-stream")
+        assert (copy.get("k"), copy.stat("k").content_type) == (b"\x00value", read)
     if kind == "redis":  # and its event, in the stream's history
-        fields = {b"type": b"put", b"key": b"k", b"size": b"6", b"content_type": b"", b"etag": b"6-1", b"expires": b""}
-        event = kvserver.RedisStorage._event(b"1-0", fields)
-        assert event.stat is not None and event.stat.content_type == "application/octet-stream"
+        fields = {b"type": b"put", b"key": b"k", b"size": b"6", b"content_type": stored.encode(), b"etag": b"6-1"}
+        event = kvserver.RedisStorage._event(b"1-0", {**fields, b"expires": b""})
+        assert event.stat is not None and event.stat.content_type == read
 
 
 # Over HTTP

@@ -748,6 +748,13 @@ def test_the_comment_after_silence_counts_the_silence_from_the_last_event_sent(m
         assert 0.9 <= time.monotonic() - sent < 1.4
 
 
+def test_a_negative_pause_is_no_pause_and_does_not_shorten_the_wait():
+    with kvserver.MemoryStorage() as store, store.watch("") as watch:
+        started = time.monotonic()
+        assert watch.wait_messages(0.5, pause=-5) == []
+        assert time.monotonic() - started >= 0.5
+
+
 def test_a_stream_sends_a_comment_after_silence_and_is_not_closed_as_idle(monkeypatch):
     monkeypatch.setattr(kvserver, "HEARTBEAT", 0.2)
     monkeypatch.setattr(kvserver, "IDLE_TIMEOUT", 0.5)  # the limits that close connections, shortened too

@@ -39,6 +39,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -46,6 +47,7 @@ KVSERVER = ROOT / "kvserver.py"
 PEERS = HERE / "peers"
 PYTHON = sys.executable
 MiB = 1024 * 1024
+T = TypeVar("T")
 START_TIMEOUT = 60.0  # seconds for a server to print its start line (100,000 keys on a loaded machine)
 STOP_TIMEOUT = 15.0
 SCENARIO_GROUPS = ("get", "set", "rest", "events", "startup", "big")
@@ -437,13 +439,18 @@ class Config:
         return self.work / "logs"
 
 
+def in_turn(items: list[T], round_number: int) -> list[T]:
+    """`items` in the order of round `round_number` (from 0): A B C, B C A, C A B... so that no
+    item always follows the same one (a run can leave the machine slower for the next, as the
+    files a run of writes frees do on ext4)."""
+    turn = round_number % len(items)
+    return items[turn:] + items[:turn]
+
+
 def alternate(config: Config, rows: list[Row], measure: Callable[[Row], Run]) -> None:
-    """Round after round, one run of each row in turn, in a new order each round: A B C, B C A,
-    C A B... (so that no row always follows the same one: a run can leave the machine slower
-    for the next, as the files a run of writes frees do on ext4)."""
+    """Round after round, one run of each row, in a new order each round (see in_turn)."""
     for round_number in range(config.rounds):
-        turn = round_number % len(rows)
-        for row in rows[turn:] + rows[:turn]:
+        for row in in_turn(rows, round_number):
             if row.note == "not installed":
                 continue
             log(f"  round {round_number + 1}/{config.rounds}: {row.scenario}, {row.server}")
@@ -891,8 +898,7 @@ def scenario_big(config: Config, report: Report) -> None:
         ("kvserver --no-fsync PUT, GET", lambda: kvserver_put_get("kvserver --no-fsync", False)),
     ]
     for round_number in range(config.rounds):
-        turn = round_number % len(steps)
-        for what, step in steps[turn:] + steps[:turn]:
+        for what, step in in_turn(steps, round_number):
             log(f"  round {round_number + 1}/{config.rounds}: {what}")
             step()
     lines = []

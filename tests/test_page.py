@@ -447,11 +447,13 @@ def test_the_page_with_a_few_keys_fits_its_window_and_is_saved_as_a_screenshot(t
     assert not [message for message in tab.console if "Content Security Policy" in message], tab.console
 
     ARTIFACTS.mkdir(exist_ok=True)
-    DOCS.mkdir(exist_ok=True)
     png = page.screenshot(full_page=True)
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     (ARTIFACTS / "page.png").write_bytes(png)
-    (DOCS / "page.png").write_bytes(png)  # shown in the README
+    # The picture the README shows is replaced only when asked: a test run leaves the checkout as it
+    # was, though another machine's fonts make another picture.
+    if os.environ.get("KV_UPDATE_SCREENSHOT") == "1":
+        (DOCS / "page.png").write_bytes(png)
 
 
 # A page on another port of this host (same-site, not cross-site, to a browser)

@@ -747,7 +747,7 @@ def test_a_write_after_a_sweep_replaces_the_metadata_only_once_the_swept_value_i
         writer = threading.Thread(target=store.put, args=("k", b"<new/>"), kwargs={"content_type": "text/html"})
         writer.start()
         wait_for(  # it may not replace the metadata yet: it waits for the swept value's removal to be durable
-            lambda: ("replace", "meta") in log or store._values_synced._changes._waiters,  # type: ignore[attr-defined]
+            lambda: ("replace", "meta") in log or store._values_synced._parked,
             what="the write to replace the metadata or to wait",
         )
         gate.set()

@@ -239,3 +239,99 @@ def test_after_a_failed_folder_fsync_a_key_with_metadata_can_be_written_again(tm
         store.put("a", b"two %d" % n, ttl=3600)
     assert store.get("a") == b"two 2"
     store.close()
+
+
+class HeldFsync:
+    """os.fsync of one folder that waits for `let_go` before it ends (raising `error` then, if
+    given); every other fsync is the real one."""
+
+    def __init__(self, monkeypatch, folder: Path, error: OSError | None = None) -> None:
+        self.folder, self.error = os.stat(folder), error
+        self.running, self.let_go = threading.Event(), threading.Event()
+        self.real = os.fsync
+        monkeypatch.setattr(os, "fsync", self)
+
+    def __call__(self, fd: int) -> None:
+        if self.running.is_set() or not os.path.samestat(os.fstat(fd), self.folder):
+            return self.real(fd)
+        self.running.set()
+        assert self.let_go.wait(10)
+        if self.error is not None:
+            raise self.error
+        return self.real(fd)
+
+
+def in_thread(function, *args) -> tuple[threading.Thread, list[BaseException | None]]:
+    """Run function(*args) in a thread; the list gets what it raised (None if nothing)."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            function(*args)
+        except BaseException as error:
+            outcome.append(error)
+        else:
+            outcome.append(None)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
+def test_a_writer_woken_by_a_failed_fsync_raises_even_once_a_later_fsync_has_passed_its_ticket(tmp_path, monkeypatch):
+    """A writer parked while the fsync covering its change ran, and slow to run again after that
+    fsync failed, finds a later fsync covering higher tickets done by then: it still raises."""
+    sync = kvserver._GroupSync(str(tmp_path), True)
+    fsync = HeldFsync(monkeypatch, tmp_path, OSError(errno.EIO, "Input/output error"))
+    first, second = sync.ticket(), sync.ticket()
+    leader, led = in_thread(sync.wait, first)
+    assert fsync.running.wait(10)
+    slow = threading.Event()  # the parked writer runs again only once this is set
+    park = sync._park
+
+    def park_slowly() -> threading.Lock:
+        lock = park()
+
+        class Slow:
+            def acquire(self) -> bool:
+                lock.acquire()
+                return slow.wait(10)
+
+        return Slow()  # type: ignore[return-value]
+
+    monkeypatch.setattr(sync, "_park", park_slowly)
+    parked, outcome = in_thread(sync.wait, second)
+    wait_for(lambda: sync._parked, what="the second writer to park")
+    fsync.let_go.set()  # the fsync covering both changes fails
+    leader.join(10)
+    assert isinstance(led[0], OSError)
+    sync.wait(sync.ticket())  # a later fsync succeeds, covering the second ticket's number too
+    assert sync._synced > second
+    slow.set()
+    parked.join(10)
+    assert isinstance(outcome[0], OSError) and outcome[0].errno == errno.EIO
+    sync.close()
+
+
+def test_closing_while_a_folder_fsync_runs_waits_for_it_and_reports_no_later_change_durable(tmp_path, monkeypatch):
+    """close() waits for the fsync under way (it uses the folder's descriptor); a writer whose
+    change that fsync covers returns, and one whose change came after it began raises, unless
+    it ran the next fsync before the close."""
+    sync = kvserver._GroupSync(str(tmp_path), True)
+    fsync = HeldFsync(monkeypatch, tmp_path)
+    covered = sync.ticket()
+    leader, led = in_thread(sync.wait, covered)
+    assert fsync.running.wait(10)
+    waiter, waited = in_thread(sync.wait, covered)
+    late_ticket = sync.ticket()  # a change after the fsync began
+    late, late_outcome = in_thread(sync.wait, late_ticket)
+    wait_for(lambda: len(sync._parked) == 2, what="both writers to park")
+    closer, closed = in_thread(sync.close)
+    wait_for(lambda: len(sync._parked) == 3, what="close() to wait for the fsync")
+    assert sync._fd is not None and not sync._closed
+    fsync.let_go.set()
+    for thread in (leader, waiter, late, closer):
+        thread.join(10)
+    assert led == waited == closed == [None]
+    assert isinstance(late_outcome[0], ValueError) or (late_outcome[0] is None and sync._synced >= late_ticket)
+    assert sync._closed

@@ -1749,7 +1749,7 @@ class _GroupSync:
 
     def __init__(self, path: str, enabled: bool) -> None:
         self._fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY) if enabled else None
-        self._lock = threading.Lock()  # guards the others below
+        self._lock = threading.Lock()  # guards the others below (but see the end of wait)
         self._issued = 0  # the last ticket handed out
         self._synced = 0  # every change up to this ticket is durable, but those of _failures
         self._failures: list[range] = []  # the tickets failed fsyncs covered (one range per run of them)
@@ -1802,6 +1802,7 @@ class _GroupSync:
             # The leader set _synced and _failures before it let this thread go, so a writer
             # whose change it made durable returns without taking the lock again (sixteen writers
             # woken at once, each taking it in turn, cost 2-3% of the rate of /set with fsync).
+            # Once an fsync has failed, every writer looks again under the lock.
             if self._synced >= ticket and not self._failures:
                 return
 

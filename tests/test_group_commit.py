@@ -262,7 +262,8 @@ class HeldFsync:
 
 
 def in_thread(function, *args) -> tuple[threading.Thread, list[BaseException | None]]:
-    """Run function(*args) in a thread; the list gets what it raised (None if nothing)."""
+    """Run function(*args) in a thread; the list gets what it raised (None if nothing). (A
+    daemon, so that a thread a fault leaves waiting for ever does not hold up pytest.)"""
     outcome: list[BaseException | None] = []
 
     def run() -> None:
@@ -273,7 +274,7 @@ def in_thread(function, *args) -> tuple[threading.Thread, list[BaseException | N
         else:
             outcome.append(None)
 
-    thread = threading.Thread(target=run)
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread, outcome
 

@@ -1792,11 +1792,9 @@ class _GroupSync:
                 elif self._closed:
                     raise ValueError("the storage was closed before this change was made durable")
                 else:
-                    self._running = True
-                    covered = self._issued  # each of these was taken after its change: this fsync covers them
                     parked = None
             if parked is None:
-                self._fsync(covered)
+                self._lead()  # (if another thread began one meanwhile, this one looks again)
                 continue
             parked.acquire()  # until the fsync under way has ended
             # The leader set _synced and _failures before it let this thread go, so a writer
@@ -1814,26 +1812,35 @@ class _GroupSync:
         self._parked.append(parked)
         return parked
 
-    def _fsync(self, covered: int) -> None:
-        """Run the folder fsync that makes every change up to ticket `covered` durable, record
-        how it ended, and let the threads parked meanwhile go. Raises the fsync's error."""
+    def _lead(self) -> None:
+        """Run the folder fsync for every change that has a ticket now, unless one is under way
+        or the storage has closed; record how it ended, and let the threads parked meanwhile go.
+        Raises the fsync's error. (The lead is taken inside the `try`, so that an interrupt of
+        the main thread, KeyboardInterrupt, cannot leave an fsync marked as running for ever; an
+        interrupted fsync counts as failed.)"""
         assert self._fd is not None
+        covered = None  # once this thread leads: the last ticket its fsync covers
         ended = False  # the fsync ended without an error
         try:
+            with self._lock:
+                if self._running or self._closed:
+                    return
+                self._running, covered = True, self._issued  # each was taken after its change
             os.fsync(self._fd)
             ended = True
         finally:
-            with self._lock:
-                self._running = False
-                if ended:
-                    self._synced = max(self._synced, covered)
-                elif self._failures and self._failures[-1].start == self._synced + 1:
-                    self._failures[-1] = range(self._synced + 1, covered + 1)  # no fsync ended since: one range
-                else:
-                    self._failures.append(range(self._synced + 1, covered + 1))
-                parked, self._parked = self._parked, []
-            for lock in parked:
-                lock.release()
+            if covered is not None:
+                with self._lock:
+                    self._running = False
+                    if ended:
+                        self._synced = max(self._synced, covered)
+                    elif self._failures and self._failures[-1].start == self._synced + 1:
+                        self._failures[-1] = range(self._synced + 1, covered + 1)  # no fsync ended since: one range
+                    else:
+                        self._failures.append(range(self._synced + 1, covered + 1))
+                    parked, self._parked = self._parked, []
+                for lock in parked:
+                    lock.release()
 
     def close(self) -> None:
         while True:

@@ -8,13 +8,18 @@ answered, and finds every answered value on disk after a restart.
 
 from __future__ import annotations
 
+import contextlib
+import dis
 import errno
 import http.client
+import inspect
 import itertools
 import os
 import signal
+import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -336,3 +341,55 @@ def test_closing_while_a_folder_fsync_runs_waits_for_it_and_reports_no_later_cha
     assert led == waited == closed == [None]
     assert isinstance(late_outcome[0], ValueError) or (late_outcome[0] is None and sync._synced >= late_ticket)
     assert sync._closed
+
+
+def interrupt_before(code, line: int | None) -> Callable[..., object]:
+    """A trace function that raises KeyboardInterrupt once, as a signal handled in the main
+    thread would: as `code` is entered (line None), or before its line `line` runs."""
+    fired = []
+
+    def local(frame, event, arg):
+        if not fired and event == "line" and frame.f_lineno == line:
+            fired.append(True)
+            raise KeyboardInterrupt
+        return local
+
+    def tracer(frame, event, arg):
+        if frame.f_code is not code or fired:
+            return None
+        if line is None:
+            fired.append(True)
+            raise KeyboardInterrupt
+        return local
+
+    return tracer
+
+
+def lines_before_finally(function) -> list[object]:
+    """The lines of `function` that run code, up to its `finally:`, as pytest parameters named
+    by their text."""
+    source, first = inspect.getsourcelines(function)
+    end = first + next(number for number, text in enumerate(source) if text.strip() == "finally:")
+    lines = sorted({line for _, line in dis.findlinestarts(function.__code__) if line and first < line < end})
+    return [pytest.param(line, id=source[line - first].strip()[:40]) for line in lines]
+
+
+@pytest.mark.parametrize("line", [pytest.param(None, id="entry"), *lines_before_finally(kvserver._GroupSync._lead)])
+def test_an_interrupt_of_a_leader_as_it_takes_the_lead_leaves_no_later_writer_waiting(tmp_path, line):
+    """KeyboardInterrupt (the main thread of a program that embeds the storage) on entering the
+    leader's part, or before any of its lines up to the fsync's end: a later writer's wait and
+    close() still return. (Found by review; the Condition-based version hung.)"""
+    sync = kvserver._GroupSync(str(tmp_path), True)
+    ticket = sync.ticket()
+    sys.settrace(interrupt_before(kvserver._GroupSync._lead.__code__, line))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            sync.wait(ticket)
+    finally:
+        sys.settrace(None)
+    later, outcome = in_thread(sync.wait, sync.ticket())
+    later.join(10)
+    assert outcome == [None]
+    closer, closed = in_thread(sync.close)
+    closer.join(10)
+    assert closed == [None]

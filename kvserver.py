@@ -1794,7 +1794,7 @@ class _GroupSync:
                 else:
                     parked = None
             if parked is None:
-                self._lead()  # (if another thread began one meanwhile, this one looks again)
+                self._lead(ticket)
                 continue
             parked.acquire()  # until the fsync under way has ended
             # The leader set _synced and _failures before it let this thread go, so a writer
@@ -1812,9 +1812,10 @@ class _GroupSync:
         self._parked.append(parked)
         return parked
 
-    def _lead(self) -> None:
-        """Run the folder fsync for every change that has a ticket now, unless one is under way
-        or the storage has closed; record how it ended, and let the threads parked meanwhile go.
+    def _lead(self, ticket: int) -> None:
+        """Run the folder fsync for every change that has a ticket now, unless, since the caller
+        looked, another thread has begun one or synced `ticket`, or the storage has closed (the
+        caller then looks again); record how it ended, and let the threads parked meanwhile go.
         Raises the fsync's error. (The lead is taken inside the `try`, so that an interrupt of
         the main thread, KeyboardInterrupt, cannot leave an fsync marked as running for ever; an
         interrupted fsync counts as failed.)"""
@@ -1823,7 +1824,7 @@ class _GroupSync:
         ended = False  # the fsync ended without an error
         try:
             with self._lock:
-                if self._running or self._closed:
+                if self._running or self._closed or self._synced >= ticket:
                     return
                 self._running, covered = True, self._issued  # each was taken after its change
             os.fsync(self._fd)

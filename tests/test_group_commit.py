@@ -343,6 +343,15 @@ def test_closing_while_a_folder_fsync_runs_waits_for_it_and_reports_no_later_cha
     assert sync._closed
 
 
+def traced(tracer: Callable[..., object], function, *args) -> object:
+    """function(*args), with `tracer` as this thread's trace function (sys.settrace) meanwhile."""
+    sys.settrace(tracer)
+    try:
+        return function(*args)
+    finally:
+        sys.settrace(None)
+
+
 def interrupt_before(code, line: int | None) -> Callable[..., object]:
     """A trace function that raises KeyboardInterrupt once, as a signal handled in the main
     thread would: as `code` is entered (line None), or before its line `line` runs."""
@@ -381,12 +390,8 @@ def test_an_interrupt_of_a_leader_as_it_takes_the_lead_leaves_no_later_writer_wa
     close() still return. (Found by review; the Condition-based version hung.)"""
     sync = kvserver._GroupSync(str(tmp_path), True)
     ticket = sync.ticket()
-    sys.settrace(interrupt_before(kvserver._GroupSync._lead.__code__, line))
-    try:
-        with contextlib.suppress(KeyboardInterrupt):
-            sync.wait(ticket)
-    finally:
-        sys.settrace(None)
+    with contextlib.suppress(KeyboardInterrupt):
+        traced(interrupt_before(kvserver._GroupSync._lead.__code__, line), sync.wait, ticket)
     later, outcome = in_thread(sync.wait, sync.ticket())
     later.join(10)
     assert outcome == [None]
@@ -416,14 +421,7 @@ def test_a_writer_whose_change_another_leader_made_durable_meanwhile_runs_no_fsy
             entering.set()
             assert go_on.wait(10)
 
-    def first_writer() -> None:
-        sys.settrace(hold)
-        try:
-            sync.wait(ticket)
-        finally:
-            sys.settrace(None)
-
-    first, outcome = in_thread(first_writer)
+    first, outcome = in_thread(traced, hold, sync.wait, ticket)
     assert entering.wait(10)
     sync.wait(sync.ticket())  # the other writer leads an fsync, which covers both changes
     assert sync._synced > ticket and len(fsyncs) == 1

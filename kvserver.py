@@ -729,8 +729,8 @@ class StorageUnavailable(RuntimeError):
 
 
 class StorageFull(StorageUnavailable):
-    """The storage has no room for the write (Redis at its maxmemory); nothing was stored,
-    and reads and deletes go on working."""
+    """The storage has no room for the write (Redis at its maxmemory; a full disk under an
+    import, see Storage.import_); nothing was stored, and reads and deletes go on working."""
 
 
 BUFFER = 1024 * 1024  # what a streamed value is read into before it is written, in one call
@@ -1331,7 +1331,9 @@ class Storage(abc.ABC):
 
         It is not one transaction: each line is stored whole or not at all, and a bad line
         (or a value over `max_value` bytes) stops the import there with a ValueError that
-        names its line number; the lines before it stay stored. Values are streamed.
+        names its line number; the lines before it stay stored. So does a storage that cannot
+        take a line: StorageUnavailable (Redis), or StorageFull (Redis out of memory, or a
+        full disk), naming the line too. Values are streamed.
         """
         reader = _ExportReader(_pieces(file))
         imported = skipped = size = 0
@@ -1349,6 +1351,15 @@ class Storage(abc.ABC):
                     progress(imported, size)
         except ValueError as error:
             raise ValueError(f"line {reader.number}: {error}; the lines before it were imported") from None
+        except StorageUnavailable as error:  # (StorageFull too)
+            raise type(error)(f"line {reader.number}: {error}; the lines before it were imported") from None
+        except OSError as error:
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise StorageFull(
+                f"line {reader.number}: the disk is full ({error.strerror}), so that line was not stored; "
+                f"the lines before it were imported: free space and import the lines from {reader.number} on"
+            ) from None
         return imported, skipped
 
     # Hooks for backends: the key is valid and the storage open when they are called
@@ -5309,7 +5320,7 @@ def _run_transfer(args: dict[str, Any], unset: dict[str, Any]) -> None:
                 1,
             )
         except StorageUnavailable as error:
-            _fail(str(error), 1)
+            _fail(str(error) if exporting else f"import stopped at {error}", 1)  # (its line)
         except BrokenPipeError:  # (export | head): stdout closed early; as the Python docs advise,
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit does not flush into it
             _fail("export stopped: its output was closed", 1)

@@ -7,6 +7,7 @@ writes go on, and a 1 GiB value with the memory of the server and of the command
 from __future__ import annotations
 
 import base64
+import errno
 import http.client
 import io
 import itertools
@@ -219,6 +220,68 @@ def test_a_bad_line_stops_the_import_there_naming_its_line_and_storing_nothing_o
         memory.import_(io.BytesIO(data))
     assert "the lines before it were imported" in str(raised.value)
     assert list(memory) == ["first"]
+
+
+class RefusingStorage(kvserver.MemoryStorage):
+    """A store that cannot take key "b": its write raises `refusal`, as a full disk or Redis would."""
+
+    def __init__(self, refusal: Exception) -> None:
+        super().__init__()
+        self.refusal = refusal
+
+    def _write(self, key, new, precondition):
+        if key == "b":
+            raise self.refusal
+        return super()._write(key, new, precondition)
+
+
+@pytest.mark.parametrize(
+    ("refusal", "raised", "says"),
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), kvserver.StorageFull, "the disk is full"),
+        (OSError(errno.EDQUOT, "Disk quota exceeded"), kvserver.StorageFull, "the disk is full"),
+        (kvserver.StorageFull("Redis is out of memory"), kvserver.StorageFull, "Redis is out of memory"),
+        (kvserver.StorageUnavailable("cannot reach Redis"), kvserver.StorageUnavailable, "cannot reach Redis"),
+    ],
+    ids=["ENOSPC", "EDQUOT", "redis-full", "redis-unreachable"],
+)
+def test_a_storage_that_cannot_take_a_line_stops_the_import_there_naming_it(refusal, raised, says):
+    """The lines before it stay imported, so an answer that says nothing was stored, or does not
+    say where the import stopped, would leave the user guessing what to import again."""
+    store = RefusingStorage(refusal)
+    with pytest.raises(raised) as stopped:
+        store.import_(io.BytesIO(line("a", b"1") + line("b", b"2") + line("c", b"3")))
+    message = str(stopped.value)
+    assert message.startswith("line 2: ") and says in message, message
+    assert "the lines before it were imported" in message
+    assert list(store) == ["a"]
+
+
+def test_an_error_the_import_does_not_know_is_raised_as_it_is():
+    store = RefusingStorage(OSError(errno.EIO, "Input/output error"))
+    with pytest.raises(OSError) as stopped:
+        store.import_(io.BytesIO(line("a", b"1") + line("b", b"2")))
+    assert stopped.value is store.refusal
+
+
+def test_a_full_disk_in_post_import_is_a_507_naming_the_line():
+    server = kvserver.KVServer(("127.0.0.1", 0), RefusingStorage(OSError(errno.ENOSPC, "full")), quiet=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
+        connection.request("POST", "/import", body=line("a", b"1") + line("b", b"2") + line("c", b"3"))
+        response = connection.getresponse()
+        detail = json.loads(response.read())["detail"]
+        connection.close()
+        assert response.status == 507
+        assert detail.startswith("line 2: the disk is full"), detail
+        assert "the lines before it were imported" in detail and "nothing was stored" not in detail
+        assert list(server.storage) == ["a"]
+    finally:
+        server.shutdown()
+        server.stop()
+        thread.join(10)
 
 
 def test_a_value_over_max_value_is_a_bad_line(memory):

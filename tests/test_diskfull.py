@@ -7,15 +7,19 @@ The data dir lives on a 4 MiB tmpfs the test mounts, so it needs root (CI runs a
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
+import sys
 import xmlrpc.client
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Response, Server, assert_no_traceback, read_http, require_service, wait_for
+from conftest import KVSERVER, Response, Server, assert_no_traceback, read_http, require_service, wait_for
+
+import kvserver
 
 TMPFS_SIZE = 4 * 1024 * 1024
 
@@ -171,3 +175,30 @@ def test_filling_the_disk_with_set_ends_in_507_and_every_earlier_value_survives(
     assert get("/get?key=again").body == value.encode()
     assert get(f"/get?key={failed}").status == 404
     assert get("/get?key=fill2").body == stored["fill2"]
+
+
+def test_an_import_that_fills_the_disk_stops_at_that_line_and_names_it(small_disk, tmp_path):
+    """`kvserver import` onto a disk that fills up half way: exit 1, one line naming the line
+    that was not stored, every line before it imported whole."""
+    value = b"v" * 60_000
+    export = tmp_path / "export.ndjson"
+    with kvserver.MemoryStorage() as source:
+        for number in range(100):  # 6 MB: more than the 4 MiB disk holds
+            source.put(f"key{number:03d}", value)
+        with open(export, "wb") as file:
+            source.export(file)
+    with open(export, "rb") as stdin:
+        done = subprocess.run(
+            [sys.executable, str(KVSERVER), "import", "--data-dir", str(small_disk / "data")],
+            stdin=stdin,
+            capture_output=True,
+            timeout=120,
+        )
+    assert done.returncode == 1
+    message = done.stderr.decode().splitlines()[-1]
+    stopped = re.fullmatch(r"kvserver: import stopped at line ([0-9]+): the disk is full .*", message)
+    assert stopped, message
+    assert "the lines before it were imported" in message
+    with kvserver.FileStorage(small_disk / "data") as imported:
+        assert list(imported) == [f"key{number:03d}" for number in range(int(stopped[1]) - 1)]
+        assert all(imported.get(key) == value for key in imported)

@@ -4234,10 +4234,9 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         self.body = _RequestBody(self, head)
         connection = head.fields.get("Connection")
         options = {option.strip(" \t").lower() for option in connection.split(",")} if connection else set()
-        if head.version == "HTTP/1.1":
-            self.close_connection = "close" in options
-        else:
-            self.close_connection = "keep-alive" not in options
+        # "close" ends the connection whatever else is said (RFC 9112 section 9.3); HTTP/1.0 keeps
+        # it only when asked to.
+        self.close_connection = "close" in options or (head.version == "HTTP/1.0" and "keep-alive" not in options)
 
     def setup(self) -> None:
         super().setup()
@@ -4295,8 +4294,8 @@ class KVRequestHandler(BaseHTTPRequestHandler):
                     HTTPStatus.METHOD_NOT_ALLOWED, f"{path} takes {allowed}, not {self.command}", {"Allow": allowed}
                 )
             handler(self, path, query)
-        except (_IncompleteMessage, ConnectionError, TimeoutError):
-            raise  # the client broke off or stalled; nothing was stored
+        except (_IncompleteMessage, ConnectionError, TimeoutError, ssl.SSLError):
+            raise  # the client broke off, stalled or broke its TLS; nothing was stored
         except Exception as error:
             status, detail, headers = _answer_to(error)
             if status == HTTPStatus.INTERNAL_SERVER_ERROR:
@@ -4652,6 +4651,8 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         tags = _etags(if_match)
         if len(tags) != 1 or tags[0].startswith("W/"):
             raise _HTTPError(HTTPStatus.BAD_REQUEST, 'If-Match takes one strong ETag, as "<etag>", or *')
+        if tags[0] == "*":  # an entity tag (RFC 9110 section 8.8.3), which no value has; not the storage's "any value"
+            raise PreconditionFailed('no value has ETag "*"; If-Match: * without quotes matches any value')
         return tags[0], if_none_match is not None
 
     @_route("/kv/", "GET")  # every /kv/<key>
@@ -4699,6 +4700,11 @@ class KVRequestHandler(BaseHTTPRequestHandler):
     def _route_kv_put(self, path: str, query: str) -> None:
         key = self._path_key(path)
         ttl = _ttl(_fields(query, ("ttl",), "/kv/<key>?ttl=<seconds>").get("ttl"))
+        if "Content-Range" in self.headers:  # likely part of a value, sent as if whole (RFC 9110 section 14.5)
+            raise _HTTPError(
+                HTTPStatus.BAD_REQUEST,
+                "a PUT stores a whole value: send all of it, without Content-Range (no resuming)",
+            )
         if_match, if_none_match = self._precondition()
         # Fail before the body is sent; the storage checks again, atomically, when it commits.
         self.storage.check_precondition(key, if_match=if_match, if_none_match=if_none_match)

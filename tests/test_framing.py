@@ -308,6 +308,16 @@ def test_an_http_1_0_request_without_keep_alive_is_answered_and_closed(live_serv
     assert response.status == 200 and response.headers["Connection"] == "close"
 
 
+@pytest.mark.parametrize("version", [b"HTTP/1.0", b"HTTP/1.1"])
+def test_connection_close_ends_the_connection_whatever_else_the_field_says(live_server, version):
+    """RFC 9112 section 9.3: with the close option the connection does not persist."""
+    received = live_server.raw(
+        b"GET /health " + version + b"\r\n" + HOST + b"Connection: keep-alive, close\r\n\r\n", timeout=5
+    )
+    response = parse_response(received)
+    assert response.status == 200 and response.headers["Connection"] == "close"
+
+
 def test_field_names_match_without_regard_to_case_and_values_are_trimmed_of_space_and_tab(live_server):
     message = b"PUT /kv/k HTTP/1.1\r\nhOsT: 127.0.0.1\r\ncontent-LENGTH:\t 5 \t\r\nCONTENT-TYPE: text/x-a\r\n\r\nhello"
     assert parse_response(live_server.raw(message + b"", timeout=2)).status == 201

@@ -473,6 +473,25 @@ def test_put_with_if_match_star_replaces_an_existing_value(server):
     assert server.get("/kv/k").body == b"two"
 
 
+def test_a_quoted_star_in_if_match_is_an_etag_no_value_has_not_any_value(server):
+    """RFC 9110 section 8.8.3: "*" in quotes is an entity tag; only a bare * matches any value."""
+    etag = put(server, "/kv/k", b"kept").headers["ETag"]
+    assert_problem(put(server, "/kv/k", b"replaced", {"If-Match": '"*"'}), 412)
+    assert_problem(server.request("DELETE", "/kv/k", headers={"If-Match": '"*"'}), 412)
+    kept = server.get("/kv/k")
+    assert (kept.body, kept.headers["ETag"]) == (b"kept", etag)
+
+
+def test_a_put_with_content_range_is_a_400_and_changes_nothing(server):
+    """curl -C - -T file (resuming an upload) sends the rest of the file with a Content-Range:
+    stored as the whole value it would cut the value short (RFC 9110 section 14.5)."""
+    put(server, "/kv/resumed", b"0123456789")
+    response = put(server, "/kv/resumed", b"456789", {"Content-Range": "bytes 4-9/10"})
+    assert_problem(response, 400)
+    assert "Content-Range" in response.problem()["detail"]
+    assert server.get("/kv/resumed").body == b"0123456789"
+
+
 def test_put_with_if_none_match_star_creates_once_then_is_a_412(server):
     first = put(server, "/kv/once", b"first", {"If-None-Match": "*"})
     assert first.status == 201

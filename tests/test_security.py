@@ -398,6 +398,31 @@ def test_a_client_that_never_starts_the_tls_handshake_does_not_hold_up_others(sp
         assert time.monotonic() - started < 3
 
 
+def test_a_tls_record_broken_half_way_through_a_body_is_a_client_fault_not_a_500(spawn, certificate):
+    """A record that does not decrypt (bad record MAC), sent where the rest of a PUT's body was
+    due, ends that connection like a cut-off upload: nothing stored, no 500 counted, no traceback."""
+    cert, key = certificate
+    server = spawn("--quiet", "--certfile", str(cert), "--keyfile", str(key))
+    context = ssl.create_default_context(cafile=str(cert))
+    with context.wrap_socket(
+        socket.create_connection(("127.0.0.1", server.port), timeout=10), server_hostname="localhost"
+    ) as tls:
+        tls.sendall(b"PUT /kv/broken HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
+        under = socket.socket(fileno=tls.fileno())  # the same connection, beneath TLS
+        try:
+            under.settimeout(10)
+            under.sendall(b"\x17\x03\x03\x00\x10" + b"not a real record")
+            for _ in range(100):  # what the server sends (a TLS alert), until it closes the connection
+                if not under.recv(65536):  # (each recv waits up to 10 s)
+                    break
+        finally:
+            under.detach()
+    assert fetch(server.port, "GET", "/kv/broken", context=context).status == 404
+    metrics = fetch(server.port, "GET", "/metrics", context=context).body.decode()
+    assert 'status="500"' not in metrics
+    assert_no_traceback(server.stderr())
+
+
 @pytest.mark.parametrize("option", ["--certfile", "--keyfile"])
 def test_a_certfile_without_a_keyfile_or_the_other_way_round_exits_2(tmp_path, option):
     pem = tmp_path / "only.pem"

@@ -2109,7 +2109,7 @@ class FileStorage(Storage):
         entry = _Entry(staged.size, sys.intern(new.content_type), staged.stamp, new.expires_at, staged.data)
         needs_metadata = self._needs_metadata(key, name, entry)
         try:
-            with self._index.lock_for(key):
+            with self._index.lock_for(key), self._in_step_with_disk(key, entry):
                 current = self._index.live(key)
                 precondition.check(key, current and current.etag)
                 previous = self._index.get(key)  # expired or not: its file is in place until the rename
@@ -2131,8 +2131,7 @@ class FileStorage(Storage):
                 # Crash here: the old or (once a folder fsync covers the rename) the new value,
                 # each with its metadata; the temporary file, if it holds the old value, is
                 # removed at start.
-                self._index.put(key, entry)  # the change takes effect: readers see the new value
-                _announce(self._feed, key, previous, entry)
+                self._took_effect(key, entry)  # readers see the new value
                 ticket = self._values_synced.ticket()
                 if had_metadata and not needs_metadata:
                     self._values_synced.wait(ticket)  # the old value may not come back without its metadata
@@ -2219,10 +2218,40 @@ class FileStorage(Storage):
     def _unlink(self, key: str) -> int:
         """Remove the value file of `key` and its entry (under the key's lock); return the
         ticket of the folder fsync that makes it durable."""
-        with contextlib.suppress(FileNotFoundError):  # removed by hand
-            os.unlink(os.path.join(self.path, _file_name(key)))
-        _announce(self._feed, key, self._index.pop(key), None)  # the change takes effect
+        with self._in_step_with_disk(key, None):
+            with contextlib.suppress(FileNotFoundError):  # removed by hand
+                os.unlink(os.path.join(self.path, _file_name(key)))
+            self._took_effect(key, None)
         return self._values_synced.ticket()
+
+    def _took_effect(self, key: str, entry: _Entry | None) -> None:
+        """Make the index and the watches follow the change of `key` to `entry` (None: no
+        value) just made on disk, under the key's lock: the moment it takes effect."""
+        previous = self._index.pop(key) if entry is None else self._index.put(key, entry)
+        _announce(self._feed, key, previous, entry)
+
+    @contextlib.contextmanager
+    def _in_step_with_disk(self, key: str, entry: _Entry | None) -> Iterator[None]:
+        """Around the steps of a change of `key` to `entry` (None: a removal), under the key's
+        lock: if one raises once the disk holds the change (an interrupt of the main thread,
+        KeyboardInterrupt, just after the rename or the removal), the change takes effect all
+        the same, as a restart would find it, so that the store never serves what is no longer
+        on disk. The new value's file is the one with its size and stamp, which no other has."""
+        try:
+            yield
+        except BaseException:
+            with contextlib.suppress(OSError):  # (a file it cannot look at is left as it is)
+                if self._index.get(key) is not entry and self._file_of(key) == (entry and (entry.size, entry.stamp)):
+                    self._took_effect(key, entry)
+            raise
+
+    def _file_of(self, key: str) -> tuple[int, int] | None:
+        """The size and modification time (the stamp) of the value file of `key`; None if none."""
+        try:
+            info = os.stat(os.path.join(self.path, _file_name(key)))
+        except FileNotFoundError:
+            return None
+        return info.st_size, info.st_mtime_ns
 
     def _unlink_metadata(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):

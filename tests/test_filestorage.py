@@ -6,7 +6,11 @@ FileStorage docstring says a crash can leave.
 
 from __future__ import annotations
 
+import contextlib
+import dis
 import errno
+import functools
+import inspect
 import json
 import os
 import re
@@ -21,6 +25,7 @@ from pathlib import Path
 
 import pytest
 from conftest import KVSERVER, wait_for
+from test_group_commit import interrupt_before, traced
 
 import kvserver
 
@@ -1142,3 +1147,71 @@ def test_a_crash_while_rewriting_a_key_whose_ttl_just_passed_does_not_bring_the_
             break
     else:
         raise AssertionError("the write never finished")
+
+
+# An interrupt between two steps of a write or a delete (KeyboardInterrupt, which a program that
+# embeds the storage gets in its main thread): what the running store serves is what a restart
+# finds, whichever step it lands before.
+
+
+def code_lines(function) -> list[object]:
+    """The lines of `function` that run code, as pytest parameters named by their text."""
+    source, first = inspect.getsourcelines(function)
+    lines = sorted({line for _, line in dis.findlinestarts(function.__code__) if line and line > first})
+    return [
+        pytest.param(function, line, id=f"{function.__name__}:{source[line - first].strip()[:40]}") for line in lines
+    ]
+
+
+def view(store: kvserver.Storage) -> dict[str, object]:
+    """Each key with what reading it gives (bytes, media type, ETag), or the name of its error."""
+    seen: dict[str, object] = {}
+    for key in store.keys():
+        try:
+            stat, body = store.fetch(key)
+            with body:
+                seen[key] = (body.read(), stat.content_type, stat.etag)
+        except Exception as error:
+            seen[key] = type(error).__name__
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("size", "content_type"),
+    [(5, TEXT), (5, "old/type"), (kvserver.SMALL_VALUE + 1, "old/type")],
+    ids=["small-swapped", "small-with-metadata", "large-renamed"],
+)
+@pytest.mark.parametrize(
+    ("function", "line"),
+    [*code_lines(kvserver.FileStorage._write), *code_lines(kvserver.FileStorage._move_into_place)],
+)
+def test_an_interrupt_before_any_step_of_a_write_leaves_the_store_serving_what_a_restart_finds(
+    data_dir, size, content_type, function, line
+):
+    with kvserver.FileStorage(data_dir) as store:
+        store.put("k", b"o" * size, content_type=content_type)
+        store.put("k", b"p" * size, content_type=content_type)  # (so that a spare exists)
+        with contextlib.suppress(KeyboardInterrupt):
+            put = functools.partial(store.put, "k", b"n" * size, content_type="new/type")
+            traced(interrupt_before(function.__code__, line), put)
+        running = view(store)
+        store.put("after", b"a")  # writes go on
+    with kvserver.FileStorage(data_dir) as again:
+        restarted = view(again)
+    assert running["k"] in ((b"p" * size, content_type, running["k"][2]), (b"n" * size, "new/type", running["k"][2]))
+    del restarted["after"]
+    assert running == restarted
+
+
+@pytest.mark.parametrize("size", [5, kvserver.SMALL_VALUE + 1], ids=["small", "large"])
+@pytest.mark.parametrize(("function", "line"), code_lines(kvserver.FileStorage._unlink))
+def test_an_interrupt_before_any_step_of_a_delete_leaves_the_store_serving_what_a_restart_finds(
+    data_dir, size, function, line
+):
+    with kvserver.FileStorage(data_dir) as store:
+        store.put("k", b"v" * size)
+        with contextlib.suppress(KeyboardInterrupt):
+            traced(interrupt_before(function.__code__, line), store.delete, "k")
+        running = view(store)
+    with kvserver.FileStorage(data_dir) as again:
+        assert running == view(again)

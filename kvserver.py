@@ -729,8 +729,9 @@ class StorageUnavailable(RuntimeError):
 
 
 class StorageFull(StorageUnavailable):
-    """The storage has no room for the write (Redis at its maxmemory; a full disk under an
-    import, see Storage.import_); nothing was stored, and reads and deletes go on working."""
+    """The storage has no room for the write (Redis at its maxmemory; or a full disk, as an
+    import reports it: see Storage.import_); the write stored nothing, and reads and deletes
+    go on working."""
 
 
 BUFFER = 1024 * 1024  # what a streamed value is read into before it is written, in one call
@@ -1337,8 +1338,10 @@ class Storage(abc.ABC):
         """
         reader = _ExportReader(_pieces(file))
         imported = skipped = size = 0
-        try:
-            while (head := reader.head()) is not None:
+        while True:
+            try:  # (what stops the import names the line; progress is the caller's own)
+                if (head := reader.head()) is None:
+                    return imported, skipped
                 key, content_type, expires_at = head
                 ttl = _ttl_left(expires_at)
                 if ttl == 0:
@@ -1346,21 +1349,22 @@ class Storage(abc.ABC):
                     skipped += 1
                     continue
                 stat, _ = self.write(key, _at_most(reader.value(), max_value), content_type=content_type, ttl=ttl)
-                imported, size = imported + 1, size + stat.size
-                if progress is not None:
-                    progress(imported, size)
-        except ValueError as error:
-            raise ValueError(f"line {reader.number}: {error}; the lines before it were imported") from None
-        except StorageUnavailable as error:  # (StorageFull too)
-            raise type(error)(f"line {reader.number}: {error}; the lines before it were imported") from None
-        except OSError as error:
-            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            raise StorageFull(
-                f"line {reader.number}: the disk is full ({error.strerror}), so that line was not stored; "
-                f"the lines before it were imported: free space and import the lines from {reader.number} on"
-            ) from None
-        return imported, skipped
+            except ValueError as error:
+                raise ValueError(f"line {reader.number}: {error}; the lines before it were imported") from None
+            except StorageUnavailable as error:  # (StorageFull too)
+                raise type(error)(
+                    f"line {reader.number} could not be stored: {error}; the lines before it were imported"
+                ) from None
+            except OSError as error:
+                if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                raise StorageFull(
+                    f"line {reader.number} could not be stored: the disk is full ({error.strerror}); the lines "
+                    f"before it were imported, so free space and import the lines from {reader.number} on"
+                ) from None
+            imported, size = imported + 1, size + stat.size
+            if progress is not None:
+                progress(imported, size)
 
     # Hooks for backends: the key is valid and the storage open when they are called
 
@@ -1471,8 +1475,8 @@ class _Index:
         expired or not."""
         with self._books:
             previous = self._entries.get(key)
+            self._entries[key] = entry  # first: a put cut short after this line has taken effect
             self._forget(key, previous)
-            self._entries[key] = entry
             self._count += 1
             self._bytes += entry.size
             if entry.expires_at is not None:
@@ -1570,6 +1574,12 @@ def _announce(feed: _ChangeFeed, key: str, previous: _Entry | None, entry: _Entr
         feed.publish("delete", key)
 
 
+def _take_effect(index: _Index, feed: _ChangeFeed, key: str, entry: _Entry | None) -> None:
+    """Make `entry` (None: no value) the one of `key` in `index` and publish the change: the
+    moment it takes effect, under the key's lock."""
+    _announce(feed, key, index.pop(key) if entry is None else index.put(key, entry), entry)
+
+
 class MemoryStorage(Storage):
     """Values in a dict, lost at exit. Reads take no lock; the writes and deletes of one key
     are serialised by its lock in the index, which makes compare-and-set atomic."""
@@ -1605,7 +1615,7 @@ class MemoryStorage(Storage):
         for key, entry in self._index.lapsed():
             with self._index.lock_for(key):
                 if self._index.get(key) is entry:  # not written again since
-                    _announce(self._feed, key, self._index.pop(key), None)
+                    _take_effect(self._index, self._feed, key, None)
                     removed += 1
         return removed
 
@@ -1615,7 +1625,7 @@ class MemoryStorage(Storage):
             current = self._index.live(key)
             precondition.check(key, current and current.etag)
             entry = _Entry(len(data), sys.intern(new.content_type), _new_stamp(), new.expires_at, data)
-            _announce(self._feed, key, self._index.put(key, entry), entry)  # the change takes effect
+            _take_effect(self._index, self._feed, key, entry)
         return entry.stat, current is None
 
     def _delete(self, key: str, precondition: _Precondition) -> bool:
@@ -1623,7 +1633,7 @@ class MemoryStorage(Storage):
             current = self._index.live(key)
             precondition.check(key, current and current.etag)
             if self._index.get(key) is not None:  # live or expired
-                _announce(self._feed, key, self._index.pop(key), None)  # the change takes effect
+                _take_effect(self._index, self._feed, key, None)
         return current is not None
 
 
@@ -2131,7 +2141,7 @@ class FileStorage(Storage):
                 # Crash here: the old or (once a folder fsync covers the rename) the new value,
                 # each with its metadata; the temporary file, if it holds the old value, is
                 # removed at start.
-                self._took_effect(key, entry)  # readers see the new value
+                _take_effect(self._index, self._feed, key, entry)  # readers see the new value
                 ticket = self._values_synced.ticket()
                 if had_metadata and not needs_metadata:
                     self._values_synced.wait(ticket)  # the old value may not come back without its metadata
@@ -2221,14 +2231,8 @@ class FileStorage(Storage):
         with self._in_step_with_disk(key, None):
             with contextlib.suppress(FileNotFoundError):  # removed by hand
                 os.unlink(os.path.join(self.path, _file_name(key)))
-            self._took_effect(key, None)
+            _take_effect(self._index, self._feed, key, None)
         return self._values_synced.ticket()
-
-    def _took_effect(self, key: str, entry: _Entry | None) -> None:
-        """Make the index and the watches follow the change of `key` to `entry` (None: no
-        value) just made on disk, under the key's lock: the moment it takes effect."""
-        previous = self._index.pop(key) if entry is None else self._index.put(key, entry)
-        _announce(self._feed, key, previous, entry)
 
     @contextlib.contextmanager
     def _in_step_with_disk(self, key: str, entry: _Entry | None) -> Iterator[None]:
@@ -2237,12 +2241,15 @@ class FileStorage(Storage):
         KeyboardInterrupt, just after the rename or the removal), the change takes effect all
         the same, as a restart would find it, so that the store never serves what is no longer
         on disk. The new value's file is the one with its size and stamp, which no other has."""
+        before = self._index.get(key)
         try:
             yield
         except BaseException:
-            with contextlib.suppress(OSError):  # (a file it cannot look at is left as it is)
-                if self._index.get(key) is not entry and self._file_of(key) == (entry and (entry.size, entry.stamp)):
-                    self._took_effect(key, entry)
+            changed_on_disk = False  # (a file it cannot look at is left as it is)
+            with contextlib.suppress(OSError):
+                changed_on_disk = self._file_of(key) == (None if entry is None else (entry.size, entry.stamp))
+            if changed_on_disk and self._index.get(key) is before:
+                _take_effect(self._index, self._feed, key, entry)
             raise
 
     def _file_of(self, key: str) -> tuple[int, int] | None:
@@ -4678,7 +4685,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         if if_match is None or if_match == "*":
             return ("*" if if_match is not None else None), if_none_match is not None
         tags = _etags(if_match)
-        if len(tags) != 1 or tags[0].startswith("W/"):
+        if len(tags) != 1 or if_match != f'"{tags[0]}"':  # (nothing beside it: no W/, no second tag, no *)
             raise _HTTPError(HTTPStatus.BAD_REQUEST, 'If-Match takes one strong ETag, as "<etag>", or *')
         if tags[0] == "*":  # an entity tag (RFC 9110 section 8.8.3), which no value has; not the storage's "any value"
             raise PreconditionFailed('no value has ETag "*"; If-Match: * without quotes matches any value')
@@ -5355,7 +5362,7 @@ def _run_transfer(args: dict[str, Any], unset: dict[str, Any]) -> None:
                 1,
             )
         except StorageUnavailable as error:
-            _fail(str(error) if exporting else f"import stopped at {error}", 1)  # (its line)
+            _fail(f"{command} stopped: {error}", 1)  # (an import's names its line)
         except BrokenPipeError:  # (export | head): stdout closed early; as the Python docs advise,
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit does not flush into it
             _fail("export stopped: its output was closed", 1)

@@ -252,9 +252,25 @@ def test_a_storage_that_cannot_take_a_line_stops_the_import_there_naming_it(refu
     with pytest.raises(raised) as stopped:
         store.import_(io.BytesIO(line("a", b"1") + line("b", b"2") + line("c", b"3")))
     message = str(stopped.value)
-    assert message.startswith("line 2: ") and says in message, message
-    assert "the lines before it were imported" in message
+    assert message.startswith("line 2 could not be stored: ") and says in message, message
+    assert (
+        message.endswith("the lines before it were imported") or "free space and import the lines from 2 on" in message
+    )
     assert list(store) == ["a"]
+
+
+def test_an_error_of_the_progress_callback_is_its_own_not_the_line_s():
+    """The line was stored; a full disk under the caller's own progress log is not the import's."""
+    store = kvserver.MemoryStorage()
+    full = OSError(errno.ENOSPC, "No space left on device")
+
+    def progress(lines: int, size: int) -> None:
+        raise full
+
+    with pytest.raises(OSError) as raised:
+        store.import_(io.BytesIO(line("a", b"1")), progress=progress)
+    assert raised.value is full
+    assert store.get("a") == b"1"
 
 
 def test_an_error_the_import_does_not_know_is_raised_as_it_is():
@@ -275,7 +291,7 @@ def test_a_full_disk_in_post_import_is_a_507_naming_the_line():
         detail = json.loads(response.read())["detail"]
         connection.close()
         assert response.status == 507
-        assert detail.startswith("line 2: the disk is full"), detail
+        assert detail.startswith("line 2 could not be stored: the disk is full"), detail
         assert "the lines before it were imported" in detail and "nothing was stored" not in detail
         assert list(server.storage) == ["a"]
     finally:

@@ -196,7 +196,7 @@ def test_an_import_that_fills_the_disk_stops_at_that_line_and_names_it(small_dis
         )
     assert done.returncode == 1
     message = done.stderr.decode().splitlines()[-1]
-    stopped = re.fullmatch(r"kvserver: import stopped at line ([0-9]+): the disk is full .*", message)
+    stopped = re.fullmatch(r"kvserver: import stopped: line ([0-9]+) could not be stored: the disk is full .*", message)
     assert stopped, message
     assert "the lines before it were imported" in message
     with kvserver.FileStorage(small_disk / "data") as imported:

@@ -1191,14 +1191,20 @@ def test_an_interrupt_before_any_step_of_a_write_leaves_the_store_serving_what_a
     with kvserver.FileStorage(data_dir) as store:
         store.put("k", b"o" * size, content_type=content_type)
         store.put("k", b"p" * size, content_type=content_type)  # (so that a spare exists)
+        watch = store.watch("k")
         with contextlib.suppress(KeyboardInterrupt):
             put = functools.partial(store.put, "k", b"n" * size, content_type="new/type")
             traced(interrupt_before(function.__code__, line), put)
         running = view(store)
+        events = [(event.type, event.key, event.stat and event.stat.etag) for event in watch.wait(0)]
         store.put("after", b"a")  # writes go on
     with kvserver.FileStorage(data_dir) as again:
         restarted = view(again)
-    assert running["k"] in ((b"p" * size, content_type, running["k"][2]), (b"n" * size, "new/type", running["k"][2]))
+    value, media_type, etag = running["k"]
+    if value == b"p" * size:  # the write did not happen: nothing to tell the watch
+        assert (media_type, events) == (content_type, [])
+    else:  # it did: the watch hears of it once
+        assert (value, media_type, events) == (b"n" * size, "new/type", [("put", "k", etag)])
     del restarted["after"]
     assert running == restarted
 
@@ -1210,8 +1216,11 @@ def test_an_interrupt_before_any_step_of_a_delete_leaves_the_store_serving_what_
 ):
     with kvserver.FileStorage(data_dir) as store:
         store.put("k", b"v" * size)
+        watch = store.watch("k")
         with contextlib.suppress(KeyboardInterrupt):
             traced(interrupt_before(function.__code__, line), store.delete, "k")
         running = view(store)
+        events = [(event.type, event.key) for event in watch.wait(0)]
     with kvserver.FileStorage(data_dir) as again:
         assert running == view(again)
+    assert events == ([] if running else [("delete", "k")])

@@ -473,6 +473,17 @@ def test_put_with_if_match_star_replaces_an_existing_value(server):
     assert server.get("/kv/k").body == b"two"
 
 
+@pytest.mark.parametrize(
+    "if_match", ['*, "{etag}"', '"{etag}", *', '"{etag}" x', 'x "{etag}"', 'W/"{etag}"', '"{etag}", "{etag}"']
+)
+def test_if_match_with_anything_beside_one_strong_etag_is_a_400_and_changes_nothing(server, if_match):
+    etag = put(server, "/kv/k", b"kept").json()["etag"]
+    for method, body in (("PUT", b"replaced"), ("DELETE", b"")):
+        response = server.request(method, "/kv/k", body=body, headers={"If-Match": if_match.format(etag=etag)})
+        assert_problem(response, 400)
+    assert server.get("/kv/k").body == b"kept"
+
+
 def test_a_quoted_star_in_if_match_is_an_etag_no_value_has_not_any_value(server):
     """RFC 9110 section 8.8.3: "*" in quotes is an entity tag; only a bare * matches any value."""
     etag = put(server, "/kv/k", b"kept").headers["ETag"]

@@ -2619,7 +2619,12 @@ return adopted
             socket_timeout=self._TIMEOUT,
             socket_connect_timeout=self._TIMEOUT,
         )
-        self._client: Any = self._connect()
+        try:
+            self._client: Any = self._connect()
+        except ValueError as error:  # (not with the URL: it may hold a password)
+            raise ValueError(
+                f"a Redis URL is redis://[user:password@]host[:port][/db]; this one is not: {error}"
+            ) from None
         self._scripts: dict[str, Any] = {}  # the Lua scripts as redis-py has them, registered at first use
         self._feed = _ChangeFeed(self._begin_changes)
         self._reader: Any = None  # the connection of the thread that reads the events, once started
@@ -5274,6 +5279,8 @@ def _command_line_problem(given: list[str]) -> str:
         if long in seen:
             return f"option {long} is given twice"
         seen.add(long)
+        if not takes_value and equals:
+            return f"option {long} takes no value"
         if takes_value and not equals and next(arguments, None) is None:
             return f"option {long} needs a value"
     return "the command line does not match the usage"
@@ -5312,6 +5319,8 @@ def _open_storage(args: dict[str, Any], locked_hint: str = "") -> Storage:
         _fail(f"{error}{locked_hint}", 1)
     except (StorageUnavailable, ImportError) as error:
         _fail(str(error), 1)
+    except ValueError as error:  # a Redis URL that redis-py cannot read
+        _fail(f"--storage: {error}", 2)
     except OSError as error:
         _fail(f"cannot use data dir {args['--data-dir']}: {error.strerror or error}", 1)
 
@@ -5401,6 +5410,8 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"--data-dir is the folder of --storage files; {kind} storage keeps no files there", 2)
     if args["--no-fsync"] and kind != "files" and not args["export"]:  # (export takes no --no-fsync at all)
         _fail(f"--no-fsync is for --storage files; {kind} storage makes no fsync of kvserver's", 2)
+    if args["--data-dir"] == "":  # (as "$DATA_DIR" gives when it is not set)
+        _fail("--data-dir takes a folder, not an empty string", 2)
     args["--data-dir"] = args["--data-dir"] or "./data"
     if args["export"] or args["import"] or args["--prefix"] is not None:
         _run_transfer(args, docopt(__doc__, []))
@@ -5410,6 +5421,12 @@ def main(argv: list[str] | None = None) -> None:
         _text_option("KV_TOKEN", token)
     if token == "":
         _fail("--token takes a secret, not an empty string", 2)
+    if token is not None and token != token.strip(" \t"):  # (HTTP drops them from the Authorization field)
+        _fail("--token (or KV_TOKEN) cannot begin or end with a space or tab: a client could not send it", 2)
+    try:
+        socket.getaddrinfo(args["--bind"], port, type=socket.SOCK_STREAM)  # as KVServer does, before any storage opens
+    except socket.gaierror as error:  # not an address, nor a name that has one
+        _fail(f"--bind takes an address (the port goes in --port), not {args['--bind']!r}: {error.strerror}", 2)
     if token is not None and args["--no-token"]:
         _fail("--no-token contradicts --token (or KV_TOKEN): give one or the other", 2)
     if (args["--certfile"] is None) != (args["--keyfile"] is None):

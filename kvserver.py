@@ -3267,11 +3267,18 @@ class _RequestBody:
         self._chunked_total = 0
 
     def open(self, limit: int) -> _RequestBody:
-        """Accept a body of at most `limit` bytes, to read from the object returned. 411 and
-        413 are raised here, before anything is read, and only then is 100 Continue sent to a
+        """Accept a body of at most `limit` bytes, to read from the object returned. 400 for a
+        content coding, 411 and 413 are raised here, before anything is read, and only then is 100 Continue sent to a
         client that asked for it (RFC 9110 section 10.1.1): a client that waits for it sends no
         byte of a value we refuse. A chunked body is held to `limit` as it arrives."""
         head = self._head
+        coding = head.fields.get("Content-Encoding")
+        if coding and coding.lower() != "identity":  # (RFC 9110 section 8.4 allows refusing it)
+            raise _HTTPError(
+                HTTPStatus.BAD_REQUEST,
+                f"a body is taken without a content coding, not with Content-Encoding {coding!r}: a value is stored "
+                "as the bytes sent and served without one; send it decoded, or as a value of its own media type",
+            )
         if not head.chunked and head.content_length is None:
             raise _HTTPError(HTTPStatus.LENGTH_REQUIRED, "send a Content-Length field, or the body chunked")
         if head.content_length is not None and head.content_length > limit:
@@ -3780,31 +3787,66 @@ class _NotCarried(Exception):
         self.code = code
 
 
+# The elements of an XML-RPC call (its specification, with xmlrpc.client's types): what each may
+# hold. Those marked True may hold one of their elements many times; a <value> holds one element
+# at most; the others hold each of theirs at most once.
+_RPC_SCALARS = frozenset(["i1", "i2", "i4", "i8", "int", "biginteger", "boolean", "string", "double", "float"])
+_RPC_SCALARS |= {"bigdecimal", "dateTime.iso8601", "base64", "nil"}
+_RPC_ELEMENTS: dict[str, tuple[frozenset[str], bool]] = {
+    "": (frozenset(["methodCall"]), False),  # the document
+    "methodCall": (frozenset(["methodName", "params"]), False),
+    "params": (frozenset(["param"]), True),
+    "param": (frozenset(["value"]), False),
+    "value": (_RPC_SCALARS | {"array", "struct"}, False),
+    "array": (frozenset(["data"]), False),
+    "data": (frozenset(["value"]), True),
+    "struct": (frozenset(["member"]), True),
+    "member": (frozenset(["name", "value"]), False),
+}
+_RPC_NEEDED = {"param": ("value",), "member": ("name", "value")}  # (a call's <methodName> is looked for after)
+_XML_SPACE = "[ \t\r\n]*"  # XML's white space (S), which ints, doubles and base64 may have around them
+_RPC_DOUBLE = re.compile(f"{_XML_SPACE}[-+]?([0-9]+\\.?[0-9]*|\\.[0-9]+)([eE][-+]?[0-9]+)?{_XML_SPACE}")
+_RPC_BASE64 = re.compile("[A-Za-z0-9+/ \t\r\n]*(=[ \t\r\n]*){0,2}")  # (its length is checked by decoding)
+
+
 class _CallReader(xmlrpc.client.Unmarshaller):
-    """xmlrpc.client's reader, keeping a call within what the server stores and gives back
-    (each refused as it is read, as _NotCarried): ints of 32 bits, finite doubles, and per
-    parameter at most MAX_RPC_DEPTH levels of arrays and structs and MAX_RPC_ITEMS items.
-    <base64> is decoded without an extra copy."""
+    """xmlrpc.client's reader, keeping a call to the XML-RPC grammar (_RPC_ELEMENTS) and within
+    what the server stores and gives back (each refused as it is read, as _NotCarried): ints of
+    32 bits, finite doubles, strict base64, at most MAX_RPC_DEPTH levels of arrays and structs
+    and MAX_RPC_ITEMS items in the call. <base64> is decoded without an extra copy."""
 
     def __init__(self) -> None:
         super().__init__()
         self.xml("", None)  # no encoding: expat gives str, with nothing to decode
-        self._items = 0  # <value>s in the parameter being read, but its own
+        self._open: list[tuple[str, list[str]]] = [("", [])]  # the elements open: name, and those it holds
+        self._items = 0  # the items of arrays and structs so far
 
     def start(self, tag: str, attrs: dict[str, str]) -> None:
         name = tag.rpartition(":")[2]
-        if name == "param":
-            self._items = -1
-        elif name == "value":
+        parent, held = self._open[-1]
+        allowed, many = _RPC_ELEMENTS.get(parent, (frozenset(), False))
+        if name not in allowed or (held and parent == "value") or (name in held and not many):
+            where = f"in <{parent}>" if parent else "as the document"
+            raise _NotCarried(f"<{name}> cannot stand {where}; send a <methodCall> with a <methodName> and <params>")
+        held.append(name)
+        self._open.append((name, []))
+        if name == "value" and parent in ("data", "member"):
             self._items += 1
             if self._items > MAX_RPC_ITEMS:
-                raise _NotCarried(f"a parameter holds over {MAX_RPC_ITEMS:,} items; {_RPC_TOO_LARGE}", 413)
+                raise _NotCarried(f"a call holds over {MAX_RPC_ITEMS:,} items; {_RPC_TOO_LARGE}", 413)
         elif name in ("array", "struct") and len(self._marks) >= MAX_RPC_DEPTH:
             raise _NotCarried(f"a parameter nests arrays and structs deeper than {MAX_RPC_DEPTH} levels; flatten it")
         super().start(tag, attrs)
 
+    def end(self, tag: str) -> None:
+        name, held = self._open.pop()
+        for needed in _RPC_NEEDED.get(name, ()):
+            if needed not in held:
+                raise _NotCarried(f"a <{name}> holds no <{needed}>; each needs one")
+        super().end(tag)
+
     def end_int(self, data: str) -> None:
-        if not re.fullmatch(r"\s*[-+]?[0-9]{1,10}\s*", data) or int(data) not in _INT32:
+        if not re.fullmatch(f"{_XML_SPACE}[-+]?[0-9]{{1,10}}{_XML_SPACE}", data) or int(data) not in _INT32:
             raise _NotCarried(
                 f"an XML-RPC int is a whole number from {_INT32.start} to {_INT32.stop - 1}, not {_excerpt(data)}; "
                 "send larger numbers as a double or a string"
@@ -3812,25 +3854,29 @@ class _CallReader(xmlrpc.client.Unmarshaller):
         super().end_int(data)
 
     def end_double(self, data: str) -> None:
-        try:
-            number = float(data)
-        except ValueError:
-            number = math.nan
-        if not math.isfinite(number):
-            raise _NotCarried(f"an XML-RPC double is a finite number, not {_excerpt(data)}")
+        if not _RPC_DOUBLE.fullmatch(data) or not math.isfinite(float(data)):
+            raise _NotCarried(f"an XML-RPC double is a finite number in decimal digits, not {_excerpt(data)}")
         super().end_double(data)
+
+    def end_boolean(self, data: str) -> None:
+        if data not in ("0", "1"):
+            raise _NotCarried(f"an XML-RPC boolean is 0 or 1, not {_excerpt(data)}")
+        super().end_boolean(data)
 
     def end_base64(self, data: str) -> None:
         try:
+            if not _RPC_BASE64.fullmatch(data):
+                raise ValueError  # (a2b_base64 skips what is not base64, and stops at padding)
             self.append(xmlrpc.client.Binary(binascii.a2b_base64(data)))  # reads the str in place
         except ValueError:
-            raise _NotCarried("a <base64> value is not valid base64") from None
+            raise _NotCarried("a <base64> value is not valid base64 (RFC 4648 section 4, lines allowed)") from None
         self._value = False
 
     dispatch: dict[str, Callable[[Any, str], None]] = {  # noqa: RUF012 -- as in Unmarshaller: name -> end handler
         **xmlrpc.client.Unmarshaller.dispatch,
         **dict.fromkeys(["i1", "i2", "i4", "i8", "int", "biginteger"], end_int),
         **dict.fromkeys(["double", "float"], end_double),
+        "boolean": end_boolean,
         "base64": end_base64,
     }
 

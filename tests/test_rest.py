@@ -526,6 +526,27 @@ def test_a_failing_precondition_is_answered_before_100_continue(server):
 # Request bodies: 411, 413, 100 Continue
 
 
+@pytest.mark.parametrize("coding", ["gzip", "br", "GZIP, identity"])
+def test_a_put_with_a_content_coding_is_a_400_before_any_100_continue_and_changes_nothing(server, coding):
+    """The coding could not be given back (kvserver serves the bytes it stores, without one): a
+    browser would show the compressed bytes of what was sent as text/plain."""
+    put(server, "/kv/k", b"original")
+    headers = {"Content-Length": "5", "Content-Encoding": coding, "Expect": "100-continue", "Connection": "close"}
+    with RawConnection(server) as connection:
+        connection.request("PUT", "/kv/k", headers)
+        received = connection.read_to_eof()
+    assert b"100 Continue" not in received
+    response = read_http(io.BytesIO(received))
+    assert_problem(response, 400)
+    assert "Content-Encoding" in response.problem()["detail"]
+    assert server.get("/kv/k").body == b"original"
+
+
+def test_content_encoding_identity_is_no_coding(server):
+    assert put(server, "/kv/k", b"plain", {"Content-Encoding": "identity"}).status == 201
+    assert server.get("/kv/k").body == b"plain"
+
+
 def test_a_put_with_neither_content_length_nor_chunked_is_a_411(server):
     with RawConnection(server) as connection:
         connection.request("PUT", "/kv/k", {"Connection": "close"})

@@ -755,12 +755,12 @@ MALFORMED_CALLS = {
     "member-without-name": (
         b"<methodCall><methodName>save</methodName><params><param><value>k</value></param><param><value><struct>"
         b"<member><value>1</value></member></struct></value></param></params></methodCall>",
-        "methodCall",
+        "a <member> holds no <name>",
     ),
     "bad-boolean": (
         b"<methodCall><methodName>save</methodName><params><param><value>k</value></param>"
         b"<param><value><boolean>yes</boolean></value></param></params></methodCall>",
-        "methodCall",
+        "an XML-RPC boolean is 0 or 1, not 'yes'",
     ),
     "bad-base64": (
         b"<methodCall><methodName>save</methodName><params><param><value>k</value></param>"
@@ -786,6 +786,61 @@ MALFORMED_CALLS = {
         b"<methodCall><methodName>save</methodName><params><param><value>k</value></param>"
         b"<param><value><double>1e400</double></value></param></params></methodCall>",
         "finite",
+    ),
+    "a-methodResponse": (
+        b"<methodResponse><methodName>save</methodName><params><param><value>k</value></param>"
+        b"<param><value>v</value></param></params></methodResponse>",
+        "<methodResponse> cannot stand as the document",
+    ),
+    "two-methodNames": (
+        b"<methodCall><methodName>delete</methodName><methodName>save</methodName><params>"
+        b"<param><value>k</value></param><param><value>v</value></param></params></methodCall>",
+        "<methodName> cannot stand in <methodCall>",
+    ),
+    "two-values-in-one-value": (
+        b"<methodCall><methodName>save</methodName><params>"
+        b"<param><value><string>k</string><string>v</string></value></param></params></methodCall>",
+        "<string> cannot stand in <value>",
+    ),
+    "two-values-in-one-param": (
+        b"<methodCall><methodName>save</methodName><params>"
+        b"<param><value>k</value><value>v</value></param></params></methodCall>",
+        "<value> cannot stand in <param>",
+    ),
+    "a-struct-outside-a-value": (
+        b"<methodCall><methodName>save</methodName><params><param><value>k</value></param>"
+        b"<param><value><array><data><struct/></data></array></value></param></params></methodCall>",
+        "<struct> cannot stand in <data>",
+    ),
+    "a-param-without-a-value": (
+        b"<methodCall><methodName>save</methodName><params><param><value>k</value></param>"
+        b"<param></param></params></methodCall>",
+        "a <param> holds no <value>",
+    ),
+    "base64url": (
+        b"<methodCall><methodName>save</methodName><params><param><value>k</value></param>"
+        b"<param><value><base64>-_-_</base64></value></param></params></methodCall>",
+        "not valid base64",
+    ),
+    "base64-after-padding": (
+        b"<methodCall><methodName>save</methodName><params><param><value>k</value></param>"
+        b"<param><value><base64>aGVsbG8=IHdvcmxk</base64></value></param></params></methodCall>",
+        "not valid base64",
+    ),
+    "base64-of-punctuation": (
+        b"<methodCall><methodName>save</methodName><params><param><value>k</value></param>"
+        b"<param><value><base64>!!!!</base64></value></param></params></methodCall>",
+        "not valid base64",
+    ),
+    "double-with-underscore": (
+        b"<methodCall><methodName>save</methodName><params><param><value>k</value></param>"
+        b"<param><value><double>1_0</double></value></param></params></methodCall>",
+        "decimal digits",
+    ),
+    "double-of-arabic-indic-digits": (
+        b"<methodCall><methodName>save</methodName><params><param><value>k</value></param>"
+        b"<param><value><double>\xd9\xa1.5</double></value></param></params></methodCall>",
+        "decimal digits",
     ),
     "entity-expansion": (
         b"<?xml version='1.0'?><!DOCTYPE m [<!ENTITY a 'aaaaaaaaaa'><!ENTITY b '&a;&a;&a;&a;&a;&a;&a;&a;'>]>"
@@ -892,6 +947,31 @@ def test_saving_a_value_of_more_than_500000_items_is_a_fault_413(rpc):
     assert rpc.keys() == []
     rpc.save("many", [0] * MAX_RPC_ITEMS)
     assert len(rpc.load("many")) == MAX_RPC_ITEMS
+
+
+def test_a_gzip_coded_call_is_refused_saying_so(shared_server, key):
+    """xmlrpc.client codes a call with gzip when its transport's encode_threshold is set."""
+    transport = xmlrpc.client.Transport()
+    transport.encode_threshold = 100
+    with proxy(shared_server, transport=transport) as rpc, pytest.raises(xmlrpc.client.ProtocolError) as refused:
+        rpc.save(key, "x" * 500)
+    assert refused.value.errcode == 400
+    assert key not in shared_server.storage
+    answer = shared_server.request("POST", "/RPC2", body=b"x", headers={"Content-Encoding": "gzip"})
+    assert "Content-Encoding 'gzip'" in json.loads(answer.body)["detail"]
+
+
+def test_the_item_limit_holds_for_the_whole_call_not_for_each_parameter(shared_server, monkeypatch):
+    """Counted per parameter, a call of many parameters could make the server build many times
+    the items it takes before it looks at the method's arguments."""
+    monkeypatch.setattr(kvserver, "MAX_RPC_ITEMS", 4)
+    three = "<value><array><data>" + "<value><int>1</int></value>" * 3 + "</data></array></value>"
+    params = f"<param><value>k</value></param><param>{three}</param><param>{three}</param>"
+    fault = post_call(
+        shared_server, f"<methodCall><methodName>save</methodName><params>{params}</params></methodCall>".encode()
+    )
+    assert fault.faultCode == 413
+    assert "over 4 items" in fault.faultString
 
 
 # Properties: whatever goes in within the limits comes back equal

@@ -3617,6 +3617,7 @@ class _KeyPage(NamedTuple):
     prefix: str
     delimiter: str | None
     after: str | None  # the cursor this page starts after; None on the first
+    limit: int | None  # the most items a page holds, if the request set it
 
     def is_folder(self, item: str) -> bool:
         return self.delimiter is not None and _folder(item, self.prefix, self.delimiter) is not None
@@ -3626,24 +3627,27 @@ class _KeyPage(NamedTuple):
         return [item for item in self.items if not self.is_folder(item)], list(filter(self.is_folder, self.items))
 
 
-def _page_href(prefix: str, delimiter: str, after: str | None = None) -> str:
-    """The address, HTML-escaped, of the page listing under `prefix` after `after`, by folders
-    of `delimiter` (the page's default, "/", goes without saying)."""
+def _page_href(page: _KeyPage, prefix: str, after: str | None = None) -> str:
+    """The address, HTML-escaped, of the page listing under `prefix` after `after`, by the
+    folders and with the page size of `page` (the page's defaults go without saying)."""
     query = {"prefix": prefix} if prefix else {}
-    if delimiter != "/":
-        query["delimiter"] = delimiter
+    if page.delimiter not in (None, "/"):
+        query["delimiter"] = page.delimiter
+    if page.limit is not None:
+        query["limit"] = str(page.limit)
     if after is not None:
         query["after"] = after
     return html.escape("/?" + urllib.parse.urlencode(query) if query else "/")
 
 
-def _breadcrumbs(prefix: str, delimiter: str) -> str:
+def _breadcrumbs(page: _KeyPage, delimiter: str) -> str:
     """Links to the top level and to each folder the prefix goes through, then the rest of it."""
-    crumbs = [f'<a href="{_page_href("", delimiter)}">all keys</a>']
+    prefix = page.prefix
+    crumbs = [f'<a href="{_page_href(page, "")}">all keys</a>']
     start = 0
     while (cut := prefix.find(delimiter, start)) >= 0:
         end = cut + len(delimiter)
-        crumbs.append(f'<a href="{_page_href(prefix[:end], delimiter)}">{html.escape(prefix[start:end])}</a>')
+        crumbs.append(f'<a href="{_page_href(page, prefix[:end])}">{html.escape(prefix[start:end])}</a>')
         start = end
     if prefix[start:]:
         crumbs.append(f"<span>{html.escape(prefix[start:])}…</span>")
@@ -3659,7 +3663,7 @@ def _render_page(storage: Storage, page: _KeyPage, notice_html: str, script: str
     for key in page.items:
         if page.is_folder(key):
             rows.append(
-                f'<tr class="folder"><td class="key"><a href="{_page_href(key, delimiter)}">'
+                f'<tr class="folder"><td class="key"><a href="{_page_href(page, key)}">'
                 f'{html.escape(key)}</a></td><td class="size"></td><td>folder</td><td></td><td></td></tr>'
             )
             continue
@@ -3676,9 +3680,9 @@ def _render_page(storage: Storage, page: _KeyPage, notice_html: str, script: str
         )
     links = []
     if page.after is not None:
-        links.append(f'<a href="{_page_href(page.prefix, delimiter)}">← first page</a>')
+        links.append(f'<a href="{_page_href(page, page.prefix)}">← first page</a>')
     if page.next is not None:
-        links.append(f'<a href="{_page_href(page.prefix, delimiter, page.next)}">next page →</a>')
+        links.append(f'<a href="{_page_href(page, page.prefix, page.next)}">next page →</a>')
     if rows:
         table = (
             '<table><thead><tr><th>Key</th><th class="size">Size</th><th>Media type</th>'
@@ -3702,7 +3706,7 @@ def _render_page(storage: Storage, page: _KeyPage, notice_html: str, script: str
 <form action="/" method="get">
 <label>Keys starting with <input name="prefix" value="{html.escape(page.prefix)}"></label>{kept_delimiter}
 <button type="submit">Filter</button></form>
-{_breadcrumbs(page.prefix, delimiter) if page.prefix else ""}
+{_breadcrumbs(page, delimiter) if page.prefix else ""}
 {table}
 {f"<nav>{''.join(links)}</nav>" if links else ""}
 {script}
@@ -4619,7 +4623,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             raise _HTTPError(
                 HTTPStatus.BAD_REQUEST, f"limit is a whole number from 1 to 10000, not {_shown(limit_field)}"
             )
-        limit = int(limit_field)
+        limit = int(limit_field)  # (the page's links keep it if the request gave it)
         prefix = _text(fields.get("prefix", b""), "prefix")
         after = _text(fields["after"], "after") if "after" in fields else None
         delimiter = default_delimiter
@@ -4630,7 +4634,8 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         # One more item than the page holds tells whether a next page exists.
         items = self.storage.keys(prefix, delimiter=delimiter, after=after, limit=limit + 1)
         page = items[:limit]
-        return _KeyPage(page, page[-1] if len(items) > limit else None, prefix, delimiter, after)
+        given_limit = limit if "limit" in fields else None
+        return _KeyPage(page, page[-1] if len(items) > limit else None, prefix, delimiter, after, given_limit)
 
     @_route("/keys", "GET")
     def _route_keys(self, path: str, query: str) -> None:

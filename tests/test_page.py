@@ -353,6 +353,16 @@ def test_a_long_listing_shows_100_keys_and_a_next_page_link_to_the_rest(tab: Tab
     assert tab.page.get_by_role("link", name=re.compile("next page")).count() == 0
 
 
+def test_a_page_size_from_the_address_is_kept_by_the_next_and_first_page_links(tab: Tab, many_keys: list[str]) -> None:
+    page = tab.page
+    tab.open("/?limit=50")
+    assert tab.listed_keys() == many_keys[:50]
+    tab.follow(page.get_by_role("link", name=re.compile("next page")))
+    assert tab.listed_keys() == many_keys[50:100]
+    tab.follow(page.get_by_role("link", name=re.compile("first page")))
+    assert tab.listed_keys() == many_keys[:50]
+
+
 def test_the_prefix_filter_lists_only_matching_keys_and_keeps_the_prefix_when_paging(
     tab: Tab, many_keys: list[str]
 ) -> None:

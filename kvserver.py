@@ -4829,7 +4829,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             watch = self.storage.watch(prefix, after=after)  # before the head is sent: no change slips by
         except ValueError as error:
             raise _HTTPError(HTTPStatus.BAD_REQUEST, str(error)) from None
-        with watch:
+        with watch, self.server.connections.streaming(self.connection):
             writer = self._stream("text/event-stream; charset=utf-8", {"Cache-Control": "no-cache"})
             assert writer is not None  # (GET only)
             writer.flush()
@@ -4928,8 +4928,9 @@ class _Connections:
     deadline: a long-poll or an event stream). Sockets have no timeout of their own, because a
     timeout makes CPython poll() before every recv and send; instead the housekeeping thread
     cuts off every connection past its deadline, so that a client that stops sending or
-    reading never holds a thread. `stop` closes the idle and watching connections at once;
-    those serving a request finish it. One lock guards it all, taken a few times per request.
+    reading never holds a thread. `stop` closes the idle and watching connections at once, and
+    event streams even as they send; those serving a request finish it. One lock guards it all,
+    taken a few times per request.
     """
 
     _IDLE, _READING_HEAD, _SERVING, _WATCHING = "idle", "reading head", "serving", "watching"
@@ -4942,6 +4943,7 @@ class _Connections:
         # Each connection's state and deadline (monotonic seconds; inf while watching).
         self._states: dict[socket.socket, tuple[str, float]] = {}
         self._watches: dict[socket.socket, Watch] = {}  # what the watching connections wait on
+        self._streams: set[socket.socket] = set()  # the connections serving an event stream
         # For a connection given STALL_GRACE: that deadline, and the bytes unsent when it was set.
         self._unsent_seen: dict[socket.socket, tuple[float, int]] = {}
 
@@ -5023,6 +5025,18 @@ class _Connections:
             self._serve(connection)
             self._watches.pop(connection, None)
 
+    @contextlib.contextmanager
+    def streaming(self, connection: socket.socket) -> Iterator[None]:
+        """Around an event stream, which `stop` ends even while it sends (its client may have
+        stopped reading, and a send would then hold the stop for STALL_TIMEOUT)."""
+        with self._lock:
+            self._streams.add(connection)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._streams.discard(connection)
+
     def replaced(self, connection: socket.socket) -> None:
         """The connection goes on as another socket object (wrapped in TLS): forget this one."""
         with self._lock:
@@ -5092,14 +5106,16 @@ class _Connections:
     def stop(self) -> list[socket.socket]:
         """Admit no more requests, end the waits of the watching connections (so that they
         answer at once: a long-poll with what it has, a stream with its end), and return the
-        idle connections (to close)."""
+        connections to close: the idle ones, and the event streams that are sending (a
+        client that reads gets the rest of the events from its last id when it comes back)."""
         with self._lock:
             self.stopping = True
             watches = list(self._watches.values())
             idle = [connection for connection, (state, _) in self._states.items() if state == self._IDLE]
+            sending = [connection for connection in self._streams if self._state(connection) != self._WATCHING]
         for watch in watches:
             watch.close()
-        return idle
+        return idle + sending
 
 
 class KVServer(ThreadingHTTPServer):

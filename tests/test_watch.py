@@ -837,6 +837,35 @@ def test_stop_with_50_open_streams_and_waiting_requests_takes_under_a_second(any
         assert stream.response.read() == b""  # the stream ended cleanly
 
 
+def test_stop_cuts_off_at_once_a_stream_whose_client_stopped_reading(make_live_server):
+    """Its thread, blocked in a send, held the stop until the stall deadline (over 30 s)."""
+    server = make_live_server(storage="memory")
+    with socket.socket() as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # (before connecting, to take effect)
+        client.settimeout(10)
+        client.connect(("127.0.0.1", server.port))
+        client.sendall(b"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        head = b""
+        for _ in range(100):
+            if b"\r\n\r\n" in head:
+                break
+            head += client.recv(4096)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        media_type = "application/x-" + "t" * 1000
+        for n in range(4000):  # about 8 MB of events, more than the kernel's buffers hold
+            server.storage.put(f"{n:06d}" + "k" * 1000, b"v", content_type=media_type)
+        connections = server.server.connections
+        [stream] = connections._streams
+
+        def blocked_in_a_send() -> bool:
+            return connections._state(stream) == "serving" and kvserver._unsent_bytes(stream) > 1024 * 1024
+
+        wait_for(blocked_in_a_send, timeout=20, what="the stream to fill the kernel's buffers")
+        started = time.monotonic()
+        server.stop()
+        assert time.monotonic() - started < 1.0
+
+
 # HTTP: several servers on one Redis
 
 

@@ -2907,7 +2907,10 @@ return adopted
         back from an older snapshot, or none): the feed has a gap there. Where numbers cannot
         tell (an older kvserver's entries have none), it looks after the read whether the
         stream's oldest entry is past `last`, so that entries after `last` may have gone unread:
-        then the feed has a gap before what it read."""
+        then the feed has a gap before what it read. A read that finds nothing new looks whether
+        the stream still reaches `last`: if not, Redis came back without the changes read
+        (restarted without its data, or from an older snapshot), and its keys may have changed
+        with no event, so the feed has a gap just after `last` at once, not at the next write."""
         stream = self._structures[4]
         unavailable = False  # the last read could not reach Redis (which was said once)
         while not self._closed:
@@ -2918,11 +2921,18 @@ return adopted
                     numbers = [self._number(fields) for _, fields in entries]
                     unnumbered = number is None or None in numbers
                     oldest = self._reader.xrange(stream, count=1) if entries and unnumbered and last != "0-0" else []
+                    # (after a read that found nothing: the stream's newest entry, [] if none)
+                    newest = None if entries or last == "0-0" else self._reader.xrevrange(stream, count=1)
                 if unavailable:
                     print(f"kvserver: the events from Redis {self.location} are read again", file=sys.stderr)
                     unavailable = False
                 if oldest and revision_order(oldest[0][0].decode()) > revision_order(last):
                     self._feed.gap(entries[0][0].decode())
+                if newest is not None and (not newest or revision_order(newest[0][0].decode()) < revision_order(last)):
+                    milliseconds, sequence = revision_order(last)  # the loss came after `last`: a gap just past it
+                    self._feed.gap(f"{milliseconds}-{sequence + 1}")  # (Redis's next entry IDs are newer still)
+                    # Read on from what the stream holds now (an emptied Redis numbers from 1 again).
+                    last, number = (newest[0][0].decode(), self._number(newest[0][1])) if newest else ("0-0", 0)
                 for (revision, fields), following in zip(entries, numbers, strict=True):
                     event = self._event(revision, fields)
                     if number is not None and following is not None and following != number + 1:

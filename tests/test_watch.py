@@ -28,7 +28,7 @@ from test_storage import TTL_DEADLINE
 
 import kvserver
 
-redis_server, redis_db = test_redis.redis_server, test_redis.redis_db  # the fixtures, here too
+redis_server, redis_db, make_redis = test_redis.redis_server, test_redis.redis_db, test_redis.make_redis  # fixtures
 
 EXPIRY_DEADLINE = 2.0  # SPEC: an expire event within two seconds of the key's time
 PROMPT = 0.1  # a waiting request answers within this many seconds of a change
@@ -867,6 +867,40 @@ def test_stop_cuts_off_at_once_a_stream_whose_client_stopped_reading(make_live_s
 
 
 # HTTP: several servers on one Redis
+
+
+def test_redis_coming_back_without_its_data_resets_the_watches_at_once(make_server, make_redis, streams):
+    """Its keys went with no event: an open stream, and a client that comes back with its last id,
+    get a reset, without waiting for the next write."""
+    redis = make_redis()
+    server = make_server("--quiet", "--storage", redis.url())
+    stream = open_stream(streams, server)
+    put(server, "a")
+    [first] = stream.events(1)
+    redis.kill()
+    redis.start(same_port=True)  # empty: this Redis keeps nothing on disk
+    wait_for(lambda: server.get("/health").status == 200, timeout=15, what="Redis to be back")
+    [reset] = stream.events(1)
+    assert reset.event == "reset"
+    resumed = open_stream(streams, server, headers={"Last-Event-ID": first.id})
+    assert [message.event for message in resumed.events(1)] == ["reset"]
+    put(server, "b")  # and on: the next change, once (no second reset)
+    assert [(message.event, message.json()["key"]) for message in stream.events(1)] == [("put", "b")]
+
+
+def test_a_waiting_get_answers_404_soon_after_redis_comes_back_without_its_key(make_server, make_redis):
+    redis = make_redis()
+    server = make_server("--quiet", "--storage", redis.url())
+    etag = put(server, "a")
+    waiting = server.connect()
+    waiting.request("GET", "/kv/a?wait=60", headers={"If-None-Match": f'"{etag}"'})
+    wait_for(lambda: b"kvserver_open_connections 2" in server.get("/metrics").body, what="the request to wait")
+    redis.kill()
+    redis.start(same_port=True)
+    wait_for(lambda: server.get("/kv/a").status == 404, timeout=15, what="Redis to be back without the key")
+    gone = time.monotonic()
+    assert waiting.getresponse().status == 404
+    assert time.monotonic() - gone < 3  # not at the end of its 60 s
 
 
 @pytest.fixture

@@ -3277,10 +3277,11 @@ class _RequestBody:
         self._chunked_total = 0
 
     def open(self, limit: int) -> _RequestBody:
-        """Accept a body of at most `limit` bytes, to read from the object returned. 400 for a
-        content coding, 411 and 413 are raised here, before anything is read, and only then is 100 Continue sent to a
-        client that asked for it (RFC 9110 section 10.1.1): a client that waits for it sends no
-        byte of a value we refuse. A chunked body is held to `limit` as it arrives."""
+        """Accept a body of at most `limit` bytes, to read from the object returned. 400 (a
+        content coding), 411 and 413 are raised here, before anything is read, and only then is
+        100 Continue sent to a client that asked for it (RFC 9110 section 10.1.1): a client that
+        waits for it sends no byte of a value we refuse. A chunked body is held to `limit` as it
+        arrives."""
         head = self._head
         coding = head.fields.get("Content-Encoding")
         if coding and coding.lower() != "identity":  # (RFC 9110 section 8.4 allows refusing it)
@@ -3801,11 +3802,11 @@ class _NotCarried(Exception):
         self.code = code
 
 
-# The elements of an XML-RPC call (its specification, with xmlrpc.client's types): what each may
+# The elements of an XML-RPC call (its specification, with the types xmlrpc.client reads): what each may
 # hold. Those marked True may hold one of their elements many times; a <value> holds one element
 # at most; the others hold each of theirs at most once.
-_RPC_SCALARS = frozenset(["i1", "i2", "i4", "i8", "int", "biginteger", "boolean", "string", "double", "float"])
-_RPC_SCALARS |= {"bigdecimal", "dateTime.iso8601", "base64", "nil"}
+_RPC_STRUCTURE = {"methodName", "params", "value", "array", "struct", "name", "fault"}  # not a value's type
+_RPC_SCALARS = frozenset(xmlrpc.client.Unmarshaller.dispatch) - _RPC_STRUCTURE  # the types xmlrpc.client reads
 _RPC_ELEMENTS: dict[str, tuple[frozenset[str], bool]] = {
     "": (frozenset(["methodCall"]), False),  # the document
     "methodCall": (frozenset(["methodName", "params"]), False),
@@ -3832,17 +3833,18 @@ class _CallReader(xmlrpc.client.Unmarshaller):
     def __init__(self) -> None:
         super().__init__()
         self.xml("", None)  # no encoding: expat gives str, with nothing to decode
-        self._open: list[tuple[str, list[str]]] = [("", [])]  # the elements open: name, and those it holds
+        self._open: list[tuple[str, list[str]]] = [("", [])]  # the elements open: name, and those it holds once
         self._items = 0  # the items of arrays and structs so far
 
     def start(self, tag: str, attrs: dict[str, str]) -> None:
         name = tag.rpartition(":")[2]
         parent, held = self._open[-1]
         allowed, many = _RPC_ELEMENTS.get(parent, (frozenset(), False))
-        if name not in allowed or (held and parent == "value") or (name in held and not many):
+        if name not in allowed or (parent == "value" and held) or (not many and name in held):
             where = f"in <{parent}>" if parent else "as the document"
             raise _NotCarried(f"<{name}> cannot stand {where}; send a <methodCall> with a <methodName> and <params>")
-        held.append(name)
+        if not many:  # (what an array or struct holds is counted below, not kept)
+            held.append(name)
         self._open.append((name, []))
         if name == "value" and parent in ("data", "member"):
             self._items += 1

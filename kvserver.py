@@ -130,8 +130,10 @@ __all__ = [
 # Locks, and what each guards: an _Index's 64 stripe locks serialise the changes of a key (so
 # compare-and-set is atomic; readers take none) and its books lock the running totals and the
 # expiry heap; a _GroupSync's lock its fsync tickets; a _ChangeFeed's lock the history ring
-# and its watches' wake-ups; _Connections' lock the connections' states; _Metrics' lock the
-# counters; _stamp_lock the last stamp. Writers never wait for watchers or for readers.
+# and its watches' wake-ups (and, in memory and files storage, a change's becoming visible
+# with its revision: taken after the key's lock, before the books lock); _Connections' lock the
+# connections' states; _Metrics' lock the counters; _stamp_lock the last stamp. Writers never
+# wait for watchers or for readers.
 #
 # A request's life: handle_one_request marks the connection idle until a byte comes, reads the
 # head (a refusal is a 400 that closes the connection, and nothing runs), _dispatch checks the
@@ -421,7 +423,9 @@ class _ChangeFeed:
 
     A backend publishes each change at the moment it takes effect, under the key's lock, so
     that the events of one key follow the order of its writes; a revision is taken under the
-    feed's lock, so revision order is publication order. Writers never wait for watchers:
+    feed's lock, so revision order is publication order. Memory and files storage make a
+    change visible under that lock too (`publishing`), so that a change made by someone who
+    saw another is published after it. Writers never wait for watchers:
     publishing stores the event and wakes the watches waiting for one under their prefix
     (its cost grows with the number of different prefixes waited on, not of watches); each
     watch reads at its own pace, and one that falls a whole ring behind, or behind a gap in
@@ -434,7 +438,7 @@ class _ChangeFeed:
     """
 
     def __init__(self, begin: Callable[[], tuple[str, list[Event]]] | None = None, capacity: int = HISTORY) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # (reentrant: see publishing)
         self._begin = begin or (lambda: (str(_new_stamp()), []))
         # The ring, as three lists: event n, its revision_order and its event-stream message
         # (once a stream has made it) are at [n % capacity] while n >= _oldest, so that a batch
@@ -459,6 +463,12 @@ class _ChangeFeed:
             self._last = floor
             for event in events:
                 self._append(revision_order(event.revision), event)
+
+    def publishing(self) -> contextlib.AbstractContextManager[bool]:
+        """What to hold (`with`) while a change becomes visible and is published, so that no
+        other change is published in between: the revision order is then the order in which
+        the changes became visible (SPEC section 4). It is the feed's lock."""
+        return self._lock
 
     def publish(self, type: str, key: str, stat: Stat | None = None, revision: str | None = None) -> Event:
         """Record a change that just took effect and wake the watches waiting for it; a
@@ -1576,8 +1586,10 @@ def _announce(feed: _ChangeFeed, key: str, previous: _Entry | None, entry: _Entr
 
 def _take_effect(index: _Index, feed: _ChangeFeed, key: str, entry: _Entry | None) -> None:
     """Make `entry` (None: no value) the one of `key` in `index` and publish the change: the
-    moment it takes effect, under the key's lock."""
-    _announce(feed, key, index.pop(key) if entry is None else index.put(key, entry), entry)
+    moment it takes effect, under the key's lock and, so that revisions follow what readers
+    saw, in one step with its publication."""
+    with feed.publishing():
+        _announce(feed, key, index.pop(key) if entry is None else index.put(key, entry), entry)
 
 
 class MemoryStorage(Storage):

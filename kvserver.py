@@ -2633,9 +2633,11 @@ return adopted
         )
         try:
             self._client: Any = self._connect()
-        except ValueError as error:  # (not with the URL: it may hold a password)
+        except ValueError as error:  # (not with the URL, nor urllib's words if it has a password: they may hold it)
+            why = "" if "@" in url else f": {error}"
             raise ValueError(
-                f"a Redis URL is redis://[user:password@]host[:port][/db]; this one is not: {error}"
+                "a Redis URL is redis://[user:password@]host[:port][/db], with / # ? @ in a password "
+                f"percent-encoded; this one is not{why}"
             ) from None
         self._scripts: dict[str, Any] = {}  # the Lua scripts as redis-py has them, registered at first use
         self._feed = _ChangeFeed(self._begin_changes)
@@ -3715,9 +3717,9 @@ def _render_page(storage: Storage, page: _KeyPage, notice_html: str, script: str
         table = f'<p class="empty">No keys start with <code>{html.escape(page.prefix)}</code>.</p>'
     else:
         table = f'<p class="empty">{"No more keys." if page.after is not None else "No keys here yet."}</p>'
-    kept_delimiter = (  # (as its links keep it: see _page_href)
+    kept = (  # what the filter keeps, as the links do (see _page_href)
         "" if delimiter == "/" else f'<input type="hidden" name="delimiter" value="{html.escape(delimiter)}">'
-    )
+    ) + ("" if page.limit is None else f'<input type="hidden" name="limit" value="{page.limit}">')
     keys, size = storage.totals()
     return _html_document(f"""<header><h1>kvserver</h1>
 <span>{keys} key{"" if keys == 1 else "s"}, {_human_size(size)}, {storage.kind} storage</span></header>
@@ -3727,7 +3729,7 @@ def _render_page(storage: Storage, page: _KeyPage, notice_html: str, script: str
 <label>Value <input name="value" size="40"></label>
 <button type="submit">Set</button></form>
 <form action="/" method="get">
-<label>Keys starting with <input name="prefix" value="{html.escape(page.prefix)}"></label>{kept_delimiter}
+<label>Keys starting with <input name="prefix" value="{html.escape(page.prefix)}"></label>{kept}
 <button type="submit">Filter</button></form>
 {_breadcrumbs(page, delimiter) if page.prefix else ""}
 {table}
@@ -3832,7 +3834,8 @@ _RPC_ELEMENTS: dict[str, tuple[frozenset[str], bool]] = {
 }
 _RPC_NEEDED = {"param": ("value",), "member": ("name", "value")}  # (a call's <methodName> is looked for after)
 _XML_SPACE = "[ \t\r\n]*"  # XML's white space (S), which ints, doubles and base64 may have around them
-_RPC_DOUBLE = re.compile(f"{_XML_SPACE}[-+]?([0-9]+\\.?[0-9]*|\\.[0-9]+)([eE][-+]?[0-9]+)?{_XML_SPACE}")
+# (Each digit matches one way only: a pattern that can split a run of digits takes quadratic time.)
+_RPC_DOUBLE = re.compile(f"{_XML_SPACE}[-+]?([0-9]+(\\.[0-9]*)?|\\.[0-9]+)([eE][-+]?[0-9]+)?{_XML_SPACE}")
 _RPC_BASE64 = re.compile("[A-Za-z0-9+/ \t\r\n]*(=[ \t\r\n]*){0,2}")  # (its length is checked by decoding)
 
 
@@ -3852,6 +3855,8 @@ class _CallReader(xmlrpc.client.Unmarshaller):
         name = tag.rpartition(":")[2]
         parent, held = self._open[-1]
         allowed, many = _RPC_ELEMENTS.get(parent, (frozenset(), False))
+        if parent == "member" and name == "value" and "name" not in held:
+            raise _NotCarried("a <member> holds its <name>, then its <value>")
         if name not in allowed or (parent == "value" and held) or (not many and name in held):
             where = f"in <{parent}>" if parent else "as the document"
             raise _NotCarried(f"<{name}> cannot stand {where}; send a <methodCall> with a <methodName> and <params>")
@@ -4853,7 +4858,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             watch = self.storage.watch(prefix, after=after)  # before the head is sent: no change slips by
         except ValueError as error:
             raise _HTTPError(HTTPStatus.BAD_REQUEST, str(error)) from None
-        with watch, self.server.connections.streaming(self.connection):
+        with watch, self.server.connections.streaming(self.connection, watch):
             writer = self._stream("text/event-stream; charset=utf-8", {"Cache-Control": "no-cache"})
             assert writer is not None  # (GET only)
             writer.flush()
@@ -4928,10 +4933,12 @@ def _close_gently(connection: socket.socket) -> None:
 
 
 def _shut_down(connections: Iterable[socket.socket]) -> None:
-    """End connections from another thread: a read blocked on one returns at once."""
+    """End connections from another thread: a read or send blocked on one returns at once. (On
+    a TLS connection, beneath TLS: SSLSocket.shutdown drops its TLS state first, and a send of
+    the connection's own thread at that moment would go out in plain text.)"""
     for connection in connections:
         with contextlib.suppress(OSError):
-            connection.shutdown(socket.SHUT_RDWR)
+            socket.socket.shutdown(connection, socket.SHUT_RDWR)
 
 
 def _unsent_bytes(connection: socket.socket) -> int:
@@ -4967,7 +4974,7 @@ class _Connections:
         # Each connection's state and deadline (monotonic seconds; inf while watching).
         self._states: dict[socket.socket, tuple[str, float]] = {}
         self._watches: dict[socket.socket, Watch] = {}  # what the watching connections wait on
-        self._streams: set[socket.socket] = set()  # the connections serving an event stream
+        self._streams: dict[socket.socket, Watch] = {}  # the connections serving an event stream, and its watch
         # For a connection given STALL_GRACE: that deadline, and the bytes unsent when it was set.
         self._unsent_seen: dict[socket.socket, tuple[float, int]] = {}
 
@@ -5050,16 +5057,17 @@ class _Connections:
             self._watches.pop(connection, None)
 
     @contextlib.contextmanager
-    def streaming(self, connection: socket.socket) -> Iterator[None]:
-        """Around an event stream, which `stop` ends even while it sends (its client may have
-        stopped reading, and a send would then hold the stop for STALL_TIMEOUT)."""
+    def streaming(self, connection: socket.socket, watch: Watch) -> Iterator[None]:
+        """Around an event stream reading `watch`, which `stop` ends even while it sends: its
+        client may have stopped reading, and a blocked send would hold the stop for
+        STALL_TIMEOUT."""
         with self._lock:
-            self._streams.add(connection)
+            self._streams[connection] = watch
         try:
             yield
         finally:
             with self._lock:
-                self._streams.discard(connection)
+                self._streams.pop(connection, None)
 
     def replaced(self, connection: socket.socket) -> None:
         """The connection goes on as another socket object (wrapped in TLS): forget this one."""
@@ -5128,18 +5136,19 @@ class _Connections:
                     watch.close()
 
     def stop(self) -> list[socket.socket]:
-        """Admit no more requests, end the waits of the watching connections (so that they
-        answer at once: a long-poll with what it has, a stream with its end), and return the
-        connections to close: the idle ones, and the event streams that are sending (a
-        client that reads gets the rest of the events from its last id when it comes back)."""
+        """Admit no more requests, end the waits of the watching connections and the event
+        streams (so that they answer at once: a long-poll with what it has, a stream with its
+        end, once what it is sending has gone), and return the connections to close: the idle
+        ones, and the event streams whose client has not taken all they sent (a blocked send
+        would hold the stop; a client that reads resumes from its last event id)."""
         with self._lock:
             self.stopping = True
-            watches = list(self._watches.values())
+            watches = [*self._watches.values(), *self._streams.values()]
             idle = [connection for connection, (state, _) in self._states.items() if state == self._IDLE]
-            sending = [connection for connection in self._streams if self._state(connection) != self._WATCHING]
+            streams = [connection for connection in self._streams if self._state(connection) == self._SERVING]
         for watch in watches:
             watch.close()
-        return idle + sending
+        return idle + [connection for connection in streams if _unsent_bytes(connection)]
 
 
 class KVServer(ThreadingHTTPServer):
@@ -5355,7 +5364,13 @@ def _command_line_problem(given: list[str]) -> str:
     for short, long, value in re.findall(r"^  (-\w )?(--[\w-]+)(=<)?", __doc__ or "", re.MULTILINE):
         options[long] = options[short.strip() or long] = (long, bool(value))
     seen: set[str] = set()
-    arguments = iter(given)
+    unstacked = []  # short flags stand together, as docopt reads them: -qp 4000 is -q -p 4000
+    for argument in given:
+        while re.fullmatch("-[^-].+", argument) and not options.get(argument[:2], ("", True))[1]:
+            unstacked.append(argument[:2])
+            argument = "-" + argument[2:]
+        unstacked.append(argument)
+    arguments = iter(unstacked)
     for position, argument in enumerate(arguments):
         if position == 0 and argument in commands:
             continue
@@ -5512,11 +5527,17 @@ def main(argv: list[str] | None = None) -> None:
         _text_option("KV_TOKEN", token)
     if token == "":
         _fail("--token takes a secret, not an empty string", 2)
-    if token is not None and token != token.strip(" \t"):  # (HTTP drops them from the Authorization field)
-        _fail("--token (or KV_TOKEN) cannot begin or end with a space or tab: a client could not send it", 2)
+    if token is not None and (token != token.strip(" \t") or _CONTROL_CHARACTER.search(token.strip(" \t"))):
+        _fail(  # (HTTP trims a field value; CR and LF end it)
+            "--token (or KV_TOKEN) holds no control character, nor space or tab at either end: "
+            "an Authorization: Bearer field could not carry it",
+            2,
+        )
     try:
         socket.getaddrinfo(args["--bind"], port, type=socket.SOCK_STREAM)  # as KVServer does, before any storage opens
-    except socket.gaierror as error:  # not an address, nor a name that has one
+    except socket.gaierror as error:  # not an address, nor a name that has one; or no answer for now
+        if error.errno != socket.EAI_NONAME:
+            _fail(f"cannot listen on {args['--bind']} port {port}: {error.strerror}", 1)
         _fail(f"--bind takes an address (the port goes in --port), not {args['--bind']!r}: {error.strerror}", 2)
     if token is not None and args["--no-token"]:
         _fail("--no-token contradicts --token (or KV_TOKEN): give one or the other", 2)

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import KVSERVER, Server, assert_no_traceback, wait_for
 
+import kvserver
+
 RUN_TIMEOUT = 10.0
 
 
@@ -235,10 +237,15 @@ def test_a_request_in_flight_finishes_during_shutdown(make_server):
         (["--bind", "127.0.0.1:8080"], "--bind takes an address (the port goes in --port)"),
         (["--bind", "999.0.0.1"], "--bind takes an address"),
         (["--quiet=1"], "option --quiet takes no value"),
-        (["-q1"], "option --quiet takes no value"),
+        (["-q1"], "unknown option -1"),
+        (["-qp"], "option --port needs a value"),
+        (["-qq"], "option --quiet is given twice"),
+        (["-qz"], "unknown option -z"),
         (["--no-fsync=yes"], "option --no-fsync takes no value"),
-        (["--token", "secret "], "--token (or KV_TOKEN) cannot begin or end with a space or tab"),
-        (["--token", "\tsecret"], "--token (or KV_TOKEN) cannot begin or end with a space or tab"),
+        (["--token", "secret "], "--token (or KV_TOKEN) holds no control character, nor space or tab at either end"),
+        (["--token", "\tsecret"], "--token (or KV_TOKEN) holds no control character, nor space or tab at either end"),
+        (["--token", "secret\r"], "--token (or KV_TOKEN) holds no control character"),
+        (["--token", "sec\nret"], "--token (or KV_TOKEN) holds no control character"),
     ],
 )
 def test_a_bad_command_line_exits_2_with_one_line_naming_the_option(tmp_path, args, option):
@@ -249,6 +256,28 @@ def test_a_bad_command_line_exits_2_with_one_line_naming_the_option(tmp_path, ar
     assert "Warning" not in line and "Option(" not in line and "Argument(" not in line, line
     assert not (tmp_path / "data").exists()
     assert not (tmp_path / "elsewhere").exists()
+
+
+@pytest.mark.parametrize("url", ["redis://:hunter2/x@127.0.0.1:6379/0", "redis://user:hunter2#x@127.0.0.1:6379/0"])
+def test_a_redis_url_that_cannot_be_read_does_not_show_its_password(tmp_path, url):
+    result = run("--storage", url, cwd=tmp_path)
+    assert result.returncode == 2
+    line = one_line(result)
+    assert "--storage: a Redis URL is" in line and "percent-encoded" in line
+    assert "hunter2" not in line
+
+
+def test_a_bind_name_that_cannot_be_looked_up_for_now_is_a_start_up_failure(monkeypatch, capsys):
+    """A resolver that does not answer (EAI_AGAIN: DNS down at boot) is no fault of the command line."""
+
+    def no_answer(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_answer)
+    with pytest.raises(SystemExit) as exited:
+        kvserver.main(["--storage", "memory", "--bind", "kv.internal.example"])
+    assert exited.value.code == 1
+    assert "cannot listen on kv.internal.example port 4000: Temporary failure" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("option", [["--no-fsync"], ["--data-dir", "d"]])

@@ -361,6 +361,9 @@ def test_a_page_size_from_the_address_is_kept_by_the_next_and_first_page_links(t
     assert tab.listed_keys() == many_keys[50:100]
     tab.follow(page.get_by_role("link", name=re.compile("first page")))
     assert tab.listed_keys() == many_keys[:50]
+    page.get_by_label("Keys starting with").fill("key-")
+    tab.follow(page.get_by_role("button", name="Filter"))  # the filter keeps it too
+    assert tab.listed_keys() == many_keys[:50]
 
 
 def test_the_prefix_filter_lists_only_matching_keys_and_keeps_the_prefix_when_paging(

@@ -868,6 +868,32 @@ def test_stop_with_50_open_streams_and_waiting_requests_takes_under_a_second(any
         assert stream.response.read() == b""  # the stream ended cleanly
 
 
+def test_stop_ends_a_stream_that_has_just_started_cleanly(make_live_server, monkeypatch):
+    """Not sending yet, it is not cut off: it answers 200 and ends (found by review)."""
+    server = make_live_server(storage="memory")
+    in_stream, go_on = threading.Event(), threading.Event()
+    answer = kvserver.KVRequestHandler._stream
+
+    def held(self, *args, **kwargs):  # the stream is under way, about to send its head
+        in_stream.set()
+        assert go_on.wait(10)
+        return answer(self, *args, **kwargs)
+
+    monkeypatch.setattr(kvserver.KVRequestHandler, "_stream", held)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as client:
+        client.sendall(b"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert in_stream.wait(10)
+        kvserver._shut_down(server.server.connections.stop())  # what KVServer.stop does first
+        go_on.set()
+        received = b""
+        for _ in range(100):
+            piece = client.recv(65536)
+            if not piece:
+                break
+            received += piece
+    assert received.startswith(b"HTTP/1.1 200 ") and received.endswith(b"\r\n0\r\n\r\n"), received
+
+
 def test_stop_cuts_off_at_once_a_stream_whose_client_stopped_reading(make_live_server):
     """Its thread, blocked in a send, held the stop until the stall deadline (over 30 s)."""
     server = make_live_server(storage="memory")

@@ -12,6 +12,7 @@ import datetime
 import http.client
 import json
 import os
+import time
 import urllib.parse
 import uuid
 import xmlrpc.client
@@ -755,7 +756,7 @@ MALFORMED_CALLS = {
     "member-without-name": (
         b"<methodCall><methodName>save</methodName><params><param><value>k</value></param><param><value><struct>"
         b"<member><value>1</value></member></struct></value></param></params></methodCall>",
-        "a <member> holds no <name>",
+        "a <member> holds its <name>, then its <value>",
     ),
     "bad-boolean": (
         b"<methodCall><methodName>save</methodName><params><param><value>k</value></param>"
@@ -812,6 +813,11 @@ MALFORMED_CALLS = {
         b"<param><value><array><data><struct/></data></array></value></param></params></methodCall>",
         "<struct> cannot stand in <data>",
     ),
+    "a-member-with-a-name-only": (
+        b"<methodCall><methodName>save</methodName><params><param><value>k</value></param><param><value><struct>"
+        b"<member><name>n</name></member></struct></value></param></params></methodCall>",
+        "a <member> holds no <value>",
+    ),
     "a-param-without-a-value": (
         b"<methodCall><methodName>save</methodName><params><param><value>k</value></param>"
         b"<param></param></params></methodCall>",
@@ -841,6 +847,11 @@ MALFORMED_CALLS = {
         b"<methodCall><methodName>save</methodName><params><param><value>k</value></param>"
         b"<param><value><double>\xd9\xa1.5</double></value></param></params></methodCall>",
         "decimal digits",
+    ),
+    "a-member-with-its-name-after-its-value": (
+        b"<methodCall><methodName>save</methodName><params><param><value>k</value></param><param><value><struct>"
+        b"<member><value>v</value><name>n</name></member></struct></value></param></params></methodCall>",
+        "a <member> holds its <name>, then its <value>",
     ),
     "entity-expansion": (
         b"<?xml version='1.0'?><!DOCTYPE m [<!ENTITY a 'aaaaaaaaaa'><!ENTITY b '&a;&a;&a;&a;&a;&a;&a;&a;'>]>"
@@ -947,6 +958,19 @@ def test_saving_a_value_of_more_than_500000_items_is_a_fault_413(rpc):
     assert rpc.keys() == []
     rpc.save("many", [0] * MAX_RPC_ITEMS)
     assert len(rpc.load("many")) == MAX_RPC_ITEMS
+
+
+@pytest.mark.parametrize("digits", ["1" * 40_000 + "x", "1" * 40_000 + " " * 40_000 + "x", "1." + "1" * 40_000 + "e"])
+def test_a_long_double_that_is_no_number_is_refused_at_once(digits):
+    """A pattern that can split a run of digits took quadratic time here, holding the GIL: one call
+    of 12,000 digits stopped the server for 4 s (found by review)."""
+    call = "<methodCall><methodName>save</methodName><params><param><value>k</value></param>"
+    call += f"<param><value><double>{digits}</double></value></param></params></methodCall>"
+    started = time.monotonic()
+    with pytest.raises(xmlrpc.client.Fault) as refused:
+        kvserver._read_call(call.encode())
+    assert refused.value.faultCode == 400
+    assert time.monotonic() - started < 2  # (quadratic, 40,000 digits took minutes)
 
 
 def test_a_gzip_coded_call_is_refused_saying_so(shared_server, key):

@@ -4909,6 +4909,7 @@ IDLE_TIMEOUT = 15.0  # seconds a keep-alive connection may wait for its next req
 HEAD_TIMEOUT = 10.0  # seconds from a request's first byte to the end of its headers
 STALL_TIMEOUT = 30.0  # seconds a request body, or an answer, may go without a byte moving
 STALL_GRACE = 5.0  # seconds between looks at an answer in the send queue, once STALL_TIMEOUT has passed
+STOP_GRACE = 1.0  # seconds an event stream has, once the server stops, to send what it is sending
 
 
 def _problem_response(status: HTTPStatus, detail: str) -> bytes:
@@ -5036,8 +5037,8 @@ class _Connections:
         if self._states.get(connection, ("", 0.0))[1] - now > 0.9 * STALL_TIMEOUT:
             return
         with self._lock:
-            if self._state(connection) == self._SERVING:
-                self._states[connection] = (self._SERVING, now + STALL_TIMEOUT)
+            if self._state(connection) == self._SERVING and not (self.stopping and connection in self._streams):
+                self._serve(connection)  # (a stopping stream's grace is not renewed)
 
     def watching(self, connection: socket.socket, watch: Watch) -> None:
         """The request waits on `watch` for a change, with no deadline, until `serving` again
@@ -5075,8 +5076,13 @@ class _Connections:
             self._states.pop(connection, None)
 
     def _serve(self, connection: socket.socket) -> None:
-        """The connection is serving a request, to answer within STALL_TIMEOUT; under the lock."""
-        self._states[connection] = (self._SERVING, time.monotonic() + STALL_TIMEOUT)
+        """The connection is serving a request, to answer within STALL_TIMEOUT (an event stream
+        once stopping: within STOP_GRACE, see stop); under the lock."""
+        stopping_stream = self.stopping and connection in self._streams
+        self._states[connection] = (
+            self._SERVING,
+            time.monotonic() + (STOP_GRACE if stopping_stream else STALL_TIMEOUT),
+        )
 
     def _state(self, connection: socket.socket) -> str:
         """What the connection is doing ("" once forgotten: cut off, or left); under the lock."""
@@ -5102,7 +5108,13 @@ class _Connections:
             with self._lock:
                 if self._states.get(connection) != (state, deadline):
                     continue  # it moved on meanwhile
-                if unsent and self._unsent_seen.pop(connection, None) != (deadline, unsent):
+                if (
+                    unsent
+                    and self._unsent_seen.pop(connection, None) != (deadline, unsent)
+                    and not (
+                        self.stopping and connection in self._streams  # (a stopping stream has had its grace)
+                    )
+                ):
                     renewed = now + STALL_GRACE  # the client took bytes since the last look: look again
                     self._states[connection] = (state, renewed)
                     self._unsent_seen[connection] = (renewed, unsent)
@@ -5140,12 +5152,15 @@ class _Connections:
         streams (so that they answer at once: a long-poll with what it has, a stream with its
         end, once what it is sending has gone), and return the connections to close: the idle
         ones, and the event streams whose client has not taken all they sent (a blocked send
-        would hold the stop; a client that reads resumes from its last event id)."""
+        would hold the stop; a client that reads resumes from its last event id). A stream
+        that is sending has STOP_GRACE to finish, and is cut off after (see _serve)."""
         with self._lock:
             self.stopping = True
             watches = [*self._watches.values(), *self._streams.values()]
             idle = [connection for connection, (state, _) in self._states.items() if state == self._IDLE]
             streams = [connection for connection in self._streams if self._state(connection) == self._SERVING]
+            for connection in streams:
+                self._serve(connection)
         for watch in watches:
             watch.close()
         return idle + [connection for connection in streams if _unsent_bytes(connection)]
@@ -5364,21 +5379,19 @@ def _command_line_problem(given: list[str]) -> str:
     for short, long, value in re.findall(r"^  (-\w )?(--[\w-]+)(=<)?", __doc__ or "", re.MULTILINE):
         options[long] = options[short.strip() or long] = (long, bool(value))
     seen: set[str] = set()
-    unstacked = []  # short flags stand together, as docopt reads them: -qp 4000 is -q -p 4000
-    for argument in given:
-        while re.fullmatch("-[^-].+", argument) and not options.get(argument[:2], ("", True))[1]:
-            unstacked.append(argument[:2])
-            argument = "-" + argument[2:]
-        unstacked.append(argument)
-    arguments = iter(unstacked)
-    for position, argument in enumerate(arguments):
-        if position == 0 and argument in commands:
+    arguments = list(reversed(given))  # the next one last
+    while arguments:
+        argument = arguments.pop()
+        if len(arguments) == len(given) - 1 and argument in commands:
             continue
         if not argument.startswith("-") or argument == "-":
             return f"unexpected argument {argument!r}: every setting is an option such as --port 4000"
         name, equals, _ = argument.partition("=")
         if not name.startswith("--"):
             name, equals = argument[:2], "=" if len(argument) > 2 else ""  # -p4000 holds its value
+            if equals and not options.get(name, ("", True))[1]:  # short flags stand together: -qp is -q -p
+                arguments.append("-" + argument[2:])
+                equals = ""
         if name not in options:
             return f"unknown option {name}"
         long, takes_value = options[name]
@@ -5387,8 +5400,10 @@ def _command_line_problem(given: list[str]) -> str:
         seen.add(long)
         if not takes_value and equals:
             return f"option {long} takes no value"
-        if takes_value and not equals and next(arguments, None) is None:
+        if takes_value and not equals and not arguments:
             return f"option {long} needs a value"
+        if takes_value and not equals:
+            arguments.pop()  # its value, whatever it looks like
     return "the command line does not match the usage"
 
 
@@ -5535,10 +5550,12 @@ def main(argv: list[str] | None = None) -> None:
         )
     try:
         socket.getaddrinfo(args["--bind"], port, type=socket.SOCK_STREAM)  # as KVServer does, before any storage opens
-    except socket.gaierror as error:  # not an address, nor a name that has one; or no answer for now
-        if error.errno != socket.EAI_NONAME:
-            _fail(f"cannot listen on {args['--bind']} port {port}: {error.strerror}", 1)
-        _fail(f"--bind takes an address (the port goes in --port), not {args['--bind']!r}: {error.strerror}", 2)
+    except (socket.gaierror, UnicodeError) as error:  # not an address, nor a name that has one; or no answer for now
+        why = error.strerror if isinstance(error, socket.gaierror) else "a part of the name is over 63 characters"
+        no_answer = isinstance(error, socket.gaierror) and error.errno in (socket.EAI_AGAIN, socket.EAI_FAIL)
+        if no_answer and not re.fullmatch("[0-9.]*", args["--bind"]):  # (a name: the resolver may answer later)
+            _fail(f"cannot listen on {args['--bind']} port {port}: {why}", 1)
+        _fail(f"--bind takes an address (the port goes in --port), not {args['--bind']!r}: {why}", 2)
     if token is not None and args["--no-token"]:
         _fail("--no-token contradicts --token (or KV_TOKEN): give one or the other", 2)
     if (args["--certfile"] is None) != (args["--keyfile"] is None):

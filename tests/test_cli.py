@@ -241,6 +241,10 @@ def test_a_request_in_flight_finishes_during_shutdown(make_server):
         (["-qp"], "option --port needs a value"),
         (["-qq"], "option --quiet is given twice"),
         (["-qz"], "unknown option -z"),
+        (["--token", "-q1", "-p"], "option --port needs a value"),  # (an option's value is not unstacked)
+        (["--data-dir", "-qd", "--port"], "option --port needs a value"),
+        (["-b", "-qx", "y"], "unexpected argument 'y'"),
+        (["--bind", "a" * 64 + ".example"], "--bind takes an address"),
         (["--no-fsync=yes"], "option --no-fsync takes no value"),
         (["--token", "secret "], "--token (or KV_TOKEN) holds no control character, nor space or tab at either end"),
         (["--token", "\tsecret"], "--token (or KV_TOKEN) holds no control character, nor space or tab at either end"),
@@ -265,6 +269,17 @@ def test_a_redis_url_that_cannot_be_read_does_not_show_its_password(tmp_path, ur
     line = one_line(result)
     assert "--storage: a Redis URL is" in line and "percent-encoded" in line
     assert "hunter2" not in line
+
+
+def test_a_malformed_address_is_a_bad_bind_even_when_the_resolver_does_not_answer(monkeypatch, capsys):
+    def no_answer(*args, **kwargs):  # (glibc answers so for 999.0.0.1 when no DNS server can be reached)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_answer)
+    with pytest.raises(SystemExit) as exited:
+        kvserver.main(["--storage", "memory", "--bind", "999.0.0.1"])
+    assert exited.value.code == 2
+    assert "--bind takes an address" in capsys.readouterr().err
 
 
 def test_a_bind_name_that_cannot_be_looked_up_for_now_is_a_start_up_failure(monkeypatch, capsys):

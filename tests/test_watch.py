@@ -868,6 +868,60 @@ def test_stop_with_50_open_streams_and_waiting_requests_takes_under_a_second(any
         assert stream.response.read() == b""  # the stream ended cleanly
 
 
+def test_stop_is_not_held_by_a_stream_that_begins_a_send_its_client_will_not_take(make_live_server, monkeypatch):
+    """A stream about to send a batch when the server stops, its client having taken all it was
+    sent, is not cut off at once; its send then blocks (a small send buffer, as on a long-distance
+    connection), and it is cut off STOP_GRACE later, not at the stall deadline (found by review)."""
+    server = make_live_server(storage="memory")
+    armed, held, go_on = threading.Event(), threading.Event(), threading.Event()
+    answer = kvserver.KVRequestHandler._stream
+
+    class HeldWriter:
+        def __init__(self, writer):
+            self._writer = writer
+
+        def writelines(self, lines):
+            lines = list(lines)
+            if armed.is_set() and len(lines) > 100 and not held.is_set():
+                held.set()  # serving, a batch in hand, about to send it
+                assert go_on.wait(10)
+            return self._writer.writelines(lines)
+
+        def __getattr__(self, name):
+            return getattr(self._writer, name)
+
+    def stream(self, *args, **kwargs):
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32 * 1024)
+        return HeldWriter(answer(self, *args, **kwargs))
+
+    monkeypatch.setattr(kvserver.KVRequestHandler, "_stream", stream)
+    with socket.socket() as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.settimeout(10)
+        client.connect(("127.0.0.1", server.port))
+        client.sendall(b"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        head = b""
+        for _ in range(100):
+            if b"\r\n\r\n" in head:
+                break
+            head += client.recv(4096)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        armed.set()
+        for n in range(300):  # (the client reads nothing more)
+            server.storage.put(f"{n:06d}" + "k" * 1000, b"v", content_type="application/x-" + "t" * 1000)
+        assert held.wait(10)
+        connections = server.server.connections
+        [connection] = connections._streams
+        assert (connections._state(connection), kvserver._unsent_bytes(connection)) == ("serving", 0)
+        stopper = threading.Thread(target=server.stop, daemon=True)
+        started = time.monotonic()
+        stopper.start()
+        wait_for(lambda: connections.stopping, what="the stop to have looked at the streams")
+        go_on.set()
+        stopper.join(10)
+        assert time.monotonic() - started < kvserver.STOP_GRACE + 2  # (the housekeeping looks twice a second)
+
+
 def test_stop_ends_a_stream_that_has_just_started_cleanly(make_live_server, monkeypatch):
     """Not sending yet, it is not cut off: it answers 200 and ends (found by review)."""
     server = make_live_server(storage="memory")

@@ -868,6 +868,23 @@ def test_stop_with_50_open_streams_and_waiting_requests_takes_under_a_second(any
         assert stream.response.read() == b""  # the stream ended cleanly
 
 
+@contextlib.contextmanager
+def stream_read_no_further(server) -> Iterator[socket.socket]:
+    """GET /events on a socket with a small receive buffer, whose client reads its head and no more."""
+    with socket.socket() as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # (before connecting, to take effect)
+        client.settimeout(10)
+        client.connect(("127.0.0.1", server.port))
+        client.sendall(b"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        head = b""
+        for _ in range(100):
+            if b"\r\n\r\n" in head:
+                break
+            head += client.recv(4096)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        yield client
+
+
 def test_stop_is_not_held_by_a_stream_that_begins_a_send_its_client_will_not_take(make_live_server, monkeypatch):
     """A stream about to send a batch when the server stops, its client having taken all it was
     sent, is not cut off at once; its send then blocks (a small send buffer, as on a long-distance
@@ -895,17 +912,7 @@ def test_stop_is_not_held_by_a_stream_that_begins_a_send_its_client_will_not_tak
         return HeldWriter(answer(self, *args, **kwargs))
 
     monkeypatch.setattr(kvserver.KVRequestHandler, "_stream", stream)
-    with socket.socket() as client:
-        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        client.settimeout(10)
-        client.connect(("127.0.0.1", server.port))
-        client.sendall(b"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-        head = b""
-        for _ in range(100):
-            if b"\r\n\r\n" in head:
-                break
-            head += client.recv(4096)
-        assert head.startswith(b"HTTP/1.1 200 ")
+    with stream_read_no_further(server):
         armed.set()
         for n in range(300):  # (the client reads nothing more)
             server.storage.put(f"{n:06d}" + "k" * 1000, b"v", content_type="application/x-" + "t" * 1000)
@@ -951,17 +958,7 @@ def test_stop_ends_a_stream_that_has_just_started_cleanly(make_live_server, monk
 def test_stop_cuts_off_at_once_a_stream_whose_client_stopped_reading(make_live_server):
     """Its thread, blocked in a send, held the stop until the stall deadline (over 30 s)."""
     server = make_live_server(storage="memory")
-    with socket.socket() as client:
-        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # (before connecting, to take effect)
-        client.settimeout(10)
-        client.connect(("127.0.0.1", server.port))
-        client.sendall(b"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-        head = b""
-        for _ in range(100):
-            if b"\r\n\r\n" in head:
-                break
-            head += client.recv(4096)
-        assert head.startswith(b"HTTP/1.1 200 ")
+    with stream_read_no_further(server):
         media_type = "application/x-" + "t" * 1000
         for n in range(4000):  # about 8 MB of events, more than the kernel's buffers hold
             server.storage.put(f"{n:06d}" + "k" * 1000, b"v", content_type=media_type)

@@ -4880,6 +4880,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
                     sent = time.monotonic()
                 writer.flush()
             writer.close()
+            self.wfile.flush()  # (its end leaves while stop() still knows it for a stream)
             self._sent = writer.written
 
     # XML-RPC
@@ -5551,9 +5552,15 @@ def main(argv: list[str] | None = None) -> None:
     try:
         socket.getaddrinfo(args["--bind"], port, type=socket.SOCK_STREAM)  # as KVServer does, before any storage opens
     except (socket.gaierror, UnicodeError) as error:  # not an address, nor a name that has one; or no answer for now
-        why = error.strerror if isinstance(error, socket.gaierror) else "a part of the name is over 63 characters"
+        why = (
+            error.strerror
+            if isinstance(error, socket.gaierror)
+            else "a part of the name is empty, too long or not allowed"
+        )
         no_answer = isinstance(error, socket.gaierror) and error.errno in (socket.EAI_AGAIN, socket.EAI_FAIL)
-        if no_answer and not re.fullmatch("[0-9.]*", args["--bind"]):  # (a name: the resolver may answer later)
+        if no_answer and not re.fullmatch(
+            r"[0-9.]*|.*[:\[\]].*", args["--bind"]
+        ):  # (a name, not an address: it may resolve later)
             _fail(f"cannot listen on {args['--bind']} port {port}: {why}", 1)
         _fail(f"--bind takes an address (the port goes in --port), not {args['--bind']!r}: {why}", 2)
     if token is not None and args["--no-token"]:

@@ -244,7 +244,8 @@ def test_a_request_in_flight_finishes_during_shutdown(make_server):
         (["--token", "-q1", "-p"], "option --port needs a value"),  # (an option's value is not unstacked)
         (["--data-dir", "-qd", "--port"], "option --port needs a value"),
         (["-b", "-qx", "y"], "unexpected argument 'y'"),
-        (["--bind", "a" * 64 + ".example"], "--bind takes an address"),
+        (["--bind", "a" * 64 + ".example"], "a part of the name is empty, too long or not allowed"),
+        (["--bind", "a..example"], "a part of the name is empty, too long or not allowed"),
         (["--no-fsync=yes"], "option --no-fsync takes no value"),
         (["--token", "secret "], "--token (or KV_TOKEN) holds no control character, nor space or tab at either end"),
         (["--token", "\tsecret"], "--token (or KV_TOKEN) holds no control character, nor space or tab at either end"),
@@ -276,6 +277,8 @@ def test_a_redis_url_that_cannot_be_read_does_not_show_its_password(tmp_path, ur
     [
         ("kv.internal.example", 1, "cannot listen on kv.internal.example port 4000: Temporary failure"),
         ("999.0.0.1", 2, "--bind takes an address"),  # (glibc answers so for it when no DNS server answers)
+        ("127.0.0.1:4000", 2, "--bind takes an address (the port goes in --port)"),
+        ("[::1]", 2, "--bind takes an address"),
     ],
 )
 def test_a_bind_name_the_resolver_cannot_answer_for_now_is_a_start_up_failure_but_not_a_bad_address(

@@ -3816,9 +3816,9 @@ class _NotCarried(Exception):
         self.code = code
 
 
-# The elements of an XML-RPC call (its specification, with the types xmlrpc.client reads): what each may
-# hold. Those marked True may hold one of their elements many times; a <value> holds one element
-# at most; the others hold each of theirs at most once.
+# The elements of an XML-RPC call (its specification, with the types xmlrpc.client reads): what
+# each may hold. Those marked True may hold one of their elements many times; a <value> holds one
+# element at most; the others hold each of theirs at most once.
 _RPC_STRUCTURE = {"methodName", "params", "value", "array", "struct", "name", "fault"}  # not a value's type
 _RPC_SCALARS = frozenset(xmlrpc.client.Unmarshaller.dispatch) - _RPC_STRUCTURE  # the types xmlrpc.client reads
 _RPC_ELEMENTS: dict[str, tuple[frozenset[str], bool]] = {
@@ -3834,6 +3834,7 @@ _RPC_ELEMENTS: dict[str, tuple[frozenset[str], bool]] = {
 }
 _RPC_NEEDED = {"param": ("value",), "member": ("name", "value")}  # (a call's <methodName> is looked for after)
 _XML_SPACE = "[ \t\r\n]*"  # XML's white space (S), which ints, doubles and base64 may have around them
+_RPC_INT = re.compile(f"{_XML_SPACE}[-+]?[0-9]{{1,10}}{_XML_SPACE}")
 # (Each digit matches one way only: a pattern that can split a run of digits takes quadratic time.)
 _RPC_DOUBLE = re.compile(f"{_XML_SPACE}[-+]?([0-9]+(\\.[0-9]*)?|\\.[0-9]+)([eE][-+]?[0-9]+)?{_XML_SPACE}")
 _RPC_BASE64 = re.compile("[A-Za-z0-9+/ \t\r\n]*(=[ \t\r\n]*){0,2}")  # (its length is checked by decoding)
@@ -3879,7 +3880,7 @@ class _CallReader(xmlrpc.client.Unmarshaller):
         super().end(tag)
 
     def end_int(self, data: str) -> None:
-        if not re.fullmatch(f"{_XML_SPACE}[-+]?[0-9]{{1,10}}{_XML_SPACE}", data) or int(data) not in _INT32:
+        if not _RPC_INT.fullmatch(data) or int(data) not in _INT32:
             raise _NotCarried(
                 f"an XML-RPC int is a whole number from {_INT32.start} to {_INT32.stop - 1}, not {_excerpt(data)}; "
                 "send larger numbers as a double or a string"
@@ -5038,7 +5039,7 @@ class _Connections:
         if self._states.get(connection, ("", 0.0))[1] - now > 0.9 * STALL_TIMEOUT:
             return
         with self._lock:
-            if self._state(connection) == self._SERVING and not (self.stopping and connection in self._streams):
+            if self._state(connection) == self._SERVING and not self._stopping_stream(connection):
                 self._serve(connection)  # (a stopping stream's grace is not renewed)
 
     def watching(self, connection: socket.socket, watch: Watch) -> None:
@@ -5079,11 +5080,12 @@ class _Connections:
     def _serve(self, connection: socket.socket) -> None:
         """The connection is serving a request, to answer within STALL_TIMEOUT (an event stream
         once stopping: within STOP_GRACE, see stop); under the lock."""
-        stopping_stream = self.stopping and connection in self._streams
-        self._states[connection] = (
-            self._SERVING,
-            time.monotonic() + (STOP_GRACE if stopping_stream else STALL_TIMEOUT),
-        )
+        grace = STOP_GRACE if self._stopping_stream(connection) else STALL_TIMEOUT
+        self._states[connection] = (self._SERVING, time.monotonic() + grace)
+
+    def _stopping_stream(self, connection: socket.socket) -> bool:
+        """Whether the connection is an event stream of a server that is stopping; under the lock."""
+        return self.stopping and connection in self._streams
 
     def _state(self, connection: socket.socket) -> str:
         """What the connection is doing ("" once forgotten: cut off, or left); under the lock."""
@@ -5109,13 +5111,8 @@ class _Connections:
             with self._lock:
                 if self._states.get(connection) != (state, deadline):
                     continue  # it moved on meanwhile
-                if (
-                    unsent
-                    and self._unsent_seen.pop(connection, None) != (deadline, unsent)
-                    and not (
-                        self.stopping and connection in self._streams  # (a stopping stream has had its grace)
-                    )
-                ):
+                seen = self._unsent_seen.pop(connection, None)
+                if unsent and seen != (deadline, unsent) and not self._stopping_stream(connection):
                     renewed = now + STALL_GRACE  # the client took bytes since the last look: look again
                     self._states[connection] = (state, renewed)
                     self._unsent_seen[connection] = (renewed, unsent)
@@ -5557,10 +5554,9 @@ def main(argv: list[str] | None = None) -> None:
             if isinstance(error, socket.gaierror)
             else "a part of the name is empty, too long or not allowed"
         )
-        no_answer = isinstance(error, socket.gaierror) and error.errno in (socket.EAI_AGAIN, socket.EAI_FAIL)
-        if no_answer and not re.fullmatch(
-            r"[0-9.]*|.*[:\[\]].*", args["--bind"]
-        ):  # (a name, not an address: it may resolve later)
+        no_answer_for_now = isinstance(error, socket.gaierror) and error.errno in (socket.EAI_AGAIN, socket.EAI_FAIL)
+        an_address = re.fullmatch(r"[0-9.]*|.*[:\[\]].*", args["--bind"])  # (no name looks so)
+        if no_answer_for_now and not an_address:  # (a name may resolve later)
             _fail(f"cannot listen on {args['--bind']} port {port}: {why}", 1)
         _fail(f"--bind takes an address (the port goes in --port), not {args['--bind']!r}: {why}", 2)
     if token is not None and args["--no-token"]:

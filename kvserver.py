@@ -3253,9 +3253,10 @@ def _body_framing(fields: _Fields, version: str) -> tuple[int | None, bool]:
         raise _HTTPError(HTTPStatus.BAD_REQUEST, "send one Content-Length field, not several")
     if not lengths[0].isascii() or not lengths[0].isdigit():
         raise _HTTPError(HTTPStatus.BAD_REQUEST, f"Content-Length is a run of digits, not {lengths[0]!r}")
-    if len(lengths[0]) > 18:
-        raise _HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"Content-Length {lengths[0]} is beyond any limit")
-    return int(lengths[0]), False
+    digits = lengths[0].lstrip("0") or "0"  # (leading zeros add nothing, but to the time int() takes)
+    if len(digits) > 18:
+        raise _HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"Content-Length {digits} is beyond any limit")
+    return int(digits), False
 
 
 class _AnswerStream(io.RawIOBase):

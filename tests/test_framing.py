@@ -212,6 +212,15 @@ def test_leading_zeros_of_a_chunk_size_are_read(live_server):
     assert live_server.storage.get("zeros") == b"abc"
 
 
+@pytest.mark.parametrize("zeros", [1, 18, 40])
+def test_leading_zeros_of_a_content_length_are_read(live_server, zeros):
+    """Content-Length = 1*DIGIT (RFC 9110 section 8.6): leading zeros do not make a length larger."""
+    length = b"0" * zeros + b"3"
+    message = b"PUT /kv/zeros HTTP/1.1\r\n" + HOST + b"Content-Length: " + length + b"\r\n\r\nabc"
+    assert parse_response(live_server.raw(message, timeout=5, half_close=True)).status == 201
+    assert live_server.storage.get("zeros") == b"abc"
+
+
 def test_a_malformed_head_is_answered_at_once_not_after_the_head_deadline(live_server):
     started = time.monotonic()
     with socket.create_connection(("127.0.0.1", live_server.port), timeout=5) as sock:

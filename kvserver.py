@@ -3809,6 +3809,7 @@ class _Metrics:
 MAX_RPC_VALUE = 16 * 1024 * 1024  # XML-RPC carries values up to this size either way; /kv/<key> any size
 MAX_RPC_DEPTH = 64  # levels of arrays and structs in an XML-RPC value
 MAX_RPC_ITEMS = 500_000  # items of the arrays and structs in an XML-RPC value, at any depth
+MAX_RPC_PARAMS = 16  # parameters of a call (no method takes more than three)
 _MAX_RPC_BODY = 2 * MAX_RPC_VALUE + CHUNK  # room for the value's base64 (4/3 of it) or escaped text, and XML
 _RPC_TOO_LARGE = (
     f"XML-RPC carries values of at most {MAX_RPC_VALUE >> 20} MiB and {MAX_RPC_ITEMS:,} items: "
@@ -3852,14 +3853,16 @@ _RPC_BASE64 = re.compile("[A-Za-z0-9+/ \t\r\n]*(=[ \t\r\n]*){0,2}")  # (its leng
 class _CallReader(xmlrpc.client.Unmarshaller):
     """xmlrpc.client's reader, keeping a call to the XML-RPC grammar (_RPC_ELEMENTS) and within
     what the server stores and gives back (each refused as it is read, as _NotCarried): ints of
-    32 bits, finite doubles, strict base64, at most MAX_RPC_DEPTH levels of arrays and structs
-    and MAX_RPC_ITEMS items in the call. <base64> is decoded without an extra copy."""
+    32 bits, finite doubles, strict base64, at most MAX_RPC_DEPTH levels of arrays and structs,
+    MAX_RPC_ITEMS items in the call and MAX_RPC_PARAMS parameters. <base64> is decoded without
+    an extra copy."""
 
     def __init__(self) -> None:
         super().__init__()
         self.xml("", None)  # no encoding: expat gives str, with nothing to decode
         self._open: list[tuple[str, list[str]]] = [("", [])]  # the elements open: name, and those it holds once
         self._items = 0  # the items of arrays and structs so far
+        self._params = 0  # the parameters so far
 
     def start(self, tag: str, attrs: dict[str, str]) -> None:
         name = tag.rpartition(":")[2]
@@ -3873,7 +3876,14 @@ class _CallReader(xmlrpc.client.Unmarshaller):
         if not many:  # (what an array or struct holds is counted below, not kept)
             held.append(name)
         self._open.append((name, []))
-        if name == "value" and parent in ("data", "member"):
+        if name == "param":
+            self._params += 1
+            if self._params > MAX_RPC_PARAMS:
+                raise _NotCarried(
+                    f"a call holds over {MAX_RPC_PARAMS} parameters, more than any method takes; "
+                    "system.methodHelp(<method>) says what one takes"
+                )
+        elif name == "value" and parent in ("data", "member"):
             self._items += 1
             if self._items > MAX_RPC_ITEMS:
                 raise _NotCarried(f"a call holds over {MAX_RPC_ITEMS:,} items; {_RPC_TOO_LARGE}", 413)

@@ -985,6 +985,27 @@ def test_a_gzip_coded_call_is_refused_saying_so(shared_server, key):
     assert "Content-Encoding 'gzip'" in json.loads(answer.body)["detail"]
 
 
+@pytest.mark.parametrize("count", [17, 200_000])
+def test_a_call_of_more_parameters_than_any_method_takes_is_refused_as_it_is_read(shared_server, count):
+    """Parameters are not items of a list or struct: without a limit of their own, a call of a
+    million empty structs would be built whole before the method's arguments were looked at."""
+    params = "<param><value><struct></struct></value></param>" * count
+    fault = post_call(
+        shared_server, f"<methodCall><methodName>save</methodName><params>{params}</params></methodCall>".encode()
+    )
+    assert fault.faultCode == 400
+    assert "over 16 parameters" in fault.faultString
+
+
+def test_a_call_of_sixteen_parameters_is_read_and_told_what_the_method_takes(shared_server):
+    params = "<param><value>k</value></param>" * 16
+    fault = post_call(
+        shared_server, f"<methodCall><methodName>save</methodName><params>{params}</params></methodCall>".encode()
+    )
+    assert fault.faultCode == 400
+    assert "save does not take 16 argument(s)" in fault.faultString
+
+
 def test_the_item_limit_holds_for_the_whole_call_not_for_each_parameter(shared_server, monkeypatch):
     """Counted per parameter, a call of many parameters could make the server build many times
     the items it takes before it looks at the method's arguments."""

@@ -5396,15 +5396,22 @@ def _command_line_problem(given: list[str]) -> str:
     for short, long, value in re.findall(r"^  (-\w )?(--[\w-]+)(=<)?", __doc__ or "", re.MULTILINE):
         options[long] = options[short.strip() or long] = (long, bool(value))
     seen: set[str] = set()
+    command = None
     arguments = list(reversed(given))  # the next one last
     while arguments:
         argument = arguments.pop()
-        if len(arguments) == len(given) - 1 and argument in commands:
+        if argument in commands and command is None:  # (options may stand before it too)
+            command = argument
             continue
-        if not argument.startswith("-") or argument == "-":
+        if not argument.startswith("-") or argument in ("-", "--"):
             return f"unexpected argument {argument!r}: every setting is an option such as --port 4000"
         name, equals, _ = argument.partition("=")
-        if not name.startswith("--"):
+        if name.startswith("--") and name not in options:  # docopt takes a unique prefix of one
+            longer = [option for option in options if option.startswith(name)]
+            if len(longer) > 1:
+                return f"option {name} could be any of {', '.join(longer)}: spell it out"
+            name = longer[0] if longer else name
+        elif not name.startswith("--"):
             name, equals = argument[:2], "=" if len(argument) > 2 else ""  # -p4000 holds its value
             if equals and not options.get(name, ("", True))[1]:  # short flags stand together: -qp is -q -p
                 arguments.append("-" + argument[2:])

@@ -244,6 +244,12 @@ def test_a_request_in_flight_finishes_during_shutdown(make_server):
         (["--token", "-q1", "-p"], "option --port needs a value"),  # (an option's value is not unstacked)
         (["--data-dir", "-qd", "--port"], "option --port needs a value"),
         (["-b", "-qx", "y"], "unexpected argument 'y'"),
+        (["--po", "1", "--po", "2"], "option --port is given twice"),  # (docopt takes a unique prefix)
+        (["--po=1", "--port", "2"], "option --port is given twice"),
+        (["--p", "1"], "option --p could be any of --port, --prefix: spell it out"),
+        (["-q", "export", "-q"], "option --quiet is given twice"),  # (a command may follow options)
+        (["export", "export"], "unexpected argument 'export'"),
+        (["--"], "unexpected argument '--'"),
         (["--bind", "a" * 64 + ".example"], "a part of the name is empty, too long or not allowed"),
         (["--bind", "a..example"], "a part of the name is empty, too long or not allowed"),
         (["--no-fsync=yes"], "option --no-fsync takes no value"),

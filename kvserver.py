@@ -3569,11 +3569,14 @@ a { color: #2b6cb0; } a.delete { color: #b42318; }
 """
 
 
-# The page's one script: it reloads the listing when a key under its prefix changes (an
-# EventSource on /events), or, while the visitor is typing into a form or the page asks to
-# confirm a delete, offers a reload link.
+# The page's one script: the page that answers a /set or a confirmed /delete takes the
+# listing's address, so that Back and Reload do not send the write again (the browser fetches
+# a page it may not store: Cache-Control no-store); and it reloads the listing when a key under
+# its prefix changes (an EventSource on /events), or, while the visitor is typing into a form
+# or the page asks to confirm a delete, offers a reload link.
 _PAGE_SCRIPT = """
 const { events, listing } = document.currentScript.dataset;
+if (location.pathname !== "/" && !document.querySelector("form.confirm")) history.replaceState(null, "", listing);
 let timer = null, notice = null;
 function changed() {
   const inputs = [...document.querySelectorAll("form input")];

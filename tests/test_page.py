@@ -159,7 +159,8 @@ def test_a_key_set_through_the_form_is_listed_opened_and_deleted(tab: Tab) -> No
     page.get_by_label("Value", exact=True).fill(value)
     response = tab.follow(page.get_by_role("button", name="Set"))
     assert_is_page(response, 201)
-    assert urllib.parse.urlsplit(page.url).path == "/set"
+    assert urllib.parse.urlsplit(response.url).path == "/set"
+    assert page.url == tab.server.url + "/", "the answer to a write takes the listing's address"
     assert page.title() == "kvserver"
     assert "greeting" in page.locator(".notice").inner_text()
     assert tab.listed_keys() == ["greeting"]
@@ -298,6 +299,51 @@ def test_while_the_page_asks_to_confirm_a_delete_a_change_offers_a_reload_link_i
     notice.wait_for()
     assert urllib.parse.urlsplit(tab.page.url).path == "/delete"
     assert tab.page.locator("form.confirm").count() == 1
+
+
+def set_through_the_form(tab: Tab, key: str, value: str) -> None:
+    tab.page.get_by_label("Key", exact=True).fill(key)
+    tab.page.get_by_label("Value", exact=True).fill(value)
+    response = tab.follow(tab.page.get_by_role("button", name="Set"))
+    assert response.status in (200, 201) and "Stored" in tab.page.locator(".notice").inner_text()
+
+
+def test_back_after_two_sets_does_not_set_the_first_value_again(tab: Tab) -> None:
+    tab.open("/")
+    set_through_the_form(tab, "k", "first")
+    set_through_the_form(tab, "k", "second")
+    tab.page.go_back()
+    tab.page.wait_for_load_state()
+    assert tab.server.get("/get?key=k").body == b"second", "Back sent /set?key=k&value=first again"
+    assert "k" in tab.listed_keys()
+
+
+def test_back_after_a_delete_and_a_set_does_not_delete_again(tab: Tab) -> None:
+    tab.server.get("/set?k=old")
+    tab.open("/")
+    assert_is_page(tab.delete("k"), 200)
+    assert tab.server.get("/get?key=k").status == 404
+    set_through_the_form(tab, "k", "new")
+    tab.page.go_back()
+    tab.page.wait_for_load_state()
+    assert tab.server.get("/get?key=k").body == b"new", "Back sent /delete?key=k&confirm=yes again"
+
+
+def test_reload_after_a_set_shows_the_listing_and_writes_nothing(tab: Tab) -> None:
+    tab.open("/")
+    set_through_the_form(tab, "k", "mine")
+    tab.server.get("/set?k=theirs")  # another client's write since
+    response = tab.page.reload()
+    assert response is not None and urllib.parse.urlsplit(response.url).path == "/"
+    assert tab.server.get("/get?key=k").body == b"theirs", "Reload sent /set?key=k&value=mine again"
+
+
+def test_the_confirmation_of_a_delete_keeps_its_address(tab: Tab) -> None:
+    tab.server.get("/set?k=v")
+    tab.open("/")
+    tab.follow(tab.row("k").get_by_role("link", name="delete"))
+    assert urllib.parse.urlsplit(tab.page.url).path == "/delete"
+    assert tab.server.get("/get?key=k").status == 200
 
 
 def test_the_page_works_without_javascript(browser: Browser, server: Server) -> None:

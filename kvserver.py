@@ -3300,11 +3300,20 @@ class _RequestBody:
         self._chunked_total = 0
 
     def open(self, limit: int) -> _RequestBody:
-        """Accept a body of at most `limit` bytes, to read from the object returned. 400 (a
-        content coding), 411 and 413 are raised here, before anything is read, and only then is
-        100 Continue sent to a client that asked for it (RFC 9110 section 10.1.1): a client that
-        waits for it sends no byte of a value we refuse. A chunked body is held to `limit` as it
-        arrives."""
+        """Accept a body of at most `limit` bytes, to read from the object returned: `check`
+        it, and only then send 100 Continue to a client that asked for it (RFC 9110 section
+        10.1.1), so that a client that waits for it sends no byte of a value we refuse. A
+        chunked body is held to `limit` as it arrives."""
+        self.check(limit)
+        if self._head.version == "HTTP/1.1" and (self._head.fields.get("Expect") or "").lower() == "100-continue":
+            self._handler.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self._handler.wfile.flush()
+        self._limit = limit
+        return self
+
+    def check(self, limit: int) -> None:
+        """Refuse, from the head alone, a body that `open(limit)` would not take: 400 for a
+        content coding, 411 without a length, 413 for a length over `limit`."""
         head = self._head
         coding = head.fields.get("Content-Encoding")
         if coding and coding.lower() != "identity":  # (RFC 9110 section 8.4 allows refusing it)
@@ -3320,11 +3329,6 @@ class _RequestBody:
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                 f"the value is {head.content_length} bytes; this server takes at most {limit} (--max-value)",
             )
-        if head.version == "HTTP/1.1" and (head.fields.get("Expect") or "").lower() == "100-continue":
-            self._handler.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            self._handler.wfile.flush()
-        self._limit = limit
-        return self
 
     def read_all(self, limit: int) -> bytes:
         """`open(limit)`, and the whole body."""
@@ -4554,27 +4558,31 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         else:
             self._send(status, _problem(status, detail), "application/problem+json", headers)
 
-    def _send_value(self, stat: Stat, body: BinaryIO) -> None:
-        """Answer with a stored value: 200 with its bytes, or 304 if the client has it."""
-        modified = not self._client_has(stat.etag)
-        status = HTTPStatus.OK if modified else HTTPStatus.NOT_MODIFIED
-        fields = {
-            "Content-Type": stat.content_type,
-            "ETag": f'"{stat.etag}"',
-            "Cache-Control": "no-cache",
-            "X-Content-Type-Options": "nosniff",
-            "Content-Security-Policy": "sandbox",
-        }
-        if stat.expires_at is not None:
-            fields["KV-TTL"] = str(stat.seconds_left())
-        if modified:
-            fields["Content-Length"] = str(stat.size)
-        self._write_head(status, fields)
-        send = modified and self.command != "HEAD"
+    def _send_value(self, key: str, stat: Stat, body: BinaryIO) -> None:
+        """Answer with the value of `key`: 200 with its bytes, 304 if the client has it, or 412
+        if the request's If-Match names another value (looked at first: RFC 9110 section 13.2.2)."""
         with body:
-            if send and isinstance(body, io.BytesIO):  # held in memory: it leaves with the head, in one send
+            if_match = self._if_match()
+            if if_match is not None:
+                _Precondition(if_match, if_none_match=False).check(key, stat.etag)
+            modified = not self._client_has(stat.etag)
+            fields = {
+                "Content-Type": stat.content_type,
+                "ETag": f'"{stat.etag}"',
+                "Cache-Control": "no-cache",
+                "X-Content-Type-Options": "nosniff",
+                "Content-Security-Policy": "sandbox",
+            }
+            if stat.expires_at is not None:
+                fields["KV-TTL"] = str(stat.seconds_left())
+            if modified:
+                fields["Content-Length"] = str(stat.size)
+            self._write_head(HTTPStatus.OK if modified else HTTPStatus.NOT_MODIFIED, fields)
+            if not modified or self.command == "HEAD":
+                return
+            if isinstance(body, io.BytesIO):  # held in memory: it leaves with the head, in one send
                 self._sent = self.wfile.write(body.getvalue())
-            elif send:
+            else:
                 self.wfile.flush()
                 self._sent = self._send_file(body, stat.size)
                 if self._sent < stat.size:  # the file shrank under us: end the answer where the bytes end
@@ -4648,7 +4656,8 @@ class KVRequestHandler(BaseHTTPRequestHandler):
 
     @_route("/get", "GET")
     def _route_get(self, path: str, query: str) -> None:
-        self._send_value(*self._fetch_or_404(self._query_key(path, query)))
+        key = self._query_key(path, query)
+        self._send_value(key, *self._fetch_or_404(key))
 
     @_route("/delete", "GET", head=False)
     def _route_delete(self, path: str, query: str) -> None:
@@ -4786,29 +4795,33 @@ class KVRequestHandler(BaseHTTPRequestHandler):
 
     def _precondition(self) -> tuple[str | None, bool]:
         """If-Match and If-None-Match of a PUT or DELETE, as storage arguments."""
-        if_match = self.headers.get("If-Match")
         if_none_match = self.headers.get("If-None-Match")
         if if_none_match is not None and if_none_match != "*":
             raise _HTTPError(HTTPStatus.BAD_REQUEST, 'on PUT and DELETE, If-None-Match takes only "*" (create only)')
+        return self._if_match(), if_none_match is not None
+
+    def _if_match(self) -> str | None:
+        """The request's If-Match as the storage takes it: an ETag, "*" for any value, or None."""
+        if_match = self.headers.get("If-Match")
         if if_match is None or if_match == "*":
-            return ("*" if if_match is not None else None), if_none_match is not None
+            return if_match
         tags = _etags(if_match)
         if len(tags) != 1 or if_match != f'"{tags[0]}"':  # (nothing beside it: no W/, no second tag, no *)
             raise _HTTPError(HTTPStatus.BAD_REQUEST, 'If-Match takes one strong ETag, as "<etag>", or *')
         if tags[0] == "*":  # an entity tag (RFC 9110 section 8.8.3), which no value has; not the storage's "any value"
             raise PreconditionFailed('no value has ETag "*"; If-Match: * without quotes matches any value')
-        return tags[0], if_none_match is not None
+        return tags[0]
 
     @_route("/kv/", "GET")  # every /kv/<key>
     def _route_kv_get(self, path: str, query: str) -> None:
         key = self._path_key(path)
         wait = _fields(query, ("wait",), "/kv/<key>?wait=<seconds>").get("wait")
         if wait is None:
-            self._send_value(*self._fetch_or_404(key))
+            self._send_value(key, *self._fetch_or_404(key))
         elif not re.fullmatch(rb"[1-9][0-9]{0,2}", wait) or int(wait) > MAX_WAIT:
             raise _HTTPError(HTTPStatus.BAD_REQUEST, f"wait is a whole number of seconds from 1 to {MAX_WAIT}")
         else:
-            self._send_value(*self._wait_for_change(key, int(wait)))
+            self._send_value(key, *self._wait_for_change(key, int(wait)))
 
     def _wait_for_change(self, key: str, seconds: int) -> tuple[Stat, BinaryIO]:
         """The value of `key` once it differs from what the client holds (the value its
@@ -4850,9 +4863,11 @@ class KVRequestHandler(BaseHTTPRequestHandler):
                 "a PUT stores a whole value: send all of it, without Content-Range (no resuming)",
             )
         if_match, if_none_match = self._precondition()
-        # Fail before the body is sent; the storage checks again, atomically, when it commits.
-        self.storage.check_precondition(key, if_match=if_match, if_none_match=if_none_match)
         content_type = _check_media_type(self.headers.get("Content-Type", DEFAULT_CONTENT_TYPE))
+        self.body.check(self.server.max_value)
+        # The preconditions come after the request's own checks (RFC 9110 section 13.2.1), and
+        # before the body is sent; the storage checks them again, atomically, when it commits.
+        self.storage.check_precondition(key, if_match=if_match, if_none_match=if_none_match)
         body = self.body.open(self.server.max_value)
         stat, created = self.storage.write(
             key, body, content_type=content_type, ttl=ttl, if_match=if_match, if_none_match=if_none_match
@@ -4864,7 +4879,13 @@ class KVRequestHandler(BaseHTTPRequestHandler):
     def _route_kv_delete(self, path: str, query: str) -> None:
         key = self._path_key(path)
         if_match, if_none_match = self._precondition()
-        if not self.storage.remove(key, if_match=if_match, if_none_match=if_none_match):
+        try:
+            removed = self.storage.remove(key, if_match=if_match, if_none_match=if_none_match)
+        except PreconditionFailed:
+            if key in self.storage:
+                raise
+            removed = False  # without its If-Match, a 404: so it is one (RFC 9110 section 13.2.1)
+        if not removed:
             raise _HTTPError(HTTPStatus.NOT_FOUND, f"no key {key!r}")
         self._send(HTTPStatus.NO_CONTENT)
 

@@ -438,6 +438,41 @@ def test_delete_with_if_none_match_star_on_an_existing_key_is_a_412(server):
     assert server.get("/kv/k").body == b"still here"
 
 
+@pytest.mark.parametrize("if_match", ['"some-etag"', "*"])
+def test_a_conditional_delete_of_a_missing_key_is_a_404_not_a_412(server, if_match):
+    """Without its If-Match, this DELETE is a 404, so the condition is ignored (RFC 9110 section 13.2.1)."""
+    assert_problem(server.request("DELETE", "/kv/missing", headers={"If-Match": if_match}), 404)
+
+
+# Conditional reads: If-Match is evaluated on GET and HEAD too (RFC 9110 section 13.1.1, MUST)
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+@pytest.mark.parametrize("path", ["/kv/k", "/get?key=k"])
+def test_a_read_with_a_stale_if_match_is_a_412_not_the_current_value(server, method, path):
+    put(server, "/kv/k", b"current")
+    response = server.request(method, path, headers={"If-Match": '"stale"'})
+    assert response.status == 412, (response.status, response.body)
+    if method == "GET":
+        assert_problem(response, 412)
+
+
+@pytest.mark.parametrize("if_match", ["etag", "*"])
+def test_a_read_whose_if_match_holds_gets_the_value(server, if_match):
+    etag = put(server, "/kv/k", b"current").headers["ETag"]
+    response = server.get("/kv/k", headers={"If-Match": etag if if_match == "etag" else "*"})
+    assert (response.status, response.body) == (200, b"current")
+
+
+def test_a_read_of_a_missing_key_with_if_match_is_a_404(server):
+    assert_problem(server.get("/kv/missing", headers={"If-Match": "*"}), 404)
+
+
+def test_a_read_with_a_malformed_if_match_is_a_400(server):
+    put(server, "/kv/k", b"current")
+    assert_problem(server.get("/kv/k", headers={"If-Match": 'W/"weak"'}), 400)
+
+
 # Conditional PUT
 
 
@@ -465,6 +500,26 @@ def test_put_with_if_match_on_a_missing_key_is_a_412_and_creates_nothing(server)
         assert response.problem()
     assert server.get("/kv/absent").status == 404
     assert keys(server) == []
+
+
+@pytest.mark.parametrize("if_match", ['"stale"', None])
+def test_a_put_too_large_is_a_413_whatever_its_precondition(make_live_server, if_match):
+    """The request's own checks come before its preconditions (RFC 9110 section 13.2.1): a
+    client told 412 would read the value again and retry, only to get the 413 then."""
+    server = make_live_server(max_value=10)
+    put(server, "/kv/k", b"small")
+    conditions = {"If-Match": if_match} if if_match else {"If-None-Match": "*"}
+    assert_problem(put(server, "/kv/k", b"x" * 100, conditions), 413)
+    assert server.get("/kv/k").body == b"small"
+
+
+@pytest.mark.parametrize(
+    "bad", [{"Content-Encoding": "gzip"}, {"Content-Type": "t\u00e9xt/plain".encode().decode("latin-1")}]
+)
+def test_a_put_refused_as_a_400_is_a_400_whatever_its_precondition(server, bad):
+    put(server, "/kv/k", b"small")
+    assert_problem(put(server, "/kv/k", b"x", {"If-Match": '"stale"', **bad}), 400)
+    assert server.get("/kv/k").body == b"small"
 
 
 def test_put_with_if_match_star_replaces_an_existing_value(server):

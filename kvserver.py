@@ -395,6 +395,12 @@ def revision_order(revision: str) -> tuple[int, ...]:
     return tuple(int(part) for part in revision.split("-"))
 
 
+def _check_timeout(timeout: object) -> None:
+    """ValueError unless `timeout` is None or a number of seconds, at least 0 (inf: no limit)."""
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0):
+        raise ValueError(f"a timeout is a number of seconds, at least 0, or None; not {timeout!r}")
+
+
 def _event_message(event: Event) -> bytes:
     """An event as a Server-Sent Events message: its revision as id, its type, JSON data.
     (The feed keeps each event's message for every stream: see _ChangeFeed.messages. It is
@@ -559,8 +565,8 @@ class _ChangeFeed:
                     break
                 watch._woken_by = None
                 self._waiting.setdefault(watch.prefix, set()).add(watch)
-                try:
-                    watch._wake.wait(remaining)
+                try:  # (a wait ends by threading.TIMEOUT_MAX, some 292 years, at the latest: then it goes on)
+                    watch._wake.wait(None if remaining is None else min(remaining, threading.TIMEOUT_MAX))
                 finally:
                     if watch._woken_by is None:  # no change under its prefix came: skip what did
                         self._stop_waiting(watch)
@@ -706,7 +712,9 @@ class Watch(Iterator[Event]):
 
     def wait(self, timeout: float | None) -> list[Event]:
         """The events that came since the last call, in revision order, waiting up to `timeout`
-        seconds (None: no limit) for one; [] if the time is up or the watch is closed."""
+        seconds (None: no limit) for one; [] if the time is up or the watch is closed.
+        ValueError for a timeout that is not a number of seconds, at least 0, or None."""
+        _check_timeout(timeout)
         return self._feed.read(self, timeout).events
 
     def wait_messages(self, timeout: float | None, pause: float = 0.0) -> list[bytes]:
@@ -802,6 +810,8 @@ def _buffered_pieces(source: _SupportsReadinto) -> Iterator[memoryview]:
         filled = 0
         while True:
             count = source.readinto(view[filled:])
+            if count is None:  # (not the end: a non-blocking file with no bytes ready)
+                raise ValueError("the source has no bytes ready (a non-blocking file); give one that waits for them")
             if count:
                 filled += count
                 if filled < BUFFER:
@@ -1295,8 +1305,7 @@ class Storage(abc.ABC):
         """
         if not isinstance(prefix, str):
             raise ValueError(f"a prefix is a str, not {type(prefix).__name__}")
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0):
-            raise ValueError(f"a timeout is a number of seconds, at least 0, or None; not {timeout!r}")
+        _check_timeout(timeout)
         self._check_open()
         return Watch(self._feed, prefix, after, timeout, self._newest_revision())
 
@@ -4841,7 +4850,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
                         return stat, body
                     body.close()
                 with self._waiting(watch):
-                    watch.wait(deadline - time.monotonic())  # wakes at a change of a key that starts with it
+                    watch.wait(max(0.0, deadline - time.monotonic()))  # wakes at a change of a key that starts with it
 
     @contextlib.contextmanager
     def _waiting(self, watch: Watch) -> Iterator[None]:

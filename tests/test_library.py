@@ -634,3 +634,17 @@ def test_values_written_through_a_kvserver_are_read_by_the_library_after_it_stop
         assert store.stat("doc").content_type == "application/json"
         assert store.stat("doc").etag == etag
         assert json.loads(store.get("ports")) == [4050, 5100, 5200]
+
+
+def test_a_non_blocking_source_with_no_bytes_ready_stores_nothing(store):
+    """readinto() answers None when a non-blocking file has no bytes yet: that is not the end
+    of the value, whose first part would be stored as if it were all of it (found by review)."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    os.write(write_end, b"abc")  # "def" is still to come
+    try:
+        with open(read_end, "rb", buffering=0) as source, pytest.raises(ValueError, match="non-blocking"):
+            store.put_file("k", source)
+    finally:
+        os.close(write_end)
+    assert "k" not in store

@@ -146,10 +146,27 @@ class WatchContract:
         with pytest.raises(ValueError):
             store.watch(after=after)
 
-    @pytest.mark.parametrize("timeout", [-1, "1", True])
+    @pytest.mark.parametrize("timeout", [-1, "1", True, float("nan")])
     def test_a_bad_timeout_is_a_value_error(self, store, timeout):
         with pytest.raises(ValueError):
             store.watch(timeout=timeout)
+        with store.watch() as watch, pytest.raises(ValueError):
+            watch.wait(timeout)
+
+    @pytest.mark.parametrize("timeout", [float("inf"), 1e10])
+    def test_a_timeout_beyond_what_threads_wait_for_waits_for_the_change(self, store, timeout):
+        """threading's waits end by TIMEOUT_MAX (about 9.2e9 s): a longer one is no limit, not an OverflowError."""
+        with store.watch(timeout=timeout) as watch:
+            writer = threading.Timer(0.2, store.put, ("a", b"x"))
+            writer.start()
+            try:
+                event = next(watch)
+                assert (event.type, event.key) == ("put", "a")
+                writer = threading.Timer(0.2, store.put, ("b", b"x"))
+                writer.start()
+                assert [(event.type, event.key) for event in watch.wait(timeout)] == [("put", "b")]
+            finally:
+                writer.join(5)
 
 
 class TestMemoryStorage(WatchContract):

@@ -3475,6 +3475,10 @@ def _etags(header: str) -> list[str]:
     return [weak + tag for weak, tag in re.findall(r'(W/)?"([^"]*)"', header)]
 
 
+# A list of entity tags (RFC 9110 sections 8.8.3 and 5.6.1): each in quotes, W/ before a weak one.
+_ETAG_LIST = re.compile(r'[ \t,]*(?:W/)?"[^"]*"(?:[ \t]*,[ \t,]*(?:W/)?"[^"]*")*[ \t,]*')
+
+
 class _ChunkedWriter:
     """Writes a response body of unknown length: chunked for HTTP/1.1, raw (closing after) for 1.0."""
 
@@ -4614,11 +4618,19 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         return sent
 
     def _client_has(self, etag: str) -> bool:
-        """Whether the request's If-None-Match names the value with `etag` (or any, with *)."""
+        """Whether the request's If-None-Match names the value with `etag` (or any, with *); a
+        400 for one that holds no ETag list (an ETag without its quotes would never match, and
+        a waiting GET would answer at once, every time)."""
         if_none_match = self.headers.get("If-None-Match")
-        return if_none_match is not None and (
-            if_none_match == "*" or etag in (tag.removeprefix("W/") for tag in _etags(if_none_match))
-        )
+        if if_none_match is None:
+            return False
+        if if_none_match != "*" and not _ETAG_LIST.fullmatch(if_none_match):
+            raise _HTTPError(
+                HTTPStatus.BAD_REQUEST,
+                f'If-None-Match takes ETags in quotes ("<etag>", as the ETag field gives them) or *, '
+                f"not {if_none_match!r}",
+            )
+        return if_none_match == "*" or etag in (tag.removeprefix("W/") for tag in _etags(if_none_match))
 
     # Seed routes
 
@@ -4872,6 +4884,8 @@ class KVRequestHandler(BaseHTTPRequestHandler):
                 "a PUT stores a whole value: send all of it, without Content-Range (no resuming)",
             )
         if_match, if_none_match = self._precondition()
+        if len(self.headers.get_all("Content-Type") or ()) > 1:  # (joined, they would be stored as one media type)
+            raise _HTTPError(HTTPStatus.BAD_REQUEST, "send one Content-Type field, not several")
         content_type = _check_media_type(self.headers.get("Content-Type", DEFAULT_CONTENT_TYPE))
         self.body.check(self.server.max_value)
         # The preconditions come after the request's own checks (RFC 9110 section 13.2.1), and
@@ -4887,6 +4901,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
     @_route("/kv/", "DELETE")
     def _route_kv_delete(self, path: str, query: str) -> None:
         key = self._path_key(path)
+        _fields(query, (), "DELETE /kv/<key>, with no query")
         if_match, if_none_match = self._precondition()
         try:
             removed = self.storage.remove(key, if_match=if_match, if_none_match=if_none_match)

@@ -24,7 +24,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import RawConnection, Response, Server, assert_problem, read_http, require_service, vm_bytes, wait_for
+from conftest import (
+    RawConnection,
+    Response,
+    Server,
+    assert_problem,
+    parse_response,
+    read_http,
+    require_service,
+    vm_bytes,
+    wait_for,
+)
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -471,6 +481,40 @@ def test_a_read_of_a_missing_key_with_if_match_is_a_404(server):
 def test_a_read_with_a_malformed_if_match_is_a_400(server):
     put(server, "/kv/k", b"current")
     assert_problem(server.get("/kv/k", headers={"If-Match": 'W/"weak"'}), 400)
+
+
+def test_a_delete_with_a_query_is_a_400_and_deletes_nothing(server):
+    put(server, "/kv/k", b"kept")
+    assert_problem(server.request("DELETE", "/kv/k?ttl=abc"), 400)
+    assert server.get("/kv/k").body == b"kept"
+
+
+@pytest.mark.parametrize("wait", ["", "?wait=5"])
+def test_an_if_none_match_that_holds_no_quoted_etag_is_a_400_at_once(server, wait):
+    """The ETag of a PUT's JSON answer has no quotes: sent as it is, it would never match, and a
+    waiting GET would answer 200 at once, every time."""
+    etag = put(server, "/kv/k", b"v").json()["etag"]
+    started = time.monotonic()
+    assert_problem(server.get("/kv/k" + wait, headers={"If-None-Match": etag}), 400)
+    assert time.monotonic() - started < 2
+
+
+@pytest.mark.parametrize("form", ['"{}"', 'W/"{}"', '"other", "{}"', '"other",W/"{}"', '"{}" , ', "*"])
+def test_an_if_none_match_list_that_names_the_value_is_a_304(server, form):
+    etag = put(server, "/kv/k", b"v").json()["etag"]
+    assert server.get("/kv/k", headers={"If-None-Match": form.format(etag)}).status == 304
+
+
+def test_a_put_with_two_content_type_fields_is_a_400_and_stores_nothing(server):
+    """Joined, they would be stored and served as one media type, "text/plain, text/html"."""
+    received = server.raw(
+        b"PUT /kv/k HTTP/1.1\r\nHost: localhost\r\nContent-Type: text/plain\r\nContent-Type: text/html\r\n"
+        b"Content-Length: 1\r\n\r\nx",
+        half_close=True,
+    )
+    answer = parse_response(received)
+    assert answer.status == 400 and b"one Content-Type" in answer.body, received
+    assert "k" not in server.storage
 
 
 # Conditional PUT

@@ -782,7 +782,8 @@ def _pieces(source: _Source) -> _Pieces:
     if isinstance(source, bytes):
         return (source,)
     if isinstance(source, (bytearray, memoryview)):
-        return (memoryview(source).cast("B"),)  # counted in bytes, whatever its item size
+        view = memoryview(source)
+        return (view.cast("B") if view.c_contiguous else view.tobytes(),)  # counted in bytes, whatever its items
     if isinstance(source, (str, os.PathLike)):
         return _file_pieces(source)
     if hasattr(source, "readinto"):
@@ -790,6 +791,8 @@ def _pieces(source: _Source) -> _Pieces:
     if hasattr(source, "read"):
         readable = cast(IO[bytes], source)
         return iter(lambda: readable.read(CHUNK), b"")
+    if not isinstance(source, Iterable):
+        raise ValueError(f"a value is bytes, chunks, a binary file or a path; not {type(source).__name__}")
     return source
 
 

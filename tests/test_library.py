@@ -648,3 +648,15 @@ def test_a_non_blocking_source_with_no_bytes_ready_stores_nothing(store):
     finally:
         os.close(write_end)
     assert "k" not in store
+
+
+@pytest.mark.parametrize("source", [123, None, 1.5])
+def test_a_source_that_holds_no_value_is_a_value_error(store, source):
+    with pytest.raises(ValueError, match="a value is bytes"):
+        store.write("k", source)
+    assert "k" not in store
+
+
+def test_a_memoryview_with_gaps_stores_the_bytes_it_shows(store):
+    store.put("k", memoryview(b"abcdef")[::2])
+    assert store.get("k") == b"ace"

@@ -1235,6 +1235,7 @@ class Storage(abc.ABC):
             raise ValueError(f"{self!r} is closed")
 
     def __enter__(self: _AnyStorage) -> _AnyStorage:
+        self._check_open()  # (as a closed file refuses a `with`)
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -699,8 +699,9 @@ class StorageContract:
             lambda store: len(store),
             lambda store: "k" in store,
             lambda store: store.sweep(),
+            lambda store: store.__enter__(),  # a `with` block, as a closed file refuses one
         ],
-        ids=["get", "put", "put_file", "delete", "stat", "keys", "len", "in", "sweep"],
+        ids=["get", "put", "put_file", "delete", "stat", "keys", "len", "in", "sweep", "with"],
     )
     def test_a_closed_store_refuses_to_be_used_with_value_error(self, store, use):
         store.put("k", b"v")

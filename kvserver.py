@@ -1149,11 +1149,13 @@ class Storage(abc.ABC):
             raise ValueError(f"a prefix and a key to list after are str, not {prefix!r} and {after!r}")
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
             raise ValueError(f"a limit is a whole number of at least 1, not {limit!r}")
+        if delimiter is not None and (not isinstance(delimiter, str) or not delimiter):
+            raise ValueError(f"a delimiter is a non-empty str, not {delimiter!r}")
+        if any(_SURROGATE.search(text) for text in (prefix, after or "", delimiter or "")):
+            raise ValueError("a prefix, key or delimiter holds no lone surrogate (no key does: keys are UTF-8)")
         self._check_open()
         if delimiter is None:
             return self._keys(prefix, after, limit)
-        if not isinstance(delimiter, str) or not delimiter:
-            raise ValueError(f"a delimiter is a non-empty str, not {delimiter!r}")
         return self._level(prefix, delimiter, after, limit)
 
     def _level(self, prefix: str, delimiter: str, after: str | None, limit: int | None) -> list[str]:

@@ -636,7 +636,18 @@ class StorageContract:
         assert store.keys(after="k24") == ["other"]
         assert store.keys(after="k055", limit=2) == ["k06", "k07"]  # after need not exist
 
-    @pytest.mark.parametrize("arguments", [{"limit": 0}, {"limit": -1}, {"limit": True}, {"after": 5}])
+    @pytest.mark.parametrize(
+        "arguments",
+        [
+            {"limit": 0},
+            {"limit": -1},
+            {"limit": True},
+            {"after": 5},
+            {"prefix": "\ud800"},  # a lone surrogate, which no key holds (every backend alike)
+            {"after": "a\udfff"},
+            {"delimiter": "\ud800"},
+        ],
+    )
     def test_keys_with_a_bad_after_or_limit_is_a_value_error(self, store, arguments):
         with pytest.raises(ValueError):
             store.keys(**arguments)

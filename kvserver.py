@@ -4633,7 +4633,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         if if_none_match != "*" and not _ETAG_LIST.fullmatch(if_none_match):
             raise _HTTPError(
                 HTTPStatus.BAD_REQUEST,
-                f'If-None-Match takes ETags in quotes ("<etag>", as the ETag field gives them) or *, '
+                'If-None-Match takes ETags in quotes ("<etag>", as the ETag field gives them) or *, '
                 f"not {if_none_match!r}",
             )
         return if_none_match == "*" or etag in (tag.removeprefix("W/") for tag in _etags(if_none_match))

@@ -1377,8 +1377,10 @@ class Storage(abc.ABC):
                     return imported, skipped
                 key, content_type, expires_at = head
                 ttl = _ttl_left(expires_at)
-                if ttl == 0:
-                    collections.deque(reader.value(), maxlen=0)  # read, checked and dropped
+                if ttl == 0:  # read, checked as a line to store is, and dropped
+                    check_key(key)
+                    _check_media_type(content_type)
+                    collections.deque(reader.value(), maxlen=0)
                     skipped += 1
                     continue
                 stat, _ = self.write(key, _at_most(reader.value(), max_value), content_type=content_type, ttl=ttl)
@@ -1390,7 +1392,11 @@ class Storage(abc.ABC):
                 ) from None
             except OSError as error:
                 if error.errno not in (errno.ENOSPC, errno.EDQUOT):
-                    raise
+                    raise OSError(
+                        error.errno,
+                        f"line {reader.number} could not be stored: {error.strerror or error}; the lines before it "
+                        "were imported",
+                    ) from error
                 raise StorageFull(
                     f"line {reader.number} could not be stored: the disk is full ({error.strerror}); the lines "
                     f"before it were imported, so free space and import the lines from {reader.number} on"
@@ -1930,7 +1936,7 @@ class FileStorage(Storage):
       .kvserver/tmp/           values and metadata being written; emptied at start
       .kvserver/spare/         files that writes swapped out, for later writes to rewrite; emptied at start
       .kvserver/meta/<name>    metadata that cannot be derived from the value file
-      .kvserver/kept/          folders put in a key's place by hand, once a write swapped them out
+      .kvserver/kept/          folders put in a key's place by hand, once a write of that key needed it
 
     A value file's fingerprint, its size and modification time (which kvserver sets to a
     unique stamp), is its ETag. A value whose media type is the one its bytes suggest, with
@@ -2010,7 +2016,7 @@ class FileStorage(Storage):
     # Start-up
 
     def _keep_folder(self, path: str) -> None:
-        """Move a folder out of tmp or spare, whose names are kvserver's, into kept."""
+        """Move a folder put by hand where kvserver puts a file (a key's place, tmp or spare) into kept."""
         kept = os.path.join(self.path, ".kvserver", "kept")
         os.makedirs(kept, exist_ok=True)
         target = os.path.join(kept, f"{_new_stamp()}-{os.path.basename(path)}")
@@ -2240,7 +2246,11 @@ class FileStorage(Storage):
             with contextlib.suppress(FileNotFoundError):  # its file was removed by hand
                 _exchange(temporary, target)
                 return temporary
-        os.replace(temporary, target)
+        try:
+            os.replace(temporary, target)
+        except IsADirectoryError:  # a folder put in the key's place by hand (skipped at start)
+            self._keep_folder(target)
+            os.replace(temporary, target)
         return None
 
     def _keep_spare(self, path: str, durable: bool) -> None:
@@ -3583,6 +3593,7 @@ table { width: 100%; border-collapse: collapse; margin-top: 1rem; }
 th, td { text-align: left; padding: .4rem .5rem; border-bottom: 1px solid #e3e3e3; }
 th { font-size: .8rem; text-transform: uppercase; color: #666; }
 td.key { font-family: ui-monospace, monospace; overflow-wrap: anywhere; }
+td.key, code { white-space: pre-wrap; }
 .size { text-align: right; white-space: nowrap; }
 .notice { background: #e6f4ea; border: 1px solid #9ad0a6; padding: .5rem .75rem; border-radius: 4px; }
 .error, .confirm { background: #fdecea; border: 1px solid #f1a7a0; padding: .5rem .75rem; border-radius: 4px; }
@@ -3647,17 +3658,17 @@ def _html_document(body: str) -> bytes:
 """.encode()
 
 
-def _render_error(status: HTTPStatus, detail: str) -> bytes:
-    """An error answer as a browser gets it: the problem+json fields as a page."""
+def _render_error(status: HTTPStatus, detail: str, script: str = "") -> bytes:
+    """An error answer as a browser gets it: the problem+json fields as a page (and `script`)."""
     return _html_document(
         f'<header><h1>kvserver</h1></header><p class="error"><strong>{status.value} {status.phrase}</strong>: '
-        f'{html.escape(detail)}</p><nav><a href="/">back to the keys</a></nav>'
+        f'{html.escape(detail)}</p><nav><a href="/">back to the keys</a></nav>{script}'
     )
 
 
-def _notice(text: str) -> str:
-    """A line of news on top of the page ("Stored k.")."""
-    return f'<p class="notice">{html.escape(text)}</p>'
+def _notice(done: str, key: str) -> str:
+    """A line of news on top of the page ("Stored <code>k</code>.")."""
+    return f'<p class="notice">{done} <code>{html.escape(key)}</code>.</p>'
 
 
 def _confirm_delete(key: str) -> str:
@@ -4573,7 +4584,13 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         """An error answer: problem+json, or the same as a page for a browser."""
         if self._wants_page():
             page_headers = {**_PAGE_HEADERS, **(headers or {})}
-            self._send(status, _render_error(status, detail), "text/html; charset=utf-8", page_headers)
+            script = ""
+            if self._metrics_route in ("/set", "/delete"):  # (Back and Reload would send it again: _PAGE_SCRIPT)
+                nonce = secrets.token_urlsafe(16)
+                script = f'<script nonce="{nonce}">history.replaceState(null, "", "/");</script>'
+                page_headers["Content-Security-Policy"] += f"; script-src 'nonce-{nonce}'"
+            body = _render_error(status, detail, script)
+            self._send(status, body, "text/html; charset=utf-8", page_headers)
         else:
             self._send(status, _problem(status, detail), "application/problem+json", headers)
 
@@ -4662,7 +4679,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         stat, created = self.storage.write(key, value, content_type=_sniff_content_type(value), ttl=ttl)
         status = HTTPStatus.CREATED if created else HTTPStatus.OK
         if self._wants_page():
-            self._send_page(status, "", _notice(f"Stored {key}."))
+            self._send_page(status, "", _notice("Stored", key))
         else:
             self._send_json(status, {"key": key, "created": created}, {"ETag": f'"{stat.etag}"'})
 
@@ -4698,7 +4715,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         if not self.storage.remove(key):
             raise _HTTPError(HTTPStatus.NOT_FOUND, f"no key {key!r}")
         if self._wants_page():
-            self._send_page(HTTPStatus.OK, "", _notice(f"Deleted {key}."))
+            self._send_page(HTTPStatus.OK, "", _notice("Deleted", key))
         else:
             self._send_json(HTTPStatus.OK, {"key": key, "deleted": True})
 
@@ -5026,6 +5043,9 @@ def _unsent_bytes(connection: socket.socket) -> int:
         return 0
 
 
+_POLLRDHUP = getattr(select, "POLLRDHUP", 0)  # the peer's FIN, whatever bytes stand before it (Linux 2.6.17)
+
+
 class _Connections:
     """The server's open connections, what each one is doing, and by when it must move on.
 
@@ -5197,17 +5217,20 @@ class _Connections:
     def hung_up(self) -> None:
         """End the waits of the watching connections whose client closed its end, so that a
         long-poll or a stream the client left does not hold its thread (and a place under the
-        limit) until its time or next heartbeat. (A TLS connection cannot be peeked at: its
-        stream finds out at its next heartbeat.)"""
+        limit) until its time or next heartbeat: its end of the connection, even behind a
+        request it pipelined (POLLRDHUP, on Linux), or else a peek that finds no more bytes. (A
+        TLS connection cannot be peeked at: its stream finds out at its next heartbeat.)"""
         with self._lock:
             watching = {connection.fileno(): connection for connection in self._watches}
         poller = select.poll()
         for fd, connection in watching.items():
             if fd >= 0 and not isinstance(connection, ssl.SSLSocket):
-                poller.register(fd, select.POLLIN)
-        for fd, _ in poller.poll(0):
+                poller.register(fd, select.POLLIN | _POLLRDHUP)
+        for fd, events in poller.poll(0):
             try:
-                gone = watching[fd].recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+                gone = bool(events & (_POLLRDHUP | select.POLLHUP | select.POLLERR)) or (
+                    watching[fd].recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+                )
             except BlockingIOError:
                 gone = False
             except OSError:
@@ -5507,6 +5530,12 @@ class _Progress:
         end = "\r" if sys.stderr.isatty() else ""
         print(f"{end}{self.line()}{more} in {time.monotonic() - self._started:.1f} s", file=sys.stderr, flush=True)
 
+    def fail(self, message: str) -> NoReturn:
+        """Exit 1 with `message`, on a line of its own after a progress line shown in place."""
+        if self._shown > self._started:
+            print(file=sys.stderr)
+        _fail(message, 1)
+
 
 def _open_storage(args: dict[str, Any], locked_hint: str = "") -> Storage:
     """The storage the command line names, by open_storage; or exit 1 with one line saying why
@@ -5524,17 +5553,18 @@ def _open_storage(args: dict[str, Any], locked_hint: str = "") -> Storage:
         _fail(f"cannot use data dir {args['--data-dir']}: {error.strerror or error}", 1)
 
 
-def _run_transfer(args: dict[str, Any], unset: dict[str, Any]) -> None:
-    """kvserver export and kvserver import: between a storage and stdout or stdin. `unset` is
-    what docopt gives for options not on the command line: any other option that does not
-    apply to the command is refused (the usage lists every option for it, as docopt needs)."""
+def _run_transfer(args: dict[str, Any], said: dict[str, Any]) -> None:
+    """kvserver export and kvserver import: between a storage and stdout or stdin. `said` is
+    docopt's reading of the command line without the usage's defaults: any option on it that
+    does not apply to the command is refused, even at its default value (the usage lists
+    every option for it, as docopt needs)."""
     exporting = bool(args["export"])
     command = "export" if exporting else "import"
     if args["--prefix"] is not None and not exporting:
         _fail("--prefix goes with kvserver export; see kvserver --help", 2)
     applies = {"--storage", "--data-dir", "--prefix" if exporting else "--no-fsync"}
-    for option, value in args.items():
-        if option.startswith("--") and option not in applies and value != unset[option]:
+    for option, value in said.items():
+        if option.startswith("--") and option not in applies and value not in (None, False):
             _fail(f"{option} does not go with kvserver {command}; see kvserver --help", 2)
     if args["--storage"] == "memory":
         _fail("export and import need files or redis storage: a memory storage starts empty and is lost at exit", 2)
@@ -5548,36 +5578,39 @@ def _run_transfer(args: dict[str, Any], unset: dict[str, Any]) -> None:
     files = args["--storage"] == "files"
     if exporting and files and not os.path.isdir(args["--data-dir"]):
         _fail(f"no data dir {args['--data-dir']} to export", 1)
-    storage = _open_storage(args, ", or export from it while it runs: curl http://<host>:<port>/export")
+    storage = _open_storage(
+        args,
+        ", or export from it while it runs: curl http://<host>:<port>/export"
+        if exporting
+        else ", or import into it while it runs: curl -T <export> -X POST http://<host>:<port>/import",
+    )
     where = f"{storage.kind} storage {storage.location}"
+    progress = _Progress(f"{command}ed")
     with storage:
         try:
             if exporting:
-                progress = _Progress("exported")
                 storage.export(sys.stdout.buffer, args["--prefix"] or "", progress=progress)
                 sys.stdout.buffer.flush()
                 progress.finish(f" from {where}")
             else:
-                progress = _Progress("imported")
                 _, skipped = storage.import_(sys.stdin.buffer, progress=progress)
                 progress.finish(f" into {where}, skipped {skipped} already expired")
         except ValueError as error:
-            _fail(f"export stopped: {error}" if exporting else f"import stopped at {error}", 1)  # (its line)
+            progress.fail(f"export stopped: {error}" if exporting else f"import stopped at {error}")  # (its line)
         except _ValueFileChanged as error:  # (files: the data dir is locked, so not by a kvserver)
-            _fail(
+            progress.fail(
                 f"export stopped at key {error.key!r}: its file {storage.location} was changed by another "
-                "program during the export; run the export again once nothing else writes there",
-                1,
+                "program during the export; run the export again once nothing else writes there"
             )
         except StorageUnavailable as error:
-            _fail(f"{command} stopped: {error}", 1)  # (an import's names its line)
+            progress.fail(f"{command} stopped: {error}")  # (an import's names its line)
         except BrokenPipeError:  # (export | head): stdout closed early; as the Python docs advise,
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit does not flush into it
-            _fail("export stopped: its output was closed", 1)
+            progress.fail("export stopped: its output was closed")
         except OSError as error:
-            _fail(f"{'export' if exporting else 'import'} failed: {error.strerror or error}", 1)
+            progress.fail(f"{command} failed: {error.strerror or error}")
         except KeyboardInterrupt:
-            _fail("interrupted; every key written so far is whole", 1)
+            progress.fail("interrupted; every key written so far is whole")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -5613,7 +5646,7 @@ def main(argv: list[str] | None = None) -> None:
         _fail("--data-dir takes a folder, not an empty string", 2)
     args["--data-dir"] = args["--data-dir"] or "./data"
     if args["export"] or args["import"] or args["--prefix"] is not None:
-        _run_transfer(args, docopt(__doc__, []))
+        _run_transfer(args, docopt(re.sub(r" ?\[default: [^]]*\]", "", __doc__ or ""), given))
         return
     token = args["--token"] if args["--token"] is not None else os.environ.get("KV_TOKEN") or None
     if args["--token"] is None and token is not None:

@@ -7,6 +7,7 @@ writes go on, and a 1 GiB value with the memory of the server and of the command
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import http.client
 import io
@@ -15,6 +16,7 @@ import json
 import os
 import pty
 import random
+import select
 import subprocess
 import sys
 import threading
@@ -273,11 +275,14 @@ def test_an_error_of_the_progress_callback_is_its_own_not_the_line_s():
     assert store.get("a") == b"1"
 
 
-def test_an_error_the_import_does_not_know_is_raised_as_it_is():
+def test_any_other_error_of_the_disk_names_the_line_too():
+    """An OSError of its own kind (EIO here), from the error the storage raised."""
     store = RefusingStorage(OSError(errno.EIO, "Input/output error"))
     with pytest.raises(OSError) as stopped:
         store.import_(io.BytesIO(line("a", b"1") + line("b", b"2")))
-    assert stopped.value is store.refusal
+    assert stopped.value.errno == errno.EIO and stopped.value.__cause__ is store.refusal
+    assert stopped.value.strerror == "line 2 could not be stored: Input/output error; the lines before it were imported"
+    assert list(store) == ["a"]
 
 
 def test_a_full_disk_in_post_import_is_a_507_naming_the_line():
@@ -783,3 +788,120 @@ def test_a_1_gib_value_goes_through_kvserver_export_and_import_with_flat_memory(
     for name, before, after in zip(("export", "import"), small, big, strict=True):
         assert after - before < 32 * MiB, f"kvserver {name}'s peak RSS rose by {(after - before) / MiB:.1f} MiB"
     assert_zeros(tmp_path / "big-copy" / "big", GiB)
+
+
+# Found by review: an expired line, options at their defaults, a failure after the progress
+# line, a data dir in use, a folder put by hand in a key's place
+
+
+def export_line(key: str, content_type: str, expires_at: str, value: str = "YQ==") -> bytes:
+    """A line of the export format, its fields as given (JSON escapes and all)."""
+    fields = f'"key": "{key}", "content_type": "{content_type}", "expires_at": {expires_at}, "value": "{value}"'
+    return f"{{{fields}}}\n".encode()
+
+
+@pytest.mark.parametrize(
+    ("key", "content_type"),
+    [("", "text/plain"), ("a\\nb", "text/plain"), ("k", ""), ("k", " t "), ("k", "t\\u00e9")],
+    ids=["empty-key", "control-character-key", "empty-media-type", "spaced-media-type", "non-ascii-media-type"],
+)
+def test_an_expired_line_with_a_bad_key_or_media_type_is_a_bad_line_not_a_skipped_one(key, content_type):
+    """Only its value was checked: it was counted as skipped, and the import went on."""
+    lines = export_line("first", "text/plain", "null") + export_line(key, content_type, "1")
+    with kvserver.MemoryStorage() as store:
+        with pytest.raises(ValueError, match=r"^line 2: "):
+            store.import_(io.BytesIO(lines + export_line("after", "text/plain", "null")))
+        assert list(store) == ["first"]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["import", "--max-value", "1G"],
+        ["import", "--port", "4000"],
+        ["export", "--bind", "127.0.0.1"],
+        ["export", "--max-connections", "256"],
+    ],
+)
+def test_an_option_that_does_not_apply_is_refused_even_at_its_default_value(tmp_path, args):
+    """import --max-value 1G looked like a limit and did nothing."""
+    (tmp_path / "data").mkdir()
+    done = subprocess.run(
+        [sys.executable, str(KVSERVER), *args, "--data-dir", str(tmp_path / "data")],
+        input=export_line("k", "text/plain", "null"),
+        capture_output=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.decode() == f"kvserver: {args[1]} does not go with kvserver {args[0]}; see kvserver --help\n"
+
+
+def test_an_import_that_stops_after_its_progress_line_showed_says_so_on_a_line_of_its_own(tmp_path):
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, str(KVSERVER), "import", "--data-dir", str(tmp_path / "data"), "--no-fsync"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=terminal,
+    )
+    os.close(terminal)
+    output = b""
+
+    def read_for(seconds: float) -> None:
+        nonlocal output
+        ready, _, _ = select.select([controller], [], [], seconds)
+        if ready:
+            with contextlib.suppress(OSError):  # EIO: the terminal's other end is closed
+                output += os.read(controller, 4096)
+
+    try:
+        assert process.stdin is not None
+        process.stdin.write(export_line("a", "text/plain", "null"))
+        process.stdin.flush()
+        shown = time.monotonic() + 0.7  # the progress line is shown once an import has run half a second
+        while (left := shown - time.monotonic()) > 0:
+            read_for(left)
+        process.stdin.write(b"not a line\n")
+        process.stdin.close()  # (the import reads up to 1 MiB before it stores: both lines come now)
+        assert process.wait(30) == 1
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and b"stopped" not in output:
+            read_for(0.2)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+        os.close(controller)
+    text = output.decode().replace("\r\n", "\n")  # (a terminal's newline)
+    assert "kvserver: imported 1 key (1 byte)\nkvserver: import stopped at line 2: " in text, repr(text)
+
+
+def test_kvserver_import_into_a_data_dir_a_server_holds_points_to_post_import(make_server):
+    server = make_server("--quiet")
+    done = subprocess.run(
+        [sys.executable, str(KVSERVER), "import", "--data-dir", str(server.data_dir)],
+        input=export_line("k", "text/plain", "null"),
+        capture_output=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    message = done.stderr.decode()
+    assert message.count("\n") == 1 and "in use by another kvserver" in message, message
+    assert "curl -T <export> -X POST http://<host>:<port>/import" in message, message
+
+
+@pytest.mark.parametrize("fsync", [True, False], ids=["fsync", "no-fsync"])
+def test_a_key_whose_place_a_folder_put_by_hand_holds_is_stored_and_the_folder_kept(tmp_path, fsync):
+    """The folder is skipped at start; a write of its key moved it to .kvserver/kept/ rather
+    than failing for ever with IsADirectoryError (an import said only "Is a directory")."""
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    (data / "sub" / "notes.txt").write_bytes(b"someone's file")
+    lines = b"".join(export_line(key, "text/plain", "null") for key in ("a", "sub", "c"))
+    command = [sys.executable, str(KVSERVER), "import", "--data-dir", str(data), *([] if fsync else ["--no-fsync"])]
+    done = subprocess.run(command, input=lines, capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    with kvserver.FileStorage(data) as store:
+        assert list(store) == ["a", "c", "sub"] and store.get("sub") == b"a"
+    [kept] = (data / ".kvserver" / "kept").iterdir()
+    assert kept.name.endswith("-sub") and (kept / "notes.txt").read_bytes() == b"someone's file"

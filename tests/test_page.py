@@ -346,6 +346,37 @@ def test_the_confirmation_of_a_delete_keeps_its_address(tab: Tab) -> None:
     assert tab.server.get("/get?key=k").status == 200
 
 
+def test_back_to_a_failed_delete_does_not_delete_a_key_made_since(tab: Tab) -> None:
+    """An error page answering a write takes the listing's address too: Back sent the confirmed
+    delete again, which deleted the key another client had made since, without asking."""
+    set_key(tab.server, "k", "old")
+    tab.open("/")
+    tab.follow(tab.row("k").get_by_role("link", name="delete"))  # the question
+    assert tab.server.get("/delete?key=k").status == 200  # another client deletes it meanwhile
+    assert tab.follow(tab.page.get_by_role("button", name="Delete")).status == 404
+    assert urllib.parse.urlsplit(tab.page.url).path == "/"
+    set_key(tab.server, "k", "new")  # another client makes it again
+    tab.follow(tab.page.get_by_role("link", name="back to the keys"))
+    assert "k" in tab.listed_keys()
+    tab.page.go_back()
+    tab.page.wait_for_load_state()
+    assert tab.server.get("/get?key=k").body == b"new", "Back sent /delete?key=k&confirm=yes again"
+    assert not [message for message in tab.console if "Content Security Policy" in message], tab.console
+
+
+def test_keys_that_differ_only_in_spaces_are_shown_as_they_are(tab: Tab) -> None:
+    """HTML folds white space: "a  b", "a b" and " a b " all read "a b", and the delete
+    question named a key other than the one it deletes."""
+    for key in ("a  b", "a b", " a b "):
+        set_key(tab.server, key, "v")
+    tab.open("/")
+    assert tab.listed_keys() == [" a b ", "a  b", "a b"]
+    tab.open("/delete?key=" + q("a  b"))
+    assert tab.page.locator("form.confirm code").inner_text() == "a  b"
+    tab.follow(tab.page.get_by_role("button", name="Delete"))
+    assert tab.page.locator(".notice code").inner_text() == "a  b"
+
+
 def test_the_page_works_without_javascript(browser: Browser, server: Server) -> None:
     context = browser.new_context(java_script_enabled=False)
     try:

@@ -853,6 +853,21 @@ def test_a_stream_or_a_waiting_get_the_client_left_lets_its_connection_go_within
     assert time.monotonic() - left < 2  # not the 15 s heartbeat, nor the 300 s wait
 
 
+@pytest.mark.parametrize("path", ["/kv/nothing?wait=300", "/events"])
+def test_a_client_that_pipelined_a_request_behind_a_wait_and_hung_up_lets_its_connection_go(make_live_server, path):
+    """The pipelined bytes stand before the end of the connection: looked at alone, they made
+    the client seem to be there, until the wait ended (300 s) or the next heartbeat (15 s)."""
+    server = make_live_server("memory")
+    with socket.create_connection((server.host, server.port)) as client:
+        client.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+        # Once it waits, its head has been read: the next request stays in the socket.
+        wait_for(lambda: server.server.connections._watches, what="the request to wait")
+        client.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    left = time.monotonic()
+    wait_for(lambda: open_connections(server) == 0, timeout=5, what="the connection to go")
+    assert time.monotonic() - left < 2
+
+
 @pytest.mark.parametrize(
     "headers", [{"Origin": "http://evil.example"}, {"Sec-Fetch-Site": "cross-site"}, {"Origin": "null"}]
 )

@@ -1724,8 +1724,26 @@ def _key_from_name(name: str) -> str | None:
 
 
 def _printable(path: str) -> str:
-    """A path as any stream can print it: name bytes that are not UTF-8 become \\x escapes."""
-    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    """A path as any stream can print it, on one line: name bytes that are not UTF-8, and
+    control characters (a newline, a terminal's escape sequence), become \\x escapes."""
+    text = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return _CONTROL_CHARACTER.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
+
+
+def _refuse_link(path: str) -> None:
+    """OSError (ELOOP) if `path`, one of kvserver's own in the data dir, is a symbolic link:
+    followed, its clean-ups and its lock could empty or remove files outside the data dir
+    (a link another user of a shared data dir put there)."""
+    if os.path.islink(path):
+        raise OSError(
+            errno.ELOOP, f"{_printable(path)} is a symbolic link, where kvserver keeps its own; remove it", path
+        )
+
+
+def _make_own_folder(path: str) -> None:
+    """Make one of kvserver's own folders in the data dir, unless a symbolic link is in its place."""
+    _refuse_link(path)
+    os.makedirs(path, exist_ok=True)
 
 
 def _read_small_file(path: str, size: int) -> bytes:
@@ -1970,10 +1988,14 @@ class FileStorage(Storage):
         # Unique names in tmp and spare: both are emptied at start, and the data dir is locked.
         self._temporary_names = itertools.count()
         self._spares: list[str] = []  # the files in spare (see _stage)
-        for folder in (self._tmp, self._spare, self._meta):
-            os.makedirs(folder, exist_ok=True)
-        # Held open, and so locked, until close().
-        self._lock_file: IO[bytes] | None = open(os.path.join(self.path, ".kvserver", "lock"), "wb")  # noqa: SIM115
+        for folder in (os.path.join(self.path, ".kvserver"), self._tmp, self._spare, self._meta):
+            _make_own_folder(folder)
+        # Held open, and so locked, until close(); never truncated, nor followed if a link.
+        lock = os.path.join(self.path, ".kvserver", "lock")
+        _refuse_link(lock)
+        self._lock_file: IO[bytes] | None = os.fdopen(
+            os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), "r+b"
+        )
         try:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -2018,8 +2040,11 @@ class FileStorage(Storage):
     def _keep_folder(self, path: str) -> None:
         """Move a folder put by hand where kvserver puts a file (a key's place, tmp or spare) into kept."""
         kept = os.path.join(self.path, ".kvserver", "kept")
-        os.makedirs(kept, exist_ok=True)
-        target = os.path.join(kept, f"{_new_stamp()}-{os.path.basename(path)}")
+        _make_own_folder(kept)
+        name = os.path.basename(path)
+        if len(os.fsencode(name)) > 235:  # (its stamp in front would pass 255 bytes: its hash instead)
+            name = hashlib.sha256(os.fsencode(name)).hexdigest()
+        target = os.path.join(kept, f"{_new_stamp()}-{name}")
         os.rename(path, target)
         print(
             f"kvserver: moved {_printable(path)} to {_printable(target)}: a folder put in a key's place by hand",
@@ -2104,8 +2129,10 @@ class FileStorage(Storage):
             if isinstance(records, dict) and all(
                 isinstance(record, dict)
                 and isinstance(record.get("key"), str)
+                and _file_name(check_key(record["key"])) == name  # (a ValueError if it is no key)
                 and isinstance(record.get("content_type"), str)
                 and isinstance(record.get("expires_at", ""), (int, float, type(None)))
+                and not isinstance(record["expires_at"], bool)
                 for record in records.values()
             ):
                 return records
@@ -4274,11 +4301,16 @@ _LOGGED_FIELDS = frozenset({"key", "ttl", "prefix", "delimiter", "limit", "after
 _SET_SETTINGS = frozenset({"key", "ttl"})  # of /set?key=<key>&value=<value>&ttl=<seconds>
 
 
+_USERINFO = re.compile(r"^(\S* [A-Za-z][A-Za-z0-9+.-]*://)[^/?#@ ]*@")  # the method, the scheme, then user@
+
+
 def _redact(request_line: str) -> str:
     """The request line for the access log: values hidden as '…', keys shown as REST paths
     show them. Only the query fields that name keys or settings keep their value (on /set
     only `key=` and `ttl=` beside `value=`: /set?key=abc and /set?ttl=abc store the value
-    abc); every other field's value may be a stored value, or a typo of one."""
+    abc); every other field's value may be a stored value, or a typo of one. The user part
+    of an absolute-form target (user:password@) is hidden too: it may be the token."""
+    request_line = _USERINFO.sub("\\1…@", request_line, count=1)
     head, question, rest = request_line.partition("?")
     if not question:
         return request_line

@@ -1224,3 +1224,87 @@ def test_an_interrupt_before_any_step_of_a_delete_leaves_the_store_serving_what_
     with kvserver.FileStorage(data_dir) as again:
         assert running == view(again)
     assert events == ([] if running else [("delete", "k")])
+
+
+# Found by review of the on-disk format (12g)
+def test_the_warning_for_a_file_whose_name_holds_a_newline_is_one_line(tmp_path: Path, capsys) -> None:
+    # SPEC 7: hand-placed files whose names are not keys are "skipped with a one-line warning".
+    # A name may hold any byte but '/' and NUL: a newline in it must not start a second line
+    # (here one that reads like another warning of kvserver's), nor an escape sequence reach
+    # the terminal as it is.
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "good").write_bytes(b"kept")
+    (data_dir / "bad\nkvserver: skipping forged: its name is not a key").write_bytes(b"x")
+    (data_dir / "esc\x1b[2Jape").write_bytes(b"x")
+    capsys.readouterr()
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        assert store.keys() == ["good"]
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert len(lines) == 2, err  # one line per file skipped
+    assert all(line.startswith("kvserver: skipping ") and "data/" in line for line in lines), err
+    assert "\x1b" not in err, err
+
+
+def test_a_folder_in_the_place_of_a_long_plain_key_is_moved_to_kept(tmp_path: Path, capsys) -> None:
+    # README: "a folder put in a key's place by hand, skipped with a warning at start, is moved to
+    # .kvserver/kept/ with a warning naming it when a write of that key needs the place"; and names
+    # never pass 255 bytes. A plain key of 240 bytes is its own name; kept/ names it
+    # "<19-digit stamp>-<name>", 260 bytes: the rename fails with ENAMETOOLONG, so every write of
+    # the key fails for ever.
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    key = "a" * 240
+    (data_dir / key).mkdir()
+    (data_dir / key / "inner").write_bytes(b"hand-made")
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        store.put(key, b"value")
+        assert store.get(key) == b"value"
+    assert (data_dir / key).read_bytes() == b"value"
+    kept = list((data_dir / ".kvserver" / "kept").iterdir())
+    assert len(kept) == 1
+    assert (kept[0] / "inner").read_bytes() == b"hand-made"
+    assert len(os.fsencode(kept[0].name)) <= 255
+
+
+def test_a_deleted_key_does_not_come_back_from_a_metadata_file_a_hand_edit_broke(tmp_path: Path) -> None:
+    # A metadata file names the key of its value file, but the name is not checked against the
+    # file: a record of .kvserver/meta/x that says key "y" (a hand edit) makes the value of file x
+    # load as key "y". Deleting "y" then removes file "y" (there is none) and leaves file x and its
+    # metadata, so the next start serves "y" again: what a restart loads is not what the running
+    # store served. A record whose key does not give its file's name should be ignored, like any
+    # damaged metadata file ("its value loads with derived metadata").
+    data_dir = tmp_path / "data"
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        store.put("x", b"{}", content_type="application/json")
+    meta = data_dir / ".kvserver" / "meta" / "x"
+    records = json.loads(meta.read_bytes())
+    for record in records.values():
+        record["key"] = "y"
+    meta.write_text(json.dumps(records))
+    os.utime(meta)  # (a hand edit)
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        for key in store.keys():
+            store.delete(key)
+        assert store.keys() == []
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        assert store.keys() == [], "a deleted key came back at restart"
+
+
+def test_a_metadata_file_whose_expiry_a_hand_edit_made_true_does_not_delete_the_value(tmp_path: Path, capsys) -> None:
+    # _read_metadata takes a metadata file it did not write as damaged ("none if it is damaged
+    # (written by hand ...), so that its value loads with derived metadata"), checking that
+    # expires_at is a number or null. But JSON true passes as an int (bool is one in Python): it
+    # loads as an expiry of 1 (1970), and the start removes the value file for good.
+    data_dir = tmp_path / "data"
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        store.put("x", b"{}", content_type="application/json", ttl=3600)
+    meta = data_dir / ".kvserver" / "meta" / "x"
+    records = json.loads(meta.read_bytes())
+    for record in records.values():
+        record["expires_at"] = True
+    meta.write_text(json.dumps(records))
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        assert (data_dir / "x").exists(), "a hand-broken metadata file made the start delete the value"
+        assert store.get("x") == b"{}"

@@ -9,7 +9,9 @@ import html
 import http.client
 import os
 import re
+import select
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -706,3 +708,110 @@ def test_the_access_log_never_records_an_over_long_request_line(logged):
     log = wait_for_log(logged, "GET /set?marker=…")
     assert SECRET not in log
     assert "xxxxxxxx" not in log
+
+
+# Links another local user put in the data dir, and a token in the access log (review 12f)
+
+
+def run_server_once(data_dir: Path, cwd: Path) -> tuple[int | None, str]:
+    """Start kvserver on `data_dir`, let it start (or refuse to), stop it; its exit status
+    (None if it had to be killed) and what it printed."""
+    process = subprocess.Popen(
+        [sys.executable, str(KVSERVER), "--port", "0", "--quiet", "--data-dir", str(data_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=cwd,
+    )
+    assert process.stdout is not None
+    ready, _, _ = select.select([process.stdout], [], [], START_TIMEOUT)
+    line = process.stdout.readline().decode(errors="replace") if ready else ""
+    if " serving " in line:  # (else it refused to start, and is exiting)
+        process.send_signal(signal.SIGTERM)
+    try:
+        status: int | None = process.wait(15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(15)
+        status = None
+    rest = process.stdout.read().decode(errors="replace")
+    process.stdout.close()
+    return status, line + rest
+
+
+def victim_folder(tmp_path: Path) -> Path:
+    """A folder of the server's user outside the data dir, with files it would miss."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "notes.txt").write_bytes(b"precious notes\n")
+    (victim / "authorized_keys").write_bytes(b"ssh-ed25519 AAAA... me@home\n")
+    return victim
+
+
+def assert_untouched(victim: Path) -> None:
+    assert sorted(path.name for path in victim.iterdir()) == ["authorized_keys", "notes.txt"]
+    assert (victim / "notes.txt").read_bytes() == b"precious notes\n"
+    assert (victim / "authorized_keys").read_bytes() == b"ssh-ed25519 AAAA... me@home\n"
+
+
+# Symbolic links put in the data dir by another local user (a shared or pre-made data dir): the
+# server may refuse to start or replace the link, but it must not delete or truncate files outside
+# the data dir (SPEC 7: "no key can name a path outside the data dir"; README: Security, Storage on disk).
+
+
+def test_a_lock_link_in_the_data_dir_does_not_truncate_the_file_it_points_to(tmp_path):
+    victim = victim_folder(tmp_path)
+    internal = tmp_path / "data" / ".kvserver"
+    internal.mkdir(parents=True)
+    (internal / "lock").symlink_to(victim / "authorized_keys")
+    status, output = run_server_once(tmp_path / "data", tmp_path)
+    assert status == 1 and output.count("\n") == 1 and "is a symbolic link" in output, output
+    assert_untouched(victim)
+
+
+def test_a_tmp_link_in_the_data_dir_does_not_make_the_server_empty_the_folder_it_points_to(tmp_path):
+    victim = victim_folder(tmp_path)
+    internal = tmp_path / "data" / ".kvserver"
+    internal.mkdir(parents=True)
+    (internal / "tmp").symlink_to(victim, target_is_directory=True)
+    status, output = run_server_once(tmp_path / "data", tmp_path)
+    assert status == 1 and output.count("\n") == 1 and "is a symbolic link" in output, output
+    assert_untouched(victim)
+
+
+def test_a_meta_link_in_the_data_dir_does_not_make_the_server_empty_the_folder_it_points_to(tmp_path):
+    victim = victim_folder(tmp_path)
+    internal = tmp_path / "data" / ".kvserver"
+    internal.mkdir(parents=True)
+    (internal / "meta").symlink_to(victim, target_is_directory=True)
+    status, output = run_server_once(tmp_path / "data", tmp_path)
+    assert status == 1 and output.count("\n") == 1 and "is a symbolic link" in output, output
+    assert_untouched(victim)
+
+
+def test_a_kvserver_folder_link_does_not_make_the_server_write_or_delete_outside_the_data_dir(tmp_path):
+    victim = victim_folder(tmp_path)
+    (victim / "tmp").mkdir()
+    (victim / "tmp" / "draft.txt").write_bytes(b"a draft\n")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / ".kvserver").symlink_to(victim, target_is_directory=True)
+    status, output = run_server_once(tmp_path / "data", tmp_path)
+    assert status == 1 and output.count("\n") == 1 and "is a symbolic link" in output, output
+    assert (victim / "tmp" / "draft.txt").read_bytes() == b"a draft\n"
+    assert sorted(path.name for path in victim.iterdir()) == ["authorized_keys", "notes.txt", "tmp"]
+
+
+# The access log never records secrets (SPEC 8: the token is "never logged"; README Security: "The
+# access log never records values or secrets").
+
+
+def test_the_token_sent_as_user_information_of_an_absolute_form_target_is_not_logged(make_server):
+    server = make_server("--token", TOKEN)
+    request = (
+        f"GET http://me:{TOKEN}@localhost:{server.port}/keys HTTP/1.1\r\n"
+        f"Host: localhost:{server.port}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    answer = server.raw(request)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer
+    wait_for(lambda: '"GET ' in server.stderr(), what="the access log line")
+    assert TOKEN not in server.stderr(), server.stderr()
+    assert f"GET http://…@localhost:{server.port}/keys HTTP/1.1" in server.stderr()

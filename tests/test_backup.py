@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import KVSERVER, Server
+from conftest import KVSERVER, Server, wait_for
 from test_readme import console_examples
 from test_redis import redis_db, redis_server  # noqa: F401  (the fixtures redis_url uses)
 
@@ -858,6 +858,8 @@ def test_an_import_that_stops_after_its_progress_line_showed_says_so_on_a_line_o
         assert process.stdin is not None
         process.stdin.write(export_line("a", "text/plain", "null"))
         process.stdin.flush()
+        lock = tmp_path / "data" / ".kvserver" / "lock"
+        wait_for(lock.exists, timeout=30, what="the import to open its storage")  # (its progress starts then)
         shown = time.monotonic() + 0.7  # the progress line is shown once an import has run half a second
         while (left := shown - time.monotonic()) > 0:
             read_for(left)

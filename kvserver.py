@@ -692,8 +692,10 @@ class _ChangeFeed:
 class Watch(Iterator[Event]):
     """What `Storage.watch` returns: an iterator over the changes under a prefix.
 
-    `close()`, from any thread, ends the iteration at once (and a `with` block closes it);
-    `wait(timeout)` is the step underneath, for a caller that does something between events.
+    `close()`, from any thread, ends the iteration at once (and a `with` block closes it), as
+    does the end of its `timeout`; once ended, it stays ended (StopIteration on every later
+    `next`, as Python's iterator protocol asks). `wait(timeout)` is the step underneath, for a
+    caller that does something between events, and goes on working after the iteration ended.
     """
 
     def __init__(
@@ -709,6 +711,7 @@ class Watch(Iterator[Event]):
         self._next, self._reset, self._skip_through = feed.position(after, newest)
         self._deadline = None if timeout is None else time.monotonic() + timeout
         self._pending: list[Event] = []
+        self._ended = False  # the iteration raised StopIteration
 
     def wait(self, timeout: float | None) -> list[Event]:
         """The events that came since the last call, in revision order, waiting up to `timeout`
@@ -724,10 +727,11 @@ class Watch(Iterator[Event]):
 
     def __next__(self) -> Event:
         while not self._pending:
+            if self._ended:
+                raise StopIteration
             remaining = None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
             self._pending = self.wait(remaining)  # (at the end of the time, what has come already)
-            if not self._pending and (self.closed or remaining == 0):
-                raise StopIteration
+            self._ended = not self._pending and (self.closed or remaining == 0)
         return self._pending.pop(0)
 
     def close(self) -> None:

@@ -437,6 +437,18 @@ def test_closing_the_storage_ends_its_watches():
     assert list(watch) == []
 
 
+def test_a_watch_whose_iteration_ended_stays_ended_and_wait_still_reads_on():
+    """Python's iterator protocol: once StopIteration, always. (A second loop over a watch whose
+    time was up yielded the changes made since.)"""
+    with kvserver.MemoryStorage() as store, store.watch("", timeout=0.1) as watch:
+        assert list(watch) == []
+        store.put("k", b"v")
+        assert list(watch) == []
+        with pytest.raises(StopIteration):
+            next(watch)
+        assert [(event.type, event.key) for event in watch.wait(1)] == [("put", "k")]
+
+
 def test_revisions_of_a_files_storage_grow_across_a_restart(tmp_path: Path):
     with kvserver.FileStorage(tmp_path, fsync=False) as store, store.watch(timeout=10) as watch:
         store.put("k", b"v")

@@ -4974,7 +4974,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             raise _HTTPError(HTTPStatus.NOT_FOUND, f"no key {key!r}")
         self._send(HTTPStatus.NO_CONTENT)
 
-    @_route("/events", "GET", head=False)  # a stream: its head is all a HEAD would get
+    @_route("/events", "GET")
     def _route_events(self, path: str, query: str) -> None:
         """Server-Sent Events: each change under ?prefix=, from the revision in Last-Event-ID
         (a reconnecting EventSource sends it) or ?after= on; a comment line after HEARTBEAT
@@ -4989,7 +4989,8 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             raise _HTTPError(HTTPStatus.BAD_REQUEST, str(error)) from None
         with watch, self.server.connections.streaming(self.connection, watch):
             writer = self._stream("text/event-stream; charset=utf-8", {"Cache-Control": "no-cache"})
-            assert writer is not None  # (GET only)
+            if writer is None:
+                return  # HEAD: the stream's head is the whole answer
             writer.flush()
             sent = -math.inf  # when events last left
             while True:

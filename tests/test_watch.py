@@ -839,6 +839,17 @@ def test_a_stream_sends_a_comment_after_silence_and_is_not_closed_as_idle(monkey
         server.stop()
 
 
+def test_head_of_events_answers_the_streams_head_alone_and_the_connection_goes_on(server):
+    """RFC 9110 section 9.3.2: HEAD is GET without the content (it was a 405)."""
+    connection = server.connect(timeout=10)
+    head = server.request("HEAD", "/events", connection=connection)
+    assert head.status == 200
+    assert head.headers["Content-Type"] == "text/event-stream; charset=utf-8"
+    assert head.body == b""
+    assert server.request("GET", "/health", connection=connection).status == 200  # nothing was left to read
+    assert server.request("HEAD", "/events?after=not-a-revision").status == 400  # as GET would answer
+
+
 def test_with_a_token_a_stream_and_a_waiting_get_need_it(make_server, streams):
     server = make_server("--quiet", "--storage", "memory", "--token", "s3cret")
     assert server.get("/events").status == 401

@@ -4252,19 +4252,23 @@ class _XMLRPC:
 # The request handler: access checks, routes, and each route's handler
 
 
+# A Host value, lower-cased: uri-host [ ":" port ] (RFC 9110 section 7.2), with an IP literal in
+# brackets or a name of letters, digits and . _ ~ - (a reg-name's other characters name no loopback).
+_HOST = re.compile(r"(?:\[([0-9a-f:.]+)\]|([a-z0-9._~-]+))(?::[0-9]*)?")
+
+
 @functools.lru_cache(maxsize=256)  # a client sends the same Host again and again; parsing it is ~8% of a /get
 def _is_loopback_host(host: str) -> bool:
-    """Whether a Host header names this machine: localhost, *.localhost, 127.0.0.0/8 or ::1.
-    (Field values come trimmed of space and tab from the head reader.)"""
-    name = host.lower()
-    if name.startswith("["):
-        name = name[1 : name.find("]")]
-    elif name.count(":") == 1:
-        name = name.partition(":")[0]
-    if name == "localhost" or name.endswith(".localhost"):
+    """Whether a Host header names this machine: localhost, *.localhost, 127.0.0.0/8 or ::1,
+    with a port or without; anything more (`[::1]evil.example`, `localhost:80@evil.example`) does not."""
+    match = _HOST.fullmatch(host.lower())
+    if match is None:
+        return False
+    ip_literal, name = match.groups()
+    if name is not None and (name == "localhost" or name.endswith(".localhost")):
         return True
     try:
-        return ipaddress.ip_address(name).is_loopback
+        return ipaddress.ip_address(ip_literal or name).is_loopback
     except ValueError:
         return False
 

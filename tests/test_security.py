@@ -503,7 +503,19 @@ def test_the_servers_own_origin_is_served(plain, host):
 
 
 @pytest.mark.parametrize(
-    "host", ["evil.example", "evil.example:{port}", "127.0.0.1.evil.example:{port}", "10.1.2.3:{port}", "[::2]"]
+    "host",
+    [
+        "evil.example",
+        "evil.example:{port}",
+        "127.0.0.1.evil.example:{port}",
+        "10.1.2.3:{port}",
+        "[::2]",
+        # Malformed values that began with a loopback name, which a parser may read as another host:
+        "[::1]evil.example",
+        "localhost:{port}@evil.example",
+        "127.0.0.1:x{port}",
+        "localhost:{port} evil.example",
+    ],
 )
 def test_a_foreign_host_is_403_while_bound_to_loopback(plain, host):
     headers = {"Host": host.format(port=plain.port)}

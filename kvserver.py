@@ -1398,7 +1398,7 @@ class Storage(abc.ABC):
                 if error.errno not in (errno.ENOSPC, errno.EDQUOT):
                     raise OSError(
                         error.errno,
-                        f"line {reader.number} could not be stored: {error.strerror or error}; the lines before it "
+                        f"line {reader.number} could not be stored: {_os_error_text(error)}; the lines before it "
                         "were imported",
                     ) from error
                 raise StorageFull(
@@ -1734,20 +1734,39 @@ def _printable(path: str) -> str:
     return _CONTROL_CHARACTER.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
 
 
+def _os_error_text(error: OSError) -> str:
+    """An OSError in words for a message: its strerror and the file it names, if it names one."""
+    text = error.strerror or str(error)
+    return text if error.filename is None else f"{text}: {_printable(os.fsdecode(error.filename))}"
+
+
 def _refuse_link(path: str) -> None:
     """OSError (ELOOP) if `path`, one of kvserver's own in the data dir, is a symbolic link:
     followed, its clean-ups and its lock could empty or remove files outside the data dir
-    (a link another user of a shared data dir put there)."""
+    (a link another user of a shared data dir put there). (Its words name the link.)"""
     if os.path.islink(path):
-        raise OSError(
-            errno.ELOOP, f"{_printable(path)} is a symbolic link, where kvserver keeps its own; remove it", path
-        )
+        raise OSError(errno.ELOOP, f"{_printable(path)} is a symbolic link, where kvserver keeps its own; remove it")
 
 
 def _make_own_folder(path: str) -> None:
-    """Make one of kvserver's own folders in the data dir, unless a symbolic link is in its place."""
+    """Make one of kvserver's own folders in the data dir, for its user alone (0700), unless a
+    symbolic link is in its place."""
     _refuse_link(path)
-    os.makedirs(path, exist_ok=True)
+    os.makedirs(path, mode=0o700, exist_ok=True)
+
+
+def _regular_files(folder: str) -> Iterator[os.DirEntry[str]]:
+    """The regular files in `folder` but hidden ones (.kvserver, .gitkeep), with a warning for
+    anything else: a folder, a symbolic link, a FIFO (whose opening would stall the start) is
+    neither read nor removed."""
+    with os.scandir(folder) as dir_entries:
+        for dir_entry in dir_entries:
+            if dir_entry.name.startswith("."):
+                continue
+            if dir_entry.is_file(follow_symlinks=False):
+                yield dir_entry
+            else:
+                print(f"kvserver: skipping {_printable(dir_entry.path)}: not a regular file", file=sys.stderr)
 
 
 def _read_small_file(path: str, size: int) -> bytes:
@@ -1992,6 +2011,8 @@ class FileStorage(Storage):
         # Unique names in tmp and spare: both are emptied at start, and the data dir is locked.
         self._temporary_names = itertools.count()
         self._spares: list[str] = []  # the files in spare (see _stage)
+        # A data dir made here is its user's alone, as value files are: key names are file names.
+        os.makedirs(self.path, mode=0o700, exist_ok=True)
         for folder in (os.path.join(self.path, ".kvserver"), self._tmp, self._spare, self._meta):
             _make_own_folder(folder)
         # Held open, and so locked, until close(); never truncated, nor followed if a link.
@@ -2086,16 +2107,11 @@ class FileStorage(Storage):
     def _load(self) -> None:
         """Build the index from the data dir; remove expired values and metadata no value
         file matches."""
-        unused_metadata = set(os.listdir(self._meta))
+        unused_metadata = {dir_entry.name for dir_entry in _regular_files(self._meta)}
         now = time.time()
         latest_stamp = 0
-        for dir_entry in os.scandir(self.path):
+        for dir_entry in _regular_files(self.path):
             name = dir_entry.name
-            if name.startswith("."):
-                continue  # .kvserver, and hidden files such as .gitkeep
-            if not dir_entry.is_file(follow_symlinks=False):
-                print(f"kvserver: skipping {_printable(dir_entry.path)}: not a regular file", file=sys.stderr)
-                continue
             file_stat = dir_entry.stat(follow_symlinks=False)
             size, stamp = file_stat.st_size, file_stat.st_mtime_ns
             record = self._read_metadata(name).get(_etag(size, stamp)) if name in unused_metadata else None
@@ -5593,7 +5609,7 @@ def _open_storage(args: dict[str, Any], locked_hint: str = "") -> Storage:
     except ValueError as error:  # a Redis URL that redis-py cannot read
         _fail(f"--storage: {error}", 2)
     except OSError as error:
-        _fail(f"cannot use data dir {args['--data-dir']}: {error.strerror or error}", 1)
+        _fail(f"cannot use data dir {args['--data-dir']}: {_os_error_text(error)}", 1)
 
 
 def _run_transfer(args: dict[str, Any], said: dict[str, Any]) -> None:
@@ -5651,7 +5667,7 @@ def _run_transfer(args: dict[str, Any], said: dict[str, Any]) -> None:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit does not flush into it
             progress.fail("export stopped: its output was closed")
         except OSError as error:
-            progress.fail(f"{command} failed: {error.strerror or error}")
+            progress.fail(f"{command} failed: {_os_error_text(error)}")
         except KeyboardInterrupt:
             progress.fail("interrupted; every key written so far is whole")
 

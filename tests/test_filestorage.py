@@ -967,6 +967,69 @@ def test_a_metadata_file_that_matches_no_value_file_is_removed(data_dir):
     assert value_files(data_dir) == {"kept": b"v"}
 
 
+def test_a_fifo_a_folder_or_a_link_in_the_metadata_folder_is_skipped_with_a_warning_and_left(data_dir, capsys):
+    """Opened as a metadata file, a FIFO stalled the start for good, and a folder stopped it."""
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        store.put("plain", b"<p>hi</p>", content_type="text/html")
+        store.put("fifo", b"<p>hi</p>", content_type="text/html")
+    meta = data_dir / ".kvserver" / "meta"
+    (meta / "fifo").unlink()
+    os.mkfifo(meta / "fifo")  # in the place of a value's metadata file
+    (meta / "folder").mkdir()
+    (meta / "link").symlink_to(meta / "plain")
+    capsys.readouterr()
+    opened: list[kvserver.FileStorage] = []
+    opening = threading.Thread(target=lambda: opened.append(kvserver.FileStorage(data_dir, fsync=False)))
+    opening.start()
+    opening.join(10)
+    if opening.is_alive():  # let the thread go: it waits for a writer to the FIFO
+        with open(meta / "fifo", "wb"):
+            pass
+        opening.join(10)
+        pytest.fail("the start was stalled by the FIFO in .kvserver/meta")
+    with opened[0] as store:
+        assert store.keys() == ["fifo", "plain"]
+        assert store.stat("plain").content_type == "text/html"
+        assert store.stat("fifo").content_type == kvserver.TEXT_CONTENT_TYPE  # as a value without metadata
+    lines = capsys.readouterr().err.splitlines()
+    assert sorted(lines) == [
+        f"kvserver: skipping {meta / name}: not a regular file" for name in ("fifo", "folder", "link")
+    ], lines
+    assert stat_module.S_ISFIFO((meta / "fifo").lstat().st_mode)  # left as they were
+    assert (meta / "folder").is_dir() and (meta / "link").is_symlink()
+
+
+def test_a_start_that_cannot_read_a_file_names_it(data_dir, monkeypatch, capsys):
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        store.put("k", b"v")
+
+    def refused(path: str, size: int) -> bytes:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+
+    monkeypatch.setattr(kvserver, "_read_small_file", refused)
+    with pytest.raises(SystemExit) as exited:
+        kvserver.main(["--data-dir", str(data_dir), "--port", "0"])
+    assert exited.value.code == 1
+    assert capsys.readouterr().err == (
+        f"kvserver: cannot use data dir {data_dir}: {os.strerror(errno.EACCES)}: {data_dir / 'k'}\n"
+    )
+
+
+def test_the_data_dir_and_kvservers_folders_it_makes_are_its_users_alone(tmp_path):
+    """Value files are 0600; the names of the keys are in file names, so the folders that hold
+    them are 0700 (as etcd makes its data dir). A data dir that exists keeps its mode."""
+    with kvserver.FileStorage(tmp_path / "new" / "data", fsync=False) as store:
+        store.put("k", b"v")
+    for folder in ("", ".kvserver", ".kvserver/tmp", ".kvserver/spare", ".kvserver/meta"):
+        assert stat_module.S_IMODE((tmp_path / "new" / "data" / folder).stat().st_mode) == 0o700, folder
+    (tmp_path / "given").mkdir(mode=0o755)
+    os.chmod(tmp_path / "given", 0o755)
+    with kvserver.FileStorage(tmp_path / "given", fsync=False):
+        pass
+    assert stat_module.S_IMODE((tmp_path / "given").stat().st_mode) == 0o755
+    assert stat_module.S_IMODE((tmp_path / "given" / ".kvserver").stat().st_mode) == 0o700
+
+
 def test_a_value_file_of_a_hashed_name_without_its_record_is_skipped_not_guessed(data_dir, capsys):
     key = "k" * 1024
     with kvserver.FileStorage(data_dir, fsync=False) as store:

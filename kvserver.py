@@ -4533,7 +4533,8 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         """Refuse what a web page could make a browser send here (SPEC section 8), then
         requests without the token. `host` is the request's: its Host field, or the
         authority of an absolute-form target."""
-        if self.headers.get("Sec-Fetch-Site", "").lower() in ("cross-site", "same-site"):
+        sites = self.headers.get("Sec-Fetch-Site", "").lower().split(",")  # (two fields arrive joined)
+        if any(site.strip(" \t") in ("cross-site", "same-site") for site in sites):
             raise _HTTPError(
                 HTTPStatus.FORBIDDEN,
                 "requests from other sites are refused (a page on another port of this host too): "

@@ -458,6 +458,17 @@ def test_a_cross_site_or_same_site_request_is_403_and_stores_nothing(plain, site
     assert not (plain.data_dir / "planted").exists()
 
 
+@pytest.mark.parametrize("second", ["cross-site", "same-site"])
+def test_a_second_sec_fetch_site_field_of_another_site_is_not_lost_in_the_join(plain, second):
+    """Two fields reach the routes joined ("same-origin, cross-site"), which matched neither value."""
+    request = (
+        f"GET /set?planted={SECRET} HTTP/1.1\r\nHost: 127.0.0.1:{plain.port}\r\n"
+        f"Sec-Fetch-Site: same-origin\r\nSec-Fetch-Site: {second}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    assert plain.raw(request).startswith(b"HTTP/1.1 403 ")
+    assert plain.get("/get?key=planted").status == 404
+
+
 @pytest.mark.parametrize("site", ["Cross-Site", "Same-Site"])
 def test_a_cross_site_or_same_site_request_cannot_read_or_delete(plain, site):
     assert plain.get("/set?mine=kept").status == 201

@@ -513,10 +513,11 @@ class _ChangeFeed:
         self._count += 1
         return self._count - 1
 
-    def position(self, after: str | None, newest: str | None) -> tuple[int, str | None, tuple[int, ...]]:
+    def position(self, after: str | None, newest: str | None) -> tuple[int, str | None, tuple[int, ...], str]:
         """Where a watch starts: the number of its first event; the revision of the reset it
-        starts with if `after` is a revision this feed does not remember changes since; and
-        the revision_order up to which it skips the events it reads (() for none).
+        starts with if `after` is a revision this feed does not remember changes since; the
+        revision_order up to which it skips the events it reads (() for none); and the revision
+        it reads the changes after (`after`, or without it the newest known as it starts).
 
         `newest` is the newest revision of the feed's source as the watch is made, when the
         feed may not have read that far yet (Redis storage: other kvservers write the stream
@@ -524,23 +525,24 @@ class _ChangeFeed:
         what the feed has, and skips what comes up to `newest` (without `after`, or with a
         reset) or up to `after` (if the feed has not read that far): it sees each change after
         its start once. Changes it would skip do not make it fall behind (see _take)."""
-        order = None if after is None else revision_order(after)
+        order = () if after is None else revision_order(after)
         newest_order = () if newest is None else revision_order(newest)
         with self._lock:
             self._start()
             assert self._floor is not None
-            if order is None:
-                return self._count, None, newest_order
+            if after is None:
+                start = newest if newest is not None and newest_order > self._last_order else self._last
+                return self._count, None, newest_order, start
             if self._last_order < order <= newest_order:
-                return self._count, None, order
+                return self._count, None, order, after
             if not self._floor <= order <= self._last_order:  # forgotten, or never made
                 if newest_order > self._last_order:  # (the reset is then at the source's newest)
-                    return self._count, newest, newest_order
-                return self._count, self._last, ()
+                    return self._count, newest, newest_order, after
+                return self._count, self._last, (), after
             orders = self._orders
             kept = range(self._oldest, self._count)
             index = bisect.bisect_right(kept, order, key=lambda n: orders[n % len(orders)])
-            return kept.start + index, None, ()
+            return kept.start + index, None, (), after
 
     def read(self, watch: Watch, timeout: float | None, pause: float = 0.0) -> _Batch:
         """The watch's next events, waiting up to `timeout` seconds (None: no limit) for one,
@@ -696,6 +698,10 @@ class Watch(Iterator[Event]):
     does the end of its `timeout`; once ended, it stays ended (StopIteration on every later
     `next`, as Python's iterator protocol asks). `wait(timeout)` is the step underneath, for a
     caller that does something between events, and goes on working after the iteration ended.
+
+    `after` is the revision it gives the changes after: the one it was made with, or else the
+    newest as it began. A later watch made with `after=watch.after` misses nothing between the
+    two, even if this one gave no event.
     """
 
     def __init__(
@@ -708,7 +714,7 @@ class Watch(Iterator[Event]):
         self._woken_by: int | None = None  # the number of the event that ended its last wait
         # Its next event's number; the reset it is to get first; the revision_order up to
         # which it skips changes (from before it began, which the feed read after it began).
-        self._next, self._reset, self._skip_through = feed.position(after, newest)
+        self._next, self._reset, self._skip_through, self.after = feed.position(after, newest)
         self._deadline = None if timeout is None else time.monotonic() + timeout
         self._pending: list[Event] = []
         self._ended = False  # the iteration raised StopIteration
@@ -4998,8 +5004,9 @@ class KVRequestHandler(BaseHTTPRequestHandler):
     @_route("/events", "GET")
     def _route_events(self, path: str, query: str) -> None:
         """Server-Sent Events: each change under ?prefix=, from the revision in Last-Event-ID
-        (a reconnecting EventSource sends it) or ?after= on; a comment line after HEARTBEAT
-        seconds of silence. It ends when the client goes or the server stops."""
+        (a reconnecting EventSource sends it) or ?after= on, after an opening id: line of the
+        revision it starts after; a comment line after HEARTBEAT seconds of silence. It ends
+        when the client goes or the server stops."""
         fields = _fields(query, ("prefix", "after"), "/events?prefix=<prefix>&after=<revision>")
         prefix = _text(fields.get("prefix", b""), "prefix")
         after = _text(fields["after"], "after") if "after" in fields else None
@@ -5012,6 +5019,9 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             writer = self._stream("text/event-stream; charset=utf-8", {"Cache-Control": "no-cache"})
             if writer is None:
                 return  # HEAD: the stream's head is the whole answer
+            # An id alone, no event: where an EventSource that drops before the first event
+            # resumes (it sends this as Last-Event-ID), so that it misses nothing in between.
+            writer.write(b"id: %b\n\n" % watch.after.encode())
             writer.flush()
             sent = -math.inf  # when events last left
             while True:

@@ -449,6 +449,21 @@ def test_a_watch_whose_iteration_ended_stays_ended_and_wait_still_reads_on():
         assert [(event.type, event.key) for event in watch.wait(1)] == [("put", "k")]
 
 
+def test_a_watch_made_after_another_watchs_after_misses_nothing_between_them():
+    """watch.after is the revision a watch gives the changes after, even if it gave none."""
+    with kvserver.MemoryStorage() as store:
+        store.put("before", b"v")
+        with store.watch() as first:
+            latest = first.after
+        store.put("between", b"v")
+        with store.watch(after=latest, timeout=0.5) as second:
+            assert second.after == latest
+            assert [event.key for event in second] == ["between"]
+        with store.watch(timeout=0.1) as third:
+            assert order(third.after) > order(latest)
+            assert list(third) == []
+
+
 def test_revisions_of_a_files_storage_grow_across_a_restart(tmp_path: Path):
     with kvserver.FileStorage(tmp_path, fsync=False) as store, store.watch(timeout=10) as watch:
         store.put("k", b"v")
@@ -513,11 +528,12 @@ class EventStream:
                 setattr(message, name, value)
 
     def events(self, count: int) -> list[Message]:
-        """The next `count` messages that are events (comments skipped)."""
+        """The next `count` messages that are events: those with data, as an EventSource
+        dispatches them (comments, and the opening id: line alone, skipped)."""
         messages = []
         while len(messages) < count:
             message = self.next()
-            if message.id is not None:
+            if message.data:
                 messages.append(message)
         return messages
 
@@ -673,9 +689,9 @@ def test_a_bad_revision_or_query_is_a_400(server, query, headers):
     response.problem()
 
 
-def test_the_stream_takes_only_get(server):
+def test_the_stream_refuses_post_naming_get_and_head(server):
     response = server.request("POST", "/events", b"")
-    assert (response.status, response.headers["Allow"]) == (405, "GET")
+    assert (response.status, response.headers["Allow"]) == (405, "GET, HEAD")
 
 
 def test_an_http_1_0_stream_ends_with_the_connection(server):
@@ -687,14 +703,15 @@ def test_an_http_1_0_stream_ends_with_the_connection(server):
         assert b"Transfer-Encoding" not in head and b"Connection: close" in head
         put(server, "k")
         body = head.partition(b"\r\n\r\n")[2]
-        while b"\n\n" not in body:
-            body += sock.recv(4096)
-        assert body.startswith(b"id: ") and b"event: put\n" in body
+        while body.count(b"\n\n") < 2 and (received := sock.recv(4096)):
+            body += received
+        assert re.match(rb"id: [0-9]+\n\nid: [0-9]+\nevent: put\n", body), body  # (the opening id, then the event)
 
 
 @contextlib.contextmanager
 def event_chunks(server) -> Iterator[Callable[[], bytes]]:
-    """An open GET /events on `server`: a function that reads its next chunk (one send's events)."""
+    """An open GET /events on `server`, past its opening id: line: a function that reads its
+    next chunk (one send's events)."""
     with socket.create_connection((server.host, server.port), timeout=10) as sock:
         reader = sock.makefile("rb")
         sock.sendall(b"GET /events HTTP/1.1\r\nHost: localhost\r\n\r\n")
@@ -707,6 +724,7 @@ def event_chunks(server) -> Iterator[Callable[[], bytes]]:
             assert data.endswith(b"\r\n")
             return data[:-2]
 
+        assert re.fullmatch(rb"id: [0-9-]+\n\n", chunk())  # (the opening id alone)
         yield chunk
 
 
@@ -850,6 +868,20 @@ def test_head_of_events_answers_the_streams_head_alone_and_the_connection_goes_o
     assert server.request("HEAD", "/events?after=not-a-revision").status == 400  # as GET would answer
 
 
+def test_a_stream_that_drops_before_its_first_event_resumes_from_its_opening_id(any_server, streams):
+    """An EventSource that drops before any event has no Last-Event-ID of an event; the stream's
+    opening id: line gives it one, so the changes made while it was away are not lost."""
+    first = open_stream(streams, any_server)
+    opening = first.next()
+    assert opening.id is not None and (opening.event, opening.data) == ("message", "")  # an id alone, no event
+    first.close()
+    put(any_server, "while-away")
+    resumed = open_stream(streams, any_server, headers={"Last-Event-ID": opening.id})
+    assert resumed.next().id == opening.id  # (its own opening id: where it resumes from)
+    [event] = resumed.events(1)
+    assert (event.event, event.json()["key"]) == ("put", "while-away")
+
+
 def test_with_a_token_a_stream_and_a_waiting_get_need_it(make_server, streams):
     server = make_server("--quiet", "--storage", "memory", "--token", "s3cret")
     assert server.get("/events").status == 401
@@ -920,7 +952,7 @@ def test_stop_with_50_open_streams_and_waiting_requests_takes_under_a_second(any
     for connection in waiting:
         assert connection.getresponse().status == 404  # the answer it would have had
     for stream in streams:
-        assert stream.response.read() == b""  # the stream ended cleanly
+        assert re.fullmatch(rb"id: [0-9-]+\n\n", stream.response.read())  # its opening id alone: it ended cleanly
 
 
 @contextlib.contextmanager

@@ -4824,13 +4824,16 @@ class KVRequestHandler(BaseHTTPRequestHandler):
     def _send_page(self, status: HTTPStatus, query: str, notice_html: str = "") -> None:
         page = self._key_page(query, 100, "/")
         nonce = secrets.token_urlsafe(16)
-        events = "/events?" + urllib.parse.urlencode({"prefix": page.prefix})
         listing = f"/?{query}" if query else "/"  # after /set or /delete, the listing without the action
-        script = (
-            f'<script nonce="{nonce}" data-events="{html.escape(events)}" data-listing="{html.escape(listing)}">'
-            f"{_PAGE_SCRIPT}</script>"
-        )
-        body = _render_page(self.storage, page, notice_html, script)
+        # The page's stream starts after the revision the listing is as of, not when it connects:
+        # a change made while the page loads still reloads it.
+        with self.storage.watch(page.prefix) as watch:
+            events = "/events?" + urllib.parse.urlencode({"prefix": page.prefix, "after": watch.after})
+            script = (
+                f'<script nonce="{nonce}" data-events="{html.escape(events)}" data-listing="{html.escape(listing)}">'
+                f"{_PAGE_SCRIPT}</script>"
+            )
+            body = _render_page(self.storage, page, notice_html, script)
         policy = f"{_PAGE_HEADERS['Content-Security-Policy']}; script-src 'nonce-{nonce}'; connect-src 'self'"
         self._send(status, body, "text/html; charset=utf-8", {**_PAGE_HEADERS, "Content-Security-Policy": policy})
 

@@ -7,6 +7,8 @@ script of its own (it keeps the listing up to date), a strict Content-Security-P
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import http.server
 import os
 import re
@@ -649,14 +651,33 @@ def test_the_page_has_one_script_with_the_policys_nonce_and_loads_nothing_from_e
     nonce = re.search(r"'nonce-([^']+)'", response.headers["Content-Security-Policy"]).group(1)
     assert f"'nonce-{nonce}'" not in get_root(server, CHROME_ACCEPT).headers["Content-Security-Policy"]  # one a page
     html = response.body.decode("utf-8")
-    assert re.findall(r"<script\b[^>]*>", html) == [
-        f'<script nonce="{nonce}" data-events="/events?prefix=" data-listing="/">'
-    ]
+    [script] = re.findall(r"<script\b[^>]*>", html)
+    events = "/events\\?prefix=&amp;after=[0-9]+"  # (after: the revision the listing is as of)
+    assert re.fullmatch(f'<script nonce="{nonce}" data-events="{events}" data-listing="/">', script), script
     html = html.lower()
     assert "javascript:" not in html
     assert not re.search(r"\son[a-z]+\s*=", html), "an inline event handler"
     assert not re.search(r"<(link|img|iframe|object|embed)\b", html), "an external asset"
     assert not re.search(r"(src|href)\s*=\s*[\"']?(https?:)?//", html), "a link to another site"
+
+
+def test_the_pages_stream_starts_from_the_listing_so_a_change_made_while_it_loads_is_not_missed(
+    server: Server,
+) -> None:
+    """Its EventSource once started from when it connected: a change between the listing and
+    that left the page stale."""
+    set_key(server, "before", "1")
+    html = get_root(server, CHROME_ACCEPT).body.decode("utf-8")
+    events = re.search(r'data-events="([^"]+)"', html).group(1).replace("&amp;", "&")
+    set_key(server, "while-loading", "2")  # listed nowhere yet: the page must hear of it
+    with contextlib.closing(http.client.HTTPConnection(server.host, server.port, timeout=10)) as connection:
+        connection.request("GET", events, headers={"Accept": "text/event-stream"})
+        response = connection.getresponse()
+        assert response.status == 200
+        received = b""
+        while b'"key": "while-loading"' not in received and (line := response.readline()):
+            received += line
+    assert b'event: put\ndata: {"key": "while-loading"' in received, received
 
 
 def test_the_raw_page_escapes_keys_media_types_and_the_prefix(server: Server) -> None:

@@ -2120,13 +2120,23 @@ class FileStorage(Storage):
             name = dir_entry.name
             file_stat = dir_entry.stat(follow_symlinks=False)
             size, stamp = file_stat.st_size, file_stat.st_mtime_ns
-            record = self._read_metadata(name).get(_etag(size, stamp)) if name in unused_metadata else None
+            records = self._read_metadata(name) if name in unused_metadata else {}
+            record = records.get(_etag(size, stamp))
             if record is not None:
                 unused_metadata.discard(name)
                 key, expires_at = record["key"], record["expires_at"]
                 content_type = _stored_media_type(record["content_type"])
             else:
                 key, content_type, expires_at = _key_from_name(name), None, None
+                if key is None and records:  # a hashed name: only its metadata holds the key, kept for the next start
+                    key = next(iter(records.values()))["key"]  # (each record's key is the file's: _read_metadata)
+                    unused_metadata.discard(name)
+                    print(
+                        f"kvserver: {_printable(dir_entry.path)} is not the version its metadata knows (its"
+                        f" modification time changed: copied without -a?); loaded as key {key!r} with the media type"
+                        " its bytes suggest and no TTL",
+                        file=sys.stderr,
+                    )
                 if key is None:
                     print(f"kvserver: skipping {_printable(dir_entry.path)}: its name is not a key", file=sys.stderr)
                     continue

@@ -1042,6 +1042,30 @@ def test_a_value_file_of_a_hashed_name_without_its_record_is_skipped_not_guessed
     assert name in capsys.readouterr().err
 
 
+def test_a_hashed_name_value_whose_time_changed_keeps_its_key_from_its_metadata(data_dir, capsys):
+    """A copy without -a resets modification times, so no record matches the file any more: its
+    key, which only the metadata file holds, was lost, and the metadata file removed with it."""
+    key = "k" * 1024
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        store.put(key, b"<p>v</p>", content_type="text/html", ttl=3600)
+    name = kvserver._file_name(key)
+    os.utime(data_dir / name, ns=(10**18, 10**18))  # as cp without -a leaves it: another time
+    capsys.readouterr()
+    for _ in range(2):  # the key is still there at the start after
+        with kvserver.FileStorage(data_dir, fsync=False) as store:
+            assert store.keys() == [key]
+            assert store.get(key) == b"<p>v</p>"
+            assert store.stat(key).content_type == TEXT and store.stat(key).expires_at is None  # as its bytes say
+        [line] = capsys.readouterr().err.splitlines()
+        assert name in line and "copied without -a?" in line, line
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        store.put(key, b"<p>w</p>", content_type="text/html")  # a write puts it right
+    capsys.readouterr()
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        assert store.stat(key).content_type == "text/html"
+    assert capsys.readouterr().err == ""
+
+
 # Crash states made by a real crash: a child process dies at every step of one write
 
 

@@ -1697,10 +1697,14 @@ class DataDirLocked(RuntimeError):
 
 class _ValueFileChanged(RuntimeError):
     """A value file was changed by another program while the FileStorage held the data dir:
-    what it holds is not what the index promises. `key` is the key whose file it is."""
+    what it holds is not what the index promises. `key` is the key whose file it is, at `path`;
+    `change` says what is wrong with it."""
 
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(message)
+    def __init__(self, key: str, path: str, change: str) -> None:
+        super().__init__(
+            f"{_printable(path)} {change}: it was changed while the server ran (data/ is the server's while it"
+            " runs); restart the server to load it"
+        )
         self.key = key
 
 
@@ -2191,18 +2195,19 @@ class FileStorage(Storage):
             if entry.data is not None:
                 return entry.stat, entry.data
             path = os.path.join(self.path, _file_name(key))
-            try:
-                file = open(path, "rb")  # noqa: SIM115 -- the caller closes it
+            try:  # (not following a link: one put in the file's place could serve a file only we may read)
+                descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             except FileNotFoundError:
                 raise KeyError(key) from None  # removed by hand
-            size = os.fstat(file.fileno()).st_size
-            if size != entry.size:  # changed by hand: what would be sent is not what the index promises
+            except OSError as error:
+                if error.errno == errno.ELOOP:
+                    raise _ValueFileChanged(key, path, "is now a symbolic link") from None
+                raise
+            file = os.fdopen(descriptor, "rb")
+            size = os.fstat(descriptor).st_size
+            if size != entry.size:  # what would be sent is not what the index promises
                 file.close()
-                raise _ValueFileChanged(
-                    key,
-                    f"{_printable(path)} holds {size} bytes, not the {entry.size} of key {key!r}: it was changed "
-                    "while the server ran (data/ is the server's while it runs); restart the server to load it",
-                )
+                raise _ValueFileChanged(key, path, f"holds {size} bytes, not the {entry.size} of key {key!r}")
             return entry.stat, file
 
     def _keys(self, prefix: str, after: str | None, limit: int | None) -> list[str]:

@@ -562,6 +562,17 @@ def test_a_large_value_file_whose_size_changed_by_hand_is_an_error_not_a_short_r
     assert store.stat("big").size == LARGE  # the index is left as it was, for a restart to put right
 
 
+def test_a_symbolic_link_put_in_a_large_values_place_is_not_followed(store, data_dir, tmp_path):
+    """A link to a file of the same size, that only the server's user may read, was served as the value."""
+    store.put("big", b"b" * LARGE)
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"s" * LARGE)
+    (data_dir / "big").unlink()
+    (data_dir / "big").symlink_to(secret)
+    with pytest.raises(RuntimeError, match="big is now a symbolic link: it was changed while the server ran"):
+        store.get("big")
+
+
 # Durability
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import test_redis
-from conftest import Server, wait_for
+from conftest import LiveServer, Server, wait_for
 from test_redis import RedisServer
 from test_storage import TTL_DEADLINE
 
@@ -1083,19 +1083,23 @@ def test_redis_coming_back_without_its_data_resets_the_watches_at_once(make_serv
     assert [(message.event, message.json()["key"]) for message in stream.events(1)] == [("put", "b")]
 
 
-def test_a_waiting_get_answers_404_soon_after_redis_comes_back_without_its_key(make_server, make_redis):
+def test_a_waiting_get_answers_404_soon_after_redis_comes_back_without_its_key(make_redis):
     redis = make_redis()
-    server = make_server("--quiet", "--storage", redis.url())
-    etag = put(server, "a")
-    waiting = server.connect()
-    waiting.request("GET", "/kv/a?wait=60", headers={"If-None-Match": f'"{etag}"'})
-    wait_for(lambda: b"kvserver_open_connections 2" in server.get("/metrics").body, what="the request to wait")
-    redis.kill()
-    redis.start(same_port=True)
-    wait_for(lambda: server.get("/kv/a").status == 404, timeout=15, what="Redis to be back without the key")
-    gone = time.monotonic()
-    assert waiting.getresponse().status == 404
-    assert time.monotonic() - gone < 3  # not at the end of its 60 s
+    server = LiveServer(kvserver.RedisStorage(redis.url())).start()  # (in this process: its waits can be seen)
+    try:
+        etag = put(server, "a")
+        waiting = server.connect()
+        waiting.request("GET", "/kv/a?wait=60", headers={"If-None-Match": f'"{etag}"'})
+        # Waiting, not only connected: else Redis may go before the request has read the key (a 503).
+        wait_for(lambda: server.server.connections._watches, what="the request to wait")
+        redis.kill()
+        redis.start(same_port=True)
+        wait_for(lambda: server.get("/kv/a").status == 404, timeout=15, what="Redis to be back without the key")
+        gone = time.monotonic()
+        assert waiting.getresponse().status == 404
+        assert time.monotonic() - gone < 3  # not at the end of its 60 s
+    finally:
+        server.stop()
 
 
 @pytest.fixture

@@ -1240,9 +1240,7 @@ def test_a_long_poll_on_a_kvserver_whose_reader_is_behind_ends_at_once_when_the_
     answers: list[int] = []
     poll = threading.Thread(target=lambda: answers.append(server_behind.get("/kv/absent?wait=30").status))
     poll.start()
-    wait_for(
-        lambda: b"kvserver_open_connections 2" in server_behind.get("/metrics").body, what="the long-poll to begin"
-    )
+    wait_for(lambda: server_behind.server.connections._watches, what="the long-poll to wait")
     started = time.monotonic()
     server_behind.server.shutdown()
     server_behind.server.stop()

@@ -1698,14 +1698,17 @@ class DataDirLocked(RuntimeError):
 class _ValueFileChanged(RuntimeError):
     """A value file was changed by another program while the FileStorage held the data dir:
     what it holds is not what the index promises. `key` is the key whose file it is, at `path`;
-    `change` says what is wrong with it."""
+    `change` says what is wrong with it, `advice` what to do."""
 
-    def __init__(self, key: str, path: str, change: str) -> None:
+    def __init__(self, key: str, path: str, change: str, advice: str = "restart the server to load it") -> None:
         super().__init__(
             f"{_printable(path)} {change}: it was changed while the server ran (data/ is the server's while it"
-            " runs); restart the server to load it"
+            f" runs); {advice}"
         )
         self.key = key
+
+
+_NOT_LOADED = "a start skips it, so put the value's file back in its place, or write the key again"
 
 
 # File names: a plain key is its own name, others are percent-escaped, long ones hashed.
@@ -2195,19 +2198,25 @@ class FileStorage(Storage):
             if entry.data is not None:
                 return entry.stat, entry.data
             path = os.path.join(self.path, _file_name(key))
-            try:  # (not following a link: one put in the file's place could serve a file only we may read)
-                descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            # Not following a link (one put in the file's place could serve a file only we may
+            # read), nor waiting on a FIFO (it would hold the key's lock for good).
+            try:
+                descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
             except FileNotFoundError:
                 raise KeyError(key) from None  # removed by hand
             except OSError as error:
                 if error.errno == errno.ELOOP:
-                    raise _ValueFileChanged(key, path, "is now a symbolic link") from None
+                    raise _ValueFileChanged(key, path, "is now a symbolic link", _NOT_LOADED) from None
                 raise
             file = os.fdopen(descriptor, "rb")
-            size = os.fstat(descriptor).st_size
-            if size != entry.size:  # what would be sent is not what the index promises
+            info = os.fstat(descriptor)
+            if not S_ISREG(info.st_mode):
                 file.close()
-                raise _ValueFileChanged(key, path, f"holds {size} bytes, not the {entry.size} of key {key!r}")
+                raise _ValueFileChanged(key, path, "is no longer a regular file", _NOT_LOADED)
+            if info.st_size != entry.size:  # what would be sent is not what the index promises
+                file.close()
+                raise _ValueFileChanged(key, path, f"holds {info.st_size} bytes, not the {entry.size} of key {key!r}")
+            os.set_blocking(descriptor, True)
             return entry.stat, file
 
     def _keys(self, prefix: str, after: str | None, limit: int | None) -> list[str]:

@@ -573,6 +573,30 @@ def test_a_symbolic_link_put_in_a_large_values_place_is_not_followed(store, data
         store.get("big")
 
 
+def test_a_fifo_put_in_a_large_values_place_is_refused_without_waiting(store, data_dir):
+    """Opened as a value's file, it waited for a writer for good, holding the key's lock: every
+    later read or write of the key waited behind it."""
+    store.put("big", b"b" * LARGE)
+    (data_dir / "big").unlink()
+    os.mkfifo(data_dir / "big")
+    outcome: list[object] = []
+
+    def read() -> None:
+        try:
+            outcome.append(store.get("big"))
+        except RuntimeError as error:
+            outcome.append(error)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(5)
+    if reader.is_alive():  # let it go: a writer's open ends its wait
+        os.close(os.open(data_dir / "big", os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("reading a key whose file became a FIFO waited for a writer")
+    [error] = outcome
+    assert "big is no longer a regular file: it was changed while the server ran" in str(error)
+
+
 # Durability
 
 

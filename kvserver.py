@@ -4311,6 +4311,8 @@ def _is_loopback_host(host: str) -> bool:
     if match is None:
         return False
     ip_literal, name = match.groups()
+    if name is not None and name.endswith(".") and name != ".":
+        name = name[:-1]  # a name in its absolute form (localhost.) is the same name
     if name is not None and (name == "localhost" or name.endswith(".localhost")):
         return True
     try:

@@ -538,7 +538,19 @@ def test_a_foreign_host_is_403_while_bound_to_loopback(plain, host):
 
 
 @pytest.mark.parametrize(
-    "host", ["localhost:{port}", "127.0.0.1:{port}", "[::1]:{port}", "localhost", "127.0.0.1", "kv.localhost:{port}"]
+    "host",
+    [
+        "localhost:{port}",
+        "127.0.0.1:{port}",
+        "[::1]:{port}",
+        "localhost",
+        "127.0.0.1",
+        "kv.localhost:{port}",
+        # A name in its absolute form (RFC 6761: localhost. is localhost), as a browser sends it if typed so:
+        "localhost.:{port}",
+        "LocalHost.:{port}",
+        "app.localhost.:{port}",
+    ],
 )
 def test_a_loopback_host_is_served(plain, host):
     headers = {"Host": host.format(port=plain.port)}

@@ -2076,7 +2076,8 @@ class FileStorage(Storage):
     # Start-up
 
     def _keep_folder(self, path: str) -> None:
-        """Move a folder put by hand where kvserver puts a file (a key's place, tmp or spare) into kept."""
+        """Move a folder put by hand where kvserver puts a file (a key's place or its metadata's,
+        tmp or spare) into kept."""
         kept = os.path.join(self.path, ".kvserver", "kept")
         _make_own_folder(kept)
         name = os.path.basename(path)
@@ -2085,7 +2086,8 @@ class FileStorage(Storage):
         target = os.path.join(kept, f"{_new_stamp()}-{name}")
         os.rename(path, target)
         print(
-            f"kvserver: moved {_printable(path)} to {_printable(target)}: a folder put in a key's place by hand",
+            f"kvserver: moved {_printable(path)} to {_printable(target)}: a folder put by hand where kvserver"
+            " keeps a file",
             file=sys.stderr,
         )
 
@@ -2136,12 +2138,19 @@ class FileStorage(Storage):
             else:
                 key, content_type, expires_at = _key_from_name(name), None, None
                 if key is None and records:  # a hashed name: only its metadata holds the key, kept for the next start
-                    key = next(iter(records.values()))["key"]  # (each record's key is the file's: _read_metadata)
+                    # It is one of the versions the records know (a write records the new one first):
+                    # their key (each record's is the file's: _read_metadata), their media type if
+                    # they agree, and the latest of their expiries (none if one has none).
+                    key = next(iter(records.values()))["key"]
+                    media_types = {record["content_type"] for record in records.values()}
+                    content_type = _stored_media_type(media_types.pop()) if len(media_types) == 1 else None
+                    expiries = [record["expires_at"] for record in records.values()]
+                    expires_at = None if None in expiries else max(expiries)
                     unused_metadata.discard(name)
                     print(
                         f"kvserver: {_printable(dir_entry.path)} is not the version its metadata knows (its"
-                        f" modification time changed: copied without -a?); loaded as key {key!r} with the media type"
-                        " its bytes suggest and no TTL",
+                        f" modification time changed: copied without -a?); its key {key!r}, media type and TTL are"
+                        " taken from its metadata",
                         file=sys.stderr,
                     )
                 if key is None:
@@ -2383,8 +2392,13 @@ class FileStorage(Storage):
         return info.st_size, info.st_mtime_ns
 
     def _unlink_metadata(self, key: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(self._meta, _file_name(key)))
+        path = os.path.join(self._meta, _file_name(key))
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except IsADirectoryError:  # a folder put in its place by hand (skipped at start)
+            self._keep_folder(path)
 
     def _stage(self, pieces: _Pieces) -> _Staged:
         """Write a value into a temporary file, stamp it, fsync it: all of it is on disk, none
@@ -2453,8 +2467,13 @@ class FileStorage(Storage):
     def _write_metadata(self, name: str, records: dict[str, dict[str, Any]]) -> None:
         """Replace the metadata file `name` with `records`, durably, in one step."""
         staged = self._stage((json.dumps(records).encode(),))
+        path = os.path.join(self._meta, name)
         try:
-            os.replace(staged.path, os.path.join(self._meta, name))
+            try:
+                os.replace(staged.path, path)
+            except IsADirectoryError:  # a folder put in its place by hand (skipped at start)
+                self._keep_folder(path)
+                os.replace(staged.path, path)
         except BaseException:
             os.unlink(staged.path)
             raise

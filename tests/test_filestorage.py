@@ -816,7 +816,7 @@ def test_a_folder_put_in_a_keys_place_is_kept_and_does_not_stop_the_next_start(d
         assert len(list((data_dir / ".kvserver" / "spare").iterdir())) >= 1
     [kept] = (data_dir / ".kvserver" / "kept").glob("*/notes.txt")
     assert kept.read_bytes() == b"someone's file"
-    assert f"to {kept.parent}: a folder put in a key's place by hand" in capfd.readouterr().err
+    assert f"to {kept.parent}: a folder put by hand where kvserver keeps a file" in capfd.readouterr().err
 
 
 def test_a_fifo_put_in_a_keys_place_does_not_make_a_later_write_wait_for_a_reader(data_dir):
@@ -1083,6 +1083,7 @@ def test_a_hashed_name_value_whose_time_changed_keeps_its_key_from_its_metadata(
     key = "k" * 1024
     with kvserver.FileStorage(data_dir, fsync=False) as store:
         store.put(key, b"<p>v</p>", content_type="text/html", ttl=3600)
+        expires_at = store.stat(key).expires_at
     name = kvserver._file_name(key)
     os.utime(data_dir / name, ns=(10**18, 10**18))  # as cp without -a leaves it: another time
     capsys.readouterr()
@@ -1090,7 +1091,8 @@ def test_a_hashed_name_value_whose_time_changed_keeps_its_key_from_its_metadata(
         with kvserver.FileStorage(data_dir, fsync=False) as store:
             assert store.keys() == [key]
             assert store.get(key) == b"<p>v</p>"
-            assert store.stat(key).content_type == TEXT and store.stat(key).expires_at is None  # as its bytes say
+            assert store.stat(key).content_type == "text/html"  # its metadata's, as its TTL
+            assert store.stat(key).expires_at == expires_at
         [line] = capsys.readouterr().err.splitlines()
         assert name in line and "copied without -a?" in line, line
     with kvserver.FileStorage(data_dir, fsync=False) as store:
@@ -1099,6 +1101,47 @@ def test_a_hashed_name_value_whose_time_changed_keeps_its_key_from_its_metadata(
     with kvserver.FileStorage(data_dir, fsync=False) as store:
         assert store.stat(key).content_type == "text/html"
     assert capsys.readouterr().err == ""
+
+
+def test_a_hashed_name_value_whose_time_changed_does_not_outlive_every_ttl_its_metadata_knows(data_dir):
+    """It is one of the versions its records know: when all of them have expired, it has (it
+    came back with no TTL, for good: a session token, say)."""
+    key = "k" * 1024
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        store.put(key, b"secret", ttl=1)
+        expires_at = store.stat(key).expires_at
+    name = kvserver._file_name(key)
+    os.utime(data_dir / name, ns=(10**18, 10**18))  # as cp without -a leaves it: another time
+    wait_for(lambda: time.time() > expires_at + 0.05, timeout=10, what="the TTL to pass")
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        assert store.keys() == []
+    assert not (data_dir / name).exists() and meta_names(data_dir) == set()
+
+
+def test_a_folder_in_meta_in_a_keys_metadata_place_is_kept_aside_when_a_write_or_delete_needs_it(data_dir, capsys):
+    """Skipped at start and left there, it made every write of the key that needs metadata fail
+    (IsADirectoryError, a 500), and a delete fail after removing the value."""
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        store.put("big", b"b" * LARGE)  # large: it has a metadata file
+    meta = data_dir / ".kvserver" / "meta" / "big"
+    meta.unlink()
+    meta.mkdir()
+    (meta / "note").write_bytes(b"mine")
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        assert store.keys() == ["big"]
+        store.put("big", b"c" * LARGE)
+        assert store.get("big") == b"c" * LARGE
+        [kept] = (data_dir / ".kvserver" / "kept").iterdir()
+        assert (kept / "note").read_bytes() == b"mine"
+        meta.unlink()
+        meta.mkdir()
+        store.delete("big")
+        assert store.keys() == [] and not meta.exists()
+        store.put("big", b"v", ttl=3600)  # a small value with a TTL has metadata too
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        assert store.stat("big").expires_at is not None
+    assert len(list((data_dir / ".kvserver" / "kept").iterdir())) == 2
+    assert capsys.readouterr().err.count("a folder put by hand where kvserver keeps a file") == 2
 
 
 # Crash states made by a real crash: a child process dies at every step of one write

@@ -524,15 +524,18 @@ class _ChangeFeed:
         too). Instead of waiting for the feed to catch up, the watch then starts at the end of
         what the feed has, and skips what comes up to `newest` (without `after`, or with a
         reset) or up to `after` (if the feed has not read that far): it sees each change after
-        its start once. Changes it would skip do not make it fall behind (see _take)."""
+        its start once. (Without `after` it skips through its start in any case: just after a
+        gap, the feed's last revision is one whose change it has yet to publish.) Changes it
+        would skip do not make it fall behind (see _take)."""
         order = () if after is None else revision_order(after)
         newest_order = () if newest is None else revision_order(newest)
         with self._lock:
             self._start()
             assert self._floor is not None
-            if after is None:
-                start = newest if newest is not None and newest_order > self._last_order else self._last
-                return self._count, None, newest_order, start
+            if after is None:  # it skips through where it starts: after a gap, the change of _last is still to come
+                if newest is not None and newest_order > self._last_order:
+                    return self._count, None, newest_order, newest
+                return self._count, None, self._last_order, self._last
             if self._last_order < order <= newest_order:
                 return self._count, None, order, after
             if not self._floor <= order <= self._last_order:  # forgotten, or never made
@@ -4867,18 +4870,19 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         return _prefers_html(self.headers.get("Accept", ""))  # (none known if the head was refused)
 
     def _send_page(self, status: HTTPStatus, query: str, notice_html: str = "") -> None:
+        # First the revision the listing is as of: the page's stream starts after it, not when
+        # it connects, so that a change made while the page loads still reloads it.
+        with self.storage.watch() as watch:
+            after = watch.after
         page = self._key_page(query, 100, "/")
         nonce = secrets.token_urlsafe(16)
         listing = f"/?{query}" if query else "/"  # after /set or /delete, the listing without the action
-        # The page's stream starts after the revision the listing is as of, not when it connects:
-        # a change made while the page loads still reloads it.
-        with self.storage.watch(page.prefix) as watch:
-            events = "/events?" + urllib.parse.urlencode({"prefix": page.prefix, "after": watch.after})
-            script = (
-                f'<script nonce="{nonce}" data-events="{html.escape(events)}" data-listing="{html.escape(listing)}">'
-                f"{_PAGE_SCRIPT}</script>"
-            )
-            body = _render_page(self.storage, page, notice_html, script)
+        events = "/events?" + urllib.parse.urlencode({"prefix": page.prefix, "after": after})
+        script = (
+            f'<script nonce="{nonce}" data-events="{html.escape(events)}" data-listing="{html.escape(listing)}">'
+            f"{_PAGE_SCRIPT}</script>"
+        )
+        body = _render_page(self.storage, page, notice_html, script)
         policy = f"{_PAGE_HEADERS['Content-Security-Policy']}; script-src 'nonce-{nonce}'; connect-src 'self'"
         self._send(status, body, "text/html; charset=utf-8", {**_PAGE_HEADERS, "Content-Security-Policy": policy})
 

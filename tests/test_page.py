@@ -680,6 +680,35 @@ def test_the_pages_stream_starts_from_the_listing_so_a_change_made_while_it_load
     assert b'event: put\ndata: {"key": "while-loading"' in received, received
 
 
+def test_a_change_made_between_the_pages_listing_and_its_revision_reaches_the_page(make_live_server) -> None:
+    """The page once took its stream's revision after reading its listing: another client's
+    change in between was in neither."""
+    server = make_live_server("memory")
+    listing_keys = server.storage.keys
+    writes: list[threading.Thread] = []
+
+    def keys_then_another_clients_write(*args, **kwargs):
+        items = listing_keys(*args, **kwargs)
+        if not writes:  # (the first listing only)
+            writes.append(threading.Thread(target=server.request, args=("PUT", "/kv/while-loading", b"2")))
+            writes[0].start()
+            writes[0].join(10)
+        return items
+
+    server.storage.keys = keys_then_another_clients_write  # (this storage object's only)
+    html = get_root(server, CHROME_ACCEPT).body.decode("utf-8")
+    del server.storage.keys
+    assert server.storage.get("while-loading") == b"2" and ">while-loading<" not in html  # not listed
+    events = re.search(r'data-events="([^"]+)"', html).group(1).replace("&amp;", "&")
+    with contextlib.closing(http.client.HTTPConnection(server.host, server.port, timeout=10)) as connection:
+        connection.request("GET", events)
+        response = connection.getresponse()
+        received = b""
+        while b'"key": "while-loading"' not in received and (line := response.readline()):
+            received += line
+    assert b'data: {"key": "while-loading"' in received, received
+
+
 def test_the_raw_page_escapes_keys_media_types_and_the_prefix(server: Server) -> None:
     key = '"><script>alert(1)</script>'
     response = server.request("PUT", f"/kv/{q(key)}", b"x", {"Content-Type": "text/x-<i>odd</i>"})

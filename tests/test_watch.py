@@ -464,6 +464,22 @@ def test_a_watch_made_after_another_watchs_after_misses_nothing_between_them():
             assert list(third) == []
 
 
+def test_a_watch_never_gives_the_change_of_its_own_after_revision():
+    """Between the Redis reader's gap(R) and its publication of R, the feed's last revision is
+    R; a watch made then started after R and was still given R's change: a stream opened then
+    sent id: R alone, then R, and a client that dropped in between resumed after R without it.
+    (The reader's calls, on a real feed.)"""
+    feed = kvserver._ChangeFeed(lambda: ("1-0", []))
+    feed.publish("put", "a", None, "2-0")
+    feed.gap("5-0")  # the reader found entry 5-0 after trimmed ones: it publishes 5-0 next
+    watch = kvserver.Watch(feed, "", None, 0.5, "3-0")  # its XREVRANGE ran before 5-0 was written
+    feed.publish("put", "k", None, "5-0")
+    assert watch.after == "5-0"
+    assert watch.wait(0.2) == []
+    feed.publish("put", "later", None, "6-0")
+    assert [event.revision for event in watch.wait(1)] == ["6-0"]
+
+
 def test_revisions_of_a_files_storage_grow_across_a_restart(tmp_path: Path):
     with kvserver.FileStorage(tmp_path, fsync=False) as store, store.watch(timeout=10) as watch:
         store.put("k", b"v")

@@ -4587,8 +4587,10 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         """Refuse what a web page could make a browser send here (SPEC section 8), then
         requests without the token. `host` is the request's: its Host field, or the
         authority of an absolute-form target."""
-        sites = self.headers.get("Sec-Fetch-Site", "").lower().split(",")  # (two fields arrive joined)
-        if any(site.strip(" \t") in ("cross-site", "same-site") for site in sites):
+        sites = self.headers.get("Sec-Fetch-Site")  # (two fields arrive joined: "same-origin, cross-site")
+        if sites is not None and any(
+            site.strip(" \t").lower() in ("cross-site", "same-site") for site in sites.split(",")
+        ):
             raise _HTTPError(
                 HTTPStatus.FORBIDDEN,
                 "requests from other sites are refused (a page on another port of this host too): "

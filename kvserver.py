@@ -524,15 +524,15 @@ class _ChangeFeed:
         too). Instead of waiting for the feed to catch up, the watch then starts at the end of
         what the feed has, and skips what comes up to `newest` (without `after`, or with a
         reset) or up to `after` (if the feed has not read that far): it sees each change after
-        its start once. (Without `after` it skips through its start in any case: just after a
-        gap, the feed's last revision is one whose change it has yet to publish.) Changes it
-        would skip do not make it fall behind (see _take)."""
+        its start once. It skips through its start (or its reset's revision) in any case: just
+        after a gap, the feed's last revision is one whose change it has yet to publish. Changes
+        it would skip do not make it fall behind (see _take)."""
         order = () if after is None else revision_order(after)
         newest_order = () if newest is None else revision_order(newest)
         with self._lock:
             self._start()
             assert self._floor is not None
-            if after is None:  # it skips through where it starts: after a gap, the change of _last is still to come
+            if after is None:
                 if newest is not None and newest_order > self._last_order:
                     return self._count, None, newest_order, newest
                 return self._count, None, self._last_order, self._last
@@ -541,11 +541,11 @@ class _ChangeFeed:
             if not self._floor <= order <= self._last_order:  # forgotten, or never made
                 if newest_order > self._last_order:  # (the reset is then at the source's newest)
                     return self._count, newest, newest_order, after
-                return self._count, self._last, (), after
+                return self._count, self._last, self._last_order, after  # (as _reset_at_last)
             orders = self._orders
             kept = range(self._oldest, self._count)
             index = bisect.bisect_right(kept, order, key=lambda n: orders[n % len(orders)])
-            return kept.start + index, None, (), after
+            return kept.start + index, None, order, after
 
     def read(self, watch: Watch, timeout: float | None, pause: float = 0.0) -> _Batch:
         """The watch's next events, waiting up to `timeout` seconds (None: no limit) for one,
@@ -2220,16 +2220,18 @@ class FileStorage(Storage):
                 if error.errno == errno.ELOOP:
                     raise _ValueFileChanged(key, path, "is now a symbolic link", _NOT_LOADED) from None
                 raise
-            file = os.fdopen(descriptor, "rb")
-            info = os.fstat(descriptor)
-            if not S_ISREG(info.st_mode):
-                file.close()
-                raise _ValueFileChanged(key, path, "is no longer a regular file", _NOT_LOADED)
-            if info.st_size != entry.size:  # what would be sent is not what the index promises
-                file.close()
-                raise _ValueFileChanged(key, path, f"holds {info.st_size} bytes, not the {entry.size} of key {key!r}")
-            os.set_blocking(descriptor, True)
-            return entry.stat, file
+            try:
+                info = os.fstat(descriptor)
+                if not S_ISREG(info.st_mode):
+                    raise _ValueFileChanged(key, path, "is no longer a regular file", _NOT_LOADED)
+                if info.st_size != entry.size:  # what would be sent is not what the index promises
+                    change = f"holds {info.st_size} bytes, not the {entry.size} of key {key!r}"
+                    raise _ValueFileChanged(key, path, change)
+                os.set_blocking(descriptor, True)
+            except BaseException:
+                os.close(descriptor)
+                raise
+            return entry.stat, os.fdopen(descriptor, "rb")
 
     def _keys(self, prefix: str, after: str | None, limit: int | None) -> list[str]:
         return self._index.keys(prefix, after, limit)

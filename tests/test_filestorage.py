@@ -597,6 +597,18 @@ def test_a_fifo_put_in_a_large_values_place_is_refused_without_waiting(store, da
     assert "big is no longer a regular file: it was changed while the server ran" in str(error)
 
 
+def test_a_folder_put_in_a_large_values_place_is_refused_and_leaks_no_descriptor(store, data_dir):
+    """It opened, then os.fdopen refused it and left the descriptor open: one leaked a read."""
+    store.put("big", b"b" * LARGE)
+    (data_dir / "big").unlink()
+    (data_dir / "big").mkdir()
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        with pytest.raises(RuntimeError, match="big is no longer a regular file"):
+            store.get("big")
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
 # Durability
 
 

@@ -480,6 +480,22 @@ def test_a_watch_never_gives_the_change_of_its_own_after_revision():
     assert [event.revision for event in watch.wait(1)] == ["6-0"]
 
 
+def test_a_watch_after_a_gaps_revision_or_reset_at_it_does_not_get_that_revisions_change_too():
+    """Just after gap(R), R's change is still to be published: a watch made then with after=R
+    (a client that has R) got R's change again, and one whose `after` the feed forgot got a
+    reset at R and then R's change, which the listing the reset asks for holds already."""
+    feed = kvserver._ChangeFeed(lambda: ("1-0", []))
+    feed.publish("put", "a", None, "2-0")
+    feed.gap("5-0")
+    resumed = kvserver.Watch(feed, "", "5-0", 0.5, "5-0")
+    forgotten = kvserver.Watch(feed, "", "1-5", 0.5, None)  # before the floor
+    feed.publish("put", "k", None, "5-0")
+    feed.publish("put", "later", None, "6-0")
+    assert [event.revision for event in resumed.wait(1)] == ["6-0"]
+    assert [(event.type, event.revision) for event in forgotten.wait(1)] == [("reset", "5-0")]
+    assert [(event.type, event.revision) for event in forgotten.wait(1)] == [("put", "6-0")]
+
+
 def test_revisions_of_a_files_storage_grow_across_a_restart(tmp_path: Path):
     with kvserver.FileStorage(tmp_path, fsync=False) as store, store.watch(timeout=10) as watch:
         store.put("k", b"v")

@@ -2337,12 +2337,17 @@ class FileStorage(Storage):
             with contextlib.suppress(FileNotFoundError):  # its file was removed by hand
                 _exchange(temporary, target)
                 return temporary
-        try:
-            os.replace(temporary, target)
-        except IsADirectoryError:  # a folder put in the key's place by hand (skipped at start)
-            self._keep_folder(target)
-            os.replace(temporary, target)
+        self._replace(temporary, target)
         return None
+
+    def _replace(self, source: str, target: str) -> None:
+        """os.replace, moving a folder put by hand in the target's place (skipped at start)
+        into kept first, if one is there."""
+        try:
+            os.replace(source, target)
+        except IsADirectoryError:
+            self._keep_folder(target)
+            os.replace(source, target)
 
     def _keep_spare(self, path: str, durable: bool) -> None:
         """Add the file a swap left at `path` to the spares, moving a new one from tmp to spare
@@ -2472,13 +2477,8 @@ class FileStorage(Storage):
     def _write_metadata(self, name: str, records: dict[str, dict[str, Any]]) -> None:
         """Replace the metadata file `name` with `records`, durably, in one step."""
         staged = self._stage((json.dumps(records).encode(),))
-        path = os.path.join(self._meta, name)
         try:
-            try:
-                os.replace(staged.path, path)
-            except IsADirectoryError:  # a folder put in its place by hand (skipped at start)
-                self._keep_folder(path)
-                os.replace(staged.path, path)
+            self._replace(staged.path, os.path.join(self._meta, name))
         except BaseException:
             os.unlink(staged.path)
             raise

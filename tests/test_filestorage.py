@@ -1360,7 +1360,11 @@ def view(store: kvserver.Storage) -> dict[str, object]:
 )
 @pytest.mark.parametrize(
     ("function", "line"),
-    [*code_lines(kvserver.FileStorage._write), *code_lines(kvserver.FileStorage._move_into_place)],
+    [
+        *code_lines(kvserver.FileStorage._write),
+        *code_lines(kvserver.FileStorage._move_into_place),
+        *code_lines(kvserver.FileStorage._replace),
+    ],
 )
 def test_an_interrupt_before_any_step_of_a_write_leaves_the_store_serving_what_a_restart_finds(
     data_dir, size, content_type, function, line

@@ -3522,12 +3522,15 @@ def _decode_query(query: str) -> list[tuple[bytes, bytes | None]]:
     A value is None for a pair without '='. The request line reached us as Latin-1 text,
     so encoding it back gives the bytes the client sent.
     """
+    if "%" not in query:  # nothing to decode (the common case: unquote_to_bytes is Python code)
+        unquote: Callable[[bytes], bytes] = bytes
+    else:
+        unquote = urllib.parse.unquote_to_bytes
     pairs: list[tuple[bytes, bytes | None]] = []
-    for field in query.split("&"):
+    for field in query.replace("+", " ").split("&"):
         if field:
-            name, equals, value = field.replace("+", " ").partition("=")
-            raw_value = urllib.parse.unquote_to_bytes(value.encode("latin-1")) if equals else None
-            pairs.append((urllib.parse.unquote_to_bytes(name.encode("latin-1")), raw_value))
+            name, equals, value = field.partition("=")
+            pairs.append((unquote(name.encode("latin-1")), unquote(value.encode("latin-1")) if equals else None))
     return pairs
 
 
@@ -4427,6 +4430,8 @@ class KVRequestHandler(BaseHTTPRequestHandler):
     """
 
     server: KVServer
+    rfile: io.BufferedReader  # (setup makes both)
+    wfile: io.BufferedWriter
     protocol_version = "HTTP/1.1"
     server_version = f"kvserver/{__version__}"
 
@@ -4454,7 +4459,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         if not connections.idle(self.connection):
             return
         try:
-            arrived = cast(io.BufferedReader, self.rfile).peek(1)
+            arrived = self.rfile.peek(1)
             if not arrived:
                 return  # the client closed the connection
             # A head that is all here already cannot stall: it needs no head deadline. (After

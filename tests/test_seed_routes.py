@@ -10,10 +10,15 @@ import re
 import socket
 import statistics
 import time
+import urllib.parse
 from collections.abc import Iterator
 
 import pytest
 from conftest import LiveServer, Response, Server, assert_problem, live, parse_response, q, read_http, wait_for
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import kvserver
 
 TEXT = "text/plain; charset=utf-8"
 BINARY = "application/octet-stream"
@@ -127,6 +132,30 @@ def test_set_decodes_plus_as_space_and_percent_2b_as_plus(shared):
     assert response.json() == {"key": "my key", "created": True}
     assert shared.get("/get?key=my+key").body == b"hello world+1"
     assert shared.get("/get?key=my%20key").body == b"hello world+1"
+
+
+def test_set_decodes_plus_as_space_in_a_query_without_percent_escapes(shared):
+    response = shared.get("/set?plain+key=a+b")
+    assert response.json() == {"key": "plain key", "created": True}
+    assert shared.get("/get?key=plain%20key").body == b"a b"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    pairs=st.lists(st.tuples(st.binary(min_size=1, max_size=20), st.one_of(st.none(), st.binary(max_size=20)))),
+    safe=st.sampled_from(["", "/", "/:@!$'()*,;"]),
+    plus_for_space=st.booleans(),
+)
+def test_query_decoding_gives_back_every_byte_however_it_was_escaped(pairs, safe, plus_for_space):
+    quote = urllib.parse.quote_from_bytes
+    fields = []
+    for name, value in pairs:
+        escaped = [
+            quote(part, safe).replace("%20", "+") if plus_for_space else quote(part, safe)
+            for part in (name, value or b"")
+        ]
+        fields.append(escaped[0] if value is None else "=".join(escaped))
+    assert kvserver._decode_query("&".join(fields)) == pairs
 
 
 def test_set_decodes_percent_encoded_utf8_keys_and_values(shared):

@@ -4680,6 +4680,10 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         renewing the stall deadline: a blocking write returns only once all it was given has
         left, so a slow reader of a big answer would otherwise look stalled while its bytes
         keep moving."""
+        if len(data) <= CHUNK:  # (nearly every answer: one piece, without a memoryview)
+            self.wfile.write(data)
+            self.server.connections.moved(self.connection)
+            return
         view = memoryview(data)
         for start in range(0, len(view), CHUNK):
             self.wfile.write(view[start : start + CHUNK])

@@ -3732,6 +3732,15 @@ _PAGE_HEADERS = {
 }
 
 
+def _page_script(code: str, attributes: str = "", policy: str = "") -> tuple[str, dict[str, str]]:
+    """A <script> element with `code` and `attributes`, and the header fields of a page that
+    runs it and no other script: its Content-Security-Policy allows the element's fresh nonce
+    (and what `policy` adds, as "; connect-src 'self'")."""
+    nonce = secrets.token_urlsafe(16)
+    csp = f"{_PAGE_HEADERS['Content-Security-Policy']}; script-src 'nonce-{nonce}'{policy}"
+    return f'<script nonce="{nonce}"{attributes}>{code}</script>', {**_PAGE_HEADERS, "Content-Security-Policy": csp}
+
+
 def _html_document(body: str) -> bytes:
     """A whole HTML page around `body`: the page's style, and no script but one `body` brings."""
     return f"""<!doctype html>
@@ -4708,14 +4717,11 @@ class KVRequestHandler(BaseHTTPRequestHandler):
     def _send_problem(self, status: HTTPStatus, detail: str, headers: dict[str, str] | None = None) -> None:
         """An error answer: problem+json, or the same as a page for a browser."""
         if self._wants_page():
-            page_headers = {**_PAGE_HEADERS, **(headers or {})}
-            script = ""
+            script, page_headers = "", _PAGE_HEADERS
             if self._metrics_route in ("/set", "/delete"):  # (Back and Reload would send it again: _PAGE_SCRIPT)
-                nonce = secrets.token_urlsafe(16)
-                script = f'<script nonce="{nonce}">history.replaceState(null, "", "/");</script>'
-                page_headers["Content-Security-Policy"] += f"; script-src 'nonce-{nonce}'"
+                script, page_headers = _page_script('history.replaceState(null, "", "/");')
             body = _render_error(status, detail, script)
-            self._send(status, body, "text/html; charset=utf-8", page_headers)
+            self._send(status, body, "text/html; charset=utf-8", {**page_headers, **(headers or {})})
         else:
             self._send(status, _problem(status, detail), "application/problem+json", headers)
 
@@ -4889,16 +4895,15 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         with self.storage.watch() as watch:
             after = watch.after
         page = self._key_page(query, 100, "/")
-        nonce = secrets.token_urlsafe(16)
         listing = f"/?{query}" if query else "/"  # after /set or /delete, the listing without the action
         events = "/events?" + urllib.parse.urlencode({"prefix": page.prefix, "after": after})
-        script = (
-            f'<script nonce="{nonce}" data-events="{html.escape(events)}" data-listing="{html.escape(listing)}">'
-            f"{_PAGE_SCRIPT}</script>"
+        script, headers = _page_script(
+            _PAGE_SCRIPT,
+            f' data-events="{html.escape(events)}" data-listing="{html.escape(listing)}"',
+            "; connect-src 'self'",
         )
         body = _render_page(self.storage, page, notice_html, script)
-        policy = f"{_PAGE_HEADERS['Content-Security-Policy']}; script-src 'nonce-{nonce}'; connect-src 'self'"
-        self._send(status, body, "text/html; charset=utf-8", {**_PAGE_HEADERS, "Content-Security-Policy": policy})
+        self._send(status, body, "text/html; charset=utf-8", headers)
 
     @_route("/", "GET")
     def _route_dump(self, path: str, query: str) -> None:

@@ -4449,6 +4449,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
     _status: int | None = None
     _sent: int = 0
     _metrics_route: str = "unmatched"  # the route as /metrics names it
+    _negotiated: bool = False  # whether the answer depends on Accept (a page or JSON)
     _started: float = 0.0
 
     @property
@@ -4476,7 +4477,8 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             whole_head = arrived.find(b"\r\n\r\n") > 0
             if not connections.reading_head(self.connection, whole_head):
                 return  # stop() or the idle deadline closed it as the request's first byte arrived
-            self._status, self._sent, self._metrics_route, self._started = None, 0, "unmatched", time.perf_counter()
+            self._status, self._sent, self._metrics_route, self._negotiated = None, 0, "unmatched", False
+            self._started = time.perf_counter()
             self.command, self.request_version, self.requestline = "", "HTTP/1.1", ""
             self.headers = _NO_FIELDS  # type: ignore[assignment]  # until the head's are read
             try:
@@ -4674,6 +4676,8 @@ class KVRequestHandler(BaseHTTPRequestHandler):
         # (After a head that could not be read, close_connection is already set, and there is no body.)
         if self.close_connection or self.server.connections.stopping or self.body.unread:
             self.close_connection = True
+        if self._negotiated:
+            fields["Vary"] = "Accept"
         if self.close_connection:
             fields["Connection"] = "close"
         elif self.request_version == "HTTP/1.0":
@@ -4887,6 +4891,9 @@ class KVRequestHandler(BaseHTTPRequestHandler):
     # The page
 
     def _wants_page(self) -> bool:
+        """Whether to answer with a page rather than JSON; the answer then says that it depends
+        on Accept (Vary, RFC 9110 section 12.5.5), so that a cache keeps the two apart."""
+        self._negotiated = True
         return _prefers_html(self.headers.get("Accept", ""))  # (none known if the head was refused)
 
     def _send_page(self, status: HTTPStatus, query: str, notice_html: str = "") -> None:

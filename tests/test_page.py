@@ -627,6 +627,27 @@ def test_clients_that_do_not_prefer_html_get_the_json_dump_from_root(server: Ser
 
 
 @pytest.mark.parametrize(
+    "path",
+    ["/", "/set?vary=1", "/delete?key=vary", "/get?key=nosuch", "/nowhere", "/kv/nosuch"],
+)
+@pytest.mark.parametrize("accept", [CHROME_ACCEPT, "application/json"], ids=["browser", "json"])
+def test_an_answer_that_is_a_page_or_json_by_accept_says_vary_accept(server: Server, path: str, accept: str) -> None:
+    # RFC 9110 section 12.5.5: so that a cache does not give a browser the JSON, or curl the page.
+    set_key(server, "vary", "x")
+    response = get_root(server, accept, path)
+    assert response.headers["Vary"] == "Accept", (response.status, response.headers)
+
+
+def test_an_answer_that_is_the_same_whatever_accept_says_has_no_vary(server: Server) -> None:
+    set_key(server, "greeting", "hello")
+    for path in ("/get?key=greeting", "/kv/greeting", "/keys", "/health", "/metrics"):
+        for accept in (CHROME_ACCEPT, "*/*"):
+            response = get_root(server, accept, path)
+            assert response.status == 200, (path, response.status)
+            assert "Vary" not in response.headers, (path, response.headers)
+
+
+@pytest.mark.parametrize(
     "accept", [CHROME_ACCEPT, FIREFOX_ACCEPT, SAFARI_ACCEPT, "text/html"], ids=["chrome", "firefox", "safari", "html"]
 )
 def test_browsers_get_an_html_page_with_a_strict_content_security_policy(server: Server, accept: str) -> None:

@@ -335,6 +335,9 @@ def _new_stamp() -> int:
         return _last_stamp
 
 
+_FOLDER_CLOCK_MARGIN = 100_000_000  # ns: a clock tick, and the moment between a removal and its revision
+
+
 def _stamps_after(stamp: int) -> None:
     """Make every later stamp larger than `stamp` (a modification time found on disk), so that
     a clock set back, or a file dated in the future, cannot make an ETag repeat."""
@@ -2168,7 +2171,12 @@ class FileStorage(Storage):
                 content_type = _sniff_content_type(data) if data is not None else _sniff_file(dir_entry.path)
             self._index.put(key, _Entry(size, sys.intern(content_type), stamp, expires_at, data))
             latest_stamp = max(latest_stamp, stamp)
-        _stamps_after(latest_stamp)
+        # A delete leaves no file to date it: the folder's modification time, which the removal
+        # set just before the delete took its revision, stands for it (the kernel dates files by
+        # a clock up to a tick behind, hence the margin). So a clock set back across a restart
+        # does not give a revision again.
+        folder_changed = os.stat(self.path).st_mtime_ns + _FOLDER_CLOCK_MARGIN
+        _stamps_after(max(latest_stamp, folder_changed))
         if unused_metadata:  # the removals of the value files they knew are durable first
             self._values_synced.wait_for_all()
         for name in unused_metadata:

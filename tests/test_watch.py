@@ -11,6 +11,7 @@ import contextlib
 import http.client
 import itertools
 import json
+import os
 import re
 import signal
 import socket
@@ -507,6 +508,22 @@ def test_revisions_of_a_files_storage_grow_across_a_restart(tmp_path: Path):
         assert next(resumed).type == "reset"  # the new process does not remember the first one's changes
         event = next(resumed)
     assert event.key == "k" and order(event.revision) > order(before[-1])
+
+
+def test_a_revision_after_a_restart_follows_the_last_removal_even_with_the_clock_set_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # A delete leaves no file; the data dir's modification time, which the removal set, dates it.
+    # A folder dated an hour ahead is a clock set back an hour since that removal.
+    monkeypatch.setattr(kvserver, "_last_stamp", kvserver._last_stamp)  # (restored after: stamps are per process)
+    with kvserver.FileStorage(tmp_path, fsync=False) as store:
+        store.put("k", b"v")
+        store.delete("k")
+    an_hour_ahead = time.time_ns() + 3600 * 10**9
+    os.utime(tmp_path, ns=(an_hour_ahead, an_hour_ahead))
+    with kvserver.FileStorage(tmp_path, fsync=False) as store, store.watch(timeout=10) as watch:
+        store.put("k", b"w")
+        assert int(next(watch).revision) > an_hour_ahead
 
 
 def test_a_key_with_a_ttl_loaded_at_start_expires_with_an_event(tmp_path: Path):

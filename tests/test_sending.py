@@ -1,0 +1,91 @@
+"""How answers leave over plain TCP: _SocketWriter sends what the kernel takes at once holding
+the GIL, and waits for a slow reader with the GIL released."""
+
+import io
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+import kvserver
+
+
+@pytest.fixture
+def tcp_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A connected pair of TCP sockets on 127.0.0.1: (the server's end, the client's end)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+    with server, client:
+        yield server, client
+
+
+def receive_all(sock: socket.socket, size: int) -> bytes:
+    received = bytearray()
+    while len(received) < size:
+        piece = sock.recv(65536)
+        assert piece, f"the connection ended after {len(received)} of {size} bytes"
+        received += piece
+    return bytes(received)
+
+
+@pytest.mark.parametrize("send", ["holding the GIL", "no ctypes"])
+def test_a_small_answer_arrives_whole(tcp_pair, monkeypatch, send):
+    if send == "no ctypes":
+        monkeypatch.setattr(kvserver, "_send", None)
+    server, client = tcp_pair
+    wfile = io.BufferedWriter(kvserver._SocketWriter(server.fileno()), kvserver.CHUNK)
+    wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+    wfile.write(b"hello")
+    wfile.flush()
+    assert receive_all(client, 43) == b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+
+
+@pytest.mark.parametrize("piece_size", [1024, kvserver.CHUNK])
+@pytest.mark.timeout(60)
+def test_a_write_the_client_is_slow_to_read_waits_with_the_gil_released(tcp_pair, piece_size):
+    """The writer fills the send buffer and then blocks until the client reads; meanwhile
+    this thread runs Python. (A send that blocked holding the GIL would stop it until the
+    socket's send timeout, set here so that such a send ends.) Every byte arrives, in order."""
+    server, client = tcp_pair
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 5, 0))
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * 1024)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+    data = bytes(range(256)) * (1024 * 1024 // 256)
+    wfile = io.BufferedWriter(kvserver._SocketWriter(server.fileno()), kvserver.CHUNK)
+    done = threading.Event()
+
+    def write() -> None:  # as answers to pipelined requests, each flushed, or a value in pieces
+        for start in range(0, len(data), piece_size):
+            wfile.write(data[start : start + piece_size])
+            wfile.flush()
+        done.set()
+
+    writer = threading.Thread(target=write, daemon=True)
+    started = time.monotonic()
+    writer.start()
+    deadline = started + 10
+    while kvserver._unsent_bytes(server) < 8 * 1024:  # until the client's window is full: the writer must wait
+        assert time.monotonic() < deadline, "the writer sent nothing"
+        time.sleep(0.01)
+    for _ in range(50):  # this thread keeps running while the writer waits (0.5 s)
+        time.sleep(0.01)
+        assert not done.is_set()
+    assert time.monotonic() - started < 2.5, "this thread was held up: a send waited holding the GIL"
+    assert receive_all(client, len(data)) == data
+    writer.join(10)
+    assert done.is_set()
+
+
+def test_a_write_to_a_connection_the_client_closed_raises_broken_pipe(monkeypatch):
+    left, right = socket.socketpair()
+    with left, right:
+        right.close()
+        with pytest.raises(BrokenPipeError):
+            kvserver._SocketWriter(left.fileno()).write(b"hello")
+        monkeypatch.setattr(kvserver, "_send", None)
+        with pytest.raises(BrokenPipeError):
+            kvserver._SocketWriter(left.fileno()).write(b"hello")

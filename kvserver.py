@@ -81,6 +81,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from stat import S_ISREG
 from typing import IO, TYPE_CHECKING, Any, BinaryIO, ClassVar, NamedTuple, NoReturn, Protocol, TypeVar, cast
 
+try:
+    import ctypes  # for two C library calls that Python's os and socket lack: see _exchange and _libc_send
+except ImportError:  # (not in every build of Python; kvserver then does without them)
+    ctypes = None  # type: ignore[assignment]
+
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer  # (what a raw stream's write is given)
 
@@ -1803,12 +1808,8 @@ def _read_small_file(path: str, size: int) -> bytes:
 # renameat2(2) with RENAME_EXCHANGE (Linux 3.15, glibc 2.28) swaps two names in one step. A write
 # uses it to put its value in place and keep the old value's file as its next temporary file: on
 # ext4, creating a file and freeing another cost several times the system time of rewriting one.
-try:
-    import ctypes  # (not in every build of Python)
-
-    _renameat2: Any = ctypes.CDLL(None, use_errno=True).renameat2
-except (ImportError, AttributeError):  # no ctypes, not Linux, or a C library without it
-    _renameat2 = None
+# (None without ctypes, or where the C library has no renameat2: not Linux, or an old glibc.)
+_renameat2: Any = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None) if ctypes else None
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 
@@ -3595,22 +3596,17 @@ _ETAG_LIST = re.compile(r'[ \t,]*(?:W/)?"[^"]*"(?:[ \t]*,[ \t,]*(?:W/)?"[^"]*")*
 # sides that come to more than the send of a small answer. send(2) with MSG_DONTWAIT returns at
 # once, so it is called through ctypes.PyDLL, which (unlike ctypes.CDLL) keeps the GIL. None
 # without ctypes or a C library's send: every write then releases the GIL.
-try:
-    import ctypes  # (not in every build of Python)
-
-    _send: Any = ctypes.PyDLL(None, use_errno=True).send
-except (ImportError, AttributeError):
-    _send = None
-else:
-    _send.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int)
-    _send.restype = ctypes.c_ssize_t
+_libc_send: Any = getattr(ctypes.PyDLL(None, use_errno=True), "send", None) if ctypes else None
+if _libc_send is not None:
+    _libc_send.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int)
+    _libc_send.restype = ctypes.c_ssize_t
 _SEND_NOW_FLAGS = socket.MSG_DONTWAIT | getattr(socket, "MSG_NOSIGNAL", 0)  # (a closed peer: EPIPE, not SIGPIPE)
 _SEND_NOW_MOST = 16 * 1024  # bytes: larger pieces (of a big value) are worth a hand-off, and not a copy
 
 
 class _SocketWriter(io.RawIOBase):
     """The raw writer under a plain TCP connection's buffered wfile: sends what the kernel
-    takes at once holding the GIL (see _send), and waits for a slow reader with the GIL
+    takes at once holding the GIL (see _libc_send), and waits for a slow reader with the GIL
     released, through os.write on the blocking socket. Raises OSError as os.write does
     (BrokenPipeError, ConnectionResetError). In the benchmark's GET /get at 16 connections this
     took the server's CPU a request from 82 to 61 µs, and its rate from 0.97x to 1.2x that of
@@ -3624,8 +3620,8 @@ class _SocketWriter(io.RawIOBase):
 
     def write(self, data: ReadableBuffer) -> int:
         piece = memoryview(data)
-        if _send is not None and len(piece) <= _SEND_NOW_MOST:
-            sent: int = _send(self._descriptor, bytes(piece), len(piece), _SEND_NOW_FLAGS)
+        if _libc_send is not None and len(piece) <= _SEND_NOW_MOST:
+            sent: int = _libc_send(self._descriptor, bytes(piece), len(piece), _SEND_NOW_FLAGS)
             if sent >= 0:
                 return sent
             code = ctypes.get_errno()

@@ -35,7 +35,7 @@ def receive_all(sock: socket.socket, size: int) -> bytes:
 @pytest.mark.parametrize("send", ["holding the GIL", "no ctypes"])
 def test_a_small_answer_arrives_whole(tcp_pair, monkeypatch, send):
     if send == "no ctypes":
-        monkeypatch.setattr(kvserver, "_send", None)
+        monkeypatch.setattr(kvserver, "_libc_send", None)
     server, client = tcp_pair
     wfile = io.BufferedWriter(kvserver._SocketWriter(server.fileno()), kvserver.CHUNK)
     wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
@@ -86,6 +86,6 @@ def test_a_write_to_a_connection_the_client_closed_raises_broken_pipe(monkeypatc
         right.close()
         with pytest.raises(BrokenPipeError):
             kvserver._SocketWriter(left.fileno()).write(b"hello")
-        monkeypatch.setattr(kvserver, "_send", None)
+        monkeypatch.setattr(kvserver, "_libc_send", None)
         with pytest.raises(BrokenPipeError):
             kvserver._SocketWriter(left.fileno()).write(b"hello")

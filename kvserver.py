@@ -3590,12 +3590,14 @@ def _etags(header: str) -> list[str]:
 _ETAG_LIST = re.compile(r'[ \t,]*(?:W/)?"[^"]*"(?:[ \t]*,[ \t,]*(?:W/)?"[^"]*")*[ \t,]*')
 
 
-# A send that never waits, made holding the GIL. Every system call of Python's os and socket
-# modules releases the GIL around it, and with a thread per connection a thread that wants it
-# is nearly always waiting: each release hands it over, at the cost of context switches on both
-# sides that come to more than the send of a small answer. send(2) with MSG_DONTWAIT returns at
-# once, so it is called through ctypes.PyDLL, which (unlike ctypes.CDLL) keeps the GIL. None
-# without ctypes or a C library's send: every write then releases the GIL.
+# A send that never waits for the client, made holding the GIL. Every system call of Python's
+# os and socket modules that may block releases the GIL around it, and with a thread per
+# connection another thread is nearly always waiting for it: each release hands it over, at
+# the cost of context switches on both sides that come to more than the send of a small
+# answer. send(2) with MSG_DONTWAIT takes what fits in the socket's send buffer and returns
+# (it may wait a moment for the socket's lock, never for the client), so it is called through
+# ctypes.PyDLL, which (unlike ctypes.CDLL) keeps the GIL. None without ctypes or a C library's
+# send: every write then releases the GIL.
 _libc_send: Any = getattr(ctypes.PyDLL(None, use_errno=True), "send", None) if ctypes else None
 if _libc_send is not None:
     _libc_send.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int)
@@ -3609,8 +3611,8 @@ class _SocketWriter(io.RawIOBase):
     takes at once holding the GIL (see _libc_send), and waits for a slow reader with the GIL
     released, through os.write on the blocking socket. Raises OSError as os.write does
     (BrokenPipeError, ConnectionResetError). In the benchmark's GET /get at 16 connections this
-    took the server's CPU a request from 82 to 61 µs, and its rate from 0.97x to 1.2x that of
-    a no-op http.server, which releases the GIL for each send."""
+    took a quarter or more off the server's CPU a request, and its rate from below to above
+    that of a no-op http.server, which releases the GIL for each send (README, Performance)."""
 
     def __init__(self, descriptor: int) -> None:
         self._descriptor = descriptor
@@ -3619,7 +3621,7 @@ class _SocketWriter(io.RawIOBase):
         return True
 
     def write(self, data: ReadableBuffer) -> int:
-        piece = memoryview(data)
+        piece = memoryview(data).cast("B")  # (len counts bytes)
         if _libc_send is not None and len(piece) <= _SEND_NOW_MOST:
             sent: int = _libc_send(self._descriptor, bytes(piece), len(piece), _SEND_NOW_FLAGS)
             if sent >= 0:

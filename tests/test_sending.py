@@ -4,6 +4,7 @@ the GIL, and waits for a slow reader with the GIL released."""
 import io
 import socket
 import struct
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -44,7 +45,27 @@ def test_a_small_answer_arrives_whole(tcp_pair, monkeypatch, send):
     assert receive_all(client, 43) == b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
 
 
-@pytest.mark.parametrize("piece_size", [1024, kvserver.CHUNK])
+@pytest.mark.skipif(sys.platform != "linux", reason="the C library's send is looked for where the benchmark runs")
+def test_pieces_up_to_16_kib_go_to_the_c_librarys_send_and_larger_ones_to_os_write(tcp_pair, monkeypatch):
+    server, client = tcp_pair
+    libc_send, sizes = kvserver._libc_send, []
+    assert libc_send is not None
+
+    def counted_send(descriptor: int, data: bytes, size: int, flags: int) -> int:
+        sizes.append(size)
+        return libc_send(descriptor, data, size, flags)
+
+    writer = kvserver._SocketWriter(server.fileno())
+    monkeypatch.setattr(kvserver, "_libc_send", counted_send)
+    assert writer.write(b"a" * kvserver._SEND_NOW_MOST) == kvserver._SEND_NOW_MOST
+    assert writer.write(b"b" * (kvserver._SEND_NOW_MOST + 1)) == kvserver._SEND_NOW_MOST + 1
+    assert sizes == [kvserver._SEND_NOW_MOST]
+    assert receive_all(client, 2 * kvserver._SEND_NOW_MOST + 1) == b"a" * kvserver._SEND_NOW_MOST + b"b" * (
+        kvserver._SEND_NOW_MOST + 1
+    )
+
+
+@pytest.mark.parametrize("piece_size", [1024, kvserver._SEND_NOW_MOST, kvserver.CHUNK])
 @pytest.mark.timeout(60)
 def test_a_write_the_client_is_slow_to_read_waits_with_the_gil_released(tcp_pair, piece_size):
     """The writer fills the send buffer and then blocks until the client reads; meanwhile
@@ -80,12 +101,14 @@ def test_a_write_the_client_is_slow_to_read_waits_with_the_gil_released(tcp_pair
     assert done.is_set()
 
 
-def test_a_write_to_a_connection_the_client_closed_raises_broken_pipe(monkeypatch):
-    left, right = socket.socketpair()
-    with left, right:
-        right.close()
-        with pytest.raises(BrokenPipeError):
-            kvserver._SocketWriter(left.fileno()).write(b"hello")
+@pytest.mark.parametrize("send", ["holding the GIL", "no ctypes"])
+def test_a_write_to_a_connection_the_client_reset_raises_connection_error(tcp_pair, monkeypatch, send):
+    if send == "no ctypes":
         monkeypatch.setattr(kvserver, "_libc_send", None)
-        with pytest.raises(BrokenPipeError):
-            kvserver._SocketWriter(left.fileno()).write(b"hello")
+    server, client = tcp_pair
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()  # with a linger of 0 s: a reset
+    writer = kvserver._SocketWriter(server.fileno())
+    with pytest.raises((BrokenPipeError, ConnectionResetError)):
+        for _ in range(100):  # (the reset may come in just after a first write)
+            writer.write(b"hello")

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from conftest import wait_for
 
 import kvserver
 
@@ -88,10 +89,7 @@ def test_a_write_the_client_is_slow_to_read_waits_with_the_gil_released(tcp_pair
     writer = threading.Thread(target=write, daemon=True)
     started = time.monotonic()
     writer.start()
-    deadline = started + 10
-    while kvserver._unsent_bytes(server) < 8 * 1024:  # until the client's window is full: the writer must wait
-        assert time.monotonic() < deadline, "the writer sent nothing"
-        time.sleep(0.01)
+    wait_for(lambda: kvserver._unsent_bytes(server) >= 8 * 1024, what="the client's window to fill")  # writer waits
     for _ in range(50):  # this thread keeps running while the writer waits (0.5 s)
         time.sleep(0.01)
         assert not done.is_set()

@@ -14,8 +14,10 @@ fsync, close, swap it with the key's file (renameat2 RENAME_EXCHANGE) under a lo
 stripe of keys, wait for a folder fsync shared by the writers waiting at the time
 (kvserver's own group commit), and keep the swapped-out file as a spare. The swap and the
 group commit are imported from kvserver.py. What is left between this and kvserver is HTTP
-and Python bookkeeping.
-Usage: python fsync_loop.py DIR [--threads 16] [--seconds 5] [--keys 1000] [--max-ops N] [--like-kvserver]
+and Python bookkeeping. With --no-fsync as well, each write makes the calls of kvserver
+--no-fsync instead: create a new temporary file named by a counter, write, set its
+modification time, close, rename it over the key's file; no fsync, no spares, no swap.
+Usage: python fsync_loop.py DIR [--threads 16] [--seconds 5] [--keys 1000] [--max-ops N] [--like-kvserver [--no-fsync]]
 """
 
 import argparse
@@ -62,11 +64,11 @@ def worker_like_kvserver(
         if started >= deadline:
             break
         key = f"k{(n * args.threads + index) % args.keys}"
+        value = b"v%d" % n
         try:
             temporary = spares.pop()
         except IndexError:
             temporary = os.path.join(tmp, str(next(names)))
-        value = b"v%d" % n
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             old_size = os.fstat(fd).st_size  # kvserver checks a spare's links and size, a new file's not
@@ -92,6 +94,29 @@ def worker_like_kvserver(
         latencies.append(time.perf_counter() - started)
 
 
+def worker_like_kvserver_no_fsync(
+    folder: str, index: int, args: argparse.Namespace, deadline: float, latencies: list[float], shared: dict
+) -> None:
+    names, locks = shared["names"], shared["locks"]
+    tmp = os.path.join(folder, ".kvserver", "tmp")
+    for n in range(args.max_ops):
+        started = time.perf_counter()
+        if started >= deadline:
+            break
+        key = f"k{(n * args.threads + index) % args.keys}"
+        temporary = os.path.join(tmp, str(next(names)))
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, b"v%d" % n)
+            stamp = time.time_ns()
+            os.utime(fd, ns=(stamp, stamp))
+        finally:
+            os.close(fd)
+        with locks[hash(key) % len(locks)]:
+            os.replace(temporary, os.path.join(folder, key))
+        latencies.append(time.perf_counter() - started)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dir")
@@ -100,17 +125,21 @@ def main() -> None:
     parser.add_argument("--keys", type=int, default=1000, help="distinct files, shared by the threads")
     parser.add_argument("--max-ops", type=int, default=10_000_000, help="per thread")
     parser.add_argument("--like-kvserver", action="store_true", help="the system calls kvserver makes (see above)")
+    parser.add_argument("--no-fsync", action="store_true", help="with --like-kvserver: those of kvserver --no-fsync")
     args = parser.parse_args()
+    if args.no_fsync and not args.like_kvserver:
+        parser.error("--no-fsync goes with --like-kvserver")
     os.makedirs(os.path.join(args.dir, ".kvserver", "tmp"), exist_ok=True)
     latencies: list[list[float]] = [[] for _ in range(args.threads)]
     if args.like_kvserver:
         shared = {
             "names": itertools.count(),
             "locks": [threading.Lock() for _ in range(64)],
-            "synced": kvserver._GroupSync(args.dir, True),
+            "synced": kvserver._GroupSync(args.dir, not args.no_fsync),
             "spares": [],
         }
-        jobs = [(worker_like_kvserver, (shared,)) for _ in range(args.threads)]
+        target = worker_like_kvserver_no_fsync if args.no_fsync else worker_like_kvserver
+        jobs = [(target, (shared,)) for _ in range(args.threads)]
     else:
         jobs = [(worker, ()) for _ in range(args.threads)]
     started = time.perf_counter()

@@ -320,9 +320,12 @@ def wrk_with_cpu(server: Server, path: str, connections: int, config: Config, sc
     return dataclasses.replace(run, cpu_us=(cpu_seconds(server.pid) - before) * 1e6 / max(requests, 1))
 
 
-def fsync_loop(folder: Path, config: Config, like_kvserver: bool = False) -> Run:
+def fsync_loop(folder: Path, config: Config, like_kvserver: bool = False, fsync: bool = True) -> Run:
+    """A run of fsync_loop.py: the bare loop, or with `like_kvserver` the system calls kvserver
+    makes for a /set (those of --no-fsync without `fsync`)."""
     argv = [PYTHON, str(HERE / "fsync_loop.py"), str(folder), "--threads", "16", "--seconds", str(config.duration)]
     argv += ["--like-kvserver"] if like_kvserver else []
+    argv += [] if fsync else ["--no-fsync"]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=config.duration + 120, check=True)
     result = json.loads(done.stdout.strip().splitlines()[-1])
     return Run(rps=result["ops_per_s"], p50_ms=result["p50_ms"], p99_ms=result["p99_ms"])
@@ -553,14 +556,16 @@ def scenario_set(config: Config, report: Report, scripts: dict[str, Path]) -> No
             rows = peer_rows(f"16 conn, {mode}", [server.name for server in servers])
             if fsync:
                 rows.append(Row(rows[0].scenario, "bare fsync loop", note="16 threads"))
-                rows.append(Row(rows[0].scenario, "kvserver's system calls", note="16 threads, no HTTP"))
+            rows.append(Row(rows[0].scenario, "kvserver's system calls", note="16 threads, no HTTP"))
             loop_folder = config.work / folder / "loop"
 
-            def measure(row: Row, by_name: dict[str, Server] = by_name, loop_folder: Path = loop_folder) -> Run:
+            def measure(
+                row: Row, by_name: dict[str, Server] = by_name, loop_folder: Path = loop_folder, fsync: bool = fsync
+            ) -> Run:
                 if row.server == "bare fsync loop":
                     return fsync_loop(loop_folder, config)
                 if row.server == "kvserver's system calls":
-                    return fsync_loop(loop_folder.with_name("loop-like-kvserver"), config, like_kvserver=True)
+                    return fsync_loop(loop_folder.with_name("loop-like-kvserver"), config, True, fsync)
                 return wrk(by_name[row.server].url + "/", 16, config, scripts["set"])
 
             alternate(config, rows, measure)

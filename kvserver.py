@@ -2231,6 +2231,8 @@ class FileStorage(Storage):
             except OSError as error:
                 if error.errno == errno.ELOOP:
                     raise _ValueFileChanged(key, path, "is now a symbolic link", _NOT_LOADED) from None
+                if error.errno == errno.ENXIO:  # a socket, or a device with no driver: open(2) refuses them
+                    raise _ValueFileChanged(key, path, "is no longer a regular file", _NOT_LOADED) from None
                 raise
             try:
                 info = os.fstat(descriptor)

@@ -14,6 +14,7 @@ import inspect
 import json
 import os
 import re
+import socket
 import stat as stat_module
 import subprocess
 import sys
@@ -595,6 +596,16 @@ def test_a_fifo_put_in_a_large_values_place_is_refused_without_waiting(store, da
         pytest.fail("reading a key whose file became a FIFO waited for a writer")
     [error] = outcome
     assert "big is no longer a regular file: it was changed while the server ran" in str(error)
+
+
+def test_a_unix_socket_put_in_a_large_values_place_is_refused_as_not_a_regular_file(store, data_dir):
+    """open(2) refuses a socket with ENXIO, which came out as a bare OSError (a 500 over HTTP)."""
+    store.put("big", b"b" * LARGE)
+    (data_dir / "big").unlink()
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(data_dir / "big"))
+        with pytest.raises(RuntimeError, match="big is no longer a regular file: it was changed while the server ran"):
+            store.get("big")
 
 
 def test_a_folder_put_in_a_large_values_place_is_refused_and_leaks_no_descriptor(store, data_dir):

@@ -27,94 +27,98 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import kvserver  # the repository root's kvserver.py
 
 
-def worker(folder: str, index: int, args: argparse.Namespace, deadline: float, latencies: list[float]) -> None:
-    folder_fd = os.open(folder, os.O_RDONLY)
-    temporary = os.path.join(folder, f".tmp-{index}")
+class Shared:
+    """What the threads share (for as long as the process runs): the folder and a descriptor of
+    it, and kvserver's counter of names, its locks, its group commit and its spares."""
+
+    def __init__(self, folder: str, fsync: bool) -> None:
+        self.folder = folder
+        self.folder_fd = os.open(folder, os.O_RDONLY)
+        self.tmp = os.path.join(folder, ".kvserver", "tmp")
+        self.names = itertools.count()
+        self.locks = [threading.Lock() for _ in range(64)]
+        self.synced = kvserver._GroupSync(folder, fsync)
+        self.spares: list[str] = []
+
+
+def bare_write(shared: Shared, index: int, n: int, key: str) -> None:
+    """Write, fsync, rename, fsync the folder (each thread its own temporary file)."""
+    temporary = os.path.join(shared.folder, f".tmp-{index}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        for n in range(args.max_ops):
-            started = time.perf_counter()
-            if started >= deadline:
-                break
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                os.write(fd, b"v%d" % n)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(temporary, os.path.join(folder, f"k{(n * args.threads + index) % args.keys}"))
-            os.fsync(folder_fd)
-            latencies.append(time.perf_counter() - started)
+        os.write(fd, b"v%d" % n)
+        os.fsync(fd)
     finally:
-        os.close(folder_fd)
+        os.close(fd)
+    os.rename(temporary, os.path.join(shared.folder, key))
+    os.fsync(shared.folder_fd)
 
 
-def worker_like_kvserver(
-    folder: str, index: int, args: argparse.Namespace, deadline: float, latencies: list[float], shared: dict
-) -> None:
-    names, locks, folder_synced, spares = shared["names"], shared["locks"], shared["synced"], shared["spares"]
-    tmp = os.path.join(folder, ".kvserver", "tmp")
+def kvserver_write(shared: Shared, index: int, n: int, key: str) -> None:
+    """The system calls of kvserver's /set with fsync (see above)."""
+    try:
+        temporary = shared.spares.pop()
+    except IndexError:
+        temporary = os.path.join(shared.tmp, str(next(shared.names)))
+    value = b"v%d" % n
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        old_size = os.fstat(fd).st_size  # kvserver checks a spare's links and size, a new file's not
+        os.write(fd, value)
+        if len(value) < old_size:
+            os.ftruncate(fd, len(value))
+        stamp = time.time_ns()
+        os.utime(fd, ns=(stamp, stamp))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    with shared.locks[hash(key) % len(shared.locks)]:
+        try:
+            kvserver._exchange(temporary, os.path.join(shared.folder, key))
+            spare = temporary
+        except FileNotFoundError:  # the key's first write
+            os.replace(temporary, os.path.join(shared.folder, key))
+            spare = None
+        ticket = shared.synced.ticket()
+    shared.synced.wait(ticket)
+    if spare is not None:
+        shared.spares.append(spare)
+
+
+def kvserver_no_fsync_write(shared: Shared, index: int, n: int, key: str) -> None:
+    """The system calls of kvserver's /set with --no-fsync (see above)."""
+    temporary = os.path.join(shared.tmp, str(next(shared.names)))
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, b"v%d" % n)
+        stamp = time.time_ns()
+        os.utime(fd, ns=(stamp, stamp))
+    finally:
+        os.close(fd)
+    with shared.locks[hash(key) % len(shared.locks)]:
+        os.replace(temporary, os.path.join(shared.folder, key))
+
+
+Write = Callable[[Shared, int, int, str], None]
+
+
+def worker(write: Write, shared: Shared, index: int, args: argparse.Namespace, deadline: float) -> list[float]:
+    """Write until the deadline (or --max-ops); the seconds each write took."""
+    latencies = []
     for n in range(args.max_ops):
         started = time.perf_counter()
         if started >= deadline:
             break
-        key = f"k{(n * args.threads + index) % args.keys}"
-        value = b"v%d" % n
-        try:
-            temporary = spares.pop()
-        except IndexError:
-            temporary = os.path.join(tmp, str(next(names)))
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            old_size = os.fstat(fd).st_size  # kvserver checks a spare's links and size, a new file's not
-            os.write(fd, value)
-            if len(value) < old_size:
-                os.ftruncate(fd, len(value))
-            stamp = time.time_ns()
-            os.utime(fd, ns=(stamp, stamp))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        with locks[hash(key) % len(locks)]:
-            try:
-                kvserver._exchange(temporary, os.path.join(folder, key))
-                spare = temporary
-            except FileNotFoundError:  # the key's first write
-                os.replace(temporary, os.path.join(folder, key))
-                spare = None
-            ticket = folder_synced.ticket()
-        folder_synced.wait(ticket)
-        if spare is not None:
-            spares.append(spare)
+        write(shared, index, n, f"k{(n * args.threads + index) % args.keys}")
         latencies.append(time.perf_counter() - started)
-
-
-def worker_like_kvserver_no_fsync(
-    folder: str, index: int, args: argparse.Namespace, deadline: float, latencies: list[float], shared: dict
-) -> None:
-    names, locks = shared["names"], shared["locks"]
-    tmp = os.path.join(folder, ".kvserver", "tmp")
-    for n in range(args.max_ops):
-        started = time.perf_counter()
-        if started >= deadline:
-            break
-        key = f"k{(n * args.threads + index) % args.keys}"
-        temporary = os.path.join(tmp, str(next(names)))
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, b"v%d" % n)
-            stamp = time.time_ns()
-            os.utime(fd, ns=(stamp, stamp))
-        finally:
-            os.close(fd)
-        with locks[hash(key) % len(locks)]:
-            os.replace(temporary, os.path.join(folder, key))
-        latencies.append(time.perf_counter() - started)
+    return latencies
 
 
 def main() -> None:
@@ -130,24 +134,16 @@ def main() -> None:
     if args.no_fsync and not args.like_kvserver:
         parser.error("--no-fsync goes with --like-kvserver")
     os.makedirs(os.path.join(args.dir, ".kvserver", "tmp"), exist_ok=True)
+    write = (kvserver_no_fsync_write if args.no_fsync else kvserver_write) if args.like_kvserver else bare_write
+    shared = Shared(args.dir, not args.no_fsync)
     latencies: list[list[float]] = [[] for _ in range(args.threads)]
-    if args.like_kvserver:
-        shared = {
-            "names": itertools.count(),
-            "locks": [threading.Lock() for _ in range(64)],
-            "synced": kvserver._GroupSync(args.dir, not args.no_fsync),
-            "spares": [],
-        }
-        target = worker_like_kvserver_no_fsync if args.no_fsync else worker_like_kvserver
-        jobs = [(target, (shared,)) for _ in range(args.threads)]
-    else:
-        jobs = [(worker, ()) for _ in range(args.threads)]
+
+    def run(index: int) -> None:
+        latencies[index] = worker(write, shared, index, args, deadline)
+
     started = time.perf_counter()
     deadline = started + args.seconds
-    threads = [
-        threading.Thread(target=target, args=(args.dir, i, args, deadline, latencies[i], *extra))
-        for i, (target, extra) in enumerate(jobs)
-    ]
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(args.threads)]
     for thread in threads:
         thread.start()
     for thread in threads:

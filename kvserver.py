@@ -5742,6 +5742,35 @@ class _Progress:
         _fail(message, 1)
 
 
+def _run_on_one_cpu() -> None:
+    """Keep the server's threads on one CPU: the calling thread's, which every thread started
+    after it inherits (Linux; elsewhere, and where the kernel refuses, nothing changes).
+
+    Only the thread that holds the GIL runs Python, and with a thread per connection another
+    thread nearly always waits for it. Each system call that may block releases the GIL; with a
+    second CPU idle, the kernel wakes the waiter there at once, it takes the GIL, and the caller,
+    back from a call of microseconds, sleeps until the GIL is free again: two context switches
+    and a wake-up across CPUs for each call (a kernel profile put over 40% of the server's CPU
+    in them under a write load). On one CPU the woken waiter queues behind the caller, which
+    comes back, finds the GIL free and runs on. Python runs no faster on two CPUs than on one;
+    only the kernel's share of the work (system calls, TCP) could overlap it. For the numbers,
+    and where that share is large enough to lose (README, Performance).
+
+    The CPU is the one this thread is running on, so that servers started side by side stay
+    where the kernel spread them, and is one of those the process may use (taskset). A Python
+    without the GIL (a free-threaded build) runs threads in parallel: they are left free."""
+    if not hasattr(os, "sched_setaffinity") or not getattr(sys, "_is_gil_enabled", lambda: True)():
+        return
+    allowed = os.sched_getaffinity(0)
+    try:
+        with open("/proc/thread-self/stat", "rb") as stat:  # field 39: the CPU it last ran on
+            current = int(stat.read().rpartition(b")")[2].split()[36])
+    except (OSError, ValueError, IndexError):
+        current = min(allowed)
+    with contextlib.suppress(OSError):  # (a sandbox may refuse it: the server runs as it is)
+        os.sched_setaffinity(0, {current if current in allowed else min(allowed)})
+
+
 def _open_storage(args: dict[str, Any], locked_hint: str = "") -> Storage:
     """The storage the command line names, by open_storage; or exit 1 with one line saying why
     it cannot be used (with `locked_hint` after the line for a data dir in use)."""
@@ -5889,6 +5918,7 @@ def main(argv: list[str] | None = None) -> None:
         except (OSError, ssl.SSLError) as error:
             _fail(f"cannot load --certfile/--keyfile: {error}", 1)
 
+    _run_on_one_cpu()  # before the storage starts a thread of its own
     started = time.perf_counter()
     storage = _open_storage(args)
     loaded = time.perf_counter() - started

@@ -3,6 +3,7 @@ with `python kvserver.py` run as a subprocess."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -13,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import KVSERVER, Server, assert_no_traceback, wait_for
+from conftest import KVSERVER, RawConnection, Server, assert_no_traceback, wait_for
 
 import kvserver
 
@@ -141,6 +142,64 @@ def test_no_fsync_still_stores_values(make_server):
     assert (server.data_dir / "name").read_bytes() == b"Guido"
     server.restart()
     assert server.get("/get?key=name").body == b"Guido"
+
+
+# Threads and CPUs
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the threads' CPUs in /proc")
+
+
+def cpus_of_threads(pid: int) -> tuple[int, set[str]]:
+    """How many threads a process has, and the distinct lists of CPUs they may run on."""
+    threads, cpu_lists = 0, set()
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
+            match = re.search(r"^Cpus_allowed_list:\s*(\S+)$", status.read_text(), re.MULTILINE)
+            assert match, status
+            threads, cpu_lists = threads + 1, cpu_lists | {match.group(1)}
+    return threads, cpu_lists
+
+
+def serve_three_connections(server: Server) -> int:
+    """Open three connections that each make a write (so each has its thread) and count the
+    server's threads while they are open."""
+    connections = [RawConnection(server) for _ in range(3)]
+    try:
+        for number, connection in enumerate(connections):
+            connection.request("GET", f"/set?k{number}=v")
+            assert connection.response().status == 201
+        threads, cpu_lists = cpus_of_threads(server.process.pid)
+        assert len(cpu_lists) == 1, f"the server's threads may run on different CPUs: {cpu_lists}"
+        return threads
+    finally:
+        for connection in connections:
+            connection.close()
+
+
+@linux_only
+def test_every_thread_of_the_server_runs_on_one_cpu_of_those_it_may_use(make_server):
+    """With a thread per connection, a system call that releases the GIL on two CPUs hands it to
+    a waiting thread across them (README, Performance): the server keeps to one."""
+    server = make_server("--quiet")
+    assert serve_three_connections(server) >= 4  # the main thread and the three connections' at least
+    [cpu_list] = cpus_of_threads(server.process.pid)[1]
+    assert int(cpu_list) in os.sched_getaffinity(0)
+
+
+@linux_only
+def test_the_server_keeps_to_a_cpu_it_was_given(make_server):
+    """As with `taskset -c`: the CPU is one of those the process may use."""
+    allowed = os.sched_getaffinity(0)
+    if len(allowed) < 2:
+        pytest.skip("one CPU: the server has no other to choose")
+    given = max(allowed)  # (the kernel starts processes on the lowest CPUs first)
+    os.sched_setaffinity(0, {given})  # the server inherits it from this thread
+    try:
+        server = make_server("--quiet")
+    finally:
+        os.sched_setaffinity(0, allowed)
+    serve_three_connections(server)
+    assert cpus_of_threads(server.process.pid)[1] == {str(given)}
 
 
 def test_memory_storage_loses_its_values_on_restart(make_server):

@@ -79,15 +79,12 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from stat import S_ISREG
-from typing import IO, TYPE_CHECKING, Any, BinaryIO, ClassVar, NamedTuple, NoReturn, Protocol, TypeVar, cast
+from typing import IO, Any, BinaryIO, ClassVar, NamedTuple, NoReturn, Protocol, TypeVar, cast
 
 try:
-    import ctypes  # for two C library calls that Python's os and socket lack: see _exchange and _libc_send
-except ImportError:  # (not in every build of Python; kvserver then does without them)
+    import ctypes  # for a C library call that Python's os lacks: see _exchange
+except ImportError:  # (not in every build of Python; kvserver then does without it)
     ctypes = None  # type: ignore[assignment]
-
-if TYPE_CHECKING:
-    from _typeshed import ReadableBuffer  # (what a raw stream's write is given)
 
 __version__ = "0.1.0"
 __all__ = [
@@ -3592,48 +3589,6 @@ def _etags(header: str) -> list[str]:
 _ETAG_LIST = re.compile(r'[ \t,]*(?:W/)?"[^"]*"(?:[ \t]*,[ \t,]*(?:W/)?"[^"]*")*[ \t,]*')
 
 
-# A send that never waits for the client, made holding the GIL. Every system call of Python's
-# os and socket modules that may block releases the GIL around it, and with a thread per
-# connection another thread is nearly always waiting for it: each release hands it over, at
-# the cost of context switches on both sides that come to more than the send of a small
-# answer. send(2) with MSG_DONTWAIT takes what fits in the socket's send buffer and returns
-# (it may wait a moment for the socket's lock, never for the client), so it is called through
-# ctypes.PyDLL, which (unlike ctypes.CDLL) keeps the GIL. None without ctypes or a C library's
-# send: every write then releases the GIL.
-_libc_send: Any = getattr(ctypes.PyDLL(None, use_errno=True), "send", None) if ctypes else None
-if _libc_send is not None:
-    _libc_send.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int)
-    _libc_send.restype = ctypes.c_ssize_t
-_SEND_NOW_FLAGS = socket.MSG_DONTWAIT | getattr(socket, "MSG_NOSIGNAL", 0)  # (a closed peer: EPIPE, not SIGPIPE)
-_SEND_NOW_MOST = 16 * 1024  # bytes: larger pieces (of a big value) are worth a hand-off, and not a copy
-
-
-class _SocketWriter(io.RawIOBase):
-    """The raw writer under a plain TCP connection's buffered wfile: sends what the kernel
-    takes at once holding the GIL (see _libc_send), and waits for a slow reader with the GIL
-    released, through os.write on the blocking socket. Raises OSError as os.write does
-    (BrokenPipeError, ConnectionResetError). In the benchmark's GET /get at 16 connections this
-    took a quarter or more off the server's CPU a request, and its rate from below to above
-    that of a no-op http.server, which releases the GIL for each send (README, Performance)."""
-
-    def __init__(self, descriptor: int) -> None:
-        self._descriptor = descriptor
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: ReadableBuffer) -> int:
-        piece = memoryview(data).cast("B")  # (len counts bytes)
-        if _libc_send is not None and len(piece) <= _SEND_NOW_MOST:
-            sent: int = _libc_send(self._descriptor, bytes(piece), len(piece), _SEND_NOW_FLAGS)
-            if sent >= 0:
-                return sent
-            code = ctypes.get_errno()
-            if code not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
-                raise OSError(code, os.strerror(code))
-        return os.write(self._descriptor, piece)  # the send buffer is full, or a big piece: wait
-
-
 class _ChunkedWriter:
     """Writes a response body of unknown length: chunked for HTTP/1.1, raw (closing after) for 1.0."""
 
@@ -4579,11 +4534,10 @@ class KVRequestHandler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         """The connection's rfile and wfile, buffered: a head is read in one read, and the head
         and a small body of an answer leave in one write, at the flush after each request.
-        Over plain TCP they use the socket's file descriptor: reads through io.FileIO, all in
-        C (socket.makefile's SocketIO runs Python code for every read, which cost about 1 µs of
-        server CPU a GET /get in the benchmark), writes through _SocketWriter, which sends an
-        answer without handing the GIL to another thread. TLS needs the SSLSocket's own reads
-        and writes.
+        Over plain TCP they read and write the socket's file descriptor through io.FileIO, all
+        in C; socket.makefile's SocketIO runs Python code for every read and write, which cost
+        about 1 µs of server CPU a GET /get in the benchmark. TLS needs the SSLSocket's own
+        reads and writes.
         The socket has no timeout: the server's _Connections enforces every deadline."""
         self.connection = self.request
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
@@ -4593,7 +4547,7 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             reader, writer = socket.SocketIO(self.connection, "rb"), socket.SocketIO(self.connection, "wb")
         else:  # (closefd=False: the socket owns its descriptor, and closes it after finish())
             descriptor = self.connection.fileno()
-            reader, writer = io.FileIO(descriptor, "rb", closefd=False), _SocketWriter(descriptor)
+            reader, writer = io.FileIO(descriptor, "rb", closefd=False), io.FileIO(descriptor, "wb", closefd=False)
         self.rfile = io.BufferedReader(reader)
         self.wfile = io.BufferedWriter(writer, CHUNK)
 

@@ -1840,6 +1840,15 @@ def _start_writeback(fd: int, offset: int, length: int) -> None:
             os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
+def _is_regular_file(path: str) -> bool:
+    """Whether `path` names a regular file itself (not through a link); True if it cannot be
+    looked at, so that the caller's own error stands."""
+    try:
+        return S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return True
+
+
 def _sniff_file(path: str) -> str:
     """Like _sniff_content_type, for a file too large to read into memory at once."""
     decoder = codecs.getincrementaldecoder("utf-8")()
@@ -2228,7 +2237,7 @@ class FileStorage(Storage):
             except OSError as error:
                 if error.errno == errno.ELOOP:
                     raise _ValueFileChanged(key, path, "is now a symbolic link", _NOT_LOADED) from None
-                if error.errno == errno.ENXIO:  # a socket, or a device with no driver: open(2) refuses them
+                if not _is_regular_file(path):  # a socket (Linux: ENXIO, BSD: EOPNOTSUPP) or a device
                     raise _ValueFileChanged(key, path, "is no longer a regular file", _NOT_LOADED) from None
                 raise
             try:
@@ -5696,9 +5705,11 @@ class _Progress:
         _fail(message, 1)
 
 
-def _run_on_one_cpu() -> None:
-    """Keep the server's threads on one CPU: the calling thread's, which every thread started
-    after it inherits (Linux; elsewhere, and where the kernel refuses, nothing changes).
+@contextlib.contextmanager
+def _on_one_cpu() -> Iterator[None]:
+    """Keep the calling thread, and every thread it starts meanwhile (they inherit it), on one
+    CPU while the block runs; then give the calling thread back the CPUs it had. Linux only:
+    elsewhere, and where the kernel refuses, nothing changes.
 
     Only the thread that holds the GIL runs Python, and with a thread per connection another
     thread nearly always waits for it. Each system call that may block releases the GIL; with a
@@ -5711,18 +5722,32 @@ def _run_on_one_cpu() -> None:
     and where that share is large enough to lose (README, Performance).
 
     The CPU is the one this thread is running on, so that servers started side by side stay
-    where the kernel spread them, and is one of those the process may use (taskset). A Python
-    without the GIL (a free-threaded build) runs threads in parallel: they are left free."""
+    where the kernel spread them, and is one of those the thread may use (taskset). A Python
+    without the GIL (a free-threaded build) runs threads in parallel: they are left free. (The
+    CPUs come back at the end for a caller of main() in a process that goes on: a test.)"""
     if not hasattr(os, "sched_setaffinity") or not getattr(sys, "_is_gil_enabled", lambda: True)():
+        yield
         return
-    allowed = os.sched_getaffinity(0)
+    allowed: set[int] | None = None
+    with contextlib.suppress(OSError):  # (a sandbox may refuse either call: the server runs as it is)
+        allowed = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, {_current_cpu(allowed)})
+    try:
+        yield
+    finally:
+        if allowed is not None:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(0, allowed)
+
+
+def _current_cpu(allowed: set[int]) -> int:
+    """The CPU this thread is running on, if it is in `allowed`; else the lowest of those."""
     try:
         with open("/proc/thread-self/stat", "rb") as stat:  # field 39: the CPU it last ran on
             current = int(stat.read().rpartition(b")")[2].split()[36])
     except (OSError, ValueError, IndexError):
-        current = min(allowed)
-    with contextlib.suppress(OSError):  # (a sandbox may refuse it: the server runs as it is)
-        os.sched_setaffinity(0, {current if current in allowed else min(allowed)})
+        return min(allowed)
+    return current if current in allowed else min(allowed)
 
 
 def _open_storage(args: dict[str, Any], locked_hint: str = "") -> Storage:
@@ -5872,44 +5897,44 @@ def main(argv: list[str] | None = None) -> None:
         except (OSError, ssl.SSLError) as error:
             _fail(f"cannot load --certfile/--keyfile: {error}", 1)
 
-    _run_on_one_cpu()  # before the storage starts a thread of its own
-    started = time.perf_counter()
-    storage = _open_storage(args)
-    loaded = time.perf_counter() - started
-    try:
-        server = KVServer(
-            (args["--bind"], port),
-            storage,
-            max_value=max_value,
-            max_connections=max_connections,
-            token=token,
-            ssl_context=ssl_context,
-            quiet=args["--quiet"],
-        )
-    except OSError as error:
-        storage.close()
-        _fail(f"cannot listen on {args['--bind']} port {port}: {error.strerror or error}", 1)
+    with _on_one_cpu():  # before the storage starts a thread of its own: they all inherit it
+        started = time.perf_counter()
+        storage = _open_storage(args)
+        loaded = time.perf_counter() - started
+        try:
+            server = KVServer(
+                (args["--bind"], port),
+                storage,
+                max_value=max_value,
+                max_connections=max_connections,
+                token=token,
+                ssl_context=ssl_context,
+                quiet=args["--quiet"],
+            )
+        except OSError as error:
+            storage.close()
+            _fail(f"cannot listen on {args['--bind']} port {port}: {error.strerror or error}", 1)
 
-    if token is not None:
-        access = "token required"
-    elif server.loopback or args["--no-token"]:
-        access = "no token"
-    else:  # the network would be served open: require a token made for this run (--no-token opts out)
-        token = secrets.token_urlsafe(16)
-        server.token = token.encode()
-        access = f"token required: {token} (made for this run; set --token or KV_TOKEN to choose one)"
-    server.stop_on_signals()  # before the start line: a script may stop us as soon as it reads it
-    with contextlib.suppress(KeyboardInterrupt):  # (only a second signal raises it)
-        print(
-            f"kvserver {__version__} serving {server.url} with {storage.kind} storage {storage.location}: "
-            f"{len(storage)} keys loaded in {loaded:.3f} s; {access}, TLS {'on' if ssl_context else 'off'}",
-            flush=True,
-        )
-        server.serve_forever()
-    with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C stops the wait for requests in flight
-        server.stop()
-    storage.close()
-    print("kvserver stopped", flush=True)
+        if token is not None:
+            access = "token required"
+        elif server.loopback or args["--no-token"]:
+            access = "no token"
+        else:  # the network would be served open: require a token made for this run (--no-token opts out)
+            token = secrets.token_urlsafe(16)
+            server.token = token.encode()
+            access = f"token required: {token} (made for this run; set --token or KV_TOKEN to choose one)"
+        server.stop_on_signals()  # before the start line: a script may stop us as soon as it reads it
+        with contextlib.suppress(KeyboardInterrupt):  # (only a second signal raises it)
+            print(
+                f"kvserver {__version__} serving {server.url} with {storage.kind} storage {storage.location}: "
+                f"{len(storage)} keys loaded in {loaded:.3f} s; {access}, TLS {'on' if ssl_context else 'off'}",
+                flush=True,
+            )
+            server.serve_forever()
+        with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C stops the wait for requests in flight
+            server.stop()
+        storage.close()
+        print("kvserver stopped", flush=True)
 
 
 if __name__ == "__main__":

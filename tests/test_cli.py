@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -153,7 +154,7 @@ def cpus_of_threads(pid: int) -> tuple[int, set[str]]:
     """How many threads a process has, and the distinct lists of CPUs they may run on."""
     threads, cpu_lists = 0, set()
     for status in Path(f"/proc/{pid}/task").glob("*/status"):
-        with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # a thread that ended meanwhile
             match = re.search(r"^Cpus_allowed_list:\s*(\S+)$", status.read_text(), re.MULTILINE)
             assert match, status
             threads, cpu_lists = threads + 1, cpu_lists | {match.group(1)}
@@ -183,6 +184,7 @@ def test_every_thread_of_the_server_runs_on_one_cpu_of_those_it_may_use(make_ser
     server = make_server("--quiet")
     assert serve_three_connections(server) >= 4  # the main thread and the three connections' at least
     [cpu_list] = cpus_of_threads(server.process.pid)[1]
+    assert cpu_list.isdigit(), f"the server's threads may run on CPUs {cpu_list}, not on one"
     assert int(cpu_list) in os.sched_getaffinity(0)
 
 
@@ -200,6 +202,28 @@ def test_the_server_keeps_to_a_cpu_it_was_given(make_server):
         os.sched_setaffinity(0, allowed)
     serve_three_connections(server)
     assert cpus_of_threads(server.process.pid)[1] == {str(given)}
+
+
+@linux_only
+def test_the_cpu_kept_to_is_the_one_the_thread_runs_on_and_the_cpus_come_back_after(monkeypatch):
+    """So that servers the kernel started on different CPUs stay there; and main(), called by a
+    test whose server cannot start, leaves the test's process as it was."""
+    allowed = os.sched_getaffinity(0)
+    if len(allowed) < 2:
+        pytest.skip("one CPU: no other to choose")
+    running_on, real_affinity, seen = max(allowed), os.sched_getaffinity, []
+
+    def in_a_thread() -> None:
+        os.sched_setaffinity(0, {running_on})  # this thread now runs there
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(allowed))  # but it may use them all
+        with kvserver._on_one_cpu():
+            seen.append(real_affinity(0))
+        seen.append(real_affinity(0))
+
+    thread = threading.Thread(target=in_a_thread)
+    thread.start()
+    thread.join(10)
+    assert seen == [{running_on}, allowed]
 
 
 def test_memory_storage_loses_its_values_on_restart(make_server):

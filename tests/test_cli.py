@@ -161,9 +161,9 @@ def cpus_of_threads(pid: int) -> tuple[int, set[str]]:
     return threads, cpu_lists
 
 
-def serve_three_connections(server: Server) -> int:
-    """Open three connections that each make a write (so each has its thread) and count the
-    server's threads while they are open."""
+def serve_three_connections(server: Server) -> tuple[int, str]:
+    """Open three connections that each make a write (so each has its thread); while they are
+    open, the server's number of threads and the CPUs they all may run on (one list for all)."""
     connections = [RawConnection(server) for _ in range(3)]
     try:
         for number, connection in enumerate(connections):
@@ -171,7 +171,7 @@ def serve_three_connections(server: Server) -> int:
             assert connection.response().status == 201
         threads, cpu_lists = cpus_of_threads(server.process.pid)
         assert len(cpu_lists) == 1, f"the server's threads may run on different CPUs: {cpu_lists}"
-        return threads
+        return threads, cpu_lists.pop()
     finally:
         for connection in connections:
             connection.close()
@@ -182,8 +182,8 @@ def test_every_thread_of_the_server_runs_on_one_cpu_of_those_it_may_use(make_ser
     """With a thread per connection, a system call that releases the GIL on two CPUs hands it to
     a waiting thread across them (README, Performance): the server keeps to one."""
     server = make_server("--quiet")
-    assert serve_three_connections(server) >= 4  # the main thread and the three connections' at least
-    [cpu_list] = cpus_of_threads(server.process.pid)[1]
+    threads, cpu_list = serve_three_connections(server)
+    assert threads >= 4  # the main thread and the three connections' at least
     assert cpu_list.isdigit(), f"the server's threads may run on CPUs {cpu_list}, not on one"
     assert int(cpu_list) in os.sched_getaffinity(0)
 
@@ -200,8 +200,7 @@ def test_the_server_keeps_to_a_cpu_it_was_given(make_server):
         server = make_server("--quiet")
     finally:
         os.sched_setaffinity(0, allowed)
-    serve_three_connections(server)
-    assert cpus_of_threads(server.process.pid)[1] == {str(given)}
+    assert serve_three_connections(server)[1] == str(given)
 
 
 @linux_only

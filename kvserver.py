@@ -654,19 +654,22 @@ class _ChangeFeed:
             return ring[start:stop]
         return ring[start:] + ring[: stop - len(ring)]  # the batch wraps around the ring's end
 
-    def messages(self, batch: _Batch) -> list[bytes]:
-        """The batch's events as event-stream messages. Every open stream sends the same
-        recent events, so each message is made once, by the first stream that sends it, and
-        kept in the ring beside its event for the others: they only take a slice."""
-        if None not in batch.messages:
-            return cast(list[bytes], batch.messages)
+    def messages(self, batch: _Batch) -> bytes:
+        """The batch's events as event-stream messages, joined. Every open stream sends the
+        same recent events, so each message is made once, by the first stream that sends it,
+        and kept in the ring beside its event for the others: they only join a slice. (The
+        join also finds a message not yet made: it refuses the None in its place. Checking
+        first, and counting the bytes of each message to send, took half of a stream's Python
+        time per event.)"""
+        with contextlib.suppress(TypeError):
+            return b"".join(cast(list[bytes], batch.messages))
         made = [message or _event_message(event) for event, message in zip(batch.events, batch.messages, strict=True)]
         with self._lock:  # (a reset has no number: it is in no slot)
             for number, event, message in zip(batch.numbers, batch.events, made, strict=False):
                 slot = number % len(self._events)
                 if self._events[slot] is event:  # still in the ring
                     self._messages[slot] = message
-        return made
+        return b"".join(made)
 
     def gap(self, revision: str) -> None:
         """Changes before `revision` may have been missed (the Redis stream was trimmed past its
@@ -737,9 +740,10 @@ class Watch(Iterator[Event]):
         _check_timeout(timeout)
         return self._feed.read(self, timeout).events
 
-    def wait_messages(self, timeout: float | None, pause: float = 0.0) -> list[bytes]:
-        """Like `wait`, the events as Server-Sent Events messages, after `pause` seconds in
-        which it reads none: what comes meanwhile is read together (`close()` ends it at once)."""
+    def wait_messages(self, timeout: float | None, pause: float = 0.0) -> bytes:
+        """Like `wait`, the events as Server-Sent Events messages, joined (b"" for none), after
+        `pause` seconds in which it reads none: what comes meanwhile is read together
+        (`close()` ends it at once)."""
         return self._feed.messages(self._feed.read(self, timeout, pause))
 
     def __next__(self) -> Event:
@@ -3609,12 +3613,8 @@ class _ChunkedWriter:
         self.written = 0  # bytes of the body, without the chunk framing
 
     def write(self, data: bytes) -> None:
-        self.writelines([data])
-
-    def writelines(self, pieces: list[bytes]) -> None:
-        """Write each of `pieces`, in one call (an event stream's messages)."""
-        self._buffer += pieces
-        self._buffered += sum(map(len, pieces))
+        self._buffer.append(data)
+        self._buffered += len(data)
         if self._buffered >= CHUNK:
             self._flush()
 
@@ -5129,13 +5129,13 @@ class KVRequestHandler(BaseHTTPRequestHandler):
                 if watch.closed:
                     break
                 if not messages:
-                    writer.writelines([b": keep-alive\n\n"])
+                    writer.write(b": keep-alive\n\n")
                 for turn in range(HISTORY // _WATCH_BATCH + 1):  # all that has come, a batch at a time
                     if turn:
                         messages = watch.wait_messages(0)
                     if not messages:
                         break
-                    writer.writelines(messages)
+                    writer.write(messages)
                     sent = time.monotonic()
                 writer.flush()
             writer.close()

@@ -53,6 +53,14 @@ STOP_TIMEOUT = 15.0
 SCENARIO_GROUPS = ("get", "set", "rest", "events", "startup", "big")
 STREAMS = 100  # open event streams in the events group
 NO_FSYNC_BEFORE = 2_261  # req/s of GET /set --no-fsync in the run before the write path was reworked
+# Where each process runs. kvserver keeps its threads on one CPU, the one it starts on: it is
+# started on the first CPU the benchmark may use. The load (wrk, and the benchmark's own clients:
+# the event streams' reader, the probe, the big PUT and GET) stands for clients on other
+# machines, so it runs on the other CPUs, where it does not take kvserver's. The other servers
+# and the reference loops may use every CPU. (With one CPU, everything shares it.)
+ALL_CPUS = frozenset(os.sched_getaffinity(0))
+KVSERVER_CPUS = frozenset({min(ALL_CPUS)})
+CLIENT_CPUS = ALL_CPUS - KVSERVER_CPUS or ALL_CPUS
 PROBE_INTERVAL = 0.5  # seconds between the writes that time write-to-event; longer than kvserver's COALESCE
 
 # The Lua every wrk run loads: done() prints one parseable line with the counts and percentiles
@@ -120,11 +128,23 @@ class Spec:
     name: str
     argv: list[str]
     port: int | None = None
+    cpus: frozenset[int] = ALL_CPUS  # where it is started
 
 
 def kvserver(data_dir: Path, fsync: bool = True, name: str = "kvserver") -> Spec:
     argv = [PYTHON, str(KVSERVER), "--port", "0", "--data-dir", str(data_dir), "-q"]
-    return Spec(name, argv + ([] if fsync else ["--no-fsync"]))
+    return Spec(name, argv + ([] if fsync else ["--no-fsync"]), cpus=KVSERVER_CPUS)
+
+
+@contextlib.contextmanager
+def on_cpus(cpus: frozenset[int]) -> Iterator[None]:
+    """Run the calling thread, and the processes it starts meanwhile, on `cpus` (see ALL_CPUS)."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def ceiling() -> Spec:
@@ -156,7 +176,7 @@ class Server:
         safe_name = re.sub(r"[^\w.-]", "_", spec.name)
         self.log_path = logs / f"{safe_name}-{time.monotonic_ns()}.log"
         self.started = time.perf_counter()
-        with open(self.log_path, "wb") as stderr:
+        with open(self.log_path, "wb") as stderr, on_cpus(spec.cpus):
             self.process = subprocess.Popen(spec.argv, stdout=subprocess.PIPE, stderr=stderr, cwd=ROOT)
         try:
             if spec.port is None:
@@ -290,7 +310,8 @@ def wrk(url: str, connections: int, config: Config, script: Path, *script_args: 
     argv += ["-s", str(script), url]
     if script_args:
         argv += ["--", *script_args]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=config.duration + 120, check=False)
+    with on_cpus(CLIENT_CPUS):
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=config.duration + 120, check=False)
     line = next((line for line in done.stdout.splitlines() if line.startswith("BENCH ")), None)
     if done.returncode != 0 or line is None:
         raise RuntimeError(f"{shlex.join(argv)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
@@ -639,7 +660,7 @@ class EventStreams:
 
     def _read(self) -> None:
         buffer = bytearray(256 * 1024)
-        with selectors.DefaultSelector() as selector:
+        with selectors.DefaultSelector() as selector, on_cpus(CLIENT_CPUS):
             for sock in self.sockets:
                 selector.register(sock, selectors.EVENT_READ)
             while not self._stop:
@@ -673,32 +694,33 @@ def open_event_stream(url: str, path: str) -> socket.socket:
 def event_latencies(url: str, seconds: float) -> list[float]:
     """For `seconds`: write a key under probe/ (every PROBE_INTERVAL) and time until the event
     for it arrives on a stream of probe/ keys: the milliseconds from write to event, one per write."""
-    stream = open_event_stream(url, "/events?prefix=probe%2F")
-    host, port = url.removeprefix("http://").split(":")
-    writer = http.client.HTTPConnection(host, int(port), timeout=30)
-    latencies = []
-    buffered = b""
-    try:
-        deadline = time.monotonic() + seconds
-        n = 0
-        while time.monotonic() < deadline:
-            n += 1
-            marker = f'"key": "probe/{n}"'.encode()
-            started = time.perf_counter()
-            writer.request("GET", f"/set?probe%2F{n}=v")
-            writer.getresponse().read()
-            while marker not in buffered:
-                chunk = stream.recv(65536)
-                if not chunk:
-                    raise RuntimeError("the probe's event stream ended")
-                buffered += chunk
-            latencies.append((time.perf_counter() - started) * 1000)
-            buffered = buffered[buffered.index(marker) :]
-            time.sleep(PROBE_INTERVAL)
-    finally:
-        writer.close()
-        stream.close()
-    return latencies
+    with on_cpus(CLIENT_CPUS):
+        stream = open_event_stream(url, "/events?prefix=probe%2F")
+        host, port = url.removeprefix("http://").split(":")
+        writer = http.client.HTTPConnection(host, int(port), timeout=30)
+        latencies = []
+        buffered = b""
+        try:
+            deadline = time.monotonic() + seconds
+            n = 0
+            while time.monotonic() < deadline:
+                n += 1
+                marker = f'"key": "probe/{n}"'.encode()
+                started = time.perf_counter()
+                writer.request("GET", f"/set?probe%2F{n}=v")
+                writer.getresponse().read()
+                while marker not in buffered:
+                    chunk = stream.recv(65536)
+                    if not chunk:
+                        raise RuntimeError("the probe's event stream ended")
+                    buffered += chunk
+                latencies.append((time.perf_counter() - started) * 1000)
+                buffered = buffered[buffered.index(marker) :]
+                time.sleep(PROBE_INTERVAL)
+        finally:
+            writer.close()
+            stream.close()
+        return latencies
 
 
 def scenario_events(config: Config, report: Report, scripts: dict[str, Path]) -> None:
@@ -886,8 +908,9 @@ def scenario_big(config: Config, report: Report) -> None:
         with running([kvserver(data_dir, fsync, name)], config.logs) as [server]:
             before = server.status_bytes("VmRSS")
             exact = server.reset_peak()
-            seconds[f"{name} PUT"].append(timed(lambda: put_file(server, source, size)))
-            seconds[f"{name} GET"].append(timed(lambda: get_file(server, size)))
+            with on_cpus(CLIENT_CPUS):
+                seconds[f"{name} PUT"].append(timed(lambda: put_file(server, source, size)))
+                seconds[f"{name} GET"].append(timed(lambda: get_file(server, size)))
             peak = server.status_bytes("VmHWM")
             growth[name].append(peak - before)
             if not exact:
@@ -970,7 +993,13 @@ def machine(config: Config) -> list[str]:
         f"- Python {platform.python_version()} ({platform.python_implementation()}), kernel {platform.release()}",
         f"- {wrk_version.strip()}; {', '.join(versions)}",
         f"- Work dir: {work} on {mount[0]} ({mount[2]}, mounted on {mount[1]})",
+        f"- CPUs: kvserver started on {cpu_list(KVSERVER_CPUS)}; wrk and the benchmark's own clients on"
+        f" {cpu_list(CLIENT_CPUS)}; the other servers and the reference loops on {cpu_list(ALL_CPUS)}",
     ]
+
+
+def cpu_list(cpus: frozenset[int]) -> str:
+    return ("CPU " if len(cpus) == 1 else "CPUs ") + ",".join(map(str, sorted(cpus)))
 
 
 def parse_args() -> Config:

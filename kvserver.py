@@ -2461,8 +2461,17 @@ class FileStorage(Storage):
                 view = memoryview(piece).cast("B")
                 if size + len(view) <= SMALL_VALUE:
                     head.append(piece if isinstance(piece, bytes) else view.tobytes())
+                # A CHUNK a call, not a whole buffer: the kernel (Linux 6.16 and later, ext4) caches
+                # what one write brings in, in folios of up to its size, and where a virtual
+                # machine hands free memory back to its host (virtio-balloon free page reporting)
+                # the large blocks of free memory that large folios take are those handed back,
+                # whose first write costs a page fault on the host for every page. Here a 1 GiB
+                # PUT took 0.51 to 0.84 s in writes of 64 KiB, against 0.45 to 3.6 s in writes
+                # of 1 MiB (0.29 to 0.41 s against 1.0 to 1.7 s to write 1 GiB into the cache
+                # after a pause, in a loop of its own), at the cost of about 8% of the rate of
+                # PUTs of 1 MiB at 16 connections.
                 while view:  # (a regular file takes all it is given, but for a signal or a full disk)
-                    written = os.write(fd, view[:_WRITEBACK_STEP])
+                    written = os.write(fd, view[:CHUNK])
                     size, view = size + written, view[written:]
                     if self.fsync and size - written_back >= _WRITEBACK_STEP:
                         _start_writeback(fd, written_back, size - written_back)

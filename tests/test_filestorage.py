@@ -178,6 +178,29 @@ def test_a_large_value_given_in_one_piece_goes_to_disk_a_step_at_a_time_too(data
     assert started == [(0, step), (step, step)]
 
 
+@pytest.mark.parametrize("how", ["put", "put_file"])
+def test_a_large_value_is_written_a_chunk_at_a_time(data_dir, monkeypatch, tmp_path, how):
+    # Writes of more than CHUNK put the value into the page cache in large folios, which on a
+    # virtual machine that hands free memory back to its host come from that memory, at a page
+    # fault on the host for every page (a 1 GiB PUT took up to 3.6 s in 1 MiB writes, 0.84 s in
+    # 64 KiB ones).
+    sizes: list[int] = []
+    write = os.write
+
+    def recording_write(fd: int, data: memoryview) -> int:
+        sizes.append(len(data))
+        return write(fd, data)
+
+    value = os.urandom(kvserver.BUFFER + kvserver.CHUNK // 2)
+    source = tmp_path / "source"
+    source.write_bytes(value)
+    monkeypatch.setattr(kvserver.os, "write", recording_write)
+    with kvserver.FileStorage(data_dir, fsync=True) as store:
+        store.put("big", value) if how == "put" else store.put_file("big", str(source))
+    assert value_files(data_dir) == {"big": value}
+    assert max(sizes) == kvserver.CHUNK  # (the metadata file, of a few bytes, is written too)
+
+
 def test_a_file_system_that_refuses_the_writeback_advice_still_stores_a_large_value(data_dir, monkeypatch):
     def posix_fadvise(fd: int, offset: int, length: int, advice: int) -> None:
         raise OSError(errno.EINVAL, "Invalid argument")

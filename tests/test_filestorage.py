@@ -196,7 +196,10 @@ def test_a_large_value_is_written_a_chunk_at_a_time(data_dir, monkeypatch, tmp_p
     source.write_bytes(value)
     monkeypatch.setattr(kvserver.os, "write", recording_write)
     with kvserver.FileStorage(data_dir, fsync=True) as store:
-        store.put("big", value) if how == "put" else store.put_file("big", str(source))
+        if how == "put":
+            store.put("big", value)
+        else:
+            store.put_file("big", str(source))
     assert value_files(data_dir) == {"big": value}
     assert max(sizes) == kvserver.CHUNK  # (the metadata file, of a few bytes, is written too)
 

@@ -1831,14 +1831,16 @@ _WRITEBACK_STEP = 8 * 1024 * 1024  # bytes of a large value written between two 
 
 
 def _start_writeback(fd: int, offset: int, length: int) -> None:
-    """Have the kernel begin writing these bytes of a file to disk, without waiting for it: the
-    fsync at the end of a large value then finds most of it written, as the disk worked while
-    the value was still arriving (a 1 GiB PUT with fsync took 0.56 to 0.97 s here, against 0.73
-    to 3.2 s without, in turns). POSIX_FADV_DONTNEED does it on Linux: mm/fadvise.c starts
-    writeback of the range's dirty pages, then drops from the page cache the pages that are
-    written already, so on a fast disk much of a large value leaves the cache (a first read
-    of it then reads the disk; the 1 GiB GET that followed was no slower here). Elsewhere, or
-    if the file system refuses the advice, the fsync writes it all."""
+    """Have the kernel begin writing these bytes of a file to disk, without waiting for it.
+    With fsync, the fsync at the end of a large value then finds most of it written, as the
+    disk worked while the value was still arriving (a 1 GiB PUT with fsync took 0.56 to 0.97 s
+    here, against 0.73 to 3.2 s without, in turns); without fsync, a small value's bytes go
+    to disk before its swap does (see FileStorage._stage). POSIX_FADV_DONTNEED does it on
+    Linux: mm/fadvise.c starts writeback of the range's dirty pages, then drops from the page
+    cache the pages that are written already, so on a fast disk much of a large value leaves
+    the cache (a first read of it then reads the disk; the 1 GiB GET that followed was no
+    slower here). Elsewhere, or if the file system refuses the advice, nothing is begun: an
+    fsync writes it all."""
     if hasattr(os, "posix_fadvise"):
         with contextlib.suppress(OSError):
             os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
@@ -2025,9 +2027,9 @@ class FileStorage(Storage):
     key's lock; under the lock it checks the precondition, renames the file into place and
     updates the index; then, with the lock released, it waits for the folder fsync that
     makes the rename durable (see _GroupSync). A reader may see a value a few milliseconds
-    before it is durable; the writer hears back only once it is. With fsync, a write that
-    replaces a small value swaps the two files instead of renaming, and the old value's
-    file becomes the temporary file of a later write (see _move_into_place and _stage).
+    before it is durable; the writer hears back only once it is. A write that replaces a
+    small value swaps the two files instead of renaming, and the old value's file becomes
+    the temporary file of a later write (see _move_into_place and _stage).
     """
 
     kind = "files"
@@ -2074,9 +2076,7 @@ class FileStorage(Storage):
                         os.unlink(path)
                     except IsADirectoryError:  # put in a key's place by hand, and swapped out (see _stage)
                         self._keep_folder(path)
-            # A swap saves more than rewriting the file costs only if the file is not emptied
-            # first, and only fsync makes that safe (see _stage).
-            self._swaps = self._check_file_system() and fsync
+            self._swaps = self._check_file_system()
             self._load()
         except BaseException:
             self.close()
@@ -2293,7 +2293,7 @@ class FileStorage(Storage):
                     # Crash before the next line: the old value and its metadata, as before.
                     self._write_metadata(name, records)
                     # Crash here: the metadata knows both versions; the old value file is in place.
-                spare = self._move_into_place(staged.path, os.path.join(self.path, name), previous)
+                spare = self._move_into_place(staged, os.path.join(self.path, name), previous)
                 # Crash here: the old or (once a folder fsync covers the rename) the new value,
                 # each with its metadata; the temporary file, if it holds the old value, is
                 # removed at start.
@@ -2349,19 +2349,24 @@ class FileStorage(Storage):
                         self._unlink_metadata(key)
         return len(swept)
 
-    def _move_into_place(self, temporary: str, target: str, previous: _Entry | None) -> str | None:
-        """Rename `temporary` over `target`, whose value is `previous`; or swap the two, and
-        return the spare this leaves: `temporary`, which now holds the previous value's file,
-        for a later write to rewrite (_stage) once the swap is durable.
+    def _move_into_place(self, staged: _Staged, target: str, previous: _Entry | None) -> str | None:
+        """Rename the staged file over `target`, whose value is `previous`; or swap the two,
+        and return the spare this leaves: the staged file's path, which now holds the previous
+        value's file, for a later write to rewrite (_stage; with fsync, once the swap is durable).
 
-        Only with fsync (see _stage), and only a small value's file: the server never opens
-        one (it serves the bytes from memory), so no reader of the server can be reading a
-        file that is rewritten."""
-        if self._swaps and previous is not None and previous.data is not None:
+        Only a small value's file is swapped out: the server never opens one (it serves the
+        bytes from memory), so no reader of the server can be reading a file that is
+        rewritten. Without fsync, only a small value's file is swapped in (see _stage)."""
+        if (
+            self._swaps
+            and previous is not None
+            and previous.data is not None
+            and (self.fsync or staged.data is not None)
+        ):
             with contextlib.suppress(FileNotFoundError):  # its file was removed by hand
-                _exchange(temporary, target)
-                return temporary
-        self._replace(temporary, target)
+                _exchange(staged.path, target)
+                return staged.path
+        self._replace(staged.path, target)
         return None
 
     def _replace(self, source: str, target: str) -> None:
@@ -2375,10 +2380,11 @@ class FileStorage(Storage):
 
     def _keep_spare(self, path: str, durable: bool) -> None:
         """Add the file a swap left at `path` to the spares, moving a new one from tmp to spare
-        first (tmp holds only writes in progress); or remove it, unless the folder fsync that
-        covers the swap ended (`durable`) and no fsync of the folder has ever failed: only then
-        is the swap known to be on disk (see _stage). Never raises: the write is done, and a
-        spare only saves a later one some work (a file left behind is removed at the next start)."""
+        first (tmp holds only writes in progress); or remove it, unless the wait for the folder
+        fsync that covers the swap returned (`durable`; at once without fsync) and no fsync of
+        the folder has ever failed: with fsync, only then is the swap known to be on disk (see
+        _stage). Never raises: the write is done, and a spare only saves a later one some work
+        (a file left behind is removed at the next start)."""
         try:
             if not durable or self._values_synced.failed:
                 os.unlink(path)
@@ -2435,21 +2441,30 @@ class FileStorage(Storage):
             self._keep_folder(path)
 
     def _stage(self, pieces: _Pieces) -> _Staged:
-        """Write a value into a temporary file, stamp it, fsync it: all of it is on disk, none
-        of it visible. The file is removed if the pieces raise (an upload cut off).
+        """Write a value into a temporary file, stamp it, fsync it (with fsync): none of it
+        visible. The file is removed if the pieces raise (an upload cut off).
 
         The file is a spare (a file a write swapped out, see _move_into_place) if there is
-        one, else a new one: rewriting a file in place costs a fraction of what creating one
-        and freeing another do. That is safe because, with fsync, a spare's swap was durable
-        before it became a spare, and its new bytes are durable before it is swapped in.
-        (Without fsync there are no spares: bytes rewritten in place may reach the disk before
-        the swap that hides them, and a power loss would then leave them under another key.
-        Emptying the file first would prevent it, at the cost of making a new one.) A spare
-        that is not a regular file of one link is not rewritten but removed: a hard link made
-        by hand (a snapshot with `cp -al`, a deduplicating tool) may be another key's value."""
+        one, else a new one: on ext4, creating a file and freeing another cost more than
+        rewriting one, and without a journal several times more (creating a file there
+        searches the inodes freed in the last minutes). Until the swap that took a spare out
+        of place is on disk, a power loss would put it back, so bytes written over its old
+        ones must not reach the disk before that swap. With fsync, the swap was durable before
+        the file became a spare, and the new bytes are durable before it is swapped in.
+        Without fsync, the spare is emptied first: the new bytes go to new blocks, and a file
+        system that journals its changes in order does not reuse the old blocks before the
+        emptying, which follows the swap, is on disk. And the writeback of a small value (the
+        only kind swapped in without fsync) is begun at once, so that ext4 (data=ordered, its
+        default) writes the bytes before the swap that shows them, as it does on its own for
+        a file renamed over another (auto_da_alloc), though not for a swap. A spare that is
+        not a regular file of one link is not rewritten but removed: a hard link made by hand
+        (a snapshot with `cp -al`, a deduplicating tool) may be another key's value."""
         spare = self._open_spare()
         if spare is not None:
             path, fd, stale = spare
+            if not self.fsync:
+                os.ftruncate(fd, 0)
+                stale = 0
         else:
             path, stale = os.path.join(self._tmp, str(next(self._temporary_names))), 0
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -2482,6 +2497,8 @@ class FileStorage(Storage):
             os.utime(fd, ns=(stamp, stamp))
             if self.fsync:
                 os.fsync(fd)
+            elif size <= SMALL_VALUE:
+                _start_writeback(fd, 0, size)
         except BaseException:
             os.close(fd)
             os.unlink(path)

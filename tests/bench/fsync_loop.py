@@ -15,8 +15,8 @@ stripe of keys, wait for a folder fsync shared by the writers waiting at the tim
 (kvserver's own group commit), and keep the swapped-out file as a spare. The swap and the
 group commit are imported from kvserver.py. What is left between this and kvserver is HTTP
 and Python bookkeeping. With --no-fsync as well, each write makes the calls of kvserver
---no-fsync instead: create a new temporary file named by a counter, write, set its
-modification time, close, rename it over the key's file; no fsync, no spares, no swap.
+--no-fsync instead: the same, but a spare is emptied before it is written, the writeback of
+the value is begun (posix_fadvise) where the file was fsynced, and no folder is fsynced.
 Usage: python fsync_loop.py DIR [--threads 16] [--seconds 5] [--keys 1000] [--max-ops N] [--like-kvserver [--no-fsync]]
 """
 
@@ -40,6 +40,7 @@ class Shared:
 
     def __init__(self, folder: str, fsync: bool) -> None:
         self.folder = folder
+        self.fsync = fsync
         self.folder_fd = os.open(folder, os.O_RDONLY)
         self.tmp = os.path.join(folder, ".kvserver", "tmp")
         self.names = itertools.count()
@@ -62,7 +63,7 @@ def bare_write(shared: Shared, index: int, n: int, key: str) -> None:
 
 
 def kvserver_write(shared: Shared, index: int, n: int, key: str) -> None:
-    """The system calls of kvserver's /set with fsync (see above)."""
+    """The system calls of kvserver's /set, with fsync or without (see above)."""
     try:
         temporary = shared.spares.pop()
     except IndexError:
@@ -71,12 +72,18 @@ def kvserver_write(shared: Shared, index: int, n: int, key: str) -> None:
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         old_size = os.fstat(fd).st_size  # kvserver checks a spare's links and size, a new file's not
+        if old_size and not shared.fsync:
+            os.ftruncate(fd, 0)
+            old_size = 0
         os.write(fd, value)
         if len(value) < old_size:
             os.ftruncate(fd, len(value))
         stamp = time.time_ns()
         os.utime(fd, ns=(stamp, stamp))
-        os.fsync(fd)
+        if shared.fsync:
+            os.fsync(fd)
+        else:
+            os.posix_fadvise(fd, 0, len(value), os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
     with shared.locks[hash(key) % len(shared.locks)]:
@@ -90,20 +97,6 @@ def kvserver_write(shared: Shared, index: int, n: int, key: str) -> None:
     shared.synced.wait(ticket)
     if spare is not None:
         shared.spares.append(spare)
-
-
-def kvserver_no_fsync_write(shared: Shared, index: int, n: int, key: str) -> None:
-    """The system calls of kvserver's /set with --no-fsync (see above)."""
-    temporary = os.path.join(shared.tmp, str(next(shared.names)))
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, b"v%d" % n)
-        stamp = time.time_ns()
-        os.utime(fd, ns=(stamp, stamp))
-    finally:
-        os.close(fd)
-    with shared.locks[hash(key) % len(shared.locks)]:
-        os.replace(temporary, os.path.join(shared.folder, key))
 
 
 Write = Callable[[Shared, int, int, str], None]
@@ -134,7 +127,7 @@ def main() -> None:
     if args.no_fsync and not args.like_kvserver:
         parser.error("--no-fsync goes with --like-kvserver")
     os.makedirs(os.path.join(args.dir, ".kvserver", "tmp"), exist_ok=True)
-    write = (kvserver_no_fsync_write if args.no_fsync else kvserver_write) if args.like_kvserver else bare_write
+    write = kvserver_write if args.like_kvserver else bare_write
     shared = Shared(args.dir, not args.no_fsync)
     latencies: list[list[float]] = [[] for _ in range(args.threads)]
 

@@ -2023,13 +2023,14 @@ class FileStorage(Storage):
     value file is in place finds its own. Files with no matching entry (put there by hand)
     load with derived metadata.
 
-    A write stages its value in a temporary file (written and fsynced) before it takes the
-    key's lock; under the lock it checks the precondition, renames the file into place and
-    updates the index; then, with the lock released, it waits for the folder fsync that
-    makes the rename durable (see _GroupSync). A reader may see a value a few milliseconds
+    A write stages its value in a temporary file (written, and with fsync fsynced) before it
+    takes the key's lock; under the lock it checks the precondition, renames the file into
+    place and updates the index; then, with the lock released, it waits for the folder fsync
+    that makes the rename durable (see _GroupSync). A reader may see a value a few milliseconds
     before it is durable; the writer hears back only once it is. A write that replaces a
-    small value swaps the two files instead of renaming, and the old value's file becomes
-    the temporary file of a later write (see _move_into_place and _stage).
+    small value (without fsync, with a small one) swaps the two files instead of renaming,
+    and the old value's file becomes the temporary file of a later write (see
+    _move_into_place and _stage).
     """
 
     kind = "files"
@@ -2451,24 +2452,26 @@ class FileStorage(Storage):
         of place is on disk, a power loss would put it back, so bytes written over its old
         ones must not reach the disk before that swap. With fsync, the swap was durable before
         the file became a spare, and the new bytes are durable before it is swapped in.
-        Without fsync, the spare is emptied first: the new bytes go to new blocks, and a file
-        system that journals its changes in order does not reuse the old blocks before the
-        emptying, which follows the swap, is on disk. And the writeback of a small value (the
-        only kind swapped in without fsync) is begun at once, so that ext4 (data=ordered, its
-        default) writes the bytes before the swap that shows them, as it does on its own for
-        a file renamed over another (auto_da_alloc), though not for a swap. A spare that is
-        not a regular file of one link is not rewritten but removed: a hard link made by hand
-        (a snapshot with `cp -al`, a deduplicating tool) may be another key's value."""
+        Without fsync, nothing is promised on a power loss but what the file system gives a
+        file renamed over another, and this keeps to that: the spare is emptied first, so the
+        new bytes go to new blocks (ext4 with a journal in data=ordered mode, its default,
+        reuses the old ones only once the emptying, which follows the swap, is committed; an
+        ext4 without a journal orders nothing, for a rename either), and the writeback of a
+        small value (the only kind swapped in without fsync) is begun at once, as ext4 begins
+        it by itself for a file renamed over another (auto_da_alloc), though not for a swap.
+        A spare that is not a regular file of one link is not rewritten but removed: a hard
+        link made by hand (a snapshot with `cp -al`, a deduplicating tool) may be another
+        key's value."""
         spare = self._open_spare()
         if spare is not None:
             path, fd, stale = spare
-            if not self.fsync:
-                os.ftruncate(fd, 0)
-                stale = 0
         else:
             path, stale = os.path.join(self._tmp, str(next(self._temporary_names))), 0
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
+            if stale and not self.fsync:
+                os.ftruncate(fd, 0)
+                stale = 0
             size = 0  # bytes written
             head: list[bytes] = []  # the pieces, while the value may still be small
             written_back = 0  # with fsync: the bytes whose writeback has begun

@@ -721,20 +721,23 @@ def logged(calls: list[tuple[str, tuple]], name: str, real):
 def test_without_fsync_a_swapped_out_file_is_emptied_before_it_is_rewritten(data_dir, monkeypatch):
     """Until the swap that took it out of place is on disk, its old blocks may still be the
     key's value after a power loss: new bytes go to new blocks, and begin to go to disk before
-    the swap that shows them does."""
+    the swap that shows them does (a new file's too)."""
     with kvserver.FileStorage(data_dir, fsync=False) as store:
         store.put("k", b"a long first value", content_type=TEXT)
         first = inode(data_dir / "k")
-        store.put("k", b"second", content_type=TEXT)
-        [spare] = (data_dir / ".kvserver" / "spare").iterdir()
-        assert (spare.read_bytes(), inode(spare)) == (b"a long first value", first)
         calls: list[tuple[str, tuple]] = []
         for module, name in ((os, "ftruncate"), (os, "write"), (os, "posix_fadvise"), (kvserver, "_exchange")):
             monkeypatch.setattr(module, name, logged(calls, name, getattr(module, name)))
+        store.put("k", b"second", content_type=TEXT)  # no spare yet: a new file
+        assert [name for name, _ in calls] == ["write", "posix_fadvise", "_exchange"]
+        assert calls[1][1][1:] == (0, 6, os.POSIX_FADV_DONTNEED)  # its writeback begun
+        [spare] = (data_dir / ".kvserver" / "spare").iterdir()
+        assert (spare.read_bytes(), inode(spare)) == (b"a long first value", first)
+        calls.clear()
         store.put("k", b"3", content_type=TEXT)
         assert [name for name, _ in calls] == ["ftruncate", "write", "posix_fadvise", "_exchange"]
         assert calls[0][1][1:] == (0,)  # emptied
-        assert calls[2][1][1:] == (0, 1, os.POSIX_FADV_DONTNEED)  # its writeback begun
+        assert calls[2][1][1:] == (0, 1, os.POSIX_FADV_DONTNEED)
         assert (value_files(data_dir), inode(data_dir / "k")) == ({"k": b"3"}, first)
         assert spares(data_dir) == [b"second"]
     with kvserver.FileStorage(data_dir, fsync=False) as store:
@@ -742,35 +745,60 @@ def test_without_fsync_a_swapped_out_file_is_emptied_before_it_is_rewritten(data
         assert (tmp_names(data_dir), spares(data_dir)) == (set(), [])
 
 
+@pytest.mark.parametrize("size", [kvserver.SMALL_VALUE, kvserver.SMALL_VALUE + 1], ids=["small", "large"])
 @pytest.mark.parametrize("fsync", [True, False])
-def test_a_large_value_replacing_a_small_one_is_swapped_in_only_with_fsync(data_dir, fsync):
+def test_a_large_value_replacing_a_small_one_is_swapped_in_only_with_fsync(data_dir, monkeypatch, fsync, size):
     """Without fsync, a swap may show only bytes whose writeback has begun: a small value's
     begins at once, a large value's when the kernel writes it (ext4 begins it for a file
     renamed over another)."""
-    large = os.urandom(LARGE)
+    value = os.urandom(size)
+    begun: list[int] = []  # the sizes of the files whose writeback began at once
+
+    def posix_fadvise(fd: int, offset: int, length: int, advice: int) -> None:
+        begun.append(os.fstat(fd).st_size)
+
     with kvserver.FileStorage(data_dir, fsync=fsync) as store:
         store.put("k", b"small", content_type=TEXT)
-        store.put("k", large)
-        assert value_files(data_dir) == {"k": large}
-        assert spares(data_dir) == ([b"small"] if fsync else [])
+        monkeypatch.setattr(kvserver.os, "posix_fadvise", posix_fadvise, raising=False)
+        store.put("k", value, content_type=TEXT)
+        assert value_files(data_dir) == {"k": value}
+        swapped = fsync or size <= kvserver.SMALL_VALUE
+        assert spares(data_dir) == ([b"small"] if swapped else [])
+        assert (size in begun) == (not fsync and size <= kvserver.SMALL_VALUE)
     with kvserver.FileStorage(data_dir, fsync=fsync) as store:
-        assert store.get("k") == large
+        assert store.get("k") == value
 
 
-def test_a_write_that_fails_in_a_spare_leaves_neither_it_nor_a_temporary_file(data_dir):
-    with kvserver.FileStorage(data_dir, fsync=True) as store:
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize(
+    ("fsync", "failure"),  # (with fsync a spare is rewritten in place, not emptied first)
+    [(True, "cut-off"), (False, "cut-off"), (False, "emptying")],
+    ids=["fsync-cut-off", "no-fsync-cut-off", "no-fsync-emptying"],
+)
+def test_a_write_that_fails_in_a_spare_leaves_neither_it_nor_a_temporary_file(data_dir, monkeypatch, fsync, failure):
+    with kvserver.FileStorage(data_dir, fsync=fsync) as store:
         store.put("k", b"one")
         store.put("k", b"two")
         assert spares(data_dir) == [b"one"]
+        descriptors = open_descriptors()
 
         def cut_off():
             yield b"half a val"
             raise ConnectionResetError
 
-        with pytest.raises(ConnectionResetError):
-            store.write("other", cut_off())
+        def failing_ftruncate(fd: int, length: int) -> None:
+            raise OSError(errno.EIO, "Input/output error")
+
+        if failure == "emptying":
+            monkeypatch.setattr(os, "ftruncate", failing_ftruncate)
+        with pytest.raises(OSError):  # (ConnectionResetError is one)
+            store.write("other", cut_off() if failure == "cut-off" else b"value")
         assert (tmp_names(data_dir), spares(data_dir)) == (set(), [])
         assert value_files(data_dir) == {"k": b"two"}
+        assert open_descriptors() == descriptors
 
 
 def test_without_ctypes_writes_rename_instead_of_swapping(data_dir):
@@ -1314,9 +1342,10 @@ OLD_NEW = {
 }
 
 
+@pytest.mark.parametrize("fsync", [True, False])
 @pytest.mark.parametrize("key", ["k", "a key/escaped", "k" * 1024], ids=["plain", "escaped", "hashed"])
 @pytest.mark.parametrize("change", list(OLD_NEW.values()), ids=list(OLD_NEW))
-def test_a_crash_at_any_step_of_a_write_leaves_the_old_or_the_new_value_with_its_metadata(tmp_path, key, change):
+def test_a_crash_at_any_step_of_a_write_leaves_the_old_or_the_new_value_with_its_metadata(tmp_path, key, change, fsync):
     old, new = change
 
     def action(store):
@@ -1333,7 +1362,7 @@ def test_a_crash_at_any_step_of_a_write_leaves_the_old_or_the_new_value_with_its
             if old is not None:
                 store.put(key, old["data"], content_type=old["content_type"], ttl=old.get("ttl"))
             before = {name: store.stat(name) for name in store}
-        finished = run_until_crash(data_dir, step, action)
+        finished = run_until_crash(data_dir, step, action, fsync=fsync)
         with kvserver.FileStorage(data_dir, fsync=False) as store:
             assert store.get("other") == b"untouched"
             assert store.stat("other") == before["other"]
@@ -1393,6 +1422,35 @@ def test_a_crash_at_any_step_of_writes_that_rewrite_swapped_out_files_leaves_a_w
         raise AssertionError("the writes never finished")
     assert outcomes == sorted(outcomes), "a crash brought an older value back"
     assert set(outcomes) == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("fsync", [True, False])
+def test_a_crash_at_any_step_of_writes_whose_metadata_takes_swapped_out_files_leaves_each_key_whole(tmp_path, fsync):
+    writes = [("k", b"<x/>", "text/html"), ("k", b"plain", TEXT), ("k", b"<y/>", "text/html"), ("a", b"a3", TEXT)]
+    writes.append(("k", b"zz", "image/png"))
+
+    def action(store):
+        for key, value, content_type in writes:
+            store.put(key, value, content_type=content_type)
+
+    for step in range(1, 200):
+        data_dir = tmp_path / f"step-{step}"
+        with kvserver.FileStorage(data_dir, fsync=fsync) as store:
+            for key in ("a", "b"):  # (so that spares exist for the values and the metadata)
+                store.put(key, key.encode() + b"1", content_type=TEXT)
+                store.put(key, key.encode() + b"2", content_type=TEXT)
+            store.put("k", b"old", content_type=TEXT)
+        finished = run_until_crash(data_dir, step, action, fsync=fsync)
+        with kvserver.FileStorage(data_dir, fsync=fsync) as store:
+            k = (store.get("k"), store.stat("k").content_type)
+            assert k in [(b"old", TEXT), *((v, t) for key, v, t in writes if key == "k")], f"step {step}: {k!r}"
+            assert (store.get("a") in (b"a2", b"a3"), store.get("b")) == (True, b"b2"), f"step {step}"
+            assert (tmp_names(data_dir), spares(data_dir)) == (set(), []), f"step {step}"
+            assert meta_names(data_dir) <= set(value_files(data_dir)), f"step {step}"
+        if finished:
+            break
+    else:
+        raise AssertionError("the writes never finished")
 
 
 def test_a_crash_while_rewriting_a_key_whose_ttl_just_passed_does_not_bring_the_old_value_back(data_dir):

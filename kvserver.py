@@ -1834,13 +1834,13 @@ def _start_writeback(fd: int, offset: int, length: int) -> None:
     """Have the kernel begin writing these bytes of a file to disk, without waiting for it.
     With fsync, the fsync at the end of a large value then finds most of it written, as the
     disk worked while the value was still arriving (a 1 GiB PUT with fsync took 0.56 to 0.97 s
-    here, against 0.73 to 3.2 s without, in turns); without fsync, a small value's bytes go
-    to disk before its swap does (see FileStorage._stage). POSIX_FADV_DONTNEED does it on
-    Linux: mm/fadvise.c starts writeback of the range's dirty pages, then drops from the page
-    cache the pages that are written already, so on a fast disk much of a large value leaves
-    the cache (a first read of it then reads the disk; the 1 GiB GET that followed was no
-    slower here). Elsewhere, or if the file system refuses the advice, nothing is begun: an
-    fsync writes it all."""
+    here, against 0.73 to 3.2 s without, in turns); without fsync, a small value's bytes
+    start for the disk before its swap does (see FileStorage._stage). POSIX_FADV_DONTNEED
+    does it on Linux: mm/fadvise.c starts writeback of the range's dirty pages, then drops
+    from the page cache the pages that are written already, so on a fast disk much of a large
+    value leaves the cache (a first read of it then reads the disk; the 1 GiB GET that
+    followed was no slower here). Elsewhere, or if the file system refuses the advice,
+    nothing is begun: an fsync writes it all."""
     if hasattr(os, "posix_fadvise"):
         with contextlib.suppress(OSError):
             os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)

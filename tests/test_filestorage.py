@@ -637,16 +637,20 @@ def test_a_unix_socket_put_in_a_large_values_place_is_refused_as_not_a_regular_f
             store.get("big")
 
 
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
 def test_a_folder_put_in_a_large_values_place_is_refused_and_leaks_no_descriptor(store, data_dir):
     """It opened, then os.fdopen refused it and left the descriptor open: one leaked a read."""
     store.put("big", b"b" * LARGE)
     (data_dir / "big").unlink()
     (data_dir / "big").mkdir()
-    before = len(os.listdir("/proc/self/fd"))
+    before = open_descriptors()
     for _ in range(20):
         with pytest.raises(RuntimeError, match="big is no longer a regular file"):
             store.get("big")
-    assert len(os.listdir("/proc/self/fd")) == before
+    assert open_descriptors() == before
 
 
 # Durability
@@ -767,10 +771,6 @@ def test_a_large_value_replacing_a_small_one_is_swapped_in_only_with_fsync(data_
         assert (size in begun) == (not fsync and size <= kvserver.SMALL_VALUE)
     with kvserver.FileStorage(data_dir, fsync=fsync) as store:
         assert store.get("k") == value
-
-
-def open_descriptors() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 @pytest.mark.parametrize(

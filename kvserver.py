@@ -1810,7 +1810,8 @@ def _read_small_file(path: str, size: int) -> bytes:
 # uses it to put its value in place and keep the old value's file as its next temporary file: on
 # ext4, creating a file and freeing another cost several times the system time of rewriting one.
 # (None without ctypes, or where the C library has no renameat2: not Linux, or an old glibc.)
-_renameat2: Any = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None) if ctypes else None
+_libc = ctypes.CDLL(None, use_errno=True) if ctypes else None
+_renameat2: Any = getattr(_libc, "renameat2", None)
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 
@@ -1825,6 +1826,32 @@ def _exchange(path: str, other: str) -> None:
     if _renameat2(_AT_FDCWD, os.fsencode(path), _AT_FDCWD, os.fsencode(other), _RENAME_EXCHANGE) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code), path, None, other)
+
+
+# fallocate(2) with FALLOC_FL_ZERO_RANGE (Linux 3.15; ext4 and XFS, not tmpfs) lets a write
+# without fsync rewrite a spare in place (see FileStorage._stage). (None without ctypes, or where
+# the C library has no fallocate.)
+_fallocate: Any = getattr(_libc, "fallocate64", None) or getattr(_libc, "fallocate", None)
+if _fallocate is not None:
+    _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_ZERO_RANGE = 0x10
+
+
+def _zero_blocks(fd: int, length: int, block_size: int) -> None:
+    """Make the file's first `length` bytes, rounded up to whole blocks of `block_size` bytes,
+    read as zeros, and keep its size (fallocate(2), FALLOC_FL_ZERO_RANGE). On whole blocks
+    ext4 and XFS mark them unwritten, a change of the file's metadata: they read as zeros until
+    bytes written into them are on disk, and no block is freed or taken.
+
+    Raises OSError: errno EOPNOTSUPP where the file system cannot (tmpfs), ENOSYS where the
+    kernel or the C library cannot."""
+    if _fallocate is None:
+        raise OSError(errno.ENOSYS, "fallocate is not available here")
+    blocks = -(-length // block_size)
+    if _fallocate(fd, _FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE, 0, blocks * block_size) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
 
 
 _WRITEBACK_STEP = 8 * 1024 * 1024  # bytes of a large value written between two _start_writeback
@@ -2003,6 +2030,27 @@ class _Staged(NamedTuple):
     data: bytes | None  # all of it, unless it is larger than SMALL_VALUE
 
 
+class _Spare(NamedTuple):
+    """A spare opened for a write (see FileStorage._stage): its path and a descriptor open for
+    writing; the size and block size of what it holds; whether its blocks may be rewritten in
+    place (with fsync, always; without, once zeroed, and only after a folder fsync that covers
+    the swap that took it out of place)."""
+
+    path: str
+    fd: int
+    size: int
+    block_size: int
+    in_place: bool
+
+
+# Without fsync, the swaps that take spares out of place are synced by a thread, a batch at a
+# time (see FileStorage._stage): it gathers them for SPARE_SYNC seconds before each folder
+# fsync. While spares wait for it, writes make new files, so that the spares come to number
+# about what the writes of one such round swap out, unless MAX_WAITING_SPARES wait.
+SPARE_SYNC = 0.05
+MAX_WAITING_SPARES = 1000
+
+
 class FileStorage(Storage):
     """One file per key under a data dir, with the index and small values held in memory.
 
@@ -2046,7 +2094,12 @@ class FileStorage(Storage):
         self._meta = os.path.join(self.path, ".kvserver", "meta")
         # Unique names in tmp and spare: both are emptied at start, and the data dir is locked.
         self._temporary_names = itertools.count()
-        self._spares: list[str] = []  # the files in spare (see _stage)
+        # The files in spare (see _stage): those a write may take, and without fsync, those
+        # waiting for a folder fsync to cover the swap that took them out of place.
+        self._spares: list[str] = []
+        self._waiting_spares: list[str] = []
+        self._spares_changed = threading.Condition()  # guards _waiting_spares
+        self._syncer: threading.Thread | None = None  # see _sync_swaps
         # A data dir made here is its user's alone, as value files are: key names are file names.
         os.makedirs(self.path, mode=0o700, exist_ok=True)
         for folder in (os.path.join(self.path, ".kvserver"), self._tmp, self._spare, self._meta):
@@ -2077,8 +2130,14 @@ class FileStorage(Storage):
                         os.unlink(path)
                     except IsADirectoryError:  # put in a key's place by hand, and swapped out (see _stage)
                         self._keep_folder(path)
-            self._swaps = self._check_file_system()
+            self._swaps, zeroes = self._check_file_system()
+            self._zeroes = self._swaps and zeroes and not fsync  # spares are zeroed and rewritten in place
+            self._swaps_synced = _GroupSync(self.path, self._zeroes)
+            self._syncs.append(self._swaps_synced)
             self._load()
+            if self._zeroes:
+                self._syncer = threading.Thread(target=self._sync_swaps, name="kvserver-spares", daemon=True)
+                self._syncer.start()
         except BaseException:
             self.close()
             raise
@@ -2088,6 +2147,10 @@ class FileStorage(Storage):
 
     def close(self) -> None:
         super().close()
+        if self._syncer is not None:
+            with self._spares_changed:
+                self._spares_changed.notify()
+            self._syncer.join()  # (within one folder fsync)
         for sync in self._syncs:
             sync.close()
         if self._lock_file is not None:
@@ -2112,10 +2175,11 @@ class FileStorage(Storage):
             file=sys.stderr,
         )
 
-    def _check_file_system(self) -> bool:
+    def _check_file_system(self) -> tuple[bool, bool]:
         """Refuse a file system that would break the format: one that rounds modification times
         (ETags could repeat) or ignores the case of names (keys 'A' and 'a' would share a file).
-        Return whether it can swap two files (see _exchange)."""
+        Return whether it can swap two files (see _exchange), and make a file's blocks read as
+        zeros (see _zero_blocks)."""
         path, other = os.path.join(self._tmp, "probe-a"), os.path.join(self._tmp, "probe-b")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
@@ -2129,6 +2193,11 @@ class FileStorage(Storage):
                 exchanges = True
             except OSError:
                 exchanges = False
+            try:
+                _zero_blocks(fd, 1, os.fstat(fd).st_blksize)
+                zeroes = True
+            except OSError:
+                zeroes = False
         finally:
             os.close(fd)
             for probe in (path, other):
@@ -2138,7 +2207,7 @@ class FileStorage(Storage):
             raise OSError(errno.EOPNOTSUPP, "its file system rounds modification times; kvserver needs nanoseconds")
         if folds:
             raise OSError(errno.EOPNOTSUPP, "its file system ignores the case of names; kvserver needs it kept")
-        return exchanges
+        return exchanges, zeroes
 
     def _load(self) -> None:
         """Build the index from the data dir; remove expired values and metadata no value
@@ -2353,7 +2422,7 @@ class FileStorage(Storage):
     def _move_into_place(self, staged: _Staged, target: str, previous: _Entry | None) -> str | None:
         """Rename the staged file over `target`, whose value is `previous`; or swap the two,
         and return the spare this leaves: the staged file's path, which now holds the previous
-        value's file, for a later write to rewrite (_stage; with fsync, once the swap is durable).
+        value's file, for a later write to rewrite (_stage: in place once the swap is durable).
 
         Only a small value's file is swapped out: the server never opens one (it serves the
         bytes from memory), so no reader of the server can be reading a file that is
@@ -2380,14 +2449,15 @@ class FileStorage(Storage):
             os.replace(source, target)
 
     def _keep_spare(self, path: str, durable: bool) -> None:
-        """Add the file a swap left at `path` to the spares, moving a new one from tmp to spare
-        first (tmp holds only writes in progress); or remove it, unless the wait for the folder
-        fsync that covers the swap returned (`durable`; at once without fsync) and no fsync of
-        the folder has ever failed: with fsync, only then is the swap known to be on disk (see
-        _stage). Never raises: the write is done, and a spare only saves a later one some work
-        (a file left behind is removed at the next start)."""
+        """Add the file a swap left at `path` to the spares (without fsync, where spares are
+        zeroed, to those waiting for _sync_swaps), moving a new one from tmp to spare first (tmp
+        holds only writes in progress); or remove it, unless the wait for the folder fsync that
+        covers the swap returned (`durable`; at once without fsync) and no fsync of the folder
+        has ever failed: with fsync, only then is the swap known to be on disk (see _stage).
+        Never raises: the write is done, and a spare only saves a later one some work (a file
+        left behind is removed at the next start)."""
         try:
-            if not durable or self._values_synced.failed:
+            if not durable or self._values_synced.failed or self._swaps_synced.failed:
                 os.unlink(path)
                 return
             if os.path.dirname(path) == self._tmp:
@@ -2395,7 +2465,34 @@ class FileStorage(Storage):
                 path = spare
         except OSError:
             return
-        self._spares.append(path)
+        if not self._zeroes:
+            self._spares.append(path)
+            return
+        with self._spares_changed:
+            self._waiting_spares.append(path)
+            if len(self._waiting_spares) == 1:
+                self._spares_changed.notify()
+
+    def _sync_swaps(self) -> None:
+        """Without fsync, where spares are zeroed (see _stage), the thread that makes the swaps
+        that took them out of place durable, so that they may be rewritten in place: once
+        spares wait, it gathers them for SPARE_SYNC seconds, fsyncs the folder, and hands them
+        to writes (or, if the fsync fails, removes them). It ends when the storage closes."""
+        while True:
+            with self._spares_changed:
+                self._spares_changed.wait_for(lambda: self._waiting_spares or self._closed)
+                self._spares_changed.wait_for(lambda: self._closed, SPARE_SYNC)
+                if self._closed:
+                    return
+                waiting, self._waiting_spares = self._waiting_spares, []
+            with contextlib.suppress(OSError):  # (failed stays set: no spare is kept again)
+                self._swaps_synced.wait_for_all()
+            if self._swaps_synced.failed:
+                for path in waiting:
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
+            else:
+                self._spares.extend(waiting)
 
     def _unlink(self, key: str) -> int:
         """Remove the value file of `key` and its entry (under the key's lock); return the
@@ -2452,26 +2549,39 @@ class FileStorage(Storage):
         of place is on disk, a power loss would put it back, so bytes written over its old
         ones must not reach the disk before that swap. With fsync, the swap was durable before
         the file became a spare, and the new bytes are durable before it is swapped in.
-        Without fsync, nothing is promised on a power loss but what the file system gives a
-        file renamed over another, and this keeps to that: the spare is emptied first, so the
-        new bytes go to new blocks (ext4 with a journal in data=ordered mode, its default,
-        reuses the old ones only once the emptying, which follows the swap, is committed; an
-        ext4 without a journal orders nothing, for a rename either), and the writeback of a
-        small value (the only kind swapped in without fsync) is begun at once, as ext4 begins
-        it by itself for a file renamed over another (auto_da_alloc), though not for a swap.
+        Without fsync, a power loss may lose the last writes, but no key may come back with
+        another value's bytes: neither a spare's old bytes in a new value's place, nor new
+        bytes in a file that a power loss could still put back. Where the file system can zero
+        blocks (_zero_blocks: ext4, XFS), a spare is rewritten in place only once a folder fsync
+        has covered the swap that took it out of place (_sync_swaps; until then, writes make
+        new files), and its blocks are zeroed first: they read as zeros until the new bytes are
+        on disk, and the zeroing, made before the swap that shows them, is committed with it or
+        before (a journal commits in order). Elsewhere (tmpfs), or while MAX_WAITING_SPARES
+        wait, the spare is emptied instead, so the new bytes go to new blocks (ext4 in
+        data=ordered mode, its default, reuses the old ones only once the emptying, which
+        follows the swap, is committed); but freeing blocks costs more (on a file system mounted
+        with `discard`, a discard each). Either way the writeback of a small value (the only
+        kind swapped in without fsync) is begun at once, as ext4 begins it by itself for a file
+        renamed over another (auto_da_alloc), though not for a swap. A key written moments
+        before a power loss may then hold zeros, or nothing, in place of its new bytes. (An ext4
+        without a journal orders nothing, for a rename either.)
+
         A spare that is not a regular file of one link is not rewritten but removed: a hard
         link made by hand (a snapshot with `cp -al`, a deduplicating tool) may be another
         key's value."""
         spare = self._open_spare()
         if spare is not None:
-            path, fd, stale = spare
+            path, fd, stale = spare.path, spare.fd, spare.size
         else:
             path, stale = os.path.join(self._tmp, str(next(self._temporary_names))), 0
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            if stale and not self.fsync:
-                os.ftruncate(fd, 0)
-                stale = 0
+            if spare is not None and stale and not self.fsync:
+                if spare.in_place:
+                    _zero_blocks(fd, stale, spare.block_size)
+                else:
+                    os.ftruncate(fd, 0)
+                    stale = 0
             size = 0  # bytes written
             head: list[bytes] = []  # the pieces, while the value may still be small
             written_back = 0  # with fsync: the bytes whose writeback has begun
@@ -2510,19 +2620,24 @@ class FileStorage(Storage):
         data = (head[0] if len(head) == 1 else b"".join(head)) if size <= SMALL_VALUE else None
         return _Staged(path, size, stamp, data)
 
-    def _open_spare(self) -> tuple[str, int, int] | None:
-        """A spare to rewrite: its path, a descriptor open for writing, and the size of what it
-        holds; None if there is none. Spares unfit to rewrite (see _stage) are removed."""
-        while True:  # each turn takes one spare out of the list
+    def _open_spare(self) -> _Spare | None:
+        """A spare to rewrite, opened; None if there is none, or, without fsync where spares are
+        zeroed, if none has been synced yet and fewer than MAX_WAITING_SPARES wait (a write
+        then makes a new file, and the spares grow to what one round of _sync_swaps takes).
+        Spares unfit to rewrite (see _stage) are removed."""
+        while True:  # each turn takes one spare out of the lists
             try:
-                path = self._spares.pop()
+                path, in_place = self._spares.pop(), self.fsync or self._zeroes
             except IndexError:
-                return None
+                with self._spares_changed:
+                    if len(self._waiting_spares) < MAX_WAITING_SPARES:
+                        return None
+                    path, in_place = self._waiting_spares.pop(), False
             with contextlib.suppress(OSError):  # a symbolic link, folder or FIFO put in the key's place by hand
                 fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)  # (a FIFO: ENXIO)
                 info = os.fstat(fd)
                 if S_ISREG(info.st_mode) and info.st_nlink == 1:
-                    return path, fd, info.st_size
+                    return _Spare(path, fd, info.st_size, info.st_blksize, in_place)
                 os.close(fd)
             with contextlib.suppress(OSError):
                 os.unlink(path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dis
 import errno
+import fcntl
 import functools
 import inspect
 import json
@@ -16,6 +17,7 @@ import os
 import re
 import socket
 import stat as stat_module
+import struct
 import subprocess
 import sys
 import threading
@@ -688,7 +690,7 @@ def test_without_fsync_nothing_is_synced(data_dir, monkeypatch):
 
 
 # Swapped files: a small value's file is swapped out and rewritten by a later write (without
-# fsync, emptied first)
+# fsync, zeroed first once its swap is synced, or else emptied)
 
 
 def inode(path: Path) -> int:
@@ -722,19 +724,121 @@ def logged(calls: list[tuple[str, tuple]], name: str, real):
     return call
 
 
-def test_without_fsync_a_swapped_out_file_is_emptied_before_it_is_rewritten(data_dir, monkeypatch):
+WRITE_CALLS = ((os, "ftruncate"), (os, "write"), (os, "posix_fadvise"), (kvserver, "_exchange"))
+WRITE_CALLS += ((kvserver, "_zero_blocks"), (os, "fsync"))
+
+
+def log_write_calls(monkeypatch, calls: list[tuple[str, tuple]]) -> None:
+    for module, name in WRITE_CALLS:
+        monkeypatch.setattr(module, name, logged(calls, name, getattr(module, name)))
+
+
+def without_zeroing(monkeypatch) -> None:
+    """Make the file system one that cannot zero blocks (as tmpfs), for stores opened from now."""
+
+    def unsupported(fd: int, length: int, block_size: int) -> None:
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(kvserver, "_zero_blocks", unsupported)
+
+
+def synced_spare(store: kvserver.FileStorage) -> None:
+    """Wait until the swap that made a spare is synced, and a write may rewrite it in place."""
+    wait_for(lambda: store._spares, what="a folder fsync to cover the swap of a spare")
+
+
+FS_IOC_FIEMAP = 0xC020660B
+FIEMAP_EXTENT_UNWRITTEN = 0x800
+
+
+def extents(fd: int) -> list[tuple[int, int, int, int]]:
+    """A file's extents (the FIEMAP ioctl): logical and physical offset, length, flags."""
+    count = 16
+    request = struct.pack("=QQLLLL", 0, 2**64 - 1, 0, 0, count, 0) + bytes(56 * count)  # struct fiemap
+    answer = fcntl.ioctl(fd, FS_IOC_FIEMAP, request)
+    mapped = struct.unpack_from("=L", answer, 20)[0]
+    return [struct.unpack_from("=QQQ16xL12x", answer, 32 + 56 * i) for i in range(mapped)]  # struct fiemap_extent
+
+
+def test_zero_blocks_makes_a_files_blocks_read_as_zeros_where_they_are(tmp_path):
+    """What lets a write without fsync rewrite a spare: its old bytes read as zeros until new
+    ones are on disk (the blocks are unwritten), and no block is freed (on a disk mounted with
+    `discard`, a discard each) or taken; the last block is whole, not zeroed in memory (its old
+    bytes would stay on disk)."""
+    path = tmp_path / "file"
+    path.write_bytes(os.urandom(5000))  # a block and part of the next
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.fsync(fd)  # its blocks taken and written
+        try:
+            before = extents(fd)
+            kvserver._zero_blocks(fd, 5000, os.fstat(fd).st_blksize)
+        except OSError as error:
+            if error.errno in (errno.EOPNOTSUPP, errno.ENOTTY, errno.ENOSYS):
+                pytest.skip(f"the file system of {tmp_path} cannot zero blocks, or map them: {error}")
+            raise
+        after = extents(fd)
+        assert sum(length for _, _, length, _ in after) == sum(length for _, _, length, _ in before) > 0
+        assert {physical for _, physical, _, _ in after} == {physical for _, physical, _, _ in before}
+        assert all(flags & FIEMAP_EXTENT_UNWRITTEN for *_, flags in after), after
+        assert os.fstat(fd).st_size == 5000
+        assert path.read_bytes() == bytes(5000)
+    finally:
+        os.close(fd)
+
+
+def test_without_fsync_a_swapped_out_file_is_zeroed_and_rewritten_once_a_folder_fsync_covers_its_swap(
+    data_dir, monkeypatch
+):
     """Until the swap that took it out of place is on disk, its old blocks may still be the
-    key's value after a power loss: new bytes go to new blocks, and begin to go to disk before
-    the swap that shows them does (a new file's too)."""
+    key's value after a power loss: they are rewritten only after a folder fsync that began
+    after that swap, and zeroed first (they read as zeros until the new bytes are on disk, not
+    as another key's value); the new bytes begin to go to disk before the swap that shows them
+    does (a new file's too)."""
     with kvserver.FileStorage(data_dir, fsync=False) as store:
         store.put("k", b"a long first value", content_type=TEXT)
         first = inode(data_dir / "k")
         calls: list[tuple[str, tuple]] = []
-        for module, name in ((os, "ftruncate"), (os, "write"), (os, "posix_fadvise"), (kvserver, "_exchange")):
-            monkeypatch.setattr(module, name, logged(calls, name, getattr(module, name)))
+        log_write_calls(monkeypatch, calls)
+        store.put("k", b"second", content_type=TEXT)  # no spare yet: a new file
+        synced_spare(store)
+        assert [name for name, _ in calls] == ["write", "posix_fadvise", "_exchange", "fsync"]
+        assert calls[1][1][1:] == (0, 6, os.POSIX_FADV_DONTNEED)  # its writeback begun
+        assert os.path.samestat(os.fstat(calls[3][1][0]), os.stat(data_dir))  # the folder of the swap
+        [spare] = (data_dir / ".kvserver" / "spare").iterdir()
+        assert (spare.read_bytes(), inode(spare)) == (b"a long first value", first)
+        block_size = spare.stat().st_blksize
+        calls.clear()
+        store.put("k", b"3", content_type=TEXT)
+        writes = [(name, args[1:]) for name, args in calls if name != "fsync"]  # (the next sync comes when it will)
+        assert writes == [
+            ("_zero_blocks", (18, block_size)),  # the old bytes, in whole blocks
+            ("write", (b"3",)),
+            ("ftruncate", (1,)),  # cut to size
+            ("posix_fadvise", (0, 1, os.POSIX_FADV_DONTNEED)),
+            ("_exchange", (str(data_dir / "k"),)),
+        ]
+        assert (value_files(data_dir), inode(data_dir / "k")) == ({"k": b"3"}, first)
+        assert spares(data_dir) == [b"second"]
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        assert (store.get("k"), store.stat("k").content_type) == (b"3", TEXT)
+        assert (tmp_names(data_dir), spares(data_dir)) == (set(), [])
+
+
+def test_without_fsync_where_blocks_cannot_be_zeroed_a_swapped_out_file_is_emptied_before_it_is_rewritten(
+    data_dir, monkeypatch
+):
+    """The emptied file's new bytes go to new blocks, so its swap need not be synced first:
+    no folder is fsynced, and no thread waits to."""
+    without_zeroing(monkeypatch)
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        assert "kvserver-spares" not in [thread.name for thread in threading.enumerate()]
+        store.put("k", b"a long first value", content_type=TEXT)
+        first = inode(data_dir / "k")
+        calls: list[tuple[str, tuple]] = []
+        log_write_calls(monkeypatch, calls)
         store.put("k", b"second", content_type=TEXT)  # no spare yet: a new file
         assert [name for name, _ in calls] == ["write", "posix_fadvise", "_exchange"]
-        assert calls[1][1][1:] == (0, 6, os.POSIX_FADV_DONTNEED)  # its writeback begun
         [spare] = (data_dir / ".kvserver" / "spare").iterdir()
         assert (spare.read_bytes(), inode(spare)) == (b"a long first value", first)
         calls.clear()
@@ -747,6 +851,58 @@ def test_without_fsync_a_swapped_out_file_is_emptied_before_it_is_rewritten(data
     with kvserver.FileStorage(data_dir, fsync=False) as store:
         assert (store.get("k"), store.stat("k").content_type) == (b"3", TEXT)
         assert (tmp_names(data_dir), spares(data_dir)) == (set(), [])
+
+
+def test_without_fsync_writes_make_new_files_while_spares_wait_for_a_sync_and_empty_one_once_too_many_wait(
+    data_dir, monkeypatch
+):
+    monkeypatch.setattr(kvserver, "SPARE_SYNC", 3600.0)  # no folder fsync during the test
+    monkeypatch.setattr(kvserver, "MAX_WAITING_SPARES", 2)
+    store = kvserver.FileStorage(data_dir, fsync=False)
+    calls: list[tuple[str, tuple]] = []
+    log_write_calls(monkeypatch, calls)
+    store.put("a", b"a1", content_type=TEXT)
+    store.put("a", b"a2", content_type=TEXT)  # swaps: a1's file waits
+    store.put("b", b"b1", content_type=TEXT)  # one spare waits: a new file
+    store.put("b", b"b2", content_type=TEXT)
+    assert "ftruncate" not in [name for name, _ in calls]
+    assert spares(data_dir) == [b"a1", b"b1"]
+    calls.clear()
+    store.put("c", b"c1", content_type=TEXT)  # two wait: it takes one, and empties it
+    assert [(name, args[1:]) for name, args in calls][:2] == [("ftruncate", (0,)), ("write", (b"c1",))]
+    store.put("c", b"c2", content_type=TEXT)  # one waits again: a new file
+    assert [name for name, _ in calls].count("ftruncate") == 1
+    assert "_zero_blocks" not in [name for name, _ in calls]
+    assert len(spares(data_dir)) == 2 and b"c1" in spares(data_dir)
+    assert value_files(data_dir) == {"a": b"a2", "b": b"b2", "c": b"c2"}
+    closing = threading.Thread(target=store.close)
+    closing.start()
+    closing.join(10)  # (the syncing thread's hour-long gathering ends with the store)
+    assert not closing.is_alive()
+    assert "kvserver-spares" not in [thread.name for thread in threading.enumerate()]
+
+
+def test_without_fsync_spares_whose_folder_fsync_failed_are_removed_and_none_is_kept_after(data_dir, monkeypatch):
+    """Their swaps may never be on disk: a power loss could put any of them back in place."""
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+
+        def failing_fsync(fd: int) -> None:
+            raise OSError(errno.EIO, "Input/output error")
+
+        monkeypatch.setattr(os, "fsync", failing_fsync)
+        store.put("k", b"one", content_type=TEXT)
+        store.put("k", b"two", content_type=TEXT)
+        wait_for(lambda: store._swaps_synced.failed, what="the failed fsync")
+        wait_for(lambda: spares(data_dir) == [], what="the spare's removal")
+        calls: list[tuple[str, tuple]] = []
+        log_write_calls(monkeypatch, calls)
+        for value in (b"three", b"four", b"five"):
+            store.put("k", value, content_type=TEXT)
+            assert spares(data_dir) == []
+        assert {name for name, _ in calls} == {"write", "posix_fadvise", "_exchange"}  # nothing rewritten
+        assert value_files(data_dir) == {"k": b"five"}
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        assert store.get("k") == b"five"
 
 
 @pytest.mark.parametrize("size", [kvserver.SMALL_VALUE, kvserver.SMALL_VALUE + 1], ids=["small", "large"])
@@ -774,14 +930,17 @@ def test_a_large_value_replacing_a_small_one_is_swapped_in_only_with_fsync(data_
 
 
 @pytest.mark.parametrize(
-    ("fsync", "failure"),  # (with fsync a spare is rewritten in place, not emptied first)
-    [(True, "cut-off"), (False, "cut-off"), (False, "emptying")],
-    ids=["fsync-cut-off", "no-fsync-cut-off", "no-fsync-emptying"],
+    ("fsync", "failure"),  # (with fsync a spare is rewritten in place, neither zeroed nor emptied first)
+    [(True, "cut-off"), (False, "cut-off"), (False, "zeroing"), (False, "emptying")],
+    ids=["fsync-cut-off", "no-fsync-cut-off", "no-fsync-zeroing", "no-fsync-emptying"],
 )
 def test_a_write_that_fails_in_a_spare_leaves_neither_it_nor_a_temporary_file(data_dir, monkeypatch, fsync, failure):
+    if failure == "emptying":
+        without_zeroing(monkeypatch)
     with kvserver.FileStorage(data_dir, fsync=fsync) as store:
         store.put("k", b"one")
         store.put("k", b"two")
+        synced_spare(store)
         assert spares(data_dir) == [b"one"]
         descriptors = open_descriptors()
 
@@ -789,11 +948,13 @@ def test_a_write_that_fails_in_a_spare_leaves_neither_it_nor_a_temporary_file(da
             yield b"half a val"
             raise ConnectionResetError
 
-        def failing_ftruncate(fd: int, length: int) -> None:
+        def failing(*args: object) -> None:
             raise OSError(errno.EIO, "Input/output error")
 
+        if failure == "zeroing":
+            monkeypatch.setattr(kvserver, "_zero_blocks", failing)
         if failure == "emptying":
-            monkeypatch.setattr(os, "ftruncate", failing_ftruncate)
+            monkeypatch.setattr(os, "ftruncate", failing)
         with pytest.raises(OSError):  # (ConnectionResetError is one)
             store.write("other", cut_off() if failure == "cut-off" else b"value")
         assert (tmp_names(data_dir), spares(data_dir)) == (set(), [])
@@ -1027,8 +1188,9 @@ def test_without_a_way_to_swap_each_write_renames_a_new_file(data_dir, monkeypat
 
 
 @pytest.mark.parametrize("fsync", [True, False])
-def test_concurrent_writers_leave_every_file_whole_and_few_spares(data_dir, fsync):
+def test_concurrent_writers_leave_every_file_whole_and_few_spares(data_dir, monkeypatch, fsync):
     values = [b"x" * size for size in (1, 7, 300, 4097, 65536)]  # spares of every size meet every value
+    monkeypatch.setattr(kvserver, "MAX_WAITING_SPARES", 4)
     with kvserver.FileStorage(data_dir, fsync=fsync) as store:
 
         def writer(worker: int) -> None:
@@ -1042,7 +1204,8 @@ def test_concurrent_writers_leave_every_file_whole_and_few_spares(data_dir, fsyn
             thread.join()
         assert value_files(data_dir) == {key: store.get(key) for key in store}
         assert tmp_names(data_dir) == set()
-        assert len(spares(data_dir)) <= 8  # one for each writer at most
+        # One for each writer at most; without fsync, as many again as wait for a folder fsync.
+        assert len(spares(data_dir)) <= 8 + (0 if fsync else kvserver.MAX_WAITING_SPARES)
         expected = {key: (store.get(key), store.stat(key)) for key in store}
     with kvserver.FileStorage(data_dir, fsync=fsync) as store:
         assert {key: (store.get(key), store.stat(key)) for key in store} == expected
@@ -1280,12 +1443,14 @@ def test_a_folder_in_meta_in_a_keys_metadata_place_is_kept_aside_when_a_write_or
 
 # Every call that changes the disk: a crash can come before or after each.
 CRASH_POINTS = [(os, name) for name in ("write", "ftruncate", "utime", "fsync", "replace", "unlink")]
-CRASH_POINTS.append((kvserver, "_exchange"))
+CRASH_POINTS += [(kvserver, "_exchange"), (kvserver, "_zero_blocks")]
 
 
 def run_until_crash(data_dir: Path, step: int, action, expire_first: float | None = None, fsync: bool = True) -> bool:
     """Fork a child that opens the store and runs `action(store)`, dying at the `step`-th
-    file-system call that changes the disk; True if the child got through without dying."""
+    file-system call that changes the disk; True if the child got through without dying.
+    (Only the calls of the action's thread count, so that steps come in the same order in
+    every child: without fsync, the thread that syncs the swaps of spares runs when it will.)"""
     pid = os.fork()
     if pid == 0:  # the child: never returns
         status = 3
@@ -1299,6 +1464,8 @@ def run_until_crash(data_dir: Path, step: int, action, expire_first: float | Non
             def dying(real):
                 def call(*args, **kwargs):
                     nonlocal calls
+                    if threading.current_thread() is not threading.main_thread():
+                        return real(*args, **kwargs)
                     calls += 1
                     if calls == step:
                         os._exit(9)  # like kill -9: no cleanup, no flush
@@ -1395,12 +1562,22 @@ def test_a_crash_at_any_step_of_a_write_leaves_the_old_or_the_new_value_with_its
     assert len(outcomes) >= 3, outcomes
 
 
-@pytest.mark.parametrize("fsync", [True, False])
-def test_a_crash_at_any_step_of_writes_that_rewrite_swapped_out_files_leaves_a_whole_value(tmp_path, fsync):
+@pytest.mark.parametrize(
+    ("fsync", "zeroing"),
+    [(True, True), (False, False), (False, True)],
+    ids=["fsync", "no-fsync-empty", "no-fsync-zero"],
+)
+def test_a_crash_at_any_step_of_writes_that_rewrite_swapped_out_files_leaves_a_whole_value(
+    tmp_path, monkeypatch, fsync, zeroing
+):
     values = [b"the old value", b"two", b"the third value", b"4"]  # each write after the first reuses a file
+    if not zeroing:
+        without_zeroing(monkeypatch)
 
     def action(store):
-        for value in values[1:]:
+        for n, value in enumerate(values[1:]):
+            if n:
+                synced_spare(store)  # (without fsync where spares are zeroed, a write would make a new file)
             store.put("k", value, content_type=TEXT)
 
     outcomes = []

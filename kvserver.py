@@ -73,6 +73,7 @@ import threading
 import time
 import traceback
 import urllib.parse
+import weakref
 import xml.parsers.expat
 import xmlrpc.client
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -1829,8 +1830,8 @@ def _exchange(path: str, other: str) -> None:
 
 
 # fallocate(2) with FALLOC_FL_ZERO_RANGE (Linux 3.15; ext4 and XFS, not tmpfs) lets a write
-# without fsync rewrite a spare in place (see FileStorage._stage). (None without ctypes, or where
-# the C library has no fallocate.)
+# without fsync rewrite a spare (see FileStorage._stage). (None without ctypes, or where the C
+# library has no fallocate.)
 _fallocate: Any = getattr(_libc, "fallocate64", None) or getattr(_libc, "fallocate", None)
 if _fallocate is not None:
     _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
@@ -1841,17 +1842,32 @@ _FALLOC_FL_ZERO_RANGE = 0x10
 def _zero_blocks(fd: int, length: int, block_size: int) -> None:
     """Make the file's first `length` bytes, rounded up to whole blocks of `block_size` bytes,
     read as zeros, and keep its size (fallocate(2), FALLOC_FL_ZERO_RANGE). On whole blocks
-    ext4 and XFS mark them unwritten, a change of the file's metadata: they read as zeros until
-    bytes written into them are on disk, and no block is freed or taken.
+    ext4 and XFS do it by a change of the file's metadata, the blocks marked unwritten: they
+    read as zeros until bytes written into them are on disk. ext4 marks the file's own blocks,
+    and frees or takes none (XFS frees them and takes others; a hole takes blocks on both).
 
-    Raises OSError: errno EOPNOTSUPP where the file system cannot (tmpfs), ENOSYS where the
-    kernel or the C library cannot."""
+    Raises OSError: errno EOPNOTSUPP where the file system cannot (tmpfs; ext4 in a file
+    without extents), ENOSYS where the kernel or the C library cannot."""
     if _fallocate is None:
         raise OSError(errno.ENOSYS, "fallocate is not available here")
     blocks = -(-length // block_size)
     if _fallocate(fd, _FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE, 0, blocks * block_size) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
+
+
+def _file_system_type(path: str | os.PathLike[str]) -> str:
+    """The type of the file system `path` is on, as /proc/self/mountinfo names it ("ext4",
+    "xfs", "tmpfs"); "" if none is found there (not Linux, or a file system whose files' device
+    number is not its mount's, as btrfs and overlayfs)."""
+    device = os.stat(path).st_dev
+    with contextlib.suppress(OSError), open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as mounts:
+        for line in mounts:  # "<id> <parent> <major>:<minor> <root> <mount point> <options> ... - <type> ..."
+            fields = line.split()
+            major, _, minor = fields[2].partition(":")
+            if os.makedev(int(major), int(minor)) == device and "-" in fields:
+                return fields[fields.index("-") + 1]
+    return ""
 
 
 _WRITEBACK_STEP = 8 * 1024 * 1024  # bytes of a large value written between two _start_writeback
@@ -2030,25 +2046,119 @@ class _Staged(NamedTuple):
     data: bytes | None  # all of it, unless it is larger than SMALL_VALUE
 
 
+# Without fsync, where spares are zeroed (see FileStorage._stage), a thread syncs the swaps that
+# took them out of place, a batch at a time: it gathers them for SPARE_SYNC seconds before each
+# folder fsync. While spares wait for it, writes make new files, unless MAX_WAITING_SPARES wait.
+SPARE_SYNC = 0.05
+MAX_WAITING_SPARES = 1000
+
+
+class _Spares:
+    """The files in a data dir's spare folder: old values' files that swaps took out of place
+    (FileStorage._move_into_place), for later writes to rewrite (FileStorage._stage).
+
+    `keep` adds one. With fsync, its swap is durable by then (the write waited for the folder
+    fsync). Without fsync, where spares are zeroed (`sync_swaps`), it waits for a thread to
+    make its swap durable: once spares wait, the thread gathers them for SPARE_SYNC seconds,
+    fsyncs the folder, and hands them on; then it removes the oldest of those handed on beyond
+    twice that batch, so that the spares shrink when writes slow down. Otherwise (without
+    fsync, where spares are emptied) nothing is known of its swap. `take` gives a write the
+    newest of those handed on, and whether its swap is known to be durable; or, where spares
+    wait, None until MAX_WAITING_SPARES wait (a write then makes a new file, and the spares
+    grow to what the writes of one round of the thread swap out), and then the newest waiting.
+
+    If the thread's fsync fails, the swaps it covered may never be durable: their spares are
+    removed, and `failed` stays True. `close` ends the thread (at once, or once the fsync under
+    way has ended).
+    """
+
+    def __init__(self, folder: str, *, fsync: bool, sync_swaps: bool) -> None:
+        self._lock = threading.Condition()
+        self._ready: list[str] = []  # those a write may take, oldest first
+        self._waiting: list[str] = []  # those whose swap waits for the thread's fsync
+        self._durable = fsync or sync_swaps  # whether the swap of a spare in _ready is known to be durable
+        self._closed = False
+        self._folder = _GroupSync(folder, sync_swaps)
+        self._thread: threading.Thread | None = None
+        if sync_swaps:
+            self._thread = threading.Thread(target=self._sync, name="kvserver-spares", daemon=True)
+            self._thread.start()
+
+    @property
+    def failed(self) -> bool:
+        """Whether a fsync of the thread has failed."""
+        return self._folder.failed
+
+    def keep(self, path: str) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._ready.append(path)
+                return
+            self._waiting.append(path)
+            if len(self._waiting) == 1:
+                self._lock.notify()
+
+    def take(self) -> tuple[str, bool] | None:
+        with self._lock:
+            if self._ready:
+                return self._ready.pop(), self._durable
+            if self._waiting and len(self._waiting) >= MAX_WAITING_SPARES:
+                return self._waiting.pop(), False
+        return None
+
+    def _sync(self) -> None:
+        while True:
+            with self._lock:
+                self._lock.wait_for(lambda: self._waiting or self._closed)
+                self._lock.wait_for(lambda: self._closed, SPARE_SYNC)  # (meanwhile more come)
+                if self._closed:
+                    return
+                waiting, self._waiting = self._waiting, []
+            with contextlib.suppress(OSError):  # (failed stays True)
+                self._folder.wait_for_all()  # an fsync that begins after their swaps
+            with self._lock:
+                if self._folder.failed:
+                    removed = waiting
+                else:
+                    self._ready += waiting
+                    removed = self._ready[: max(0, len(self._ready) - 2 * len(waiting))]
+                    del self._ready[: len(removed)]
+            for path in removed:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join()
+        self._folder.close()
+
+
 class _Spare(NamedTuple):
-    """A spare opened for a write (see FileStorage._stage): its path and a descriptor open for
-    writing; the size and block size of what it holds; whether its blocks may be rewritten in
-    place (with fsync, always; without, once zeroed, and only after a folder fsync that covers
-    the swap that took it out of place)."""
+    """A spare opened for a write (see FileStorage._stage): its path, a descriptor open for
+    writing, what fstat told of it, and whether the swap that took it out of place is known to
+    be durable."""
 
     path: str
     fd: int
-    size: int
-    block_size: int
-    in_place: bool
+    info: os.stat_result
+    durable: bool
 
 
-# Without fsync, the swaps that take spares out of place are synced by a thread, a batch at a
-# time (see FileStorage._stage): it gathers them for SPARE_SYNC seconds before each folder
-# fsync. While spares wait for it, writes make new files, so that the spares come to number
-# about what the writes of one such round swap out, unless MAX_WAITING_SPARES wait.
-SPARE_SYNC = 0.05
-MAX_WAITING_SPARES = 1000
+def _clear_spare(fd: int, info: os.stat_result, durable: bool, block_size: int) -> int:
+    """Without fsync, before a spare is rewritten (see FileStorage._stage): zero its blocks
+    (`block_size` bytes each) if its swap is durable and it is small and has no holes (zeroing
+    a hole takes a block); else, or if they cannot be zeroed (ext4 cannot in a file without
+    extents, as ext3 made them), empty it. Return the size of its old bytes still there (0 once
+    emptied). OSError if it cannot be emptied."""
+    if durable and info.st_size <= SMALL_VALUE and info.st_blocks * 512 >= info.st_size:
+        with contextlib.suppress(OSError):
+            _zero_blocks(fd, info.st_size, block_size)
+            return info.st_size
+    os.ftruncate(fd, 0)
+    return 0
 
 
 class FileStorage(Storage):
@@ -2094,12 +2204,6 @@ class FileStorage(Storage):
         self._meta = os.path.join(self.path, ".kvserver", "meta")
         # Unique names in tmp and spare: both are emptied at start, and the data dir is locked.
         self._temporary_names = itertools.count()
-        # The files in spare (see _stage): those a write may take, and without fsync, those
-        # waiting for a folder fsync to cover the swap that took them out of place.
-        self._spares: list[str] = []
-        self._waiting_spares: list[str] = []
-        self._spares_changed = threading.Condition()  # guards _waiting_spares
-        self._syncer: threading.Thread | None = None  # see _sync_swaps
         # A data dir made here is its user's alone, as value files are: key names are file names.
         os.makedirs(self.path, mode=0o700, exist_ok=True)
         for folder in (os.path.join(self.path, ".kvserver"), self._tmp, self._spare, self._meta):
@@ -2117,12 +2221,12 @@ class FileStorage(Storage):
             raise DataDirLocked(
                 f"data dir {self.path} is in use by another kvserver; stop it or pick another"
             ) from None
-        self._syncs: list[_GroupSync] = []
+        self._opened: list[_GroupSync | _Spares] = []  # what close() closes
         try:
             self._values_synced = _GroupSync(self.path, fsync)
-            self._syncs.append(self._values_synced)
+            self._opened.append(self._values_synced)
             self._meta_synced = _GroupSync(self._meta, fsync)
-            self._syncs.append(self._meta_synced)
+            self._opened.append(self._meta_synced)
             for folder in (self._tmp, self._spare):  # left by a crash, or by the last run
                 for name in os.listdir(folder):
                     path = os.path.join(folder, name)
@@ -2131,13 +2235,11 @@ class FileStorage(Storage):
                     except IsADirectoryError:  # put in a key's place by hand, and swapped out (see _stage)
                         self._keep_folder(path)
             self._swaps, zeroes = self._check_file_system()
-            self._zeroes = self._swaps and zeroes and not fsync  # spares are zeroed and rewritten in place
-            self._swaps_synced = _GroupSync(self.path, self._zeroes)
-            self._syncs.append(self._swaps_synced)
+            self._block_size = os.statvfs(self.path).f_frsize
             self._load()
-            if self._zeroes:
-                self._syncer = threading.Thread(target=self._sync_swaps, name="kvserver-spares", daemon=True)
-                self._syncer.start()
+            self._spares = _Spares(self.path, fsync=fsync, sync_swaps=self._swaps and zeroes and not fsync)
+            self._opened.append(self._spares)
+            weakref.finalize(self, self._spares.close)  # (its thread holds no reference to the store)
         except BaseException:
             self.close()
             raise
@@ -2147,12 +2249,8 @@ class FileStorage(Storage):
 
     def close(self) -> None:
         super().close()
-        if self._syncer is not None:
-            with self._spares_changed:
-                self._spares_changed.notify()
-            self._syncer.join()  # (within one folder fsync)
-        for sync in self._syncs:
-            sync.close()
+        for opened in self._opened:
+            opened.close()
         if self._lock_file is not None:
             self._lock_file.close()  # releases the flock: another server may own the folder from now on
             self._lock_file = None
@@ -2179,7 +2277,7 @@ class FileStorage(Storage):
         """Refuse a file system that would break the format: one that rounds modification times
         (ETags could repeat) or ignores the case of names (keys 'A' and 'a' would share a file).
         Return whether it can swap two files (see _exchange), and make a file's blocks read as
-        zeros (see _zero_blocks)."""
+        zeros in a way FileStorage._stage can rely on (see _zero_blocks: ext4 and XFS)."""
         path, other = os.path.join(self._tmp, "probe-a"), os.path.join(self._tmp, "probe-b")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
@@ -2194,8 +2292,8 @@ class FileStorage(Storage):
             except OSError:
                 exchanges = False
             try:
-                _zero_blocks(fd, 1, os.fstat(fd).st_blksize)
-                zeroes = True
+                _zero_blocks(fd, 1, os.statvfs(path).f_frsize)
+                zeroes = _file_system_type(path) in ("ext4", "xfs")
             except OSError:
                 zeroes = False
         finally:
@@ -2449,15 +2547,14 @@ class FileStorage(Storage):
             os.replace(source, target)
 
     def _keep_spare(self, path: str, durable: bool) -> None:
-        """Add the file a swap left at `path` to the spares (without fsync, where spares are
-        zeroed, to those waiting for _sync_swaps), moving a new one from tmp to spare first (tmp
-        holds only writes in progress); or remove it, unless the wait for the folder fsync that
-        covers the swap returned (`durable`; at once without fsync) and no fsync of the folder
-        has ever failed: with fsync, only then is the swap known to be on disk (see _stage).
-        Never raises: the write is done, and a spare only saves a later one some work (a file
-        left behind is removed at the next start)."""
+        """Add the file a swap left at `path` to the spares, moving a new one from tmp to spare
+        first (tmp holds only writes in progress); or remove it, unless the wait for the folder
+        fsync that covers the swap returned (`durable`; at once without fsync) and no fsync of
+        the folder has ever failed: with fsync, only then is the swap known to be on disk (see
+        _stage). Never raises: the write is done, and a spare only saves a later one some work
+        (a file left behind is removed at the next start)."""
         try:
-            if not durable or self._values_synced.failed or self._swaps_synced.failed:
+            if not durable or self._values_synced.failed or self._spares.failed:
                 os.unlink(path)
                 return
             if os.path.dirname(path) == self._tmp:
@@ -2465,34 +2562,7 @@ class FileStorage(Storage):
                 path = spare
         except OSError:
             return
-        if not self._zeroes:
-            self._spares.append(path)
-            return
-        with self._spares_changed:
-            self._waiting_spares.append(path)
-            if len(self._waiting_spares) == 1:
-                self._spares_changed.notify()
-
-    def _sync_swaps(self) -> None:
-        """Without fsync, where spares are zeroed (see _stage), the thread that makes the swaps
-        that took them out of place durable, so that they may be rewritten in place: once
-        spares wait, it gathers them for SPARE_SYNC seconds, fsyncs the folder, and hands them
-        to writes (or, if the fsync fails, removes them). It ends when the storage closes."""
-        while True:
-            with self._spares_changed:
-                self._spares_changed.wait_for(lambda: self._waiting_spares or self._closed)
-                self._spares_changed.wait_for(lambda: self._closed, SPARE_SYNC)
-                if self._closed:
-                    return
-                waiting, self._waiting_spares = self._waiting_spares, []
-            with contextlib.suppress(OSError):  # (failed stays set: no spare is kept again)
-                self._swaps_synced.wait_for_all()
-            if self._swaps_synced.failed:
-                for path in waiting:
-                    with contextlib.suppress(OSError):
-                        os.unlink(path)
-            else:
-                self._spares.extend(waiting)
+        self._spares.keep(path)
 
     def _unlink(self, key: str) -> int:
         """Remove the value file of `key` and its entry (under the key's lock); return the
@@ -2552,36 +2622,32 @@ class FileStorage(Storage):
         Without fsync, a power loss may lose the last writes, but no key may come back with
         another value's bytes: neither a spare's old bytes in a new value's place, nor new
         bytes in a file that a power loss could still put back. Where the file system can zero
-        blocks (_zero_blocks: ext4, XFS), a spare is rewritten in place only once a folder fsync
-        has covered the swap that took it out of place (_sync_swaps; until then, writes make
-        new files), and its blocks are zeroed first: they read as zeros until the new bytes are
-        on disk, and the zeroing, made before the swap that shows them, is committed with it or
-        before (a journal commits in order). Elsewhere (tmpfs), or while MAX_WAITING_SPARES
-        wait, the spare is emptied instead, so the new bytes go to new blocks (ext4 in
-        data=ordered mode, its default, reuses the old ones only once the emptying, which
-        follows the swap, is committed); but freeing blocks costs more (on a file system mounted
-        with `discard`, a discard each). Either way the writeback of a small value (the only
-        kind swapped in without fsync) is begun at once, as ext4 begins it by itself for a file
-        renamed over another (auto_da_alloc), though not for a swap. A key written moments
-        before a power loss may then hold zeros, or nothing, in place of its new bytes. (An ext4
-        without a journal orders nothing, for a rename either.)
+        blocks (_zero_blocks: ext4, XFS), a spare is rewritten only once a folder fsync has
+        covered the swap that took it out of place (see _Spares; until then, writes make new
+        files), and its blocks are zeroed first (_clear_spare): they read as zeros until the
+        new bytes are on disk, and the zeroing, made before the swap that shows them, is
+        committed with it or before (a journal commits in order). Elsewhere (tmpfs), or when
+        MAX_WAITING_SPARES wait, the spare is emptied instead, so the new bytes go to new
+        blocks (ext4 in data=ordered mode, its default, reuses the old ones only once the
+        emptying, which follows the swap, is committed); but freeing blocks costs more (on a
+        file system mounted with `discard`, a discard each). Either way the writeback of a
+        small value (the only kind swapped in without fsync) is begun at once, as ext4 begins
+        it by itself for a file renamed over another (auto_da_alloc), though not for a swap. A
+        key written moments before a power loss may then hold zeros, or nothing, in place of
+        its new bytes. (An ext4 without a journal orders nothing, for a rename either.)
 
         A spare that is not a regular file of one link is not rewritten but removed: a hard
         link made by hand (a snapshot with `cp -al`, a deduplicating tool) may be another
         key's value."""
         spare = self._open_spare()
         if spare is not None:
-            path, fd, stale = spare.path, spare.fd, spare.size
+            path, fd, stale = spare.path, spare.fd, spare.info.st_size
         else:
             path, stale = os.path.join(self._tmp, str(next(self._temporary_names))), 0
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             if spare is not None and stale and not self.fsync:
-                if spare.in_place:
-                    _zero_blocks(fd, stale, spare.block_size)
-                else:
-                    os.ftruncate(fd, 0)
-                    stale = 0
+                stale = _clear_spare(fd, spare.info, spare.durable, self._block_size)
             size = 0  # bytes written
             head: list[bytes] = []  # the pieces, while the value may still be small
             written_back = 0  # with fsync: the bytes whose writeback has begun
@@ -2621,26 +2687,19 @@ class FileStorage(Storage):
         return _Staged(path, size, stamp, data)
 
     def _open_spare(self) -> _Spare | None:
-        """A spare to rewrite, opened; None if there is none, or, without fsync where spares are
-        zeroed, if none has been synced yet and fewer than MAX_WAITING_SPARES wait (a write
-        then makes a new file, and the spares grow to what one round of _sync_swaps takes).
+        """A spare to rewrite, opened; None if there is none to take (see _Spares.take).
         Spares unfit to rewrite (see _stage) are removed."""
-        while True:  # each turn takes one spare out of the lists
-            try:
-                path, in_place = self._spares.pop(), self.fsync or self._zeroes
-            except IndexError:
-                with self._spares_changed:
-                    if len(self._waiting_spares) < MAX_WAITING_SPARES:
-                        return None
-                    path, in_place = self._waiting_spares.pop(), False
+        while (taken := self._spares.take()) is not None:  # each turn takes one spare out
+            path, durable = taken
             with contextlib.suppress(OSError):  # a symbolic link, folder or FIFO put in the key's place by hand
                 fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)  # (a FIFO: ENXIO)
                 info = os.fstat(fd)
                 if S_ISREG(info.st_mode) and info.st_nlink == 1:
-                    return _Spare(path, fd, info.st_size, info.st_blksize, in_place)
+                    return _Spare(path, fd, info, durable)
                 os.close(fd)
             with contextlib.suppress(OSError):
                 os.unlink(path)
+        return None
 
     def _write_metadata(self, name: str, records: dict[str, dict[str, Any]]) -> None:
         """Replace the metadata file `name` with `records`, durably, in one step."""

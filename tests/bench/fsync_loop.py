@@ -16,10 +16,9 @@ stripe of keys, wait for a folder fsync shared by the writers waiting at the tim
 group commit are imported from kvserver.py. What is left between this and kvserver is HTTP
 and Python bookkeeping. With --no-fsync as well, each write makes the calls of kvserver
 --no-fsync instead: the same, but no write fsyncs a file or waits for a folder fsync; the
-writeback of the value is begun (posix_fadvise) where the file was fsynced; a spare is taken
-only once a thread's folder fsync (one every SPARE_SYNC seconds) covers the swap that made it,
-else a new file is made, unless MAX_WAITING_SPARES wait (one of those is then emptied); and a
-spare's blocks are zeroed before it is written (as on a file system that can zero blocks).
+writeback of the value is begun (posix_fadvise) where the file was fsynced; and a spare is
+taken once a folder fsync of kvserver's thread for them covers the swap that made it, and its
+blocks zeroed first (as on ext4 or XFS), else a new file is made (see kvserver's _Spares).
 Usage: python fsync_loop.py DIR [--threads 16] [--seconds 5] [--keys 1000] [--max-ops N] [--like-kvserver [--no-fsync]]
 """
 
@@ -39,8 +38,7 @@ import kvserver  # the repository root's kvserver.py
 
 class Shared:
     """What the threads share (for as long as the process runs): the folder and a descriptor of
-    it, and kvserver's counter of names, its locks, its group commit, its spares and (without
-    fsync) the thread that syncs their swaps."""
+    it, and kvserver's counter of names, its locks, its group commit and its spares."""
 
     def __init__(self, folder: str, fsync: bool) -> None:
         self.folder = folder
@@ -50,23 +48,8 @@ class Shared:
         self.names = itertools.count()
         self.locks = [threading.Lock() for _ in range(64)]
         self.synced = kvserver._GroupSync(folder, fsync)
-        self.spares: list[str] = []  # those a write may take
-        self.waiting_spares: list[str] = []  # without fsync: those whose swap waits for sync_swaps
-        self.spares_changed = threading.Condition()
-        self.swaps_synced = kvserver._GroupSync(folder, not fsync)
-        if not fsync:
-            threading.Thread(target=self.sync_swaps, daemon=True).start()
-
-    def sync_swaps(self) -> None:
-        """Once spares wait, gather them for SPARE_SYNC seconds, fsync the folder, hand them on."""
-        while True:
-            with self.spares_changed:
-                self.spares_changed.wait_for(lambda: self.waiting_spares)
-            time.sleep(kvserver.SPARE_SYNC)
-            with self.spares_changed:
-                waiting, self.waiting_spares = self.waiting_spares, []
-            self.swaps_synced.wait_for_all()
-            self.spares.extend(waiting)
+        self.spares = kvserver._Spares(folder, fsync=fsync, sync_swaps=not fsync)  # (as on ext4 or XFS)
+        self.block_size = os.statvfs(folder).f_frsize
 
 
 def bare_write(shared: Shared, index: int, n: int, key: str) -> None:
@@ -84,24 +67,14 @@ def bare_write(shared: Shared, index: int, n: int, key: str) -> None:
 
 def kvserver_write(shared: Shared, index: int, n: int, key: str) -> None:
     """The system calls of kvserver's /set, with fsync or without (see above)."""
-    try:
-        temporary, in_place = shared.spares.pop(), True
-    except IndexError:
-        with shared.spares_changed:
-            too_many = len(shared.waiting_spares) >= kvserver.MAX_WAITING_SPARES
-            temporary = shared.waiting_spares.pop() if too_many else os.path.join(shared.tmp, str(next(shared.names)))
-        in_place = False
+    temporary, durable = shared.spares.take() or (os.path.join(shared.tmp, str(next(shared.names))), False)
     value = b"v%d" % n
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         info = os.fstat(fd)  # kvserver checks a spare's links and size, a new file's not
         old_size = info.st_size
         if old_size and not shared.fsync:
-            if in_place:
-                kvserver._zero_blocks(fd, old_size, info.st_blksize)
-            else:
-                os.ftruncate(fd, 0)
-                old_size = 0
+            old_size = kvserver._clear_spare(fd, info, durable, shared.block_size)
         os.write(fd, value)
         if len(value) < old_size:
             os.ftruncate(fd, len(value))
@@ -122,12 +95,8 @@ def kvserver_write(shared: Shared, index: int, n: int, key: str) -> None:
             spare = None
         ticket = shared.synced.ticket()
     shared.synced.wait(ticket)
-    if spare is not None and shared.fsync:
-        shared.spares.append(spare)
-    elif spare is not None:
-        with shared.spares_changed:
-            shared.waiting_spares.append(spare)
-            shared.spares_changed.notify()
+    if spare is not None:
+        shared.spares.keep(spare)
 
 
 Write = Callable[[Shared, int, int, str], None]

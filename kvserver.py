@@ -73,7 +73,6 @@ import threading
 import time
 import traceback
 import urllib.parse
-import weakref
 import xml.parsers.expat
 import xmlrpc.client
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -2046,11 +2045,7 @@ class _Staged(NamedTuple):
     data: bytes | None  # all of it, unless it is larger than SMALL_VALUE
 
 
-# Without fsync, where spares are zeroed (see FileStorage._stage), a thread syncs the swaps that
-# took them out of place, a batch at a time: it gathers them for SPARE_SYNC seconds before each
-# folder fsync. While spares wait for it, writes make new files, unless MAX_WAITING_SPARES wait.
-SPARE_SYNC = 0.05
-MAX_WAITING_SPARES = 1000
+SPARE_BATCH = 128  # without fsync, where spares are zeroed: spares a folder fsync is made for (see _Spares)
 
 
 class _Spares:
@@ -2058,81 +2053,63 @@ class _Spares:
     (FileStorage._move_into_place), for later writes to rewrite (FileStorage._stage).
 
     `keep` adds one. With fsync, its swap is durable by then (the write waited for the folder
-    fsync). Without fsync, where spares are zeroed (`sync_swaps`), it waits for a thread to
-    make its swap durable: once spares wait, the thread gathers them for SPARE_SYNC seconds,
-    fsyncs the folder, and hands them on; then it removes the oldest of those handed on beyond
-    twice that batch, so that the spares shrink when writes slow down. Otherwise (without
-    fsync, where spares are emptied) nothing is known of its swap. `take` gives a write the
-    newest of those handed on, and whether its swap is known to be durable; or, where spares
-    wait, None until MAX_WAITING_SPARES wait (a write then makes a new file, and the spares
-    grow to what the writes of one round of the thread swap out), and then the newest waiting.
+    fsync). Without fsync, where spares are zeroed (`sync_swaps`), it waits until its swap is:
+    once SPARE_BATCH wait, the next write that comes for a spare first fsyncs the folder for
+    them (an fsync that begins after their swaps; one write at a time), and then they are
+    ready. Otherwise (without fsync, where spares are emptied) nothing is known of its swap.
+    `take` gives a write the newest ready spare, and whether its swap is known to be durable;
+    None if none is ready (a write then makes a new file). So the spares come to number about
+    SPARE_BATCH, and what writes take while the slowest of those fsyncs runs.
 
-    If the thread's fsync fails, the swaps it covered may never be durable: their spares are
-    removed, and `failed` stays True. `close` ends the thread (at once, or once the fsync under
-    way has ended).
+    If a folder fsync for spares fails, the swaps it covered may never be durable: their spares
+    are removed, and `failed` stays True.
     """
 
     def __init__(self, folder: str, *, fsync: bool, sync_swaps: bool) -> None:
-        self._lock = threading.Condition()
-        self._ready: list[str] = []  # those a write may take, oldest first
-        self._waiting: list[str] = []  # those whose swap waits for the thread's fsync
-        self._durable = fsync or sync_swaps  # whether the swap of a spare in _ready is known to be durable
-        self._closed = False
+        self._lock = threading.Lock()
+        self._ready: list[str] = []  # those a write may take
+        self._waiting: list[str] = []  # those whose swap waits for a folder fsync
+        self._durable = fsync or sync_swaps  # whether the swap of a ready spare is known to be durable
+        self._sync_swaps = sync_swaps
+        self._syncing = False  # a write is making a folder fsync for spares
         self._folder = _GroupSync(folder, sync_swaps)
-        self._thread: threading.Thread | None = None
-        if sync_swaps:
-            self._thread = threading.Thread(target=self._sync, name="kvserver-spares", daemon=True)
-            self._thread.start()
 
     @property
     def failed(self) -> bool:
-        """Whether a fsync of the thread has failed."""
+        """Whether a folder fsync for spares has failed."""
         return self._folder.failed
 
     def keep(self, path: str) -> None:
         with self._lock:
-            if self._thread is None:
-                self._ready.append(path)
-                return
-            self._waiting.append(path)
-            if len(self._waiting) == 1:
-                self._lock.notify()
+            (self._waiting if self._sync_swaps else self._ready).append(path)
 
     def take(self) -> tuple[str, bool] | None:
         with self._lock:
-            if self._ready:
-                return self._ready.pop(), self._durable
-            if self._waiting and len(self._waiting) >= MAX_WAITING_SPARES:
-                return self._waiting.pop(), False
-        return None
+            waiting = None
+            if not self._syncing and len(self._waiting) >= SPARE_BATCH:
+                self._syncing, waiting, self._waiting = True, self._waiting, []
+        if waiting is not None:
+            self._sync(waiting)
+        with self._lock:
+            return (self._ready.pop(), self._durable) if self._ready else None
 
-    def _sync(self) -> None:
-        while True:
-            with self._lock:
-                self._lock.wait_for(lambda: self._waiting or self._closed)
-                self._lock.wait_for(lambda: self._closed, SPARE_SYNC)  # (meanwhile more come)
-                if self._closed:
-                    return
-                waiting, self._waiting = self._waiting, []
-            with contextlib.suppress(OSError):  # (failed stays True)
+    def _sync(self, waiting: list[str]) -> None:
+        """Make the swaps of the `waiting` spares durable, and the spares ready; or remove them
+        if the fsync fails (or is interrupted)."""
+        try:
+            with contextlib.suppress(OSError):  # (failed stays True: no spare is kept again)
                 self._folder.wait_for_all()  # an fsync that begins after their swaps
+        finally:
             with self._lock:
-                if self._folder.failed:
-                    removed = waiting
-                else:
+                self._syncing = False
+                if not self._folder.failed:
                     self._ready += waiting
-                    removed = self._ready[: max(0, len(self._ready) - 2 * len(waiting))]
-                    del self._ready[: len(removed)]
-            for path in removed:
+                    waiting = []
+            for path in waiting:
                 with contextlib.suppress(OSError):
                     os.unlink(path)
 
     def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            self._lock.notify()
-        if self._thread is not None:
-            self._thread.join()
         self._folder.close()
 
 
@@ -2239,7 +2216,6 @@ class FileStorage(Storage):
             self._load()
             self._spares = _Spares(self.path, fsync=fsync, sync_swaps=self._swaps and zeroes and not fsync)
             self._opened.append(self._spares)
-            weakref.finalize(self, self._spares.close)  # (its thread holds no reference to the store)
         except BaseException:
             self.close()
             raise
@@ -2623,11 +2599,11 @@ class FileStorage(Storage):
         another value's bytes: neither a spare's old bytes in a new value's place, nor new
         bytes in a file that a power loss could still put back. Where the file system can zero
         blocks (_zero_blocks: ext4, XFS), a spare is rewritten only once a folder fsync has
-        covered the swap that took it out of place (see _Spares; until then, writes make new
-        files), and its blocks are zeroed first (_clear_spare): they read as zeros until the
-        new bytes are on disk, and the zeroing, made before the swap that shows them, is
-        committed with it or before (a journal commits in order). Elsewhere (tmpfs), or when
-        MAX_WAITING_SPARES wait, the spare is emptied instead, so the new bytes go to new
+        covered the swap that took it out of place (made by a write for a batch of them: see
+        _Spares; until then, writes make new files), and its blocks are zeroed first
+        (_clear_spare): they read as zeros until the new bytes are on disk, and the zeroing,
+        made before the swap that shows them, is committed with it or before (a journal commits
+        in order). Elsewhere (tmpfs), the spare is emptied instead, so the new bytes go to new
         blocks (ext4 in data=ordered mode, its default, reuses the old ones only once the
         emptying, which follows the swap, is committed); but freeing blocks costs more (on a
         file system mounted with `discard`, a discard each). Either way the writeback of a

@@ -743,9 +743,10 @@ def without_zeroing(monkeypatch) -> None:
     monkeypatch.setattr(kvserver, "_zero_blocks", unsupported)
 
 
-def synced_spare(store: kvserver.FileStorage) -> None:
-    """Wait until the swap that made a spare is durable, and a write may take it."""
-    wait_for(lambda: store._spares._ready, what="a folder fsync to cover the swap of a spare")
+def sync_each_spare(monkeypatch) -> None:
+    """Without fsync, have the next write that comes for a spare fsync the folder for the one
+    waiting (not SPARE_BATCH of them), in stores opened from now or open."""
+    monkeypatch.setattr(kvserver, "SPARE_BATCH", 1)
 
 
 FS_IOC_FIEMAP = 0xC020660B
@@ -799,22 +800,22 @@ def test_without_fsync_a_swapped_out_file_is_zeroed_and_rewritten_once_a_folder_
     as another key's value); the new bytes begin to go to disk before the swap that shows them
     does (a new file's too)."""
     first_value = b"a first value over a block long" * 200  # 6,200 bytes
+    sync_each_spare(monkeypatch)
     with kvserver.FileStorage(data_dir, fsync=False) as store:
         store.put("k", first_value, content_type=TEXT)
         first = inode(data_dir / "k")
         calls: list[tuple[str, tuple]] = []
         log_write_calls(monkeypatch, calls)
         store.put("k", b"second", content_type=TEXT)  # no spare yet: a new file
-        synced_spare(store)
-        assert [name for name, _ in calls] == ["write", "posix_fadvise", "_exchange", "fsync"]
+        assert [name for name, _ in calls] == ["write", "posix_fadvise", "_exchange"]
         assert calls[1][1][1:] == (0, 6, os.POSIX_FADV_DONTNEED)  # its writeback begun
-        assert os.path.samestat(os.fstat(calls[3][1][0]), os.stat(data_dir))  # the folder of the swap
         [spare] = (data_dir / ".kvserver" / "spare").iterdir()
         assert (spare.read_bytes(), inode(spare)) == (first_value, first)
         calls.clear()
         store.put("k", b"3", content_type=TEXT)
-        writes = [(name, args[1:]) for name, args in calls if name != "fsync"]  # (the next sync comes when it will)
-        assert writes == [
+        assert os.path.samestat(os.fstat(calls[0][1][0]), os.stat(data_dir))  # the folder of the swap
+        assert [(name, args[1:]) for name, args in calls] == [
+            ("fsync", ()),  # of the folder, after the swap
             ("_zero_blocks", (6200, os.statvfs(data_dir).f_frsize)),  # the old bytes, in whole blocks
             ("write", (b"3",)),
             ("ftruncate", (1,)),  # cut to size
@@ -835,7 +836,6 @@ def test_without_fsync_where_blocks_cannot_be_zeroed_a_swapped_out_file_is_empti
     no folder is fsynced, and no thread waits to."""
     without_zeroing(monkeypatch)
     with kvserver.FileStorage(data_dir, fsync=False) as store:
-        assert store._spares._thread is None
         store.put("k", b"a long first value", content_type=TEXT)
         first = inode(data_dir / "k")
         calls: list[tuple[str, tuple]] = []
@@ -856,68 +856,63 @@ def test_without_fsync_where_blocks_cannot_be_zeroed_a_swapped_out_file_is_empti
         assert (tmp_names(data_dir), spares(data_dir)) == (set(), [])
 
 
-def test_without_fsync_writes_make_new_files_while_spares_wait_for_a_sync_and_empty_one_once_too_many_wait(
+def test_without_fsync_writes_make_new_files_until_a_batch_of_spares_waits_and_then_fsync_the_folder_for_it(
     data_dir, monkeypatch
 ):
-    monkeypatch.setattr(kvserver, "SPARE_SYNC", 3600.0)  # no folder fsync during the test
-    monkeypatch.setattr(kvserver, "MAX_WAITING_SPARES", 2)
+    monkeypatch.setattr(kvserver, "SPARE_BATCH", 2)
     calls: list[tuple[str, tuple]] = []
     with kvserver.FileStorage(data_dir, fsync=False) as store:
         log_write_calls(monkeypatch, calls)
         store.put("a", b"a1", content_type=TEXT)
         store.put("a", b"a2", content_type=TEXT)  # swaps: a1's file waits
         store.put("b", b"b1", content_type=TEXT)  # one spare waits: a new file
-        store.put("b", b"b2", content_type=TEXT)
-        assert "ftruncate" not in [name for name, _ in calls]
+        store.put("b", b"b2", content_type=TEXT)  # b1's file waits too
+        assert {"fsync", "_zero_blocks", "ftruncate"}.isdisjoint(name for name, _ in calls)
         assert spares(data_dir) == [b"a1", b"b1"]
         calls.clear()
-        store.put("c", b"c1", content_type=TEXT)  # two wait: it takes one, and empties it
-        assert [(name, args[1:]) for name, args in calls][:2] == [("ftruncate", (0,)), ("write", (b"c1",))]
-        store.put("c", b"c2", content_type=TEXT)  # one waits again: a new file
-        assert [name for name, _ in calls].count("ftruncate") == 1
-        assert {"_zero_blocks", "fsync"}.isdisjoint(name for name, _ in calls)
-        assert len(spares(data_dir)) == 2 and b"c1" in spares(data_dir)
+        store.put("c", b"c1", content_type=TEXT)  # two wait: a folder fsync for them, then it takes one
+        assert [name for name, _ in calls][:3] == ["fsync", "_zero_blocks", "write"]
+        calls.clear()
+        store.put("c", b"c2", content_type=TEXT)  # the other, zeroed without another fsync
+        assert [name for name, _ in calls][:2] == ["_zero_blocks", "write"]
+        assert "fsync" not in [name for name, _ in calls]
         assert value_files(data_dir) == {"a": b"a2", "b": b"b2", "c": b"c2"}
-        thread = store._spares._thread
-        assert thread is not None
-        closing = threading.Thread(target=store.close)
-        closing.start()
-        closing.join(10)  # (the thread's hour-long gathering ends with the store)
-        assert not closing.is_alive() and not thread.is_alive()
+        assert spares(data_dir) == [b"c1"]  # (waiting)
 
 
 def test_without_fsync_a_spare_swapped_out_while_its_folder_fsync_runs_waits_for_the_next(data_dir, monkeypatch):
     """Only an fsync that begins after a swap makes it durable."""
+    sync_each_spare(monkeypatch)
     real_fsync = os.fsync
-    began: list[int] = []  # the descriptors of the fsyncs begun
     running, release = threading.Event(), threading.Event()
 
     def slow_fsync(fd: int) -> None:
-        began.append(fd)
-        if len(began) == 1:
-            running.set()
-            release.wait(10)
+        running.set()
+        assert release.wait(10)
         real_fsync(fd)
 
     with kvserver.FileStorage(data_dir, fsync=False) as store:
         for key in ("a", "b"):
             store.put(key, key.encode() + b"1", content_type=TEXT)
+        store.put("a", b"a2", content_type=TEXT)  # a1's file waits
         monkeypatch.setattr(os, "fsync", slow_fsync)
-        store.put("a", b"a2", content_type=TEXT)  # a1's file waits for an fsync
+        syncing = threading.Thread(target=lambda: store.put("c", b"c1", content_type=TEXT))  # fsyncs for a1's file
+        syncing.start()
         assert running.wait(10)
-        store.put("b", b"b2", content_type=TEXT)  # b1's file is swapped out while that fsync runs
+        store.put("b", b"b2", content_type=TEXT)  # a new file: b1's file is swapped out while the fsync runs
         release.set()
-        synced_spare(store)
-        handed_on = [Path(path).read_bytes() for path in store._spares._ready]
-        assert handed_on == [b"a1"] or len(began) == 2, (handed_on, began)
-        wait_for(lambda: len(store._spares._ready) == 2, what="the next fsync")
-        assert len(began) == 2
+        syncing.join(10)
+        assert not syncing.is_alive()
+        assert value_files(data_dir) == {"a": b"a2", "b": b"b2", "c": b"c1"}  # c1 in a1's file
+        assert [Path(path).read_bytes() for path in store._spares._waiting] == [b"b1"]
+        assert store._spares._ready == []
 
 
 @pytest.mark.parametrize("kind", ["no-extents", "large", "holey"])
 def test_without_fsync_a_spare_that_cannot_or_should_not_be_zeroed_is_emptied(data_dir, monkeypatch, kind):
     """ext4 cannot zero blocks in a file without extents (as ext3 made them); a file put by
     hand in a small value's place may be large, or have holes, for which zeroing takes blocks."""
+    sync_each_spare(monkeypatch)
     with kvserver.FileStorage(data_dir, fsync=False) as store:
         store.put("k", b"small", content_type=TEXT)
         if kind == "no-extents":
@@ -930,33 +925,14 @@ def test_without_fsync_a_spare_that_cannot_or_should_not_be_zeroed_is_emptied(da
             with open(data_dir / "k", "r+b") as file:
                 file.truncate(kvserver.SMALL_VALUE + 1 if kind == "large" else 60_000)
         store.put("k", b"second", content_type=TEXT)  # swaps the file out
-        synced_spare(store)
         calls: list[tuple[str, tuple]] = []
         log_write_calls(monkeypatch, calls)
         store.put("other", b"value", content_type=TEXT)
         tried = kind == "no-extents"  # (the others are not even tried)
-        assert [name for name, _ in calls if name != "fsync"][: 2 + tried] == ["_zero_blocks"] * tried + [
-            "ftruncate",
-            "write",
-        ]
-        assert calls[tried][1][1:] == (0,)
+        writes = [(name, args[1:]) for name, args in calls if name != "fsync"]  # (the folder's, first)
+        assert [name for name, _ in writes][: 2 + tried] == ["_zero_blocks"] * tried + ["ftruncate", "write"]
+        assert writes[tried] == ("ftruncate", (0,))
         assert value_files(data_dir) == {"k": b"second", "other": b"value"}
-
-
-def test_without_fsync_spares_shrink_once_writes_slow_down(data_dir):
-    """A burst of writes leaves a spare for each; the next round of the thread keeps twice
-    what it synced, and removes the oldest (they hold old values' bytes)."""
-    with kvserver.FileStorage(data_dir, fsync=False) as store:
-        for n in range(40):
-            store.put(f"k{n}", b"first", content_type=TEXT)
-        for n in range(40):
-            store.put(f"k{n}", b"second", content_type=TEXT)  # (too fast for the thread: new files)
-        burst = store._spares
-        wait_for(lambda: not burst._waiting and len(burst._ready) >= 10, what="the burst's spares synced")
-        assert len(spares(data_dir)) >= 10
-        store.put("k0", b"third", content_type=TEXT)  # takes one, and leaves one to sync
-        wait_for(lambda: len(spares(data_dir)) == 2, what="the spares to shrink")
-        assert len(store._spares._ready) == 2
 
 
 def test_without_fsync_spares_are_zeroed_only_on_ext4_and_xfs(data_dir, monkeypatch):
@@ -965,29 +941,26 @@ def test_without_fsync_spares_are_zeroed_only_on_ext4_and_xfs(data_dir, monkeypa
     assert kvserver._file_system_type("/proc") == "proc"
     monkeypatch.setattr(kvserver, "_file_system_type", lambda path: "btrfs")
     with kvserver.FileStorage(data_dir, fsync=False) as store:
-        assert store._spares._thread is None
         store.put("k", b"one", content_type=TEXT)
         store.put("k", b"two", content_type=TEXT)
-        assert store._spares.take() is not None  # at once, to be emptied
+        path, durable = store._spares.take() or ("", True)
+        assert (Path(path).read_bytes(), durable) == (b"one", False)  # at once, to be emptied
 
 
 def test_a_store_dropped_without_close_releases_the_data_dir(data_dir):
-    """As a file does: the thread that syncs spares' swaps holds no reference to the store."""
+    """As a file does: no thread of its own holds a reference to it."""
     store = kvserver.FileStorage(data_dir, fsync=False)
     for value in (b"one", b"two", b"three"):
         store.put("k", value, content_type=TEXT)
-    thread = store._spares._thread
-    assert thread is not None
     del store
     gc.collect()
-    thread.join(10)
-    assert not thread.is_alive()
     with kvserver.FileStorage(data_dir, fsync=False) as store:
         assert store.get("k") == b"three"
 
 
 def test_without_fsync_spares_whose_folder_fsync_failed_are_removed_and_none_is_kept_after(data_dir, monkeypatch):
     """Their swaps may never be on disk: a power loss could put any of them back in place."""
+    sync_each_spare(monkeypatch)
     with kvserver.FileStorage(data_dir, fsync=False) as store:
 
         def failing_fsync(fd: int) -> None:
@@ -995,15 +968,18 @@ def test_without_fsync_spares_whose_folder_fsync_failed_are_removed_and_none_is_
 
         monkeypatch.setattr(os, "fsync", failing_fsync)
         store.put("k", b"one", content_type=TEXT)
-        store.put("k", b"two", content_type=TEXT)
-        wait_for(lambda: store._spares.failed, what="the failed fsync")
-        wait_for(lambda: spares(data_dir) == [], what="the spare's removal")
+        store.put("k", b"two", content_type=TEXT)  # one's file waits
+        assert spares(data_dir) == [b"one"]
         calls: list[tuple[str, tuple]] = []
         log_write_calls(monkeypatch, calls)
-        for value in (b"three", b"four", b"five"):
+        store.put("k", b"three", content_type=TEXT)  # the folder fsync for it fails: a new file
+        assert store._spares.failed
+        assert spares(data_dir) == []
+        for value in (b"four", b"five"):
             store.put("k", value, content_type=TEXT)
             assert spares(data_dir) == []
-        assert {name for name, _ in calls} == {"write", "posix_fadvise", "_exchange"}  # nothing rewritten
+        assert [name for name, _ in calls][:2] == ["fsync", "write"]  # (the fsync raised)
+        assert {name for name, _ in calls} == {"fsync", "write", "posix_fadvise", "_exchange"}  # nothing rewritten
         assert value_files(data_dir) == {"k": b"five"}
     with kvserver.FileStorage(data_dir, fsync=False) as store:
         assert store.get("k") == b"five"
@@ -1039,10 +1015,10 @@ def test_a_large_value_replacing_a_small_one_is_swapped_in_only_with_fsync(data_
     ids=["fsync-cut-off", "no-fsync-cut-off", "no-fsync-emptying"],
 )
 def test_a_write_that_fails_in_a_spare_leaves_neither_it_nor_a_temporary_file(data_dir, monkeypatch, fsync, failure):
+    sync_each_spare(monkeypatch)
     with kvserver.FileStorage(data_dir, fsync=fsync) as store:
         store.put("k", b"one")
         store.put("k", b"two")
-        synced_spare(store)
         assert spares(data_dir) == [b"one"]
         descriptors = open_descriptors()
 
@@ -1291,7 +1267,7 @@ def test_without_a_way_to_swap_each_write_renames_a_new_file(data_dir, monkeypat
 @pytest.mark.parametrize("fsync", [True, False])
 def test_concurrent_writers_leave_every_file_whole_and_few_spares(data_dir, monkeypatch, fsync):
     values = [b"x" * size for size in (1, 7, 300, 4097, 65536)]  # spares of every size meet every value
-    monkeypatch.setattr(kvserver, "MAX_WAITING_SPARES", 4)
+    monkeypatch.setattr(kvserver, "SPARE_BATCH", 4)
     with kvserver.FileStorage(data_dir, fsync=fsync) as store:
 
         def writer(worker: int) -> None:
@@ -1305,8 +1281,9 @@ def test_concurrent_writers_leave_every_file_whole_and_few_spares(data_dir, monk
             thread.join()
         assert value_files(data_dir) == {key: store.get(key) for key in store}
         assert tmp_names(data_dir) == set()
-        # One for each writer at most; without fsync, as many again as wait for a folder fsync.
-        assert len(spares(data_dir)) <= 8 + (0 if fsync else kvserver.MAX_WAITING_SPARES)
+        # One for each writer at most; without fsync, a batch waiting for a folder fsync and one
+        # ready (each a few more, for the writers that come meanwhile).
+        assert len(spares(data_dir)) <= 8 + (0 if fsync else 2 * (kvserver.SPARE_BATCH + 8))
         expected = {key: (store.get(key), store.stat(key)) for key in store}
     with kvserver.FileStorage(data_dir, fsync=fsync) as store:
         assert {key: (store.get(key), store.stat(key)) for key in store} == expected
@@ -1549,9 +1526,7 @@ CRASH_POINTS += [(kvserver, "_exchange"), (kvserver, "_zero_blocks")]
 
 def run_until_crash(data_dir: Path, step: int, action, expire_first: float | None = None, fsync: bool = True) -> bool:
     """Fork a child that opens the store and runs `action(store)`, dying at the `step`-th
-    file-system call that changes the disk; True if the child got through without dying.
-    (Only the calls of the action's thread count, so that steps come in the same order in
-    every child: without fsync, the thread that syncs the swaps of spares runs when it will.)"""
+    file-system call that changes the disk; True if the child got through without dying."""
     pid = os.fork()
     if pid == 0:  # the child: never returns
         status = 3
@@ -1565,8 +1540,6 @@ def run_until_crash(data_dir: Path, step: int, action, expire_first: float | Non
             def dying(real):
                 def call(*args, **kwargs):
                     nonlocal calls
-                    if threading.current_thread() is not threading.main_thread():
-                        return real(*args, **kwargs)
                     calls += 1
                     if calls == step:
                         os._exit(9)  # like kill -9: no cleanup, no flush
@@ -1672,13 +1645,12 @@ def test_a_crash_at_any_step_of_writes_that_rewrite_swapped_out_files_leaves_a_w
     tmp_path, monkeypatch, fsync, zeroing
 ):
     values = [b"the old value", b"two", b"the third value", b"4"]  # each write after the first reuses a file
+    sync_each_spare(monkeypatch)  # (without fsync where spares are zeroed, a write would make a new file)
     if not zeroing:
         without_zeroing(monkeypatch)
 
     def action(store):
-        for n, value in enumerate(values[1:]):
-            if n:
-                synced_spare(store)  # (without fsync where spares are zeroed, a write would make a new file)
+        for value in values[1:]:
             store.put("k", value, content_type=TEXT)
 
     outcomes = []

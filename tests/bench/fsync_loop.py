@@ -17,8 +17,9 @@ group commit are imported from kvserver.py. What is left between this and kvserv
 and Python bookkeeping. With --no-fsync as well, each write makes the calls of kvserver
 --no-fsync instead: the same, but no write fsyncs a file or waits for a folder fsync; the
 writeback of the value is begun (posix_fadvise) where the file was fsynced; and a spare is
-taken once a folder fsync of kvserver's thread for them covers the swap that made it, and its
-blocks zeroed first (as on ext4 or XFS), else a new file is made (see kvserver's _Spares).
+taken once a folder fsync for a batch of them covers the swap that made it, and its blocks
+zeroed first (as on ext4 or XFS), else a new file is made (kvserver's _Spares and
+_clear_spare).
 Usage: python fsync_loop.py DIR [--threads 16] [--seconds 5] [--keys 1000] [--max-ops N] [--like-kvserver [--no-fsync]]
 """
 

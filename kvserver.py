@@ -2045,7 +2045,10 @@ class _Staged(NamedTuple):
     data: bytes | None  # all of it, unless it is larger than SMALL_VALUE
 
 
-SPARE_BATCH = 128  # without fsync, where spares are zeroed: spares a folder fsync is made for (see _Spares)
+# Without fsync, where spares are zeroed: the spares that wait before a write makes a folder
+# fsync for them (see _Spares).
+SPARE_BATCH = 128
+_ZEROING_FILE_SYSTEMS = ("ext4", "xfs")  # those _zero_blocks is relied on for (see FileStorage._stage)
 
 
 class _Spares:
@@ -2054,63 +2057,73 @@ class _Spares:
 
     `keep` adds one. With fsync, its swap is durable by then (the write waited for the folder
     fsync). Without fsync, where spares are zeroed (`sync_swaps`), it waits until its swap is:
-    once SPARE_BATCH wait, the next write that comes for a spare first fsyncs the folder for
-    them (an fsync that begins after their swaps; one write at a time), and then they are
+    once SPARE_BATCH or more wait, the next write that comes for a spare first fsyncs the folder
+    for them (an fsync that begins after their swaps; one write at a time), and then they are
     ready. Otherwise (without fsync, where spares are emptied) nothing is known of its swap.
     `take` gives a write the newest ready spare, and whether its swap is known to be durable;
     None if none is ready (a write then makes a new file). So the spares come to number about
-    SPARE_BATCH, and what writes take while the slowest of those fsyncs runs.
+    SPARE_BATCH, and the new files that writes make while the slowest of those fsyncs runs.
 
-    If a folder fsync for spares fails, the swaps it covered may never be durable: their spares
-    are removed, and `failed` stays True.
+    Spares whose fsync fails or does not end (an interrupt) are removed; after a failed fsync
+    the swaps it covered may never be durable, and `failed` stays True.
     """
 
     def __init__(self, folder: str, *, fsync: bool, sync_swaps: bool) -> None:
+        self._folder = folder
         self._lock = threading.Lock()
         self._ready: list[str] = []  # those a write may take
         self._waiting: list[str] = []  # those whose swap waits for a folder fsync
         self._durable = fsync or sync_swaps  # whether the swap of a ready spare is known to be durable
         self._sync_swaps = sync_swaps
         self._syncing = False  # a write is making a folder fsync for spares
-        self._folder = _GroupSync(folder, sync_swaps)
-
-    @property
-    def failed(self) -> bool:
-        """Whether a folder fsync for spares has failed."""
-        return self._folder.failed
+        self.failed = False  # a folder fsync for spares has failed
 
     def keep(self, path: str) -> None:
         with self._lock:
             (self._waiting if self._sync_swaps else self._ready).append(path)
 
     def take(self) -> tuple[str, bool] | None:
-        with self._lock:
-            waiting = None
-            if not self._syncing and len(self._waiting) >= SPARE_BATCH:
-                self._syncing, waiting, self._waiting = True, self._waiting, []
-        if waiting is not None:
-            self._sync(waiting)
+        self._sync_when_due()
         with self._lock:
             return (self._ready.pop(), self._durable) if self._ready else None
 
-    def _sync(self, waiting: list[str]) -> None:
-        """Make the swaps of the `waiting` spares durable, and the spares ready; or remove them
-        if the fsync fails (or is interrupted)."""
+    def _sync_when_due(self) -> None:
+        """Once SPARE_BATCH spares wait and no other write is at it, make their swaps durable
+        and the spares ready; or remove them, if the fsync fails or does not end."""
+        claimed = synced = False
+        waiting: list[str] = []
         try:
-            with contextlib.suppress(OSError):  # (failed stays True: no spare is kept again)
-                self._folder.wait_for_all()  # an fsync that begins after their swaps
-        finally:
             with self._lock:
-                self._syncing = False
-                if not self._folder.failed:
-                    self._ready += waiting
-                    waiting = []
-            for path in waiting:
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
+                if self._syncing or len(self._waiting) < SPARE_BATCH:
+                    return
+                self._syncing = claimed = True
+                waiting, self._waiting = self._waiting, []
+            synced = self._fsync_folder()
+        finally:
+            if claimed:
+                with self._lock:
+                    self._syncing = False
+                    if synced and not self.failed:
+                        self._ready += waiting
+                        waiting = []
+                for path in waiting:
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
 
-    def close(self) -> None:
-        self._folder.close()
+    def _fsync_folder(self) -> bool:
+        """Whether an fsync of the folder, begun now, ended; `failed` is set if it failed."""
+        try:
+            fd = os.open(self._folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:  # (no descriptor left, say: no fsync, so nothing known)
+            return False
+        try:
+            os.fsync(fd)
+        except OSError:
+            self.failed = True
+            return False
+        finally:
+            os.close(fd)
+        return True
 
 
 class _Spare(NamedTuple):
@@ -2126,10 +2139,10 @@ class _Spare(NamedTuple):
 
 def _clear_spare(fd: int, info: os.stat_result, durable: bool, block_size: int) -> int:
     """Without fsync, before a spare is rewritten (see FileStorage._stage): zero its blocks
-    (`block_size` bytes each) if its swap is durable and it is small and has no holes (zeroing
-    a hole takes a block); else, or if they cannot be zeroed (ext4 cannot in a file without
-    extents, as ext3 made them), empty it. Return the size of its old bytes still there (0 once
-    emptied). OSError if it cannot be emptied."""
+    (`block_size` bytes each) if its swap is `durable` and it is small and has no holes
+    (zeroing a hole takes a block); else, or if they cannot be zeroed (ext4 cannot in a file
+    without extents, as ext3 made them), empty it. Return the size the file still has (zeros;
+    0 once emptied). OSError if it cannot be emptied."""
     if durable and info.st_size <= SMALL_VALUE and info.st_blocks * 512 >= info.st_size:
         with contextlib.suppress(OSError):
             _zero_blocks(fd, info.st_size, block_size)
@@ -2198,12 +2211,12 @@ class FileStorage(Storage):
             raise DataDirLocked(
                 f"data dir {self.path} is in use by another kvserver; stop it or pick another"
             ) from None
-        self._opened: list[_GroupSync | _Spares] = []  # what close() closes
+        self._syncs: list[_GroupSync] = []
         try:
             self._values_synced = _GroupSync(self.path, fsync)
-            self._opened.append(self._values_synced)
+            self._syncs.append(self._values_synced)
             self._meta_synced = _GroupSync(self._meta, fsync)
-            self._opened.append(self._meta_synced)
+            self._syncs.append(self._meta_synced)
             for folder in (self._tmp, self._spare):  # left by a crash, or by the last run
                 for name in os.listdir(folder):
                     path = os.path.join(folder, name)
@@ -2215,7 +2228,6 @@ class FileStorage(Storage):
             self._block_size = os.statvfs(self.path).f_frsize
             self._load()
             self._spares = _Spares(self.path, fsync=fsync, sync_swaps=self._swaps and zeroes and not fsync)
-            self._opened.append(self._spares)
         except BaseException:
             self.close()
             raise
@@ -2225,8 +2237,8 @@ class FileStorage(Storage):
 
     def close(self) -> None:
         super().close()
-        for opened in self._opened:
-            opened.close()
+        for sync in self._syncs:
+            sync.close()
         if self._lock_file is not None:
             self._lock_file.close()  # releases the flock: another server may own the folder from now on
             self._lock_file = None
@@ -2269,7 +2281,7 @@ class FileStorage(Storage):
                 exchanges = False
             try:
                 _zero_blocks(fd, 1, os.statvfs(path).f_frsize)
-                zeroes = _file_system_type(path) in ("ext4", "xfs")
+                zeroes = _file_system_type(path) in _ZEROING_FILE_SYSTEMS
             except OSError:
                 zeroes = False
         finally:
@@ -2496,7 +2508,7 @@ class FileStorage(Storage):
     def _move_into_place(self, staged: _Staged, target: str, previous: _Entry | None) -> str | None:
         """Rename the staged file over `target`, whose value is `previous`; or swap the two,
         and return the spare this leaves: the staged file's path, which now holds the previous
-        value's file, for a later write to rewrite (_stage: in place once the swap is durable).
+        value's file, for a later write to rewrite (_stage).
 
         Only a small value's file is swapped out: the server never opens one (it serves the
         bytes from memory), so no reader of the server can be reading a file that is
@@ -2584,9 +2596,10 @@ class FileStorage(Storage):
         except IsADirectoryError:  # a folder put in its place by hand (skipped at start)
             self._keep_folder(path)
 
-    def _stage(self, pieces: _Pieces) -> _Staged:
+    def _stage(self, pieces: _Pieces, *, zeroed_spare: bool = True) -> _Staged:
         """Write a value into a temporary file, stamp it, fsync it (with fsync): none of it
-        visible. The file is removed if the pieces raise (an upload cut off).
+        visible. The file is removed if the pieces raise (an upload cut off). Without
+        `zeroed_spare`, a spare is emptied, never zeroed (see below).
 
         The file is a spare (a file a write swapped out, see _move_into_place) if there is
         one, else a new one: on ext4, creating a file and freeing another cost more than
@@ -2603,14 +2616,18 @@ class FileStorage(Storage):
         _Spares; until then, writes make new files), and its blocks are zeroed first
         (_clear_spare): they read as zeros until the new bytes are on disk, and the zeroing,
         made before the swap that shows them, is committed with it or before (a journal commits
-        in order). Elsewhere (tmpfs), the spare is emptied instead, so the new bytes go to new
-        blocks (ext4 in data=ordered mode, its default, reuses the old ones only once the
-        emptying, which follows the swap, is committed); but freeing blocks costs more (on a
-        file system mounted with `discard`, a discard each). Either way the writeback of a
+        in order). Elsewhere (tmpfs, btrfs), for a spare that is large, has holes or cannot be
+        zeroed, and for metadata (a metadata file of zeros would lose the key's media type,
+        TTL or name; ext4 writes bytes into new blocks before it commits the rename that shows
+        them, but not bytes into zeroed ones), the spare is emptied instead, so the new bytes
+        go to new blocks (ext4 in data=ordered mode, its default, reuses the old ones only once
+        the emptying, which follows the swap, is committed); but freeing blocks costs more (on
+        a file system mounted with `discard`, a discard each). Either way the writeback of a
         small value (the only kind swapped in without fsync) is begun at once, as ext4 begins
         it by itself for a file renamed over another (auto_da_alloc), though not for a swap. A
         key written moments before a power loss may then hold zeros, or nothing, in place of
-        its new bytes. (An ext4 without a journal orders nothing, for a rename either.)
+        its new bytes, under its new ETag. (An ext4 without a journal orders nothing, for a
+        rename either.)
 
         A spare that is not a regular file of one link is not rewritten but removed: a hard
         link made by hand (a snapshot with `cp -al`, a deduplicating tool) may be another
@@ -2623,7 +2640,7 @@ class FileStorage(Storage):
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             if spare is not None and stale and not self.fsync:
-                stale = _clear_spare(fd, spare.info, spare.durable, self._block_size)
+                stale = _clear_spare(fd, spare.info, spare.durable and zeroed_spare, self._block_size)
             size = 0  # bytes written
             head: list[bytes] = []  # the pieces, while the value may still be small
             written_back = 0  # with fsync: the bytes whose writeback has begun
@@ -2679,7 +2696,7 @@ class FileStorage(Storage):
 
     def _write_metadata(self, name: str, records: dict[str, dict[str, Any]]) -> None:
         """Replace the metadata file `name` with `records`, durably, in one step."""
-        staged = self._stage((json.dumps(records).encode(),))
+        staged = self._stage((json.dumps(records).encode(),), zeroed_spare=False)
         try:
             self._replace(staged.path, os.path.join(self._meta, name))
         except BaseException:

@@ -812,10 +812,15 @@ def test_without_fsync_a_swapped_out_file_is_zeroed_and_rewritten_once_a_folder_
         [spare] = (data_dir / ".kvserver" / "spare").iterdir()
         assert (spare.read_bytes(), inode(spare)) == (first_value, first)
         calls.clear()
+        synced: list[bool] = []  # whether each fsync was of the data dir, the folder of the swap
+        logged_fsync = os.fsync
+        monkeypatch.setattr(
+            os, "fsync", lambda fd: synced.append(os.path.samestat(os.fstat(fd), os.stat(data_dir))) or logged_fsync(fd)
+        )
         store.put("k", b"3", content_type=TEXT)
-        assert os.path.samestat(os.fstat(calls[0][1][0]), os.stat(data_dir))  # the folder of the swap
+        assert synced == [True]
         assert [(name, args[1:]) for name, args in calls] == [
-            ("fsync", ()),  # of the folder, after the swap
+            ("fsync", ()),  # after the swap
             ("_zero_blocks", (6200, os.statvfs(data_dir).f_frsize)),  # the old bytes, in whole blocks
             ("write", (b"3",)),
             ("ftruncate", (1,)),  # cut to size
@@ -833,7 +838,7 @@ def test_without_fsync_where_blocks_cannot_be_zeroed_a_swapped_out_file_is_empti
     data_dir, monkeypatch
 ):
     """The emptied file's new bytes go to new blocks, so its swap need not be synced first:
-    no folder is fsynced, and no thread waits to."""
+    no folder is fsynced."""
     without_zeroing(monkeypatch)
     with kvserver.FileStorage(data_dir, fsync=False) as store:
         store.put("k", b"a long first value", content_type=TEXT)
@@ -947,15 +952,72 @@ def test_without_fsync_spares_are_zeroed_only_on_ext4_and_xfs(data_dir, monkeypa
         assert (Path(path).read_bytes(), durable) == (b"one", False)  # at once, to be emptied
 
 
-def test_a_store_dropped_without_close_releases_the_data_dir(data_dir):
-    """As a file does: no thread of its own holds a reference to it."""
+def test_a_store_dropped_without_close_releases_the_data_dir_and_its_descriptors(data_dir, monkeypatch):
+    """As a file does."""
+    sync_each_spare(monkeypatch)
+    descriptors = open_descriptors()
     store = kvserver.FileStorage(data_dir, fsync=False)
-    for value in (b"one", b"two", b"three"):
+    for value in (b"one", b"two", b"three", b"four"):  # (a folder fsync for spares among them)
         store.put("k", value, content_type=TEXT)
     del store
     gc.collect()
+    assert open_descriptors() == descriptors
     with kvserver.FileStorage(data_dir, fsync=False) as store:
-        assert store.get("k") == b"three"
+        assert store.get("k") == b"four"
+
+
+@pytest.mark.parametrize("end", [KeyboardInterrupt, lambda: OSError(errno.EMFILE, "Too many open files")])
+def test_without_fsync_spares_whose_folder_fsync_does_not_happen_are_removed(data_dir, monkeypatch, end):
+    """An interrupt during the fsync, or no descriptor for it: their swaps are not known to be
+    durable, so they must not be rewritten; the next batch is synced as usual."""
+    sync_each_spare(monkeypatch)
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        store.put("k", b"one", content_type=TEXT)
+        store.put("k", b"two", content_type=TEXT)  # one's file waits
+        real_open = os.open
+
+        def failing_open(path, flags, *args):
+            if flags & os.O_DIRECTORY:
+                raise end()
+            return real_open(path, flags, *args)
+
+        monkeypatch.setattr(os, "open", failing_open)
+        if end is KeyboardInterrupt:
+            with pytest.raises(KeyboardInterrupt):
+                store.put("k", b"three", content_type=TEXT)
+        else:
+            store.put("k", b"three", content_type=TEXT)  # in a new file
+        assert spares(data_dir) == [] if end is KeyboardInterrupt else [b"two"]
+        assert (store._spares._ready, store._spares._syncing, store._spares.failed) == ([], False, False)
+        monkeypatch.setattr(os, "open", real_open)
+        calls: list[tuple[str, tuple]] = []
+        log_write_calls(monkeypatch, calls)
+        store.put("k", b"four", content_type=TEXT)
+        store.put("k", b"five", content_type=TEXT)  # a batch synced, and a spare zeroed
+        assert "_zero_blocks" in [name for name, _ in calls]
+        assert value_files(data_dir) == {"k": b"five"}
+
+
+def test_without_fsync_metadata_is_never_written_into_a_zeroed_spare(data_dir, monkeypatch):
+    """A metadata file that came back as zeros after a power loss would lose its key's media
+    type, TTL or name: ext4 writes bytes into new blocks before it commits the rename that shows
+    them, not bytes into zeroed ones."""
+    monkeypatch.setattr(kvserver, "SPARE_BATCH", 2)
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        for key in ("a", "b"):
+            store.put(key, key.encode() + b"1", content_type=TEXT)
+            store.put(key, key.encode() + b"2", content_type=TEXT)  # two spares wait
+        calls: list[tuple[str, tuple]] = []
+        log_write_calls(monkeypatch, calls)
+        store.put("m", b"not a png", content_type="image/png")  # a value, and a metadata file: a spare each
+        assert [name for name, _ in calls if name in ("_zero_blocks", "ftruncate")] == ["_zero_blocks", "ftruncate"]
+        metadata_write = next(args for name, args in calls if name == "write" and b"image/png" in bytes(args[1]))
+        assert calls.index(("ftruncate", calls[[name for name, _ in calls].index("ftruncate")][1])) < calls.index(
+            ("write", metadata_write)
+        )
+        assert spares(data_dir) == []
+    with kvserver.FileStorage(data_dir, fsync=False) as store:
+        assert (store.get("m"), store.stat("m").content_type) == (b"not a png", "image/png")
 
 
 def test_without_fsync_spares_whose_folder_fsync_failed_are_removed_and_none_is_kept_after(data_dir, monkeypatch):

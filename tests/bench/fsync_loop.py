@@ -49,7 +49,8 @@ class Shared:
         self.names = itertools.count()
         self.locks = [threading.Lock() for _ in range(64)]
         self.synced = kvserver._GroupSync(folder, fsync)
-        self.spares = kvserver._Spares(folder, fsync=fsync, sync_swaps=not fsync)  # (as on ext4 or XFS)
+        zeroes = kvserver._file_system_type(folder) in kvserver._ZEROING_FILE_SYSTEMS
+        self.spares = kvserver._Spares(folder, fsync=fsync, sync_swaps=zeroes and not fsync)
         self.block_size = os.statvfs(folder).f_frsize
 
 

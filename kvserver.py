@@ -2224,8 +2224,8 @@ class FileStorage(Storage):
                         os.unlink(path)
                     except IsADirectoryError:  # put in a key's place by hand, and swapped out (see _stage)
                         self._keep_folder(path)
+            self._block_size = os.statvfs(self.path).f_frsize  # (what _zero_blocks zeroes in)
             self._swaps, zeroes = self._check_file_system()
-            self._block_size = os.statvfs(self.path).f_frsize
             self._load()
             self._spares = _Spares(self.path, fsync=fsync, sync_swaps=self._swaps and zeroes and not fsync)
         except BaseException:
@@ -2280,7 +2280,7 @@ class FileStorage(Storage):
             except OSError:
                 exchanges = False
             try:
-                _zero_blocks(fd, 1, os.statvfs(path).f_frsize)
+                _zero_blocks(fd, 1, self._block_size)
                 zeroes = _file_system_type(path) in _ZEROING_FILE_SYSTEMS
             except OSError:
                 zeroes = False

@@ -417,6 +417,24 @@ def test_get_export_streams_ndjson_in_chunks(server: Server):
     assert server.get("/export?prefix=a&limit=1").status == 400
 
 
+def test_a_chunked_answer_goes_on_where_a_short_writev_stopped(server: Server, monkeypatch):
+    """A writev that a signal cuts short has written some of its pieces, maybe part of one: the
+    rest follows, in order. (Here every call writes at most 7 bytes, and takes 2 pieces at most.)"""
+    for n in range(40):
+        assert server.request("PUT", f"/kv/k{n}", b"value %d " % n * (n + 1)).status == 201
+    whole = server.get("/export").body
+    calls = []
+
+    def short_writev(fd: int, buffers: list) -> int:
+        calls.append(len(buffers))
+        return os.write(fd, bytes(buffers[0])[:7])
+
+    monkeypatch.setattr(kvserver.os, "writev", short_writev)
+    monkeypatch.setattr(kvserver, "_IOV_MAX", 2)
+    assert server.get("/export").body == whole
+    assert len(calls) > len(whole) // 7 and max(calls) == 2
+
+
 def test_post_import_answers_the_counts_with_a_length_or_chunked(server: Server):
     later = time.time() + 60
     data = line("a", b"1") + line("gone", b"2", expires_at=1.5) + line("b/c", b"3", "application/json", later)

@@ -372,9 +372,10 @@ HEARTBEAT = 15.0  # seconds of silence after which an event stream sends a comme
 # wakes every stream waiting under its prefix).
 COALESCE = 0.2
 MAX_WAIT = 300  # seconds a GET /kv/<key>?wait=<s> may wait for a change
-# Most events handed to a watcher at once: the feed's lock is held briefly, and an event
-# stream sends them as one piece of tens of KiB (joining larger ones costs more per byte).
-_WATCH_BATCH = 250
+# Most events handed to a watcher at once: the feed's lock is held briefly. A batch ends at a
+# page's end (where it can), so that streams send whole pages (see _ChangeFeed.messages).
+_PAGE = 64
+_WATCH_BATCH = 16 * _PAGE
 _REVISION = re.compile(r"[0-9]{1,20}(-[0-9]{1,20})?")
 
 
@@ -433,7 +434,8 @@ _Entries = TypeVar("_Entries")
 
 class _Batch(NamedTuple):
     """What a watch reads at once: its events; the numbers of those that are in the feed's
-    ring (none for a reset); their event-stream messages, or None where none is made yet."""
+    ring (a range if they are all the events from the first on; none for a reset); their
+    event-stream messages, or None where none is made yet."""
 
     numbers: Sequence[int]
     events: list[Event]
@@ -469,6 +471,7 @@ class _ChangeFeed:
         self._events: list[Event | None] = [None] * capacity
         self._orders: list[tuple[int, ...]] = [()] * capacity
         self._messages: list[bytes | None] = [None] * capacity
+        self._pages: dict[int, bytes] = {}  # by the number of its first event: a page's messages, joined
         self._count = 0  # events published
         self._oldest = 0  # the number of the oldest event in the ring
         self._floor: tuple[int, ...] | None = None  # every change after this revision is in the ring
@@ -486,6 +489,11 @@ class _ChangeFeed:
             self._last = floor
             for event in events:
                 self._append(revision_order(event.revision), event)
+
+    @property
+    def count(self) -> int:
+        """The number the next event published gets (the events published, and a gap counts one)."""
+        return self._count
 
     def publishing(self) -> contextlib.AbstractContextManager[bool]:
         """What to hold (`with`) while a change becomes visible and is published, so that no
@@ -516,6 +524,7 @@ class _ChangeFeed:
         slot = self._count % len(self._events)
         if self._events[slot] is not None:  # the oldest event, which leaves the history
             self._floor = self._orders[slot]
+            self._pages.pop(self._oldest, None)  # (if it began one)
             self._oldest += 1
         self._events[slot], self._orders[slot], self._messages[slot] = event, order, None
         self._last, self._last_order = event.revision, order
@@ -617,7 +626,10 @@ class _ChangeFeed:
         if watch._reset is not None:
             reset, watch._reset = watch._reset, None
             return _Batch((), [Event(reset, "reset", None, None)], [None])
-        numbers = range(watch._next, watch._next + min(self._count - watch._next, _WATCH_BATCH))
+        stop = watch._next + _WATCH_BATCH
+        if stop % _PAGE < _WATCH_BATCH:  # end at a page's end (see messages)
+            stop -= stop % _PAGE
+        numbers = range(watch._next, min(self._count, stop))
         watch._next = numbers.stop
         events = cast(list[Event], self._slice(self._events, numbers))  # (no None in the kept part)
         messages = self._slice(self._messages, numbers)
@@ -655,18 +667,48 @@ class _ChangeFeed:
             return ring[start:stop]
         return ring[start:] + ring[: stop - len(ring)]  # the batch wraps around the ring's end
 
-    def messages(self, batch: _Batch) -> bytes:
-        """The batch's events as event-stream messages, joined. Every open stream sends the
-        same recent events, so each message is made once, by the first stream that sends it,
-        and kept in the ring beside its event for the others: they only join a slice. (The
-        join also finds a message not yet made: it refuses the None in its place. Checking
-        first, and counting the bytes of each message to send, took half of a stream's Python
-        time per event.)"""
+    def messages(self, batch: _Batch) -> list[bytes]:
+        """The batch's events as event-stream messages, in pieces to send in turn. Every open
+        stream sends the same recent events, so each message is made once, by the first stream
+        that sends it, and kept in the ring beside its event for the others; and the messages of
+        each page (the _PAGE events from a multiple of _PAGE on) are joined once, by the first
+        stream that sends the whole page, for the others. A stream of every change then sends
+        pages, and joins the messages of the events before its first page and after its last.
+        (With pages, and a stream's batches read together (see Watch.wait_messages), 100
+        streams of every write took a quarter less CPU.)"""
+        numbers = batch.numbers
+        if not batch.events:
+            return []
+        if not isinstance(numbers, range):  # a reset, or the events a watch's prefix or skip kept
+            return [self._joined(batch, 0, len(batch.events))]
+        pieces = []
+        page = min(numbers.stop, -(-numbers.start // _PAGE) * _PAGE)  # the first page's first event
+        if page > numbers.start:
+            pieces.append(self._joined(batch, 0, page - numbers.start))
+        while page + _PAGE <= numbers.stop:
+            joined = self._pages.get(page)
+            if joined is None:
+                joined = self._joined(batch, page - numbers.start, page + _PAGE - numbers.start)
+                with self._lock:
+                    if page >= self._oldest:  # still in the ring
+                        self._pages[page] = joined
+            pieces.append(joined)
+            page += _PAGE
+        if page < numbers.stop:
+            pieces.append(self._joined(batch, page - numbers.start, len(numbers)))
+        return pieces
+
+    def _joined(self, batch: _Batch, start: int, stop: int) -> bytes:
+        """The messages of the batch's events[start:stop], joined. (The join also finds a
+        message not yet made: it refuses the None in its place. Checking first, and counting
+        the bytes of each message to send, took half of a stream's Python time per event.)"""
+        messages = batch.messages[start:stop]
         with contextlib.suppress(TypeError):
-            return b"".join(cast(list[bytes], batch.messages))
-        made = [message or _event_message(event) for event, message in zip(batch.events, batch.messages, strict=True)]
+            return b"".join(cast(list[bytes], messages))
+        events = batch.events[start:stop]
+        made = [message or _event_message(event) for event, message in zip(events, messages, strict=True)]
         with self._lock:  # (a reset has no number: it is in no slot)
-            for number, event, message in zip(batch.numbers, batch.events, made, strict=False):
+            for number, event, message in zip(batch.numbers[start:stop], events, made, strict=False):
                 slot = number % len(self._events)
                 if self._events[slot] is event:  # still in the ring
                     self._messages[slot] = message
@@ -681,6 +723,7 @@ class _ChangeFeed:
             self._start()
             self._events = [None] * len(self._events)
             self._messages = [None] * len(self._events)
+            self._pages.clear()
             self._count += 1  # a number no event has: every watch is now behind the history (see _take)
             self._oldest = self._count
             self._floor = self._last_order = revision_order(revision)
@@ -741,11 +784,19 @@ class Watch(Iterator[Event]):
         _check_timeout(timeout)
         return self._feed.read(self, timeout).events
 
-    def wait_messages(self, timeout: float | None, pause: float = 0.0) -> bytes:
-        """Like `wait`, the events as Server-Sent Events messages, joined (b"" for none), after
-        `pause` seconds in which it reads none: what comes meanwhile is read together
-        (`close()` ends it at once)."""
-        return self._feed.messages(self._feed.read(self, timeout, pause))
+    def wait_messages(self, timeout: float | None, pause: float = 0.0) -> list[bytes]:
+        """Like `wait`, the events as Server-Sent Events messages, in pieces to send in turn
+        ([] for none), after `pause` seconds in which it reads none: what comes meanwhile is
+        read together (`close()` ends it at once). With the first events come all that had come
+        by the end of the wait, a batch at a time (no more: a flood of writes cannot keep it)."""
+        feed = self._feed
+        batch = feed.read(self, timeout, pause)
+        pieces = feed.messages(batch)
+        end = feed.count
+        while batch.events and self._next < end:
+            batch = feed.read(self, 0)
+            pieces += feed.messages(batch)
+        return pieces
 
     def __next__(self) -> Event:
         while not self._pending:
@@ -5349,14 +5400,9 @@ class KVRequestHandler(BaseHTTPRequestHandler):
                     messages = watch.wait_messages(HEARTBEAT - pause, pause=pause)
                 if watch.closed:
                     break
-                if not messages:
-                    writer.write(b": keep-alive\n\n")
-                for turn in range(HISTORY // _WATCH_BATCH + 1):  # all that has come, a batch at a time
-                    if turn:
-                        messages = watch.wait_messages(0)
-                    if not messages:
-                        break
-                    writer.write(messages)
+                for piece in messages or [b": keep-alive\n\n"]:
+                    writer.write(piece)
+                if messages:
                     sent = time.monotonic()
                 writer.flush()
             writer.close()

@@ -229,7 +229,7 @@ def test_a_watch_more_than_the_history_behind_gets_a_reset_and_goes_on_from_ther
 
 def drain(watch: kvserver.Watch) -> bytes:
     """Every event-stream message a watch has ready, as a stream sends them."""
-    return b"".join(iter(lambda: watch.wait_messages(0), b""))
+    return b"".join(b"".join(pieces) for pieces in iter(lambda: watch.wait_messages(0), []))
 
 
 def test_streams_send_the_same_messages_and_each_event_is_formatted_once(monkeypatch):
@@ -259,9 +259,49 @@ def test_a_message_made_for_an_event_the_ring_no_longer_holds_is_not_kept_for_it
     new, library = kvserver.Watch(feed, "", None, None), kvserver.Watch(feed, "", None, None)
     for key in "wxyz":  # w, x, y, z now fill the ring, in the slots of a, b, c too
         feed.publish("put", key)
-    assert feed.messages(batch) == b"".join(map(kvserver._event_message, batch.events))
+    assert b"".join(feed.messages(batch)) == b"".join(map(kvserver._event_message, batch.events))
     assert drain(new) == b"".join(map(kvserver._event_message, library.wait(0)))
     assert drain(new) == b""
+
+
+def test_streams_send_each_page_of_messages_joined_once_and_it_goes_when_its_first_event_does(monkeypatch):
+    monkeypatch.setattr(kvserver, "_PAGE", 2)
+    monkeypatch.setattr(kvserver, "_WATCH_BATCH", 4)
+    feed = kvserver._ChangeFeed(capacity=8)
+    first, second, library = (kvserver.Watch(feed, "", None, None) for _ in range(3))
+
+    def messages() -> bytes:  # of every event the library's watch has not read yet
+        return b"".join(map(kvserver._event_message, itertools.chain(*iter(lambda: library.wait(0), []))))
+
+    feed.publish("delete", "z")  # event 0, the first each watch reads (it checks that it began before it)
+    assert first.wait_messages(0) == second.wait_messages(0) == [messages()]
+    for key in "abcde":  # events 1-5: 1 on its own, then pages 2 and 4
+        feed.publish("delete", key)
+    sent = first.wait_messages(0)
+    assert b"".join(sent) == messages()
+    assert len(sent) == 3 and sorted(feed._pages) == [2, 4]
+    again = second.wait_messages(0)
+    assert again[0] == sent[0] and again[1] is sent[1] and again[2] is sent[2]
+    for key in "fghij":  # events 6-10: events 0-2 leave the ring, and page 2 with them
+        feed.publish("delete", key)
+    sent = first.wait_messages(0)  # pages 6 and 8, then 10 on its own
+    assert b"".join(sent) == messages()
+    assert len(sent) == 3 and sorted(feed._pages) == [4, 6, 8]
+
+
+def test_a_page_whose_first_event_left_the_ring_before_a_stream_sends_it_is_not_kept(monkeypatch):
+    monkeypatch.setattr(kvserver, "_PAGE", 2)
+    feed = kvserver._ChangeFeed(capacity=4)
+    old = kvserver.Watch(feed, "", None, None)
+    feed.publish("delete", "z")
+    assert len(feed.read(old, 0).events) == 1  # (the first each watch reads is checked for its start)
+    for key in "abc":
+        feed.publish("delete", key)
+    batch = feed.read(old, 0)  # event 1, and page 2
+    for key in "wxyz":  # the ring now holds events 4-7
+        feed.publish("put", key)
+    assert b"".join(feed.messages(batch)) == b"".join(map(kvserver._event_message, batch.events))
+    assert feed._pages == {}
 
 
 def test_a_stream_more_than_the_ring_behind_sends_a_reset_then_goes_on_across_its_end():
@@ -777,10 +817,12 @@ def event_chunks(server) -> Iterator[Callable[[], bytes]]:
         yield chunk
 
 
-def test_a_flood_of_changes_reaches_a_stream_whole_after_its_pause_not_a_batch_per_pause(make_live_server):
+def test_a_flood_of_changes_reaches_a_stream_whole_after_its_pause_not_a_batch_per_pause(make_live_server, monkeypatch):
     # A busy stream pauses COALESCE seconds between sends; what came meanwhile must all go in the
     # next send. (It once sent one batch of 1,000 per pause: under 5,000 changes a second a stream
-    # fell behind a client that read as fast as it could, and was reset.)
+    # fell behind a client that read as fast as it could, and was reset.) Batches of a page here,
+    # so that a send of three fits in one chunk.
+    monkeypatch.setattr(kvserver, "_WATCH_BATCH", kvserver._PAGE)
     server = make_live_server("memory")
     with event_chunks(server) as chunk:
         server.storage.put("first", b"v")
@@ -795,9 +837,9 @@ def test_a_flood_of_changes_reaches_a_stream_whole_after_its_pause_not_a_batch_p
 
 
 def test_a_stream_that_gathered_more_batches_than_one_send_takes_loses_none(make_live_server, monkeypatch):
-    # A send takes at most HISTORY // _WATCH_BATCH + 1 batches (here 3 of 1 event); the rest
-    # leave with the next send. (A stream once read a batch on its last turn and never sent it:
-    # under a flood, 250 events lost every 41 batches, without a reset.)
+    # A send takes what had come by the end of its wait, a batch at a time (here of 1 event);
+    # what comes later leaves with the next send. (A stream once read a batch on its last turn
+    # and never sent it: under a flood, 250 events lost every 41 batches, without a reset.)
     monkeypatch.setattr(kvserver, "_WATCH_BATCH", 1)
     monkeypatch.setattr(kvserver, "HISTORY", 2)
     server = make_live_server("memory")
@@ -847,7 +889,7 @@ def test_a_stream_pausing_between_sends_ends_at_once_when_the_server_stops(make_
 def test_a_wait_in_its_pause_ends_at_once_when_its_watch_or_storage_closes(end):
     store = kvserver.MemoryStorage()
     watch = store.watch("")
-    waited: list[bytes] = []
+    waited: list[list[bytes]] = []
     waiting = threading.Thread(target=lambda: waited.append(watch.wait_messages(60, pause=60)))
     waiting.start()
     wait_for(lambda: watch in store._feed._pausing, timeout=10, what="the wait to pause")
@@ -859,7 +901,7 @@ def test_a_wait_in_its_pause_ends_at_once_when_its_watch_or_storage_closes(end):
         store.close()
     waiting.join(10)
     assert not waiting.is_alive() and time.monotonic() - started < 2
-    assert waited == [b""]
+    assert waited == [[]]
     store.close()
 
 
@@ -878,7 +920,7 @@ def test_the_comment_after_silence_counts_the_silence_from_the_last_event_sent(m
 def test_a_negative_pause_is_no_pause_and_does_not_shorten_the_wait():
     with kvserver.MemoryStorage() as store, store.watch("") as watch:
         started = time.monotonic()
-        assert watch.wait_messages(0.5, pause=-5) == b""
+        assert watch.wait_messages(0.5, pause=-5) == []
         assert time.monotonic() - started >= 0.5
 
 

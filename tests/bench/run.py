@@ -61,7 +61,7 @@ NO_FSYNC_BEFORE = 2_261  # req/s of GET /set --no-fsync in the run before the wr
 ALL_CPUS = frozenset(os.sched_getaffinity(0))
 KVSERVER_CPUS = frozenset({min(ALL_CPUS)})
 CLIENT_CPUS = ALL_CPUS - KVSERVER_CPUS or ALL_CPUS
-PROBE_INTERVAL = 0.5  # seconds between the writes that time write-to-event; longer than kvserver's COALESCE
+PROBE_INTERVAL = 0.6  # seconds between the writes that time write-to-event; longer than kvserver's COALESCE
 
 # The Lua every wrk run loads: done() prints one parseable line with the counts and percentiles
 # (latencies in microseconds). wrk counts a response with status >= 400 as a status error.

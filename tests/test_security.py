@@ -7,6 +7,7 @@ import base64
 import hmac
 import html
 import http.client
+import json
 import os
 import re
 import select
@@ -369,6 +370,33 @@ def test_tls_serves_https_with_the_given_certificate(spawn, certificate):
     assert fetch(server.port, "GET", "/keys", headers=own, context=context).status == 200
     plain = {"Origin": f"http://127.0.0.1:{server.port}"}
     assert fetch(server.port, "GET", "/keys", headers=plain, context=context).status == 403
+
+
+def test_a_chunked_answer_over_tls_is_whole(spawn, certificate):
+    # Over plain TCP a chunk's pieces leave with writev; over TLS they are joined and sent through
+    # the TLS socket: an export of more than one chunk, and an event stream, arrive whole.
+    cert, key = certificate
+    server = spawn("--quiet", "--certfile", str(cert), "--keyfile", str(key))
+    context = ssl.create_default_context(cafile=str(cert))
+    values = {f"k{n:02}": bytes([n]) * 3_000 for n in range(40)}  # 160 KB of base64: three chunks
+    for key_name, value in values.items():
+        assert fetch(server.port, "PUT", f"/kv/{key_name}", body=value, context=context).status == 201
+    export = fetch(server.port, "GET", "/export", context=context)
+    assert export.status == 200 and export.headers["Transfer-Encoding"] == "chunked"
+    lines = [json.loads(line) for line in export.body.splitlines()]
+    assert {line["key"]: base64.b64decode(line["value"]) for line in lines} == values
+    connection = http.client.HTTPSConnection("127.0.0.1", server.port, timeout=15, context=context)
+    try:
+        connection.request("GET", "/events")
+        stream = connection.getresponse()
+        assert stream.status == 200
+        assert stream.readline().startswith(b"id: ") and stream.readline() == b"\n"  # where it begins
+        assert fetch(server.port, "PUT", "/kv/k00", body=b"new", context=context).status == 200
+        message = [stream.readline() for _ in range(4)]
+        assert message[1:2] == [b"event: put\n"] and message[3] == b"\n", message
+        assert json.loads(message[2].removeprefix(b"data: "))["key"] == "k00"
+    finally:
+        connection.close()
 
 
 def test_a_plain_http_client_on_the_tls_port_is_told_to_use_https_and_the_server_goes_on(spawn, certificate):

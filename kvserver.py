@@ -152,7 +152,7 @@ __all__ = [
 MAX_KEY_BYTES = 1024
 SMALL_VALUE = 64 * 1024  # held in memory by FileStorage, inlined in the / dump
 CHUNK = 64 * 1024  # unit of every streamed read and write
-_IOV_MAX = os.sysconf("SC_IOV_MAX")  # the most pieces one writev(2) takes (1,024 on Linux)
+_IOV_MAX = max(16, os.sysconf("SC_IOV_MAX"))  # pieces one writev(2) takes (1,024 on Linux; -1 is "no limit")
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 TEXT_CONTENT_TYPE = "text/plain; charset=utf-8"
 
@@ -374,8 +374,11 @@ HEARTBEAT = 15.0  # seconds of silence after which an event stream sends a comme
 # them at 0.2 s, 0.94x to 0.97x at 0.5 s.
 COALESCE = 0.5
 MAX_WAIT = 300  # seconds a GET /kv/<key>?wait=<s> may wait for a change
-# Most events handed to a watcher at once: the feed's lock is held briefly. A batch ends at a
-# page's end (where it can), so that streams send whole pages (see _ChangeFeed.messages).
+# Most events handed to a watcher at once (and read from Redis's stream at once): the feed's
+# lock is held briefly, and an event stream holds one batch's messages at a time (with a prefix,
+# its own copy: about 150 KB, or 1.2 MB with keys of 1 KiB). A batch ends at a page's end (where
+# it can), so that streams send whole pages (see _ChangeFeed.messages). (Batches of 256 took
+# 100 streams of every write a third more CPU.)
 _PAGE = 64
 _WATCH_BATCH = 16 * _PAGE
 _REVISION = re.compile(r"[0-9]{1,20}(-[0-9]{1,20})?")
@@ -436,8 +439,8 @@ _Entries = TypeVar("_Entries")
 
 class _Batch(NamedTuple):
     """What a watch reads at once: its events; the numbers of those that are in the feed's
-    ring (a range if they are all the events from the first on; none for a reset); their
-    event-stream messages, or None where none is made yet."""
+    ring (a range if the watch kept every event of the batch: no prefix, nothing skipped; none
+    for a reset); their event-stream messages, or None where none is made yet."""
 
     numbers: Sequence[int]
     events: list[Event]
@@ -674,13 +677,11 @@ class _ChangeFeed:
         stream sends the same recent events, so each message is made once, by the first stream
         that sends it, and kept in the ring beside its event for the others; and the messages of
         each page (the _PAGE events from a multiple of _PAGE on) are joined once, by the first
-        stream that sends the whole page, for the others. A stream of every change then sends
-        pages, and joins the messages of the events before its first page and after its last.
-        (With pages, and a stream's batches read together (see Watch.wait_messages), 100
-        streams of every write took a quarter less CPU.)"""
+        stream that sends the whole page (or by each of those that do so at once), for the
+        others. A stream of every change then sends pages, and joins the messages of the events
+        before its first page and after its last. (With pages, 100 streams of every write took
+        a quarter less CPU.)"""
         numbers = batch.numbers
-        if not batch.events:
-            return []
         if not isinstance(numbers, range):  # a reset, or the events a watch's prefix or skip kept
             return [self._joined(batch, 0, len(batch.events))]
         pieces = []
@@ -786,19 +787,22 @@ class Watch(Iterator[Event]):
         _check_timeout(timeout)
         return self._feed.read(self, timeout).events
 
-    def wait_messages(self, timeout: float | None, pause: float = 0.0) -> list[bytes]:
-        """Like `wait`, the events as Server-Sent Events messages, in pieces to send in turn
-        ([] for none), after `pause` seconds in which it reads none: what comes meanwhile is
-        read together (`close()` ends it at once). With the first events come all that had come
-        by the end of the wait, a batch at a time (no more: a flood of writes cannot keep it)."""
-        feed = self._feed
-        batch = feed.read(self, timeout, pause)
-        pieces = feed.messages(batch)
-        end = feed.count
-        while batch.events and self._next < end:
-            batch = feed.read(self, 0)
-            pieces += feed.messages(batch)
-        return pieces
+    def wait_messages(self, timeout: float | None, pause: float = 0.0) -> Iterator[list[bytes]]:
+        """Like `wait`, after `pause` seconds in which it reads none (what comes meanwhile is
+        read together; `close()` ends it at once): the events as Server-Sent Events messages,
+        a batch at a time, each in pieces to send in turn. The first batch is read by this call
+        (none if the time is up); the others, up to all that had come by the end of the wait (a
+        flood of writes cannot keep it going), as the iterator is consumed: a stream sends each
+        before it reads the next, and so holds one batch at a time."""
+        batch = self._feed.read(self, timeout, pause)
+        return self._batches(batch, self._feed.count)
+
+    def _batches(self, batch: _Batch, end: int) -> Iterator[list[bytes]]:
+        while batch.events:
+            yield self._feed.messages(batch)
+            if self._next >= end:
+                return
+            batch = self._feed.read(self, 0)
 
     def __next__(self) -> Event:
         while not self._pending:
@@ -3869,7 +3873,7 @@ class _ChunkedWriter:
             self._flush()
 
     def flush(self) -> None:
-        """Send what is buffered now (an event stream sends each event as it comes)."""
+        """Send what is buffered now (an event stream sends what each of its reads brings)."""
         self._flush()
         self._handler.wfile.flush()
 
@@ -4974,11 +4978,12 @@ class KVRequestHandler(BaseHTTPRequestHandler):
 
     def _write_pieces(self, pieces: Sequence[bytes]) -> None:
         """Write pieces of an answer's body, in order, as one: over plain TCP with writev(2),
-        IOV_MAX pieces at most a call, without joining them first; over TLS joined, through
-        _write_body. Each call renews the stall deadline. (An event stream's chunk is the joined
-        messages of a few batches of events: sending them without the copies that joining and
-        buffering them made took a fifth of the streams' CPU.)"""
-        if isinstance(self.connection, ssl.SSLSocket):
+        IOV_MAX pieces at most a call, without joining them first (each call renews the stall
+        deadline); joined, through _write_body, over TLS or if they hold CHUNK bytes at most (so
+        that a small answer still leaves in one send with its head and its end). (An event
+        stream's chunk is pages of joined messages: sending them without the copies that joining
+        and buffering them made took a fifth of the streams' CPU.)"""
+        if isinstance(self.connection, ssl.SSLSocket) or sum(map(len, pieces)) <= CHUNK:
             self._write_body(b"".join(pieces))
             return
         self.wfile.flush()  # (what is buffered goes first)
@@ -5399,13 +5404,16 @@ class KVRequestHandler(BaseHTTPRequestHandler):
             while True:
                 pause = max(0.0, sent + COALESCE - time.monotonic())
                 with self._waiting(watch):
-                    messages = watch.wait_messages(HEARTBEAT - pause, pause=pause)
+                    batches = watch.wait_messages(HEARTBEAT - pause, pause=pause)
                 if watch.closed:
                     break
-                for piece in messages or [b": keep-alive\n\n"]:
-                    writer.write(piece)
-                if messages:
+                sent_before = sent
+                for pieces in batches:
+                    for piece in pieces:
+                        writer.write(piece)
                     sent = time.monotonic()
+                if sent == sent_before:  # HEARTBEAT seconds of silence
+                    writer.write(b": keep-alive\n\n")
                 writer.flush()
             writer.close()
             self.wfile.flush()  # (its end leaves while stop() still knows it for a stream)

@@ -227,9 +227,14 @@ def test_a_watch_more_than_the_history_behind_gets_a_reset_and_goes_on_from_ther
         assert event.key == "next" and order(event.revision) > order(reset.revision)
 
 
+def pieces_sent(watch: kvserver.Watch) -> list[bytes]:
+    """The pieces of event-stream messages a stream sends for what `watch` has ready."""
+    return [piece for pieces in watch.wait_messages(0) for piece in pieces]
+
+
 def drain(watch: kvserver.Watch) -> bytes:
     """Every event-stream message a watch has ready, as a stream sends them."""
-    return b"".join(b"".join(pieces) for pieces in iter(lambda: watch.wait_messages(0), []))
+    return b"".join(pieces_sent(watch))
 
 
 def test_streams_send_the_same_messages_and_each_event_is_formatted_once(monkeypatch):
@@ -274,19 +279,39 @@ def test_streams_send_each_page_of_messages_joined_once_and_it_goes_when_its_fir
         return b"".join(map(kvserver._event_message, itertools.chain(*iter(lambda: library.wait(0), []))))
 
     feed.publish("delete", "z")  # event 0, the first each watch reads (it checks that it began before it)
-    assert first.wait_messages(0) == second.wait_messages(0) == [messages()]
+    assert pieces_sent(first) == pieces_sent(second) == [messages()]
     for key in "abcde":  # events 1-5: 1 on its own, then pages 2 and 4
         feed.publish("delete", key)
-    sent = first.wait_messages(0)
+    sent = pieces_sent(first)
     assert b"".join(sent) == messages()
     assert len(sent) == 3 and sorted(feed._pages) == [2, 4]
-    again = second.wait_messages(0)
+    again = pieces_sent(second)
     assert again[0] == sent[0] and again[1] is sent[1] and again[2] is sent[2]
     for key in "fghij":  # events 6-10: events 0-2 leave the ring, and page 2 with them
         feed.publish("delete", key)
-    sent = first.wait_messages(0)  # pages 6 and 8, then 10 on its own
+    sent = pieces_sent(first)  # pages 6 and 8, then 10 on its own
     assert b"".join(sent) == messages()
     assert len(sent) == 3 and sorted(feed._pages) == [4, 6, 8]
+
+
+def test_a_stream_reads_a_batch_once_it_sent_the_one_before_and_stops_at_what_had_come(monkeypatch):
+    # One batch in memory at a time, and a write for every batch sent cannot keep a send going.
+    monkeypatch.setattr(kvserver, "_PAGE", 1)
+    monkeypatch.setattr(kvserver, "_WATCH_BATCH", 1)
+    feed = kvserver._ChangeFeed(capacity=64)
+    watch = kvserver.Watch(feed, "", None, None)
+    feed.publish("delete", "first")
+    assert len(pieces_sent(watch)) == 1
+    for key in "abc":  # events 1-3
+        feed.publish("delete", key)
+    batches = watch.wait_messages(0)
+    assert watch._next == 2  # the first batch is read, not the others
+    sent = []
+    for pieces in batches:
+        sent += pieces
+        feed.publish("delete", f"late {len(sent)}")
+    assert watch._next == 4 and b"".join(sent).count(b"event: delete") == 3
+    assert drain(watch).count(b"event: delete") == 3  # the late ones, with the next send
 
 
 def test_a_page_whose_first_event_left_the_ring_before_a_stream_sends_it_is_not_kept(monkeypatch):
@@ -889,8 +914,8 @@ def test_a_stream_pausing_between_sends_ends_at_once_when_the_server_stops(make_
 def test_a_wait_in_its_pause_ends_at_once_when_its_watch_or_storage_closes(end):
     store = kvserver.MemoryStorage()
     watch = store.watch("")
-    waited: list[list[bytes]] = []
-    waiting = threading.Thread(target=lambda: waited.append(watch.wait_messages(60, pause=60)))
+    waited: list[list[list[bytes]]] = []
+    waiting = threading.Thread(target=lambda: waited.append(list(watch.wait_messages(60, pause=60))))
     waiting.start()
     wait_for(lambda: watch in store._feed._pausing, timeout=10, what="the wait to pause")
     store.put("k", b"v")  # wakes no pause
@@ -920,7 +945,7 @@ def test_the_comment_after_silence_counts_the_silence_from_the_last_event_sent(m
 def test_a_negative_pause_is_no_pause_and_does_not_shorten_the_wait():
     with kvserver.MemoryStorage() as store, store.watch("") as watch:
         started = time.monotonic()
-        assert watch.wait_messages(0.5, pause=-5) == []
+        assert list(watch.wait_messages(0.5, pause=-5)) == []
         assert time.monotonic() - started >= 0.5
 
 
